@@ -1,0 +1,44 @@
+# Helpers shared by every stage: config validation, field bookkeeping, output paths.
+import json
+from snakemake.utils import validate
+
+from workflow_lib.logs import logged
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, schema="../config/schema.yaml")
+
+RESULTS = f"results/{config['run']}"
+FIELDS = list(config["fields"])
+
+
+def fields_from(source):
+    """Names of the fields whose download `source` is synthetic / mast / local."""
+    return [f for f, spec in config["fields"].items() if spec["source"] == source]
+
+
+def field_regex(source):
+    """A wildcard constraint matching exactly the fields of one source ('^$' matches none)."""
+    names = fields_from(source)
+    return "|".join(names) if names else "^$"
+
+
+def field_params(field, section):
+    """The `section` settings of one field: run-wide defaults overridden by the field's own."""
+    merged = dict(config.get(section, {}))
+    merged.update(config["fields"][field].get(section, {}) or {})
+    return merged
+
+
+def field_dir(field):
+    return f"{RESULTS}/{field}"
+
+
+def rule_log(name):
+    return f"{RESULTS}/logs/{name}/{{field}}.log"
+
+
+def rule_benchmark(name):
+    return f"{RESULTS}/benchmarks/{name}/{{field}}.tsv"

@@ -1,0 +1,74 @@
+# Stage 1: download. One pixel cube (zarr) per field, from one of three sources.
+
+
+rule download_synthetic:
+    """Simulate a TESS sector through the real TESS PRF; write the cube, the truth and the
+    Gaia-like catalog handed to the crossmatch."""
+    output:
+        cube=directory(f"{RESULTS}/{{field}}/cube.zarr"),
+        truth=directory(f"{RESULTS}/{{field}}/truth.zarr"),
+        catalog=f"{RESULTS}/{{field}}/input_catalog.ecsv",
+    wildcard_constraints:
+        field=field_regex("synthetic"),
+    params:
+        synthetic=lambda w: field_params(w.field, "synthetic"),
+    log:
+        rule_log("download_synthetic"),
+    benchmark:
+        rule_benchmark("download_synthetic")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    run:
+        from workflow_lib.synthetic import write_synthetic_field
+
+        with logged(log[0], f"download_synthetic {wildcards.field}"):
+            write_synthetic_field(output.cube, output.truth, output.catalog, params.synthetic, field=wildcards.field)
+
+
+rule download_local:
+    """Read local TESScut / TPF FITS files into the cube format."""
+    output:
+        cube=directory(f"{RESULTS}/{{field}}/cube.zarr"),
+    wildcard_constraints:
+        field=field_regex("local"),
+    params:
+        local=lambda w: field_params(w.field, "local"),
+    log:
+        rule_log("download_local"),
+    benchmark:
+        rule_benchmark("download_local")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    run:
+        from workflow_lib.fitsio import write_local_field
+
+        with logged(log[0], f"download_local {wildcards.field}"):
+            write_local_field(params.local, output.cube, field=wildcards.field)
+
+
+rule download_mast:
+    """Fetch TESScut cubes / Kepler-K2 TPFs from MAST with astroquery (cached, retried)."""
+    output:
+        cube=directory(f"{RESULTS}/{{field}}/cube.zarr"),
+    wildcard_constraints:
+        field=field_regex("mast"),
+    params:
+        mast=lambda w: field_params(w.field, "mast"),
+        options=config["mast"],
+    log:
+        rule_log("download_mast"),
+    benchmark:
+        rule_benchmark("download_mast")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    run:
+        from workflow_lib.mast import download_field
+
+        with logged(log[0], f"download_mast {wildcards.field}"):
+            download_field(params.mast, output.cube, field=wildcards.field, **params.options)

@@ -1,0 +1,293 @@
+"""The one pixel-cube format shared by every mission and every stage.
+
+A *cube* is an :class:`xarray.Dataset` stored as a zarr (format 3) store.
+
+Image layout (a TESS cutout, a single Kepler/K2 stamp)::
+
+    dims      (time, row, column)
+    flux      float32  [e-/s]   calibrated pixel flux
+    flux_err  float32  [e-/s]   1-sigma uncertainty
+    background float32 [e-/s]   (optional) background that was removed / is known
+    quality   int32             mission QUALITY bit flags (0 = good)
+    coords    time [d]          BTJD (TESS, offset 2457000) or BKJD (Kepler, offset 2454833), TDB
+              cadenceno int64   (time,)
+              row, column int   CCD coordinates of the pixel centres
+
+Pixel-table layout (many stamps of one Kepler channel, which LFD needs together)::
+
+    dims      (time, pixel)
+    same variables over (time, pixel); coords row(pixel), column(pixel), stamp(pixel)
+
+``as_pixel_table`` turns either layout into the pixel-table view; LFD works on that view,
+CPM and the report work on either.
+
+Attributes (``ds.attrs``): ``mission`` (TESS/Kepler/K2), ``sector`` / ``quarter`` / ``campaign``,
+``camera``/``ccd`` or ``channel``, ``wcs`` (a FITS header string; for pixel tables one per stamp in
+``stamp_wcs``, a JSON list), ``time_system`` ('BTJD'|'BKJD'), ``time_offset`` (JD offset),
+``time_scale`` ('tdb'), ``flux_unit`` ('electron / s'), ``provenance`` (JSON string, see
+:mod:`workflow_lib.provenance`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+#: chunk sizes used when writing cubes: a compromise that lets per-frame work (LFD solve,
+#: whole time chunk) and per-pixel work (CPM, whole time series of a spatial block) both read
+#: few chunks.
+DEFAULT_CHUNKS = {"time": 256, "row": 32, "column": 32, "pixel": 1024}
+
+TIME_SYSTEMS = {
+    "TESS": ("BTJD", 2457000.0),
+    "Kepler": ("BKJD", 2454833.0),
+    "K2": ("BKJD", 2454833.0),
+}
+
+REQUIRED_VARS = ("flux", "flux_err", "quality")
+
+
+class CubeError(ValueError):
+    """A cube (or the file it came from) cannot be used; the message names the file."""
+
+
+def make_cube(
+    flux,
+    flux_err,
+    quality,
+    time,
+    cadenceno,
+    row,
+    column,
+    *,
+    mission: str,
+    wcs_header: str | None = None,
+    background=None,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Build an image-layout cube from numpy arrays.
+
+    ``flux``/``flux_err``/``background`` have shape (ntime, nrow, ncol); ``row``/``column`` are
+    1-D CCD coordinates of the pixel centres (lengths nrow, ncol).
+    """
+    if mission not in TIME_SYSTEMS:
+        raise CubeError(f"unknown mission {mission!r}; expected one of {sorted(TIME_SYSTEMS)}")
+    flux = np.asarray(flux, dtype=np.float32)
+    if flux.ndim != 3:
+        raise CubeError(f"flux must be 3-D (time, row, column), got shape {flux.shape}")
+    dims = ("time", "row", "column")
+    data_vars = {
+        "flux": (dims, flux, {"units": "electron / s", "long_name": "pixel flux"}),
+        "flux_err": (dims, np.asarray(flux_err, dtype=np.float32), {"units": "electron / s"}),
+        "quality": (("time",), np.asarray(quality, dtype=np.int32), {"long_name": "QUALITY bit flags"}),
+    }
+    if background is not None:
+        data_vars["background"] = (dims, np.asarray(background, dtype=np.float32), {"units": "electron / s"})
+    tsys, toff = TIME_SYSTEMS[mission]
+    coords = {
+        "time": ("time", np.asarray(time, dtype=np.float64), {"units": "d", "time_system": tsys, "time_offset": toff, "scale": "tdb"}),
+        "cadenceno": ("time", np.asarray(cadenceno, dtype=np.int64)),
+        "row": ("row", np.asarray(row, dtype=np.int32), {"long_name": "CCD row of pixel centre"}),
+        "column": ("column", np.asarray(column, dtype=np.int32), {"long_name": "CCD column of pixel centre"}),
+    }
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update(
+        mission=mission,
+        time_system=tsys,
+        time_offset=toff,
+        time_scale="tdb",
+        flux_unit="electron / s",
+        wcs=wcs_header or "",
+    )
+    if attrs:
+        ds.attrs.update(attrs)
+    return ds
+
+
+def validate_cube(ds: xr.Dataset, name: str = "cube", *, min_pixels: int = 1, min_cadences: int = 1) -> None:
+    """Raise :class:`CubeError` naming ``name`` if ``ds`` is not a usable cube."""
+    missing = [v for v in REQUIRED_VARS if v not in ds]
+    if missing:
+        raise CubeError(f"{name}: missing variables {missing}")
+    if "time" not in ds.dims:
+        raise CubeError(f"{name}: no time dimension")
+    npix = n_pixels(ds)
+    if ds.sizes["time"] < min_cadences:
+        raise CubeError(f"{name}: has {ds.sizes['time']} cadence(s); this step needs at least {min_cadences}")
+    if npix < min_pixels:
+        raise CubeError(f"{name}: has {npix} pixel(s); this step needs at least {min_pixels}")
+
+
+def n_pixels(ds: xr.Dataset) -> int:
+    if "pixel" in ds.dims:
+        return int(ds.sizes["pixel"])
+    return int(ds.sizes["row"] * ds.sizes["column"])
+
+
+def as_pixel_table(ds: xr.Dataset, drop_nan: bool = True) -> xr.Dataset:
+    """(time, pixel) view of a cube; image cubes are stacked row-major.
+
+    Pixels whose flux is NaN at every cadence are dropped when ``drop_nan``.
+    """
+    if "pixel" in ds.dims:
+        out = ds
+    else:
+        out = ds.stack(pixel=("row", "column"))
+        rows = out["row"].values
+        cols = out["column"].values
+        out = out.drop_vars(["pixel", "row", "column"]).assign_coords(
+            row=("pixel", rows.astype(np.int32)),
+            column=("pixel", cols.astype(np.int32)),
+            stamp=("pixel", np.zeros(rows.size, dtype=np.int32)),
+        )
+        out = out.transpose("time", "pixel", ...)
+    if drop_nan:
+        good = np.isfinite(out["flux"].values).any(axis=0)
+        if not good.all():
+            out = out.isel(pixel=np.flatnonzero(good))
+    return out
+
+
+def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
+    """Join image cubes of one channel (same cadences) into one pixel-table cube.
+
+    The stamp WCS headers are kept in ``attrs['stamp_wcs']`` (JSON list) and the per-stamp
+    attrs (target ids etc.) in ``attrs['stamps']`` (JSON list).
+    """
+    if not stamps:
+        raise CubeError("no stamps to join")
+    ref = stamps[0]
+    tables = []
+    for k, st in enumerate(stamps):
+        if st.sizes["time"] != ref.sizes["time"] or not np.array_equal(st["cadenceno"].values, ref["cadenceno"].values):
+            raise CubeError(f"stamp {k} ({st.attrs.get('source_file', '?')}) has different cadences from stamp 0")
+        t = as_pixel_table(st, drop_nan=True)
+        t = t.assign_coords(stamp=("pixel", np.full(t.sizes["pixel"], k, dtype=np.int32)))
+        t = t.drop_vars([v for v in ("time", "cadenceno") if v in t.coords and k > 0])
+        tables.append(t)
+    out = xr.concat(tables, dim="pixel", data_vars="minimal", combine_attrs="drop_conflicts", coords="minimal", compat="override", join="outer")
+    out = out.assign_coords(time=ref["time"], cadenceno=ref["cadenceno"])
+    out["quality"] = ref["quality"]
+    out.attrs = {k: v for k, v in ref.attrs.items() if k not in ("wcs", "source_file")}
+    out.attrs["stamp_wcs"] = json.dumps([st.attrs.get("wcs", "") for st in stamps])
+    out.attrs["stamps"] = json.dumps([{k: _jsonable(v) for k, v in st.attrs.items() if k != "wcs"} for st in stamps])
+    out.attrs["layout"] = "pixel_table"
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def cube_wcs(ds: xr.Dataset, stamp: int | None = None):
+    """astropy WCS of the cube (or of one stamp of a pixel table); None if unknown.
+
+    The WCS maps 0-based array indices (x = column index, y = row index) to the sky.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    if stamp is not None and "stamp_wcs" in ds.attrs:
+        hdr = json.loads(ds.attrs["stamp_wcs"])[stamp]
+    else:
+        hdr = ds.attrs.get("wcs", "")
+    if not hdr:
+        return None
+    return WCS(fits.Header.fromstring(hdr, sep="\n"))
+
+
+def wcs_to_header_string(wcs) -> str:
+    return wcs.to_header(relax=True).tostring(sep="\n")
+
+
+# ---------------------------------------------------------------- zarr I/O (atomic)
+
+def _chunks_for(ds: xr.Dataset) -> dict:
+    return {d: min(DEFAULT_CHUNKS.get(d, ds.sizes[d]), ds.sizes[d]) for d in ds.dims}
+
+
+def write_zarr_atomic(ds: xr.Dataset, path: str | os.PathLike, *, chunks: dict | None = None) -> Path:
+    """Write ``ds`` as a zarr v3 store at ``path`` atomically.
+
+    The store is written to a hidden temporary sibling and renamed into place, so a failed or
+    interrupted write never leaves a half-written result at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    ch = chunks or _chunks_for(ds)
+    ds = ds.copy()
+    for v in list(ds.data_vars) + list(ds.coords):
+        ds[v].encoding = {}
+    ds = ds.chunk({d: c for d, c in ch.items() if d in ds.dims})
+    try:
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def open_cube(path: str | os.PathLike, *, chunks="auto", validate: bool = True) -> xr.Dataset:
+    """Open a cube store lazily (dask-backed); raise :class:`CubeError` naming the path."""
+    path = Path(path)
+    if not path.exists():
+        raise CubeError(f"{path}: no such cube store")
+    try:
+        ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks == "auto" else chunks)
+    except Exception as exc:  # zarr raises many kinds
+        raise CubeError(f"{path}: not a readable zarr cube ({exc})") from exc
+    if validate:
+        validate_cube(ds, str(path))
+    return ds
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_path(path: str | os.PathLike):
+    """Context manager yielding a temporary sibling path that is renamed to ``path`` on success.
+
+    Use for writers that take a filename (astropy ``Table.write``, ``HDUList.writeto``,
+    ``fig.savefig``)::
+
+        with atomic_path(out) as tmp:
+            table.write(tmp, format="ascii.ecsv")
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm():
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.parent / f".tmp-{uuid.uuid4().hex[:8]}-{p.name}"
+        try:
+            yield tmp
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink()
+
+    return _cm()

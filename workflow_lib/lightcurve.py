@@ -1,0 +1,145 @@
+"""Light-curve sets: one xarray Dataset ``(source, time)`` per method, plus lightkurve-readable FITS.
+
+A light-curve set (LFD, CPM aperture, raw aperture) is stored as zarr with::
+
+    dims      (source, time)
+    flux      float64 [e-/s]
+    flux_err  float64 [e-/s]
+    quality   int32 (time,)   the cube's QUALITY flags (cadences are kept, flagged)
+    coords    time, cadenceno (from the cube), source_id (int64), and per-source metadata
+              (phot_g_mean_mag, column, row, ...) as (source,) coords
+    attrs     method, mission, sector/quarter, camera/ccd/channel, time_system, provenance
+
+``write_lightcurve_fits`` writes one FITS file per source that ``lightkurve.read`` opens
+(TIME/FLUX/FLUX_ERR/QUALITY columns with units, TELESCOP/MISSION/OBJECT keywords).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+from .cube import atomic_path
+
+#: the TELESCOP value lightkurve expects for each mission
+TELESCOP = {"TESS": "TESS", "Kepler": "Kepler", "K2": "Kepler"}
+
+
+def lightcurve_set(flux, flux_err, cube: xr.Dataset, catalog_columns: dict, *, method: str, attrs: dict | None = None) -> xr.Dataset:
+    """Assemble a ``(source, time)`` light-curve Dataset.
+
+    ``catalog_columns`` maps a column name to a 1-D array of length nsource; it must hold
+    ``source_id``.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    if "source_id" not in catalog_columns:
+        raise ValueError("catalog_columns must include 'source_id'")
+    coords = {
+        "time": ("time", np.asarray(cube["time"].values, dtype=np.float64), dict(cube["time"].attrs)),
+        "cadenceno": ("time", np.asarray(cube["cadenceno"].values)),
+    }
+    for name, values in catalog_columns.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "OU":
+            values = values.astype(str)
+        coords[name] = ("source", values)
+    ds = xr.Dataset(
+        {
+            "flux": (("source", "time"), flux, {"units": "electron / s"}),
+            "flux_err": (("source", "time"), np.asarray(flux_err, dtype=np.float64), {"units": "electron / s"}),
+            "quality": (("time",), np.asarray(cube["quality"].values, dtype=np.int32)),
+        },
+        coords=coords,
+    )
+    keep = ("mission", "sector", "quarter", "campaign", "camera", "ccd", "channel", "time_system", "time_offset", "time_scale", "field")
+    ds.attrs.update({k: v for k, v in cube.attrs.items() if k in keep})
+    ds.attrs["method"] = method
+    if attrs:
+        ds.attrs.update(attrs)
+    return ds
+
+
+def _header_value(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
+
+
+def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
+    """The FITS light curve of source ``index`` of a light-curve set (lightkurve-readable)."""
+    mission = lc.attrs.get("mission", "TESS")
+    sid = int(lc["source_id"].values[index])
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["TELESCOP"] = (TELESCOP.get(mission, mission), "telescope")
+    h["MISSION"] = (mission, "mission")
+    h["INSTRUME"] = ("TESS Photometer" if mission == "TESS" else "Kepler Photometer", "")
+    h["OBJECT"] = (f"Gaia DR3 {sid}", "Gaia DR3 source_id of the target")
+    h["GAIAID"] = (sid, "Gaia DR3 source_id")
+    h["METHOD"] = (lc.attrs.get("method", ""), "photometry method (LFD, CPM, RAW)")
+    for key, fkey in (("sector", "SECTOR"), ("camera", "CAMERA"), ("ccd", "CCD"), ("quarter", "QUARTER"),
+                      ("campaign", "CAMPAIGN"), ("channel", "CHANNEL")):
+        if key in lc.attrs and lc.attrs[key] is not None:
+            h[fkey] = _header_value(lc.attrs[key])
+    for name in lc.coords:
+        c = lc.coords[name]
+        if c.dims == ("source",) and name != "source_id":
+            v = _header_value(c.values[index])
+            key = name.upper()[:8]
+            if isinstance(v, (int, float, bool, str)) and (not isinstance(v, float) or np.isfinite(v)):
+                h[key] = (v, name)
+    prov = lc.attrs.get("provenance")
+    if prov:
+        try:
+            sw = json.loads(prov).get("software", {})
+            h["PIPEVER"] = (str(sw.get("workflow_lib")), "pipeline version")
+        except (TypeError, ValueError):
+            pass
+        h["CFGHASH"] = (_config_hash(prov), "pipeline config hash")
+    tsys = lc.attrs.get("time_system", "BTJD")
+    offset = float(lc.attrs.get("time_offset", 2457000.0))
+    cols = [
+        fits.Column(name="TIME", format="D", unit=tsys, array=lc["time"].values),
+        fits.Column(name="CADENCENO", format="J", array=lc["cadenceno"].values.astype(np.int32)),
+        fits.Column(name="FLUX", format="E", unit="e-/s", array=lc["flux"].values[index].astype(np.float32)),
+        fits.Column(name="FLUX_ERR", format="E", unit="e-/s", array=lc["flux_err"].values[index].astype(np.float32)),
+        fits.Column(name="QUALITY", format="J", array=lc["quality"].values.astype(np.int32)),
+    ]
+    table = fits.BinTableHDU.from_columns(cols, name="LIGHTCURVE")
+    th = table.header
+    th["TIMEREF"] = ("SOLARSYSTEM", "barycentric correction applied to times")
+    th["TIMESYS"] = ("TDB", "time system is Barycentric Dynamical Time")
+    th["BJDREFI"] = (int(offset), "integer part of BJD reference date")
+    th["BJDREFF"] = (offset - int(offset), "fraction of day in BJD reference date")
+    th["TIMEUNIT"] = ("d", "time unit for TIME")
+    th["TELAPSE"] = float(np.nanmax(lc["time"].values) - np.nanmin(lc["time"].values)) if lc.sizes["time"] else 0.0
+    th["OBJECT"] = h["OBJECT"]
+    return fits.HDUList([primary, table])
+
+
+def _config_hash(prov: str) -> str:
+    try:
+        return str(json.loads(prov).get("config_hash", ""))
+    except (TypeError, ValueError):
+        return ""
+
+
+def write_lightcurve_fits(lc: xr.Dataset, outdir: str | Path, prefix: str) -> list[Path]:
+    """One FITS file per source, ``<outdir>/<prefix>_<source_id>.fits``, each written atomically."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(lc.sizes["source"]):
+        sid = int(lc["source_id"].values[i])
+        path = outdir / f"{prefix}_{sid}.fits"
+        with atomic_path(path) as tmp:
+            lightcurve_hdulist(lc, i).writeto(tmp, overwrite=True)
+        paths.append(path)
+    return paths
