@@ -42,3 +42,13 @@ def rule_log(name):
 
 def rule_benchmark(name):
     return f"{RESULTS}/benchmarks/{name}/{{field}}.tsv"
+
+
+def catalog_input(wildcards):
+    """The synthetic sector hands the crossmatch its own Gaia-like catalog; others use a local
+    catalog file when configured, else the Gaia archive."""
+    spec = config["fields"][wildcards.field]
+    if spec["source"] == "synthetic":
+        return {"catalog": f"{RESULTS}/{wildcards.field}/input_catalog.ecsv"}
+    local = (spec.get("gaia") or {}).get("catalog") or (spec.get("local") or {}).get("catalog")
+    return {"catalog": local} if local else {}

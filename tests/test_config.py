@@ -1,0 +1,84 @@
+"""Config schema, env files and workflow structure."""
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from conftest import REPO
+
+SCHEMA = str(REPO / "config" / "schema.yaml")
+
+
+def load_default_config():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_validates_and_fills_defaults():
+    cfg = load_default_config()
+    validate(cfg, schema=SCHEMA)
+    assert cfg["synthetic"]["n_rows"] == 64
+    assert cfg["synthetic"]["n_cadences"] >= 1300
+    assert cfg["gaia"]["margin_pixels"] > 0
+    assert len(cfg["fields"]) >= 2
+
+
+def test_unknown_key_is_named_in_the_error():
+    cfg = load_default_config()
+    cfg["fields"]["synth_a"]["synthetic"]["n_rowz"] = 3
+    with pytest.raises(WorkflowError, match="n_rowz"):
+        validate(cfg, schema=SCHEMA)
+
+
+def test_wrong_type_is_named_in_the_error():
+    cfg = load_default_config()
+    cfg["synthetic"] = {"n_cadences": "many"}
+    with pytest.raises(WorkflowError, match="many"):
+        validate(cfg, schema=SCHEMA)
+
+
+def test_unknown_source_rejected():
+    cfg = {"fields": {"x": {"source": "ftp"}}}
+    with pytest.raises(WorkflowError, match="ftp"):
+        validate(cfg, schema=SCHEMA)
+
+
+def _requirement_names(reqs):
+    out = {}
+    for r in reqs:
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(>=\s*([0-9.]+))?", r)
+        out[m.group(1).lower()] = m.group(4)
+    return out
+
+
+def test_conda_env_matches_pyproject():
+    """envs/*.yaml cannot be built here (no conda channels): check they pin what pyproject pins."""
+    py = tomllib.loads((REPO / "pyproject.toml").read_text())
+    deps = _requirement_names(py["project"]["dependencies"])
+    env = yaml.safe_load((REPO / "envs" / "pipeline.yaml").read_text())
+    conda = _requirement_names([d for d in env["dependencies"] if isinstance(d, str) and d != "pip"])
+    for name, lower in deps.items():
+        assert name in conda, f"{name} is in pyproject.toml but not in envs/pipeline.yaml"
+        assert conda[name] == lower, f"{name}: pyproject >= {lower}, envs/pipeline.yaml >= {conda[name]}"
+
+
+def test_snakemake_lint_passes():
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr, res.stdout
+
+
+def test_every_rule_declares_log_benchmark_threads_resources():
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for block in re.split(r"\n(?=rule )", text)[1:]:
+            name = block.split(":")[0]
+            if "\n    run:" not in block and "\n    script:" not in block and "\n    shell:" not in block:
+                continue  # aggregation-only rule
+            for key in ("log:", "benchmark:", "threads:", "resources:", "mem_mb", "runtime"):
+                assert f"{key}" in block, f"{smk.name}: {name} has no {key}"
