@@ -156,7 +156,8 @@ def as_pixel_table(ds: xr.Dataset, drop_nan: bool = True) -> xr.Dataset:
 def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
     """Join image cubes of one channel (same cadences) into one pixel-table cube.
 
-    The stamp WCS headers are kept in ``attrs['stamp_wcs']`` (JSON list) and the per-stamp
+    The stamp WCS headers are kept in ``attrs['stamp_wcs']`` (JSON list), each stamp's CCD
+    (column, row) origin in ``attrs['stamp_origin']`` (JSON list), and the per-stamp
     attrs (target ids etc.) in ``attrs['stamps']`` (JSON list).
     """
     if not stamps:
@@ -172,12 +173,24 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
         tables.append(t)
     out = xr.concat(tables, dim="pixel", data_vars="minimal", combine_attrs="drop_conflicts", coords="minimal", compat="override", join="outer")
     out = out.assign_coords(time=ref["time"], cadenceno=ref["cadenceno"])
-    out["quality"] = ref["quality"]
-    out.attrs = {k: v for k, v in ref.attrs.items() if k not in ("wcs", "source_file")}
+    # a cadence is flagged for the field if any stamp flags it
+    out["quality"] = ("time", np.bitwise_or.reduce([st["quality"].values for st in stamps], axis=0), ref["quality"].attrs)
+    # field-level attrs: what all stamps share (mission, quarter, channel...), not one target's
+    out.attrs = {k: v for k, v in ref.attrs.items()
+                 if k not in ("wcs", "source_file") and all(_same(st.attrs.get(k), v) for st in stamps)}
     out.attrs["stamp_wcs"] = json.dumps([st.attrs.get("wcs", "") for st in stamps])
+    # CCD (column, row) of each stamp's first pixel: the origin of the 0-based indices its WCS maps
+    out.attrs["stamp_origin"] = json.dumps([[int(st["column"].values[0]), int(st["row"].values[0])] for st in stamps])
     out.attrs["stamps"] = json.dumps([{k: _jsonable(v) for k, v in st.attrs.items() if k != "wcs"} for st in stamps])
     out.attrs["layout"] = "pixel_table"
     return out
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(np.all(a == b))
+    except Exception:
+        return False
 
 
 def _jsonable(v):
