@@ -1,0 +1,330 @@
+"""Field / index report pages: embedded data round-trip, defaults, budgets, tolerance to missing stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from astropy.table import Table
+
+from workflow_lib import report as R
+from workflow_lib.cube import as_pixel_table, concat_stamps, make_cube, write_zarr_atomic
+from workflow_lib.lightcurve import lightcurve_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+NT, NR, NC = 200, 16, 16
+ROW0, COL0 = 100, 200
+#: (source_id, row, column, G); ids above 2**53 so JavaScript numbers could not hold them
+STARS = [
+    (4660000000000000001, 107.3, 207.8, 10.0),   # target: brightest near the centre
+    (4660000000000000002, 103.0, 212.0, 12.0),
+    (4660000000000000003, 112.0, 202.0, 15.0),
+    (4660000000000000004, 98.0, 199.0, 11.0),    # off the pixels (margin)
+]
+
+
+def _quality():
+    q = np.zeros(NT, np.int32)
+    q[::50] |= 32          # momentum dumps
+    q[77] |= 128 | 1       # manual exclude + attitude tweak
+    return q
+
+
+def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=False, name="fieldA") -> Path:
+    """A small synthetic field directory with every product the report reads."""
+    rng = np.random.default_rng(5)
+    rows = np.arange(ROW0, ROW0 + NR)
+    cols = np.arange(COL0, COL0 + NC)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    time = 1325.0 + 0.02 * np.arange(NT)
+    flux = np.full((NT, NR, NC), 20.0)
+    for k, (sid, r, c, g) in enumerate(STARS):
+        amp = 15000 * 10 ** (-0.4 * (g - 10.0))
+        var = 1 + 0.01 * k * np.sin(2 * np.pi * time / (0.7 + k))
+        flux += amp * var[:, None, None] * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 2.0)[None] / (2 * np.pi)
+    flux += rng.normal(0, 3.0, flux.shape)
+    flux[5, 3, 4] = np.nan
+    cube = make_cube(flux, np.full_like(flux, 3.0), _quality(), time, 1000 + np.arange(NT), rows, cols,
+                     mission="TESS", attrs={"sector": 1, "camera": 4, "ccd": 2})
+    if aperture is not None:
+        cube["aperture"] = (("row", "column"), aperture)
+    fdir = tmp / name
+    if pixel_table:
+        other = cube.assign_coords(row=cube["row"] + 300, column=cube["column"] + 300)
+        cube = concat_stamps([other, cube])  # the target is on stamp 1
+    write_zarr_atomic(cube, fdir / "cube.zarr")
+    cat = Table({
+        "source_id": np.array([s[0] for s in STARS], np.int64),
+        "row": [s[1] for s in STARS], "column": [s[2] for s in STARS],
+        "phot_g_mean_mag": [s[3] for s in STARS],
+        "on_cutout": [True, True, True, False],
+    })
+    if pixel_table:
+        cat["stamp"] = [1, 1, 1, -1]
+    cat.write(fdir / "catalog.ecsv", format="ascii.ecsv", overwrite=True)
+    ids = cat["source_id"].data
+    if lfd:
+        f = np.array([1000.0 * (k + 1) + rng.normal(0, 1 + k, NT) for k in range(3)])
+        lc = lightcurve_set(f, np.ones_like(f), cube, {"source_id": ids[:3], "contamination": [0.01, 0.2, 0.5],
+                                                       "n_pixels": [9, 5, 3]}, method="LFD")
+        write_zarr_atomic(lc, fdir / "lfd" / "lightcurves.zarr")
+        (fdir / "lfd" / "prf_model.png").write_bytes(R.thumbnail_png(np.arange(64.0).reshape(8, 8) + 1, 40))
+        np.savez(fdir / "lfd" / "motion_model.npz", drift_row=0.01 * np.arange(NT), drift_column=-0.02 * np.arange(NT))
+        (fdir / "lfd" / "edge_model.json").write_text(json.dumps({"rows": [1, 2]}))
+    if cpm:
+        d = fdir / "cpm" / "default"
+        f = np.array([5.0 * (k + 1) * np.sin(time * (k + 1)) for k in range(4)])
+        lc = lightcurve_set(f, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [100.0, 200.0, 300.0, 400.0]}, method="CPM")
+        write_zarr_atomic(lc, d / "lightcurves.zarr")
+        raw = lightcurve_set(f + 5000, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [11.0, 22.0, 33.0, 44.0]}, method="RAW")
+        write_zarr_atomic(raw, d / "raw_lightcurves.zarr")
+        det = cube.copy()
+        det["flux"] = cube["flux"] - cube["flux"].median("time")
+        write_zarr_atomic(det, d / "detrended.zarr")
+    return fdir
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    return make_field(tmp_path_factory.mktemp("rpt"))
+
+
+@pytest.fixture(scope="module")
+def page(field):
+    fp = R.load_field_products(field)
+    html, summary = R.build_field_page(fp)
+    return html, summary, fp
+
+
+def test_quality_decoding():
+    assert R.decode_quality(0, "TESS") == []
+    assert R.decode_quality(32 | 128 | 1, "TESS") == ["AttitudeTweak", "Desat", "ManualExclude"]
+    assert R.decode_quality(16, "Kepler") == ["ZeroCrossing"]
+    assert R.decode_quality(1048576 | 2, "K2") == ["SafeMode", "ThrusterFiring"]
+    assert R.decode_quality(1 << 20, "TESS") == ["Bit21"]
+    assert len(R.TESS_QUALITY_FLAGS) == 16 and len(R.KEPLER_QUALITY_FLAGS) == 21
+    with pytest.raises(ValueError, match="mission"):
+        R.quality_flags("Hubble")
+
+
+def test_embedded_cube_round_trips_exactly(page):
+    html, summary, fp = page
+    src = R.embedded_sources(html)
+    meta = R.embedded_meta(html)
+    assert meta["n_time"] == NT and meta["n_pix"] == NR * NC and meta["bin_factor"] == 1
+    flux = src["cube_raw"]["flux"]
+    assert flux.dtype == np.float32 and flux.size == NR * NC * NT
+    cube = fp.cube["flux"].values  # (time, row, column)
+    pix = src["pixels"]
+    r = np.asarray(pix["row"]) - ROW0
+    c = np.asarray(pix["column"]) - COL0
+    expect = cube[:, r, c].T
+    np.testing.assert_array_equal(flux.reshape(NR * NC, NT), expect)  # NaN positions equal too
+    assert np.isnan(flux.reshape(NR * NC, NT)[3 * NC + 4, 5])
+    np.testing.assert_array_equal(src["lc"]["time"], fp.cube["time"].values)
+    np.testing.assert_array_equal(src["lc"]["cadenceno"], 1000 + np.arange(NT))
+    np.testing.assert_array_equal(src["lc"]["quality"], _quality())
+    # the image shown first is the middle cadence
+    np.testing.assert_array_equal(pix["flux"], cube[NT // 2, r, c])
+
+
+def test_detrended_cube_and_lightcurve_sets_embedded(page):
+    html, _, fp = page
+    src = R.embedded_sources(html)
+    pix = src["pixels"]
+    r, c = np.asarray(pix["row"]) - ROW0, np.asarray(pix["column"]) - COL0
+    det = fp.detrended["flux"].values
+    np.testing.assert_array_equal(src["cube_cpm"]["flux"].reshape(-1, NT), det[:, r, c].T.astype(np.float32))
+    sets = src["lcsets"]
+    assert set(sets) == {"raw", "lfd", "cpm"}
+    lfd = sets["lfd"].reshape(len(STARS), NT)
+    np.testing.assert_array_equal(lfd[:3], fp.lfd["flux"].values.astype(np.float32))
+    assert np.isnan(lfd[3]).all()  # the off-cutout source has no LFD light curve
+    np.testing.assert_array_equal(sets["cpm"].reshape(len(STARS), NT), fp.cpm["flux"].values.astype(np.float32))
+    s = src["sources"]
+    assert s["source_id"] == [str(x[0]) for x in STARS]  # strings: exact beyond 2**53
+    np.testing.assert_array_equal(s["contamination"][:3], [0.01, 0.2, 0.5])
+    np.testing.assert_array_equal(s["cdpp_cpm"], [100.0, 200.0, 300.0, 400.0])
+    np.testing.assert_array_equal(s["cdpp_raw"], [11.0, 22.0, 33.0, 44.0])
+    # the LFD set has no cdpp_1h coordinate: computed. Each source has 1e-3 relative white noise and
+    # 1 h = 2 cadences of 28.8 min, so CDPP = 1e6 * 1e-3 / sqrt(2) = 707 ppm
+    np.testing.assert_allclose(s["cdpp_lfd"][:3], 1e3 / np.sqrt(2), rtol=0.15)
+    assert np.isnan(s["cdpp_lfd"][3])
+
+
+def test_default_aperture_around_target_and_initial_lightcurve(page):
+    html, summary, fp = page
+    src = R.embedded_sources(html)
+    meta = R.embedded_meta(html)
+    assert meta["target"] == 0 and summary["target_source_id"] == str(STARS[0][0])
+    docs = json.dumps(R.embedded_documents(html))
+    pix = src["pixels"]
+    rows, cols = np.asarray(pix["row"]), np.asarray(pix["column"])
+    expect = np.flatnonzero(np.hypot(rows - 107.3, cols - 207.8) <= R.DEFAULTS["aperture_radius"])
+    assert expect.size >= 5
+    sel = _selected_indices(R.embedded_documents(html), "pixels")
+    assert sel == expect.tolist()
+    cube = src["cube_raw"]["flux"].reshape(-1, NT).astype(np.float64)
+    np.testing.assert_allclose(src["lc"]["flux"], np.nansum(cube[expect], axis=0), rtol=1e-12)
+    assert "rpt-fieldA-" in docs
+
+
+def _selected_indices(docs, name):
+    found = []
+
+    def walk(n):
+        if isinstance(n, dict):
+            if n.get("name") == "ColumnDataSource" and n.get("attributes", {}).get("name") == name:
+                found.append(n["attributes"]["selected"]["attributes"]["indices"])
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
+                walk(v)
+
+    walk(docs)
+    return found[0]
+
+
+def test_pipeline_aperture_variable_is_the_default_selection(tmp_path):
+    ap = np.zeros((NR, NC), bool)
+    ap[2:4, 10:13] = True
+    fdir = make_field(tmp_path, lfd=False, cpm=False, aperture=ap)
+    html, _ = R.build_field_page(R.load_field_products(fdir))
+    src = R.embedded_sources(html)
+    sel = _selected_indices(R.embedded_documents(html), "pixels")
+    rows = np.asarray(src["pixels"]["row"])[sel] - ROW0
+    cols = np.asarray(src["pixels"]["column"])[sel] - COL0
+    assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(zip(*np.nonzero(ap)))
+
+
+def test_missing_stages_are_skipped(tmp_path):
+    fdir = make_field(tmp_path, lfd=False, cpm=False)
+    fp = R.load_field_products(fdir)
+    assert fp.lfd is None and fp.cpm is None and fp.detrended is None and fp.prf_png is None
+    html, summary = R.build_field_page(fp)
+    src = R.embedded_sources(html)
+    assert "cube_cpm" not in src and set(src["lcsets"]) == {"none"}
+    assert summary["median_cdpp"] == {"raw": None, "lfd": None, "cpm": None}
+    assert "LFD PRF model" not in html
+    # a half-written LFD set is reported, not fatal
+    (fdir / "lfd" / "lightcurves.zarr").mkdir(parents=True)
+    fp = R.load_field_products(fdir)
+    assert fp.lfd is None and any("unreadable" in n for n in fp.notes)
+    html, _ = R.build_field_page(fp)
+    assert "unreadable light-curve set" in html
+
+
+def test_pages_are_deterministic(field, page):
+    html2, _ = R.build_field_page(R.load_field_products(field))
+    assert html2 == page[0]
+    assert "PRF model" in html2 and "data:image/png;base64," in html2 and "edge_model.json" in html2
+
+
+def test_pixel_table_shows_the_target_stamp(tmp_path):
+    fdir = make_field(tmp_path, lfd=False, cpm=False, pixel_table=True)
+    fp = R.load_field_products(fdir)
+    assert "pixel" in fp.cube.dims
+    html, summary = R.build_field_page(fp)
+    src = R.embedded_sources(html)
+    rows = np.asarray(src["pixels"]["row"])
+    assert rows.size == NR * NC and rows.min() == ROW0 and rows.max() == ROW0 + NR - 1
+    table = as_pixel_table(fp.cube, drop_nan=False)
+    idx = np.flatnonzero((table["stamp"].values == 1))
+    np.testing.assert_array_equal(src["cube_raw"]["flux"].reshape(-1, NT), table["flux"].values[:, idx].T)
+
+
+def test_plan_display_budget():
+    p = R.report_params({})
+    assert R.embed_budget_bytes(50) == 33_000_000
+    one = R.plan_display(1300, 64, 64, n_cubes=1, params=p)
+    assert (one["side_rows"], one["side_cols"], one["bin"]) == (64, 64, 1) and one["bytes"] == 64 * 64 * 1300 * 4
+    two = R.plan_display(1300, 64, 64, n_cubes=2, params=p)
+    assert two["bin"] == 1 and two["side_rows"] < 64 and two["bytes"] <= two["budget"]
+    assert 1300 * (two["side_rows"] + 1) ** 2 * 8 > two["budget"]  # largest square that fits
+    binned = R.plan_display(1300, 64, 64, n_cubes=2, params={"reduce": "bin"})
+    assert binned["side_rows"] == 64 and binned["bin"] == 2
+    long = R.plan_display(40000, 20, 20, params=p)
+    assert long["bin"] == 2 and long["side_rows"] == 20
+    big = R.plan_display(1300, 200, 300, params=p)
+    assert (big["side_rows"], big["side_cols"]) == (64, 64)
+
+
+def test_binning_numbers():
+    a = np.array([[1.0, 3.0, np.nan, 5.0, 7.0]])
+    np.testing.assert_array_equal(R.bin_series(a, 2, axis=1), [[2.0, 5.0, 7.0]])
+    np.testing.assert_array_equal(R.bin_quality(np.array([1, 4, 0, 0, 8]), 2), [5, 0, 8])
+
+
+def test_cdpp_of_white_noise():
+    rng = np.random.default_rng(1)
+    t = np.arange(20000) * (2.0 / 1440)  # 2-min cadence
+    f = 1000.0 * (1 + 1e-3 * rng.normal(size=t.size))
+    # 1 h = 30 cadences: 1000 ppm / sqrt(30) = 183 ppm
+    assert R.cdpp_ppm(f, t, 1.0) == pytest.approx(1e3 / np.sqrt(30), rel=0.1)
+    assert np.isnan(R.cdpp_ppm(f[:5], t[:5], 1.0))
+
+
+def test_binned_display_of_a_long_series(tmp_path):
+    fdir = make_field(tmp_path, lfd=False, cpm=True)
+    fp = R.load_field_products(fdir)
+    html, summary = R.build_field_page(fp, {"max_display_cadences": 60})
+    src = R.embedded_sources(html)
+    meta = R.embedded_meta(html)
+    assert meta["bin_factor"] == 4 and meta["n_time"] == 50 and summary["display"]["bin_factor"] == 4
+    flux = src["cube_raw"]["flux"].reshape(-1, 50)
+    full = fp.cube["flux"].values[:, 0, 0].astype(np.float64)
+    np.testing.assert_allclose(flux[0], full.reshape(50, 4).mean(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(src["lc"]["cadenceno"], 1000 + 4 * np.arange(50))
+    q = _quality().reshape(50, 4)
+    np.testing.assert_array_equal(src["lc"]["quality"], np.bitwise_or.reduce(q, axis=1))
+    cpm = src["lcsets"]["cpm"].reshape(len(STARS), 50)
+    np.testing.assert_allclose(cpm, fp.cpm["flux"].values.reshape(len(STARS), 50, 4).mean(axis=2), rtol=1e-5, atol=1e-5)
+
+
+def test_cropped_display_is_centred_on_the_target(tmp_path):
+    fdir = make_field(tmp_path, lfd=False, cpm=False)
+    html, summary = R.build_field_page(R.load_field_products(fdir), {"max_side": 10})
+    pix = R.embedded_sources(html)["pixels"]
+    rows, cols = np.unique(pix["row"]), np.unique(pix["column"])
+    assert rows.size == 10 and cols.size == 10 and summary["display"]["cropped"]
+    assert rows.min() <= 107 <= rows.max() and cols.min() <= 208 <= cols.max()
+    assert abs(rows.mean() - 107.3) <= 1 and abs(cols.mean() - 207.8) <= 1
+
+
+def test_write_field_and_index(field, tmp_path):
+    out = tmp_path / "report"
+    summary = R.write_field_report(field, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
+    assert (out / "fieldA.html").stat().st_size > 1_000_000  # inline BokehJS
+    assert summary["n_sources"] == 4 and summary["n_on_cutout"] == 3 and summary["n_lfd"] == 3
+    assert summary["median_cdpp"]["cpm"] == 250.0 and summary["median_cdpp"]["raw"] == 27.5
+    bench = tmp_path / "benchmarks" / "cpm_detrend"
+    bench.mkdir(parents=True)
+    (bench / "fieldA.tsv").write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                                      "12.5\t0:00:12\t321.0\t400\t300\t310\t1\t2\t95.0\t11.0\n")
+    rows = R.read_benchmarks(tmp_path / "benchmarks")
+    assert rows == [{"rule": "cpm_detrend", "target": "fieldA", "s": 12.5, "max_rss": 321.0, "mean_load": 95.0, "cpu_time": 11.0}]
+    R.write_index_report([out / "fieldA.json"], out / "index.html", config={"run": "t", "report": {"max_side": 64}},
+                         bench_dir=tmp_path / "benchmarks", run="t")
+    idx = (out / "index.html").read_text()
+    assert 'href="fieldA.html"' in idx and '<span class="n-sources">4</span>' in idx
+    assert "<td>12.50</td><td>321.0</td>" in idx and "cpm_detrend" in idx
+    assert "max_side: 64" in idx and "numpy" in idx and "cpm 250" in idx
+
+
+def test_report_params_and_schema_defaults():
+    with pytest.raises(ValueError, match="unknown report option"):
+        R.report_params({"colour": "red"})
+    with pytest.raises(ValueError, match="reduce"):
+        R.report_params({"reduce": "zip"})
+    from snakemake.utils import validate
+
+    cfg = {"run": "x", "fields": {"a": {"source": "synthetic"}}}
+    validate(cfg, str(REPO / "config" / "schema.yaml"))
+    assert cfg["report"] == R.DEFAULTS
+    with pytest.raises(Exception):
+        validate({"run": "x", "fields": {"a": {"source": "synthetic"}}, "report": {"colour": 1}},
+                 str(REPO / "config" / "schema.yaml"))

@@ -1,0 +1,222 @@
+"""End-to-end: the field page in headless Chromium, offline from file:// (playwright + Debian chromium)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflow_lib import report as R
+
+from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if sync_playwright is None:
+        pytest.skip("python playwright is not installed (pip install playwright; never `playwright install`)")
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium not found (apt-get install chromium)")
+    tmp = tmp_path_factory.mktemp("rptb")
+    fdir = make_field(tmp)
+    out = tmp / "report"
+    R.write_field_report(fdir, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
+    fp = R.load_field_products(fdir)
+    return {"html": out / "fieldA.html", "cube": fp.cube["flux"].values.astype(np.float64),
+            "det": fp.detrended["flux"].values.astype(np.float64), "lfd": fp.lfd["flux"].values,
+            "time": fp.cube["time"].values, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        ctx = browser.new_context(viewport={"width": 1300, "height": 1400}, accept_downloads=True)
+        pg = ctx.new_page()
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        pg.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        requests = []
+        pg.on("request", lambda r: requests.append(r.url))
+        pg.goto(site["html"].as_uri())
+        pg.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
+        pg.wait_for_timeout(300)
+        pg.errors, pg.requests = errors, requests
+        yield pg
+        browser.close()
+
+
+def js(page, code):
+    return page.evaluate(code)
+
+
+def data_to_page(page, fig_name, x, y):
+    """Page coordinates of data point (x, y) of a Bokeh figure."""
+    return js(page, f"""(() => {{
+        const v = Bokeh.index.get_one(RPT.doc.get_model_by_name('{fig_name}'));
+        const r = v.canvas_view.el.getBoundingClientRect();
+        return [r.left + v.frame.x_scale.compute({x}), r.top + v.frame.y_scale.compute({y})];
+    }})()""")
+
+
+def tap(page, x, y, n_selected, shift=False):
+    """Click at page (x, y) (with shift) and wait until ``n_selected`` pixels are selected.
+
+    Clicks are spaced like a person's (Bokeh folds two quick taps into a double tap)."""
+    page.wait_for_timeout(400)
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")
+    try:
+        page.wait_for_function(f"RPT.m.pixels.selected.indices.length === {n_selected}", timeout=5000)
+    except Exception as exc:
+        state = js(page, "[Array.from(RPT.m.pixels.selected.indices), RPT.taps]")
+        raise AssertionError(f"tap at {(x, y)} shift={shift}: selection/taps {state}") from exc
+
+
+def frame_of(site, t, page):
+    rows = np.asarray(js(page, "Array.from(RPT.m.pixels.data.row)")) - ROW0
+    cols = np.asarray(js(page, "Array.from(RPT.m.pixels.data.column)")) - COL0
+    return site["cube"][t, rows, cols], rows, cols
+
+
+def shown_frame(page):
+    return np.array(js(page, "Array.from(RPT.m.pixels.data.flux, v => v === v ? v : null)"), dtype=float)
+
+
+def test_loads_offline_without_errors(page):
+    assert page.errors == []
+    assert js(page, "RPT.errors") == []
+    assert all(u.startswith(("file:", "data:", "blob:")) for u in page.requests), page.requests
+    assert js(page, "RPT.nt") == NT and js(page, "RPT.np") == NR * NC
+
+
+def test_cadence_slider_keys_and_image(site, page):
+    t0 = js(page, "RPT.m.cadence_slider.value")
+    assert t0 == NT // 2
+    np.testing.assert_allclose(shown_frame(page), frame_of(site, t0, page)[0], equal_nan=True)
+    page.mouse.click(5, 5)  # focus the page body
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert js(page, "RPT.m.cadence_slider.value") == t0 + 2
+    page.keyboard.press("ArrowLeft")
+    assert js(page, "RPT.m.cadence_slider.value") == t0 + 1
+    # drag along the slider track with the mouse: to 3/4 of its length
+    box = js(page, """(() => { const v = Bokeh.index.get_one(RPT.m.cadence_slider);
+        const el = v.shadow_el.querySelector('.noUi-target') || v.el; const r = el.getBoundingClientRect();
+        const h = v.shadow_el.querySelector('.noUi-handle').getBoundingClientRect();
+        return [r.left, r.top, r.width, r.height, h.left + h.width / 2, h.top + h.height / 2]; })()""")
+    page.mouse.move(box[4], box[5])
+    page.mouse.down()
+    page.mouse.move(box[0] + 0.75 * box[2], box[5], steps=8)
+    page.mouse.up()
+    t1 = js(page, "RPT.m.cadence_slider.value")
+    assert abs(t1 - 0.75 * (NT - 1)) <= 3 and t1 != t0 + 1
+    new = shown_frame(page)
+    np.testing.assert_allclose(new, frame_of(site, t1, page)[0], equal_nan=True)
+    assert not np.allclose(new, frame_of(site, t0, page)[0], equal_nan=True)
+    assert js(page, "RPT.m.span_main.location") == pytest.approx(site["time"][t1])
+
+
+def test_click_light_curve_seeks(site, page):
+    t = 40
+    x, y = data_to_page(page, "lc_fig", site["time"][t], js(page, f"RPT.m.lc.data.flux[{t}]"))
+    page.mouse.click(x, y)
+    page.wait_for_function(f"RPT.m.cadence_slider.value === {t}", timeout=5000)
+    assert js(page, "RPT.m.span_main.location") == pytest.approx(site["time"][t])
+
+
+def test_tap_and_shift_tap_pixels_resum_light_curve(site, page, test_output):
+    cube = site["cube"]
+    (r1, c1), (r2, c2) = (110, 205), (104, 211)
+    x, y = data_to_page(page, "image_fig", c1, r1)
+    tap(page, x, y, 1)
+    assert js(page, "Array.from(RPT.m.pixels.selected.indices)") == [(r1 - ROW0) * NC + (c1 - COL0)]
+    assert "<span id='rpt-npix'>1</span> pixel(s) selected" in js(page, "RPT.m.status.text")
+    lc = np.array(js(page, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_array_equal(lc, cube[:, r1 - ROW0, c1 - COL0])  # one pixel: exactly its series
+    x2, y2 = data_to_page(page, "image_fig", c2, r2)
+    tap(page, x2, y2, 2, shift=True)
+    lc = np.array(js(page, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_allclose(lc, cube[:, r1 - ROW0, c1 - COL0] + cube[:, r2 - ROW0, c2 - COL0], rtol=1e-12)
+    # export the mask (JSON download) and the light curve (CSV download)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="mask (JSON)").click()
+    path = dl.value.path()
+    assert dl.value.suggested_filename == "fieldA_mask.json"
+    m = json.loads(Path(path).read_text())
+    assert m["rows"] == list(range(ROW0, ROW0 + NR)) and m["columns"] == list(range(COL0, COL0 + NC))
+    mask = np.array(m["mask"], dtype=bool)
+    expect = np.zeros((NR, NC), bool)
+    expect[r1 - ROW0, c1 - COL0] = expect[r2 - ROW0, c2 - COL0] = True
+    np.testing.assert_array_equal(mask, expect)
+    shutil.copy(path, test_output / "report_mask.json")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="light curve (CSV)").click()
+    rows = [r for r in csv.reader(io.StringIO(Path(dl.value.path()).read_text())) if r and not r[0].startswith("#")]
+    assert rows[0] == ["cadenceno", "time", "flux", "quality"] and len(rows) == NT + 1
+    flux = np.array([float(r[2]) for r in rows[1:]])
+    np.testing.assert_allclose(flux, cube[:, r1 - ROW0, c1 - COL0] + cube[:, r2 - ROW0, c2 - COL0], rtol=1e-12)
+    assert [int(r[3]) for r in rows[1:]][77] == 129
+    # shift-tap the first pixel again: removed
+    x, y = data_to_page(page, "image_fig", c1, r1)
+    tap(page, x, y, 1, shift=True)
+    lc = np.array(js(page, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_array_equal(lc, cube[:, r2 - ROW0, c2 - COL0])
+
+
+def test_box_select(site, page):
+    x0, y0 = data_to_page(page, "image_fig", 201.6, 101.6)   # columns 202..203, rows 102..104
+    x1, y1 = data_to_page(page, "image_fig", 203.4, 104.4)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=6)
+    page.mouse.up()
+    page.wait_for_function("RPT.m.pixels.selected.indices.length === 6", timeout=5000)
+    lc = np.array(js(page, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_allclose(lc, site["cube"][:, 2:5, 2:4].sum(axis=(1, 2)), rtol=1e-9)
+
+
+def test_sources_lightcurve_modes_and_cpm_image(site, page, test_output):
+    sid = STARS[1][0]
+    page.evaluate(f"window.location.hash = '#source={sid}'")
+    page.wait_for_function("RPT.src === 1")
+    lfd = np.array(js(page, "Array.from(RPT.m.srclc.data.lfd)"), dtype=float)
+    np.testing.assert_allclose(lfd, site["lfd"][1], rtol=1e-6)  # float32 embedding
+    assert "Gaia DR3 " + str(sid) in js(page, "RPT.m.source_title.text")
+    page.get_by_role("button", name="LFD", exact=True).click()
+    lc = np.array(js(page, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_allclose(lc, site["lfd"][1], rtol=1e-6)
+    page.get_by_role("button", name="pixels (sum)").click()
+    page.get_by_role("button", name="CPM de-trended").click()
+    t = js(page, "RPT.m.cadence_slider.value")
+    rows = np.asarray(js(page, "Array.from(RPT.m.pixels.data.row)")) - ROW0
+    cols = np.asarray(js(page, "Array.from(RPT.m.pixels.data.column)")) - COL0
+    np.testing.assert_allclose(shown_frame(page), site["det"][t, rows, cols], rtol=1e-6, equal_nan=True)
+    assert js(page, "RPT.m.stretch_mode.active") == 1  # linear stretch for the de-trended cube
+    page.get_by_role("button", name="raw image").click()
+    page.get_by_role("button", name="log", exact=True).click()
+    # select the target from the table link, back to a sensible view for the screenshot
+    page.get_by_role("link", name=str(STARS[0][0])).click()
+    page.wait_for_function("RPT.src === 0")
+    x, y = data_to_page(page, "image_fig", 208, 107)
+    tap(page, x, y, 1)
+    page.screenshot(path=str(test_output / "report_field.png"), full_page=True)
+    assert page.errors == [] and js(page, "RPT.errors") == []
