@@ -17,6 +17,12 @@ include: "rules/download.smk"
 include: "rules/gaia.smk"
 
 
+# light or network work runs where snakemake runs (login node), not as cluster jobs
+localrules:
+    all,
+    download_mast,
+
+
 rule all:
     input:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),

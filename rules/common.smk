@@ -52,3 +52,25 @@ def catalog_input(wildcards):
         return {"catalog": f"{RESULTS}/{wildcards.field}/input_catalog.ecsv"}
     local = (spec.get("gaia") or {}).get("catalog") or (spec.get("local") or {}).get("catalog")
     return {"catalog": local} if local else {}
+
+
+# ---- resources that scale with the cube and grow on retries (HPC profiles: docs/CLUSTER.md)
+
+
+def cube_gb(input):
+    """Flux cube size in GB from its zarr metadata (0 before the cube exists)."""
+    import math
+    from pathlib import Path
+
+    meta = Path(str(input.cube)) / "flux" / "zarr.json"
+    return math.prod(json.loads(meta.read_text())["shape"]) * 4 / 1e9 if meta.exists() else 0.0
+
+
+def mem_mb(base, per_gb):
+    """mem_mb resource: `base` MB plus `per_gb` GB of memory per GB of cube, times the attempt number."""
+    return lambda wildcards, input, attempt: int((base + per_gb * 1000 * cube_gb(input)) * attempt)
+
+
+def runtime_min(base, per_gb):
+    """runtime resource [min]: `base` plus `per_gb` minutes per GB of cube, times the attempt number."""
+    return lambda wildcards, input, attempt: int((base + per_gb * cube_gb(input)) * attempt)
