@@ -1,0 +1,65 @@
+"""B-spline design matrices (LFD §3.2, App. C-D) against scipy and a slow reference."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.interpolate import BSpline
+
+from workflow_lib.bspline import spline_design_matrix, tensor_product, wrapped_spline_design_matrix
+
+
+def test_spline_design_matrix_reproduces_a_spline():
+    knots = np.array([0.0, 0.5, 1.3, 2.0, 3.5, 5.0])
+    x = np.linspace(0, 5, 101)
+    A = spline_design_matrix(x, knots, 3)
+    assert sp.issparse(A) and A.shape == (101, len(knots) + 2)
+    assert np.allclose(A.sum(axis=1), 1.0)
+    assert A.nnz <= 4 * x.size
+    c = np.random.default_rng(0).normal(size=A.shape[1])
+    t = np.r_[[0.0] * 3, knots, [5.0] * 3]
+    assert np.allclose(A @ c, BSpline(t, c, 3)(x))
+    with pytest.raises(ValueError, match="outside the knot range"):
+        spline_design_matrix([6.0], knots)
+    assert np.allclose(spline_design_matrix([6.0], knots, clip=True).toarray(), spline_design_matrix([5.0], knots).toarray())
+
+
+def test_wrapped_spline_is_periodic_and_smooth():
+    n = 15
+    phi = np.linspace(-np.pi, np.pi, 721)
+    W = wrapped_spline_design_matrix(phi, n)
+    assert W.shape == (721, n) and sp.issparse(W)
+    assert np.allclose(W.sum(axis=1), 1.0)
+    assert W.getnnz(axis=1).max() <= 4
+    Wd = W.toarray()
+    assert np.allclose(Wd[0], Wd[-1])  # value at -pi == value at +pi
+    c = np.random.default_rng(1).normal(size=n)
+    f = Wd @ c
+    # continuity across the wrap, and of the first derivative (finite differences)
+    eps = 1e-6
+    fm = wrapped_spline_design_matrix([np.pi - eps], n) @ c
+    fp = wrapped_spline_design_matrix([-np.pi + eps], n) @ c
+    assert abs(fm[0] - fp[0]) < 1e-4
+    d_left = (f[-1] - f[-2]) / (phi[1] - phi[0])
+    d_right = (f[1] - f[0]) / (phi[1] - phi[0])
+    assert abs(d_left - d_right) < 0.05 * max(1.0, abs(d_left))
+    # shifting phi by one knot spacing cycles the columns
+    h = 2 * np.pi / n
+    x = np.linspace(-3, 3, 50)
+    assert np.allclose(wrapped_spline_design_matrix(x + h, n).toarray(), np.roll(wrapped_spline_design_matrix(x, n).toarray(), 1, axis=1))
+    # a periodic cubic B-spline is exact on a uniform knot grid: reproduce with an independent evaluation
+    t = -np.pi + h * np.arange(-3, n + 4)
+    coef = np.r_[c, c[:3]]
+    assert np.allclose(f[:-1], BSpline(t, coef, 3)(phi[:-1]))
+
+
+def test_tensor_product_matches_rowwise_kron():
+    rng = np.random.default_rng(2)
+    A = sp.random(30, 5, density=0.4, format="csr", random_state=3)
+    B = sp.random(30, 7, density=0.3, format="csr", random_state=4)
+    T = tensor_product(A, B)
+    assert sp.isspmatrix_csr(T) and T.shape == (30, 35)
+    ref = np.stack([np.kron(A.toarray()[i], B.toarray()[i]) for i in range(30)])
+    assert np.allclose(T.toarray(), ref)
+    assert T.nnz == int(np.sum(np.diff(A.indptr) * np.diff(B.indptr)))
+    with pytest.raises(ValueError):
+        tensor_product(A, B[:10])
+    del rng

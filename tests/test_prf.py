@@ -1,0 +1,126 @@
+"""§4.3-4.4 PRF model: known analytic PRF (asymmetric, pixel-integrated) as truth."""
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from workflow_lib.prf import (PRFModel, fit_prf_shape, polar_coordinates, prf_design_matrix, radial_knots, scene_matrix,
+                              source_flux)
+
+
+def true_psf(x, y):
+    """Unit-integral asymmetric PSF: rotated elliptical Gaussian core + offset broad halo."""
+    th = np.deg2rad(30.0)
+    xr = np.cos(th) * x + np.sin(th) * y
+    yr = -np.sin(th) * x + np.cos(th) * y
+    s1, s2, s3 = 0.75, 0.55, 1.4
+    core = np.exp(-0.5 * ((xr / s1) ** 2 + (yr / s2) ** 2)) / (2 * np.pi * s1 * s2)
+    halo = np.exp(-0.5 * (((x - 0.25) / s3) ** 2 + ((y - 0.1) / s3) ** 2)) / (2 * np.pi * s3**2)
+    return 0.8 * core + 0.2 * halo
+
+
+def true_prf(dx, dy, n_sub=6):
+    """Pixel-integrated PSF at pixel-centre offsets (mean over n_sub x n_sub sub-pixels)."""
+    dx, dy = np.broadcast_arrays(np.asarray(dx, float), np.asarray(dy, float))
+    u = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+    return sum(true_psf(dx + a, dy + b) for a in u for b in u) / n_sub**2
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """PRF fitted to 40 isolated sources on random sub-pixel positions (1600 pixels, photon noise)."""
+    rng = np.random.default_rng(0)
+    dx, dy, f, e, F = [], [], [], [], []
+    g = np.arange(-5, 6)
+    X, Y = np.meshgrid(g, g)
+    for _ in range(40):
+        x0, y0 = rng.uniform(-0.5, 0.5, 2)
+        flux = 10 ** rng.uniform(3.5, 5)
+        ddx, ddy = (X - x0).ravel(), (Y - y0).ravel()
+        m = np.hypot(ddx, ddy) <= 5
+        val = flux * true_prf(ddx[m], ddy[m])
+        err = np.sqrt(val * 1800 + 30 * 1800) / 1800 / np.sqrt(20)  # mean of 20 30-min frames, 30 e-/s sky
+        dx.append(ddx[m]); dy.append(ddy[m]); f.append(val + rng.normal(size=val.size) * err); e.append(err)
+        F.append(np.full(val.size, flux))
+    dx, dy, f, e, F = map(np.concatenate, (dx, dy, f, e, F))
+    knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
+    return fit_prf_shape(dx, dy, f, e, F, r_knots=knots, n_phi_knots=15, inner_radius=0.25)
+
+
+def test_design_matrix_shape_sparsity_and_inner_radius():
+    knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.5)
+    assert 0.5 in knots.round(12) and knots[0] == 0.0
+    rng = np.random.default_rng(1)
+    r = rng.uniform(0, 5, 500)
+    phi = rng.uniform(-np.pi, np.pi, 500)
+    A = prf_design_matrix(r, phi, r_knots=knots, n_phi_knots=15, inner_radius=0.5)
+    assert sp.isspmatrix_csr(A)
+    assert A.getnnz(axis=1).max() <= 4 * 4 + 4
+    w = rng.normal(size=A.shape[1])
+    # no phi dependence inside inner_radius, phi dependence outside
+    rr = np.full(64, 0.4)
+    pp = np.linspace(-np.pi, np.pi, 64)
+    inside = prf_design_matrix(rr, pp, r_knots=knots, inner_radius=0.5) @ w
+    outside = prf_design_matrix(rr + 1.0, pp, r_knots=knots, inner_radius=0.5) @ w
+    assert np.ptp(inside) < 1e-12 and np.ptp(outside) > 1e-3
+    # periodic in phi
+    a = prf_design_matrix([2.0], [np.pi], r_knots=knots, inner_radius=0.5) @ w
+    b = prf_design_matrix([2.0], [-np.pi], r_knots=knots, inner_radius=0.5) @ w
+    assert np.allclose(a, b)
+    assert np.allclose(polar_coordinates(np.array([0.0, -1.0]), np.array([2.0, 0.0]))[1], [np.pi / 2, np.pi])
+
+
+def test_fitted_prf_matches_true_prf(fitted):
+    g = np.linspace(-4, 4, 81)
+    X, Y = np.meshgrid(g, g)
+    t = true_prf(X, Y)
+    m = fitted.evaluate(X, Y)
+    core = t > 0.1 * t.max()
+    assert np.max(np.abs(m[core] / t[core] - 1)) < 0.05  # measured 3.7 %
+    assert np.sum(np.abs(m - t)) / np.sum(t) < 0.03  # flux-weighted
+    # unit total: the sum over a pixel lattice at any sub-pixel phase is ~1
+    for x0, y0 in [(0.0, 0.0), (0.3, -0.2), (0.5, 0.5)]:
+        gg = np.arange(-6, 7)
+        XX, YY = np.meshgrid(gg - x0, gg - y0)
+        assert abs(fitted.evaluate(XX, YY).sum() - 1) < 0.01
+    assert np.all(fitted.evaluate(np.array([6.0]), np.array([0.0])) == 0)
+
+
+def test_scene_matrix_sparse_and_fluxes(fitted):
+    rng = np.random.default_rng(3)
+    rows, cols = np.mgrid[0:40, 0:40]
+    pc, pr = cols.ravel().astype(float), rows.ravel().astype(float)
+    # a grid of isolated bright sources plus a blended pair, random sub-pixel positions
+    gx, gy = np.meshgrid(np.arange(5, 36, 10), np.arange(5, 36, 10))
+    sc = np.r_[gx.ravel() + rng.uniform(-0.5, 0.5, 16), 20.3]
+    sr = np.r_[gy.ravel() + rng.uniform(-0.5, 0.5, 16), 21.4]
+    F = np.r_[10 ** rng.uniform(3, 4.5, 16), 800.0]
+    S = scene_matrix(fitted, sc, sr, pc, pr)
+    assert sp.isspmatrix_csr(S) and S.shape == (1600, 17)
+    assert S.nnz < 0.1 * S.shape[0] * S.shape[1]
+    St = sp.csr_matrix(np.stack([true_prf(pc - x, pr - y) * (np.hypot(pc - x, pr - y) <= 6) for x, y in zip(sc, sr)], 1))
+    img = St @ F + 30.0
+    err = np.sqrt(img * 1800) / 1800 / np.sqrt(20)
+    data = img + rng.normal(size=img.size) * err
+    flux, bkg, ferr = source_flux(S, data, err, F * 1.2, background=np.ones((1600, 1)), background_prior=[0.0],
+                                  return_errors=True)
+    rel = flux[:16] / F[:16] - 1
+    assert np.median(np.abs(rel)) < 0.01 and np.max(np.abs(rel)) < 0.02
+    assert abs(bkg[0] - 30.0) < 0.5
+    assert np.all(ferr > 0)
+    # radius per source limits the pairs
+    S1 = scene_matrix(fitted, sc, sr, pc, pr, radius=np.full(17, 1.0))
+    assert S1.getnnz(axis=0).max() <= 5
+
+
+def test_save_load_roundtrip(fitted, tmp_path):
+    fitted.provenance = json.dumps({"step": "test"})
+    fitted.source_flux = np.array([1.0, 2.0])
+    path = tmp_path / "prf.npz"
+    fitted.save(path)
+    back = PRFModel.load(path)
+    dx = np.linspace(-3, 3, 17)
+    assert np.array_equal(back.evaluate(dx, dx[::-1]), fitted.evaluate(dx, dx[::-1]))
+    assert json.loads(back.provenance)["step"] == "test" and np.array_equal(back.source_flux, [1.0, 2.0])
+    assert not list(tmp_path.glob(".tmp-*"))
