@@ -1,0 +1,119 @@
+# Stage 3: Linearized Field Deblending (Hedges & Martinez-Palomera 2021, §4).
+#   edge_model (§4.2) -> prf_model (§4.3-4.4, mean frame) -> motion_model (§4.5) -> flux_solve (§4.4-4.5, every cadence)
+# Settings: config["lfd"] sub-objects edge / prf / motion / solve (config/schema.yaml).
+
+
+def lfd_params(field, part):
+    """The `lfd.<part>` settings of one field (run-wide defaults, field overrides if any)."""
+    return dict(field_params(field, "lfd").get(part) or {})
+
+
+def lfd_motion_input(wildcards):
+    """flux_solve needs the motion model only when lfd.solve.use_motion is on."""
+    if lfd_params(wildcards.field, "solve").get("use_motion", True):
+        return {"motion": f"{RESULTS}/{wildcards.field}/lfd/motion_model.npz"}
+    return {}
+
+
+rule edge_model:
+    """§4.2: circular PRF edge radius as a function of flux; uncontaminated pixels."""
+    input:
+        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
+    output:
+        edge=f"{RESULTS}/{{field}}/lfd/edge_model.json",
+    params:
+        edge=lambda w: lfd_params(w.field, "edge"),
+    log:
+        rule_log("edge_model"),
+    benchmark:
+        rule_benchmark("edge_model")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    run:
+        from workflow_lib.edge import edge_model_step
+
+        with logged(log[0], f"edge_model {wildcards.field}"):
+            edge_model_step(input.cube, input.catalog, output.edge, params.edge)
+
+
+rule prf_model:
+    """§4.3-4.4: PRF shape (polar B-splines) and mean-frame source fluxes."""
+    input:
+        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
+        edge=f"{RESULTS}/{{field}}/lfd/edge_model.json",
+    output:
+        prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
+        png=f"{RESULTS}/{{field}}/lfd/prf_model.png",
+    params:
+        prf=lambda w: lfd_params(w.field, "prf"),
+    log:
+        rule_log("prf_model"),
+    benchmark:
+        rule_benchmark("prf_model")
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    run:
+        from workflow_lib.prf import prf_model_step
+
+        with logged(log[0], f"prf_model {wildcards.field}"):
+            prf_model_step(input.cube, input.catalog, input.edge, output.prf, output.png, params.prf)
+
+
+rule motion_model:
+    """§4.5: common scene motion (B-spline in dx, dy x cubic in time) fitted to binned, normalised data."""
+    input:
+        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
+        prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
+    output:
+        motion=f"{RESULTS}/{{field}}/lfd/motion_model.npz",
+    params:
+        motion=lambda w: lfd_params(w.field, "motion"),
+    log:
+        rule_log("motion_model"),
+    benchmark:
+        rule_benchmark("motion_model")
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    run:
+        from workflow_lib.motion import motion_model_step
+
+        with logged(log[0], f"motion_model {wildcards.field}"):
+            motion_model_step(input.cube, input.catalog, input.prf, output.motion, params.motion)
+
+
+rule flux_solve:
+    """§4.4-4.5: flux of every source at every cadence (sparse least squares with priors);
+    light-curve set (zarr) and one lightkurve-readable FITS per source."""
+    input:
+        unpack(lfd_motion_input),
+        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
+        prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
+    output:
+        lightcurves=directory(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"),
+        fits=directory(f"{RESULTS}/{{field}}/lfd/fits"),
+    params:
+        solve=lambda w: lfd_params(w.field, "solve"),
+    log:
+        rule_log("flux_solve"),
+    benchmark:
+        rule_benchmark("flux_solve")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    run:
+        from workflow_lib.solve import flux_solve_step
+
+        with logged(log[0], f"flux_solve {wildcards.field}"):
+            flux_solve_step(input.cube, input.catalog, input.prf, input.get("motion"), output.lightcurves,
+                            output.fits, params.solve, threads=threads)

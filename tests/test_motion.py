@@ -1,0 +1,133 @@
+"""LFD motion model (§4.5) against a known drifting scene."""
+import numpy as np
+import pytest
+
+from test_solve import gaussian_scene
+from workflow_lib import motion
+from workflow_lib.solve import scene_offsets
+
+
+def drifting_grid(nsrc_side=7, spacing=9, radius=3.5, nbin=20, amp=0.3, seed=0):
+    """Isolated stars (no overlaps) with random sub-pixel positions, drifting by a smooth curve."""
+    rng = np.random.default_rng(seed)
+    n = nsrc_side * spacing
+    rows, cols = np.mgrid[0:n, 0:n]
+    pc, pr = cols.ravel().astype(float), rows.ravel().astype(float)
+    g = (np.arange(nsrc_side) + 0.5) * spacing
+    sc = (g[None, :] + rng.uniform(-0.5, 0.5, (nsrc_side, nsrc_side))).ravel()
+    sr = (g[:, None] + rng.uniform(-0.5, 0.5, (nsrc_side, nsrc_side))).ravel()
+    tb = np.linspace(0, 27, nbin)
+    tau = (tb - 13.5) / 13.5
+    drift_x = amp * (0.6 * tau + 0.4 * tau**3)
+    drift_y = amp * (-0.5 * tau + 0.3 * tau**2)
+    S_t = [gaussian_scene(sc, sr, pc, pr, radius=radius, dx=drift_x[b], dy=drift_y[b]) for b in range(nbin)]
+    return dict(pc=pc, pr=pr, sc=sc, sr=sr, tb=tb, S_t=S_t, radius=radius)
+
+
+def test_bin_frames_means_and_errors():
+    rng = np.random.default_rng(1)
+    t = np.arange(105) * 0.02
+    f = rng.normal(size=(105, 3))
+    e = np.full((105, 3), 2.0)
+    good = np.ones(105, bool)
+    good[7] = False
+    f[10, 1] = np.nan
+    bt, bf, be, idx = motion.bin_frames(t, f, e, good, 25)
+    assert bf.shape == (4, 3) and idx[7] == -1      # 104 good cadences -> 4 bins (last one 29)
+    sel = np.flatnonzero(good)[:25]
+    np.testing.assert_allclose(bf[0, 0], f[sel, 0].mean())
+    np.testing.assert_allclose(bt[0], t[sel].mean())
+    np.testing.assert_allclose(be[0, 1], 2.0 / np.sqrt(24))   # one NaN left out
+    assert motion.default_bin_size("TESS", t * 0 + np.arange(105) / 48) == 48
+    assert motion.default_bin_size("Kepler", t) == 200
+
+
+def test_motion_model_reproduces_shifted_scene():
+    d = drifting_grid()
+    S_t = d["S_t"]
+    # common pattern: evaluate on the union pattern of the mean scene (truncation radius equal)
+    Sbar = sum(S_t) / len(S_t)
+    Sbar.sort_indices()
+    nb = len(S_t)
+    # uncontaminated pixels: each pixel belongs to one source here; y = S_t / Sbar summed over sources
+    owner = np.asarray(Sbar.argmax(axis=1)).ravel()
+    has = np.asarray((Sbar > 0).sum(axis=1)).ravel() == 1
+    pix = np.flatnonzero(has)
+    own = owner[pix]
+    mean_px = np.asarray(Sbar[pix, own]).ravel() * 1e4
+    bright = mean_px > 50
+    pix, own, mean_px = pix[bright], own[bright], mean_px[bright]
+    y = np.array([np.asarray(S[pix, own]).ravel() * 1e4 for S in S_t]) / mean_px
+    rng = np.random.default_rng(2)
+    y_err = np.sqrt(mean_px) / mean_px * np.ones((nb, 1)) * 0.2
+    y = y + y_err * rng.standard_normal(y.shape)
+    dx = d["pc"][pix] - d["sc"][own]
+    dy = d["pr"][pix] - d["sr"][own]
+    R = d["radius"]
+    mm, model_y, used = motion.fit_motion_model(dx, dy, d["tb"], y, y_err, own, knots=np.linspace(-R, R, 7),
+                                                params={"n_iter": 1}, t0=13.5, tscale=13.5)
+    assert used.all()
+    # eq. 24/25: factor x mean scene ~ true shifted scene at every pair
+    pdx, pdy = scene_offsets(Sbar, d["pc"], d["pr"], d["sc"], d["sr"])
+    factors = list(motion.motion_model(mm, pdx, pdy, d["tb"]))
+    w = Sbar.data > 1e-3
+    for b in (0, nb // 2, nb - 1):
+        true = np.asarray(S_t[b][Sbar.nonzero()]).ravel()
+        change = np.abs(true - Sbar.data)[w]
+        resid = np.abs(Sbar.data * factors[b] - true)[w]
+        print("ratio", b, resid.sum() / change.sum())
+        assert resid.sum() < 0.15 * change.sum(), (b, resid.sum(), change.sum())
+    # without motion the error would be the full change; with motion the modelled flux moves right
+    basis, tb = motion.motion_factors(mm, pdx, pdy, d["tb"])
+    np.testing.assert_allclose(basis @ tb[3], factors[3])
+
+
+def test_clipping_masks_variable_source():
+    d = drifting_grid(nbin=12, amp=0.1, seed=4)
+    nb = 12
+    npix_per = 20
+    rng = np.random.default_rng(5)
+    nsrc = 30
+    own = np.repeat(np.arange(nsrc), npix_per)
+    dx = rng.uniform(-3, 3, own.size)
+    dy = rng.uniform(-3, 3, own.size)
+    y_err = np.full((nb, own.size), 0.01)
+    y = 1 + y_err * rng.standard_normal(y_err.shape)
+    y[:, own == 7] *= (1 + 0.2 * np.sin(np.arange(nb)))[:, None]   # a strongly variable star
+    mm, _, used = motion.fit_motion_model(dx, dy, d["tb"][:nb], y, y_err, own, knots=np.linspace(-3, 3, 5),
+                                          t0=13.5, tscale=13.5)
+    assert not used[own == 7].any()
+    assert used[own != 7].all()
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(motion.MotionError, match="n_knotz"):
+        motion.motion_params({"n_knotz": 3})
+
+
+def test_centroid_time_model_roundtrip(tmp_path):
+    """scene_centroid follows a known common shift; a centroid-mode model survives save/load."""
+    d = drifting_grid(nbin=5, amp=0.3, seed=6)
+    S0 = d["S_t"][2]
+    pix = np.flatnonzero(np.asarray(S0.sum(axis=1)).ravel() > 0.05)
+    own = np.asarray(S0[pix].argmax(axis=1)).ravel()
+    dx = d["pc"][pix] - d["sc"][own]
+    dy = d["pr"][pix] - d["sr"][own]
+    frames = np.array([np.asarray(S.sum(axis=1)).ravel() * 1e4 for S in d["S_t"]])
+    cx, cy = motion.scene_centroid(frames, None, pix, dx, dy, frames[2, pix])
+    tau = (d["tb"] - 13.5) / 13.5
+    true_x = 0.3 * (0.6 * tau + 0.4 * tau**3)
+    true_y = 0.3 * (-0.5 * tau + 0.3 * tau**2)
+    # centroid of a truncated aperture moves by a fixed fraction of the true shift
+    kx = np.polyfit(true_x - true_x[2], cx - cx[2], 1)[0]
+    ky = np.polyfit(true_y - true_y[2], cy - cy[2], 1)[0]
+    assert 0.5 < kx < 1.05 and 0.5 < ky < 1.05
+    np.testing.assert_allclose(cx - cx[2], kx * (true_x - true_x[2]), atol=0.01)
+    mm = motion.MotionModel(np.arange(36.0 * 6).reshape(36, 6) / 100, np.linspace(-3, 3, 5), 3, 2, 0.0, 1.0,
+                            time_model="centroid", reg_time=d["tb"], reg_x=cx, reg_y=cy)
+    motion.save_motion_model(tmp_path / "m.npz", mm, {"bin_time": d["tb"]})
+    back = motion.load_motion_model(tmp_path / "m.npz")
+    np.testing.assert_allclose(back.time_basis(d["tb"]), motion.centroid_basis(cx, cy))
+    np.testing.assert_array_equal(back.weights, mm.weights)
+    assert (tmp_path / "m.npz").read_bytes() == (motion.save_motion_model(tmp_path / "n.npz", mm, {"bin_time": d["tb"]})
+                                                or (tmp_path / "n.npz").read_bytes())

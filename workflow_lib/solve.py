@@ -1,0 +1,530 @@
+"""LFD per-cadence flux solve (Hedges & Martinez-Palomera 2021, §4.4, §4.5 eq. 25, §4.6, App. B).
+
+For every cadence ``t`` the pixel data ``f_t`` (length npixel) are modelled as (eq. 16, 25)
+
+    f_t = X_t w_t + B b_t ,     X_t = S ∘ M_t
+
+where ``S`` (npixel x nsource, sparse) is the mean-frame PRF scene matrix (eq. 15, columns
+normalised so the weights ``w_t`` are total source fluxes in e-/s), ``M_t`` is the motion model of
+§4.5 (eq. 24: one multiplicative factor per nonzero of ``S``; all ones without motion) and ``B``
+a small per-cadence background design (the PRF step's polynomial in column/row). With the data
+covariance ``C_t = diag(sigma_t^2)`` and Gaussian priors ``w ~ N(mu, sigma_w^2)`` (App. B), the
+best-fitting weights and their covariance are (eqs. B3-B6)
+
+    (X^T C^-1 X + diag(1/sigma_w^2)) w = X^T C^-1 f + mu / sigma_w^2,
+    cov(w) = (X^T C^-1 X + diag(1/sigma_w^2))^-1 .
+
+NaN pixels get zero weight; quality-flagged cadences are solved like the others (and flagged by
+the caller). Work shared by all cadences (§4.6 sparsity) is done once in :func:`build_system`:
+the sparsity pattern of ``X`` and of the normal matrix ``N = X^T C^-1 X``, the map from products
+of design-matrix entries to entries of ``N`` (so ``N_t`` is refilled on the fixed pattern with a
+single ``bincount``), the fill-reducing ordering (reused for every cadence), and the
+factorisation of the mean-frame normal matrix. Two per-cadence solvers:
+
+``direct``  refill ``N_t`` on the fixed pattern, sparse LU (SuperLU, ordering reused, no
+            pivoting: ``N_t`` is SPD), exact flux errors = diag(N_t^-1) from blocked solves
+            against identity columns (never forming the dense inverse).
+``pcg``     conjugate gradients on ``N_t w = r_t`` using only sparse mat-vecs with ``X_t``,
+            preconditioned with the mean-frame LU and warm-started from the previous cadence.
+            Flux errors: ``var_i = [diag(Nbar^-1) diag(Nbar)]_i / N_t,ii`` — the exact crowding
+            inflation of the mean frame times the cadence's own Fisher information (exact up to
+            the small frame-to-frame change of the crowding term).
+
+Time is split in fixed chunks (``time_chunk``; independent of the number of threads, so results
+do not depend on it) that are solved in parallel with dask.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .logs import get_logger
+
+log = get_logger("solve")
+
+class SolveError(ValueError):
+    """The flux solve cannot run on these inputs; the message says why."""
+
+
+# --------------------------------------------------------------------------- designs
+
+def background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
+    """Per-cadence background design ``B`` (npixel x nbk): the same polynomial in (column, row) as
+    the PRF step's mean-frame fit (:func:`workflow_lib.prf.background_design`; order 0 = constant,
+    1 = plane, -1 = none), refitted at every cadence jointly with the source fluxes."""
+    from .prf import background_design as _bd
+
+    return _bd(pixel_col, pixel_row, int(order))
+
+
+def scene_offsets(scene: sp.csr_matrix, pixel_col, pixel_row, source_col, source_row):
+    """Pixel-minus-source offsets (dx, dy) [px] at every stored entry of the scene matrix, in
+    the order of ``scene.data`` (csr, canonical). These are the (source, pixel) pairs of §4.5."""
+    scene = sp.csr_matrix(scene)
+    scene.sum_duplicates()
+    scene.sort_indices()
+    rows = np.repeat(np.arange(scene.shape[0]), np.diff(scene.indptr))
+    cols = scene.indices
+    dx = np.asarray(pixel_col, float)[rows] - np.asarray(source_col, float)[cols]
+    dy = np.asarray(pixel_row, float)[rows] - np.asarray(source_row, float)[cols]
+    return dx, dy
+
+
+# --------------------------------------------------------------------------- shared work
+
+@dataclasses.dataclass
+class FluxSystem:
+    """Everything about the linear system that does not change from cadence to cadence."""
+
+    nsource: int
+    nbk: int
+    npixel: int
+    x_indptr: np.ndarray        # csr pattern of X = [S | B]  (npixel x (nsource+nbk))
+    x_indices: np.ndarray
+    x_data0: np.ndarray         # values of X in the mean frame (motion factor = 1)
+    s_pos: np.ndarray           # positions in x_data of the S entries (order of S.data)
+    x_rows: np.ndarray          # pixel of every entry of X
+    pair_a: np.ndarray | None   # entry pairs (a, b) in one pixel row -> N entry pair_n
+    pair_b: np.ndarray | None
+    pair_n: np.ndarray | None
+    n_indptr: np.ndarray | None  # csc pattern of the permuted normal matrix
+    n_indices: np.ndarray | None
+    n_diag_pos: np.ndarray | None
+    perm: np.ndarray            # fill-reducing ordering: permuted N' = N[perm][:, perm]
+    inv_perm: np.ndarray        # position of variable j in the permuted order
+    prior_mu: np.ndarray        # (nsource+nbk,)
+    prior_ivar: np.ndarray      # 1 / sigma_w^2
+    mean_ivar: np.ndarray       # per-pixel 1/sigma^2 of one cadence, averaged (mean frame)
+    mean_lu: object = None      # SuperLU of the mean-frame normal matrix (original order)
+    crowding: np.ndarray | None = None  # diag(Nbar^-1) * diag(Nbar) per variable
+
+    @property
+    def nvar(self) -> int:
+        return self.nsource + self.nbk
+
+    def design(self, factor=None) -> sp.csr_matrix:
+        """X_t = [S ∘ M_t | B] as csr; ``factor`` multiplies the S entries (eq. 25)."""
+        data = self.x_data0.copy()
+        if factor is not None:
+            data[self.s_pos] *= factor
+        return sp.csr_matrix((data, self.x_indices, self.x_indptr), shape=(self.npixel, self.nvar))
+
+
+def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, direct: bool = True,
+                 pcg: bool = False) -> FluxSystem:
+    """Precompute the fixed-pattern structures shared by every cadence (§4.6).
+
+    ``scene`` is S (npixel x nsource), ``background`` B (npixel x nbk), ``prior_mu`` /
+    ``prior_sigma`` the Gaussian prior of all nsource+nbk weights (App. B, eqs. B5-B6),
+    ``mean_flux_err`` the typical per-cadence error of every pixel (NaN = unusable pixel).
+    ``direct`` builds the normal-matrix pattern and pair map; ``pcg`` the mean-frame
+    preconditioner and crowding factors.
+    """
+    S = sp.csr_matrix(scene, dtype=float)
+    S.sum_duplicates()
+    S.sort_indices()
+    B = np.asarray(background, dtype=float)
+    npix, nsrc = S.shape
+    if B.shape[0] != npix:
+        raise SolveError(f"background design has {B.shape[0]} rows, scene matrix {npix}")
+    nbk = B.shape[1]
+    nvar = nsrc + nbk
+    prior_mu = np.asarray(prior_mu, float)
+    prior_sigma = np.asarray(prior_sigma, float)
+    if prior_mu.shape != (nvar,) or prior_sigma.shape != (nvar,):
+        raise SolveError(f"priors must have length nsource+nbk = {nvar}")
+    if not np.all(prior_sigma > 0):
+        raise SolveError("prior sigmas must be positive")
+
+    # X = [S | B] in csr, row p holds S entries then the nbk background entries
+    m_s = np.diff(S.indptr)
+    m = m_s + nbk
+    indptr = np.concatenate([[0], np.cumsum(m)])
+    nnz = int(indptr[-1])
+    rows = np.repeat(np.arange(npix), m)
+    within = np.arange(nnz) - indptr[rows]
+    is_s = within < m_s[rows]
+    indices = np.empty(nnz, dtype=np.int64)
+    data = np.empty(nnz)
+    s_pos = np.flatnonzero(is_s)
+    indices[s_pos] = S.indices
+    data[s_pos] = S.data
+    b_pos = np.flatnonzero(~is_s)
+    kb = within[b_pos] - m_s[rows[b_pos]]
+    indices[b_pos] = nsrc + kb
+    data[b_pos] = B[rows[b_pos], kb]
+
+    err = np.asarray(mean_flux_err, float)
+    ivar = np.where(np.isfinite(err) & (err > 0), 1.0 / np.where(err > 0, err, 1.0) ** 2, 0.0)
+    prior_ivar = 1.0 / prior_sigma**2
+
+    # fill-reducing ordering of the mean-frame normal matrix, computed once
+    X0 = sp.csr_matrix((data, indices, indptr), shape=(npix, nvar))
+    N0 = (X0.T @ sp.diags(ivar) @ X0 + sp.diags(prior_ivar)).tocsc()
+    lu0 = spla.splu(N0, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    inv_perm = np.asarray(lu0.perm_c)      # new position of variable j (SuperLU's Pc)
+    perm = np.empty_like(inv_perm)         # variable at new position c: N' = N[perm][:, perm]
+    perm[inv_perm] = np.arange(nvar)
+
+    sys = FluxSystem(nsource=nsrc, nbk=nbk, npixel=npix, x_indptr=indptr, x_indices=indices,
+                     x_data0=data, s_pos=s_pos, x_rows=rows, pair_a=None, pair_b=None, pair_n=None,
+                     n_indptr=None, n_indices=None, n_diag_pos=None, perm=perm, inv_perm=inv_perm,
+                     prior_mu=prior_mu, prior_ivar=prior_ivar, mean_ivar=ivar)
+
+    if direct:
+        # all products x_pa * x_pb of two entries in the same pixel row, mapped to N entries
+        reps = m[rows]
+        pair_a = np.repeat(np.arange(nnz), reps)
+        first = np.repeat(indptr[rows], reps)
+        start_of_group = np.repeat(np.cumsum(reps) - reps, reps)
+        pair_b = first + (np.arange(pair_a.size) - start_of_group)
+        ca = inv_perm[indices[pair_a]]
+        cb = inv_perm[indices[pair_b]]
+        diag_keys = np.arange(nvar, dtype=np.int64) * (nvar + 1)
+        keys = np.concatenate([cb.astype(np.int64) * nvar + ca, diag_keys])  # column-major (csc)
+        ukeys, inv = np.unique(keys, return_inverse=True)
+        sys.pair_a, sys.pair_b = pair_a, pair_b
+        sys.pair_n = inv[: pair_a.size]
+        sys.n_diag_pos = inv[pair_a.size:]
+        ncol = ukeys // nvar
+        sys.n_indices = (ukeys % nvar).astype(np.int32)
+        sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
+    if pcg:
+        sys.mean_lu = lu0
+        sys.crowding = _diag_of_inverse(lu0, nvar) * N0.diagonal()
+    return sys
+
+
+def _diag_of_inverse(lu, n: int, block: int = 256) -> np.ndarray:
+    """diag(A^-1) from a factorisation by blocked solves against identity columns; memory
+    O(n * block), the dense inverse is never formed."""
+    out = np.empty(n)
+    for j0 in range(0, n, block):
+        j1 = min(n, j0 + block)
+        E = np.zeros((n, j1 - j0))
+        E[np.arange(j0, j1), np.arange(j1 - j0)] = 1.0
+        Z = lu.solve(E)
+        out[j0:j1] = Z[np.arange(j0, j1), np.arange(j1 - j0)]
+    return out
+
+
+# --------------------------------------------------------------------------- one cadence
+
+def _weights(flux_t, err_t):
+    ok = np.isfinite(flux_t) & np.isfinite(err_t) & (err_t > 0)
+    w = np.zeros(flux_t.shape)
+    w[ok] = 1.0 / err_t[ok] ** 2
+    y = np.where(ok, flux_t, 0.0)
+    return w, y
+
+
+def solve_direct(sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = True):
+    """Exact solution of eqs. B3-B4 for one cadence on the fixed pattern. Returns (w, sigma_w)."""
+    w, y = _weights(flux_t, err_t)
+    xd = sys.x_data0.copy()
+    if factor is not None:
+        xd[sys.s_pos] *= factor
+    vals = w[sys.x_rows[sys.pair_a]] * xd[sys.pair_a] * xd[sys.pair_b]
+    ndata = np.bincount(sys.pair_n, weights=vals, minlength=sys.n_indices.size)
+    ndata[sys.n_diag_pos] += sys.prior_ivar[sys.perm]
+    N = sp.csc_matrix((ndata, sys.n_indices, sys.n_indptr), shape=(sys.nvar, sys.nvar))
+    X = sp.csr_matrix((xd, sys.x_indices, sys.x_indptr), shape=(sys.npixel, sys.nvar))
+    rhs = X.T @ (w * y) + sys.prior_mu * sys.prior_ivar
+    lu = spla.splu(N, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    sol = lu.solve(rhs[sys.perm])[sys.inv_perm]
+    if not errors:
+        return sol, None
+    var = _diag_of_inverse(lu, sys.nvar)[sys.inv_perm]
+    return sol, np.sqrt(var)
+
+
+def solve_pcg(sys: FluxSystem, flux_t, err_t, factor=None, x0=None, rtol: float = 1e-10, maxiter: int = 200):
+    """Preconditioned CG for one cadence (mean-frame LU as preconditioner, warm start ``x0``).
+
+    Returns (w, sigma_w, n_iterations)."""
+    w, y = _weights(flux_t, err_t)
+    X = sys.design(factor)
+    XT = X.T.tocsr()
+    rhs = XT @ (w * y) + sys.prior_mu * sys.prior_ivar
+
+    def matvec(v):
+        return XT @ (w * (X @ v)) + sys.prior_ivar * v
+
+    lu = sys.mean_lu
+
+    def precond(r):
+        return lu.solve(r)
+
+    x = np.array(sys.prior_mu if x0 is None else x0, dtype=float)
+    r = rhs - matvec(x)
+    bnorm = np.linalg.norm(rhs)
+    z = precond(r)
+    p = z.copy()
+    rz = r @ z
+    it = 0
+    while np.linalg.norm(r) > rtol * bnorm and it < maxiter:
+        Ap = matvec(p)
+        alpha = rz / (p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        z = precond(r)
+        rz_new = r @ z
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+        it += 1
+    # diagonal of N_t without forming it: sum_p w_p X_pi^2 + prior
+    ndiag = np.bincount(X.indices, weights=X.data**2 * w[sys.x_rows], minlength=sys.nvar) + sys.prior_ivar
+    sigma = np.sqrt(sys.crowding / ndiag)
+    return x, sigma, it
+
+
+# --------------------------------------------------------------------------- all cadences
+
+def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol):
+    f = np.asarray(flux[i0:i1], dtype=float)
+    e = np.asarray(flux_err[i0:i1], dtype=float)
+    nt = i1 - i0
+    out = np.full((nt, sys.nvar), np.nan)
+    err = np.full((nt, sys.nvar), np.nan)
+    iters = 0
+    x_prev = None
+    for k in range(nt):
+        if not np.any(np.isfinite(f[k])):
+            continue
+        factor = None if motion_basis is None else motion_basis @ motion_time[i0 + k]
+        if method == "direct":
+            out[k], err[k] = solve_direct(sys, f[k], e[k], factor)
+        else:
+            out[k], err[k], it = solve_pcg(sys, f[k], e[k], factor, x0=x_prev, rtol=rtol)
+            iters += it
+            x_prev = out[k]
+    return out, err, iters
+
+
+def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, motion_basis=None,
+                motion_time=None, method: str = "auto", direct_max_sources: int = 3000,
+                time_chunk: int = 64, threads: int = 1, dask_scheduler: str | None = None,
+                rtol: float = 1e-10):
+    """Least-squares flux of every source at every cadence (§4.4-4.5, App. B).
+
+    Parameters
+    ----------
+    flux, flux_err : (ntime, npixel) arrays (numpy or dask; read one time chunk at a time).
+    scene : S, sparse (npixel x nsource), mean-frame PRF scene matrix (eq. 15).
+    background : B, (npixel x nbk) per-cadence background design (:func:`background_design`).
+    prior_mu, prior_sigma : (nsource+nbk,) Gaussian prior (App. B eqs. B5-B6).
+    motion_basis, motion_time : motion model as a low-rank product (eq. 24): the factor on the
+        S entries (order of canonical csr ``S.data``) at cadence t is
+        ``motion_basis @ motion_time[t]``; None = no motion (§4.4 model).
+    method : 'direct', 'pcg' or 'auto' (direct when nsource <= direct_max_sources).
+
+    Returns
+    -------
+    dict with ``flux``, ``flux_err`` (nsource, ntime), ``background``, ``background_err``
+    (nbk, ntime), ``method``, ``pcg_iterations``.
+    """
+    import time as _time
+
+    import dask
+
+    t_start = _time.perf_counter()
+    ntime, npix = flux.shape
+    S = sp.csr_matrix(scene)
+    if S.shape[0] != npix:
+        raise SolveError(f"scene matrix has {S.shape[0]} pixels but the data have {npix}")
+    if method == "auto":
+        method = "direct" if S.shape[1] <= direct_max_sources else "pcg"
+    if method not in ("direct", "pcg"):
+        raise SolveError(f"unknown solve method {method!r}; expected direct, pcg or auto")
+    if (motion_basis is None) != (motion_time is None):
+        raise SolveError("motion_basis and motion_time go together")
+    if motion_basis is not None:
+        S.sum_duplicates()
+        if motion_basis.shape[0] != S.nnz or motion_time.shape[0] != ntime:
+            raise SolveError(f"motion model shapes {motion_basis.shape}, {motion_time.shape} do not match "
+                             f"scene nnz {S.nnz} / {ntime} cadences")
+    mean_err = np.sqrt(np.nanmean(np.asarray(flux_err[: min(ntime, 256)], dtype=float) ** 2, axis=0))
+    sys = build_system(S, background, prior_mu, prior_sigma, mean_err,
+                       direct=(method == "direct"), pcg=(method == "pcg"))
+    log.info("flux solve: %d cadences, %d pixels, %d sources, %d background terms, method %s, "
+             "X nnz %d, %d threads", ntime, npix, sys.nsource, sys.nbk, method, sys.x_indices.size, threads)
+    t_setup = _time.perf_counter() - t_start
+    bounds = [(i, min(ntime, i + time_chunk)) for i in range(0, ntime, time_chunk)]
+    tasks = [dask.delayed(_solve_chunk)(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol)
+             for i0, i1 in bounds]
+    if dask_scheduler in ("processes", "threads", "synchronous"):
+        results = dask.compute(*tasks, scheduler=dask_scheduler, num_workers=threads)
+    elif dask_scheduler:
+        from dask.distributed import Client
+
+        with Client(dask_scheduler) as client:
+            results = client.compute(tasks, sync=True)
+    elif threads > 1:
+        results = dask.compute(*tasks, scheduler="threads", num_workers=threads)
+    else:
+        results = dask.compute(*tasks, scheduler="synchronous")
+    sol = np.concatenate([r[0] for r in results], axis=0).T
+    err = np.concatenate([r[1] for r in results], axis=0).T
+    iters = int(sum(r[2] for r in results))
+    return {
+        "flux": sol[: sys.nsource],
+        "flux_err": err[: sys.nsource],
+        "background": sol[sys.nsource:],
+        "background_err": err[sys.nsource:],
+        "method": method,
+        "pcg_iterations": iters,
+        "setup_seconds": t_setup,                                   # timing only, never written
+        "solve_seconds": _time.perf_counter() - t_start - t_setup,
+    }
+
+
+# --------------------------------------------------------------------------- pipeline step
+
+#: defaults of ``lfd.solve`` (config/schema.yaml holds the same values)
+SOLVE_DEFAULTS = {
+    "use_motion": True,
+    "method": "auto",
+    "direct_max_sources": 3000,
+    "time_chunk": 64,
+    "prior_sigma_factor": 10.0,
+    "rtol": 1e-10,
+    "dask_scheduler": None,
+    "write_fits": True,
+    "background_order": None,
+}
+
+
+def solve_params(params: dict | None) -> dict:
+    p = dict(SOLVE_DEFAULTS)
+    if params:
+        unknown = set(params) - set(SOLVE_DEFAULTS)
+        if unknown:
+            raise SolveError(f"unknown lfd.solve parameter(s): {sorted(unknown)}")
+        p.update(params)
+    return p
+
+
+def load_field_scene(cube_path, catalog_path, prf_npz):
+    """Open a field for LFD: the (lazy) pixel table, the catalog, the PRF model and the mean scene.
+
+    Sources are those of the catalog; the ones the PRF step removed (negative mean flux, §4.4)
+    are left out of the model (``active`` False). Returns a dict.
+    """
+    from astropy.table import Table
+
+    from .cube import as_pixel_table, open_cube
+    from .prf import PRFModel, scene_matrix
+
+    cube = open_cube(cube_path)
+    table = as_pixel_table(cube, drop_nan=False)
+    try:
+        catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    except Exception as exc:
+        raise SolveError(f"{catalog_path}: cannot read the catalog ({exc})") from exc
+    try:
+        model = PRFModel.load(prf_npz)
+    except Exception as exc:
+        raise SolveError(f"{prf_npz}: not a readable PRF model ({exc})") from exc
+    sid = np.asarray(catalog["source_id"], dtype=np.int64)
+    if model.source_id is None or model.source_flux is None:
+        raise SolveError(f"{prf_npz}: PRF model has no mean-frame source fluxes")
+    if not np.array_equal(np.asarray(model.source_id, np.int64), sid):
+        raise SolveError(f"{prf_npz}: source list differs from {catalog_path}; rerun the PRF step")
+    mean_flux = np.asarray(model.source_flux, float)
+    active = np.isfinite(mean_flux) & (mean_flux > 0)
+    pc = np.asarray(table["column"].values, float)
+    pr = np.asarray(table["row"].values, float)
+    sc = np.asarray(catalog["column"], float)
+    sr = np.asarray(catalog["row"], float)
+    idx = np.flatnonzero(active)
+    S = scene_matrix(model, sc[idx], sr[idx], pc, pr).tocsr()
+    S.sum_duplicates()
+    S.sort_indices()
+    return dict(cube=cube, table=table, catalog=catalog, model=model, active=active, idx=idx, S=S,
+                pc=pc, pr=pr, sc=sc, sr=sr, mean_flux=mean_flux)
+
+
+def contamination_ratio(S, flux):
+    """Per source: flux from other sources / own flux, summed over the source's aperture (the
+    pixels where its PRF is modelled, i.e. its column of S); and the number of those pixels."""
+    S = sp.csr_matrix(S)
+    S.sum_duplicates()
+    flux = np.asarray(flux, float)
+    total = S @ flux
+    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
+    own = S.data * flux[S.indices]
+    other = total[rows] - own
+    n = S.shape[1]
+    own_sum = np.bincount(S.indices, weights=own, minlength=n)
+    other_sum = np.bincount(S.indices, weights=other, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = other_sum / own_sum
+    return ratio, np.bincount(S.indices, minlength=n)
+
+
+def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out_fits_dir, params: dict | None = None,
+                    *, threads: int = 1):
+    """Snakemake step: LFD light curves of every source (§4.4-4.5), zarr (atomic) + one FITS per source.
+
+    The prior of every source is its mean-frame LFD flux from the PRF step (sigma =
+    ``prior_sigma_factor`` x |flux|); background terms get the PRF step's polynomial and a flat
+    prior. With ``use_motion`` the motion model (§4.5) multiplies the scene at every cadence.
+    """
+    from .cube import write_zarr_atomic
+    from .lightcurve import lightcurve_set, write_lightcurve_fits
+    from .motion import load_motion_model, motion_factors
+    from .provenance import provenance_json
+
+    p = solve_params(params)
+    f = load_field_scene(cube_path, catalog_path, prf_npz)
+    table, S, idx = f["table"], f["S"], f["idx"]
+    border = f["model"].background_order if p["background_order"] is None else p["background_order"]
+    B = background_design(f["pc"], f["pr"], border)
+    mu_src = f["mean_flux"][idx]
+    bk0 = np.zeros(B.shape[1])
+    if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
+        bk0 = np.asarray(f["model"].background, float)
+    prior_mu = np.concatenate([mu_src, bk0])
+    prior_sigma = np.concatenate([p["prior_sigma_factor"] * np.abs(mu_src), np.full(B.shape[1], 1e6)])
+    time = np.asarray(table["time"].values, float)
+    basis = tb = None
+    if p["use_motion"]:
+        if motion_file is None:
+            raise SolveError("use_motion is on but no motion model file was given")
+        mm = load_motion_model(motion_file)
+        dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
+        basis, tb = motion_factors(mm, dx, dy, time)
+    # float32 in memory (64x64x1300: 21 MB); chunks are converted to float64 inside the solve
+    res = source_flux(np.asarray(table["flux"].values), np.asarray(table["flux_err"].values), S, B, prior_mu, prior_sigma,
+                      motion_basis=basis, motion_time=tb, method=p["method"],
+                      direct_max_sources=p["direct_max_sources"], time_chunk=p["time_chunk"], threads=threads,
+                      dask_scheduler=p["dask_scheduler"], rtol=p["rtol"])
+    nsrc = len(f["catalog"])
+    flux = np.full((nsrc, time.size), np.nan)
+    err = np.full((nsrc, time.size), np.nan)
+    flux[idx] = res["flux"]
+    err[idx] = res["flux_err"]
+    contam = np.full(nsrc, np.nan)
+    npx = np.zeros(nsrc, dtype=np.int64)
+    contam[idx], npx[idx] = contamination_ratio(S, mu_src)
+    cat = f["catalog"]
+    cols = {"source_id": np.asarray(cat["source_id"], np.int64),
+            "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
+            "column": f["sc"], "row": f["sr"], "contamination": contam, "n_pixels": npx,
+            "in_model": f["active"], "mean_flux": f["mean_flux"]}
+    if "on_cutout" in cat.colnames:
+        cols["on_cutout"] = np.asarray(cat["on_cutout"], bool)
+    prov = provenance_json("lfd_flux_solve", inputs=[cube_path, catalog_path, prf_npz] + ([motion_file] if p["use_motion"] else []),
+                           config=p, method=res["method"])
+    lc = lightcurve_set(flux, err, f["cube"], cols, method="LFD",
+                        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]})
+    lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
+    write_zarr_atomic(lc, out_zarr)
+    log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
+    if p["write_fits"] and out_fits_dir is not None:
+        paths = write_lightcurve_fits(lc, out_fits_dir, "lfd")
+        log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
+    return lc
