@@ -1,10 +1,10 @@
 # TESS / Kepler survey photometry: pixels -> Gaia crossmatch -> LFD deblending -> CPM de-trending -> reports.
 #
-#   download         pixel cube (zarr) per field: synthetic sector, MAST (astroquery) or local FITS
-#   gaia_crossmatch  sources propagated to the observation epoch, in pixel coordinates
-#   LFD (rules/lfd.smk)      edge model -> PRF model -> motion model -> per-cadence flux solve
-#   CPM (rules/cpm.smk)      causal pixel model de-trending of every pixel, aperture light curves
-#   report                   static HTML pages with embedded Bokeh
+#   1 download          pixel cube (zarr) per field: synthetic sector, MAST (astroquery) or local FITS
+#   2 gaia_crossmatch   sources propagated to the observation epoch, in pixel coordinates
+#   3-6 LFD             edge model -> PRF model -> motion model -> per-cadence flux solve   (Hedges & Martinez-Palomera 2021)
+#   7 CPM               causal pixel model de-trending of every pixel, aperture light curves (Hattori et al. 2022)
+#   8 report            static HTML pages with embedded Bokeh, an index page
 #
 # Run:  snakemake --cores 2            (default config: two synthetic TESS cutouts)
 from snakemake.utils import min_version
@@ -15,15 +15,23 @@ min_version("9.0")
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/gaia.smk"
+include: "rules/lfd.smk"
+include: "rules/cpm.smk"
+include: "rules/report.smk"
 
 
 # light or network work runs where snakemake runs (login node), not as cluster jobs
 localrules:
     all,
     download_mast,
+    report_index,
 
 
 rule all:
     input:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
+        expand(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr", field=FIELDS),
+        expand(f"{RESULTS}/{{field}}/lfd/prf_model.png", field=FIELDS),
+        cpm_outputs(),
+        f"{RESULTS}/report/index.html",
     default_target: True

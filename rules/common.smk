@@ -2,7 +2,7 @@
 import json
 from snakemake.utils import validate
 
-from workflow_lib.logs import logged
+from workflow_lib.logs import logged, run_step
 
 
 configfile: "config/config.yaml"
@@ -74,3 +74,67 @@ def mem_mb(base, per_gb):
 def runtime_min(base, per_gb):
     """runtime resource [min]: `base` plus `per_gb` minutes per GB of cube, times the attempt number."""
     return lambda wildcards, input, attempt: int((base + per_gb * cube_gb(input)) * attempt)
+
+
+# ---- helpers of the LFD (rules/lfd.smk) stage
+
+
+def lfd_params(field, part):
+    """The `lfd.<part>` settings of one field (run-wide defaults, field overrides if any)."""
+    return dict(field_params(field, "lfd").get(part) or {})
+
+
+def lfd_motion_input(wildcards):
+    """flux_solve needs the motion model only when lfd.solve.use_motion is on."""
+    if lfd_params(wildcards.field, "solve").get("use_motion", True):
+        return {"motion": f"{RESULTS}/{wildcards.field}/lfd/motion_model.npz"}
+    return {}
+
+
+# ---- helpers of the CPM (rules/cpm.smk) stage
+
+
+def cpm_outputs():
+    """Everything the CPM stage produces for `rule all`."""
+    out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)
+    out += expand(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr", field=FIELDS, paramset=CPM_PARAMSETS)
+    out += expand(f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr", group=list(CPM_STITCH))
+    return out
+
+
+# ---- helpers of the reports (rules/report.smk) stage
+
+
+def report_stage_enabled(stage):
+    """`lfd.enabled` / `cpm.enabled`; a missing key counts as enabled."""
+    return bool((config.get(stage) or {}).get("enabled", True))
+
+
+def report_cpm_paramsets():
+    """CPM parameter-set names (workflow_lib.cpm.paramset_names: 'default' plus one per
+    cpm.sweep_lambda_L entry); 'default' if that helper is unavailable."""
+    try:
+        from workflow_lib.cpm import paramset_names
+
+        return list(paramset_names(config.get("cpm") or {}))
+    except ImportError:
+        return ["default"]
+
+
+def report_cpm_shown():
+    """The CPM parameter set a field page shows: report.cpm_paramset, else 'default' (else the first)."""
+    names = report_cpm_paramsets()
+    return config["report"].get("cpm_paramset") or ("default" if "default" in names else names[0])
+
+
+def report_field_inputs(wildcards):
+    """Cube + catalog always; LFD / CPM light curves only when those stages are enabled."""
+    inputs = {
+        "cube": f"{RESULTS}/{wildcards.field}/cube.zarr",
+        "catalog": f"{RESULTS}/{wildcards.field}/catalog.ecsv",
+    }
+    if report_stage_enabled("lfd"):
+        inputs["lfd"] = REPORT_LFD_LIGHTCURVES.format(results=RESULTS, field=wildcards.field)
+    if report_stage_enabled("cpm"):
+        inputs["cpm"] = REPORT_CPM_LIGHTCURVES.format(results=RESULTS, field=wildcards.field, paramset=report_cpm_shown())
+    return inputs

@@ -6,18 +6,13 @@
 #   results/<run>/stitched/<group>/cpm/<paramset>/{lightcurves.zarr, fits/}
 #
 # <paramset> is `default` (the `cpm:` config) or `lambda_L_<value>` (one per cpm.sweep_lambda_L entry).
+from workflow_lib.cpm import run_cpm_detrend
+from workflow_lib.cpm import run_cpm_stitch
+from workflow_lib.cpm import sweep_summary
 from workflow_lib.cpm import paramset_names
 
 CPM_PARAMSETS = paramset_names(config["cpm"])
 CPM_STITCH = dict(config["cpm"].get("stitch", {}))
-
-
-def cpm_outputs():
-    """Everything the CPM stage produces for `rule all`."""
-    out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)
-    out += expand(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr", field=FIELDS, paramset=CPM_PARAMSETS)
-    out += expand(f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr", group=list(CPM_STITCH))
-    return out
 
 
 rule cpm_detrend:
@@ -45,13 +40,21 @@ rule cpm_detrend:
         mem_mb=3000,
         runtime=30,
     run:
-        from workflow_lib.cpm import run_cpm_detrend
-
-        with logged(log[0], f"cpm_detrend {wildcards.field} {wildcards.paramset}"):
-            run_cpm_detrend(input.cube, input.catalog, detrended_path=output.detrended,
-                            lightcurves_path=output.lightcurves, raw_lightcurves_path=output.raw_lightcurves,
-                            fits_dir=output.fits, config=params.cpm, paramset=wildcards.paramset,
-                            target_aperture=params.target_aperture, threads=threads, field=wildcards.field)
+        run_step(
+            log,
+            run_cpm_detrend,
+            input.cube,
+            input.catalog,
+            detrended_path=output.detrended,
+            lightcurves_path=output.lightcurves,
+            raw_lightcurves_path=output.raw_lightcurves,
+            fits_dir=output.fits,
+            config=params.cpm,
+            paramset=wildcards.paramset,
+            target_aperture=params.target_aperture,
+            threads=threads,
+            field=wildcards.field,
+        )
 
 
 rule cpm_sweep_summary:
@@ -74,11 +77,15 @@ rule cpm_sweep_summary:
         mem_mb=1000,
         runtime=10,
     run:
-        from workflow_lib.cpm import sweep_summary
-
-        with logged(log[0], f"cpm_sweep_summary {wildcards.field}"):
-            sweep_summary(dict(zip(params.paramsets, input.cpm)), input.raw, output.summary, lfd_path=params.lfd,
-                          mag_range=tuple(params.mag_range))
+        run_step(
+            log,
+            sweep_summary,
+            dict(zip(params.paramsets, input.cpm)),
+            input.raw,
+            output.summary,
+            lfd_path=params.lfd,
+            mag_range=tuple(params.mag_range),
+        )
 
 
 rule cpm_stitch:
@@ -102,7 +109,12 @@ rule cpm_stitch:
         mem_mb=1000,
         runtime=10,
     run:
-        from workflow_lib.cpm import run_cpm_stitch
-
-        with logged(log[0], f"cpm_stitch {wildcards.group} {wildcards.paramset}"):
-            run_cpm_stitch(list(input), output.lightcurves, output.fits, n_points=params.n_points, group=wildcards.group)
+        run_step(
+            log,
+            run_cpm_stitch,
+            list(input),
+            output.lightcurves,
+            output.fits,
+            n_points=params.n_points,
+            group=wildcards.group,
+        )

@@ -1,6 +1,10 @@
 # Stage 1: download. One pixel cube (zarr) per field, from one of three sources.
 
 
+from workflow_lib.fitsio import write_local_field
+from workflow_lib.mast import download_field
+from workflow_lib.synthetic import write_synthetic_field
+
 rule download_synthetic:
     """Simulate a TESS sector through the real TESS PRF; write the cube, the truth and the
     Gaia-like catalog handed to the crossmatch."""
@@ -21,10 +25,15 @@ rule download_synthetic:
         mem_mb=4000,
         runtime=20,
     run:
-        from workflow_lib.synthetic import write_synthetic_field
-
-        with logged(log[0], f"download_synthetic {wildcards.field}"):
-            write_synthetic_field(output.cube, output.truth, output.catalog, params.synthetic, field=wildcards.field)
+        run_step(
+            log,
+            write_synthetic_field,
+            output.cube,
+            output.truth,
+            output.catalog,
+            params.synthetic,
+            field=wildcards.field,
+        )
 
 
 rule download_local:
@@ -44,10 +53,7 @@ rule download_local:
         mem_mb=4000,
         runtime=20,
     run:
-        from workflow_lib.fitsio import write_local_field
-
-        with logged(log[0], f"download_local {wildcards.field}"):
-            write_local_field(params.local, output.cube, field=wildcards.field)
+        run_step(log, write_local_field, params.local, output.cube, field=wildcards.field)
 
 
 rule download_mast:
@@ -68,7 +74,4 @@ rule download_mast:
         mem_mb=4000,
         runtime=60,
     run:
-        from workflow_lib.mast import download_field
-
-        with logged(log[0], f"download_mast {wildcards.field}"):
-            download_field(params.mast, output.cube, field=wildcards.field, **params.options)
+        run_step(log, download_field, params.mast, output.cube, field=wildcards.field, **params.options)

@@ -1,6 +1,8 @@
 # Stage 2: Gaia crossmatch. Sources propagated by proper motion to the cube's mid-time, in pixels.
 
 
+from workflow_lib.gaia import crossmatch_field
+
 rule gaia_crossmatch:
     input:
         unpack(catalog_input),
@@ -19,7 +21,4 @@ rule gaia_crossmatch:
         mem_mb=2000,
         runtime=20,
     run:
-        from workflow_lib.gaia import crossmatch_field
-
-        with logged(log[0], f"gaia_crossmatch {wildcards.field}"):
-            crossmatch_field(input.cube, output.catalog, params.gaia, params.local_catalog)
+        run_step(log, crossmatch_field, input.cube, output.catalog, params.gaia, params.local_catalog)

@@ -3,17 +3,10 @@
 # Settings: config["lfd"] sub-objects edge / prf / motion / solve (config/schema.yaml).
 
 
-def lfd_params(field, part):
-    """The `lfd.<part>` settings of one field (run-wide defaults, field overrides if any)."""
-    return dict(field_params(field, "lfd").get(part) or {})
-
-
-def lfd_motion_input(wildcards):
-    """flux_solve needs the motion model only when lfd.solve.use_motion is on."""
-    if lfd_params(wildcards.field, "solve").get("use_motion", True):
-        return {"motion": f"{RESULTS}/{wildcards.field}/lfd/motion_model.npz"}
-    return {}
-
+from workflow_lib.edge import edge_model_step
+from workflow_lib.motion import motion_model_step
+from workflow_lib.prf import prf_model_step
+from workflow_lib.solve import flux_solve_step
 
 rule edge_model:
     """§4.2: circular PRF edge radius as a function of flux; uncontaminated pixels."""
@@ -33,10 +26,7 @@ rule edge_model:
         mem_mb=2000,
         runtime=20,
     run:
-        from workflow_lib.edge import edge_model_step
-
-        with logged(log[0], f"edge_model {wildcards.field}"):
-            edge_model_step(input.cube, input.catalog, output.edge, params.edge)
+        run_step(log, edge_model_step, input.cube, input.catalog, output.edge, params.edge)
 
 
 rule prf_model:
@@ -59,10 +49,16 @@ rule prf_model:
         mem_mb=3000,
         runtime=30,
     run:
-        from workflow_lib.prf import prf_model_step
-
-        with logged(log[0], f"prf_model {wildcards.field}"):
-            prf_model_step(input.cube, input.catalog, input.edge, output.prf, output.png, params.prf)
+        run_step(
+            log,
+            prf_model_step,
+            input.cube,
+            input.catalog,
+            input.edge,
+            output.prf,
+            output.png,
+            params.prf,
+        )
 
 
 rule motion_model:
@@ -84,10 +80,7 @@ rule motion_model:
         mem_mb=3000,
         runtime=30,
     run:
-        from workflow_lib.motion import motion_model_step
-
-        with logged(log[0], f"motion_model {wildcards.field}"):
-            motion_model_step(input.cube, input.catalog, input.prf, output.motion, params.motion)
+        run_step(log, motion_model_step, input.cube, input.catalog, input.prf, output.motion, params.motion)
 
 
 rule flux_solve:
@@ -112,8 +105,15 @@ rule flux_solve:
         mem_mb=4000,
         runtime=60,
     run:
-        from workflow_lib.solve import flux_solve_step
-
-        with logged(log[0], f"flux_solve {wildcards.field}"):
-            flux_solve_step(input.cube, input.catalog, input.prf, input.get("motion"), output.lightcurves,
-                            output.fits, params.solve, threads=threads)
+        run_step(
+            log,
+            flux_solve_step,
+            input.cube,
+            input.catalog,
+            input.prf,
+            input.get("motion"),
+            output.lightcurves,
+            output.fits,
+            params.solve,
+            threads=threads,
+        )

@@ -2,43 +2,11 @@
 # report() so that `snakemake --report report.html` includes them.
 #
 # Input paths of the later stages: adjust here if LFD / CPM change their layout.
+from workflow_lib.report import write_field_report
+from workflow_lib.report import write_index_report
+
 REPORT_LFD_LIGHTCURVES = "{results}/{field}/lfd/lightcurves.zarr"
 REPORT_CPM_LIGHTCURVES = "{results}/{field}/cpm/{paramset}/lightcurves.zarr"
-
-
-def report_stage_enabled(stage):
-    """`lfd.enabled` / `cpm.enabled`; a missing key counts as enabled."""
-    return bool((config.get(stage) or {}).get("enabled", True))
-
-
-def report_cpm_paramsets():
-    """CPM parameter-set names (workflow_lib.cpm.paramset_names: 'default' plus one per
-    cpm.sweep_lambda_L entry); 'default' if that helper is unavailable."""
-    try:
-        from workflow_lib.cpm import paramset_names
-
-        return list(paramset_names(config.get("cpm") or {}))
-    except ImportError:
-        return ["default"]
-
-
-def report_cpm_shown():
-    """The CPM parameter set a field page shows: report.cpm_paramset, else 'default' (else the first)."""
-    names = report_cpm_paramsets()
-    return config["report"].get("cpm_paramset") or ("default" if "default" in names else names[0])
-
-
-def report_field_inputs(wildcards):
-    """Cube + catalog always; LFD / CPM light curves only when those stages are enabled."""
-    inputs = {
-        "cube": f"{RESULTS}/{wildcards.field}/cube.zarr",
-        "catalog": f"{RESULTS}/{wildcards.field}/catalog.ecsv",
-    }
-    if report_stage_enabled("lfd"):
-        inputs["lfd"] = REPORT_LFD_LIGHTCURVES.format(results=RESULTS, field=wildcards.field)
-    if report_stage_enabled("cpm"):
-        inputs["cpm"] = REPORT_CPM_LIGHTCURVES.format(results=RESULTS, field=wildcards.field, paramset=report_cpm_shown())
-    return inputs
 
 
 rule report_field:
@@ -64,10 +32,15 @@ rule report_field:
         mem_mb=3000,
         runtime=20,
     run:
-        from workflow_lib.report import write_field_report
-
-        with logged(log[0], f"report_field {wildcards.field}"):
-            write_field_report(params.field_dir, output.html, output.summary, params.report, field=wildcards.field)
+        run_step(
+            log,
+            write_field_report,
+            params.field_dir,
+            output.html,
+            output.summary,
+            params.report,
+            field=wildcards.field,
+        )
 
 
 rule report_index:
@@ -90,7 +63,12 @@ rule report_index:
         mem_mb=1000,
         runtime=10,
     run:
-        from workflow_lib.report import write_index_report
-
-        with logged(log[0], "report_index"):
-            write_index_report(input.summaries, output.html, config=params.config, bench_dir=params.bench_dir, run=params.run)
+        run_step(
+            log,
+            write_index_report,
+            input.summaries,
+            output.html,
+            config=params.config,
+            bench_dir=params.bench_dir,
+            run=params.run,
+        )

@@ -33,12 +33,60 @@ def test_tiny_run_produces_every_stage(tiny_run):
     assert (out / "tiny" / "cube.zarr").is_dir()
     assert (out / "tiny" / "truth.zarr").is_dir()
     assert (out / "tiny" / "catalog.ecsv").is_file()
+    for path in ("lfd/edge_model.json", "lfd/prf_model.npz", "lfd/prf_model.png", "lfd/motion_model.npz",
+                 "lfd/lightcurves.zarr", "cpm/default/detrended.zarr", "cpm/default/lightcurves.zarr",
+                 "cpm/sweep_summary.ecsv"):
+        assert (out / "tiny" / path).exists(), path
+    assert (out / "report" / "index.html").is_file()
+    assert (out / "report" / "tiny.html").is_file()
     for rule_dir in (out / "benchmarks").iterdir():
         assert any(rule_dir.iterdir()), f"no benchmark for {rule_dir.name}"
     assert (out / "logs").is_dir()
+
+
+def test_regularisation_sweep_side_by_side(tiny_run):
+    from astropy.table import Table
+
+    out = tiny_run / "results" / "ci-tiny" / "tiny" / "cpm"
+    assert (out / "default" / "lightcurves.zarr").is_dir()
+    assert (out / "lambda_L_1" / "lightcurves.zarr").is_dir()
+    summary = Table.read(out / "sweep_summary.ecsv")
+    names = [str(n) for n in summary.columns[0]]
+    assert "default" in names and "lambda_L_1" in names, names
+    assert any("cdpp" in c for c in summary.colnames), summary.colnames
 
 
 def test_rerun_has_nothing_to_do(tiny_run):
     res = snakemake(tiny_run, "-n")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_light_curves_open_in_lightkurve_and_are_finite(tiny_run):
+    import lightkurve as lk
+    import numpy as np
+    import xarray as xr
+
+    out = tiny_run / "results" / "ci-tiny" / "tiny"
+    lfd = xr.open_zarr(out / "lfd" / "lightcurves.zarr")
+    cpm = xr.open_zarr(out / "cpm" / "default" / "lightcurves.zarr")
+    assert lfd.sizes["source"] > 10 and cpm.sizes["source"] > 10
+    bright = int(np.argmin(lfd["phot_g_mean_mag"].values))
+    assert np.isfinite(lfd["flux"].values[bright]).all()
+    for sub in ("lfd/fits", "cpm/default/fits"):
+        files = sorted((out / sub).glob("*.fits"))
+        assert files, sub
+        lc = lk.read(files[0])
+        assert len(lc) == lfd.sizes["time"]
+        assert str(lc.flux.unit) == "electron / s"
+
+
+def test_changing_a_cpm_parameter_reruns_only_cpm_and_reports(tiny_run):
+    """Params are a rerun trigger: a new lambda_L must not redo the download, crossmatch or LFD."""
+    (tiny_run / "config" / "override.yaml").write_text("cpm: {lambda_L: 0.05}\n")
+    res = snakemake(tiny_run, "-n", "--configfile", "config/config.yaml", "config/override.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    assert "cpm_detrend" in text
+    for rule in ("download_synthetic", "gaia_crossmatch", "edge_model", "prf_model", "motion_model", "flux_solve"):
+        assert f"rule {rule}:" not in text and f"\n{rule} " not in text, f"{rule} would rerun"

@@ -41,3 +41,13 @@ def logged(logfile: str | None, step: str = "step"):
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+def run_step(log, func, *args, **kwargs):
+    """Run one pipeline step ``func(*args, **kwargs)`` with its progress going to the rule's log file.
+
+    This is what every Snakemake rule's ``run:`` block calls: ``run_step(log, edge_model_step, ...)``.
+    """
+    logfile = log[0] if log else None
+    with logged(logfile, func.__name__):
+        return func(*args, **kwargs)
