@@ -84,7 +84,8 @@ def test_light_curves_open_in_lightkurve_and_are_finite(tiny_run):
 def test_changing_a_cpm_parameter_reruns_only_cpm_and_reports(tiny_run):
     """Params are a rerun trigger: a new lambda_L must not redo the download, crossmatch or LFD."""
     (tiny_run / "config" / "override.yaml").write_text("cpm: {lambda_L: 0.05}\n")
-    res = snakemake(tiny_run, "-n", "--configfile", "config/config.yaml", "config/override.yaml")
+    cfg = tiny_run / "config"
+    res = snakemake(tiny_run, "-n", "--configfile", str(cfg / "config.yaml"), str(cfg / "override.yaml"))
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout + res.stderr
     assert "cpm_detrend" in text
