@@ -457,23 +457,15 @@ def cpm_detrend_pixels(flux, quality, time, rows, cols, params: CPMParams, *, mi
 
 
 def _run_chunks(chunk_args, shared, *, threads=1, scheduler=None):
-    """Run ``_detrend_chunk`` over chunks with dask (threads) or a distributed scheduler."""
-    import dask
+    """Run ``_detrend_chunk`` over chunks of target pixels in the compute context of
+    :mod:`workflow_lib.parallel`: the threaded scheduler with ``threads`` workers (one BLAS thread
+    each), or the dask.distributed scheduler ``scheduler`` (``local:N``, an address, ...), to which
+    the arrays every chunk shares are sent once."""
+    from .parallel import dask_map, describe
 
-    tasks = [dask.delayed(_detrend_chunk)(*a, *shared) for a in chunk_args]
-    if scheduler:
-        try:
-            from distributed import Client
-        except ImportError as exc:
-            raise RuntimeError(f"cpm.dask_scheduler={scheduler!r} needs the 'distributed' package") from exc
-        with Client(scheduler) as client:
-            return list(client.compute(tasks, sync=True))
-    threads = max(1, int(threads))
-    from threadpoolctl import threadpool_limits
-
-    # one BLAS thread per dask worker when running several workers (no oversubscription)
-    with threadpool_limits(limits=1 if threads > 1 else None, user_api="blas"):
-        return list(dask.compute(*tasks, scheduler="threads", num_workers=threads))
+    names = ("ystarT", "Tt", "k", "params", "gram", "gramT", "TT")
+    log.info("CPM: %d chunks on %s", len(chunk_args), describe(threads, scheduler))
+    return dask_map(_detrend_chunk, chunk_args, threads=threads, scheduler=scheduler, shared=dict(zip(names, shared)))
 
 
 # ------------------------------------------------------------------------- cubes
