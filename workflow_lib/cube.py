@@ -234,23 +234,14 @@ def write_zarr_atomic(ds: xr.Dataset, path: str | os.PathLike, *, chunks: dict |
     The store is written to a hidden temporary sibling and renamed into place, so a failed or
     interrupted write never leaves a half-written result at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     ch = chunks or _chunks_for(ds)
     ds = ds.copy()
     for v in list(ds.data_vars) + list(ds.coords):
         ds[v].encoding = {}
     ds = ds.chunk({d: c for d, c in ch.items() if d in ds.dims})
-    try:
+    with atomic_path(path) as tmp:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def open_cube(path: str | os.PathLike, *, chunks="auto", validate: bool = True) -> xr.Dataset:
@@ -295,6 +286,8 @@ def atomic_path(path: str | os.PathLike):
         tmp = p.parent / f".tmp-{uuid.uuid4().hex[:8]}-{p.name}"
         try:
             yield tmp
+            if p.is_dir() and tmp.is_dir():
+                shutil.rmtree(p)
             os.replace(tmp, p)
         finally:
             if tmp.exists():
@@ -407,15 +400,8 @@ def write_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, compute
     from .parallel import dask_map
 
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(path) as tmp:
         _, regions = init_zarr_regions(ds_template, tmp, chunks=chunks, shards=shards, split=split)
         dask_map(_write_one_region, [(r,) for r in regions], threads=threads, scheduler=scheduler,
                  shared=dict(path=str(tmp), compute_region=compute_region))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
