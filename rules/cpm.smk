@@ -37,8 +37,8 @@ rule cpm_detrend:
         f"{RESULTS}/benchmarks/cpm_detrend/{{field}}_{{paramset}}.tsv"
     threads: 2
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=mem_mb(8000, 12),
+        runtime=runtime_min(30, 180),
     run:
         run_step(
             log,

@@ -23,8 +23,8 @@ rule edge_model:
         rule_benchmark("edge_model")
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=mem_mb(2000, 4),
+        runtime=runtime_min(10, 20),
     run:
         run_step(log, edge_model_step, input.cube, input.catalog, output.edge, params.edge)
 
@@ -46,8 +46,8 @@ rule prf_model:
         rule_benchmark("prf_model")
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=mem_mb(4000, 8),
+        runtime=runtime_min(20, 60),
     run:
         run_step(
             log,
@@ -77,8 +77,8 @@ rule motion_model:
         rule_benchmark("motion_model")
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=mem_mb(4000, 8),
+        runtime=runtime_min(20, 60),
     run:
         run_step(log, motion_model_step, input.cube, input.catalog, input.prf, output.motion, params.motion)
 
@@ -102,8 +102,8 @@ rule flux_solve:
         rule_benchmark("flux_solve")
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb(8000, 12),
+        runtime=runtime_min(30, 120),
     run:
         run_step(
             log,

@@ -29,8 +29,8 @@ rule report_field:
         rule_benchmark("report_field")
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=mem_mb(2000, 4),
+        runtime=runtime_min(10, 20),
     run:
         run_step(
             log,
