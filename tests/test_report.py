@@ -33,7 +33,50 @@ def _quality():
     return q
 
 
-def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=False, name="fieldA") -> Path:
+#: LFD background polynomial (order 1: constant, column, row terms) and motion factor slope in tau
+LFD_BKG = np.array([20.0, 0.5, -0.3])
+MOTION_SLOPE = 0.02
+
+
+def make_prf():
+    """A normalised Gaussian-like (sigma = 1 px) LFD PRF model, fitted to ln PRF = -r^2/2."""
+    from workflow_lib.prf import PRFModel, polar_coordinates, prf_design_matrix, radial_knots
+
+    rk = radial_knots(0.25, 4.0, 8, spacing="sqrt", inner_radius=0.25)
+    g = np.linspace(-4, 4, 81)
+    X, Y = [a.ravel() for a in np.meshgrid(g, g)]
+    keep = np.hypot(X, Y) <= 4
+    r, phi = polar_coordinates(X[keep], Y[keep])
+    A = prf_design_matrix(r, phi, r_knots=rk, n_phi_knots=8, inner_radius=0.25, degree=3).toarray()
+    w = np.linalg.lstsq(A, -r**2 / 2, rcond=None)[0]
+    return PRFModel(w, rk, 8, 0.25, 3, 4.0).normalise()
+
+
+def write_motion(path: Path, kind: str, time: np.ndarray) -> None:
+    """``polynomial``: factor 1 + MOTION_SLOPE * tau for every pair (B-splines sum to one);
+    ``shift``: measured scene offsets (scene_offset_column/row); ``junk``: an unknown layout."""
+    from workflow_lib.motion import MotionModel, save_motion_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0, ts = 0.5 * (time.min() + time.max()), 0.5 * (time.max() - time.min())
+    if kind == "junk":
+        np.savez(path, drift_row=0.01 * np.arange(time.size), drift_column=-0.02 * np.arange(time.size))
+        return
+    if kind == "polynomial":
+        mm = MotionModel(np.zeros(1), np.linspace(-4, 4, 9), 3, 1, t0, ts)
+        nc = mm.spatial_basis(np.zeros(1), np.zeros(1)).shape[1]
+        mm.weights = np.column_stack([np.ones(nc), np.full(nc, MOTION_SLOPE)])
+        save_motion_model(path, mm, {})
+        return
+    cx = 0.08 * np.sin(2 * np.pi * (time - t0) / 3.0)
+    cy = -0.05 * (time - t0) / ts
+    mm = MotionModel(np.zeros((1, 1)), np.zeros(2), 3, 3, 0.0, 1.0, time_model="shift", reg_time=time, reg_x=cx,
+                     reg_y=cy, shift_cov=np.zeros((2, 2)), shift_range=0.1)
+    save_motion_model(path, mm, {"scene_offset_column": cx, "scene_offset_row": cy})
+
+
+def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=False, name="fieldA",
+               motion="polynomial") -> Path:
     """A small synthetic field directory with every product the report reads."""
     rng = np.random.default_rng(5)
     rows = np.arange(ROW0, ROW0 + NR)
@@ -68,11 +111,19 @@ def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=Fals
     ids = cat["source_id"].data
     if lfd:
         f = np.array([1000.0 * (k + 1) + rng.normal(0, 1 + k, NT) for k in range(3)])
+        bad = _quality() != 0
+        f[:, bad] += 50.0  # flagged cadences must not enter the mean-frame model
         lc = lightcurve_set(f, np.ones_like(f), cube, {"source_id": ids[:3], "contamination": [0.01, 0.2, 0.5],
-                                                       "n_pixels": [9, 5, 3]}, method="LFD")
+                                                       "n_pixels": [9, 5, 3]}, method="LFD",
+                            attrs={"use_motion": int(motion in ("polynomial", "shift"))})
+        bk = LFD_BKG[:, None] + 0.1 * rng.normal(size=(3, NT))
+        bk[:, bad] += 100.0
+        lc["background"] = (("background_term", "time"), bk)
         write_zarr_atomic(lc, fdir / "lfd" / "lightcurves.zarr")
         (fdir / "lfd" / "prf_model.png").write_bytes(R.thumbnail_png(np.arange(64.0).reshape(8, 8) + 1, 40))
-        np.savez(fdir / "lfd" / "motion_model.npz", drift_row=0.01 * np.arange(NT), drift_column=-0.02 * np.arange(NT))
+        make_prf().save(fdir / "lfd" / "prf_model.npz")
+        if motion:
+            write_motion(fdir / "lfd" / "motion_model.npz", motion, time)
         (fdir / "lfd" / "edge_model.json").write_text(json.dumps({"rows": [1, 2]}))
     if cpm:
         d = fdir / "cpm" / "default"
@@ -300,7 +351,9 @@ def test_write_field_and_index(field, tmp_path):
     summary = R.write_field_report(field, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
     assert (out / "fieldA.html").stat().st_size > 1_000_000  # inline BokehJS
     assert summary["n_sources"] == 4 and summary["n_on_cutout"] == 3 and summary["n_lfd"] == 3
-    assert summary["median_cdpp"]["cpm"] == 250.0 and summary["median_cdpp"]["raw"] == 27.5
+    # medians over one common set: G < 15, on the pixels, in every set -> sources 0 and 1 only
+    assert summary["cdpp_set"] == {"n_sources": 2, "mag_limit": 15.0, "sets": ["raw", "lfd", "cpm"]}
+    assert summary["median_cdpp"]["cpm"] == 150.0 and summary["median_cdpp"]["raw"] == 16.5
     bench = tmp_path / "benchmarks" / "cpm_detrend"
     bench.mkdir(parents=True)
     (bench / "fieldA.tsv").write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
@@ -312,7 +365,7 @@ def test_write_field_and_index(field, tmp_path):
     idx = (out / "index.html").read_text()
     assert 'href="fieldA.html"' in idx and '<span class="n-sources">4</span>' in idx
     assert "<td>12.50</td><td>321.0</td>" in idx and "cpm_detrend" in idx
-    assert "max_side: 64" in idx and "numpy" in idx and "cpm 250" in idx
+    assert "max_side: 64" in idx and "numpy" in idx and "cpm 150" in idx and "over the same 2 sources" in idx
 
 
 def test_report_params_and_schema_defaults():
@@ -328,3 +381,136 @@ def test_report_params_and_schema_defaults():
     with pytest.raises(Exception):
         validate({"run": "x", "fields": {"a": {"source": "synthetic"}}, "report": {"colour": 1}},
                  str(REPO / "config" / "schema.yaml"))
+
+
+# ------------------------------------------------------------------ computed panels
+
+
+def _mean_model_expected(fp, use_motion: bool):
+    """Independent dense computation of the mean-frame LFD model (good cadences only)."""
+    from workflow_lib.prf import background_design
+
+    cube = fp.cube
+    flux = cube["flux"].values.reshape(NT, -1).astype(np.float64)
+    good = _quality() == 0
+    data = np.nanmean(flux[good], axis=0)
+    rr, cc = np.meshgrid(cube["row"].values, cube["column"].values, indexing="ij")
+    pc, pr = cc.ravel().astype(float), rr.ravel().astype(float)
+    t = cube["time"].values
+    tau = (t - 0.5 * (t.min() + t.max())) / (0.5 * (t.max() - t.min()))
+    fac = 1 + MOTION_SLOPE * tau if use_motion else np.ones(NT)
+    model = np.zeros(pc.size)
+    for k in range(3):
+        sid, r, c, g = STARS[k]
+        f = fp.lfd["flux"].values[k]
+        model += fp.prf.evaluate(pc - c, pr - r) * np.mean((fac * f)[good])
+    model += background_design(pc, pr, 1) @ fp.lfd["background"].values[:, good].mean(axis=1)
+    return data, model
+
+
+def test_mean_frame_residual_is_data_minus_model(page):
+    html, _, fp = page
+    res = fp.mean_residual
+    assert res is not None and res["label"] == "with the motion model" and res["n_sources"] == 3
+    assert res["n_cadences"] == int((_quality() == 0).sum())
+    data, model = _mean_model_expected(fp, use_motion=True)
+    np.testing.assert_allclose(res["data"], data, rtol=1e-12)
+    np.testing.assert_allclose(res["model"], model, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(res["residual"], res["data"] - res["model"])
+    # the model explains the stars to ~ the data's systematic level (the PRF is sigma=1 like the cube's stars)
+    emb = R.embedded_sources(html)["residual"]
+    pix = R.embedded_sources(html)["pixels"]
+    idx = (np.asarray(pix["row"]) - ROW0) * NC + (np.asarray(pix["column"]) - COL0)
+    np.testing.assert_array_equal(emb["residual"], res["residual"][idx].astype(np.float32))
+    np.testing.assert_array_equal(emb["model"], res["model"][idx].astype(np.float32))
+    docs = json.dumps(R.embedded_documents(html), ensure_ascii=False)
+    assert "mean frame: LFD model" in docs and "residual: data − LFD model" in docs
+
+
+def test_mean_frame_residual_static_scene_and_missing_prf(tmp_path):
+    fdir = make_field(tmp_path, cpm=False, motion=None)
+    fp = R.load_field_products(fdir)
+    assert fp.mean_residual["label"] == "static mean scene"
+    data, model = _mean_model_expected(fp, use_motion=False)
+    np.testing.assert_allclose(fp.mean_residual["model"], model, rtol=1e-9, atol=1e-9)
+    (fdir / "lfd" / "prf_model.npz").unlink()
+    fp = R.load_field_products(fdir)
+    assert fp.mean_residual is None and any("residual panel skipped" in n and "prf_model.npz" in n for n in fp.notes)
+    html, _ = R.build_field_page(fp)
+    assert "residual panel skipped" in html and "residual" not in R.embedded_sources(html)
+
+
+def test_motion_panel_polynomial_model(page):
+    html, _, fp = page
+    mp = R.motion_panel(fp)
+    t = fp.cube["time"].values
+    tau = (t - 0.5 * (t.min() + t.max())) / (0.5 * (t.max() - t.min()))
+    # every pair has the factor 1 + a tau: mean |change| = 100 a |tau| %, no centroid shift
+    np.testing.assert_allclose(mp["change_mean"], 100 * MOTION_SLOPE * np.abs(tau), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mp["pix_a"], 100 * MOTION_SLOPE * tau, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mp["dx"], 0, atol=1e-12)
+    np.testing.assert_allclose(mp["dy"], 0, atol=1e-12)
+    assert mp["offset_label"].startswith("model centroid shift")
+    emb = R.embedded_sources(html)["motion"]
+    np.testing.assert_array_equal(emb["time"], t)  # time axis in BTJD, never plotted as an offset
+    np.testing.assert_allclose(emb["change_mean"], mp["change_mean"])
+    assert "reg_time" not in emb and "weights" not in emb
+
+
+def test_motion_panel_shift_model_offsets(tmp_path):
+    fdir = make_field(tmp_path, cpm=False, motion="shift")
+    fp = R.load_field_products(fdir)
+    mp = R.motion_panel(fp)
+    z = np.load(fdir / "lfd" / "motion_model.npz")
+    np.testing.assert_array_equal(mp["dx"], z["scene_offset_column"])
+    np.testing.assert_array_equal(mp["dy"], z["scene_offset_row"])
+    assert mp["offset_label"] == "measured scene offset"
+    # the model's own centroid follows the measured offset (source moves by +c: centroid moves by ~+c)
+    for m, c in (("model_dx", z["scene_offset_column"]), ("model_dy", z["scene_offset_row"])):
+        slope = np.polyfit(c, mp[m], 1)[0]
+        assert 0.6 < slope < 1.2, (m, slope)
+    assert np.nanmax(mp["change_mean"]) > 1.0  # a 0.08 px shift changes a sigma=1 PRF by percents
+
+
+def test_motion_npz_of_unknown_layout_is_a_note(tmp_path):
+    fdir = make_field(tmp_path, cpm=False, motion="junk")
+    fp = R.load_field_products(fdir)
+    assert fp.motion is not None and fp.motion_model is None
+    html, _ = R.build_field_page(fp)
+    assert "motion" not in R.embedded_sources(html)
+    assert "not a motion model this report can evaluate" in html and "LFD motion panel skipped" in html
+
+
+def test_initial_stretch_from_the_frame_shown(tmp_path):
+    fdir = make_field(tmp_path, lfd=False, cpm=False)
+    fp = R.load_field_products(fdir)
+    # a scattered-light ramp: the second half of the sector is 10x brighter
+    fp.cube["flux"][NT // 2:] = fp.cube["flux"][NT // 2:] * 10
+    html, _ = R.build_field_page(fp)
+    meta = R.embedded_meta(html)
+    frame = fp.cube["flux"].values[NT // 2].ravel()
+    lo, hi = np.percentile(frame[np.isfinite(frame)], [1, 95])
+    st = meta["stretch"]["raw"]
+    assert st["lo"] == pytest.approx(lo, rel=1e-5) and st["hi"] == pytest.approx(hi, rel=1e-5)
+    assert st["vlo"] <= st["lo"] < st["hi"] <= st["vhi"]
+    assert meta["percentiles"] == [1.0, 95.0]
+
+
+def test_cdpp_common_set():
+    from astropy.table import Table
+
+    cat = Table({"on_cutout": [True, True, False, True, True]})
+    g = np.array([10.0, 14.9, 11.0, 15.0, 12.0])
+    m = {"cdpp_raw": np.array([1, 2, 3, 4, np.nan]), "cdpp_lfd": np.ones(5), "cdpp_cpm": np.ones(5)}
+    np.testing.assert_array_equal(R.cdpp_common_set(m, cat, g, ["raw", "lfd", "cpm"], 15), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(R.cdpp_common_set(m, cat, g, ["lfd"], 15), [1, 1, 0, 0, 1])
+
+
+def test_index_versions_fall_back_to_the_package_version(monkeypatch):
+    import workflow_lib
+    from workflow_lib import provenance
+
+    monkeypatch.setattr(provenance, "software_versions", lambda: {"workflow_lib": None, "numpy": "9.9"})
+    html = R.build_index_page([], {"run": "x"}, [], "x")
+    assert f"<td class=\"l\">workflow_lib</td><td class=\"l\">{workflow_lib.__version__} (source checkout)</td>" in html
+    assert "not installed" not in html

@@ -216,7 +216,46 @@ def test_sources_lightcurve_modes_and_cpm_image(site, page, test_output):
     # select the target from the table link, back to a sensible view for the screenshot
     page.get_by_role("link", name=str(STARS[0][0])).click()
     page.wait_for_function("RPT.src === 0")
+    page.evaluate("window.scrollTo(0, 0)")  # the table sits below the mean-frame panels
+    page.wait_for_timeout(200)
     x, y = data_to_page(page, "image_fig", 208, 107)
     tap(page, x, y, 1)
     page.screenshot(path=str(test_output / "report_field.png"), full_page=True)
+    assert page.errors == [] and js(page, "RPT.errors") == []
+
+
+def test_motion_and_residual_panels_render(site, page):
+    """The motion (offsets, factor change) and mean-frame (data, model, residual) figures are laid out
+    with a drawn canvas, the embedded numbers reach BokehJS, and nothing raised."""
+    for name in ("motion_fig", "motion_change_fig", "residual_data_fig", "residual_model_fig", "residual_fig"):
+        size = js(page, f"""(() => {{ const m = RPT.doc.get_model_by_name('{name}'); if (!m) return null;
+            const r = Bokeh.index.get_one(m).canvas_view.el.getBoundingClientRect(); return [r.width, r.height]; }})()""")
+        assert size is not None and size[0] > 200 and size[1] > 150, (name, size)
+    fp = R.load_field_products(site["html"].parent.parent / "fieldA")
+    res = np.array(js(page, """(() => { const d = RPT.doc.get_model_by_name('residual_fig').renderers[0].data_source.data;
+        return Array.from(d.residual, v => v === v ? v : null); })()"""), dtype=float)
+    rows = np.asarray(js(page, "Array.from(RPT.m.pixels.data.row)")) - ROW0
+    cols = np.asarray(js(page, "Array.from(RPT.m.pixels.data.column)")) - COL0
+    np.testing.assert_allclose(res, fp.mean_residual["residual"][rows * NC + cols], rtol=1e-6, atol=1e-4)
+    tmin, tmax = js(page, """(() => { const t = RPT.doc.get_model_by_name('motion_fig').renderers[0].data_source.data.time;
+        return [Math.min(...t), Math.max(...t)]; })()""")
+    assert tmin == pytest.approx(site["time"][0]) and tmax == pytest.approx(site["time"][-1])
+    assert page.errors == [] and js(page, "RPT.errors") == []
+
+
+def test_auto_stretch_per_frame(site, page):
+    page.get_by_role("button", name="auto stretch per frame").click()
+    page.wait_for_function("RPT.m.auto_stretch.active === true")
+    for t in (10, 150):
+        js(page, f"RPT.m.cadence_slider.value = {t}")
+        frame = shown_frame(page)
+        lo, hi = np.percentile(frame[np.isfinite(frame)], [1, 95])
+        v = js(page, "RPT.m.stretch_slider.value")
+        assert v[0] == pytest.approx(lo, rel=1e-5) and v[1] == pytest.approx(hi, rel=1e-5)
+        assert js(page, "RPT.m.mapper_lin.high") == pytest.approx(hi, rel=1e-5)
+    page.get_by_role("button", name="auto stretch per frame").click()
+    page.wait_for_function("RPT.m.auto_stretch.active === false")
+    v = js(page, "RPT.m.stretch_slider.value")
+    js(page, "RPT.m.cadence_slider.value = 20")
+    assert js(page, "RPT.m.stretch_slider.value") == v  # manual again: the stretch stays
     assert page.errors == [] and js(page, "RPT.errors") == []

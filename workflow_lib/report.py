@@ -6,8 +6,11 @@ light curve, click-to-seek, screen-stretch slider (log, 1%/95% percentiles), hov
 decoded QUALITY flags, tap / shift-tap / box selection of pixels with the light curve re-summed in
 JavaScript, mask (JSON) and light-curve (CSV) export -- and adds the pipeline's products when they
 exist: Gaia sources over the image, LFD / CPM light curves of a tapped source, raw / CPM de-trended
-image switch, PRF model picture, motion model, mean-frame residual, quality-flag timeline and a
-sortable source table.
+image switch, PRF model picture, motion model (scene offsets [px] and the PRF factor change over
+time, :func:`motion_panel`), mean-frame data / LFD model / residual computed from the LFD outputs
+(:func:`lfd_mean_residual`), quality-flag timeline and a sortable source table. The initial
+screen stretch is ``report.percentiles`` of the frame shown first; median CDPPs are over one common
+source set (:func:`cdpp_common_set`).
 
 Data are embedded as Bokeh ``ColumnDataSource`` columns of numpy ``float32`` arrays, which Bokeh
 serialises as (gzip-compressed, base64) binary buffers and BokehJS decodes into ``Float32Array``.
@@ -145,6 +148,7 @@ DEFAULTS = {
     "stretch": "log",
     "play_interval_ms": 150,
     "cdpp_hours": 1.0,
+    "cdpp_mag_limit": 15.0,
     "cpm_paramset": None,
     "thumbnail_px": 160,
 }
@@ -188,9 +192,11 @@ class FieldProducts:
     detrended: xr.Dataset | None = None
     cpm_paramset: str | None = None
     prf_png: bytes | None = None
-    motion: dict | None = None
+    motion: dict | None = None      # raw arrays of motion_model.npz (any layout)
+    motion_model: object | None = None  # workflow_lib.motion.MotionModel (None when unreadable)
+    prf: object | None = None       # workflow_lib.prf.PRFModel
     edge: object | None = None
-    mean_residual: np.ndarray | None = None
+    mean_residual: dict | None = None  # {"data", "model", "residual"} per pixel-table pixel, "label"
     notes: list = dc_field(default_factory=list)
 
 
@@ -241,6 +247,14 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
         png = lfd / "prf_model.png"
         if png.exists():
             fp.prf_png = png.read_bytes()
+        pnpz = lfd / "prf_model.npz"
+        if pnpz.exists():
+            try:
+                from .prf import PRFModel
+
+                fp.prf = PRFModel.load(pnpz)
+            except Exception as exc:
+                fp.notes.append(f"{pnpz}: unreadable PRF model ({exc})")
         npz = lfd / "motion_model.npz"
         if npz.exists():
             try:
@@ -248,13 +262,29 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
                     fp.motion = {k: np.asarray(z[k]) for k in z.files}
             except Exception as exc:
                 fp.notes.append(f"{npz}: unreadable ({exc})")
+            if fp.motion is not None:
+                try:
+                    from .motion import load_motion_model
+
+                    fp.motion_model = load_motion_model(npz)
+                except Exception as exc:
+                    fp.notes.append(f"{npz}: not a motion model this report can evaluate ({exc})")
         edge = lfd / "edge_model.json"
         if edge.exists():
             try:
                 fp.edge = json.loads(edge.read_text())
             except ValueError as exc:
                 fp.notes.append(f"{edge}: unreadable ({exc})")
-        fp.mean_residual = _lfd_mean_residual(lfd, cube, fp.notes)
+        if fp.prf is None or fp.lfd is None or fp.catalog is None:
+            miss = [n for n, v in (("prf_model.npz", fp.prf), ("lightcurves.zarr", fp.lfd), ("catalog.ecsv", fp.catalog)) if v is None]
+            fp.notes.append(f"mean-frame residual panel skipped: LFD output missing ({', '.join(miss)})")
+        else:
+            try:
+                fp.mean_residual = lfd_mean_residual(cube, fp.catalog, fp.prf, fp.lfd, fp.motion_model)
+                fp.notes.extend(fp.mean_residual.pop("notes", []))
+            except Exception as exc:  # a report must not fail on a half-compatible LFD output
+                fp.notes.append(f"mean-frame residual panel skipped: {type(exc).__name__}: {exc}")
+                log.warning("%s: mean-frame residual not computed (%s)", field, exc)
     cdir = find_cpm_dir(field_dir, cpm_paramset)
     if cdir is not None:
         fp.cpm_paramset = cdir.name
@@ -274,21 +304,114 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
     return fp
 
 
-def _lfd_mean_residual(lfd: Path, cube: xr.Dataset, notes: list) -> np.ndarray | None:
-    """Mean-frame residual (data - LFD model), from ``lfd/mean_residual.npy`` (an image shaped
-    like the cube's frame, or one value per pixel-table pixel) or ``lfd/model.zarr`` (cube
-    format, ``flux`` = the LFD model image); ``None`` when neither exists."""
-    try:
-        npy = lfd / "mean_residual.npy"
-        if npy.exists():
-            return np.asarray(np.load(npy, allow_pickle=False), dtype=np.float64)
-        mz = lfd / "model.zarr"
-        if mz.exists():
-            model = open_cube(mz, validate=False)
-            return (cube["flux"].mean("time") - model["flux"].mean("time")).values.astype(np.float64)
-    except Exception as exc:
-        notes.append(f"LFD residual: unreadable ({exc})")
-    return None
+def _good_cadences(cube: xr.Dataset, flux: np.ndarray) -> np.ndarray:
+    """Cadences of the mean frame: QUALITY == 0 with at least one finite pixel (all finite
+    cadences when no cadence is flagged good), as LFD's mean frame (:func:`workflow_lib.edge.mean_frame`)."""
+    fin = np.isfinite(flux).any(axis=1)
+    q = np.asarray(cube["quality"].values) if "quality" in cube else np.zeros(fin.size, int)
+    good = fin & (q == 0)
+    return good if good.any() else fin
+
+
+def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=None) -> dict:
+    """Mean frame of the data, of the LFD model, and their difference, from what LFD writes.
+
+    Over the good cadences G (:func:`_good_cadences`, and present in the LFD set):
+
+    * data  = mean_G of each pixel's flux (NaN-skipping);
+    * model = sum over sources s of PRF(pixel - position_s) x mean_G(LFD flux_s), with the
+      catalog positions and :func:`workflow_lib.prf.scene_matrix` (the LFD scene), plus the
+      background polynomial (:func:`workflow_lib.prf.background_design`) with the mean of LFD's
+      per-cadence ``background`` coefficients (else the PRF step's mean-frame background);
+    * with a motion model that LFD used (``use_motion``), the scene of cadence t is the PRF times
+      the eq. 24 factor ``basis[k] @ time_basis[t]``, so the mean model of pair k is exactly
+      ``PRF_k basis[k] @ mean_G(time_basis[t] flux_s(t))``;
+    * residual = data - model.
+
+    Arrays are per pixel of ``as_pixel_table(cube, drop_nan=False)`` (the display's
+    ``source_index`` order). Returns ``{"data", "model", "residual", "label", "n_sources",
+    "n_cadences", "notes"}``.
+    """
+    import scipy.sparse as sp
+
+    from .cube import as_pixel_table
+    from .prf import background_design, scene_matrix
+
+    notes = []
+    t = as_pixel_table(cube, drop_nan=False)
+    flux = np.asarray(t["flux"].transpose("time", "pixel").values, dtype=np.float64)
+    pc = np.asarray(t["column"].values, float)
+    pr = np.asarray(t["row"].values, float)
+    good = _good_cadences(cube, flux)
+    ref_cad = np.asarray(cube["cadenceno"].values, np.int64) if "cadenceno" in cube.coords else np.arange(flux.shape[0])
+    lc_cad = np.asarray(lfd["cadenceno"].values, np.int64) if "cadenceno" in lfd.coords else ref_cad
+    pos = {int(c): i for i, c in enumerate(lc_cad)}
+    tidx = np.array([pos.get(int(c), -1) for c in ref_cad])
+    good &= tidx >= 0
+    if not good.any():
+        raise ValueError("no good cadence common to the cube and the LFD light curves")
+    gi = np.flatnonzero(good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        data = np.nanmean(flux[gi], axis=0)
+    # sources: catalog positions, LFD fluxes at the good cadences
+    sid = np.asarray(catalog["source_id"], np.int64)
+    spos = {int(s): i for i, s in enumerate(np.asarray(lfd["source_id"].values, np.int64))}
+    li = np.array([spos.get(int(s), -1) for s in sid])
+    lflux = np.asarray(lfd["flux"].transpose("source", "time").values, dtype=np.float64)
+    fs = np.full((sid.size, gi.size), np.nan)
+    fs[li >= 0] = lflux[li[li >= 0]][:, tidx[gi]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_f = np.nanmean(fs, axis=1)
+    use = np.flatnonzero(np.isfinite(mean_f))
+    sc = np.asarray(catalog["column"], float)[use]
+    sr = np.asarray(catalog["row"], float)[use]
+    S = sp.csr_matrix(scene_matrix(prf, sc, sr, pc, pr))
+    S.sum_duplicates()
+    S.sort_indices()
+    label = "static mean scene"
+    model = None
+    if motion is not None and int(lfd.attrs.get("use_motion", 0)):
+        try:
+            from .motion import motion_factors
+
+            rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
+            cols = S.indices
+            basis, tb = motion_factors(motion, pc[rows] - sc[cols], pr[rows] - sr[cols], np.asarray(cube["time"].values)[gi], prf)
+            f_use = fs[use]                                               # (nsrc, ngood)
+            ok = np.isfinite(f_use)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                M = np.einsum("st,tk->sk", np.where(ok, f_use, 0.0), tb) / ok.sum(axis=1)[:, None]  # mean_G(tb * f_s)
+            model = np.bincount(rows, weights=S.data * np.einsum("pk,pk->p", basis, M[cols]), minlength=S.shape[0])
+            label = "with the motion model"
+        except Exception as exc:
+            notes.append(f"mean-frame residual: motion model not applied ({type(exc).__name__}: {exc}); static scene shown")
+    if model is None:
+        model = S @ mean_f[use]
+    # background
+    if "background" in lfd and lfd["background"].ndim == 2:
+        b = lfd["background"]
+        bdim = [d for d in b.dims if d != "time"][0]
+        coef = np.asarray(b.transpose(bdim, "time").values, float)[:, tidx[gi]]
+        nb = coef.shape[0]
+        order = next((o for o in range(-1, 8) if (o + 1) * (o + 2) // 2 == nb), None)
+        if order is None:
+            raise ValueError(f"LFD background has {nb} terms: not a polynomial of any order")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mb = np.nanmean(coef, axis=1)
+        if nb:
+            model = model + background_design(pc, pr, order) @ np.nan_to_num(mb)
+    elif prf.background is not None and len(prf.background):
+        model = model + background_design(pc, pr, int(prf.background_order)) @ np.asarray(prf.background, float)
+        notes.append("mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used")
+    else:
+        notes.append("mean-frame residual: no LFD background saved; the model has no sky")
+    model = np.where(np.isfinite(data), model, np.nan)
+    return {"data": data, "model": model, "residual": data - model, "label": label, "n_sources": int(use.size),
+            "n_cadences": int(gi.size), "notes": notes}
 
 
 # ------------------------------------------------------------------ display reduction
@@ -588,19 +711,39 @@ def deterministic_ids(prefix: str = "rpt"):
 
 # ------------------------------------------------------------------ page building
 
-def _stretch(values: np.ndarray, percentiles) -> dict:
-    """Screen-stretch limits: slider range (0.2/99.8 %), initial (percentiles) and the smallest
-    positive value (the floor of the log mapper)."""
+def _stretch(values: np.ndarray, percentiles, frame: np.ndarray | None = None) -> dict:
+    """Screen-stretch limits: slider range (0.2/99.8 % of the whole cube, widened to contain the
+    initial limits), initial limits ``lo``/``hi`` (``percentiles`` of ``frame``, the frame shown
+    first -- a whole-cube percentile would saturate frames in scattered-light ramps -- or of
+    ``values`` without a frame) and the smallest positive value (the floor of the log mapper)."""
     v = values[np.isfinite(values)]
     if v.size == 0:
         return {"vlo": 0.0, "lo": 0.0, "hi": 1.0, "vhi": 1.0, "pos": 1e-3}
-    vlo, lo, hi, vhi = np.percentile(v, [0.2, percentiles[0], percentiles[1], 99.8])
+    vlo, vhi = np.percentile(v, [0.2, 99.8])
+    fv = v if frame is None else np.asarray(frame, float)[np.isfinite(frame)]
+    if fv.size == 0:
+        fv = v
+    lo, hi = np.percentile(fv, [percentiles[0], percentiles[1]])
     pos = v[v > 0]
     pmin = float(np.percentile(pos, 0.2)) if pos.size else 1e-3
+    vlo, vhi = min(vlo, lo), max(vhi, hi)
     if vhi <= vlo:
         vhi = vlo + 1.0
     hi = max(hi, lo + 1e-6 * (vhi - vlo))
     return {"vlo": float(vlo), "lo": float(lo), "hi": float(hi), "vhi": float(vhi), "pos": max(pmin, 1e-6)}
+
+
+def cdpp_common_set(metrics: dict, catalog, gmag: np.ndarray, sets: list[str], mag_limit: float) -> np.ndarray:
+    """Sources over which the per-set median CDPPs are comparable (bool per catalog row):
+    G < ``mag_limit``, on the pixels (catalog ``on_cutout`` when present), and a finite CDPP in
+    every available light-curve set of ``sets``."""
+    n = gmag.size
+    keep = np.isfinite(gmag) & (gmag < float(mag_limit))
+    if catalog is not None and "on_cutout" in catalog.colnames:
+        keep &= np.asarray(catalog["on_cutout"], bool)
+    for k in sets:
+        keep &= np.isfinite(np.asarray(metrics[f"cdpp_{k}"], float))
+    return keep if sets else np.zeros(n, bool)
 
 
 def _js(name: str) -> str:
@@ -681,6 +824,8 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         "cdpp_cpm": _set_metric(fp.cpm, sids, cname, hours),
     }
     set_arrays = {k: align_lcset(v, sids, cube, disp.bin_factor).ravel() for k, v in sets.items()}
+    common = cdpp_common_set(metrics, cat, s_g, [k for k in ("raw", "lfd", "cpm") if k in sets], p["cdpp_mag_limit"])
+    metrics["cdpp_common"] = common.astype(np.float64)
 
     # ---- initial state
     sel0 = default_aperture(disp, cube, centre, float(p["aperture_radius"]))
@@ -688,9 +833,9 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lc0 = np.where(np.isfinite(disp.flux[sel0]).any(axis=0), np.nansum(disp.flux[sel0].astype(np.float64), axis=0), np.nan)
-    stretch = {"raw": _stretch(disp.flux, p["percentiles"])}
+    stretch = {"raw": _stretch(disp.flux, p["percentiles"], disp.flux[:, t0])}
     if det is not None:
-        stretch["cpm"] = _stretch(det, p["percentiles"])
+        stretch["cpm"] = _stretch(det, p["percentiles"], det[:, t0])
 
     with deterministic_ids(f"rpt-{fp.field}"):
         # data sources (binary typed arrays)
@@ -787,6 +932,8 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
                              step=(stretch["raw"]["vhi"] - stretch["raw"]["vlo"]) / 500.0, title="screen stretch [e-/s]",
                              width=480, name="stretch_slider", format="0.0")
         srange.js_on_change("value", CustomJS(code="RPT.onStretch();"))
+        autost = Toggle(label="auto stretch per frame", active=False, width=170, name="auto_stretch")
+        autost.js_on_change("active", CustomJS(code="RPT.onAutoStretch();"))
         smode = RadioButtonGroup(labels=["log", "linear"], active=0 if p["stretch"] == "log" else 1, name="stretch_mode")
         smode.js_on_change("active", CustomJS(code="RPT.onStretchMode();"))
         imode = RadioButtonGroup(labels=["raw image", "CPM de-trended"], active=0, name="image_mode", disabled=det is None)
@@ -826,12 +973,19 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         qf = _quality_figure(disp, qtable, tsys, lcf.x_range)
         if qf is not None:
             extras.append(qf)
-        mf = _motion_figure(fp.motion, cube, tsys)
-        if mf is not None:
-            extras.append(mf)
-        rf = _residual_figure(fp.mean_residual, cube, disp, RdBu11)
-        if rf is not None:
-            extras.append(rf)
+        mp = None
+        if fp.motion is not None:
+            try:
+                mp = motion_panel(fp)
+            except Exception as exc:  # another LFD layout must not break the page
+                fp.notes.append(f"LFD motion panel skipped: {type(exc).__name__}: {exc}")
+                log.warning("%s: motion panel skipped (%s)", fp.field, exc)
+            if mp is None and not any("motion panel" in n for n in fp.notes):
+                fp.notes.append("LFD motion panel skipped: the motion model needs the PRF model and the catalog to be evaluated")
+        extras.extend(_motion_figures(mp, tsys, lcf.x_range))
+        res_figs = _residual_figures(fp.mean_residual, disp, RdBu11)
+        if fp.mean_residual is not None and not res_figs:
+            fp.notes.append("mean-frame residual panel skipped: its pixels do not match the cube's")
 
         table = None
         if sids.size:
@@ -845,15 +999,23 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
                     TableColumn(field="contamination", title="contamination", formatter=num, width=90),
                     TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
                     TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
-                    TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110)]
+                    TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),
+                    TableColumn(field="cdpp_common", title="in median", width=70,
+                                formatter=HTMLTemplateFormatter(template="<%= value ? '✓' : '' %>"))]
             table = DataTable(source=src, columns=cols, width=900, height=300, sortable=True, selectable=True,
                               index_position=None, reorderable=False, name="source_table")
 
-        controls_img = column(srange, row(smode, imode), tmode)
+        controls_img = column(row(srange), row(smode, autost), row(imode, tmode))
         controls_lc = column(row(b_prev, play, b_next, slider), row(lmode, b_mask, b_csv), status)
         top = row(column(img, controls_img), column(lcf, controls_lc))
         mid = row(column(src_title, *sfigs), column(*extras)) if extras else column(src_title, *sfigs)
-        parts = [top, mid] + ([table] if table is not None else [])
+        parts = [top, mid]
+        if res_figs:
+            rtitle = Div(text=(f"<b>Mean frame over {fp.mean_residual['n_cadences']} good cadences</b>: data, LFD model "
+                               f"({fp.mean_residual['n_sources']} sources, {fp.mean_residual['label']}) and residual "
+                               "(diverging colours: red = data above the model, blue = below)"), width=1000, name="residual_title")
+            parts += [rtitle, row(*res_figs)]
+        parts += [table] if table is not None else []
         layout = column(*parts)
         script, div = components(layout)
 
@@ -865,7 +1027,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         "stretch": stretch, "play_interval_ms": int(p["play_interval_ms"]),
         "sets": sorted(sets), "n_sources": int(sids.size), "target": tgt,
         "quality_flags": {str(k): v for k, v in qtable.items()}, "initial_cadence": t0,
-        "stamp": stamp,
+        "stamp": stamp, "percentiles": [float(x) for x in p["percentiles"]],
     }
     summary = field_summary(fp, disp, metrics, tgt, plan, p)
     html = _jinja_env().get_template("field.html.j2").render(
@@ -874,7 +1036,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         report_js=_js("report.js"), report_css=_js("report.css"),
         prf_png=base64.b64encode(fp.prf_png).decode() if fp.prf_png else None,
         edge_json=json.dumps(fp.edge, indent=1, sort_keys=True, default=str)[:20000] if fp.edge is not None else None,
-        notes=fp.notes,
+        notes=fp.notes, meta_percentiles=[float(x) for x in p["percentiles"]],
     )
     return html, summary
 
@@ -894,57 +1056,175 @@ def _quality_figure(disp: DisplayCube, qtable: dict, tsys: str, x_range):
     return f
 
 
-def _motion_figure(motion: dict | None, cube: xr.Dataset, tsys: str):
-    """Every per-cadence series of ``motion_model.npz`` (1-D of length ntime, or (ntime, k))."""
-    from bokeh.palettes import Category10_10
+def motion_panel(fp: FieldProducts, n_sources: int = 5, radius: float = 2.5) -> dict | None:
+    """What the LFD motion model means, per cadence of the cube (time in the cube's system).
+
+    * ``dx``, ``dy`` [px]: the scene offset (column, row). Shift models store the measured offset
+      per cadence (``scene_offset_column/row``, else :meth:`MotionModel.offsets`): shown as
+      measured. Other models (polynomial in time, centroid regressors in normalised units) are
+      shown through their effect: the shift of the flux-weighted centroid of the modelled PRF
+      (PRF x factor, eq. 25) over the pixels within ``radius`` of the ``n_sources`` brightest
+      on-cutout sources, median over those sources.
+    * ``change_mean`` [%]: mean |factor - 1| over those (source, pixel) pairs;
+      ``pix_a``/``pix_b`` [%]: factor - 1 of two pixels of the brightest source (its peak pixel and
+      the pixel whose factor varies most).
+
+    ``None`` when there is no evaluable motion model; arrays at cadences with non-finite time are NaN.
+    """
+    mm, prf, cat, cube = fp.motion_model, fp.prf, fp.catalog, fp.cube
+    time = np.asarray(cube["time"].values, float)
+    raw = fp.motion or {}
+    out = {"time": time}
+    meas = None
+    if "scene_offset_column" in raw and "scene_offset_row" in raw and np.size(raw["scene_offset_column"]) == time.size:
+        meas = (np.asarray(raw["scene_offset_column"], float), np.asarray(raw["scene_offset_row"], float))
+    elif mm is not None and mm.time_model == "shift" and mm.reg_time is not None:
+        meas = mm.offsets(time)
+    if mm is None or prf is None or cat is None or len(cat) == 0:
+        if meas is None:
+            return None
+        out.update(dx=meas[0], dy=meas[1], offset_label="measured scene offset", pixel_labels=[])
+        return out
+    from .motion import motion_factors
+    from .edge import source_pixel_pairs
+
+    pt = _pixel_coords(cube)
+    pc, pr = pt
+    sc, sr = np.asarray(cat["column"], float), np.asarray(cat["row"], float)
+    g = np.asarray(cat["phot_g_mean_mag"], float) if "phot_g_mean_mag" in cat.colnames else np.zeros(len(cat))
+    # sources whose whole radius lies on the pixels (an edge cut would bias the centroid)
+    inside = ((sc - radius >= pc.min() - 0.5) & (sc + radius <= pc.max() + 0.5)
+              & (sr - radius >= pr.min() - 0.5) & (sr + radius <= pr.max() + 0.5) & np.isfinite(g))
+    cand = np.flatnonzero(inside)
+    if cand.size == 0:
+        cand = np.flatnonzero(np.isfinite(g))
+    srcs = cand[np.argsort(g[cand], kind="stable")][:n_sources]
+    src, pix, dx, dy = source_pixel_pairs(sc[srcs], sr[srcs], pc, pr, radius)
+    basis, tb = motion_factors(mm, dx, dy, time, prf)
+    fac = np.asarray(tb @ basis.T, float)                       # (ntime, npair)
+    p0 = np.asarray(prf.evaluate(dx, dy), float)
+    cx = np.full((time.size, srcs.size), np.nan)
+    cy = np.full((time.size, srcs.size), np.nan)
+    for j in range(srcs.size):
+        k = src == j
+        if not k.any():
+            continue
+        w0, wt = p0[k], p0[k][None, :] * fac[:, k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cx[:, j] = (wt @ dx[k]) / wt.sum(axis=1) - (w0 @ dx[k]) / w0.sum()
+            cy[:, j] = (wt @ dy[k]) / wt.sum(axis=1) - (w0 @ dy[k]) / w0.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model_dx, model_dy = np.nanmedian(cx, axis=1), np.nanmedian(cy, axis=1)
+    if meas is not None:
+        out.update(dx=meas[0], dy=meas[1], offset_label="measured scene offset")
+        out.update(model_dx=model_dx, model_dy=model_dy)
+    else:
+        out.update(dx=model_dx, dy=model_dy, offset_label=f"model centroid shift ({srcs.size} brightest sources)")
+    out["change_mean"] = 100.0 * np.mean(np.abs(fac - 1.0), axis=1)
+    k0 = np.flatnonzero(src == 0)
+    labels = []
+    if k0.size:
+        peak = k0[np.argmax(p0[k0])]
+        var = k0[np.argmax(np.nanstd(fac[:, k0], axis=0))]
+        for name, k in (("pix_a", peak), ("pix_b", var)):
+            out[name] = 100.0 * (fac[:, k] - 1.0)
+            what = "peak px" if name == "pix_a" else "px"
+            labels.append(f"{what} ({int(pc[pix[k]])}, {int(pr[pix[k]])})")
+    out["pixel_labels"] = labels
+    out["n_sources"] = int(srcs.size)
+    out["time_model"] = mm.time_model
+    return out
+
+
+def _pixel_coords(cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(column, row) of every pixel of ``as_pixel_table(cube, drop_nan=False)``."""
+    if "pixel" in cube.dims:
+        return np.asarray(cube["column"].values, float), np.asarray(cube["row"].values, float)
+    return (np.tile(np.asarray(cube["column"].values, float), cube.sizes["row"]),
+            np.repeat(np.asarray(cube["row"].values, float), cube.sizes["column"]))
+
+
+def _motion_figures(mp: dict | None, tsys: str, x_range):
+    """Two figures sharing the light curve's time axis: scene offsets [px] and the factor change [%]."""
+    from bokeh.models import ColumnDataSource, Legend
     from bokeh.plotting import figure
 
-    if not motion:
-        return None
-    nt = cube.sizes["time"]
-    t = cube["time"].values
-    step = max(1, nt // 5000)
-    series = []
-    for k in sorted(motion):
-        a = np.asarray(motion[k])
-        if a.dtype.kind not in "fiu":
-            continue
-        if a.ndim == 1 and a.size == nt:
-            series.append((k, a))
-        elif a.ndim == 2 and a.shape[0] == nt and a.shape[1] <= 6:
-            series.extend((f"{k}[{j}]", a[:, j]) for j in range(a.shape[1]))
-        elif a.ndim == 2 and a.shape[1] == nt and a.shape[0] <= 6:
-            series.extend((f"{k}[{j}]", a[j]) for j in range(a.shape[0]))
-    if not series:
-        return None
-    f = figure(width=560, height=220, title="LFD motion model", tools="pan,wheel_zoom,box_zoom,reset",
-               x_axis_label=f"time [{tsys}]", y_axis_label="offset [px]", name="motion_fig")
-    for (name, a), c in zip(series[:10], itertools.cycle(Category10_10)):
-        f.line(t[::step], np.asarray(a, float)[::step], legend_label=name, color=c)
-    f.legend.click_policy = "hide"
-    f.legend.label_text_font_size = "8pt"
-    return f
+    if mp is None:
+        return []
+    t = mp["time"]
+    step = max(1, t.size // 5000)
+    cols = {k: np.asarray(v, np.float64)[::step] for k, v in mp.items() if isinstance(v, np.ndarray) and v.shape == t.shape}
+    src = ColumnDataSource(cols, name="motion")
+    f1 = figure(width=560, height=200, title=f"LFD motion model: {mp['offset_label']}", tools="xpan,xwheel_zoom,box_zoom,reset",
+                x_range=x_range, x_axis_label=f"time [{tsys}]", y_axis_label="scene offset [px]", name="motion_fig")
+    f1.line("time", "dx", source=src, color="#1f77b4", legend_label="dx (column)")
+    f1.line("time", "dy", source=src, color="#d62728", legend_label="dy (row)")
+    if "model_dx" in cols:
+        f1.line("time", "model_dx", source=src, color="#1f77b4", line_dash="dotted", legend_label="model centroid dx")
+        f1.line("time", "model_dy", source=src, color="#d62728", line_dash="dotted", legend_label="model centroid dy")
+    figs = [f1]
+    if "change_mean" in cols:
+        f2 = figure(width=560, height=200, title="LFD motion model: PRF factor − 1 (eq. 24); pixels of the brightest source",
+                    tools="xpan,xwheel_zoom,box_zoom,reset", x_range=x_range, x_axis_label=f"time [{tsys}]",
+                    y_axis_label="factor − 1 [%]", name="motion_change_fig")
+        f2.line("time", "change_mean", source=src, color="black", legend_label=f"mean |change|, {mp.get('n_sources', 0)} stars")
+        for k, lab, c in zip(("pix_a", "pix_b"), mp.get("pixel_labels", []), ("#2ca02c", "#9467bd")):
+            if k in cols:
+                f2.line("time", k, source=src, color=c, legend_label=lab)
+        figs.append(f2)
+    for f in figs:
+        f.legend.click_policy = "hide"
+        f.legend.label_text_font_size = "8pt"
+        f.legend.background_fill_alpha = 0.6
+        f.legend.location = "top_left"
+        f.legend.orientation = "horizontal"
+        f.legend.padding = 2
+        f.legend.spacing = 4
+    return figs
 
 
-def _residual_figure(res: np.ndarray | None, cube: xr.Dataset, disp: DisplayCube, palette):
-    from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper
+def _residual_figures(res: dict | None, disp: DisplayCube, palette, tsys: str = ""):
+    """Data, LFD model and residual mean frames side by side (shared log stretch; diverging residual)."""
+    from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, LogColorMapper
+    from bokeh.palettes import Viridis256
     from bokeh.plotting import figure
 
     if res is None:
-        return None
-    flat = np.asarray(res, float).ravel()
-    if flat.size <= int(disp.source_index.max()):
-        return None
-    vals = flat[disp.source_index]
-    lim = float(np.nanpercentile(np.abs(vals), 98)) if np.isfinite(vals).any() else 1.0
-    m = LinearColorMapper(palette=palette[::-1], low=-lim, high=lim, nan_color="#444444")
-    s = ColumnDataSource({"x": disp.cols.astype(float), "y": disp.rows.astype(float), "res": vals.astype(np.float32)})
-    f = figure(width=380, height=340, title="mean-frame residual (data − LFD model)", match_aspect=True,
-               tools="pan,wheel_zoom,reset", name="residual_fig")
-    r = f.rect("x", "y", 1, 1, source=s, fill_color={"field": "res", "transform": m}, line_color=None)
-    f.add_tools(HoverTool(renderers=[r], tooltips=[("row", "@y"), ("column", "@x"), ("residual", "@res{0.00}")]))
-    f.add_layout(ColorBar(color_mapper=m, width=8), "right")
-    return f
+        return []
+    flat = {k: np.asarray(res[k], float).ravel() for k in ("data", "model", "residual")}
+    if flat["data"].size <= int(disp.source_index.max()):
+        return []
+    vals = {k: v[disp.source_index] for k, v in flat.items()}
+    d = vals["data"][np.isfinite(vals["data"])]
+    pos = d[d > 0]
+    lo = float(np.percentile(pos, 1)) if pos.size else 1e-3
+    hi = max(float(np.percentile(pos, 99.5)) if pos.size else 1.0, lo * 1.001)
+    r = vals["residual"]
+    lim = float(np.nanpercentile(np.abs(r), 98)) if np.isfinite(r).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    src = ColumnDataSource({"x": disp.cols.astype(float), "y": disp.rows.astype(float),
+                            **{k: v.astype(np.float32) for k, v in vals.items()}}, name="residual")
+    mlog = LogColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#444444")
+    mdiv = LinearColorMapper(palette=list(palette), low=-lim, high=lim, nan_color="#444444")  # RdBu: low blue, high red
+    pad = 0.5
+    xr_ = (float(disp.cols.min()) - pad, float(disp.cols.max()) + pad)
+    yr_ = (float(disp.rows.min()) - pad, float(disp.rows.max()) + pad)
+    figs = []
+    titles = {"data": "mean frame: data", "model": "mean frame: LFD model",
+              "residual": "residual: data − LFD model"}
+    for k in ("data", "model", "residual"):
+        kw = {} if not figs else {"x_range": figs[0].x_range, "y_range": figs[0].y_range}
+        f = figure(width=330, height=310, title=titles[k], match_aspect=True, tools="pan,wheel_zoom,reset",
+                   name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
+                   **({"x_range": xr_, "y_range": yr_} if not figs else kw))
+        m = mdiv if k == "residual" else mlog
+        rr = f.rect("x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None)
+        f.add_tools(HoverTool(renderers=[rr], tooltips=[("row", "@y"), ("column", "@x"), ("data", "@data{0.00}"),
+                                                        ("model", "@model{0.00}"), ("residual", "@residual{0.00}")]))
+        f.add_layout(ColorBar(color_mapper=m, width=8), "right")
+        figs.append(f)
+    return figs
 
 
 # ------------------------------------------------------------------ summaries, thumbnails, index
@@ -995,6 +1275,7 @@ def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, p
         return float(np.median(a)) if a.size else None
 
     cube = fp.cube
+    common = np.asarray(metrics.get("cdpp_common", np.zeros(0)), float) > 0
     return {
         "field": fp.field,
         "page": f"{fp.field}.html",
@@ -1008,7 +1289,10 @@ def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, p
         "n_cpm": int(fp.cpm.sizes["source"]) if fp.cpm is not None else None,
         "cpm_paramset": fp.cpm_paramset,
         "cdpp_hours": float(p["cdpp_hours"]),
-        "median_cdpp": {k: med(metrics[f"cdpp_{k}"]) for k in ("raw", "lfd", "cpm")},
+        # medians over one common source set (cdpp_common_set), so the three numbers are comparable
+        "median_cdpp": {k: med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) for k in ("raw", "lfd", "cpm")},
+        "cdpp_set": {"n_sources": int(common.sum()), "mag_limit": float(p["cdpp_mag_limit"]),
+                     "sets": [k for k in ("raw", "lfd", "cpm") if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None]},
         "target_source_id": str(int(cat["source_id"][target])) if target is not None else None,
         "display": {"n_pix": int(disp.rows.size), "n_time": int(disp.time.size), "bin_factor": int(disp.bin_factor),
                     "cropped": bool(disp.cropped), "embedded_mb": round(plan["bytes"] / 1e6, 2),
@@ -1076,9 +1360,14 @@ def build_index_page(summaries: list[dict], config: dict | None, benchmarks: lis
 
     cfg_text = yaml.safe_dump(json.loads(json.dumps(config or {}, default=str)), sort_keys=True)
     total = sum(b["s"] or 0 for b in benchmarks)
+    versions = dict(software_versions())
+    if versions.get("workflow_lib") is None:  # run from a checkout (not pip-installed): the package's own version
+        from . import __version__
+
+        versions["workflow_lib"] = f"{__version__} (source checkout)"
     return _jinja_env().get_template("index.html.j2").render(
         run=run, fields=sorted(summaries, key=lambda s: s["field"]), config_text=cfg_text,
-        config_hash=config_hash(config or {}), versions=software_versions(), benchmarks=benchmarks,
+        config_hash=config_hash(config or {}), versions=versions, benchmarks=benchmarks,
         total_s=total, report_css=_js("report.css"),
     )
 

@@ -9,7 +9,7 @@
   const NAMES = ["cube_raw", "cube_cpm", "pixels", "lc", "lcsets", "sources", "srclc", "cadence_slider",
     "stretch_slider", "stretch_mode", "image_mode", "tap_mode", "lc_mode", "play_toggle", "status", "span_main",
     "span_raw", "span_lfd", "span_cpm", "mapper_log", "mapper_lin", "pixel_renderer", "colorbar", "lc_fig",
-    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm"];
+    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm", "auto_stretch"];
 
   function setColumns(source, cols) {
     const d = Object.assign({}, source.data);
@@ -96,9 +96,35 @@
     const m = RPT.m, t = m.cadence_slider.value | 0;
     RPT.t = t;
     setColumns(m.pixels, { flux: RPT.frame(t) });
+    if (m.auto_stretch && m.auto_stretch.active) RPT.autoStretch();
     const time = m.lc.data.time[t];
     for (const n of ["span_main", "span_raw", "span_lfd", "span_cpm"]) if (m[n]) m[n].location = time;
     RPT.updateStatus();
+  };
+
+  // q-th percentile (0-100) of the finite values, linear interpolation (numpy's default)
+  RPT.percentile = function (values, q) {
+    const v = Array.from(values).filter((x) => x === x).sort((a, b) => a - b);
+    if (!v.length) return NaN;
+    const pos = (q / 100) * (v.length - 1), i = Math.floor(pos), f = pos - i;
+    return i + 1 < v.length ? v[i] + f * (v[i + 1] - v[i]) : v[i];
+  };
+
+  // per-frame auto stretch: the configured percentiles of the frame shown (slider range widened if needed)
+  RPT.autoStretch = function () {
+    const m = RPT.m, s = m.stretch_slider, pc = RPT.meta.percentiles || [1, 95];
+    const f = m.pixels.data.flux;
+    const lo = RPT.percentile(f, pc[0]);
+    let hi = RPT.percentile(f, pc[1]);
+    if (!(lo === lo && hi === hi)) return;
+    if (hi <= lo) hi = lo + 1e-6 * Math.max(1, Math.abs(lo));
+    if (lo < s.start) s.start = lo;
+    if (hi > s.end) s.end = hi;
+    s.value = [lo, hi];
+  };
+
+  RPT.onAutoStretch = function () {
+    if (RPT.m.auto_stretch && RPT.m.auto_stretch.active) RPT.autoStretch();
   };
 
   RPT.onMask = function () {
@@ -214,6 +240,7 @@
     RPT.onCadence();
     RPT.updateLc();
   };
+
 
   RPT.onStretch = function () {
     const m = RPT.m, v = m.stretch_slider.value, st = RPT.meta.stretch[RPT.cube];
