@@ -94,6 +94,13 @@ def lfd_motion_input(wildcards):
 # ---- helpers of the CPM (rules/cpm.smk) stage
 
 
+def lfd_lightcurves_input(wildcards):
+    """The LFD light curves of a field, as a declared input (so summaries never race the LFD stage)."""
+    if not (config.get("lfd") or {}).get("enabled", True):
+        return {}
+    return {"lfd": f"{RESULTS}/{wildcards.field}/lfd/lightcurves.zarr"}
+
+
 def cpm_outputs():
     """Everything the CPM stage produces for `rule all`."""
     out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)

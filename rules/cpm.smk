@@ -58,15 +58,16 @@ rule cpm_detrend:
 
 
 rule cpm_sweep_summary:
-    """Median 1-h / 6-h CDPP of every parameter set (and RAW; LFD when its light curves exist)."""
+    """Median 1-h / 6-h CDPP of every parameter set, RAW and (when the LFD stage is on) LFD."""
     input:
+        unpack(lfd_lightcurves_input),
         cpm=expand(f"{RESULTS}/{{{{field}}}}/cpm/{{paramset}}/lightcurves.zarr", paramset=CPM_PARAMSETS),
         raw=f"{RESULTS}/{{field}}/cpm/default/raw_lightcurves.zarr",
     output:
         summary=f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv",
     params:
         paramsets=CPM_PARAMSETS,
-        lfd=lambda w: f"{RESULTS}/{w.field}/lfd/lightcurves.zarr",
+        lfd=lambda w, input: input.get("lfd"),
         mag_range=config["cpm"]["summary_mag_range"],
     log:
         rule_log("cpm_sweep_summary"),
