@@ -15,9 +15,13 @@ def software_versions() -> dict:
     """Versions of the packages that produce the results (missing ones as None)."""
     out = {"python": platform.python_version()}
     for name in PACKAGES:
-        dist = "tess-lfd-cpm-pipeline" if name == "workflow_lib" else name
+        if name == "workflow_lib":  # this package: its own version, installed or run from a checkout
+            from . import __version__
+
+            out[name] = __version__
+            continue
         try:
-            out[name] = metadata.version(dist)
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
