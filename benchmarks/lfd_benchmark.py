@@ -28,6 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow_lib import motion, solve  # noqa: E402
 
 
+class TruePRF:
+    """The SPOC PRF at one CCD position as an object with ``evaluate(dx, dy)`` (like PRFModel),
+    normalised to unit full-lattice sum at zero phase."""
+
+    def __init__(self, ccd_row, ccd_col):
+        from workflow_lib import tess_prf
+
+        self._tp = tess_prf
+        self.coeffs = tess_prf.prf_coefficients_at(float(ccd_row), float(ccd_col))
+        k = np.arange(-8, 9).astype(float)
+        self.norm = float(tess_prf.evaluate_prf(self.coeffs, k[:, None], k[None, :]).sum())
+
+    def evaluate(self, dx, dy):
+        return self._tp.evaluate_prf(self.coeffs, np.asarray(dy, float), np.asarray(dx, float)) / self.norm
+
+
 def true_prf_scene(catalog, pixel_col, pixel_row, radius=5.0):
     """Scene matrix from the SPOC PRF at the field centre, columns normalised to the full-lattice
     sum (weights = total flux); a stand-in for part 1's fitted PRF with no fitting error."""
@@ -96,10 +112,15 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     sc = np.asarray(cat["column"], float)[idx]
     sr = np.asarray(cat["row"], float)[idx]
     t1 = _time.perf_counter()
-    mm, summ = motion.fit_field_motion(tt, flux, err, quality, S, mean_flux[idx], pc, pr, sc, sr, motion_params)
+    prf = TruePRF(float(np.median(pr)), float(np.median(pc)))
+    if motion_params is None:
+        # the true PRF needs no data-driven correction of its shift response (that absorbs errors of a
+        # fitted PRF and, ~6000 weights, over-fits 480 cadences: z-std 2.6 on the 40x40x480 test field)
+        motion_params = {"correction_degree": 0}
+    mm, summ = motion.fit_field_motion(tt, flux, err, quality, S, mean_flux[idx], pc, pr, sc, sr, motion_params, prf=prf)
     t_motion = _time.perf_counter() - t1
     dx, dy = solve.scene_offsets(S, pc, pr, sc, sr)
-    basis, tb = motion.motion_factors(mm, dx, dy, tt)
+    basis, tb = motion.motion_factors(mm, dx, dy, tt, prf=prf)
     mu = np.concatenate([mean_flux[idx], np.zeros(B.shape[1])])
     sig = np.concatenate([10 * mean_flux[idx], np.full(B.shape[1], 1e6)])
     res = {}
@@ -109,6 +130,21 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
         res[name] = solve.source_flux(flux, err, S, B, mu, sig, threads=threads, **kw)
         timing[name] = (_time.perf_counter() - t2) / tt.size
     # ---- compare with truth
+    sid = np.asarray(cat["source_id"], np.int64)[idx]
+    out = {"n_sources_model": int(idx.size), "s_per_cadence_motion": timing["motion"],
+           "s_per_cadence_static": timing["static"], "motion_fit_s": t_motion, "solver": res["motion"]["method"],
+           "motion_rms_residual": float(summ.get("rms_residual", np.nan))}
+    out.update(truth_metrics(truth, cat, idx, quality, pc, pr, res, tt))
+    return out
+
+
+def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
+    """The issue's accuracy figures against ``truth`` for the sources ``idx`` of ``cat``.
+
+    ``res[name]`` (name = motion / static) hold ``flux`` and ``flux_err`` (len(idx), ntime) and
+    optionally ``noise_err``: the error from the pixel noise alone (the injected noise propagated
+    through the solve); the p2p figure (a) compares with it when present, else with ``flux_err``.
+    """
     tsid = np.asarray(truth["source_id"].values)
     pos = {int(s): i for i, s in enumerate(tsid)}
     sid = np.asarray(cat["source_id"], np.int64)[idx]
@@ -116,24 +152,26 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     tflux = np.asarray(truth["flux"].values, float)[ti]
     kind = np.array([str(k) for k in truth["kind"].values])[ti]
     gmag = np.asarray(cat["phot_g_mean_mag"], float)[idx]
+    sc = np.asarray(cat["column"], float)[idx]
+    sr = np.asarray(cat["row"], float)[idx]
     good = (quality == 0) & np.isfinite(res["motion"]["flux"]).all(axis=0)
-    # isolation: no other catalog source brighter than 1% of it within 2.5 px
     allc = np.column_stack([np.asarray(cat["column"], float), np.asarray(cat["row"], float)])
     allf = np.asarray(cat["expected_flux"], float)
-    isolated = np.array([np.sum((np.hypot(*(allc - allc[j]).T) < 2.5) & (allf > 0.01 * allf[j])) == 1 for j in idx])
+    # isolated: the other catalog sources within 2.5 px add up to < 5 % of its a-priori flux
+    isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
     on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
     sel = isolated & on & (gmag < 15) & (kind == "constant")
     const = on & (kind == "constant") & (gmag < 16)
-    out = {"n_sources_model": int(idx.size), "n_isolated_bright": int(sel.sum()), "n_constant": int(const.sum()),
-           "s_per_cadence_motion": timing["motion"], "s_per_cadence_static": timing["static"],
-           "motion_fit_s": t_motion, "solver": res["motion"]["method"], "motion_rms_residual": float(summ["rms_residual"])}
+    out = {"n_isolated_bright": int(sel.sum()), "n_constant": int(const.sum())}
     for name in ("motion", "static"):
         F, E = res[name]["flux"][:, good], res[name]["flux_err"][:, good]
+        En = res[name].get("noise_err", res[name]["flux_err"])[:, good]
         T = tflux[:, good]
         rel = np.median(np.abs(F[sel] / T[sel] - 1), axis=1)
         out[f"{name}_median_rel_err_isolated"] = float(np.median(rel))
+        out[f"{name}_median_mean_flux_err_isolated"] = float(np.median(np.abs(F[sel].mean(1) / T[sel].mean(1) - 1)))
         p2p = np.std(np.diff(F[sel] - T[sel], axis=1), axis=1) / np.sqrt(2)
-        out[f"{name}_p2p_over_err_isolated"] = float(np.median(p2p / np.median(E[sel], axis=1)))
+        out[f"{name}_p2p_over_err_isolated"] = float(np.median(p2p / np.median(En[sel], axis=1)))
         relrms = np.std(F[const] / np.mean(F[const], axis=1, keepdims=True), axis=1)
         out[f"{name}_median_relrms_constant"] = float(np.median(relrms))
         z = (F[const] - T[const]) / E[const]
@@ -143,6 +181,89 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     # ---- KOI-608 pair
     out.update(koi608_metrics(truth, sid, res["motion"], good, tt))
     return out
+
+
+def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | None = None, log=print):
+    """The REAL pipeline chain on a synthetic sector: write the field, crossmatch, then the four LFD
+    steps of rules/lfd.smk (edge -> fitted PRF -> motion -> solve), plus the solve without motion;
+    the figures of :func:`truth_metrics` from the written light curves."""
+    import xarray as xr
+
+    from workflow_lib.edge import edge_model_step
+    from workflow_lib.gaia import crossmatch_field
+    from workflow_lib.prf import prf_model_step
+    from workflow_lib.synthetic import write_synthetic_field
+
+    params = params or {}
+    d = Path(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = _time.perf_counter()
+    write_synthetic_field(d / "cube.zarr", d / "truth.zarr", d / "input.ecsv", sim_params, field="bench")
+    crossmatch_field(d / "cube.zarr", d / "catalog.ecsv", {}, local_catalog=str(d / "input.ecsv"))
+    timing = {"simulate_s": _time.perf_counter() - t0}
+    t = _time.perf_counter()
+    edge_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", params.get("edge"))
+    timing["edge_s"] = _time.perf_counter() - t
+    t = _time.perf_counter()
+    prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", params.get("prf"))
+    timing["prf_s"] = _time.perf_counter() - t
+    t = _time.perf_counter()
+    motion.motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", params.get("motion"))
+    timing["motion_s"] = _time.perf_counter() - t
+    res = {}
+    for name, use in (("motion", True), ("static", False)):
+        sp_ = dict(params.get("solve") or {}, use_motion=use, write_fits=False)
+        t = _time.perf_counter()
+        lc = solve.flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz" if use else None,
+                                   d / f"lc_{name}.zarr", None, sp_, threads=threads)
+        timing[f"solve_{name}_s"] = _time.perf_counter() - t
+        res[name] = lc
+    truth = xr.open_zarr(d / "truth.zarr").load()
+    cat = res["motion"]
+    idx = np.flatnonzero(np.asarray(cat["in_model"].values, bool))
+    from astropy.table import Table
+
+    catalog = Table.read(str(d / "catalog.ecsv"), format="ascii.ecsv")
+    cube = xr.open_zarr(d / "cube.zarr")
+    quality = np.asarray(cube["quality"].values)
+    from workflow_lib.cube import as_pixel_table
+
+    table = as_pixel_table(cube, drop_nan=False)
+    pc = np.asarray(table["column"].values, float)
+    pr = np.asarray(table["row"].values, float)
+    rr = {}
+    for name, lc in res.items():
+        rr[name] = {"flux": np.asarray(lc["flux"].values)[idx], "flux_err": np.asarray(lc["flux_err"].values)[idx]}
+        if "flux_err_noise" in lc:
+            rr[name]["noise_err"] = np.asarray(lc["flux_err_noise"].values)[idx]
+    out = {"n_sources_model": int(idx.size), "n_sources_catalog": int(len(catalog)), **timing,
+           "lfd_total_s": timing["edge_s"] + timing["prf_s"] + timing["motion_s"] + timing["solve_motion_s"]}
+    out.update(prf_truth_metrics(d, catalog, truth))
+    out.update(truth_metrics(truth, catalog, idx, quality, pc, pr, rr, np.asarray(cube["time"].values, float)))
+    return out
+
+
+def prf_truth_metrics(d, catalog, truth):
+    """Part 1 figures: core rms error of the fitted PRF vs the SPOC PRF at the field centre
+    (r < 1.5 px, relative to the peak), mean-frame flux error of isolated G < 15 stars, dropped sources."""
+    from workflow_lib import tess_prf
+    from workflow_lib.prf import PRFModel
+
+    m = PRFModel.load(d / "prf.npz")
+    sc = np.asarray(catalog["column"], float)
+    sr = np.asarray(catalog["row"], float)
+    coeffs = tess_prf.prf_coefficients_at(float(np.median(sr)), float(np.median(sc)))
+    g = np.arange(-1.5, 1.5001, 0.1)
+    X, Y = np.meshgrid(g, g)
+    k = np.arange(-8, 9)
+    norm = tess_prf.evaluate_prf(coeffs, k[:, None].astype(float), k[None, :].astype(float)).sum()
+    true = tess_prf.evaluate_prf(coeffs, Y, X) / norm
+    fit = m.evaluate(X, Y)
+    core = np.hypot(X, Y) < 1.5
+    gmag = np.asarray(catalog["phot_g_mean_mag"], float)
+    neg = ~np.isfinite(np.asarray(m.source_flux, float))
+    return {"prf_core_rms_rel_peak": float(np.sqrt(np.mean((fit - true)[core] ** 2)) / true.max()),
+            "prf_dropped_sources": int(neg.sum()), "prf_dropped_brighter_G16": int((neg & (gmag < 16)).sum())}
 
 
 def koi608_metrics(truth, sid, res, good, tt):
@@ -212,39 +333,60 @@ def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=p
             "ffi_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-ffi", action="store_true")
-    ap.add_argument("--ffi-only", action="store_true")
-    args = ap.parse_args(argv)
-    if args.ffi_only:
-        out = ffi_scale_test(threads=args.threads)
-        print(json.dumps(out, indent=1, default=float))
-        print(f"{'MET    ' if out['ffi_s_per_frame'] < 1 else 'NOT MET'}  FFI < 1 s per frame")
-        print(f"{'MET    ' if out['ffi_peak_rss_mb'] < 1024 else 'NOT MET'}  FFI peak memory < 1 GB")
-        return
-    sim = {"seed": 7, "n_rows": 40, "n_cols": 40, "n_cadences": 480} if args.quick else {"seed": 7}
-    out = run_synthetic(sim, threads=args.threads)
-    out["synthetic_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not (args.quick or args.no_ffi):
-        out.update(ffi_scale_test(threads=args.threads))
-    targets = {
-        "isolated G<15 median rel. flux error < 1%": out["motion_median_rel_err_isolated"] < 0.01,
-        "p2p scatter within 20% of injected noise": abs(out["motion_p2p_over_err_isolated"] - 1) < 0.2,
-        "motion lowers constant-star rms >= 3x": out["relrms_ratio_static_over_motion"] >= 3,
-        "z std in [0.8, 1.5]": 0.8 <= out["motion_z_std_constant"] <= 1.5,
+def targets_of(out: dict) -> dict:
+    """The issue's LFD accuracy targets (a-d) as name -> bool."""
+    t = {
+        "a) isolated G<15 median rel. flux error < 1%": out["motion_median_rel_err_isolated"] < 0.01,
+        "a) p2p scatter within 20% of injected noise": abs(out["motion_p2p_over_err_isolated"] - 1) < 0.2,
+        "c) motion lowers constant-star rms >= 3x": out["relrms_ratio_static_over_motion"] >= 3,
+        "d) z std in [0.8, 1.5]": 0.8 <= out["motion_z_std_constant"] <= 1.5,
     }
     if "koi608_depth_ratio" in out:
-        targets["KOI-608 faint depth within 10%"] = abs(out["koi608_depth_ratio"] - 1) < 0.1
-        targets["KOI-608 bright no dip > 3 sigma"] = out["koi608_bright_dip_sigma"] < 3
-    if "ffi_s_per_frame" in out:
-        targets["FFI < 1 s per frame"] = out["ffi_s_per_frame"] < 1.0
-        targets["FFI peak memory < 1 GB"] = out["ffi_peak_rss_mb"] < 1024
+        t["b) KOI-608 faint depth within 10%"] = abs(out["koi608_depth_ratio"] - 1) < 0.1
+        t["b) KOI-608 bright no dip > 3 sigma"] = abs(out["koi608_bright_dip_sigma"]) < 3
+    return t
+
+
+def _print(title, out, targets):
+    print(f"==== {title}")
     print(json.dumps(out, indent=1, default=float))
     for k, v in targets.items():
         print(f"{'MET    ' if v else 'NOT MET'}  {k}")
+
+
+def main(argv=None):
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="40x40 px x 480 cadences instead of the default field")
+    ap.add_argument("--seed", type=int, default=1, help="synthetic seed (the default run's synth_a is 1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--true-prf", action="store_true", help="also: the scene from the true SPOC PRF (motion + solve only)")
+    ap.add_argument("--ffi", action="store_true", help="also: the Kepler-FFI-channel scale test")
+    ap.add_argument("--ffi-only", action="store_true")
+    ap.add_argument("--workdir", default=None, help="keep the chain's files here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    if args.ffi_only:
+        out = ffi_scale_test(threads=args.threads)
+        _print("FFI scale", out, {"FFI < 1 s per frame": out["ffi_s_per_frame"] < 1,
+                                  "FFI peak memory < 1 GB": out["ffi_peak_rss_mb"] < 1024})
+        return
+    sim = {"seed": args.seed}
+    if args.quick:
+        sim.update(n_rows=40, n_cols=40, n_cadences=480)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_chain(sim, args.workdir or tmp, threads=args.threads)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tg = targets_of(out)
+    tg["LFD chain < 90 s per field"] = out["lfd_total_s"] < 90
+    _print(f"REAL chain (edge -> fitted PRF -> motion -> solve), synthetic {sim}", out, tg)
+    if args.true_prf:
+        out2 = run_synthetic(sim, threads=args.threads)
+        _print(f"TRUE-PRF scene (motion + solve only), synthetic {sim}", out2, targets_of(out2))
+    if args.ffi:
+        out3 = ffi_scale_test(threads=args.threads)
+        _print("FFI scale", out3, {"FFI < 1 s per frame": out3["ffi_s_per_frame"] < 1,
+                                   "FFI peak memory < 1 GB": out3["ffi_peak_rss_mb"] < 1024})
 
 
 if __name__ == "__main__":

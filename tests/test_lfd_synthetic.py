@@ -1,8 +1,8 @@
-"""LFD motion model + flux solve on a small synthetic TESS sector, checked against its truth.
+"""LFD on a small synthetic TESS sector, checked against its truth.
 
-Cheap versions of the benchmark (benchmarks/lfd_benchmark.py, full size). The scene here is the
-true SPOC PRF at the catalog positions, so these numbers test this part (motion + solve), not the
-PRF fit; ``test_flux_solve_step_files`` runs the real edge -> PRF -> motion -> solve steps.
+Cheap versions of the benchmark (benchmarks/lfd_benchmark.py, full size): ``chain`` runs the REAL
+pipeline steps (edge -> fitted PRF -> shift motion model -> solve, and the solve without motion);
+``metrics`` uses the true SPOC PRF for the scene (motion + solve only).
 """
 import importlib.util
 from pathlib import Path
@@ -28,25 +28,47 @@ def metrics():
     return lb.run_synthetic(sim, threads=1, log=lambda *a: None)
 
 
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    lb = _bench()
+    # the full default field (synth_a): the shift model's data-driven correction needs a sector of
+    # cadences (on 40x40 px x 480 cadences the real chain gives z-std 2.9 and fails the targets)
+    sim = {"seed": 1}
+    return lb.run_chain(sim, tmp_path_factory.mktemp("chain"), threads=2, log=lambda *a: None)
+
+
+def test_real_chain_targets(chain):
+    """The issue's targets with the fitted PRF on the default synthetic field (~50 s)."""
+    print(chain)
+    assert chain["n_constant"] >= 5 and chain["n_isolated_bright"] >= 1
+    assert chain["motion_median_rel_err_isolated"] < 0.01                  # a)
+    assert abs(chain["motion_p2p_over_err_isolated"] - 1) < 0.2             # a)
+    assert chain["relrms_ratio_static_over_motion"] >= 3                    # c)
+    assert 0.8 <= chain["motion_z_std_constant"] <= 1.5                     # d)
+    assert chain["static_z_std_constant"] > 2 * chain["motion_z_std_constant"]
+    assert abs(chain["koi608_depth_ratio"] - 1) < 0.1                       # b)
+    assert abs(chain["koi608_bright_dip_sigma"]) < 3                        # b)
+
+
 def test_motion_reduces_constant_star_scatter(metrics):
     print(metrics)
     assert metrics["n_constant"] >= 5
-    assert metrics["relrms_ratio_static_over_motion"] >= 2.5     # measured 2.94
+    assert metrics["relrms_ratio_static_over_motion"] >= 3       # measured 4.28 (shift model, no correction)
 
 
 def test_errors_describe_the_scatter(metrics):
     # the static scene cannot follow the drift: its residuals are many times its errors; with the
     # motion model they shrink towards the errors (full-size numbers: benchmarks/lfd_benchmark.py)
-    # measured: static 6.5, motion 1.6 (target 0.8-1.5 on the full-size benchmark)
+    # measured: static 6.5, motion 1.23
     assert metrics["static_z_std_constant"] > 3 * metrics["motion_z_std_constant"]
-    assert 0.8 <= metrics["motion_z_std_constant"] <= 2.0
+    assert 0.8 <= metrics["motion_z_std_constant"] <= 1.5
 
 
 def test_koi608_blend(metrics):
     """§6.2-like pair: the eclipse belongs to the faint star, not its brighter neighbour."""
     assert metrics["koi608_n_in_eclipse"] > 10
-    assert abs(metrics["koi608_depth_ratio"] - 1) < 0.1             # measured 0.986
-    assert abs(metrics["koi608_bright_dip_sigma"]) < 3               # measured 0.70
+    assert abs(metrics["koi608_depth_ratio"] - 1) < 0.1             # measured 0.999
+    assert abs(metrics["koi608_bright_dip_sigma"]) < 3               # measured -1.9
 
 
 def test_flux_solve_step_files(tmp_path):

@@ -71,7 +71,7 @@ def test_matches_dense_reference_with_motion_and_nan(method):
     tpoly = np.column_stack([np.ones(12), np.linspace(-1, 1, 12)])
     mu, sig, nsrc = priors(f)
     res = solve.source_flux(data, f["err"], S, f["B"], mu, sig, motion_basis=basis, motion_time=tpoly,
-                            method=method, time_chunk=5, threads=2)
+                            method=method, time_chunk=5, threads=2, exact_errors=True)
     assert res["method"] == method
     Sc = S.tocsr()
     Sc.sort_indices()
@@ -88,6 +88,27 @@ def test_matches_dense_reference_with_motion_and_nan(method):
             # factors and 35 NaN pixels are much harsher than a smooth motion model
             np.testing.assert_allclose(res["flux_err"][:, t], ref_err[:nsrc], rtol=0.1 if t != 3 else 0.2)
             assert np.median(np.abs(res["flux_err"][:, t] / ref_err[:nsrc] - 1)) < 0.02
+
+
+def test_direct_chunk_crowding_errors_close_to_exact():
+    """Default direct errors: exact at each chunk's first cadence, its crowding x the cadence's Fisher
+    information elsewhere; with a smooth motion model (+-1 % over the sector) within 0.5 % of exact,
+    and exact where the usable pixels differ (NaN) from the chunk's reference cadence."""
+    f = small_field()
+    data = f["data"].copy()
+    data[3, 5:40] = np.nan
+    S = f["S"].tocsr()
+    S.sort_indices()
+    dx, dy = solve.scene_offsets(S, f["pc"], f["pr"], f["sc"], f["sr"])
+    basis = np.column_stack([np.ones(S.nnz), 0.01 * dx / 3, 0.01 * dy / 3])
+    tb = np.column_stack([np.ones(12), np.linspace(-1, 1, 12), np.linspace(1, -1, 12) ** 2])
+    mu, sig, nsrc = priors(f)
+    kw = dict(motion_basis=basis, motion_time=tb, method="direct", time_chunk=6)
+    approx = solve.source_flux(data, f["err"], S, f["B"], mu, sig, **kw)
+    exact = solve.source_flux(data, f["err"], S, f["B"], mu, sig, exact_errors=True, **kw)
+    np.testing.assert_array_equal(approx["flux"], exact["flux"])
+    np.testing.assert_allclose(approx["flux_err"], exact["flux_err"], rtol=5e-3)
+    np.testing.assert_allclose(approx["flux_err"][:, [0, 3, 6]], exact["flux_err"][:, [0, 3, 6]], rtol=1e-10)
 
 
 def test_recovers_truth_within_errors():

@@ -78,6 +78,7 @@ PRF_DEFAULTS = {
     "tail": True,
     "sky_error": None,
     "subtract_neighbours": True,
+    "drop_sigma": 3.0,
 }
 
 
@@ -638,7 +639,10 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
             S = scene_matrix(model, sc[idx], sr[idx], pc, pr)
             flux, b, err = source_flux(S, mean_flux, mean_err, F0[idx], prior_width=p["flux_prior_width"], background=Bk,
                                        background_prior=bkg if nb else None, pixel_mask=fit_pix, return_errors=True)
-            neg = flux < 0
+            # §4.4 drops sources whose flux goes negative; only a *significantly* negative flux
+            # (below -drop_sigma x its error) says there is no such source - faint stars next to
+            # bright ones scatter around zero and belong in the model
+            neg = flux < -float(p["drop_sigma"]) * np.where(np.isfinite(err), err, 0.0)
             if not neg.any():
                 break
             active[idx[neg]] = False  # §4.4: no source there (catalog or model wrong)

@@ -221,8 +221,16 @@ def _weights(flux_t, err_t):
     return w, y
 
 
-def solve_direct(sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = True):
-    """Exact solution of eqs. B3-B4 for one cadence on the fixed pattern. Returns (w, sigma_w)."""
+def solve_direct(sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = True, crowding=None,
+                 return_crowding: bool = False):
+    """Exact solution of eqs. B3-B4 for one cadence on the fixed pattern. Returns (w, sigma_w).
+
+    Errors: exact ``sqrt(diag(N_t^-1))`` (blocked solves against identity columns), or, when
+    ``crowding`` (per variable ``diag(N_ref^-1) * diag(N_ref)`` of a reference cadence) is given,
+    ``sqrt(crowding / diag(N_t))``: the crowding inflation of the reference times this cadence's own
+    Fisher information, exact up to the change of the crowding term between the two cadences (the
+    scene changes by the motion factor only, ~1e-3). ``return_crowding`` also returns the exact
+    crowding of this cadence."""
     w, y = _weights(flux_t, err_t)
     xd = sys.x_data0.copy()
     if factor is not None:
@@ -237,7 +245,12 @@ def solve_direct(sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = Tru
     sol = lu.solve(rhs[sys.perm])[sys.inv_perm]
     if not errors:
         return sol, None
+    ndiag = ndata[sys.n_diag_pos][sys.inv_perm]
+    if crowding is not None and not return_crowding:
+        return sol, np.sqrt(crowding / ndiag)
     var = _diag_of_inverse(lu, sys.nvar)[sys.inv_perm]
+    if return_crowding:
+        return sol, np.sqrt(var), var * ndiag
     return sol, np.sqrt(var)
 
 
@@ -283,7 +296,7 @@ def solve_pcg(sys: FluxSystem, flux_t, err_t, factor=None, x0=None, rtol: float 
 
 # --------------------------------------------------------------------------- all cadences
 
-def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol):
+def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol, exact_errors=False):
     f = np.asarray(flux[i0:i1], dtype=float)
     e = np.asarray(flux_err[i0:i1], dtype=float)
     nt = i1 - i0
@@ -291,12 +304,23 @@ def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time,
     err = np.full((nt, sys.nvar), np.nan)
     iters = 0
     x_prev = None
+    crowd = crowd_mask = None
     for k in range(nt):
         if not np.any(np.isfinite(f[k])):
             continue
         factor = None if motion_basis is None else motion_basis @ motion_time[i0 + k]
         if method == "direct":
-            out[k], err[k] = solve_direct(sys, f[k], e[k], factor)
+            usable = np.isfinite(f[k]) & np.isfinite(e[k]) & (e[k] > 0)
+            if exact_errors:
+                out[k], err[k] = solve_direct(sys, f[k], e[k], factor)
+            elif crowd is None or not np.array_equal(usable, crowd_mask):
+                # exact errors at the chunk's first cadence (and at any cadence whose set of usable
+                # pixels differs from it), that cadence's crowding for the others
+                out[k], err[k], c = solve_direct(sys, f[k], e[k], factor, return_crowding=True)
+                if crowd is None:
+                    crowd, crowd_mask = c, usable
+            else:
+                out[k], err[k] = solve_direct(sys, f[k], e[k], factor, crowding=crowd)
         else:
             out[k], err[k], it = solve_pcg(sys, f[k], e[k], factor, x0=x_prev, rtol=rtol)
             iters += it
@@ -307,7 +331,7 @@ def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time,
 def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, motion_basis=None,
                 motion_time=None, method: str = "auto", direct_max_sources: int = 3000,
                 time_chunk: int = 64, threads: int = 1, dask_scheduler: str | None = None,
-                rtol: float = 1e-10):
+                rtol: float = 1e-10, exact_errors: bool = False):
     """Least-squares flux of every source at every cadence (§4.4-4.5, App. B).
 
     Parameters
@@ -320,6 +344,9 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
         S entries (order of canonical csr ``S.data``) at cadence t is
         ``motion_basis @ motion_time[t]``; None = no motion (§4.4 model).
     method : 'direct', 'pcg' or 'auto' (direct when nsource <= direct_max_sources).
+    exact_errors : direct only: diag(N_t^-1) at every cadence (slow: ~0.25 s per cadence for 550
+        sources); default exact at the first cadence of each time chunk and the crowding factor of
+        that cadence for the others (see :func:`solve_direct`).
 
     Returns
     -------
@@ -353,7 +380,7 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
              "X nnz %d, %d threads", ntime, npix, sys.nsource, sys.nbk, method, sys.x_indices.size, threads)
     t_setup = _time.perf_counter() - t_start
     bounds = [(i, min(ntime, i + time_chunk)) for i in range(0, ntime, time_chunk)]
-    tasks = [dask.delayed(_solve_chunk)(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol)
+    tasks = [dask.delayed(_solve_chunk)(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol, exact_errors)
              for i0, i1 in bounds]
     if dask_scheduler in ("processes", "threads", "synchronous"):
         results = dask.compute(*tasks, scheduler=dask_scheduler, num_workers=threads)
@@ -394,6 +421,7 @@ SOLVE_DEFAULTS = {
     "dask_scheduler": None,
     "write_fits": True,
     "background_order": None,
+    "exact_errors": False,
 }
 
 
@@ -434,7 +462,7 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     if not np.array_equal(np.asarray(model.source_id, np.int64), sid):
         raise SolveError(f"{prf_npz}: source list differs from {catalog_path}; rerun the PRF step")
     mean_flux = np.asarray(model.source_flux, float)
-    active = np.isfinite(mean_flux) & (mean_flux > 0)
+    active = np.isfinite(mean_flux)   # sources the PRF step dropped (significantly negative flux) are NaN
     pc = np.asarray(table["column"].values, float)
     pr = np.asarray(table["row"].values, float)
     sc = np.asarray(catalog["column"], float)
@@ -488,7 +516,14 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
         bk0 = np.asarray(f["model"].background, float)
     prior_mu = np.concatenate([mu_src, bk0])
-    prior_sigma = np.concatenate([p["prior_sigma_factor"] * np.abs(mu_src), np.full(B.shape[1], 1e6)])
+    # width: factor x |mean flux|, at least factor x the single-cadence error of that flux (faint
+    # sources whose mean-frame flux is near zero keep a usable prior)
+    n_good = max(int((np.asarray(table["quality"].values) == 0).sum()), 1)
+    merr = f["model"].source_flux_err
+    e1 = np.sqrt(n_good) * np.asarray(merr, float)[idx] if merr is not None else np.zeros(idx.size)
+    e1 = np.where(np.isfinite(e1), e1, 0.0)
+    prior_sigma = np.concatenate([p["prior_sigma_factor"] * np.maximum(np.maximum(np.abs(mu_src), e1), 1e-3),
+                                  np.full(B.shape[1], 1e6)])
     time = np.asarray(table["time"].values, float)
     basis = tb = None
     if p["use_motion"]:
@@ -496,12 +531,12 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
             raise SolveError("use_motion is on but no motion model file was given")
         mm = load_motion_model(motion_file)
         dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
-        basis, tb = motion_factors(mm, dx, dy, time)
+        basis, tb = motion_factors(mm, dx, dy, time, prf=f["model"])
     # float32 in memory (64x64x1300: 21 MB); chunks are converted to float64 inside the solve
     res = source_flux(np.asarray(table["flux"].values), np.asarray(table["flux_err"].values), S, B, prior_mu, prior_sigma,
                       motion_basis=basis, motion_time=tb, method=p["method"],
                       direct_max_sources=p["direct_max_sources"], time_chunk=p["time_chunk"], threads=threads,
-                      dask_scheduler=p["dask_scheduler"], rtol=p["rtol"])
+                      dask_scheduler=p["dask_scheduler"], rtol=p["rtol"], exact_errors=p["exact_errors"])
     nsrc = len(f["catalog"])
     flux = np.full((nsrc, time.size), np.nan)
     err = np.full((nsrc, time.size), np.nan)
@@ -509,7 +544,7 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     err[idx] = res["flux_err"]
     contam = np.full(nsrc, np.nan)
     npx = np.zeros(nsrc, dtype=np.int64)
-    contam[idx], npx[idx] = contamination_ratio(S, mu_src)
+    contam[idx], npx[idx] = contamination_ratio(S, np.clip(mu_src, 0, None))
     cat = f["catalog"]
     cols = {"source_id": np.asarray(cat["source_id"], np.int64),
             "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
