@@ -62,7 +62,7 @@ rule prf_model:
 
 
 rule motion_model:
-    """§4.5: common scene motion (B-spline in dx, dy x cubic in time) fitted to binned, normalised data."""
+    """§4.5: per-cadence motion of the scene as a multiplicative change of the mean PRF."""
     input:
         cube=f"{RESULTS}/{{field}}/cube.zarr",
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",

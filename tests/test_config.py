@@ -82,3 +82,13 @@ def test_every_rule_declares_log_benchmark_threads_resources():
                 continue  # aggregation-only rule
             for key in ("log:", "benchmark:", "threads:", "resources:", "mem_mb", "runtime"):
                 assert f"{key}" in block, f"{smk.name}: {name} has no {key}"
+
+
+def test_config_reference_is_up_to_date():
+    """docs/CONFIG.md documents every schema key (regenerate: python -m workflow_lib.configdoc > docs/CONFIG.md)."""
+    from workflow_lib.configdoc import render
+
+    assert (REPO / "docs" / "CONFIG.md").read_text() == render(), "docs/CONFIG.md is stale"
+    doc = render()
+    for key in ("lfd.prf.n_r_knots", "lfd.motion.time_model", "lfd.solve.method", "cpm.lambda_L", "cpm.k"):
+        assert f"`{key}`" in doc, key

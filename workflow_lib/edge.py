@@ -533,8 +533,11 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     from .cube import as_pixel_table, open_cube, write_text_atomic
     from .provenance import provenance
 
+    from .fitsio import validate_for_modelling
+
     p = _params(params)
     cube = open_cube(cube_path)
+    validate_for_modelling(cube, str(cube_path))
     table = as_pixel_table(cube.load())
     catalog = Table.read(str(catalog_path), format="ascii.ecsv")
     if len(catalog) == 0:
@@ -543,8 +546,13 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     pc = np.asarray(table["column"].values, float)
     pr = np.asarray(table["row"].values, float)
     F = a_priori_flux(catalog)
-    model, radii, mask, owner = fit_edge_to_frame(mean_flux, pc, pr, np.asarray(catalog["column"], float),
-                                                  np.asarray(catalog["row"], float), F, p)
+    try:
+        model, radii, mask, owner = fit_edge_to_frame(mean_flux, pc, pr, np.asarray(catalog["column"], float),
+                                                      np.asarray(catalog["row"], float), F, p)
+    except ValueError as exc:
+        raise ValueError(f"{cube_path}: cannot fit the LFD edge model (§4.2) with {pc.size} pixels and "
+                         f"{len(catalog)} catalog source(s): {exc}. The scene model needs many unsaturated, "
+                         f"isolated stars; use CPM (cpm_detrend) for cubes this small.") from exc
     grid = np.logspace(0, 7, 57)
     out = {
         "model": "lfd_edge",

@@ -100,6 +100,18 @@ class FluxSystem:
     mean_ivar: np.ndarray       # per-pixel 1/sigma^2 of one cadence, averaged (mean frame)
     mean_lu: object = None      # SuperLU of the mean-frame normal matrix (original order)
     crowding: np.ndarray | None = None  # diag(Nbar^-1) * diag(Nbar) per variable
+    mean_n: object = None       # mean-frame normal matrix (csc): mean_lu is refactorised from it after unpickling
+
+    def __getstate__(self):
+        # SuperLU objects cannot be pickled (dask processes / distributed workers): ship N, refactorise there
+        state = dict(self.__dict__)
+        state["mean_lu"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.mean_lu is None and self.mean_n is not None:
+            self.mean_lu = _mean_frame_lu(self.mean_n)
 
     @property
     def nvar(self) -> int:
@@ -111,6 +123,11 @@ class FluxSystem:
         if factor is not None:
             data[self.s_pos] *= factor
         return sp.csr_matrix((data, self.x_indices, self.x_indptr), shape=(self.npixel, self.nvar))
+
+
+def _mean_frame_lu(N0):
+    """Sparse LU of the mean-frame normal matrix, with a fill-reducing symmetric ordering."""
+    return spla.splu(N0, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
 
 def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, direct: bool = True,
@@ -164,7 +181,7 @@ def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, dir
     # fill-reducing ordering of the mean-frame normal matrix, computed once
     X0 = sp.csr_matrix((data, indices, indptr), shape=(npix, nvar))
     N0 = (X0.T @ sp.diags(ivar) @ X0 + sp.diags(prior_ivar)).tocsc()
-    lu0 = spla.splu(N0, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    lu0 = _mean_frame_lu(N0)
     inv_perm = np.asarray(lu0.perm_c)      # new position of variable j (SuperLU's Pc)
     perm = np.empty_like(inv_perm)         # variable at new position c: N' = N[perm][:, perm]
     perm[inv_perm] = np.arange(nvar)
@@ -194,6 +211,7 @@ def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, dir
         sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
     if pcg:
         sys.mean_lu = lu0
+        sys.mean_n = N0
         sys.crowding = _diag_of_inverse(lu0, nvar) * N0.diagonal()
     return sys
 
@@ -355,7 +373,7 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
     """
     import time as _time
 
-    import dask
+    from .parallel import dask_map
 
     t_start = _time.perf_counter()
     ntime, npix = flux.shape
@@ -380,19 +398,9 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
              "X nnz %d, %d threads", ntime, npix, sys.nsource, sys.nbk, method, sys.x_indices.size, threads)
     t_setup = _time.perf_counter() - t_start
     bounds = [(i, min(ntime, i + time_chunk)) for i in range(0, ntime, time_chunk)]
-    tasks = [dask.delayed(_solve_chunk)(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol, exact_errors)
-             for i0, i1 in bounds]
-    if dask_scheduler in ("processes", "threads", "synchronous"):
-        results = dask.compute(*tasks, scheduler=dask_scheduler, num_workers=threads)
-    elif dask_scheduler:
-        from dask.distributed import Client
-
-        with Client(dask_scheduler) as client:
-            results = client.compute(tasks, sync=True)
-    elif threads > 1:
-        results = dask.compute(*tasks, scheduler="threads", num_workers=threads)
-    else:
-        results = dask.compute(*tasks, scheduler="synchronous")
+    results = dask_map(_solve_chunk, [dict(i0=i0, i1=i1) for i0, i1 in bounds], threads=threads, scheduler=dask_scheduler,
+                       shared=dict(sys=sys, method=method, flux=flux, flux_err=flux_err, motion_basis=motion_basis,
+                                   motion_time=motion_time, rtol=rtol, exact_errors=exact_errors))
     sol = np.concatenate([r[0] for r in results], axis=0).T
     err = np.concatenate([r[1] for r in results], axis=0).T
     iters = int(sum(r[2] for r in results))
