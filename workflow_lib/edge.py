@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from .logs import get_logger
+from .settings import merge_settings
 
 log = get_logger("lfd.edge")
 
@@ -459,13 +460,8 @@ def load_edge_model(path) -> EdgeModel:
 
 
 def _params(params: dict | None) -> dict:
-    p = dict(EDGE_DEFAULTS)
-    if params:
-        unknown = set(params) - set(EDGE_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown lfd.edge parameter(s): {sorted(unknown)}")
-        p.update(params)
-    return p
+    """The lfd.edge settings: defaults overridden by ``params``."""
+    return merge_settings(EDGE_DEFAULTS, params, "lfd.edge", ValueError)
 
 
 def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, source_flux, params: dict | None = None):

@@ -62,6 +62,7 @@ import scipy.sparse as sp
 
 from .bspline import spline_design_matrix, tensor_product
 from .logs import get_logger
+from .settings import merge_settings
 
 log = get_logger("lfd.motion")
 
@@ -94,13 +95,8 @@ class MotionError(ValueError):
 
 
 def motion_params(params: dict | None) -> dict:
-    p = dict(MOTION_DEFAULTS)
-    if params:
-        unknown = set(params) - set(MOTION_DEFAULTS)
-        if unknown:
-            raise MotionError(f"unknown lfd.motion parameter(s): {sorted(unknown)}")
-        p.update(params)
-    return p
+    """The lfd.motion settings: defaults overridden by ``params``."""
+    return merge_settings(MOTION_DEFAULTS, params, "lfd.motion", MotionError)
 
 
 def default_bin_size(mission: str, time) -> int:

@@ -48,6 +48,7 @@ from .edge import (EdgeModel, a_priori_flux, edge_model_flux, fit_edge_to_frame,
                    polynomial_background_design,
                    source_pixel_pairs, uncontaminated_pixels)
 from .logs import get_logger
+from .settings import merge_settings
 
 log = get_logger("lfd.prf")
 
@@ -533,13 +534,8 @@ def source_flux(S, data, data_err, prior_flux, *, prior_width=1.0, background=No
 
 
 def _params(params: dict | None) -> dict:
-    p = dict(PRF_DEFAULTS)
-    if params:
-        unknown = set(params) - set(PRF_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown lfd.prf parameter(s): {sorted(unknown)}")
-        p.update(params)
-    return p
+    """The lfd.prf settings: defaults overridden by ``params``."""
+    return merge_settings(PRF_DEFAULTS, params, "lfd.prf", ValueError)
 
 
 def _contamination_radius(edge: EdgeModel, flux) -> np.ndarray:

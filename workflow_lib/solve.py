@@ -42,6 +42,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .logs import get_logger
+from .settings import merge_settings
 
 log = get_logger("solve")
 
@@ -434,13 +435,8 @@ SOLVE_DEFAULTS = {
 
 
 def solve_params(params: dict | None) -> dict:
-    p = dict(SOLVE_DEFAULTS)
-    if params:
-        unknown = set(params) - set(SOLVE_DEFAULTS)
-        if unknown:
-            raise SolveError(f"unknown lfd.solve parameter(s): {sorted(unknown)}")
-        p.update(params)
-    return p
+    """The lfd.solve settings: defaults overridden by ``params``."""
+    return merge_settings(SOLVE_DEFAULTS, params, "lfd.solve", SolveError)
 
 
 def load_field_scene(cube_path, catalog_path, prf_npz):
