@@ -3,6 +3,7 @@
     python benchmarks/lfd_benchmark.py                 # full: 64x64x1300 synthetic sector + FFI-channel scale test
     python benchmarks/lfd_benchmark.py --quick         # 40x40x480 synthetic only
     python benchmarks/lfd_benchmark.py --ffi-only      # scale test alone (peak memory of that test only)
+    python benchmarks/lfd_benchmark.py --seeds 1 2     # both fields of the default run (synth_a, synth_b) + summary
 
 Accuracy targets are checked against ``truth`` (docs/DATA_MODEL.md). The scene is built from
 the true TESS PRF (``workflow_lib.tess_prf``, at the field centre) at the crossmatched catalog
@@ -183,7 +184,8 @@ def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
     return out
 
 
-def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | None = None, log=print):
+def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | None = None, log=print,
+              per_star: bool = False):
     """The REAL pipeline chain on a synthetic sector: write the field, crossmatch, then the four LFD
     steps of rules/lfd.smk (edge -> fitted PRF -> motion -> solve), plus the solve without motion;
     the figures of :func:`truth_metrics` from the written light curves."""
@@ -240,7 +242,98 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
            "lfd_total_s": timing["edge_s"] + timing["prf_s"] + timing["motion_s"] + timing["solve_motion_s"]}
     out.update(prf_truth_metrics(d, catalog, truth))
     out.update(truth_metrics(truth, catalog, idx, quality, pc, pr, rr, np.asarray(cube["time"].values, float)))
+    if per_star:
+        out["per_star"] = per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, rr["motion"]["flux"],
+                                               rr["motion"]["flux_err"])
     return out
+
+
+def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err):
+    """Per isolated bright constant star (the sample of target a): where the error comes from.
+
+    Columns: mean flux bias (mean F / mean T - 1), median |F/T - 1|, p2p / error, std(z), lag-1
+    autocorrelation of z = (F - T) / err (white noise: 0), the fraction of z's variance explained by a
+    quadratic in the measured scene offset (motion model residual / jitter not followed) and by the
+    background level, the fraction in a 1-day running mean (slow), and the expected LS flux gain of
+    the fitted PRF against the motion-blurred SPOC PRF of that star (PRF shape error: predicts the
+    mean bias); and, per in-model neighbour within 1.5 px, the correlation of its flux error with the
+    star's (flux traded between near-degenerate sources)."""
+    from workflow_lib import tess_prf
+
+    d = Path(d)
+    tsid = np.asarray(truth["source_id"].values)
+    pos = {int(s): i for i, s in enumerate(tsid)}
+    sid_all = np.asarray(catalog["source_id"], np.int64)
+    sid = sid_all[idx]
+    ti = np.array([pos[int(s)] for s in sid])
+    T = np.asarray(truth["flux"].values, float)[ti]
+    kind = np.array([str(k) for k in truth["kind"].values])[ti]
+    gmag = np.asarray(catalog["phot_g_mean_mag"], float)[idx]
+    sc = np.asarray(catalog["column"], float)[idx]
+    sr = np.asarray(catalog["row"], float)[idx]
+    allc = np.column_stack([np.asarray(catalog["column"], float), np.asarray(catalog["row"], float)])
+    allf = np.asarray(catalog["expected_flux"], float)
+    isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
+    on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
+    sel = np.flatnonzero(isolated & on & (gmag < 15) & (kind == "constant"))
+    good = (quality == 0) & np.isfinite(flux).all(axis=0)
+    with np.load(d / "motion.npz") as z:
+        cx, cy = np.asarray(z["scene_offset_column"], float), np.asarray(z["scene_offset_row"], float)
+    good &= np.isfinite(cx) & np.isfinite(cy)
+    bkg = np.asarray(truth["background"].values, float)
+    dcol = np.asarray(truth["drift_column"].values, float)[good][::10]
+    drow = np.asarray(truth["drift_row"].values, float)[good][::10]
+    from workflow_lib.prf import PRFModel
+
+    prf = PRFModel.load(d / "prf.npz")
+    k = np.arange(-8, 9).astype(float)
+    rows = []
+    for j in sel:
+        r = (flux[j] - T[j])[good]
+        e = flux_err[j][good]
+        z = r / e
+        zc = z - z.mean()
+
+        def r2(X):
+            return float(1 - np.sum((zc - X @ np.linalg.lstsq(X, zc, rcond=None)[0]) ** 2) / np.sum(zc**2))
+
+        one = np.ones(good.sum())
+        c1, c2 = cx[good], cy[good]
+        sm = np.convolve(zc, np.ones(49) / 49, mode="same")
+        # the fitted PRF against the SPOC PRF of this star blurred by the true pointing (the mean frame)
+        ii, jj = np.meshgrid(np.arange(-4, 5), np.arange(-4, 5), indexing="ij")
+        prow, pcol = np.round(sr[j]) + ii.ravel(), np.round(sc[j]) + jj.ravel()
+        coeffs = tess_prf.prf_coefficients_at(sr[j], sc[j])
+        pb = np.zeros(prow.size)
+        for a, b in zip(dcol, drow):
+            rr, cc = sr[j] + b, sc[j] + a
+            tot = tess_prf.evaluate_prf(coeffs, (k - (rr - np.round(rr)))[:, None], (k - (cc - np.round(cc)))[None, :]).sum()
+            pb += tess_prf.evaluate_prf(coeffs, prow - rr, pcol - cc) / tot
+        pb /= dcol.size
+        fit = prf.evaluate(pcol - sc[j], prow - sr[j])
+        nb = []
+        for m in np.flatnonzero((np.hypot(sc - sc[j], sr - sr[j]) < 1.5) & (np.arange(sc.size) != j)):
+            rm = (flux[m] - T[m])[good]
+            nb.append(f"G{gmag[m]:.1f}@{np.hypot(sc[m] - sc[j], sr[m] - sr[j]):.2f}px:{np.corrcoef(r, rm)[0, 1]:+.2f}")
+        rows.append(dict(G=float(gmag[j]), column=float(sc[j]), row=float(sr[j]), flux=float(T[j][good].mean()),
+                         phase=(float(sc[j] - np.round(sc[j])), float(sr[j] - np.round(sr[j]))),
+                         mean_bias=float(flux[j][good].mean() / T[j][good].mean() - 1),
+                         median_abs_rel=float(np.median(np.abs(flux[j][good] / T[j][good] - 1))),
+                         p2p_over_err=float(np.std(np.diff(r)) / np.sqrt(2) / np.median(e)), z_std=float(np.std(z)),
+                         lag1=float(np.corrcoef(zc[:-1], zc[1:])[0, 1]),
+                         r2_offsets=r2(np.column_stack([one, c1, c2, c1**2, c1 * c2, c2**2])),
+                         r2_background=r2(np.column_stack([one, bkg[good]])), r2_slow=float(1 - np.sum((zc - sm) ** 2) / np.sum(zc**2)),
+                         prf_ls_gain=float(np.sum(fit * pb) / np.sum(fit * fit)), neighbours=" ".join(nb)))
+    return rows
+
+
+def print_per_star(rows):
+    print(f"{'G':>6} {'phase':>13} {'F_true':>7} {'bias':>7} {'med|r|':>7} {'p2p/e':>6} {'std z':>6} {'lag1':>5} "
+          f"{'R2off':>5} {'R2bkg':>5} {'R2slow':>6} {'PRFgain':>7}  neighbours<1.5px (G@sep: corr of flux errors)")
+    for r in rows:
+        print(f"{r['G']:6.2f} ({r['phase'][0]:+.2f},{r['phase'][1]:+.2f}) {r['flux']:7.0f} {r['mean_bias']:+7.4f} "
+              f"{r['median_abs_rel']:7.4f} {r['p2p_over_err']:6.2f} {r['z_std']:6.2f} {r['lag1']:5.2f} {r['r2_offsets']:5.2f} "
+              f"{r['r2_background']:5.2f} {r['r2_slow']:6.2f} {r['prf_ls_gain']:7.4f}  {r['neighbours']}")
 
 
 def prf_truth_metrics(d, catalog, truth):
@@ -360,6 +453,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40x40 px x 480 cadences instead of the default field")
     ap.add_argument("--seed", type=int, default=1, help="synthetic seed (the default run's synth_a is 1)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="several synthetic seeds in turn, with a summary table (e.g. --seeds 1 2: the default run's synth_a, synth_b)")
+    ap.add_argument("--per-star", action="store_true", help="also: per-star diagnostics of the target-a sample")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--true-prf", action="store_true", help="also: the scene from the true SPOC PRF (motion + solve only)")
     ap.add_argument("--ffi", action="store_true", help="also: the Kepler-FFI-channel scale test")
@@ -371,15 +467,37 @@ def main(argv=None):
         _print("FFI scale", out, {"FFI < 1 s per frame": out["ffi_s_per_frame"] < 1,
                                   "FFI peak memory < 1 GB": out["ffi_peak_rss_mb"] < 1024})
         return
-    sim = {"seed": args.seed}
+    seeds = args.seeds or [args.seed]
+    summary = {}
+    for seed in seeds:
+        sim = {"seed": seed}
+        if args.quick:
+            sim.update(n_rows=40, n_cols=40, n_cadences=480)
+        with tempfile.TemporaryDirectory() as tmp:
+            wd = Path(args.workdir) / f"seed{seed}" if (args.workdir and len(seeds) > 1) else (args.workdir or tmp)
+            out = run_chain(sim, wd, threads=args.threads, per_star=args.per_star)
+        rows = out.pop("per_star", None)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        tg = targets_of(out)
+        tg["LFD chain < 90 s per field"] = out["lfd_total_s"] < 90
+        _print(f"REAL chain (edge -> fitted PRF -> motion -> solve), synthetic {sim}", out, tg)
+        if rows is not None:
+            print(f"---- per isolated bright star (target a sample), seed {seed}")
+            print_per_star(rows)
+        summary[seed] = (out, tg)
+    if len(seeds) > 1:
+        keys = [("n_isolated_bright", "%d"), ("motion_median_rel_err_isolated", "%.4f"),
+                ("motion_p2p_over_err_isolated", "%.3f"), ("relrms_ratio_static_over_motion", "%.2f"),
+                ("motion_z_std_constant", "%.3f"), ("koi608_depth_ratio", "%.3f"), ("koi608_bright_dip_sigma", "%.2f")]
+        print("==== summary over seeds")
+        print(f"{'':34s}" + "".join(f"{'seed ' + str(s_):>12s}" for s_ in seeds))
+        for k, fmt in keys:
+            print(f"{k:34s}" + "".join(f"{(fmt % summary[s_][0][k]) if k in summary[s_][0] else '-':>12s}" for s_ in seeds))
+        for t in summary[seeds[0]][1]:
+            print(f"{t[:34]:34s}" + "".join(f"{('MET' if summary[s_][1].get(t) else 'NOT MET'):>12s}" for s_ in seeds))
+    sim = {"seed": seeds[-1]}
     if args.quick:
         sim.update(n_rows=40, n_cols=40, n_cadences=480)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run_chain(sim, args.workdir or tmp, threads=args.threads)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tg = targets_of(out)
-    tg["LFD chain < 90 s per field"] = out["lfd_total_s"] < 90
-    _print(f"REAL chain (edge -> fitted PRF -> motion -> solve), synthetic {sim}", out, tg)
     if args.true_prf:
         out2 = run_synthetic(sim, threads=args.threads)
         _print(f"TRUE-PRF scene (motion + solve only), synthetic {sim}", out2, targets_of(out2))
