@@ -91,6 +91,17 @@ def _retryable(exc: BaseException) -> bool:
     return False
 
 
+def _in_fresh_dir(work: Path, download):
+    """``download()`` into the empty directory ``work``, recreated first so every retry starts clean
+    (astroquery's progress warnings silenced)."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return download()
+
+
 def with_retries(fn, what: str, *, retries: int = 3, backoff_s: float = 5.0):
     """Call ``fn()``; on network errors retry ``retries`` times, waiting ``backoff_s * 2**k``.
 
@@ -237,12 +248,8 @@ def download_tesscut(mast_params: dict, cache_dir, *, retries: int = 3, timeout_
     work = cache_dir / "tesscut" / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
 
     def _download():
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return client.download_cutouts(coordinates=coord, size=size, sector=sector, path=str(work))
+        return _in_fresh_dir(work, lambda: client.download_cutouts(coordinates=coord, size=size, sector=sector,
+                                                                   path=str(work)))
 
     try:
         table = with_retries(_download, f"TESScut download (sector {sector}, {size}x{size} px)", retries=retries, backoff_s=backoff_s)
@@ -357,12 +364,8 @@ def download_kepler_tpfs(mast_params: dict, cache_dir, *, retries: int = 3, time
         work = tpf_dir / f".download-{uuid.uuid4().hex[:8]}"
 
         def _download():
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return client.download_products(todo, download_dir=str(work), flat=True, cache=False, verbose=False)
+            return _in_fresh_dir(work, lambda: client.download_products(todo, download_dir=str(work), flat=True,
+                                                                        cache=False, verbose=False))
 
         try:
             manifest = with_retries(_download, f"downloading {len(todo)} TPF(s)", retries=retries, backoff_s=backoff_s)
