@@ -71,6 +71,10 @@ def test_light_curves_open_in_lightkurve_and_are_finite(tiny_run):
     lfd = xr.open_zarr(out / "lfd" / "lightcurves.zarr")
     cpm = xr.open_zarr(out / "cpm" / "default" / "lightcurves.zarr")
     assert lfd.sizes["source"] > 10 and cpm.sizes["source"] > 10
+    # the CDPP proxy is stored with every light-curve set
+    for lcset in (lfd, cpm):
+        assert "cdpp_1h" in lcset.coords and "cdpp_6h" in lcset.coords
+    assert np.isfinite(lfd["cdpp_1h"].values[np.argmin(lfd["phot_g_mean_mag"].values)])
     bright = int(np.argmin(lfd["phot_g_mean_mag"].values))
     assert np.isfinite(lfd["flux"].values[bright]).all()
     for sub in ("lfd/fits", "cpm/default/fits"):

@@ -69,7 +69,7 @@ PRF_DEFAULTS = {
     "n_iter": 3,
     "sigma_clip": 5.0,
     "prior_sigma": 1.0,
-    "log_error_floor": 0.01,
+    "log_error_floor": 0.005,
     "flux_prior_width": 1.0,
     "noise_floor": 5.0,
     "background_order": 1,

@@ -507,6 +507,7 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     """
     from .cube import write_zarr_atomic
     from .lightcurve import lightcurve_set, write_lightcurve_fits
+    from .metrics import add_cdpp
     from .motion import load_motion_model, motion_factors
     from .provenance import provenance_json
 
@@ -561,6 +562,7 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     lc = lightcurve_set(flux, err, f["cube"], cols, method="LFD",
                         attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]})
     lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
+    lc = add_cdpp(lc)  # 1-h / 6-h CDPP proxy, stored with the light curves (comparable with RAW and CPM)
     write_zarr_atomic(lc, out_zarr)
     log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
     if p["write_fits"] and out_fits_dir is not None:
