@@ -413,13 +413,9 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
     p = motion_params(params)
     deg = int(p["shift_degree"])
     time = np.asarray(time, float)
-    S = sp.csr_matrix(S)
-    S.sum_duplicates()
-    S.sort_indices()
-    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
-    cols = S.indices
-    dx = np.asarray(pixel_col, float)[rows] - np.asarray(source_col, float)[cols]
-    dy = np.asarray(pixel_row, float)[rows] - np.asarray(source_row, float)[cols]
+    from .solve import scene_pairs
+
+    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
     F = np.clip(np.asarray(source_flux, float), 0.0, None)
     npix = S.shape[0]
     good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)

@@ -61,9 +61,10 @@ def background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
     return _bd(pixel_col, pixel_row, int(order))
 
 
-def scene_offsets(scene: sp.csr_matrix, pixel_col, pixel_row, source_col, source_row):
-    """Pixel-minus-source offsets (dx, dy) [px] at every stored entry of the scene matrix, in
-    the order of ``scene.data`` (csr, canonical). These are the (source, pixel) pairs of §4.5."""
+def scene_pairs(scene: sp.csr_matrix, pixel_col, pixel_row, source_col, source_row):
+    """The (source, pixel) pairs of §4.5 at every stored entry of the scene matrix: returns the
+    canonical csr scene, the pixel (row) and source (column) index of each entry in the order of
+    ``scene.data``, and the pixel-minus-source offsets (dx, dy) [px]."""
     scene = sp.csr_matrix(scene)
     scene.sum_duplicates()
     scene.sort_indices()
@@ -71,7 +72,13 @@ def scene_offsets(scene: sp.csr_matrix, pixel_col, pixel_row, source_col, source
     cols = scene.indices
     dx = np.asarray(pixel_col, float)[rows] - np.asarray(source_col, float)[cols]
     dy = np.asarray(pixel_row, float)[rows] - np.asarray(source_row, float)[cols]
-    return dx, dy
+    return scene, rows, cols, dx, dy
+
+
+def scene_offsets(scene: sp.csr_matrix, pixel_col, pixel_row, source_col, source_row):
+    """Pixel-minus-source offsets (dx, dy) [px] at every stored entry of the scene matrix, in
+    the order of ``scene.data`` (csr, canonical). These are the (source, pixel) pairs of §4.5."""
+    return scene_pairs(scene, pixel_col, pixel_row, source_col, source_row)[3:]
 
 
 # --------------------------------------------------------------------------- shared work
