@@ -28,17 +28,18 @@ def metrics():
     return lb.run_synthetic(sim, threads=1, log=lambda *a: None)
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["synth_a", "synth_b"])
+def chain(request, tmp_path_factory):
     lb = _bench()
-    # the full default field (synth_a): the shift model's data-driven correction needs a sector of
-    # cadences (on 40x40 px x 480 cadences the real chain gives z-std 2.9 and fails the targets)
-    sim = {"seed": 1}
+    # the full default fields (synth_a, synth_b: seeds 1 and 2): the shift model's data-driven
+    # correction needs a sector of cadences (on 40x40 px x 480 cadences the real chain gives
+    # z-std 2.9 and fails the targets)
+    sim = {"seed": request.param}
     return lb.run_chain(sim, tmp_path_factory.mktemp("chain"), threads=2, log=lambda *a: None)
 
 
 def test_real_chain_targets(chain):
-    """The issue's targets with the fitted PRF on the default synthetic field (~50 s)."""
+    """The issue's targets with the fitted PRF on the default synthetic fields (~30 s each)."""
     print(chain)
     assert chain["n_constant"] >= 5 and chain["n_isolated_bright"] >= 1
     assert chain["motion_median_rel_err_isolated"] < 0.01                  # a)

@@ -144,3 +144,70 @@ def test_errors_are_clear():
         solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, sig, method="qr")
     with pytest.raises(solve.SolveError, match="positive"):
         solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, 0 * sig)
+
+
+def test_blended_sources_flags_the_fainter_of_close_pairs():
+    col = np.array([10.0, 10.2, 20.0, 21.0, 30.0, 30.3, 30.1])
+    row = np.array([5.0, 5.1, 5.0, 5.0, 9.0, 9.0, 9.2])
+    flux = np.array([100.0, 10.0, 50.0, 5.0, 1.0, 2.0, 3.0])
+    got = solve.blended_sources(col, row, flux, 0.5)
+    # pair 0/1 (0.22 px): 1 is fainter; 2/3 are 1 px apart (resolved, like KOI-608); 4, 5, 6 within
+    # 0.5 px of each other: all but the brightest (6) are blended
+    assert got.tolist() == [False, True, False, False, True, True, False]
+    assert not solve.blended_sources(col, row, flux, 0.0).any()
+
+
+def _jittered_lightcurves(seed=0, ntime=1300, nsrc=6):
+    """Light curves whose error is a quadratic function of a known scene offset (drift + jitter),
+    on top of a transit, a slow astrophysical trend and white noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(ntime) / 48.0                                  # 30-min cadences, days
+    cx = 0.08 * (t / t[-1]) + 0.02 * rng.standard_normal(ntime)  # slow drift + jitter [px]
+    cy = -0.05 * (t / t[-1]) ** 2 + 0.02 * rng.standard_normal(ntime)
+    g = rng.normal(0, 0.2, (nsrc, 5))                            # fractional change per px^k
+    M = np.column_stack([cx, cy, cx**2, cx * cy, cy**2])
+    noise = 1e-3
+    astro = np.ones((nsrc, ntime))
+    transit = (t % 7.3 > 3.0) & (t % 7.3 < 3.12)
+    astro[0, transit] -= 0.01                                    # 1 % transit, 6 points every 7.3 d
+    astro[1] *= 1 + 0.02 * np.sin(2 * np.pi * t / 20.0)          # slow variability, correlated with the drift
+    white = noise * rng.standard_normal((nsrc, ntime))
+    flux = 1000.0 * (astro * (1 + g @ M.T) + white)
+    return t, cx, cy, flux, astro * 1000.0, transit, noise * 1000.0, 1000.0 * (astro + white)
+
+
+def test_decorrelate_offsets_removes_the_offset_term_and_keeps_astrophysics():
+    t, cx, cy, flux, astro, transit, noise, clean = _jittered_lightcurves()
+    good = np.ones(t.size, bool)
+    good[100:110] = False                                   # a flagged stretch is left out of the fit
+    before = np.std(np.diff(flux - astro, axis=1), axis=1) / np.sqrt(2)
+    out, coef = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=2, window_days=1.0)
+    assert coef.shape == (6, 5)
+    resid = out - astro
+    resid -= resid[:, good].mean(axis=1, keepdims=True)
+    after = np.std(np.diff(resid, axis=1), axis=1) / np.sqrt(2)
+    assert np.all(before > 1.5 * noise) and np.all(after < 1.1 * noise)
+    # residuals are white noise: the slow drift part is gone too, not only the jitter
+    assert np.all(np.std(resid, axis=1) < 1.15 * noise)
+    # the transit depth and the slow variability are kept: as measured without the offset term
+    def depth(f):
+        return 1 - f[transit].mean() / np.median(f[~transit])
+
+    def amp(f):
+        return np.polyfit(np.sin(2 * np.pi * t / 20.0), f / f.mean(), 1)[0]
+
+    print(depth(out[0]), depth(clean[0]), amp(out[1]), amp(clean[1]))
+    assert abs(depth(out[0]) / depth(clean[0]) - 1) < 0.03
+    assert abs(amp(out[1]) / amp(clean[1]) - 1) < 0.03
+    # means over the good cadences are unchanged; cadences without an offset are untouched
+    np.testing.assert_allclose(out[:, good].mean(axis=1), flux[:, good].mean(axis=1), rtol=1e-12)
+    cx2 = cx.copy()
+    cx2[200] = np.nan
+    out2, _ = solve.decorrelate_offsets(t, flux, cx2, cy, good)
+    assert out2[0, 200] == flux[0, 200]
+
+
+def test_decorrelate_offsets_degree_zero_is_identity():
+    t, cx, cy, flux, *_ = _jittered_lightcurves(ntime=200)
+    out, coef = solve.decorrelate_offsets(t, flux, cx, cy, np.ones(t.size, bool), degree=0)
+    assert np.array_equal(out, flux) and coef.size == 0
