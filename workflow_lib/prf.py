@@ -80,6 +80,9 @@ PRF_DEFAULTS = {
     "sky_error": None,
     "subtract_neighbours": True,
     "drop_sigma": 3.0,
+    "core_degree": 0,
+    "core_radius": 1.0,
+    "core_prior_sigma": 1.0,
 }
 
 
@@ -129,7 +132,31 @@ def _radial_split(r_knots, degree: int, inner_radius: float):
     return np.flatnonzero(~azim), np.flatnonzero(azim)
 
 
-def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: float = 0.5, degree: int = 3) -> sp.csr_matrix:
+def core_design_matrix(r, phi, core_degree: int, core_radius: float) -> sp.csr_matrix:
+    """Regular azimuthal terms of the PRF core: ``r^m cos(m phi)``, ``r^m sin(m phi)`` for m = 1 ..
+    ``core_degree`` (i.e. dx, dy, dx^2 - dy^2, 2 dx dy, ...) times the taper ``(1 - (r/core_radius)^2)^2``
+    (zero beyond ``core_radius``).
+
+    The polar spline's phi terms are singular at r = 0 (every phi meets there), which is why §4.3
+    has none inside ``inner_radius``; but a real PRF's core is not symmetric about the catalog
+    position (its peak is offset from its centroid, it is elliptical), and near the peak that
+    shows as a term linear in r along one direction. These functions are smooth through the
+    origin and have zero mean over phi (they do not change the radial profile). Returns (n, 2 x
+    core_degree) sparse.
+    """
+    r = np.asarray(r, float).ravel()
+    phi = np.asarray(phi, float).ravel()
+    if core_degree <= 0:
+        return sp.csr_matrix((r.size, 0))
+    taper = np.where(r < core_radius, (1 - (r / core_radius) ** 2) ** 2, 0.0)
+    cols = []
+    for m in range(1, int(core_degree) + 1):
+        cols += [r**m * np.cos(m * phi) * taper, r**m * np.sin(m * phi) * taper]
+    return sp.csr_matrix(np.column_stack(cols))
+
+
+def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: float = 0.5, degree: int = 3,
+                      core_degree: int = 0, core_radius: float = 1.0) -> sp.csr_matrix:
     """The PRF shape design matrix of §4.3 (eq. 13), sparse, shape (n, n_radial_only + n_azim * n_phi_knots).
 
     Columns: first the radial B-spline components whose support starts inside ``inner_radius``
@@ -138,7 +165,8 @@ def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: f
     one, a pure radial profile is still representable beyond ``inner_radius`` (all phi weights of a
     radial component equal), and the model is smooth (C^2) across ``inner_radius`` while having no
     phi dependence at all for r < inner_radius (``inner_radius`` should be one of ``r_knots``; see
-    :func:`radial_knots`). ``r`` is clamped to [0, r_knots[-1]].
+    :func:`radial_knots`). ``r`` is clamped to [0, r_knots[-1]]. With ``core_degree`` > 0 the
+    regular core terms of :func:`core_design_matrix` are appended as the last columns.
     """
     r = np.asarray(r, float).ravel()
     phi = np.asarray(phi, float).ravel()
@@ -150,6 +178,8 @@ def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: f
     if radial_only.size:
         parts.append(Br[:, radial_only])
     parts.append(tensor_product(Br[:, azim], Bphi))
+    if core_degree > 0:
+        parts.append(core_design_matrix(r, phi, core_degree, core_radius))
     return sp.csr_matrix(sp.hstack(parts, format="csr"))
 
 
@@ -178,13 +208,16 @@ class PRFModel:
     background: np.ndarray | None = None
     background_order: int = 0
     tail_alpha: float | None = None
+    core_degree: int = 0         # regular azimuthal core terms (:func:`core_design_matrix`)
+    core_radius: float = 1.0
     provenance: str = ""
     meta: dict = field(default_factory=dict)
 
     def design(self, dx, dy) -> sp.csr_matrix:
         r, phi = polar_coordinates(dx, dy)
         return prf_design_matrix(r, phi, r_knots=self.r_knots, n_phi_knots=self.n_phi_knots,
-                                 inner_radius=self.inner_radius, degree=self.degree)
+                                 inner_radius=self.inner_radius, degree=self.degree, core_degree=self.core_degree,
+                                 core_radius=self.core_radius)
 
     @property
     def r_support(self) -> float:
@@ -290,6 +323,7 @@ class PRFModel:
             "r_data": np.float64(self.r_support),
             "background_order": np.int64(self.background_order),
             "tail_alpha": np.float64(np.nan if self.tail_alpha is None else self.tail_alpha),
+            "core_degree": np.int64(self.core_degree), "core_radius": np.float64(self.core_radius),
             "provenance": np.array(self.provenance), "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
         }
         for name in ("source_id", "source_flux", "source_flux_err", "background"):
@@ -313,6 +347,8 @@ class PRFModel:
                 background=get("background"),
                 background_order=int(z["background_order"]) if "background_order" in z.files else 0,
                 tail_alpha=(float(z["tail_alpha"]) if "tail_alpha" in z.files and np.isfinite(z["tail_alpha"]) else None),
+                core_degree=int(z["core_degree"]) if "core_degree" in z.files else 0,
+                core_radius=float(z["core_radius"]) if "core_radius" in z.files else 1.0,
                 provenance=str(z["provenance"]) if "provenance" in z.files else "",
                 meta=json.loads(str(z["meta"])) if "meta" in z.files else {},
             )
@@ -373,7 +409,8 @@ def _second_difference(n: int, sigma: float) -> sp.csr_matrix:
 
 def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n_phi_knots=15, inner_radius=0.5,
                   degree=3, r_max=None, prior_sigma=1.0, log_error_floor=0.01, sigma_clip=5.0, n_clip=2,
-                  smooth_sigma=0.3, return_mask=False, source_index=None, offset_prior_sigma=1.0, tail=True):
+                  smooth_sigma=0.3, return_mask=False, source_index=None, offset_prior_sigma=1.0, tail=True,
+                  core_degree=0, core_radius=1.0, core_prior_sigma=1.0):
     """Fit the PRF shape (§4.3 eq. 14) to uncontaminated pixels; returns a normalised :class:`PRFModel`.
 
     ``dx, dy`` are the offsets of each used pixel from its (single) source, ``pixel_flux`` the
@@ -420,11 +457,14 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
                          "(too few isolated sources, or edge radii too large for this field)")
     y = np.log(np.where(use, f, 1.0) / np.where(use, F, 1.0))
     sig = np.sqrt((np.where(use, e, 1.0) / np.where(use, f, 1.0)) ** 2 + log_error_floor**2)
-    A = prf_design_matrix(r, phi, r_knots=r_knots, n_phi_knots=n_phi_knots, inner_radius=inner_radius, degree=degree)
+    A = prf_design_matrix(r, phi, r_knots=r_knots, n_phi_knots=n_phi_knots, inner_radius=inner_radius, degree=degree,
+                          core_degree=core_degree, core_radius=core_radius)
+    n_core = 2 * max(int(core_degree), 0)
     Br = spline_design_matrix(np.clip(r, r_knots[0], r_knots[-1]), r_knots, degree)
     radial_only, azim = _radial_split(r_knots, degree, inner_radius)
     D2 = _second_difference(Br.shape[1], smooth_sigma)
     Dfull = _prf_smoothness(r_knots, degree, inner_radius, n_phi_knots, smooth_sigma)
+    Dfull = sp.hstack([Dfull, sp.csr_matrix((Dfull.shape[0], n_core))], format="csr")
     nA = A.shape[1]
     if source_index is not None:
         si = np.asarray(source_index)
@@ -443,8 +483,8 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
         mu_r = np.r_[np.full(Br.shape[1], np.median(y[keep])), np.zeros(n_off)]
         sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
         a, _ = _wls(Ar[keep], y[keep], sig[keep], mu_r, sd_r, penalty=D2)
-        mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), a[Br.shape[1]:]])
-        sd = np.r_[np.full(nA, prior_sigma), np.full(n_off, offset_prior_sigma)]
+        mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), np.zeros(n_core), a[Br.shape[1]:]])
+        sd = np.r_[np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)]
         w_all, _ = _wls(Af[keep], y[keep], sig[keep], mu, sd, penalty=Dfull)
         if it == n_clip:
             break
@@ -458,7 +498,8 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
     model = PRFModel(weights=w, r_knots=r_knots, n_phi_knots=int(n_phi_knots), inner_radius=float(inner_radius),
-                     degree=int(degree), r_max=r_max, r_data=r_data)
+                     degree=int(degree), r_max=r_max, r_data=r_data, core_degree=max(int(core_degree), 0),
+                     core_radius=float(core_radius))
     if tail:
         model.fit_tail()
     model.normalise()
@@ -626,7 +667,9 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
                                     prior_sigma=p["prior_sigma"], log_error_floor=p["log_error_floor"],
                                     sigma_clip=p["sigma_clip"], return_mask=True, smooth_sigma=p["smooth_sigma"],
                                     source_index=s if p["source_offsets"] else None,
-                                    offset_prior_sigma=p["offset_prior_sigma"], tail=p["tail"])
+                                    offset_prior_sigma=p["offset_prior_sigma"], tail=p["tail"],
+                                    core_degree=p["core_degree"], core_radius=p["core_radius"],
+                                    core_prior_sigma=p["core_prior_sigma"])
         diag = {"dx": dx, "dy": dy, "log_ratio": np.log(np.clip(fsub, 1e-30, None) / F[s]), "keep": keep,
                 "flux": fsub, "source_flux": F[s]}
         # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
