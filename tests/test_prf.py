@@ -177,3 +177,39 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
         scatter[deg] = np.std(gains)
     print(scatter)
     assert scatter[2] < 0.7 * scatter[0]
+
+
+def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
+    """On a crowded synthetic TESS field, shape_purity < 1 also fits pixels one source dominates
+    (the rest subtracted): more shape pixels, and the PRF stays as close to the SPOC truth."""
+    from workflow_lib import tess_prf
+    from workflow_lib.cube import as_pixel_table
+    from workflow_lib.edge import a_priori_flux, fit_edge_to_frame, mean_frame
+    from workflow_lib.gaia import crossmatch
+    from workflow_lib.prf import fit_prf_model
+    from workflow_lib.synthetic import simulate_sector
+
+    cube, truth, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
+    cat = crossmatch(cube, incat, margin_pixels=4.0)
+    table = as_pixel_table(cube, drop_nan=False)
+    mf, me = mean_frame(table)
+    pc, pr = table["column"].values, table["row"].values
+    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
+    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    coeffs = tess_prf.prf_coefficients_at(float(np.median(sr)), float(np.median(sc)))
+    g = np.arange(-3, 4).astype(float)
+    R, C = np.meshgrid(g, g, indexing="ij")
+    rng = np.random.default_rng(0)
+    phases = rng.uniform(-0.5, 0.5, (20, 2))
+    out = {}
+    for purity in (1.0, 0.9):
+        m, diag = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"shape_purity": purity})
+        gains = []
+        for phr, phc in phases:
+            t = tess_prf.evaluate_prf(coeffs, R.ravel() - phr, C.ravel() - phc)
+            fm = m.evaluate(C.ravel() - phc, R.ravel() - phr)
+            gains.append(np.sum(fm * t) / np.sum(fm * fm))
+        out[purity] = (int(diag["keep"].sum()), float(np.std(gains)), float(np.mean(gains)))
+    print(out)
+    assert out[0.9][0] > out[1.0][0]
+    assert out[0.9][1] < 0.03 and abs(out[0.9][2] - 1) < 0.03
