@@ -30,8 +30,7 @@ localrules:
 rule all:
     input:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
-        expand(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr", field=FIELDS),
-        expand(f"{RESULTS}/{{field}}/lfd/prf_model.png", field=FIELDS),
+        lfd_outputs(),
         cpm_outputs(),
         f"{RESULTS}/report/index.html",
     default_target: True

@@ -96,13 +96,24 @@ def lfd_motion_input(wildcards):
 
 def lfd_lightcurves_input(wildcards):
     """The LFD light curves of a field, as a declared input (so summaries never race the LFD stage)."""
-    if not (config.get("lfd") or {}).get("enabled", True):
+    if not report_stage_enabled("lfd"):
         return {}
     return {"lfd": f"{RESULTS}/{wildcards.field}/lfd/lightcurves.zarr"}
 
 
+def lfd_outputs():
+    """Everything the LFD stage produces for `rule all` (nothing when `lfd.enabled` is false)."""
+    if not report_stage_enabled("lfd"):
+        return []
+    return expand(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr", field=FIELDS) + expand(
+        f"{RESULTS}/{{field}}/lfd/prf_model.png", field=FIELDS
+    )
+
+
 def cpm_outputs():
-    """Everything the CPM stage produces for `rule all`."""
+    """Everything the CPM stage produces for `rule all` (nothing when `cpm.enabled` is false)."""
+    if not report_stage_enabled("cpm"):
+        return []
     out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)
     out += expand(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr", field=FIELDS, paramset=CPM_PARAMSETS)
     out += expand(f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr", group=list(CPM_STITCH))
