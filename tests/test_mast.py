@@ -15,6 +15,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from workflow_lib.cube import CubeError, open_cube
+from workflow_lib import mast
 from workflow_lib.mast import MastError, download_field, parse_target, request_key
 
 REC = Path(__file__).resolve().parent / "data" / "mast"
@@ -224,3 +225,20 @@ def test_request_key_depends_on_selection():
     a = request_key({"mission": "Kepler", "target": "Kepler-16", "quarter": 12})
     assert a == request_key({"mission": "Kepler", "target": "Kepler-16", "quarter": 12})
     assert a != request_key({"mission": "Kepler", "target": "Kepler-16", "quarter": 11})
+
+
+def test_name_resolver_that_hangs_times_out(monkeypatch):
+    """astroquery's resolver uses a bare requests.get (no timeout): each attempt is cut at timeout_s."""
+    import time as _time
+
+    from astroquery.mast import utils as mast_utils
+
+    monkeypatch.setattr(mast_utils, "resolve_object", lambda name, **kw: _time.sleep(5))
+    t0 = _time.perf_counter()
+    with pytest.raises(mast.MastError, match="no answer within 0.2 s"):
+        mast.resolve_target("WASP-18", "TESS", retries=1, backoff_s=0.0, timeout_s=0.2)
+    assert _time.perf_counter() - t0 < 2.0
+    # a quick answer goes through unchanged
+    assert mast.call_with_timeout(lambda: 42, 1.0, "quick") == 42
+    with pytest.raises(ValueError, match="boom"):
+        mast.call_with_timeout(lambda: (_ for _ in ()).throw(ValueError("boom")), 1.0, "failing")

@@ -149,8 +149,35 @@ def parse_target(target, mission: str):
     return None, s
 
 
-def resolve_target(target, mission: str, *, retries: int, backoff_s: float):
-    """SkyCoord of the target (MAST resolver for names and ids)."""
+def call_with_timeout(fn, timeout_s: float, what: str):
+    """``fn()`` in a daemon thread, giving up after ``timeout_s`` with :class:`TimeoutError` (retryable).
+
+    For the astroquery calls that make a plain ``requests.get`` without a timeout (the MAST name
+    resolver), which the session adapter of :func:`_with_timeout` cannot reach. An abandoned call
+    keeps its daemon thread until it returns or the process exits.
+    """
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    th = threading.Thread(target=run, name=f"mast: {what}", daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def resolve_target(target, mission: str, *, retries: int, backoff_s: float, timeout_s: float = 60.0):
+    """SkyCoord of the target (MAST resolver for names and ids; each attempt limited to ``timeout_s``)."""
     from astroquery.exceptions import ResolverError
     from astroquery.mast import utils as mast_utils
 
@@ -164,7 +191,8 @@ def resolve_target(target, mission: str, *, retries: int, backoff_s: float):
         except ResolverError as exc:
             raise MastError(f"MAST could not resolve target {name!r}: {exc}") from exc
 
-    coord = with_retries(_resolve, f"resolving {name!r}", retries=retries, backoff_s=backoff_s)
+    coord = with_retries(lambda: call_with_timeout(_resolve, timeout_s, f"resolving {name!r}"), f"resolving {name!r}",
+                         retries=retries, backoff_s=backoff_s)
     log.info("resolved %r to RA %.6f Dec %.6f", name, coord.ra.deg, coord.dec.deg)
     return coord
 
@@ -229,7 +257,8 @@ def download_tesscut(mast_params: dict, cache_dir, *, retries: int = 3, timeout_
 
     cache_dir = Path(cache_dir)
     key = request_key(mast_params)
-    coord = resolve_target(mast_params.get("target"), "TESS", retries=retries, backoff_s=backoff_s)
+    coord = resolve_target(mast_params.get("target"), "TESS", retries=retries, backoff_s=backoff_s,
+                           timeout_s=min(timeout_s, 60.0))
     client = _with_timeout(TesscutClass(), timeout_s)
     sector = mast_params.get("sector")
     if sector is None:
@@ -326,7 +355,8 @@ def download_kepler_tpfs(mast_params: dict, cache_dir, *, retries: int = 3, time
 
     cache_dir = Path(cache_dir)
     mission = mast_params.get("mission", "Kepler")
-    coord = resolve_target(mast_params.get("target"), mission, retries=retries, backoff_s=backoff_s)
+    coord = resolve_target(mast_params.get("target"), mission, retries=retries, backoff_s=backoff_s,
+                           timeout_s=min(timeout_s, 60.0))
     radius = float(mast_params.get("radius_arcmin", 5.0)) * u.arcmin
     client = _with_timeout(ObservationsClass(), timeout_s)
 
