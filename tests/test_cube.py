@@ -111,3 +111,17 @@ def test_errors(tmp_path):
     with pytest.raises(CubeError, match=r"region time=\d+:\d+ needs \d+ values, got"):
         write_zarr_regions(template(ds), tmp_path / "bad.zarr", short, chunks={"time": 16, "row": 20, "column": 12})
     assert not (tmp_path / "bad.zarr").exists() and not list(tmp_path.glob(".bad.zarr.tmp-*"))
+
+
+def test_overlapping_stamps_keep_each_ccd_pixel_once(shared_data):
+    """tpf_test_00/01/02 (Kepler Q12 channel 4) overlap: a CCD pixel read by two stamps is kept once."""
+    from workflow_lib.cube import concat_stamps
+    from workflow_lib.fitsio import read_fits_cube
+
+    files = sorted((shared_data / "kepler").glob("tpf_test_0*.fits"))
+    stamps = [read_fits_cube(f) for f in files]
+    joined = concat_stamps(stamps)
+    rc = np.column_stack([joined["row"].values, joined["column"].values])
+    assert np.unique(rc, axis=0).shape[0] == joined.sizes["pixel"]
+    n_all = sum(int(np.isfinite(s["flux"].values).any(axis=0).sum()) for s in stamps)
+    assert joined.attrs["duplicate_pixels_dropped"] == n_all - joined.sizes["pixel"]

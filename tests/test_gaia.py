@@ -435,7 +435,8 @@ def test_header_fallback_when_offline(monkeypatch, tmp_path):
 
 
 def test_real_kepler_stamps_header_catalog(shared_data):
-    """The ten real Kepler Q12 ch4 stamps: each header target lands on its own stamp."""
+    """The ten real Kepler Q12 ch4 stamps: each header target lands on its own stamp (or, where stamps
+    overlap, on the stamp that keeps that CCD pixel)."""
     fitsio = pytest.importorskip("workflow_lib.fitsio")
     files = sorted((shared_data / "kepler").glob("tpf_test_0*.fits"))
     cube = fitsio.read_field(files)
@@ -444,7 +445,10 @@ def test_real_kepler_stamps_header_catalog(shared_data):
     assert len(cat) == len(files) == 10
     for r in cat:
         k = [int(s["target_id"]) for s in stamps].index(int(r["source_id"]))
-        assert r["stamp"] == k and r["on_cutout"]
+        assert r["on_cutout"]
+        if r["stamp"] != k:   # a pixel two stamps read is kept once, under the first stamp
+            near = np.argmin(np.hypot(cube["column"].values - r["column"], cube["row"].values - r["row"]))
+            assert cube["stamp"].values[near] == r["stamp"] < k and cube.attrs["duplicate_pixels_dropped"] > 0
 
 
 # ------------------------------------------------------------------ synthetic sector

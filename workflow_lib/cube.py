@@ -38,6 +38,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .logs import get_logger
+
+log = get_logger("cube")
+
 #: chunk sizes used when writing cubes: a compromise that lets per-frame work (LFD solve,
 #: whole time chunk) and per-pixel work (CPM, whole time series of a spatial block) both read
 #: few chunks.
@@ -173,6 +177,14 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
         tables.append(t)
     out = xr.concat(tables, dim="pixel", data_vars="minimal", combine_attrs="drop_conflicts", coords="minimal", compat="override", join="outer")
     out = out.assign_coords(time=ref["time"], cadenceno=ref["cadenceno"])
+    # overlapping stamps (neighbouring targets) read the same CCD pixel: keep it once (first stamp),
+    # so that no pixel counts twice as an independent measurement in the scene fits
+    rc = np.column_stack([out["row"].values, out["column"].values])
+    _, first = np.unique(rc, axis=0, return_index=True)
+    n_dup = out.sizes["pixel"] - first.size
+    if n_dup:
+        out = out.isel(pixel=np.sort(first))
+        log.info("joined stamps: %d pixels read by more than one stamp kept once (first stamp)", n_dup)
     # a cadence is flagged for the field if any stamp flags it
     out["quality"] = ("time", np.bitwise_or.reduce([st["quality"].values for st in stamps], axis=0), ref["quality"].attrs)
     # field-level attrs: what all stamps share (mission, quarter, channel...), not one target's
@@ -183,6 +195,7 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
     out.attrs["stamp_origin"] = json.dumps([[int(st["column"].values[0]), int(st["row"].values[0])] for st in stamps])
     out.attrs["stamps"] = json.dumps([{k: _jsonable(v) for k, v in st.attrs.items() if k != "wcs"} for st in stamps])
     out.attrs["layout"] = "pixel_table"
+    out.attrs["duplicate_pixels_dropped"] = int(n_dup)
     return out
 
 
