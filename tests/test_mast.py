@@ -164,12 +164,13 @@ def test_kepler_tpfs_by_name(fake_mast, shared_data, tmp_path):
     assert ds.attrs["layout"] == "pixel_table" and ds.attrs["quarter"] == 12 and ds.attrs["channel"] == 4
     stamps = json.loads(ds.attrs["stamps"])
     assert len(stamps) == 10 and stamps[0]["target_id"] == 12644769  # nearest (the target) first
-    # pixel count = collected pixels of the ten real stamps
-    n = 0
+    # pixel count = distinct CCD pixels collected by the ten real stamps (overlaps kept once)
+    ccd = set()
     for f in fake.tpfs.values():
         with fits.open(f) as h:
-            n += int(np.isfinite(h[1].data["FLUX"]).any(axis=0).sum())
-    assert ds.sizes["pixel"] == n
+            rr, cc = np.nonzero(np.isfinite(h[1].data["FLUX"]).any(axis=0))
+            ccd |= set(zip((rr + h[1].header["2CRV5P"]).tolist(), (cc + h[1].header["1CRV5P"]).tolist()))
+    assert ds.sizes["pixel"] == len(ccd)
 
     # max_tpfs keeps the nearest ones; those files are cache hits (no download)
     fake.calls.clear()
