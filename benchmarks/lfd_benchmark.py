@@ -139,6 +139,25 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     return out
 
 
+def target_sample(truth, cat, idx, pc, pr) -> dict:
+    """The sources ``idx`` of ``cat`` matched to ``truth``: true flux (len(idx), ntime), kind, G,
+    position, and the samples of the targets: ``sel`` = isolated constant stars brighter than G = 15
+    more than 1 px inside the pixels (target a; isolated: the other catalog sources within 2.5 px add
+    up to < 5 % of its a-priori flux), ``const`` = constant stars brighter than G = 16 (c, d)."""
+    pos = {int(s): i for i, s in enumerate(np.asarray(truth["source_id"].values))}
+    ti = np.array([pos[int(s)] for s in np.asarray(cat["source_id"], np.int64)[idx]])
+    kind = np.array([str(k) for k in truth["kind"].values])[ti]
+    gmag = np.asarray(cat["phot_g_mean_mag"], float)[idx]
+    sc = np.asarray(cat["column"], float)[idx]
+    sr = np.asarray(cat["row"], float)[idx]
+    allc = np.column_stack([np.asarray(cat["column"], float), np.asarray(cat["row"], float)])
+    allf = np.asarray(cat["expected_flux"], float)
+    isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
+    on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
+    return {"tflux": np.asarray(truth["flux"].values, float)[ti], "kind": kind, "gmag": gmag, "sc": sc, "sr": sr,
+            "sel": isolated & on & (gmag < 15) & (kind == "constant"), "const": on & (kind == "constant") & (gmag < 16)}
+
+
 def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
     """The issue's accuracy figures against ``truth`` for the sources ``idx`` of ``cat``.
 
@@ -146,23 +165,10 @@ def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
     optionally ``noise_err``: the error from the pixel noise alone (the injected noise propagated
     through the solve); the p2p figure (a) compares with it when present, else with ``flux_err``.
     """
-    tsid = np.asarray(truth["source_id"].values)
-    pos = {int(s): i for i, s in enumerate(tsid)}
+    ts = target_sample(truth, cat, idx, pc, pr)
+    tflux, sel, const = ts["tflux"], ts["sel"], ts["const"]
     sid = np.asarray(cat["source_id"], np.int64)[idx]
-    ti = np.array([pos[int(s)] for s in sid])
-    tflux = np.asarray(truth["flux"].values, float)[ti]
-    kind = np.array([str(k) for k in truth["kind"].values])[ti]
-    gmag = np.asarray(cat["phot_g_mean_mag"], float)[idx]
-    sc = np.asarray(cat["column"], float)[idx]
-    sr = np.asarray(cat["row"], float)[idx]
     good = (quality == 0) & np.isfinite(res["motion"]["flux"]).all(axis=0)
-    allc = np.column_stack([np.asarray(cat["column"], float), np.asarray(cat["row"], float)])
-    allf = np.asarray(cat["expected_flux"], float)
-    # isolated: the other catalog sources within 2.5 px add up to < 5 % of its a-priori flux
-    isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
-    on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
-    sel = isolated & on & (gmag < 15) & (kind == "constant")
-    const = on & (kind == "constant") & (gmag < 16)
     out = {"n_isolated_bright": int(sel.sum()), "n_constant": int(const.sum())}
     for name in res:
         F, E = res[name]["flux"][:, good], res[name]["flux_err"][:, good]
@@ -267,21 +273,9 @@ def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err
     from workflow_lib import tess_prf
 
     d = Path(d)
-    tsid = np.asarray(truth["source_id"].values)
-    pos = {int(s): i for i, s in enumerate(tsid)}
-    sid_all = np.asarray(catalog["source_id"], np.int64)
-    sid = sid_all[idx]
-    ti = np.array([pos[int(s)] for s in sid])
-    T = np.asarray(truth["flux"].values, float)[ti]
-    kind = np.array([str(k) for k in truth["kind"].values])[ti]
-    gmag = np.asarray(catalog["phot_g_mean_mag"], float)[idx]
-    sc = np.asarray(catalog["column"], float)[idx]
-    sr = np.asarray(catalog["row"], float)[idx]
-    allc = np.column_stack([np.asarray(catalog["column"], float), np.asarray(catalog["row"], float)])
-    allf = np.asarray(catalog["expected_flux"], float)
-    isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
-    on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
-    sel = np.flatnonzero(isolated & on & (gmag < 15) & (kind == "constant"))
+    ts = target_sample(truth, catalog, idx, pc, pr)
+    T, gmag, sc, sr = ts["tflux"], ts["gmag"], ts["sc"], ts["sr"]
+    sel = np.flatnonzero(ts["sel"])
     good = (quality == 0) & np.isfinite(flux).all(axis=0)
     with np.load(d / "motion.npz") as z:
         cx, cy = np.asarray(z["scene_offset_column"], float), np.asarray(z["scene_offset_row"], float)
