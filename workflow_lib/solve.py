@@ -521,11 +521,8 @@ def blended_sources(column, row, flux, radius: float):
     out = np.zeros(len(xy), bool)
     if radius <= 0 or len(xy) < 2:
         return out
-    for i, j in cKDTree(xy).query_pairs(float(radius), output_type="ndarray"):
-        if flux[i] >= flux[j]:
-            out[j] = True
-        else:
-            out[i] = True
+    i, j = cKDTree(xy).query_pairs(float(radius), output_type="ndarray").T
+    out[np.where(flux[i] >= flux[j], j, i)] = True   # the fainter of each close pair
     return out
 
 
@@ -552,7 +549,7 @@ def decorrelate_offsets(time, flux, cx, cy, good, *, degree: int = 2, window_day
     """
     from scipy.ndimage import median_filter
 
-    from .motion import shift_monomials
+    from .motion import n_terms, shift_monomials
 
     flux = np.asarray(flux, float)
     time = np.asarray(time, float)
@@ -560,7 +557,7 @@ def decorrelate_offsets(time, flux, cx, cy, good, *, degree: int = 2, window_day
     cy = np.asarray(cy, float)
     have = np.isfinite(cx) & np.isfinite(cy)
     use = np.asarray(good, bool) & have
-    nterm = (int(degree) + 1) * (int(degree) + 2) // 2 - 1
+    nterm = n_terms(degree) - 1      # the offset monomials without the constant
     coef = np.zeros((flux.shape[0], max(nterm, 0)))
     if degree < 1 or use.sum() < 10 * max(nterm, 1):
         return flux.copy(), coef
