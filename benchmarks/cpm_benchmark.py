@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from workflow_lib import cpm  # noqa: E402
-from workflow_lib.cube import as_pixel_table  # noqa: E402
-from workflow_lib.synthetic import simulate_sector  # noqa: E402
+from workflow_lib.cpm import model as cpm  # noqa: E402
+from workflow_lib.data.cube import as_pixel_table  # noqa: E402
+from workflow_lib.data.synthetic import simulate_sector  # noqa: E402
+from workflow_lib.cpm import apertures  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -116,11 +117,11 @@ def main(argv=None):
     if not args.no_quality:
         from test_cpm import evaluate_truth, summarize_quality
 
-        from workflow_lib.gaia import crossmatch
+        from workflow_lib.data.gaia import crossmatch
 
         cat = crossmatch(cube, catalog)
         det_cube = cpm.cpm_detrend_cube(cube, params, threads=args.threads)
-        cpm_lc, raw_lc = cpm.aperture_lightcurves(cube, det_cube, cat, cpm.ApertureParams())
+        cpm_lc, raw_lc = apertures.aperture_lightcurves(cube, det_cube, cat, apertures.ApertureParams())
         qd = evaluate_truth(cube, truth, cpm_lc, raw_lc)
         s = summarize_quality(qd)
         print("  quality vs truth:")

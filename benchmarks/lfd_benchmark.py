@@ -26,7 +26,11 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_lib import motion, solve  # noqa: E402
+from workflow_lib.lfd import motion  # noqa: E402
+from workflow_lib.lfd import solve  # noqa: E402
+from workflow_lib.lfd import geometry  # noqa: E402
+from workflow_lib.steps import lfd  # noqa: E402
+from workflow_lib.lfd import linsys  # noqa: E402
 
 
 class TruePRF:
@@ -34,7 +38,7 @@ class TruePRF:
     normalised to unit full-lattice sum at zero phase."""
 
     def __init__(self, ccd_row, ccd_col):
-        from workflow_lib import tess_prf
+        from workflow_lib.data import tess_prf
 
         self._tp = tess_prf
         self.coeffs = tess_prf.prf_coefficients_at(float(ccd_row), float(ccd_col))
@@ -48,12 +52,12 @@ class TruePRF:
 def true_prf_scene(catalog, pixel_col, pixel_row, radius=5.0):
     """Scene matrix from the SPOC PRF at the field centre, columns normalised to the full-lattice
     sum (weights = total flux); a stand-in for part 1's fitted PRF with no fitting error."""
-    from workflow_lib import tess_prf
+    from workflow_lib.data import tess_prf
 
     sc = np.asarray(catalog["column"], float)
     sr = np.asarray(catalog["row"], float)
     coeffs = tess_prf.prf_coefficients_at(float(np.median(pixel_row)), float(np.median(pixel_col)))
-    from workflow_lib.edge import source_pixel_pairs
+    from workflow_lib.lfd.geometry import source_pixel_pairs
 
     src, pix, dx, dy = source_pixel_pairs(sc, sr, pixel_col, pixel_row, radius)
     vals = tess_prf.evaluate_prf(coeffs, dy, dx)
@@ -76,8 +80,8 @@ def mean_frame_flux(flux, err, quality, S, B, prior, n_iter=5):
         Sa = S[:, idx]
         mu = np.concatenate([prior[idx], np.zeros(B.shape[1])])
         sig = np.concatenate([10 * prior[idx], np.full(B.shape[1], 1e6)])
-        sysm = solve.build_system(Sa, B, mu, sig, me)
-        w, _ = solve.solve_direct(sysm, mf, me, errors=False)
+        sysm = linsys.build_system(Sa, B, mu, sig, me)
+        w, _ = linsys.solve_direct(sysm, mf, me, errors=False)
         neg = w[: idx.size] <= 0
         if not neg.any():
             break
@@ -89,9 +93,9 @@ def mean_frame_flux(flux, err, quality, S, B, prior, n_iter=5):
 
 def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | None = None, log=print):
     """Simulate a sector, fit the motion model, solve with and without motion; return metrics."""
-    from workflow_lib.cube import as_pixel_table
-    from workflow_lib.gaia import crossmatch
-    from workflow_lib.synthetic import simulate_sector
+    from workflow_lib.data.cube import as_pixel_table
+    from workflow_lib.data.gaia import crossmatch
+    from workflow_lib.data.synthetic import simulate_sector
 
     t0 = _time.perf_counter()
     cube, truth, incat = simulate_sector(sim_params, field="bench")
@@ -105,7 +109,7 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     pr = np.asarray(table["row"].values, float)
     log(f"simulated {flux.shape[1]} px x {flux.shape[0]} cadences, {len(cat)} catalog sources in {_time.perf_counter() - t0:.1f} s")
     S_all = true_prf_scene(cat, pc, pr)
-    B = solve.background_design(pc, pr, 1)
+    B = geometry.background_design(pc, pr, 1)
     mean_flux, active = mean_frame_flux(flux, err, quality, S_all, B, np.asarray(cat["expected_flux"], float))
     idx = np.flatnonzero(active)
     S = S_all[:, idx].tocsr()
@@ -120,7 +124,7 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
         motion_params = {"correction_degree": 0}
     mm, summ = motion.fit_field_motion(tt, flux, err, quality, S, mean_flux[idx], pc, pr, sc, sr, motion_params, prf=prf)
     t_motion = _time.perf_counter() - t1
-    dx, dy = solve.scene_offsets(S, pc, pr, sc, sr)
+    dx, dy = geometry.scene_offsets(S, pc, pr, sc, sr)
     basis, tb = motion.motion_factors(mm, dx, dy, tt, prf=prf)
     mu = np.concatenate([mean_flux[idx], np.zeros(B.shape[1])])
     sig = np.concatenate([10 * mean_flux[idx], np.full(B.shape[1], 1e6)])
@@ -199,10 +203,10 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     the figures of :func:`truth_metrics` from the written light curves."""
     import xarray as xr
 
-    from workflow_lib.edge import edge_model_step
-    from workflow_lib.gaia import crossmatch_field
-    from workflow_lib.prf import prf_model_step
-    from workflow_lib.synthetic import write_synthetic_field
+    from workflow_lib.steps.lfd import edge_model_step
+    from workflow_lib.data.gaia import crossmatch_field
+    from workflow_lib.steps.lfd import prf_model_step
+    from workflow_lib.data.synthetic import write_synthetic_field
 
     params = params or {}
     d = Path(workdir)
@@ -218,7 +222,7 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", params.get("prf"))
     timing["prf_s"] = _time.perf_counter() - t
     t = _time.perf_counter()
-    motion.motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", params.get("motion"))
+    lfd.motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", params.get("motion"))
     timing["motion_s"] = _time.perf_counter() - t
     res = {}
     # motion: the default solve (shift motion model + per-source offset decorrelation); paper: the
@@ -228,7 +232,7 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     for name, use, extra in variants:
         sp_ = dict(params.get("solve") or {}, use_motion=use, write_fits=False, **extra)
         t = _time.perf_counter()
-        lc = solve.flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz" if use else None,
+        lc = lfd.flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz" if use else None,
                                    d / f"lc_{name}.zarr", None, sp_, threads=threads)
         timing[f"solve_{name}_s"] = _time.perf_counter() - t
         res[name] = lc
@@ -240,7 +244,7 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     catalog = Table.read(str(d / "catalog.ecsv"), format="ascii.ecsv")
     cube = xr.open_zarr(d / "cube.zarr")
     quality = np.asarray(cube["quality"].values)
-    from workflow_lib.cube import as_pixel_table
+    from workflow_lib.data.cube import as_pixel_table
 
     table = as_pixel_table(cube, drop_nan=False)
     pc = np.asarray(table["column"].values, float)
@@ -270,7 +274,7 @@ def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err
     the fitted PRF against the motion-blurred SPOC PRF of that star (PRF shape error: predicts the
     mean bias); and, per in-model neighbour within 1.5 px, the correlation of its flux error with the
     star's (flux traded between near-degenerate sources)."""
-    from workflow_lib import tess_prf
+    from workflow_lib.data import tess_prf
 
     d = Path(d)
     ts = target_sample(truth, catalog, idx, pc, pr)
@@ -283,7 +287,7 @@ def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err
     bkg = np.asarray(truth["background"].values, float)
     dcol = np.asarray(truth["drift_column"].values, float)[good][::10]
     drow = np.asarray(truth["drift_row"].values, float)[good][::10]
-    from workflow_lib.prf import PRFModel
+    from workflow_lib.lfd.prf import PRFModel
 
     prf = PRFModel.load(d / "prf.npz")
     k = np.arange(-8, 9).astype(float)
@@ -339,8 +343,8 @@ def print_per_star(rows):
 def prf_truth_metrics(d, catalog, truth):
     """Part 1 figures: core rms error of the fitted PRF vs the SPOC PRF at the field centre
     (r < 1.5 px, relative to the peak), mean-frame flux error of isolated G < 15 stars, dropped sources."""
-    from workflow_lib import tess_prf
-    from workflow_lib.prf import PRFModel
+    from workflow_lib.data import tess_prf
+    from workflow_lib.lfd.prf import PRFModel
 
     m = PRFModel.load(d / "prf.npz")
     sc = np.asarray(catalog["column"], float)
@@ -397,7 +401,7 @@ def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=p
     sc = rng.uniform(-1, npix_side, nsrc)
     sr = rng.uniform(-1, npix_side, nsrc)
     f0 = 10 ** rng.uniform(2.0, 5.0, nsrc)
-    from workflow_lib.edge import source_pixel_pairs
+    from workflow_lib.lfd.geometry import source_pixel_pairs
 
     t0 = _time.perf_counter()
     src, pix, dx, dy = source_pixel_pairs(sc, sr, pc, pr, 3.0)
@@ -405,7 +409,7 @@ def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=p
     frac = lambda d: 0.5 * (erf((d + 0.5) / s2) - erf((d - 0.5) / s2))  # noqa: E731
     S = sp.csr_matrix((frac(dx) * frac(dy), (pix, src)), shape=(pc.size, nsrc))
     S.sort_indices()
-    B = solve.background_design(pc, pr, 0)
+    B = geometry.background_design(pc, pr, 0)
     truth = f0[:, None] * np.ones((1, ntime))
     model = (S @ truth).T + 20.0
     err = np.sqrt(model + 25.0)
@@ -417,7 +421,7 @@ def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=p
     # a smooth synthetic motion model (factor 1 +- 2 %) so the per-frame scene changes
     mm = motion.MotionModel(np.zeros((9, 4)), np.linspace(-3, 3, 2 + 0), 2, 3, 0.0, 1.0)
     mm.weights = np.column_stack([np.ones(9), 0.02 * rng.standard_normal(9), np.zeros(9), np.zeros(9)])
-    ddx, ddy = solve.scene_offsets(S, pc, pr, sc, sr)
+    ddx, ddy = geometry.scene_offsets(S, pc, pr, sc, sr)
     basis, tb = motion.motion_factors(mm, ddx, ddy, np.linspace(-1, 1, ntime))
     res = solve.source_flux(data, err, S, B, mu, sig, motion_basis=basis, motion_time=tb, method="pcg",
                             threads=threads, time_chunk=max(1, ntime // threads))

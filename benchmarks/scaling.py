@@ -46,7 +46,7 @@ def full_config() -> dict:
     from snakemake.utils import validate
 
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    validate(cfg, str(REPO / "config" / "schema.yaml"), set_default=True)
+    validate(cfg, str(REPO / "workflow_lib" / "schema.yaml"), set_default=True)
     return cfg
 
 
@@ -56,36 +56,42 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
     lfd = cfg.get("lfd", {})
     t0 = time.perf_counter()
     if stage == "import":
-        from workflow_lib import cpm, edge, gaia, motion, prf, solve, synthetic  # noqa: F401
+        from workflow_lib.cpm import model as cpm  # noqa: F401
+        from workflow_lib.lfd import edge  # noqa: F401
+        from workflow_lib.data import gaia  # noqa: F401
+        from workflow_lib.lfd import motion  # noqa: F401
+        from workflow_lib.lfd import prf  # noqa: F401
+        from workflow_lib.lfd import solve  # noqa: F401
+        from workflow_lib.data import synthetic  # noqa: F401
     elif stage == "download":
-        from workflow_lib.synthetic import write_synthetic_field
+        from workflow_lib.data.synthetic import write_synthetic_field
 
         write_synthetic_field(d / "cube.zarr", d / "truth.zarr", d / "input_catalog.ecsv",
                               {"seed": seed, "n_rows": side, "n_cols": side, "n_cadences": ncad}, field="scale")
     elif stage == "gaia":
-        from workflow_lib.gaia import crossmatch_field
+        from workflow_lib.data.gaia import crossmatch_field
 
         crossmatch_field(d / "cube.zarr", d / "catalog.ecsv", cfg.get("gaia", {}), str(d / "input_catalog.ecsv"))
     elif stage == "edge":
-        from workflow_lib.edge import edge_model_step
+        from workflow_lib.steps.lfd import edge_model_step
 
         edge_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", lfd.get("edge", {}))
     elif stage == "prf":
-        from workflow_lib.prf import prf_model_step
+        from workflow_lib.steps.lfd import prf_model_step
 
         prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", lfd.get("prf", {}))
     elif stage == "motion":
-        from workflow_lib.motion import motion_model_step
+        from workflow_lib.steps.lfd import motion_model_step
 
         motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", lfd.get("motion", {}))
     elif stage == "flux_solve":
-        from workflow_lib.solve import flux_solve_step
+        from workflow_lib.steps.lfd import flux_solve_step
 
         p = dict(lfd.get("solve", {}), write_fits=False)
         flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz",
                         d / "motion.npz" if p.get("use_motion", True) else None, d / "lfd.zarr", None, p, threads=threads)
     elif stage == "cpm":
-        from workflow_lib.cpm import run_cpm_detrend
+        from workflow_lib.steps.cpm import run_cpm_detrend
 
         run_cpm_detrend(d / "cube.zarr", d / "catalog.ecsv", detrended_path=d / "cpm.zarr", lightcurves_path=d / "cpm_lc.zarr",
                         raw_lightcurves_path=d / "raw_lc.zarr", fits_dir=d / "cpm_fits", config=cfg.get("cpm", {}),

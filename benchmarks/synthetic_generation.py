@@ -14,8 +14,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_lib import synthetic as syn  # noqa: E402
-from workflow_lib import tess_prf as tp  # noqa: E402
+from workflow_lib.data import synthetic as syn  # noqa: E402
+from workflow_lib.data import tess_prf as tp  # noqa: E402
 
 
 def main():

@@ -2,13 +2,14 @@
 import json
 from snakemake.utils import validate
 
-from workflow_lib.logs import logged, run_step
+from workflow_lib.core.logs import logged, run_step
+from workflow_lib.core.settings import SCHEMA_PATH
 
 
 configfile: "config/config.yaml"
 
 
-validate(config, schema="../config/schema.yaml")
+validate(config, schema=str(SCHEMA_PATH))
 
 RESULTS = f"results/{config['run']}"
 FIELDS = list(config["fields"])
@@ -132,7 +133,7 @@ def report_cpm_paramsets():
     """CPM parameter-set names (workflow_lib.cpm.paramset_names: 'default' plus one per
     cpm.sweep_lambda_L entry); 'default' if that helper is unavailable."""
     try:
-        from workflow_lib.cpm import paramset_names
+        from workflow_lib.cpm.model import paramset_names
 
         return list(paramset_names(config.get("cpm") or {}))
     except ImportError:

@@ -6,10 +6,10 @@
 #   results/<run>/stitched/<group>/cpm/<paramset>/{lightcurves.zarr, fits/}
 #
 # <paramset> is `default` (the `cpm:` config) or `lambda_L_<value>` (one per cpm.sweep_lambda_L entry).
-from workflow_lib.cpm import run_cpm_detrend
-from workflow_lib.cpm import run_cpm_stitch
-from workflow_lib.cpm import sweep_summary
-from workflow_lib.cpm import paramset_names
+from workflow_lib.steps.cpm import run_cpm_detrend
+from workflow_lib.steps.cpm import run_cpm_stitch
+from workflow_lib.steps.cpm import sweep_summary
+from workflow_lib.cpm.model import paramset_names
 
 CPM_PARAMSETS = paramset_names(config["cpm"])
 CPM_STITCH = dict(config["cpm"].get("stitch", {}))

@@ -1,9 +1,9 @@
 # Stage 1: download. One pixel cube (zarr) per field, from one of three sources.
 
 
-from workflow_lib.fitsio import write_local_field
-from workflow_lib.mast import download_field
-from workflow_lib.synthetic import write_synthetic_field
+from workflow_lib.data.fits_reader import write_local_field
+from workflow_lib.data.mast import download_field
+from workflow_lib.data.synthetic import write_synthetic_field
 
 rule download_synthetic:
     """Simulate a TESS sector through the real TESS PRF; write the cube, the truth and the

@@ -1,7 +1,7 @@
 # Stage 2: Gaia crossmatch. Sources propagated by proper motion to the cube's mid-time, in pixels.
 
 
-from workflow_lib.gaia import crossmatch_field
+from workflow_lib.data.gaia import crossmatch_field
 
 rule gaia_crossmatch:
     input:

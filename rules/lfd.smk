@@ -3,10 +3,10 @@
 # Settings: config["lfd"] sub-objects edge / prf / motion / solve (config/schema.yaml).
 
 
-from workflow_lib.edge import edge_model_step
-from workflow_lib.motion import motion_model_step
-from workflow_lib.prf import prf_model_step
-from workflow_lib.solve import flux_solve_step
+from workflow_lib.steps.lfd import edge_model_step
+from workflow_lib.steps.lfd import motion_model_step
+from workflow_lib.steps.lfd import prf_model_step
+from workflow_lib.steps.lfd import flux_solve_step
 
 rule edge_model:
     """§4.2: circular PRF edge radius as a function of flux; uncontaminated pixels."""

@@ -2,8 +2,8 @@
 # report() so that `snakemake --report report.html` includes them.
 #
 # Input paths of the later stages: adjust here if LFD / CPM change their layout.
-from workflow_lib.report import write_field_report
-from workflow_lib.report import write_index_report
+from workflow_lib.report.page import write_field_report
+from workflow_lib.report.page import write_index_report
 
 REPORT_LFD_LIGHTCURVES = "{results}/{field}/lfd/lightcurves.zarr"
 REPORT_CPM_LIGHTCURVES = "{results}/{field}/cpm/{paramset}/lightcurves.zarr"

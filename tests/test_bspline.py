@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.interpolate import BSpline
 
-from workflow_lib.bspline import spline_design_matrix, tensor_product, wrapped_spline_design_matrix
+from workflow_lib.lfd.bspline import spline_design_matrix, tensor_product, wrapped_spline_design_matrix
 
 
 def test_spline_design_matrix_reproduces_a_spline():

@@ -8,8 +8,10 @@ import warnings
 import numpy as np
 import pytest
 
-from workflow_lib import cpm
-from workflow_lib.cube import CubeError, make_cube
+from workflow_lib.cpm import model as cpm
+from workflow_lib.data.cube import CubeError, make_cube
+from workflow_lib.cpm import apertures  # noqa: E402
+from workflow_lib.cpm import stitch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- reference
@@ -214,7 +216,7 @@ def test_quality_cadences_dropped_and_k_scaled():
 
 
 def test_pixel_table_matches_image_layout():
-    from workflow_lib.cube import as_pixel_table
+    from workflow_lib.data.cube import as_pixel_table
 
     flux, time, _ = systematics_cube(8, 8, 90, seed=6)
     cube = as_cube(flux, time)
@@ -234,7 +236,7 @@ def test_stitch_recovers_offset():
     f = lambda t: 1000 + 2.0 * t  # a linear astrophysical trend across both sectors
     f1 = f(t1) + rng.normal(0, 0.5, t1.size)
     f2 = f(t2) - 137.0 + rng.normal(0, 0.5, t2.size)
-    t, s, off = cpm.stitch_sectors([t1, t2], [f1, f2])
+    t, s, off = stitch.stitch_sectors([t1, t2], [f1, f2])
     assert abs(off[1] - 137.0) < 0.5
     np.testing.assert_allclose(s[1200:], f2 + off[1])
 
@@ -245,14 +247,14 @@ def test_source_apertures_radius_by_brightness():
     rows, cols = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
     cat = Table({"source_id": [1, 2, 3], "row": [5.0, 12.2, 30.0], "column": [5.0, 11.9, 3.0],
                  "phot_g_mean_mag": [9.0, 15.0, 10.0], "on_cutout": [True, True, False]})
-    aps, meta = cpm.source_apertures(cat, rows.ravel(), cols.ravel(), cpm.ApertureParams(),
+    aps, meta = apertures.source_apertures(cat, rows.ravel(), cols.ravel(), apertures.ApertureParams(),
                                      user_apertures={"mine": [[1, 1], [1, 2]]})
     assert list(meta["source_id"]) == [1, 2, -1]
     assert meta["aperture_npix"][0] == 29  # r = 3 px around a pixel centre: 29 pixel centres
     assert meta["aperture_npix"][1] == 3  # faint: r = 1 px around (12.2, 11.9): (12,12), (12,11), (13,12)
     assert meta["aperture_npix"][2] == 2
     with pytest.raises(CubeError, match="not on the cube"):
-        cpm.source_apertures(None, rows.ravel(), cols.ravel(), cpm.ApertureParams(), user_apertures={"x": [[50, 50]]})
+        apertures.source_apertures(None, rows.ravel(), cols.ravel(), apertures.ApertureParams(), user_apertures={"x": [[50, 50]]})
 
 
 # ----------------------------------------------------------------------------- quality on synthetic truth
@@ -264,9 +266,9 @@ def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_c
     transit-depth ratios CPM/RAW per planet, and the supernova peak ratio observed/expected
     (expected = injected additive flux x the PRF fraction inside the aperture at peak time).
     """
-    from workflow_lib.cpm import HARD_BITMASK
+    from workflow_lib.core.quality import HARD_BITMASK
     from workflow_lib.metrics import template_amplitude, white_noise_cdpp
-    from workflow_lib.tess_prf import render_prf
+    from workflow_lib.data.tess_prf import render_prf
 
     time = cpm_lc["time"].values
     good = ((cpm_lc["quality"].values.astype(np.int64) & HARD_BITMASK["TESS"]) == 0)
@@ -468,9 +470,10 @@ def test_constant_star_cdpp_vs_raw_and_floor(scene_result):
 
 @pytest.fixture(scope="module")
 def small_sector(tmp_path_factory):
-    synthetic = pytest.importorskip("workflow_lib.synthetic")
-    from workflow_lib.cube import atomic_path, write_zarr_atomic
-    from workflow_lib.gaia import crossmatch
+    synthetic = pytest.importorskip("workflow_lib.data.synthetic")
+    from workflow_lib.core.atomic import atomic_path
+    from workflow_lib.data.cube import write_zarr_atomic
+    from workflow_lib.data.gaia import crossmatch
 
     cube, truth, catalog = synthetic.simulate_sector({"seed": 3, "n_rows": 16, "n_cols": 16, "n_cadences": 300,
                                                       "n_bad_pixels": 1}, "small")
@@ -487,7 +490,7 @@ SMALL_CFG = {"n_predictors": 40, "exclusion_size": 5, "k": 30, "scale_k_with_cad
 
 def test_fast_matches_reference_on_synthetic_sector(small_sector):
     d, cube, _ = small_sector
-    from workflow_lib.cube import as_pixel_table
+    from workflow_lib.data.cube import as_pixel_table
 
     params = cpm.cpm_params(SMALL_CFG)
     tab = as_pixel_table(cube, drop_nan=False)
@@ -512,7 +515,7 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     lk = pytest.importorskip("lightkurve")
     import xarray as xr
 
-    from workflow_lib.cube import open_cube
+    from workflow_lib.data.cube import open_cube
 
     d, cube, cat = small_sector
     out = tmp_path / "cpm" / "default"
@@ -549,8 +552,8 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
 def test_run_cpm_stitch(tmp_path):
     import xarray as xr
 
-    from workflow_lib.cube import write_zarr_atomic
-    from workflow_lib.lightcurve import lightcurve_set
+    from workflow_lib.data.cube import write_zarr_atomic
+    from workflow_lib.data.lightcurves import lightcurve_set
 
     rng = np.random.default_rng(2)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from workflow_lib.cube import CubeError, init_zarr_regions, make_cube, open_cube, write_zarr_atomic, write_zarr_regions
+from workflow_lib.data.cube import CubeError, init_zarr_regions, make_cube, open_cube, write_zarr_atomic, write_zarr_regions
 
 NT, NR, NC = 50, 20, 12
 
@@ -115,8 +115,8 @@ def test_errors(tmp_path):
 
 def test_overlapping_stamps_keep_each_ccd_pixel_once(shared_data):
     """tpf_test_00/01/02 (Kepler Q12 channel 4) overlap: a CCD pixel read by two stamps is kept once."""
-    from workflow_lib.cube import concat_stamps
-    from workflow_lib.fitsio import read_fits_cube
+    from workflow_lib.data.cube import concat_stamps
+    from workflow_lib.data.fits_reader import read_fits_cube
 
     files = sorted((shared_data / "kepler").glob("tpf_test_0*.fits"))
     stamps = [read_fits_cube(f) for f in files]

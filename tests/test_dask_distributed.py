@@ -18,8 +18,11 @@ from scipy.special import erf
 
 distributed = pytest.importorskip("distributed")
 
-from workflow_lib import parallel, solve  # noqa: E402
-from workflow_lib.cpm import CPMParams, cpm_detrend_pixels  # noqa: E402
+from workflow_lib.core import parallel  # noqa: E402
+from workflow_lib.lfd import solve  # noqa: E402
+from workflow_lib.cpm.model import CPMParams, cpm_detrend_pixels  # noqa: E402
+from workflow_lib.lfd import geometry  # noqa: E402
+from workflow_lib.lfd import linsys  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def solve_field(seed=0, n=18, nsrc=35, ntime=40):
 
     S = sp.csr_matrix((frac(sc[s], pc[p]) * frac(sr[s], pr[p]), (p, s)), shape=(pc.size, nsrc))
     S.sum_duplicates()
-    B = solve.background_design(pc, pr, 1)
+    B = geometry.background_design(pc, pr, 1)
     f0 = 10 ** rng.uniform(2.5, 4.5, nsrc)
     truth = f0[:, None] * (1 + 0.01 * rng.standard_normal((nsrc, ntime)))
     model = (S @ truth + B @ np.array([30.0, 3.0, -2.0])[:, None]).T
@@ -114,7 +117,7 @@ def test_pcg_system_pickles_and_refactorises():
     import pickle
 
     f = solve_field(ntime=10)
-    sysm = solve.build_system(f["S"], f["B"], f["mu"], f["sig"], np.nanmean(f["err"], axis=0), direct=False, pcg=True)
+    sysm = linsys.build_system(f["S"], f["B"], f["mu"], f["sig"], np.nanmean(f["err"], axis=0), direct=False, pcg=True)
     clone = pickle.loads(pickle.dumps(sysm))
     rhs = np.arange(sysm.nvar, dtype=float)
     np.testing.assert_allclose(clone.mean_lu.solve(rhs), sysm.mean_lu.solve(rhs), rtol=1e-12)
@@ -138,7 +141,7 @@ def test_solve_chunks_through_parallel_map(cluster):
     f = solve_field(seed=2, ntime=24)
     ntime = f["data"].shape[0]
     mean_err = np.sqrt(np.nanmean(f["err"] ** 2, axis=0))
-    sysm = solve.build_system(f["S"], f["B"], f["mu"], f["sig"], mean_err, direct=True)
+    sysm = linsys.build_system(f["S"], f["B"], f["mu"], f["sig"], mean_err, direct=True)
     tasks = [dict(i0=i, i1=min(ntime, i + 5)) for i in range(0, ntime, 5)]
     shared = dict(sys=sysm, method="direct", flux=f["data"], flux_err=f["err"], motion_basis=f["basis"],
                   motion_time=f["mtime"], rtol=1e-10)

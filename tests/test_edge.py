@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from workflow_lib.edge import (edge_design_matrix, edge_model_flux, edge_radius, fit_edge_model, source_pixel_pairs,
-                               uncontaminated_pixels)
+from workflow_lib.lfd.edge import edge_design_matrix, edge_model_flux, edge_radius, fit_edge_model, uncontaminated_pixels
+from workflow_lib.lfd.geometry import source_pixel_pairs
 
 
 def test_design_matrix_columns():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from workflow_lib.cube import CubeError, cube_wcs, open_cube, validate_cube
-from workflow_lib.fitsio import read_field, read_fits_cube, validate_for_modelling, write_local_field
+from workflow_lib.data.cube import CubeError, cube_wcs, open_cube, validate_cube
+from workflow_lib.data.fits_reader import read_field, read_fits_cube, validate_for_modelling, write_local_field
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MISSION_FILES = sorted(

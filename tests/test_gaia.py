@@ -18,8 +18,8 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from workflow_lib import gaia
-from workflow_lib.cube import CubeError, concat_stamps, make_cube, wcs_to_header_string, write_zarr_atomic
+from workflow_lib.data import gaia
+from workflow_lib.data.cube import CubeError, concat_stamps, make_cube, wcs_to_header_string, write_zarr_atomic
 
 DATA = Path(__file__).parent / "data" / "gaia"
 sys.path.insert(0, str(DATA))
@@ -437,7 +437,7 @@ def test_header_fallback_when_offline(monkeypatch, tmp_path):
 def test_real_kepler_stamps_header_catalog(shared_data):
     """The ten real Kepler Q12 ch4 stamps: each header target lands on its own stamp (or, where stamps
     overlap, on the stamp that keeps that CCD pixel)."""
-    fitsio = pytest.importorskip("workflow_lib.fitsio")
+    fitsio = pytest.importorskip("workflow_lib.data.fits_reader")
     files = sorted((shared_data / "kepler").glob("tpf_test_0*.fits"))
     cube = fitsio.read_field(files)
     cat = gaia.crossmatch(cube, gaia.header_catalog(cube), margin_pixels=4.0)
@@ -455,9 +455,9 @@ def test_real_kepler_stamps_header_catalog(shared_data):
 
 
 def test_synthetic_sector_positions_match_truth():
-    if importlib.util.find_spec("workflow_lib.synthetic") is None:
+    if importlib.util.find_spec("workflow_lib.data.synthetic") is None:
         pytest.skip("workflow_lib.synthetic not available yet")
-    from workflow_lib import synthetic
+    from workflow_lib.data import synthetic
 
     params = {"n_rows": 16, "n_cols": 16, "n_cadences": 20, "n_planets": 0, "n_variables": 0,
               "transient": False, "koi608": False}

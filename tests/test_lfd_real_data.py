@@ -5,12 +5,13 @@ import pytest
 import xarray as xr
 from astropy.table import Table
 
-from workflow_lib import fitsio, gaia
-from workflow_lib.cube import open_cube
-from workflow_lib.edge import edge_model_step
-from workflow_lib.motion import motion_model_step
-from workflow_lib.prf import prf_model_step
-from workflow_lib.solve import flux_solve_step
+from workflow_lib.data import fits_reader as fitsio
+from workflow_lib.data import gaia
+from workflow_lib.data.cube import open_cube
+from workflow_lib.steps.lfd import edge_model_step
+from workflow_lib.steps.lfd import motion_model_step
+from workflow_lib.steps.lfd import prf_model_step
+from workflow_lib.steps.lfd import flux_solve_step
 
 
 def run_lfd_chain(d, cube_path, catalog_path):

@@ -77,12 +77,12 @@ def test_flux_solve_step_files(tmp_path):
     lightkurve = pytest.importorskip("lightkurve")
     import xarray as xr
 
-    from workflow_lib.edge import edge_model_step
-    from workflow_lib.gaia import crossmatch_field
-    from workflow_lib.motion import motion_model_step
-    from workflow_lib.prf import prf_model_step
-    from workflow_lib.solve import flux_solve_step
-    from workflow_lib.synthetic import write_synthetic_field
+    from workflow_lib.steps.lfd import edge_model_step
+    from workflow_lib.data.gaia import crossmatch_field
+    from workflow_lib.steps.lfd import motion_model_step
+    from workflow_lib.steps.lfd import prf_model_step
+    from workflow_lib.steps.lfd import flux_solve_step
+    from workflow_lib.data.synthetic import write_synthetic_field
 
     d = tmp_path
     write_synthetic_field(d / "cube.zarr", d / "truth.zarr", d / "input.ecsv",

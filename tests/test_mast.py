@@ -14,9 +14,9 @@ from astropy.io import fits
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from workflow_lib.cube import CubeError, open_cube
-from workflow_lib import mast
-from workflow_lib.mast import MastError, download_field, parse_target, request_key
+from workflow_lib.data.cube import CubeError, open_cube
+from workflow_lib.data import mast
+from workflow_lib.data.mast import MastError, download_field, parse_target, request_key
 
 REC = Path(__file__).resolve().parent / "data" / "mast"
 TESSCUT_6X6 = "tesscut/tess-s0001-4-2_84.291190_-80.469170_6x6_astrocut.fits"

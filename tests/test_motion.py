@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 
 from test_solve import gaussian_scene
-from workflow_lib import motion
-from workflow_lib.solve import scene_offsets
+from workflow_lib.lfd import motion
+from workflow_lib.lfd.geometry import scene_offsets
+from workflow_lib.lfd import geometry  # noqa: E402
+from workflow_lib.lfd import io as io_mod  # noqa: E402
 
 
 def drifting_grid(nsrc_side=7, spacing=9, radius=3.5, nbin=20, amp=0.3, seed=0):
@@ -125,11 +127,11 @@ def test_centroid_time_model_roundtrip(tmp_path):
     np.testing.assert_allclose(cx - cx[2], kx * (true_x - true_x[2]), atol=0.01)
     mm = motion.MotionModel(np.arange(36.0 * 6).reshape(36, 6) / 100, np.linspace(-3, 3, 5), 3, 2, 0.0, 1.0,
                             time_model="centroid", reg_time=d["tb"], reg_x=cx, reg_y=cy)
-    motion.save_motion_model(tmp_path / "m.npz", mm, {"bin_time": d["tb"]})
-    back = motion.load_motion_model(tmp_path / "m.npz")
+    io_mod.save_motion_model(tmp_path / "m.npz", mm, {"bin_time": d["tb"]})
+    back = io_mod.load_motion_model(tmp_path / "m.npz")
     np.testing.assert_allclose(back.time_basis(d["tb"]), motion.centroid_basis(cx, cy))
     np.testing.assert_array_equal(back.weights, mm.weights)
-    assert (tmp_path / "m.npz").read_bytes() == (motion.save_motion_model(tmp_path / "n.npz", mm, {"bin_time": d["tb"]})
+    assert (tmp_path / "m.npz").read_bytes() == (io_mod.save_motion_model(tmp_path / "n.npz", mm, {"bin_time": d["tb"]})
                                                 or (tmp_path / "n.npz").read_bytes())
 
 
@@ -149,7 +151,7 @@ class GaussPRF:
 
 def shifted_field(ntime=60, seed=2, noise=2.0):
     """Isolated and blended stars, common shift = drift (0.2 px) + jitter (0.03 px rms), plane sky."""
-    from workflow_lib.solve import background_design
+    from workflow_lib.lfd.geometry import background_design
 
     rng = np.random.default_rng(seed)
     n = 40
@@ -207,8 +209,8 @@ def test_shift_model_measures_offsets_and_reproduces_frames(corr, tmp_path):
     # noise (here the PRF is perfect, so the correction can only add noise: ~0.7 % of the peak at
     # the worst pixel with 400 cadences; on the synthetic sector it lowers z-std 1.48 -> 1.16)
     assert worst < (2e-3 if corr == 0 else 1e-2)
-    motion.save_motion_model(tmp_path / "m.npz", mm, summ)
-    back = motion.load_motion_model(tmp_path / "m.npz")
+    io_mod.save_motion_model(tmp_path / "m.npz", mm, summ)
+    back = io_mod.load_motion_model(tmp_path / "m.npz")
     b2, t2 = motion.motion_factors(back, dx, dy, d["tt"], prf=prf)
     np.testing.assert_allclose(b2 @ t2[5], basis @ tb[5])
     with pytest.raises(motion.MotionError, match="PRF"):
@@ -216,14 +218,14 @@ def test_shift_model_measures_offsets_and_reproduces_frames(corr, tmp_path):
 
 
 def test_shift_monomial_derivatives():
-    e = motion.monomial_exponents(3)
+    e = geometry.monomial_exponents(3)
     assert e.shape == (10, 2) and tuple(e[4]) == (1, 1)
     rng = np.random.default_rng(0)
     a = rng.normal(size=(1, 10))
     x, y, h = 0.13, -0.07, 1e-5
-    f = lambda x, y: (motion.shift_monomials(x, y, 3) @ a.T)[0, 0]  # noqa: E731
-    dfx = (a @ motion._monomial_derivative(3, 1, 0) @ motion.shift_monomials(x, y, 3).T)[0, 0]
-    dxy = (a @ motion._monomial_derivative(3, 1, 1) @ motion.shift_monomials(x, y, 3).T)[0, 0]
+    f = lambda x, y: (geometry.shift_monomials(x, y, 3) @ a.T)[0, 0]  # noqa: E731
+    dfx = (a @ motion._monomial_derivative(3, 1, 0) @ geometry.shift_monomials(x, y, 3).T)[0, 0]
+    dxy = (a @ motion._monomial_derivative(3, 1, 1) @ geometry.shift_monomials(x, y, 3).T)[0, 0]
     assert abs(dfx - (f(x + h, y) - f(x - h, y)) / (2 * h)) < 1e-6
     num = (f(x + h, y + h) - f(x + h, y - h) - f(x - h, y + h) + f(x - h, y - h)) / (4 * h * h)
     assert abs(dxy - num) < 1e-4

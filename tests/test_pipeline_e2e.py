@@ -95,3 +95,17 @@ def test_changing_a_cpm_parameter_reruns_only_cpm_and_reports(tiny_run):
     assert "cpm_detrend" in text
     for rule in ("download_synthetic", "gaia_crossmatch", "edge_model", "prf_model", "motion_model", "flux_solve"):
         assert f"rule {rule}:" not in text and f"\n{rule} " not in text, f"{rule} would rerun"
+
+
+def test_products_match_the_committed_checksum_manifest(tiny_run):
+    """Refactoring must not change results: every zarr/npz array, FITS data unit and field page of the
+    tiny run is bitwise identical to tests/data/tiny_manifest.json (regenerate only on purpose:
+    ``python -m tests.helpers.manifest <results/ci-tiny> > tests/data/tiny_manifest.json``)."""
+    import json
+
+    from helpers.manifest import compare, manifest
+
+    expected = json.loads((REPO / "tests" / "data" / "tiny_manifest.json").read_text())
+    found = manifest(tiny_run / "results" / "ci-tiny")
+    diffs = compare(found, expected)
+    assert not diffs, "\n".join(diffs[:40])

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workflow_lib.prf import (PRFModel, fit_prf_shape, polar_coordinates, prf_design_matrix, radial_knots, scene_matrix,
-                              source_flux)
+from workflow_lib.lfd.prf import PRFModel, fit_prf_shape, polar_coordinates, prf_design_matrix, radial_knots, scene_matrix, source_flux
 
 
 def true_psf(x, y):
@@ -127,7 +126,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
 
 
 def test_core_terms_are_regular_and_leave_the_radial_profile():
-    from workflow_lib.prf import core_design_matrix
+    from workflow_lib.lfd.prf import core_design_matrix
 
     rng = np.random.default_rng(2)
     r = rng.uniform(0, 2, 400)
@@ -144,7 +143,7 @@ def test_core_terms_are_regular_and_leave_the_radial_profile():
 def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
     """Noise-free pixel values of the real SPOC TESS PRF at random sub-pixel phases: the LS flux
     gain of the fitted model (what biases a star's flux) scatters less with phase with the core terms."""
-    from workflow_lib import tess_prf
+    from workflow_lib.data import tess_prf
 
     coeffs = tess_prf.prf_coefficients_at(1000.0, 1000.0)
     rng = np.random.default_rng(3)
@@ -182,12 +181,12 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
 def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
     """On a crowded synthetic TESS field, shape_purity < 1 also fits pixels one source dominates
     (the rest subtracted): more shape pixels, and the PRF stays as close to the SPOC truth."""
-    from workflow_lib import tess_prf
-    from workflow_lib.cube import as_pixel_table
-    from workflow_lib.edge import a_priori_flux, fit_edge_to_frame, mean_frame
-    from workflow_lib.gaia import crossmatch
-    from workflow_lib.prf import fit_prf_model
-    from workflow_lib.synthetic import simulate_sector
+    from workflow_lib.data import tess_prf
+    from workflow_lib.data.cube import as_pixel_table
+    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
+    from workflow_lib.data.gaia import crossmatch
+    from workflow_lib.lfd.prf import fit_prf_model
+    from workflow_lib.data.synthetic import simulate_sector
 
     cube, truth, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
     cat = crossmatch(cube, incat, margin_pixels=4.0)

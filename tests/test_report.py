@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xarray as xr
 from astropy.table import Table
 
-from workflow_lib import report as R
-from workflow_lib.cube import as_pixel_table, concat_stamps, make_cube, write_zarr_atomic
-from workflow_lib.lightcurve import lightcurve_set
+from workflow_lib.report import page as R
+from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, write_zarr_atomic
+from workflow_lib.data.lightcurves import lightcurve_set
+from workflow_lib.lfd import diagnostics  # noqa: E402
+from workflow_lib.core import quality  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ MOTION_SLOPE = 0.02
 
 def make_prf():
     """A normalised Gaussian-like (sigma = 1 px) LFD PRF model, fitted to ln PRF = -r^2/2."""
-    from workflow_lib.prf import PRFModel, polar_coordinates, prf_design_matrix, radial_knots
+    from workflow_lib.lfd.prf import PRFModel, polar_coordinates, prf_design_matrix, radial_knots
 
     rk = radial_knots(0.25, 4.0, 8, spacing="sqrt", inner_radius=0.25)
     g = np.linspace(-4, 4, 81)
@@ -55,7 +56,8 @@ def make_prf():
 def write_motion(path: Path, kind: str, time: np.ndarray) -> None:
     """``polynomial``: factor 1 + MOTION_SLOPE * tau for every pair (B-splines sum to one);
     ``shift``: measured scene offsets (scene_offset_column/row); ``junk``: an unknown layout."""
-    from workflow_lib.motion import MotionModel, save_motion_model
+    from workflow_lib.lfd.motion import MotionModel
+    from workflow_lib.lfd.io import save_motion_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     t0, ts = 0.5 * (time.min() + time.max()), 0.5 * (time.max() - time.min())
@@ -151,14 +153,14 @@ def page(field):
 
 
 def test_quality_decoding():
-    assert R.decode_quality(0, "TESS") == []
-    assert R.decode_quality(32 | 128 | 1, "TESS") == ["AttitudeTweak", "Desat", "ManualExclude"]
-    assert R.decode_quality(16, "Kepler") == ["ZeroCrossing"]
-    assert R.decode_quality(1048576 | 2, "K2") == ["SafeMode", "ThrusterFiring"]
-    assert R.decode_quality(1 << 20, "TESS") == ["Bit21"]
-    assert len(R.TESS_QUALITY_FLAGS) == 16 and len(R.KEPLER_QUALITY_FLAGS) == 21
+    assert quality.decode_quality(0, "TESS") == []
+    assert quality.decode_quality(32 | 128 | 1, "TESS") == ["AttitudeTweak", "Desat", "ManualExclude"]
+    assert quality.decode_quality(16, "Kepler") == ["ZeroCrossing"]
+    assert quality.decode_quality(1048576 | 2, "K2") == ["SafeMode", "ThrusterFiring"]
+    assert quality.decode_quality(1 << 20, "TESS") == ["Bit21"]
+    assert len(quality.TESS_QUALITY_FLAGS) == 16 and len(quality.KEPLER_QUALITY_FLAGS) == 21
     with pytest.raises(ValueError, match="mission"):
-        R.quality_flags("Hubble")
+        quality.quality_flags("Hubble")
 
 
 def test_embedded_cube_round_trips_exactly(page):
@@ -376,11 +378,11 @@ def test_report_params_and_schema_defaults():
     from snakemake.utils import validate
 
     cfg = {"run": "x", "fields": {"a": {"source": "synthetic"}}}
-    validate(cfg, str(REPO / "config" / "schema.yaml"))
+    validate(cfg, str(REPO / "workflow_lib" / "schema.yaml"))
     assert cfg["report"] == R.DEFAULTS
     with pytest.raises(Exception):
         validate({"run": "x", "fields": {"a": {"source": "synthetic"}}, "report": {"colour": 1}},
-                 str(REPO / "config" / "schema.yaml"))
+                 str(REPO / "workflow_lib" / "schema.yaml"))
 
 
 # ------------------------------------------------------------------ computed panels
@@ -388,7 +390,7 @@ def test_report_params_and_schema_defaults():
 
 def _mean_model_expected(fp, use_motion: bool):
     """Independent dense computation of the mean-frame LFD model (good cadences only)."""
-    from workflow_lib.prf import background_design
+    from workflow_lib.lfd.geometry import background_design
 
     cube = fp.cube
     flux = cube["flux"].values.reshape(NT, -1).astype(np.float64)
@@ -442,7 +444,7 @@ def test_mean_frame_residual_static_scene_and_missing_prf(tmp_path):
 
 def test_motion_panel_polynomial_model(page):
     html, _, fp = page
-    mp = R.motion_panel(fp)
+    mp = diagnostics.motion_panel(fp)
     t = fp.cube["time"].values
     tau = (t - 0.5 * (t.min() + t.max())) / (0.5 * (t.max() - t.min()))
     # every pair has the factor 1 + a tau: mean |change| = 100 a |tau| %, no centroid shift
@@ -460,7 +462,7 @@ def test_motion_panel_polynomial_model(page):
 def test_motion_panel_shift_model_offsets(tmp_path):
     fdir = make_field(tmp_path, cpm=False, motion="shift")
     fp = R.load_field_products(fdir)
-    mp = R.motion_panel(fp)
+    mp = diagnostics.motion_panel(fp)
     z = np.load(fdir / "lfd" / "motion_model.npz")
     np.testing.assert_array_equal(mp["dx"], z["scene_offset_column"])
     np.testing.assert_array_equal(mp["dy"], z["scene_offset_row"])
@@ -508,7 +510,7 @@ def test_cdpp_common_set():
 
 def test_index_versions_fall_back_to_the_package_version(monkeypatch):
     import workflow_lib
-    from workflow_lib import provenance
+    from workflow_lib.core import provenance
 
     monkeypatch.setattr(provenance, "software_versions", lambda: {"workflow_lib": None, "numpy": "9.9"})
     html = R.build_index_page([], {"run": "x"}, [], "x")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workflow_lib import report as R
+from workflow_lib.report import page as R
 
 from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 

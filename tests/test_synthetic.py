@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from workflow_lib import synthetic as syn
-from workflow_lib import tess_prf as tp
-from workflow_lib.cube import cube_wcs, open_cube
+from workflow_lib.data import synthetic as syn
+from workflow_lib.data import tess_prf as tp
+from workflow_lib.data.cube import cube_wcs, open_cube
 
 SMALL = {"n_rows": 24, "n_cols": 24, "n_cadences": 100, "seed": 7, "gap_days": 0.5, "momentum_dump_days": 0.6}
 

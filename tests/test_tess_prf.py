@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from workflow_lib import tess_prf as tp
-from workflow_lib.cube import CubeError
+from workflow_lib.data import tess_prf as tp
+from workflow_lib.data.cube import CubeError
 
 
 @pytest.fixture(scope="module")

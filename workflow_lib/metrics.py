@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from scipy.signal import savgol_filter
+from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
-#: quality bits ignored when measuring CDPP (lightkurve's TESS default bitmask)
-DEFAULT_CDPP_BITMASK = 175
 
 
 def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_tolerance=5.0):

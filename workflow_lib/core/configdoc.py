@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from workflow_lib.core.settings import SCHEMA_PATH
 
-SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+SCHEMA = SCHEMA_PATH
 
 SECTIONS = [
     ("run", "Run name"),

@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from workflow_lib.core.atomic import atomic_path
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.settings import merge_settings
+from workflow_lib.lfd.bspline import clamped_knot_vector, spline_design_matrix, tensor_product, wrapped_spline_design_matrix
+from workflow_lib.lfd.edge import EdgeModel, uncontaminated_pixels
+from workflow_lib.lfd.geometry import background_design, dominant_source, source_pixel_pairs
 
-from .bspline import clamped_knot_vector, spline_design_matrix, tensor_product, wrapped_spline_design_matrix
-from .edge import (EdgeModel, a_priori_flux, edge_model_flux, fit_edge_to_frame, load_edge_model, mean_frame,
-                   polynomial_background_design,
-                   source_pixel_pairs, uncontaminated_pixels)
-from .logs import get_logger
-from .settings import merge_settings
 
 log = get_logger("lfd.prf")
 
@@ -315,7 +315,6 @@ class PRFModel:
     # ---------------------------------------------------------------- I/O
     def save(self, path) -> None:
         """Write the model as .npz (atomically), with provenance (JSON string) and meta (JSON)."""
-        from .cube import atomic_path
 
         arrays = {
             "weights": self.weights, "r_knots": self.r_knots, "n_phi_knots": np.int64(self.n_phi_knots),
@@ -527,12 +526,6 @@ def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, 
     return sp.csr_matrix((vals, (pix, src)), shape=(npix, nsrc))
 
 
-def background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
-    """Polynomial sky-background columns in (column, row), centred and scaled to [-1, 1]; (npix, 0) for order < 0.
-
-    The same columns as the edge step's sky surface (:func:`workflow_lib.edge.polynomial_background_design`).
-    """
-    return polynomial_background_design(pixel_col, pixel_row, order)
 
 
 def source_flux(S, data, data_err, prior_flux, *, prior_width=1.0, background=None, background_prior=None,
@@ -575,7 +568,7 @@ def source_flux(S, data, data_err, prior_flux, *, prior_width=1.0, background=No
     return flux, bkg, err
 
 
-def _params(params: dict | None) -> dict:
+def prf_params(params: dict | None) -> dict:
     """The lfd.prf settings: defaults overridden by ``params``."""
     return merge_settings(PRF_DEFAULTS, params, "lfd.prf", ValueError)
 
@@ -597,7 +590,7 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
     background coefficients; ``diagnostics`` holds the data used in the last shape fit (dx, dy,
     ln flux ratio, mask of kept points) and per-iteration counts, for plots and tests.
     """
-    p = _params(params)
+    p = prf_params(params)
     mean_flux = np.asarray(mean_flux, float)
     mean_err = np.asarray(mean_err, float)
     pc = np.asarray(pixel_col, float)
@@ -633,6 +626,8 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
     history = []
     model = None
     diag = {}
+    # the scene of the previous iteration (set at the end of each pass; read only once ``model`` exists)
+    S = flux = idx = scene = None
     for it in range(max(int(p["n_iter"]), 1)):
         # --- uncontaminated pixels with the current fluxes (§4.2, updated in §4.4)
         crad = np.where(active, _contamination_radius(edge, F), 0.0)
@@ -645,7 +640,6 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
             # neighbours' light, subtracted below. The §4.2 criterion alone (no other source within
             # its edge radius) keeps only ~500 of 4096 pixels of a crowded TESS cutout, too few to
             # pin the core of a ~200-weight shape model.
-            from .motion import dominant_source
 
             own_sub, purity = dominant_source(S, np.clip(flux, 0, None))
             dom = (purity >= p["shape_purity"]) & (own_sub >= 0)
@@ -725,66 +719,8 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
 
 # ------------------------------------------------------------------------------ picture & step
 
-def plot_prf_model(model: PRFModel, diag: dict, out_png) -> None:
-    """Picture of the model in polar (r, phi) and Cartesian (dx, dy) coordinates with the data points (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .cube import atomic_path
-
-    dx, dy, y, keep = diag["dx"], diag["dy"], diag["log_ratio"], diag["keep"]
-    r, phi = polar_coordinates(dx, dy)
-    yd = (y - model.log_norm)[keep]  # data on the normalised scale
-    vmin, vmax = np.percentile(yd, [2, 99.5]) if yd.size else (-10, 0)
-    fig, ax = plt.subplots(2, 2, figsize=(11, 9))
-    ax[0, 0].scatter(r[keep], phi[keep], c=yd, s=4, vmin=vmin, vmax=vmax, cmap="viridis")
-    ax[0, 0].set(xlabel="r [px]", ylabel="phi [rad]", title="data: ln(f / F) in (r, phi)")
-    rg, pg = np.meshgrid(np.linspace(0, model.r_max, 200), np.linspace(-np.pi, np.pi, 181))
-    mg = np.log(np.clip(model.evaluate(rg * np.cos(pg), rg * np.sin(pg)), 1e-30, None))
-    im = ax[0, 1].pcolormesh(rg, pg, mg, vmin=vmin, vmax=vmax, cmap="viridis", shading="auto")
-    ax[0, 1].axvline(model.inner_radius, color="w", ls="--", lw=1)
-    ax[0, 1].set(xlabel="r [px]", ylabel="phi [rad]", title="model: ln PRF in (r, phi)")
-    fig.colorbar(im, ax=ax[0, 1])
-    ax[1, 0].scatter(dx[keep], dy[keep], c=yd, s=4, vmin=vmin, vmax=vmax, cmap="viridis")
-    ax[1, 0].set(xlabel="dx [px]", ylabel="dy [px]", title="data in (dx, dy)", aspect="equal")
-    g = np.linspace(-model.r_max, model.r_max, 201)
-    X, Y = np.meshgrid(g, g)
-    mc = np.log(np.clip(model.evaluate(X, Y), 1e-30, None))
-    mc[np.hypot(X, Y) > model.r_max] = np.nan
-    im = ax[1, 1].pcolormesh(X, Y, mc, vmin=vmin, vmax=vmax, cmap="viridis", shading="auto")
-    ax[1, 1].set(xlabel="dx [px]", ylabel="dy [px]", title="model in (dx, dy)", aspect="equal")
-    fig.colorbar(im, ax=ax[1, 1])
-    fig.suptitle("LFD PRF model (Hedges & Martinez-Palomera 2021, §4.3)")
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
 
 
-def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params: dict | None = None) -> PRFModel:
-    """Snakemake step: fit the §4.3-4.4 PRF model of a field; write the model (.npz) and a picture (.png) atomically."""
-    from astropy.table import Table
-
-    from .cube import as_pixel_table, open_cube
-    from .provenance import provenance_json
-
-    p = _params(params)
-    cube = open_cube(cube_path)
-    table = as_pixel_table(cube.load())
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
-    if len(catalog) == 0:
-        raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
-    edge = load_edge_model(edge_json)
-    mean_flux, mean_err = mean_frame(table)
-    model, diag = fit_prf_model(mean_flux, mean_err, table["column"].values, table["row"].values,
-                                np.asarray(catalog["column"], float), np.asarray(catalog["row"], float),
-                                a_priori_flux(catalog), edge, p, source_id=np.asarray(catalog["source_id"]))
-    model.provenance = provenance_json("lfd_prf_model", inputs=[cube_path, catalog_path, edge_json], config=p)
-    model.save(out_npz)
-    plot_prf_model(model, diag, out_png)
-    return model
 
 
 __all__ += ["background_design"]

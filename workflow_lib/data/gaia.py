@@ -32,10 +32,11 @@ from astropy import units as u
 from astropy.coordinates import Distance, SkyCoord
 from astropy.table import MaskedColumn, Table
 from astropy.time import Time
+from workflow_lib.core.atomic import atomic_path
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import provenance
+from workflow_lib.data.cube import CubeError, cube_wcs, open_cube
 
-from .cube import CubeError, atomic_path, cube_wcs, open_cube
-from .logs import get_logger
-from .provenance import provenance
 
 log = get_logger("gaia")
 

@@ -28,10 +28,10 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import provenance_json
+from workflow_lib.data.cube import CubeError, TIME_SYSTEMS, concat_stamps, make_cube, n_pixels, wcs_to_header_string, write_zarr_atomic
 
-from .cube import CubeError, TIME_SYSTEMS, concat_stamps, make_cube, n_pixels, wcs_to_header_string, write_zarr_atomic
-from .logs import get_logger
-from .provenance import provenance_json
 
 log = get_logger("fitsio")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from workflow_lib.core.atomic import atomic_path
 
-from .cube import atomic_path
 
 #: the TELESCOP value lightkurve expects for each mission
 TELESCOP = {"TESS": "TESS", "Kepler": "Kepler", "K2": "Kepler"}

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from workflow_lib.core.atomic import atomic_path, write_text_atomic
+from workflow_lib.core.logs import get_logger
+from workflow_lib.data.cube import CubeError
 
-from .cube import CubeError, atomic_path, write_text_atomic
-from .logs import get_logger
 
 log = get_logger("tess_prf")
 
@@ -50,7 +51,7 @@ PRF_SIZE = 117
 #: 0-based index of the central sample (FITS CRPIX = 59)
 PRF_CENTER = 58
 
-PACKAGE_DIR = Path(__file__).resolve().parent / "data" / "tess_prf"
+PACKAGE_DIR = Path(__file__).resolve().parent / "files" / "tess_prf"
 PACKAGE_FILE = PACKAGE_DIR / "prf_cam4_ccd2.npz"
 
 

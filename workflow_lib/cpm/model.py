@@ -49,21 +49,20 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sla
 from scipy.linalg.blas import dtrsm
 import xarray as xr
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.parallel import dask_map, describe
+from workflow_lib.core.provenance import provenance_json
+from workflow_lib.core.quality import HARD_BITMASK
+from workflow_lib.data.cube import CubeError, as_pixel_table, validate_cube
 
-from .cube import CubeError, as_pixel_table, atomic_path, open_cube, validate_cube, write_zarr_atomic
-from .logs import get_logger
-from .provenance import provenance_json
 
 log = get_logger("cpm")
 
-#: lightkurve's "hard" QUALITY bitmasks (incl. the TESS momentum-dump / desaturation bit 32)
-HARD_BITMASK = {"TESS": 24319, "Kepler": 1664431, "K2": 1664431}
 
 PREDICTOR_METHODS = ("similar_brightness", "cosine_similarity", "random")
 
@@ -461,7 +460,6 @@ def _run_chunks(chunk_args, shared, *, threads=1, scheduler=None):
     :mod:`workflow_lib.parallel`: the threaded scheduler with ``threads`` workers (one BLAS thread
     each), or the dask.distributed scheduler ``scheduler`` (``local:N``, an address, ...), to which
     the arrays every chunk shares are sent once."""
-    from .parallel import dask_map, describe
 
     names = ("ystarT", "Tt", "k", "params", "gram", "gramT", "TT")
     log.info("CPM: %d chunks on %s", len(chunk_args), describe(threads, scheduler))
@@ -520,134 +518,18 @@ def cpm_detrend_cube(ds: xr.Dataset, params: CPMParams, *, threads: int = 1, nam
 
 # ------------------------------------------------------------------------- apertures
 
-@dataclass(frozen=True)
-class ApertureParams:
-    """Circular apertures around catalog sources: radius r(G) = clip(r_max - slope (G - mag_bright), r_min, r_max)."""
-
-    radius_min: float = 1.0
-    radius_max: float = 3.0
-    mag_bright: float = 10.0
-    slope: float = 0.5
-    mag_limit: float | None = None
 
 
-def aperture_radius(gmag, ap: ApertureParams) -> np.ndarray:
-    """Aperture radius [px] from the Gaia G magnitude (brighter -> larger; documented in the schema)."""
-    g = np.asarray(gmag, dtype=np.float64)
-    r = ap.radius_max - ap.slope * (np.where(np.isfinite(g), g, 99.0) - ap.mag_bright)
-    return np.clip(r, ap.radius_min, ap.radius_max)
 
 
-def source_apertures(catalog, rows, cols, ap: ApertureParams, *, user_apertures: dict | None = None, name="catalog"):
-    """Aperture pixel index lists: catalog sources on the cutout, then the user apertures.
-
-    A source's aperture holds the pixels whose centre is within r(G) of its (row, column); at least
-    the nearest pixel.  User apertures (name -> [[row, column], ...]) get source_id -1, -2, ...
-    Returns ``(apertures, columns)`` with columns a dict of per-aperture metadata.
-    """
-    rows = np.asarray(rows, dtype=np.float64)
-    cols = np.asarray(cols, dtype=np.float64)
-    apertures, meta = [], {"source_id": [], "row": [], "column": [], "phot_g_mean_mag": [], "aperture_radius": [], "aperture_name": []}
-    if catalog is not None and len(catalog):
-        sel = np.ones(len(catalog), dtype=bool)
-        if "on_cutout" in catalog.colnames:
-            sel &= np.asarray(catalog["on_cutout"], dtype=bool)
-        g = np.asarray(catalog["phot_g_mean_mag"], dtype=np.float64)
-        if ap.mag_limit is not None:
-            sel &= g <= ap.mag_limit
-        radius = aperture_radius(g, ap)
-        for i in np.flatnonzero(sel):
-            r0, c0 = float(catalog["row"][i]), float(catalog["column"][i])
-            d2 = (rows - r0) ** 2 + (cols - c0) ** 2
-            if d2.min() > 0.5:  # nearest pixel centre farther than ~0.7 px: not on this cube
-                continue
-            pix = np.flatnonzero(d2 <= radius[i] ** 2)
-            if pix.size == 0:
-                pix = np.array([int(np.argmin(d2))])
-            apertures.append(pix)
-            meta["source_id"].append(int(catalog["source_id"][i]))
-            meta["row"].append(r0)
-            meta["column"].append(c0)
-            meta["phot_g_mean_mag"].append(g[i])
-            meta["aperture_radius"].append(float(radius[i]))
-            meta["aperture_name"].append(f"Gaia DR3 {int(catalog['source_id'][i])}")
-    lookup = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols))}
-    for j, (uname, pixels) in enumerate((user_apertures or {}).items()):
-        idx = []
-        for rc in pixels:
-            key = (int(rc[0]), int(rc[1]))
-            if key not in lookup:
-                raise CubeError(f"{name}: target_aperture {uname!r} pixel [row, column]={list(key)} is not on the cube")
-            idx.append(lookup[key])
-        idx = np.array(sorted(set(idx)))
-        apertures.append(idx)
-        meta["source_id"].append(-(j + 1))
-        meta["row"].append(float(rows[idx].mean()))
-        meta["column"].append(float(cols[idx].mean()))
-        meta["phot_g_mean_mag"].append(np.nan)
-        meta["aperture_radius"].append(np.nan)
-        meta["aperture_name"].append(str(uname))
-    meta = {k: np.asarray(v) for k, v in meta.items()}
-    meta["source_id"] = meta["source_id"].astype(np.int64)
-    meta["aperture_npix"] = np.array([a.size for a in apertures], dtype=np.int32)
-    return apertures, meta
 
 
-def aperture_sums(flux, flux_err, apertures, valid=None):
-    """Sum of pixel flux over each aperture, ``(nsource, ntime)``; errors added in quadrature.
-
-    Pixels that are not ``valid`` (bad/all-NaN) are left out of every aperture.
-    """
-    flux = np.asarray(flux, dtype=np.float64)
-    err = np.asarray(flux_err, dtype=np.float64)
-    out = np.full((len(apertures), flux.shape[0]), np.nan)
-    oerr = np.full_like(out, np.nan)
-    for i, pix in enumerate(apertures):
-        if valid is not None:
-            pix = pix[valid[pix]]
-        if pix.size:
-            out[i] = flux[:, pix].sum(axis=1)
-            oerr[i] = np.sqrt((err[:, pix] ** 2).sum(axis=1))
-    return out, oerr
 
 
 # ------------------------------------------------------------------------- multi-sector stitching
 
-def stitch_offset(t1, f1, t2, f2, n_points: int = 100) -> float:
-    """Offset to add to segment 2 (paper §4.1): fit the last ``n_points`` of 1 and the first of 2
-    simultaneously with one common slope and two means; the offset is the difference of the means."""
-    ok1 = np.isfinite(t1) & np.isfinite(f1)
-    ok2 = np.isfinite(t2) & np.isfinite(f2)
-    a_t, a_f = np.asarray(t1)[ok1][-n_points:], np.asarray(f1)[ok1][-n_points:]
-    b_t, b_f = np.asarray(t2)[ok2][:n_points], np.asarray(f2)[ok2][:n_points]
-    if a_t.size < 2 or b_t.size < 2:
-        raise ValueError("stitching needs at least 2 finite points on each side")
-    t = np.concatenate([a_t, b_t])
-    t0 = t.mean()
-    A = np.zeros((t.size, 3))
-    A[: a_t.size, 0] = 1.0
-    A[a_t.size :, 1] = 1.0
-    A[:, 2] = t - t0
-    coef, *_ = np.linalg.lstsq(A, np.concatenate([a_f, b_f]), rcond=None)
-    return float(coef[0] - coef[1])
 
 
-def stitch_sectors(times, fluxes, n_points: int = 100):
-    """Stitch per-sector light curves in order (paper §4.1): each next sector is shifted onto the
-    partially stitched light curve.  Returns (time, flux, offsets)."""
-    if not times:
-        raise ValueError("nothing to stitch")
-    t = np.asarray(times[0], dtype=np.float64)
-    f = np.asarray(fluxes[0], dtype=np.float64)
-    offsets = [0.0]
-    for tn, fn in zip(times[1:], fluxes[1:]):
-        tn = np.asarray(tn, dtype=np.float64)
-        fn = np.asarray(fn, dtype=np.float64)
-        off = stitch_offset(t, f, tn, fn, n_points)
-        offsets.append(off)
-        t = np.concatenate([t, tn])
-        f = np.concatenate([f, fn + off])
-    return t, f, np.array(offsets)
 
 
 # ------------------------------------------------------------------------- pipeline steps
@@ -670,185 +552,13 @@ def paramset_names(config: dict) -> list[str]:
     return ["default"] + [f"lambda_L_{float(v):g}" for v in (config.get("sweep_lambda_L") or [])]
 
 
-def _read_catalog(path):
-    from astropy.table import Table
-
-    if path is None:
-        return None
-    try:
-        return Table.read(path, format="ascii.ecsv")
-    except Exception as exc:  # astropy raises many kinds
-        raise CubeError(f"{path}: not a readable ECSV catalog ({exc})") from exc
 
 
-def aperture_lightcurves(cube: xr.Dataset, detrended: xr.Dataset, catalog, ap: ApertureParams, *, user_apertures=None,
-                         provenance: str = "", name: str = "cube", bitmask: int | None = None):
-    """CPM and RAW aperture light-curve sets (``method`` "CPM" / "RAW") with CDPP coords.
-
-    CPM: sum of de-trended pixels (already rescaled to e-/s); RAW: sum of the input pixels.
-    Pixels that are not finite anywhere in the de-trended cube are left out of both.
-    """
-    from .lightcurve import lightcurve_set
-    from .metrics import add_cdpp
-
-    tab = as_pixel_table(cube, drop_nan=False)
-    dtab = as_pixel_table(detrended, drop_nan=False)
-    rows, cols = tab["row"].values, tab["column"].values
-    apertures, meta = source_apertures(catalog, rows, cols, ap, user_apertures=user_apertures, name=name)
-    valid = np.isfinite(dtab["flux"].values).any(axis=0)
-    raw_f, raw_e = aperture_sums(tab["flux"].values, tab["flux_err"].values, apertures, valid)
-    cpm_f, cpm_e = aperture_sums(dtab["flux"].values, dtab["flux_err"].values, apertures, valid)
-    attrs = {"provenance": provenance, "aperture": json.dumps(asdict(ap))}
-    if bitmask is None:
-        bitmask = HARD_BITMASK.get(cube.attrs.get("mission", "TESS"), HARD_BITMASK["TESS"])
-    cpm_lc = add_cdpp(lightcurve_set(cpm_f, cpm_e, cube, meta, method="CPM", attrs=attrs), bitmask=bitmask)
-    raw_lc = add_cdpp(lightcurve_set(raw_f, raw_e, cube, meta, method="RAW", attrs=attrs), bitmask=bitmask)
-    return cpm_lc, raw_lc
 
 
-def write_fits_dir(sets, fits_dir) -> Path:
-    """Write one FITS per source of each ``(light-curve set, prefix)`` into ``fits_dir``, atomically
-    (a temporary sibling directory renamed into place)."""
-    import shutil
-    import uuid
-
-    from .lightcurve import write_lightcurve_fits
-
-    fits_dir = Path(fits_dir)
-    tmp = fits_dir.parent / f".{fits_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        for lc, prefix in sets:
-            write_lightcurve_fits(lc, tmp, prefix)
-        tmp.mkdir(parents=True, exist_ok=True)
-        if fits_dir.exists():
-            shutil.rmtree(fits_dir)
-        tmp.rename(fits_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return fits_dir
 
 
-def run_cpm_detrend(cube_path, catalog_path, *, detrended_path, lightcurves_path, raw_lightcurves_path, fits_dir,
-                    config: dict, paramset: str = "default", target_aperture: dict | None = None, threads: int = 1,
-                    field: str = "") -> dict:
-    """Snakemake step ``cpm_detrend``: de-trend every pixel, write the cube, the CPM and RAW
-    aperture light curves (zarr + one FITS per source).  Returns a small summary dict."""
-
-    params = paramset_params(config, paramset)
-    ap = ApertureParams(**(config.get("aperture") or {}))
-    cube = open_cube(cube_path).load()
-    catalog = _read_catalog(catalog_path)
-    name = str(cube_path)
-    prov_cfg = {"cpm": asdict(params), "aperture": asdict(ap), "paramset": paramset, "field": field,
-                "target_aperture": target_aperture or {}}
-    det = cpm_detrend_cube(cube, params, threads=threads, name=name, config=prov_cfg, inputs=[cube_path, catalog_path])
-    write_zarr_atomic(det, detrended_path)
-    log.info("wrote %s", detrended_path)
-    prov = provenance_json("cpm_lightcurves", inputs=[cube_path, catalog_path], config=prov_cfg)
-    bitmask = params.quality_bitmask if params.quality_bitmask is not None else HARD_BITMASK.get(cube.attrs.get("mission", "TESS"), 24319)
-    cpm_lc, raw_lc = aperture_lightcurves(cube, det, catalog, ap, user_apertures=target_aperture, provenance=prov, name=name,
-                                          bitmask=bitmask)
-    cpm_lc.attrs["paramset"] = paramset
-    raw_lc.attrs["paramset"] = paramset
-    write_zarr_atomic(cpm_lc, lightcurves_path)
-    write_zarr_atomic(raw_lc, raw_lightcurves_path)
-    write_fits_dir([(cpm_lc, "cpm"), (raw_lc, "raw")], fits_dir)
-    summary = {
-        "n_sources": int(cpm_lc.sizes["source"]),
-        "median_cdpp_1h_cpm": float(np.nanmedian(cpm_lc["cdpp_1h"].values)) if cpm_lc.sizes["source"] else float("nan"),
-        "median_cdpp_1h_raw": float(np.nanmedian(raw_lc["cdpp_1h"].values)) if raw_lc.sizes["source"] else float("nan"),
-    }
-    log.info("CPM %s: %d light curves, median 1-h CDPP %.0f ppm (raw %.0f ppm)", paramset, summary["n_sources"],
-             summary["median_cdpp_1h_cpm"], summary["median_cdpp_1h_raw"])
-    return summary
 
 
-def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, mag_range=(8.0, 14.0)) -> "Table":
-    """ECSV table comparing parameter sets by CDPP (median over catalog sources with G in ``mag_range``).
-
-    ``lightcurve_paths``: paramset name -> CPM lightcurves.zarr.  A RAW row (and an LFD row when
-    ``lfd_path`` exists; CDPP added with :func:`workflow_lib.metrics.add_cdpp` if missing) is included.
-    """
-    from astropy.table import Table
-
-    from .metrics import add_cdpp
-
-    rows = []
-
-    def _row(label, method, path):
-        lc = xr.open_zarr(path, consolidated=False).load()
-        if "cdpp_1h" not in lc.coords:
-            lc = add_cdpp(lc)
-        g = lc["phot_g_mean_mag"].values if "phot_g_mean_mag" in lc.coords else np.full(lc.sizes["source"], np.nan)
-        sel = (lc["source_id"].values >= 0) & (g >= mag_range[0]) & (g <= mag_range[1])
-        lam = json.loads(lc.attrs.get("provenance", "{}")).get("config", {}).get("cpm", {}).get("lambda_L", np.nan) if method == "CPM" else np.nan
-        rows.append({"paramset": label, "method": method, "lambda_L": float(lam), "n_sources": int(sel.sum()),
-                     "median_cdpp_1h": float(np.nanmedian(lc["cdpp_1h"].values[sel])) if sel.any() else np.nan,
-                     "median_cdpp_6h": float(np.nanmedian(lc["cdpp_6h"].values[sel])) if sel.any() else np.nan})
-
-    _row("raw", "RAW", raw_path)
-    if lfd_path is not None and Path(lfd_path).exists():
-        _row("lfd", "LFD", lfd_path)
-    for label, path in lightcurve_paths.items():
-        _row(label, "CPM", path)
-    table = Table(rows=rows)
-    table.meta["mag_range"] = list(mag_range)
-    table.meta["provenance"] = provenance_json("cpm_sweep_summary", inputs=[raw_path, *lightcurve_paths.values()])
-    with atomic_path(out_path) as tmp:
-        table.write(tmp, format="ascii.ecsv", overwrite=True)
-    return table
 
 
-def run_cpm_stitch(lightcurve_paths: list, out_path, fits_dir, *, n_points: int = 100, group: str = "") -> xr.Dataset:
-    """Snakemake step ``cpm_stitch``: stitch the light curves of sources present in every
-    sector (same source_id, or same user-aperture name) in time order (paper §4.1)."""
-    from .lightcurve import lightcurve_set
-
-    sets = [xr.open_zarr(p, consolidated=False).load() for p in lightcurve_paths]
-    if not sets:
-        raise ValueError(f"cpm_stitch {group}: no light-curve sets")
-    sets.sort(key=lambda s: float(np.nanmin(s["time"].values)))
-    for a, b in zip(sets[:-1], sets[1:]):
-        if np.nanmin(b["time"].values) <= np.nanmax(a["time"].values):
-            msg = f"cpm_stitch {group}: sectors overlap in time; stitching assumes consecutive sectors"
-            log.warning(msg)
-            warnings.warn(msg, CPMWarning, stacklevel=2)
-
-    def keys(s):
-        names = s["aperture_name"].values if "aperture_name" in s.coords else s["source_id"].values.astype(str)
-        return [str(x) if sid < 0 else str(sid) for x, sid in zip(names, s["source_id"].values)]
-
-    common = set(keys(sets[0]))
-    for s in sets[1:]:
-        common &= set(keys(s))
-    common = sorted(common)
-    if not common:
-        raise ValueError(f"cpm_stitch {group}: no source appears in all of {list(map(str, lightcurve_paths))}")
-    fluxes, errs, offsets = [], [], []
-    time = np.concatenate([s["time"].values for s in sets])
-    for key in common:
-        parts = [(s["time"].values, s["flux"].values[keys(s).index(key)], s["flux_err"].values[keys(s).index(key)]) for s in sets]
-        t, f, off = stitch_sectors([p[0] for p in parts], [p[1] for p in parts], n_points)
-        fluxes.append(f)
-        errs.append(np.concatenate([p[2] for p in parts]))
-        offsets.append(off)
-    first = sets[0]
-    idx0 = [keys(first).index(k) for k in common]
-    meta = {c: first[c].values[idx0] for c in first.coords if first[c].dims == ("source",) and not c.startswith("cdpp")}
-    pseudo = xr.Dataset(
-        {"quality": ("time", np.concatenate([s["quality"].values for s in sets]))},
-        coords={"time": ("time", time, dict(first["time"].attrs)),
-                "cadenceno": ("time", np.concatenate([s["cadenceno"].values for s in sets]))},
-        attrs={k: v for k, v in first.attrs.items() if k not in ("sector", "provenance")},
-    )
-    prov = provenance_json("cpm_stitch", inputs=lightcurve_paths, config={"n_points": n_points, "group": group})
-    lc = lightcurve_set(np.array(fluxes), np.array(errs), pseudo, meta, method=first.attrs.get("method", "CPM"),
-                        attrs={"provenance": prov, "sectors": json.dumps([s.attrs.get("sector") for s in sets], default=str)})
-    lc = lc.assign_coords(stitch_offset=(("source", "segment"), np.array(offsets)))
-    from .metrics import add_cdpp
-
-    lc = add_cdpp(lc)
-    write_zarr_atomic(lc, out_path)
-    write_fits_dir([(lc, "cpm_stitched")], fits_dir)
-    return lc

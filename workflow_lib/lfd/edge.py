@@ -25,15 +25,14 @@ TESS choices (documented in ``config/schema.yaml``):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.spatial import cKDTree
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.settings import merge_settings
+from workflow_lib.lfd.geometry import polynomial_background_design, source_pixel_pairs
 
-from .logs import get_logger
-from .settings import merge_settings
 
 log = get_logger("lfd.edge")
 
@@ -113,21 +112,6 @@ def robust_background(mean_flux, *, exclude=None, percentile: float = 20.0) -> f
     return float(np.median(v[v <= cut]))
 
 
-def polynomial_background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
-    """Polynomial sky-background columns in (column, row), centred and scaled to [-1, 1]; (npix, 0) for order < 0.
-
-    Columns ``u^i v^j`` for ``i + j <= order`` (first column the constant), with ``u``/``v`` the
-    pixel column/row minus their mean over the given pixels, divided by half their range.
-    (:func:`workflow_lib.prf.background_design` is this function.)
-    """
-    c = np.asarray(pixel_col, float).ravel()
-    r = np.asarray(pixel_row, float).ravel()
-    if order < 0 or c.size == 0:
-        return np.zeros((c.size, 0))
-    u = (c - c.mean()) / max(np.ptp(c) / 2, 1.0)
-    v = (r - r.mean()) / max(np.ptp(r) / 2, 1.0)
-    cols = [u**i * v**j for i in range(order + 1) for j in range(order + 1 - i)]
-    return np.column_stack(cols)
 
 
 def fit_background_surface(mean_flux, design, *, candidates=None, sigma_clip: float = 3.0, n_iter: int = 10,
@@ -191,29 +175,6 @@ def a_priori_flux(catalog) -> np.ndarray:
     return np.asarray(catalog[col], dtype=float)
 
 
-def source_pixel_pairs(source_col, source_row, pixel_col, pixel_row, radius):
-    """All (source, pixel) pairs closer than ``radius`` (scalar or one per source), via a k-d tree.
-
-    Returns ``(src, pix, dx, dy)``: source and pixel indices and the Cartesian separations
-    ``dx = pixel_col - source_col``, ``dy = pixel_row - source_row`` [px] (§4.1, eqs. 3-4), sorted by
-    source then pixel. This is the sparse form of the paper's (nsource, npixel) separation matrices.
-    """
-    sc = np.asarray(source_col, float).ravel()
-    sr = np.asarray(source_row, float).ravel()
-    pc = np.asarray(pixel_col, float).ravel()
-    pr = np.asarray(pixel_row, float).ravel()
-    rad = np.broadcast_to(np.asarray(radius, float), sc.shape).copy()
-    if sc.size == 0 or pc.size == 0:
-        e = np.zeros(0, dtype=np.int64)
-        return e, e, np.zeros(0), np.zeros(0)
-    tree = cKDTree(np.column_stack([pc, pr]))
-    hits = tree.query_ball_point(np.column_stack([sc, sr]), r=rad, return_sorted=True)
-    counts = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
-    src = np.repeat(np.arange(sc.size, dtype=np.int64), counts)
-    pix = np.fromiter((p for h in hits for p in h), dtype=np.int64, count=int(counts.sum()))
-    dx = pc[pix] - sc[src]
-    dy = pr[pix] - sr[src]
-    return src, pix, dx, dy
 
 
 # ------------------------------------------------------------------------------ the edge model
@@ -447,19 +408,9 @@ class EdgeModel:
         return edge_model_flux(self.coefficients, r, source_flux, log_flux_range=self.log_flux_range)
 
 
-def load_edge_model(path) -> EdgeModel:
-    """Read the JSON written by :func:`edge_model_step`."""
-    with open(path) as fh:
-        d = json.load(fh)
-    bc = d.get("background_coefficients")
-    return EdgeModel(np.asarray(d["coefficients"], float), float(d["threshold"]), float(d["min_radius"]),
-                     float(d["max_radius"]), float(d.get("background", 0.0)),
-                     None if bc is None else np.asarray(bc, float), int(d.get("background_order", 0)),
-                     float(d.get("background_rms", float("nan"))),
-                     tuple(d["log_flux_range"]) if d.get("log_flux_range") else None)
 
 
-def _params(params: dict | None) -> dict:
+def edge_params(params: dict | None) -> dict:
     """The lfd.edge settings: defaults overridden by ``params``."""
     return merge_settings(EDGE_DEFAULTS, params, "lfd.edge", ValueError)
 
@@ -480,7 +431,7 @@ def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, s
        predicted scene says one source dominates (``dominance``) and the pixel is more than
        ``noise_sigma`` x the sky scatter above zero.
     """
-    p = _params(params)
+    p = edge_params(params)
     mean_flux = np.asarray(mean_flux, float)
     pc = np.asarray(pixel_col, float)
     pr = np.asarray(pixel_row, float)
@@ -516,65 +467,3 @@ def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, s
     return model, radii, mask, owner
 
 
-def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = None) -> dict:
-    """Snakemake step: fit the §4.2 edge model of a field and write it as JSON (atomically).
-
-    The JSON holds ``coefficients`` (9, for eq. 7 in log10 e-/s), the settings, the background,
-    a radius-vs-flux table (``radius_table``: flux [e-/s] and edge radius [px] on a log grid),
-    the per-source ``source_id``/``edge_radius``, a ``summary`` (numbers of pixels, sources,
-    uncontaminated pixels) and ``provenance``.
-    """
-    from astropy.table import Table
-
-    from .cube import as_pixel_table, open_cube, write_text_atomic
-    from .provenance import provenance
-
-    from .fitsio import validate_for_modelling
-
-    p = _params(params)
-    cube = open_cube(cube_path)
-    validate_for_modelling(cube, str(cube_path))
-    table = as_pixel_table(cube.load())
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
-    if len(catalog) == 0:
-        raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
-    mean_flux, _ = mean_frame(table)
-    pc = np.asarray(table["column"].values, float)
-    pr = np.asarray(table["row"].values, float)
-    F = a_priori_flux(catalog)
-    try:
-        model, radii, mask, owner = fit_edge_to_frame(mean_flux, pc, pr, np.asarray(catalog["column"], float),
-                                                      np.asarray(catalog["row"], float), F, p)
-    except ValueError as exc:
-        raise ValueError(f"{cube_path}: cannot fit the LFD edge model (§4.2) with {pc.size} pixels and "
-                         f"{len(catalog)} catalog source(s): {exc}. The scene model needs many unsaturated, "
-                         f"isolated stars; use CPM (cpm_detrend) for cubes this small.") from exc
-    grid = np.logspace(0, 7, 57)
-    out = {
-        "model": "lfd_edge",
-        "equation": "log10 f = [1, r, r^2] x [1, L, L^2] . w0, L = log10(F_apriori) (Hedges & Martinez-Palomera 2021 eqs. 5-7)",
-        "coefficients": [float(c) for c in model.coefficients],
-        "threshold": model.threshold,
-        "min_radius": model.min_radius,
-        "max_radius": model.max_radius,
-        "background": model.background,
-        "background_order": model.background_order,
-        "background_coefficients": [float(c) for c in (model.background_coefficients if model.background_coefficients is not None else [])],
-        "background_rms": model.background_rms,
-        "log_flux_range": list(model.log_flux_range) if model.log_flux_range else None,
-        "radius_table": {"flux": [float(g) for g in grid], "radius": [float(x) for x in model.radius(grid)]},
-        "source_id": [int(s) for s in np.asarray(catalog["source_id"])],
-        "edge_radius": [float(x) for x in radii],
-        "summary": {
-            "n_pixels": int(pc.size),
-            "n_sources": int(len(catalog)),
-            "n_uncontaminated_pixels": int(mask.sum()),
-            "n_sources_with_uncontaminated_pixels": int(np.unique(owner[owner >= 0]).size),
-            "background": model.background,
-        },
-        "provenance": provenance("lfd_edge_model", inputs=[cube_path, catalog_path], config=p),
-    }
-    log.info("edge model: %d uncontaminated pixels of %d, %d sources, background %.2f e-/s",
-             mask.sum(), pc.size, len(catalog), model.background)
-    write_text_atomic(json.dumps(out, indent=1, sort_keys=True, default=str), out_json)
-    return out

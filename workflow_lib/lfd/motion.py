@@ -53,16 +53,15 @@ the scene matrix (eq. 24); :func:`motion_factors` gives the same as the low-rank
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import zipfile
 
 import numpy as np
 import scipy.sparse as sp
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.settings import merge_settings
+from workflow_lib.lfd.bspline import spline_design_matrix, tensor_product
+from workflow_lib.lfd.geometry import background_design, dominant_source, monomial_exponents, n_terms, scene_pairs, shift_monomials
+from workflow_lib.lfd.linsys import build_system, solve_direct, solve_pcg
 
-from .bspline import spline_design_matrix, tensor_product
-from .logs import get_logger
-from .settings import merge_settings
 
 log = get_logger("lfd.motion")
 
@@ -218,24 +217,10 @@ def scene_centroid(flux, background, pix, pix_dx, pix_dy, pix_source_flux):
 
 # --------------------------------------------------------------------------- shift model
 
-def monomial_exponents(degree: int) -> np.ndarray:
-    """(i, j) exponents of the monomials cx^i cy^j with i + j <= degree, ordered by total degree:
-    ``[1, x, y, x^2, xy, y^2, x^3, ...]``."""
-    return np.array([(d - j, j) for d in range(int(degree) + 1) for j in range(d + 1)], dtype=int)
 
 
-def n_terms(degree: int) -> int:
-    """Number of monomials of total degree <= ``degree`` in two variables."""
-    return (int(degree) + 1) * (int(degree) + 2) // 2
 
 
-def shift_monomials(cx, cy, degree: int) -> np.ndarray:
-    """(n, n_terms) monomials of the scene offset (:func:`monomial_exponents`); the time basis of
-    the shift model (degree 2 is :func:`centroid_basis`)."""
-    cx = np.atleast_1d(np.asarray(cx, float))
-    cy = np.atleast_1d(np.asarray(cy, float))
-    e = monomial_exponents(degree)
-    return cx[:, None] ** e[None, :, 0] * cy[:, None] ** e[None, :, 1]
 
 
 def _monomial_derivative(degree: int, ax: int, ay: int) -> np.ndarray:
@@ -413,7 +398,6 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
     p = motion_params(params)
     deg = int(p["shift_degree"])
     time = np.asarray(time, float)
-    from .solve import scene_pairs
 
     S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
     F = np.clip(np.asarray(source_flux, float), 0.0, None)
@@ -593,63 +577,14 @@ def motion_model(model: MotionModel, dx, dy, time, prf=None):
 
 # --------------------------------------------------------------------------- I/O
 
-def save_npz_deterministic(path, arrays: dict) -> None:
-    """np.savez-compatible file with fixed zip timestamps (identical inputs -> identical bytes)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
 
 
-def save_motion_model(path, model: MotionModel, summary: dict, provenance_json: str = "") -> None:
-    from .cube import atomic_path
-
-    arrays = {
-        "weights": model.weights, "knots": model.knots, "degree": np.int64(model.degree),
-        "time_degree": np.int64(model.time_degree), "t0": np.float64(model.t0), "tscale": np.float64(model.tscale),
-        "provenance": np.str_(provenance_json), "time_model": np.str_(model.time_model),
-    }
-    if model.time_model in ("centroid", "shift"):
-        arrays.update(reg_time=model.reg_time, reg_x=model.reg_x, reg_y=model.reg_y)
-    if model.time_model == "shift":
-        arrays.update(shift_cov=np.asarray(model.shift_cov, float), shift_range=np.float64(model.shift_range))
-    arrays.update({k: np.asarray(v) for k, v in summary.items()})
-    with atomic_path(path) as tmp:
-        save_npz_deterministic(tmp, arrays)
 
 
-def load_motion_model(path) -> MotionModel:
-    try:
-        with np.load(path) as z:
-            mode = str(z["time_model"]) if "time_model" in z.files else "polynomial"
-            extra = {}
-            if mode in ("centroid", "shift"):
-                extra = dict(reg_time=z["reg_time"], reg_x=z["reg_x"], reg_y=z["reg_y"])
-            if mode == "shift":
-                extra.update(shift_cov=z["shift_cov"], shift_range=float(z["shift_range"]))
-            return MotionModel(z["weights"], z["knots"], int(z["degree"]), int(z["time_degree"]),
-                               float(z["t0"]), float(z["tscale"]), time_model=mode, **extra)
-    except (OSError, KeyError, ValueError) as exc:
-        raise MotionError(f"{path}: not a readable motion model ({exc})") from exc
 
 
 # --------------------------------------------------------------------------- pipeline step
 
-def dominant_source(S, flux):
-    """Per pixel: index (column of S) of the source contributing most model flux, and its fraction
-    of the total modelled source flux (1 = a single source; -1 / 0 for pixels without sources)."""
-    S = sp.csr_matrix(S)
-    contrib = S.multiply(np.asarray(flux, float)[None, :]).tocsr()
-    total = np.asarray(contrib.sum(axis=1)).ravel()
-    best = np.asarray(contrib.max(axis=1).todense()).ravel()
-    owner = np.asarray(contrib.argmax(axis=1)).ravel()
-    has = (np.diff(contrib.indptr) > 0) & (total > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        purity = np.where(has, best / np.where(has, total, 1.0), 0.0)
-    return np.where(has, owner, -1), purity
 
 
 def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, pixel_row, source_col, source_row,
@@ -660,7 +595,6 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
     with mean-frame fluxes ``source_flux`` at ``source_col/row``. Returns ``(MotionModel, summary)``.
     ``time_model: shift`` needs ``prf`` (the PRF model S was built from).
     """
-    from .solve import background_design, build_system, solve_direct, solve_pcg
 
     p = motion_params(params)
     if p["time_model"] == "shift":
@@ -751,28 +685,3 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
     return mm, summary
 
 
-def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | None = None) -> MotionModel:
-    """Snakemake step: fit the §4.5 motion model of a field and save it (``motion_model.npz``).
-
-    Uncontaminated pixels (§4.2: "contributions from a single source") are those where one source
-    gives at least ``min_purity`` of the modelled source flux, with the fitted PRF and the
-    mean-frame fluxes of the PRF step (the §4.2 circular edge model at TESS's noise threshold
-    leaves only ~100 of 4096 pixels uncontaminated in the crowded synthetic field). The per-bin
-    background is the background part of a mean-scene LFD solve of each binned frame.
-    """
-    from .provenance import provenance_json
-    from .solve import load_field_scene
-
-    p = motion_params(params)
-    f = load_field_scene(cube_path, catalog_path, prf_npz)
-    table, idx = f["table"], f["idx"]
-    mm, summary = fit_field_motion(table["time"].values, table["flux"].values, table["flux_err"].values,
-                                   table["quality"].values, f["S"], f["mean_flux"][idx], f["pc"], f["pr"],
-                                   f["sc"][idx], f["sr"][idx], p, mission=f["cube"].attrs.get("mission", "TESS"),
-                                   name=str(cube_path), prf=f["model"])
-    if "pixel_source" in summary:
-        summary["pixel_source"] = idx[summary["pixel_source"]]
-    prov = provenance_json("lfd_motion_model", inputs=[cube_path, catalog_path, prf_npz], config=p)
-    save_motion_model(out_npz, mm, summary, prov)
-    log.info("motion model saved to %s", out_npz)
-    return mm

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from workflow_lib.core.atomic import atomic_path
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.parallel import dask_map
 
-from .logs import get_logger
 
 log = get_logger("cube")
 
@@ -271,45 +271,8 @@ def open_cube(path: str | os.PathLike, *, chunks="auto", validate: bool = True) 
     return ds
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a text file atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
-def atomic_path(path: str | os.PathLike):
-    """Context manager yielding a temporary sibling path that is renamed to ``path`` on success.
-
-    Use for writers that take a filename (astropy ``Table.write``, ``HDUList.writeto``,
-    ``fig.savefig``)::
-
-        with atomic_path(out) as tmp:
-            table.write(tmp, format="ascii.ecsv")
-    """
-    import contextlib
-
-    @contextlib.contextmanager
-    def _cm():
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".tmp-{uuid.uuid4().hex[:8]}-{p.name}"
-        try:
-            yield tmp
-            if p.is_dir() and tmp.is_dir():
-                shutil.rmtree(p)
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.unlink()
-
-    return _cm()
 
 
 # ---------------------------------------------------------------- zarr I/O (many writers, chunk-aligned regions)
@@ -410,7 +373,6 @@ def write_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, compute
     :func:`write_zarr_atomic`).  ``compute_region`` must be picklable for a distributed scheduler
     (a module-level function or a ``functools.partial`` of one).
     """
-    from .parallel import dask_map
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -418,3 +380,11 @@ def write_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, compute
         dask_map(_write_one_region, [(r,) for r in regions], threads=threads, scheduler=scheduler,
                  shared=dict(path=str(tmp), compute_region=compute_region))
     return Path(path)
+
+
+def pixel_coordinates(cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(column, row) of every pixel of ``as_pixel_table(cube, drop_nan=False)``."""
+    if "pixel" in cube.dims:
+        return np.asarray(cube["column"].values, float), np.asarray(cube["row"].values, float)
+    return (np.tile(np.asarray(cube["column"].values, float), cube.sizes["row"]),
+            np.repeat(np.asarray(cube["row"].values, float), cube.sizes["column"]))

@@ -35,21 +35,22 @@ get their own small supersampled patch, weighted by their flux at each cadence.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
 from astropy.table import Table
 import scipy.sparse as sp
+from workflow_lib.core.atomic import atomic_path
+from workflow_lib.data import tess_prf
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import provenance_json
+from workflow_lib.core.settings import SCHEMA_PATH
+from workflow_lib.data.cube import CubeError, make_cube, wcs_to_header_string, write_zarr_atomic
 
-from . import tess_prf
-from .cube import CubeError, atomic_path, make_cube, write_zarr_atomic
-from .logs import get_logger
-from .provenance import provenance_json
 
 log = get_logger("synthetic")
 
-SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+SCHEMA = SCHEMA_PATH
 
 #: TESS zero point: 15000 e-/s at T = 10 (TESS Instrument Handbook; Sullivan et al. 2015)
 TESS_ZP_FLUX = 15000.0
@@ -641,7 +642,6 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
                            config=p, field=field)
     common = dict(sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov,
                   synthetic=1)
-    from .cube import wcs_to_header_string
 
     wcs_hdr = wcs_to_header_string(wcs)
     cube = make_cube(flux, flux_err, quality, t, cadno, p["corner_row"] + np.arange(nr), p["corner_col"] + np.arange(nc),

@@ -6,6 +6,7 @@ import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
+from workflow_lib import __version__
 
 #: packages whose versions are recorded in outputs
 PACKAGES = ("workflow_lib", "numpy", "scipy", "astropy", "astroquery", "xarray", "zarr", "dask", "bokeh", "snakemake")
@@ -16,7 +17,6 @@ def software_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         if name == "workflow_lib":  # this package: its own version, installed or run from a checkout
-            from . import __version__
 
             out[name] = __version__
             continue

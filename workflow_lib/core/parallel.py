@@ -29,9 +29,9 @@ chunking is fixed by the caller, never by the number of workers.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
+from workflow_lib.core.logs import get_logger
 
-from .logs import get_logger
 
 log = get_logger("parallel")
 

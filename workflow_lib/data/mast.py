@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
+from workflow_lib.core.logs import get_logger
+from workflow_lib.data.cube import CubeError
+from workflow_lib.data.fits_reader import read_field, read_fits_cube, write_cube_with_provenance
 
-from .cube import CubeError
-from .fitsio import read_field, read_fits_cube, write_cube_with_provenance
-from .logs import get_logger
 
 log = get_logger("mast")
 

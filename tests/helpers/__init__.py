@@ -1,0 +1,1 @@
+"""Shared builders and checkers for the tests."""

@@ -1,0 +1,254 @@
+"""The LFD steps the rules call: read the cube and catalog, run one stage of Hedges & Martinez-Palomera
+(2021), write its product atomically. The science is in :mod:`workflow_lib.lfd`; only this module touches files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from workflow_lib.core.atomic import write_text_atomic
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import provenance, provenance_json
+from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
+from workflow_lib.data.fits_reader import validate_for_modelling
+from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
+from workflow_lib.lfd.edge import edge_params, a_priori_flux, fit_edge_to_frame, mean_frame
+from workflow_lib.lfd.geometry import background_design, scene_offsets
+from workflow_lib.lfd.io import load_edge_model, load_motion_model, save_motion_model
+from workflow_lib.lfd.motion import MotionModel, fit_field_motion, motion_factors, motion_params
+from workflow_lib.lfd.plots import plot_prf_model
+from workflow_lib.lfd.prf import PRFModel, fit_prf_model, prf_params, scene_matrix
+from workflow_lib.lfd.solve import SolveError, blended_sources, source_flux, contamination_ratio, decorrelate_offsets, solve_params
+from workflow_lib.metrics import add_cdpp
+
+log = get_logger("lfd")
+def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = None) -> dict:
+    """Snakemake step: fit the §4.2 edge model of a field and write it as JSON (atomically).
+
+    The JSON holds ``coefficients`` (9, for eq. 7 in log10 e-/s), the settings, the background,
+    a radius-vs-flux table (``radius_table``: flux [e-/s] and edge radius [px] on a log grid),
+    the per-source ``source_id``/``edge_radius``, a ``summary`` (numbers of pixels, sources,
+    uncontaminated pixels) and ``provenance``.
+    """
+    from astropy.table import Table
+
+
+
+    p = edge_params(params)
+    cube = open_cube(cube_path)
+    validate_for_modelling(cube, str(cube_path))
+    table = as_pixel_table(cube.load())
+    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    if len(catalog) == 0:
+        raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
+    mean_flux, _ = mean_frame(table)
+    pc = np.asarray(table["column"].values, float)
+    pr = np.asarray(table["row"].values, float)
+    F = a_priori_flux(catalog)
+    try:
+        model, radii, mask, owner = fit_edge_to_frame(mean_flux, pc, pr, np.asarray(catalog["column"], float),
+                                                      np.asarray(catalog["row"], float), F, p)
+    except ValueError as exc:
+        raise ValueError(f"{cube_path}: cannot fit the LFD edge model (§4.2) with {pc.size} pixels and "
+                         f"{len(catalog)} catalog source(s): {exc}. The scene model needs many unsaturated, "
+                         f"isolated stars; use CPM (cpm_detrend) for cubes this small.") from exc
+    grid = np.logspace(0, 7, 57)
+    out = {
+        "model": "lfd_edge",
+        "equation": "log10 f = [1, r, r^2] x [1, L, L^2] . w0, L = log10(F_apriori) (Hedges & Martinez-Palomera 2021 eqs. 5-7)",
+        "coefficients": [float(c) for c in model.coefficients],
+        "threshold": model.threshold,
+        "min_radius": model.min_radius,
+        "max_radius": model.max_radius,
+        "background": model.background,
+        "background_order": model.background_order,
+        "background_coefficients": [float(c) for c in (model.background_coefficients if model.background_coefficients is not None else [])],
+        "background_rms": model.background_rms,
+        "log_flux_range": list(model.log_flux_range) if model.log_flux_range else None,
+        "radius_table": {"flux": [float(g) for g in grid], "radius": [float(x) for x in model.radius(grid)]},
+        "source_id": [int(s) for s in np.asarray(catalog["source_id"])],
+        "edge_radius": [float(x) for x in radii],
+        "summary": {
+            "n_pixels": int(pc.size),
+            "n_sources": int(len(catalog)),
+            "n_uncontaminated_pixels": int(mask.sum()),
+            "n_sources_with_uncontaminated_pixels": int(np.unique(owner[owner >= 0]).size),
+            "background": model.background,
+        },
+        "provenance": provenance("lfd_edge_model", inputs=[cube_path, catalog_path], config=p),
+    }
+    log.info("edge model: %d uncontaminated pixels of %d, %d sources, background %.2f e-/s",
+             mask.sum(), pc.size, len(catalog), model.background)
+    write_text_atomic(json.dumps(out, indent=1, sort_keys=True, default=str), out_json)
+    return out
+
+
+def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params: dict | None = None) -> PRFModel:
+    """Snakemake step: fit the §4.3-4.4 PRF model of a field; write the model (.npz) and a picture (.png) atomically."""
+    from astropy.table import Table
+
+
+    p = prf_params(params)
+    cube = open_cube(cube_path)
+    table = as_pixel_table(cube.load())
+    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    if len(catalog) == 0:
+        raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
+    edge = load_edge_model(edge_json)
+    mean_flux, mean_err = mean_frame(table)
+    model, diag = fit_prf_model(mean_flux, mean_err, table["column"].values, table["row"].values,
+                                np.asarray(catalog["column"], float), np.asarray(catalog["row"], float),
+                                a_priori_flux(catalog), edge, p, source_id=np.asarray(catalog["source_id"]))
+    model.provenance = provenance_json("lfd_prf_model", inputs=[cube_path, catalog_path, edge_json], config=p)
+    model.save(out_npz)
+    plot_prf_model(model, diag, out_png)
+    return model
+
+
+def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | None = None) -> MotionModel:
+    """Snakemake step: fit the §4.5 motion model of a field and save it (``motion_model.npz``).
+
+    Uncontaminated pixels (§4.2: "contributions from a single source") are those where one source
+    gives at least ``min_purity`` of the modelled source flux, with the fitted PRF and the
+    mean-frame fluxes of the PRF step (the §4.2 circular edge model at TESS's noise threshold
+    leaves only ~100 of 4096 pixels uncontaminated in the crowded synthetic field). The per-bin
+    background is the background part of a mean-scene LFD solve of each binned frame.
+    """
+
+    p = motion_params(params)
+    f = load_field_scene(cube_path, catalog_path, prf_npz)
+    table, idx = f["table"], f["idx"]
+    mm, summary = fit_field_motion(table["time"].values, table["flux"].values, table["flux_err"].values,
+                                   table["quality"].values, f["S"], f["mean_flux"][idx], f["pc"], f["pr"],
+                                   f["sc"][idx], f["sr"][idx], p, mission=f["cube"].attrs.get("mission", "TESS"),
+                                   name=str(cube_path), prf=f["model"])
+    if "pixel_source" in summary:
+        summary["pixel_source"] = idx[summary["pixel_source"]]
+    prov = provenance_json("lfd_motion_model", inputs=[cube_path, catalog_path, prf_npz], config=p)
+    save_motion_model(out_npz, mm, summary, prov)
+    log.info("motion model saved to %s", out_npz)
+    return mm
+
+
+def load_field_scene(cube_path, catalog_path, prf_npz):
+    """Open a field for LFD: the (lazy) pixel table, the catalog, the PRF model and the mean scene.
+
+    Sources are those of the catalog; the ones the PRF step removed (negative mean flux, §4.4)
+    are left out of the model (``active`` False). Returns a dict.
+    """
+    from astropy.table import Table
+
+
+    cube = open_cube(cube_path)
+    table = as_pixel_table(cube, drop_nan=False)
+    try:
+        catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    except Exception as exc:
+        raise SolveError(f"{catalog_path}: cannot read the catalog ({exc})") from exc
+    try:
+        model = PRFModel.load(prf_npz)
+    except Exception as exc:
+        raise SolveError(f"{prf_npz}: not a readable PRF model ({exc})") from exc
+    sid = np.asarray(catalog["source_id"], dtype=np.int64)
+    if model.source_id is None or model.source_flux is None:
+        raise SolveError(f"{prf_npz}: PRF model has no mean-frame source fluxes")
+    if not np.array_equal(np.asarray(model.source_id, np.int64), sid):
+        raise SolveError(f"{prf_npz}: source list differs from {catalog_path}; rerun the PRF step")
+    mean_flux = np.asarray(model.source_flux, float)
+    active = np.isfinite(mean_flux)   # sources the PRF step dropped (significantly negative flux) are NaN
+    pc = np.asarray(table["column"].values, float)
+    pr = np.asarray(table["row"].values, float)
+    sc = np.asarray(catalog["column"], float)
+    sr = np.asarray(catalog["row"], float)
+    idx = np.flatnonzero(active)
+    S = scene_matrix(model, sc[idx], sr[idx], pc, pr).tocsr()
+    S.sum_duplicates()
+    S.sort_indices()
+    return dict(cube=cube, table=table, catalog=catalog, model=model, active=active, idx=idx, S=S,
+                pc=pc, pr=pr, sc=sc, sr=sr, mean_flux=mean_flux)
+
+
+def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out_fits_dir, params: dict | None = None,
+                    *, threads: int = 1):
+    """Snakemake step: LFD light curves of every source (§4.4-4.5), zarr (atomic) + one FITS per source.
+
+    The prior of every source is its mean-frame LFD flux from the PRF step (sigma =
+    ``prior_sigma_factor`` x |flux|); background terms get the PRF step's polynomial and a flat
+    prior. With ``use_motion`` the motion model (§4.5) multiplies the scene at every cadence.
+    """
+
+    p = solve_params(params)
+    f = load_field_scene(cube_path, catalog_path, prf_npz)
+    table, S, idx = f["table"], f["S"], f["idx"]
+    border = f["model"].background_order if p["background_order"] is None else p["background_order"]
+    B = background_design(f["pc"], f["pr"], border)
+    mu_src = f["mean_flux"][idx]
+    bk0 = np.zeros(B.shape[1])
+    if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
+        bk0 = np.asarray(f["model"].background, float)
+    prior_mu = np.concatenate([mu_src, bk0])
+    # width: factor x |mean flux|, at least factor x the single-cadence error of that flux (faint
+    # sources whose mean-frame flux is near zero keep a usable prior)
+    n_good = max(int((np.asarray(table["quality"].values) == 0).sum()), 1)
+    merr = f["model"].source_flux_err
+    e1 = np.sqrt(n_good) * np.asarray(merr, float)[idx] if merr is not None else np.zeros(idx.size)
+    e1 = np.where(np.isfinite(e1), e1, 0.0)
+    sigma_src = p["prior_sigma_factor"] * np.maximum(np.maximum(np.abs(mu_src), e1), 1e-3)
+    # App. B: narrow priors on sources the data cannot separate from a brighter neighbour
+    blend = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
+    sigma_src = np.where(blend, p["blend_prior_fraction"] * np.maximum(np.abs(mu_src), 1e-3), sigma_src)
+    if blend.any():
+        log.info("%d sources within %.2f px of a brighter one: prior sigma %.3g x their mean flux (App. B)",
+                 blend.sum(), p["blend_radius"], p["blend_prior_fraction"])
+    prior_sigma = np.concatenate([sigma_src, np.full(B.shape[1], 1e6)])
+    time = np.asarray(table["time"].values, float)
+    basis = tb = None
+    if p["use_motion"]:
+        if motion_file is None:
+            raise SolveError("use_motion is on but no motion model file was given")
+        mm = load_motion_model(motion_file)
+        dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
+        basis, tb = motion_factors(mm, dx, dy, time, prf=f["model"])
+    # float32 in memory (64x64x1300: 21 MB); chunks are converted to float64 inside the solve
+    res = source_flux(np.asarray(table["flux"].values), np.asarray(table["flux_err"].values), S, B, prior_mu, prior_sigma,
+                      motion_basis=basis, motion_time=tb, method=p["method"],
+                      direct_max_sources=p["direct_max_sources"], time_chunk=p["time_chunk"], threads=threads,
+                      dask_scheduler=p["dask_scheduler"], rtol=p["rtol"], exact_errors=p["exact_errors"])
+    sflux = res["flux"]
+    deg = int(p["offset_decorrelation_degree"])
+    if p["use_motion"] and deg > 0 and mm.time_model == "shift":
+        cx, cy = np.full(time.size, np.nan), np.full(time.size, np.nan)
+        known = np.isin(time, mm.reg_time)
+        cx[known], cy[known] = mm.offsets(time[known])
+        good = np.asarray(table["quality"].values) == 0
+        sflux, _ = decorrelate_offsets(time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"])
+        log.info("light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)", deg,
+                 p["offset_decorrelation_window"])
+    nsrc = len(f["catalog"])
+    flux = np.full((nsrc, time.size), np.nan)
+    err = np.full((nsrc, time.size), np.nan)
+    flux[idx] = sflux
+    err[idx] = res["flux_err"]
+    contam = np.full(nsrc, np.nan)
+    npx = np.zeros(nsrc, dtype=np.int64)
+    contam[idx], npx[idx] = contamination_ratio(S, np.clip(mu_src, 0, None))
+    cat = f["catalog"]
+    cols = {"source_id": np.asarray(cat["source_id"], np.int64),
+            "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
+            "column": f["sc"], "row": f["sr"], "contamination": contam, "n_pixels": npx,
+            "in_model": f["active"], "mean_flux": f["mean_flux"]}
+    if "on_cutout" in cat.colnames:
+        cols["on_cutout"] = np.asarray(cat["on_cutout"], bool)
+    prov = provenance_json("lfd_flux_solve", inputs=[cube_path, catalog_path, prf_npz] + ([motion_file] if p["use_motion"] else []),
+                           config=p, method=res["method"])
+    lc = lightcurve_set(flux, err, f["cube"], cols, method="LFD",
+                        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]})
+    lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
+    lc = add_cdpp(lc)  # 1-h / 6-h CDPP proxy, stored with the light curves (comparable with RAW and CPM)
+    write_zarr_atomic(lc, out_zarr)
+    log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
+    if p["write_fits"] and out_fits_dir is not None:
+        paths = write_lightcurve_fits(lc, out_fits_dir, "lfd")
+        log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
+    return lc
