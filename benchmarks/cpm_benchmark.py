@@ -7,6 +7,7 @@ memory, and de-trending quality against the synthetic sector's truth.
 Prints one block of figures; the reference is the explicit loop over the k sections in
 tests/test_cpm.py (``reference_cpm``), run on the same pre-processed pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from workflow_lib.cpm import apertures  # noqa: E402
 from workflow_lib.cpm import model as cpm  # noqa: E402
 from workflow_lib.data.cube import as_pixel_table  # noqa: E402
 from workflow_lib.data.synthetic import simulate_sector  # noqa: E402
-from workflow_lib.cpm import apertures  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -47,8 +48,9 @@ def main(argv=None):
     warnings.simplefilter("ignore")
 
     t0 = time.perf_counter()
-    cube, truth, catalog = simulate_sector({"seed": args.seed, "n_rows": args.size, "n_cols": args.size,
-                                            "n_cadences": args.cadences}, "bench")
+    cube, truth, catalog = simulate_sector(
+        {"seed": args.seed, "n_rows": args.size, "n_cols": args.size, "n_cadences": args.cadences}, "bench"
+    )
     t_sim = time.perf_counter() - t0
     rss_before = peak_rss_mb()
     params = cpm.cpm_params()  # paper defaults: L=256, 11x11, lambda_L=lambda_P=0.01, cubic, k=150
@@ -94,25 +96,48 @@ def main(argv=None):
         cpm._detrend_chunk(targets, preds, counts, yT, Tt, k, params, gram, gT, T.T @ T)
         fast_pp = (time.perf_counter() - t0) / targets.size
         t0 = time.perf_counter()
-        ms, mp, det = reference_cpm(fk, t[keep], rk, ck, L=params.n_predictors, exclusion=params.exclusion_size,
-                                    lambda_L=params.lambda_L, lambda_P=params.lambda_P, degree=params.poly_degree, k=k,
-                                    targets=ref_targets)
+        ms, mp, det = reference_cpm(
+            fk,
+            t[keep],
+            rk,
+            ck,
+            L=params.n_predictors,
+            exclusion=params.exclusion_size,
+            lambda_L=params.lambda_L,
+            lambda_P=params.lambda_P,
+            degree=params.poly_degree,
+            k=k,
+            targets=ref_targets,
+        )
         ref_pp = (time.perf_counter() - t0) / len(ref_targets)
     vidx = np.flatnonzero(valid)[ref_targets]
     fast_sys = res["systematics"][keep][:, vidx] / res["scale"][vidx]
     relerr = float(np.max(np.abs(fast_sys - ms[:, ref_targets])) / np.max(np.abs(ms[:, ref_targets])))
 
-    print(f"CPM benchmark: {args.size}x{args.size} px synthetic sector, {nkeep} kept cadences of {len(t)}, "
-          f"L={params.n_predictors}, k={k}, lambda_L={params.lambda_L}, lambda_P={params.lambda_P}, cubic polynomial")
+    print(
+        f"CPM benchmark: {args.size}x{args.size} px synthetic sector, {nkeep} kept cadences of {len(t)}, "
+        f"L={params.n_predictors}, k={k}, lambda_L={params.lambda_L}, lambda_P={params.lambda_P}, cubic polynomial"
+    )
     print(f"  simulation                         {t_sim:8.1f} s")
-    print(f"  whole cutout, fast, {args.threads} threads       {t_full:8.1f} s  ({npix_fit} pixels, {t_full / npix_fit * 1e3:.2f} ms/pixel wall)")
+    print(
+        f"  whole cutout, fast, {args.threads} threads       {t_full:8.1f} s  ({npix_fit} pixels, {t_full / npix_fit * 1e3:.2f} ms/pixel wall)"
+    )
     print(f"  fast, 1 thread, per pixel          {fast_pp * 1e3:8.2f} ms")
     print(f"  reference loop, 1 thread, per pixel {ref_pp * 1e3:8.1f} ms  ({len(ref_targets)} pixels)")
     print(f"  speed-up (1 thread, per pixel)     {ref_pp / fast_pp:8.0f} x")
     print(f"  max |fast - reference| / max|ref|  {relerr:8.1e}  (m_sys of the reference pixels)")
     print(f"  peak RSS: {rss_before:.0f} MB after simulation, {rss_after:.0f} MB after de-trending")
-    out = {"size": args.size, "cadences_kept": nkeep, "k": k, "t_full_s": t_full, "fast_ms_per_pixel": fast_pp * 1e3,
-           "ref_ms_per_pixel": ref_pp * 1e3, "speedup": ref_pp / fast_pp, "relerr": relerr, "peak_rss_mb": rss_after}
+    out = {
+        "size": args.size,
+        "cadences_kept": nkeep,
+        "k": k,
+        "t_full_s": t_full,
+        "fast_ms_per_pixel": fast_pp * 1e3,
+        "ref_ms_per_pixel": ref_pp * 1e3,
+        "speedup": ref_pp / fast_pp,
+        "relerr": relerr,
+        "peak_rss_mb": rss_after,
+    }
 
     if not args.no_quality:
         from test_cpm import evaluate_truth, summarize_quality
@@ -125,17 +150,25 @@ def main(argv=None):
         qd = evaluate_truth(cube, truth, cpm_lc, raw_lc)
         s = summarize_quality(qd)
         print("  quality vs truth:")
-        print(f"    isolated constant stars: {s['n_constant']}; median 1-h CDPP raw/CPM = {s['median_raw_over_cpm_1h']:.2f} "
-              f"(target >= 2); CPM/white-noise floor = {s['median_cpm_over_floor_1h']:.2f} (target <= 1.5)")
+        print(
+            f"    isolated constant stars: {s['n_constant']}; median 1-h CDPP raw/CPM = {s['median_raw_over_cpm_1h']:.2f} "
+            f"(target >= 2); CPM/white-noise floor = {s['median_cpm_over_floor_1h']:.2f} (target <= 1.5)"
+        )
         for x in qd["constant"]:
-            print(f"      T={x['tmag']:.1f}: raw {x['cdpp_raw']:.0f} ppm, CPM {x['cdpp_cpm']:.0f} ppm, floor {x['floor']:.0f} ppm")
+            print(
+                f"      T={x['tmag']:.1f}: raw {x['cdpp_raw']:.0f} ppm, CPM {x['cdpp_cpm']:.0f} ppm, floor {x['floor']:.0f} ppm"
+            )
         for x in qd["transits"]:
-            print(f"    planet T={x['tmag']:.1f} depth {x['depth']:.4f} x{x['n_transits']}: CPM keeps {x['depth_ratio']:.1%} "
-                  f"of the depth (target >= 90%), raw aperture {x['raw_depth_ratio']:.1%}")
+            print(
+                f"    planet T={x['tmag']:.1f} depth {x['depth']:.4f} x{x['n_transits']}: CPM keeps {x['depth_ratio']:.1%} "
+                f"of the depth (target >= 90%), raw aperture {x['raw_depth_ratio']:.1%}"
+            )
         if qd["transient"]:
             x = qd["transient"]
-            print(f"    transient: peak {x['observed_peak']:.1f} e-/s observed vs {x['expected_peak']:.1f} expected "
-                  f"(ratio {x['peak_ratio']:.3f}, target within 10%)")
+            print(
+                f"    transient: peak {x['observed_peak']:.1f} e-/s observed vs {x['expected_peak']:.1f} expected "
+                f"(ratio {x['peak_ratio']:.3f}, target within 10%)"
+            )
         out["quality"] = s
     print(json.dumps(out, default=float))
 

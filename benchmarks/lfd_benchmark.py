@@ -12,6 +12,7 @@ part 1 (the pipeline's own light curves are in results/<run>/<field>/lfd/lightcu
 FFI scale test times the solve only (data without motion, solved with a +-2 % motion model so the
 scene changes every frame); it does not measure accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,13 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_lib.lfd import motion  # noqa: E402
-from workflow_lib.lfd import solve  # noqa: E402
-from workflow_lib.lfd import geometry  # noqa: E402
+from workflow_lib.lfd import (
+    geometry,  # noqa: E402
+    linsys,  # noqa: E402
+    motion,  # noqa: E402
+    solve,  # noqa: E402
+)
 from workflow_lib.steps import lfd  # noqa: E402
-from workflow_lib.lfd import linsys  # noqa: E402
 
 
 class TruePRF:
@@ -107,7 +110,9 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
     tt = np.asarray(table["time"].values, float)
     pc = np.asarray(table["column"].values, float)
     pr = np.asarray(table["row"].values, float)
-    log(f"simulated {flux.shape[1]} px x {flux.shape[0]} cadences, {len(cat)} catalog sources in {_time.perf_counter() - t0:.1f} s")
+    log(
+        f"simulated {flux.shape[1]} px x {flux.shape[0]} cadences, {len(cat)} catalog sources in {_time.perf_counter() - t0:.1f} s"
+    )
     S_all = true_prf_scene(cat, pc, pr)
     B = geometry.background_design(pc, pr, 1)
     mean_flux, active = mean_frame_flux(flux, err, quality, S_all, B, np.asarray(cat["expected_flux"], float))
@@ -122,7 +127,9 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
         # the true PRF needs no data-driven correction of its shift response (that absorbs errors of a
         # fitted PRF and, ~6000 weights, over-fits 480 cadences: z-std 2.6 on the 40x40x480 test field)
         motion_params = {"correction_degree": 0}
-    mm, summ = motion.fit_field_motion(tt, flux, err, quality, S, mean_flux[idx], pc, pr, sc, sr, motion_params, prf=prf)
+    mm, summ = motion.fit_field_motion(
+        tt, flux, err, quality, S, mean_flux[idx], pc, pr, sc, sr, motion_params, prf=prf
+    )
     t_motion = _time.perf_counter() - t1
     dx, dy = geometry.scene_offsets(S, pc, pr, sc, sr)
     basis, tb = motion.motion_factors(mm, dx, dy, tt, prf=prf)
@@ -135,10 +142,14 @@ def run_synthetic(sim_params: dict, *, threads: int = 2, motion_params: dict | N
         res[name] = solve.source_flux(flux, err, S, B, mu, sig, threads=threads, **kw)
         timing[name] = (_time.perf_counter() - t2) / tt.size
     # ---- compare with truth
-    sid = np.asarray(cat["source_id"], np.int64)[idx]
-    out = {"n_sources_model": int(idx.size), "s_per_cadence_motion": timing["motion"],
-           "s_per_cadence_static": timing["static"], "motion_fit_s": t_motion, "solver": res["motion"]["method"],
-           "motion_rms_residual": float(summ.get("rms_residual", np.nan))}
+    out = {
+        "n_sources_model": int(idx.size),
+        "s_per_cadence_motion": timing["motion"],
+        "s_per_cadence_static": timing["static"],
+        "motion_fit_s": t_motion,
+        "solver": res["motion"]["method"],
+        "motion_rms_residual": float(summ.get("rms_residual", np.nan)),
+    }
     out.update(truth_metrics(truth, cat, idx, quality, pc, pr, res, tt))
     return out
 
@@ -158,8 +169,15 @@ def target_sample(truth, cat, idx, pc, pr) -> dict:
     allf = np.asarray(cat["expected_flux"], float)
     isolated = np.array([allf[(np.hypot(*(allc - allc[j]).T) < 2.5)].sum() < 1.05 * allf[j] for j in idx])
     on = (sc > pc.min() + 1) & (sc < pc.max() - 1) & (sr > pr.min() + 1) & (sr < pr.max() - 1)
-    return {"tflux": np.asarray(truth["flux"].values, float)[ti], "kind": kind, "gmag": gmag, "sc": sc, "sr": sr,
-            "sel": isolated & on & (gmag < 15) & (kind == "constant"), "const": on & (kind == "constant") & (gmag < 16)}
+    return {
+        "tflux": np.asarray(truth["flux"].values, float)[ti],
+        "kind": kind,
+        "gmag": gmag,
+        "sc": sc,
+        "sr": sr,
+        "sel": isolated & on & (gmag < 15) & (kind == "constant"),
+        "const": on & (kind == "constant") & (gmag < 16),
+    }
 
 
 def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
@@ -190,23 +208,25 @@ def truth_metrics(truth, cat, idx, quality, pc, pr, res, tt):
         out[f"{name}_z_std_constant_detrended"] = float(np.median(np.std(z - z.mean(axis=1, keepdims=True), axis=1)))
     out["relrms_ratio_static_over_motion"] = out["static_median_relrms_constant"] / out["motion_median_relrms_constant"]
     if "paper" in res:
-        out["relrms_ratio_static_over_paper"] = out["static_median_relrms_constant"] / out["paper_median_relrms_constant"]
+        out["relrms_ratio_static_over_paper"] = (
+            out["static_median_relrms_constant"] / out["paper_median_relrms_constant"]
+        )
     # ---- KOI-608 pair
     out.update(koi608_metrics(truth, sid, res["motion"], good, tt))
     return out
 
 
-def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | None = None, log=print,
-              per_star: bool = False):
+def run_chain(
+    sim_params: dict, workdir, *, threads: int = 2, params: dict | None = None, log=print, per_star: bool = False
+):
     """The REAL pipeline chain on a synthetic sector: write the field, crossmatch, then the four LFD
     steps of rules/lfd.smk (edge -> fitted PRF -> motion -> solve), plus the solve without motion;
     the figures of :func:`truth_metrics` from the written light curves."""
     import xarray as xr
 
-    from workflow_lib.steps.lfd import edge_model_step
     from workflow_lib.data.gaia import crossmatch_field
-    from workflow_lib.steps.lfd import prf_model_step
     from workflow_lib.data.synthetic import write_synthetic_field
+    from workflow_lib.steps.lfd import edge_model_step, prf_model_step
 
     params = params or {}
     d = Path(workdir)
@@ -219,7 +239,9 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     edge_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", params.get("edge"))
     timing["edge_s"] = _time.perf_counter() - t
     t = _time.perf_counter()
-    prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", params.get("prf"))
+    prf_model_step(
+        d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", params.get("prf")
+    )
     timing["prf_s"] = _time.perf_counter() - t
     t = _time.perf_counter()
     lfd.motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", params.get("motion"))
@@ -227,13 +249,24 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
     res = {}
     # motion: the default solve (shift motion model + per-source offset decorrelation); paper: the
     # shared §4.5 motion model alone (no decorrelation, no blend priors); static: no motion model
-    variants = (("motion", True, {}), ("paper", True, {"offset_decorrelation_degree": 0, "blend_radius": 0.0}),
-                ("static", False, {}))
+    variants = (
+        ("motion", True, {}),
+        ("paper", True, {"offset_decorrelation_degree": 0, "blend_radius": 0.0}),
+        ("static", False, {}),
+    )
     for name, use, extra in variants:
         sp_ = dict(params.get("solve") or {}, use_motion=use, write_fits=False, **extra)
         t = _time.perf_counter()
-        lc = lfd.flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz" if use else None,
-                                   d / f"lc_{name}.zarr", None, sp_, threads=threads)
+        lc = lfd.flux_solve_step(
+            d / "cube.zarr",
+            d / "catalog.ecsv",
+            d / "prf.npz",
+            d / "motion.npz" if use else None,
+            d / f"lc_{name}.zarr",
+            None,
+            sp_,
+            threads=threads,
+        )
         timing[f"solve_{name}_s"] = _time.perf_counter() - t
         res[name] = lc
     truth = xr.open_zarr(d / "truth.zarr").load()
@@ -254,13 +287,18 @@ def run_chain(sim_params: dict, workdir, *, threads: int = 2, params: dict | Non
         rr[name] = {"flux": np.asarray(lc["flux"].values)[idx], "flux_err": np.asarray(lc["flux_err"].values)[idx]}
         if "flux_err_noise" in lc:
             rr[name]["noise_err"] = np.asarray(lc["flux_err_noise"].values)[idx]
-    out = {"n_sources_model": int(idx.size), "n_sources_catalog": int(len(catalog)), **timing,
-           "lfd_total_s": timing["edge_s"] + timing["prf_s"] + timing["motion_s"] + timing["solve_motion_s"]}
+    out = {
+        "n_sources_model": int(idx.size),
+        "n_sources_catalog": int(len(catalog)),
+        **timing,
+        "lfd_total_s": timing["edge_s"] + timing["prf_s"] + timing["motion_s"] + timing["solve_motion_s"],
+    }
     out.update(prf_truth_metrics(d, catalog, truth))
     out.update(truth_metrics(truth, catalog, idx, quality, pc, pr, rr, np.asarray(cube["time"].values, float)))
     if per_star:
-        out["per_star"] = per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, rr["motion"]["flux"],
-                                               rr["motion"]["flux_err"])
+        out["per_star"] = per_star_diagnostics(
+            d, truth, catalog, idx, quality, pc, pr, rr["motion"]["flux"], rr["motion"]["flux_err"]
+        )
     return out
 
 
@@ -311,7 +349,9 @@ def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err
         pb = np.zeros(prow.size)
         for a, b in zip(dcol, drow):
             rr, cc = sr[j] + b, sc[j] + a
-            tot = tess_prf.evaluate_prf(coeffs, (k - (rr - np.round(rr)))[:, None], (k - (cc - np.round(cc)))[None, :]).sum()
+            tot = tess_prf.evaluate_prf(
+                coeffs, (k - (rr - np.round(rr)))[:, None], (k - (cc - np.round(cc)))[None, :]
+            ).sum()
             pb += tess_prf.evaluate_prf(coeffs, prow - rr, pcol - cc) / tot
         pb /= dcol.size
         fit = prf.evaluate(pcol - sc[j], prow - sr[j])
@@ -319,25 +359,39 @@ def per_star_diagnostics(d, truth, catalog, idx, quality, pc, pr, flux, flux_err
         for m in np.flatnonzero((np.hypot(sc - sc[j], sr - sr[j]) < 1.5) & (np.arange(sc.size) != j)):
             rm = (flux[m] - T[m])[good]
             nb.append(f"G{gmag[m]:.1f}@{np.hypot(sc[m] - sc[j], sr[m] - sr[j]):.2f}px:{np.corrcoef(r, rm)[0, 1]:+.2f}")
-        rows.append(dict(G=float(gmag[j]), column=float(sc[j]), row=float(sr[j]), flux=float(T[j][good].mean()),
-                         phase=(float(sc[j] - np.round(sc[j])), float(sr[j] - np.round(sr[j]))),
-                         mean_bias=float(flux[j][good].mean() / T[j][good].mean() - 1),
-                         median_abs_rel=float(np.median(np.abs(flux[j][good] / T[j][good] - 1))),
-                         p2p_over_err=float(np.std(np.diff(r)) / np.sqrt(2) / np.median(e)), z_std=float(np.std(z)),
-                         lag1=float(np.corrcoef(zc[:-1], zc[1:])[0, 1]),
-                         r2_offsets=r2(np.column_stack([one, c1, c2, c1**2, c1 * c2, c2**2])),
-                         r2_background=r2(np.column_stack([one, bkg[good]])), r2_slow=float(1 - np.sum((zc - sm) ** 2) / np.sum(zc**2)),
-                         prf_ls_gain=float(np.sum(fit * pb) / np.sum(fit * fit)), neighbours=" ".join(nb)))
+        rows.append(
+            dict(
+                G=float(gmag[j]),
+                column=float(sc[j]),
+                row=float(sr[j]),
+                flux=float(T[j][good].mean()),
+                phase=(float(sc[j] - np.round(sc[j])), float(sr[j] - np.round(sr[j]))),
+                mean_bias=float(flux[j][good].mean() / T[j][good].mean() - 1),
+                median_abs_rel=float(np.median(np.abs(flux[j][good] / T[j][good] - 1))),
+                p2p_over_err=float(np.std(np.diff(r)) / np.sqrt(2) / np.median(e)),
+                z_std=float(np.std(z)),
+                lag1=float(np.corrcoef(zc[:-1], zc[1:])[0, 1]),
+                r2_offsets=r2(np.column_stack([one, c1, c2, c1**2, c1 * c2, c2**2])),
+                r2_background=r2(np.column_stack([one, bkg[good]])),
+                r2_slow=float(1 - np.sum((zc - sm) ** 2) / np.sum(zc**2)),
+                prf_ls_gain=float(np.sum(fit * pb) / np.sum(fit * fit)),
+                neighbours=" ".join(nb),
+            )
+        )
     return rows
 
 
 def print_per_star(rows):
-    print(f"{'G':>6} {'phase':>13} {'F_true':>7} {'bias':>7} {'med|r|':>7} {'p2p/e':>6} {'std z':>6} {'lag1':>5} "
-          f"{'R2off':>5} {'R2bkg':>5} {'R2slow':>6} {'PRFgain':>7}  neighbours<1.5px (G@sep: corr of flux errors)")
+    print(
+        f"{'G':>6} {'phase':>13} {'F_true':>7} {'bias':>7} {'med|r|':>7} {'p2p/e':>6} {'std z':>6} {'lag1':>5} "
+        f"{'R2off':>5} {'R2bkg':>5} {'R2slow':>6} {'PRFgain':>7}  neighbours<1.5px (G@sep: corr of flux errors)"
+    )
     for r in rows:
-        print(f"{r['G']:6.2f} ({r['phase'][0]:+.2f},{r['phase'][1]:+.2f}) {r['flux']:7.0f} {r['mean_bias']:+7.4f} "
-              f"{r['median_abs_rel']:7.4f} {r['p2p_over_err']:6.2f} {r['z_std']:6.2f} {r['lag1']:5.2f} {r['r2_offsets']:5.2f} "
-              f"{r['r2_background']:5.2f} {r['r2_slow']:6.2f} {r['prf_ls_gain']:7.4f}  {r['neighbours']}")
+        print(
+            f"{r['G']:6.2f} ({r['phase'][0]:+.2f},{r['phase'][1]:+.2f}) {r['flux']:7.0f} {r['mean_bias']:+7.4f} "
+            f"{r['median_abs_rel']:7.4f} {r['p2p_over_err']:6.2f} {r['z_std']:6.2f} {r['lag1']:5.2f} {r['r2_offsets']:5.2f} "
+            f"{r['r2_background']:5.2f} {r['r2_slow']:6.2f} {r['prf_ls_gain']:7.4f}  {r['neighbours']}"
+        )
 
 
 def prf_truth_metrics(d, catalog, truth):
@@ -359,8 +413,11 @@ def prf_truth_metrics(d, catalog, truth):
     core = np.hypot(X, Y) < 1.5
     gmag = np.asarray(catalog["phot_g_mean_mag"], float)
     neg = ~np.isfinite(np.asarray(m.source_flux, float))
-    return {"prf_core_rms_rel_peak": float(np.sqrt(np.mean((fit - true)[core] ** 2)) / true.max()),
-            "prf_dropped_sources": int(neg.sum()), "prf_dropped_brighter_G16": int((neg & (gmag < 16)).sum())}
+    return {
+        "prf_core_rms_rel_peak": float(np.sqrt(np.mean((fit - true)[core] ** 2)) / true.max()),
+        "prf_dropped_sources": int(neg.sum()),
+        "prf_dropped_brighter_G16": int((neg & (gmag < 16)).sum()),
+    }
 
 
 def koi608_metrics(truth, sid, res, good, tt):
@@ -385,9 +442,13 @@ def koi608_metrics(truth, sid, res, good, tt):
     eb = res["flux_err"][where[bright]]
     # bright star: mean in-eclipse minus out-of-eclipse, in units of its error
     dip = (np.median(fb[oot]) - np.mean(fb[ecl])) / (np.median(eb[ecl]) / np.sqrt(ecl.sum()))
-    return {"koi608_true_depth": float(true_depth), "koi608_depth": float(depth),
-            "koi608_depth_ratio": float(depth / true_depth), "koi608_bright_dip_sigma": float(dip),
-            "koi608_n_in_eclipse": int(ecl.sum())}
+    return {
+        "koi608_true_depth": float(true_depth),
+        "koi608_depth": float(depth),
+        "koi608_depth_ratio": float(depth / true_depth),
+        "koi608_bright_dip_sigma": float(dip),
+        "koi608_n_in_eclipse": int(ecl.sum()),
+    }
 
 
 def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=print):
@@ -423,11 +484,28 @@ def ffi_scale_test(npix_side=316, nsrc=13000, ntime=20, threads=2, seed=0, log=p
     mm.weights = np.column_stack([np.ones(9), 0.02 * rng.standard_normal(9), np.zeros(9), np.zeros(9)])
     ddx, ddy = geometry.scene_offsets(S, pc, pr, sc, sr)
     basis, tb = motion.motion_factors(mm, ddx, ddy, np.linspace(-1, 1, ntime))
-    res = solve.source_flux(data, err, S, B, mu, sig, motion_basis=basis, motion_time=tb, method="pcg",
-                            threads=threads, time_chunk=max(1, ntime // threads))
-    return {"ffi_npix": int(pc.size), "ffi_nsrc": nsrc, "ffi_S_nnz": int(S.nnz), "ffi_setup_s": res["setup_seconds"],
-            "ffi_s_per_frame": res["solve_seconds"] / ntime, "ffi_pcg_iter_per_frame": res["pcg_iterations"] / ntime,
-            "ffi_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = solve.source_flux(
+        data,
+        err,
+        S,
+        B,
+        mu,
+        sig,
+        motion_basis=basis,
+        motion_time=tb,
+        method="pcg",
+        threads=threads,
+        time_chunk=max(1, ntime // threads),
+    )
+    return {
+        "ffi_npix": int(pc.size),
+        "ffi_nsrc": nsrc,
+        "ffi_S_nnz": int(S.nnz),
+        "ffi_setup_s": res["setup_seconds"],
+        "ffi_s_per_frame": res["solve_seconds"] / ntime,
+        "ffi_pcg_iter_per_frame": res["pcg_iterations"] / ntime,
+        "ffi_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def targets_of(out: dict) -> dict:
@@ -457,19 +535,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40x40 px x 480 cadences instead of the default field")
     ap.add_argument("--seed", type=int, default=1, help="synthetic seed (the default run's synth_a is 1)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="several synthetic seeds in turn, with a summary table (e.g. --seeds 1 2: the default run's synth_a, synth_b)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several synthetic seeds in turn, with a summary table (e.g. --seeds 1 2: the default run's synth_a, synth_b)",
+    )
     ap.add_argument("--per-star", action="store_true", help="also: per-star diagnostics of the target-a sample")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--true-prf", action="store_true", help="also: the scene from the true SPOC PRF (motion + solve only)")
+    ap.add_argument(
+        "--true-prf", action="store_true", help="also: the scene from the true SPOC PRF (motion + solve only)"
+    )
     ap.add_argument("--ffi", action="store_true", help="also: the Kepler-FFI-channel scale test")
     ap.add_argument("--ffi-only", action="store_true")
     ap.add_argument("--workdir", default=None, help="keep the chain's files here (default: a temporary directory)")
     args = ap.parse_args(argv)
     if args.ffi_only:
         out = ffi_scale_test(threads=args.threads)
-        _print("FFI scale", out, {"FFI < 1 s per frame": out["ffi_s_per_frame"] < 1,
-                                  "FFI peak memory < 1 GB": out["ffi_peak_rss_mb"] < 1024})
+        _print(
+            "FFI scale",
+            out,
+            {
+                "FFI < 1 s per frame": out["ffi_s_per_frame"] < 1,
+                "FFI peak memory < 1 GB": out["ffi_peak_rss_mb"] < 1024,
+            },
+        )
         return
     seeds = args.seeds or [args.seed]
     summary = {}
@@ -490,14 +581,24 @@ def main(argv=None):
             print_per_star(rows)
         summary[seed] = (out, tg)
     if len(seeds) > 1:
-        keys = [("n_isolated_bright", "%d"), ("motion_median_rel_err_isolated", "%.4f"),
-                ("motion_p2p_over_err_isolated", "%.3f"), ("paper_p2p_over_err_isolated", "%.3f"),
-                ("relrms_ratio_static_over_motion", "%.2f"), ("relrms_ratio_static_over_paper", "%.2f"),
-                ("motion_z_std_constant", "%.3f"), ("koi608_depth_ratio", "%.3f"), ("koi608_bright_dip_sigma", "%.2f")]
+        keys = [
+            ("n_isolated_bright", "%d"),
+            ("motion_median_rel_err_isolated", "%.4f"),
+            ("motion_p2p_over_err_isolated", "%.3f"),
+            ("paper_p2p_over_err_isolated", "%.3f"),
+            ("relrms_ratio_static_over_motion", "%.2f"),
+            ("relrms_ratio_static_over_paper", "%.2f"),
+            ("motion_z_std_constant", "%.3f"),
+            ("koi608_depth_ratio", "%.3f"),
+            ("koi608_bright_dip_sigma", "%.2f"),
+        ]
         print("==== summary over seeds")
         print(f"{'':34s}" + "".join(f"{'seed ' + str(s_):>12s}" for s_ in seeds))
         for k, fmt in keys:
-            print(f"{k:34s}" + "".join(f"{(fmt % summary[s_][0][k]) if k in summary[s_][0] else '-':>12s}" for s_ in seeds))
+            print(
+                f"{k:34s}"
+                + "".join(f"{(fmt % summary[s_][0][k]) if k in summary[s_][0] else '-':>12s}" for s_ in seeds)
+            )
         for t in summary[seeds[0]][1]:
             print(f"{t[:34]:34s}" + "".join(f"{('MET' if summary[s_][1].get(t) else 'NOT MET'):>12s}" for s_ in seeds))
     sim = {"seed": seeds[-1]}
@@ -508,8 +609,14 @@ def main(argv=None):
         _print(f"TRUE-PRF scene (motion + solve only), synthetic {sim}", out2, targets_of(out2))
     if args.ffi:
         out3 = ffi_scale_test(threads=args.threads)
-        _print("FFI scale", out3, {"FFI < 1 s per frame": out3["ffi_s_per_frame"] < 1,
-                                   "FFI peak memory < 1 GB": out3["ffi_peak_rss_mb"] < 1024})
+        _print(
+            "FFI scale",
+            out3,
+            {
+                "FFI < 1 s per frame": out3["ffi_s_per_frame"] < 1,
+                "FFI peak memory < 1 GB": out3["ffi_peak_rss_mb"] < 1024,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ The grid is two lines through a centre: pixels vary at fixed cadences, cadences 
 Growth exponents come from log-log least squares along each line: time ~ pixels^a (fixed
 cadences) and time ~ cadences^b (fixed pixels).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,17 +58,26 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
     t0 = time.perf_counter()
     if stage == "import":
         from workflow_lib.cpm import model as cpm  # noqa: F401
-        from workflow_lib.lfd import edge  # noqa: F401
-        from workflow_lib.data import gaia  # noqa: F401
-        from workflow_lib.lfd import motion  # noqa: F401
-        from workflow_lib.lfd import prf  # noqa: F401
-        from workflow_lib.lfd import solve  # noqa: F401
-        from workflow_lib.data import synthetic  # noqa: F401
+        from workflow_lib.data import (
+            gaia,  # noqa: F401
+            synthetic,  # noqa: F401
+        )
+        from workflow_lib.lfd import (
+            edge,  # noqa: F401
+            motion,  # noqa: F401
+            prf,  # noqa: F401
+            solve,  # noqa: F401
+        )
     elif stage == "download":
         from workflow_lib.data.synthetic import write_synthetic_field
 
-        write_synthetic_field(d / "cube.zarr", d / "truth.zarr", d / "input_catalog.ecsv",
-                              {"seed": seed, "n_rows": side, "n_cols": side, "n_cadences": ncad}, field="scale")
+        write_synthetic_field(
+            d / "cube.zarr",
+            d / "truth.zarr",
+            d / "input_catalog.ecsv",
+            {"seed": seed, "n_rows": side, "n_cols": side, "n_cadences": ncad},
+            field="scale",
+        )
     elif stage == "gaia":
         from workflow_lib.data.gaia import crossmatch_field
 
@@ -79,7 +89,9 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
     elif stage == "prf":
         from workflow_lib.steps.lfd import prf_model_step
 
-        prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", lfd.get("prf", {}))
+        prf_model_step(
+            d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", lfd.get("prf", {})
+        )
     elif stage == "motion":
         from workflow_lib.steps.lfd import motion_model_step
 
@@ -88,14 +100,29 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
         from workflow_lib.steps.lfd import flux_solve_step
 
         p = dict(lfd.get("solve", {}), write_fits=False)
-        flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz",
-                        d / "motion.npz" if p.get("use_motion", True) else None, d / "lfd.zarr", None, p, threads=threads)
+        flux_solve_step(
+            d / "cube.zarr",
+            d / "catalog.ecsv",
+            d / "prf.npz",
+            d / "motion.npz" if p.get("use_motion", True) else None,
+            d / "lfd.zarr",
+            None,
+            p,
+            threads=threads,
+        )
     elif stage == "cpm":
         from workflow_lib.steps.cpm import run_cpm_detrend
 
-        run_cpm_detrend(d / "cube.zarr", d / "catalog.ecsv", detrended_path=d / "cpm.zarr", lightcurves_path=d / "cpm_lc.zarr",
-                        raw_lightcurves_path=d / "raw_lc.zarr", fits_dir=d / "cpm_fits", config=cfg.get("cpm", {}),
-                        threads=threads)
+        run_cpm_detrend(
+            d / "cube.zarr",
+            d / "catalog.ecsv",
+            detrended_path=d / "cpm.zarr",
+            lightcurves_path=d / "cpm_lc.zarr",
+            raw_lightcurves_path=d / "raw_lc.zarr",
+            fits_dir=d / "cpm_fits",
+            config=cfg.get("cpm", {}),
+            threads=threads,
+        )
     else:
         raise ValueError(stage)
     return time.perf_counter() - t0
@@ -104,9 +131,25 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
 def measure(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int) -> dict:
     """Run a stage in a child process; wall time (inside the child) and peak RSS (os.wait4)."""
     out = d / f"{stage}.time"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--stage", stage, "--dir", str(d), "--side", str(side), "--ncad", str(ncad),
-           "--seed", str(seed), "--threads", str(threads)]
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--stage",
+        stage,
+        "--dir",
+        str(d),
+        "--side",
+        str(side),
+        "--ncad",
+        str(ncad),
+        "--seed",
+        str(seed),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(d / f"{stage}.log", "w"))
     _, status, ru = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -166,8 +209,10 @@ def main(argv=None):
 
         row["n_sources"] = int(len(Table.read(d / "catalog.ecsv", format="ascii.ecsv")))
         rows.append(row)
-        print(f"  {side}x{side} px x {ncad} cadences: "
-              + ", ".join(f"{s} {row[s]['seconds']:.1f}s" for s in STAGES[1:]), flush=True)
+        print(
+            f"  {side}x{side} px x {ncad} cadences: " + ", ".join(f"{s} {row[s]['seconds']:.1f}s" for s in STAGES[1:]),
+            flush=True,
+        )
     if not a.keep:
         import shutil
 
@@ -179,15 +224,19 @@ def main(argv=None):
     print(head)
     for r in rows:
         b = base_rss[(r["side"], r["cadences"])]
-        print(f"{r['pixels']:>7} {r['cadences']:>5} {r['n_sources']:>5} "
-              + " ".join(f"{r[s]['seconds']:>7.2f}/{r[s]['max_rss_mb'] - b:>6.0f}" for s in STAGES[1:]))
+        print(
+            f"{r['pixels']:>7} {r['cadences']:>5} {r['n_sources']:>5} "
+            + " ".join(f"{r[s]['seconds']:>7.2f}/{r[s]['max_rss_mb'] - b:>6.0f}" for s in STAGES[1:])
+        )
     print(f"import baseline: {np.median(list(base_rss.values())):.0f} MB RSS")
 
     pix_line = sorted((r for r in rows if r["cadences"] == a.centre_cadences), key=lambda r: r["pixels"])
     cad_line = sorted((r for r in rows if r["side"] == a.centre_side), key=lambda r: r["cadences"])
     fits = {}
-    print(f"\ngrowth exponents (log-log least squares): time ~ pixels^a at {a.centre_cadences} cadences, "
-          f"~ cadences^b at {a.centre_side}^2 px; memory likewise")
+    print(
+        f"\ngrowth exponents (log-log least squares): time ~ pixels^a at {a.centre_cadences} cadences, "
+        f"~ cadences^b at {a.centre_side}^2 px; memory likewise"
+    )
     print(f"{'stage':>11} {'a(time)':>8} {'b(time)':>8} {'a(mem)':>8} {'b(mem)':>8}")
     for s in STAGES[1:]:
         e = {}

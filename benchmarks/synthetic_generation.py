@@ -5,6 +5,7 @@ Prints the wall time of simulate_sector (64x64 px x 1300 cadences) and, for the 
 the largest difference between the fast scene renderer and the slow per-star reference
 (tess_prf.render_prf) in units of the pixel noise.
 """
+
 import argparse
 import sys
 import time
@@ -38,7 +39,11 @@ def main():
         nr, nc = ref.shape
         yy = (np.arange(nr) - (nr - 1) / 2)[:, None]
         xx = (np.arange(nc) - (nc - 1) / 2)[None, :]
-        bkg = truth["background"].values[k] + truth["background_grad_row"].values[k] * yy + truth["background_grad_column"].values[k] * xx
+        bkg = (
+            truth["background"].values[k]
+            + truth["background_grad_row"].values[k] * yy
+            + truth["background_grad_column"].values[k] * xx
+        )
         z = np.abs(model[k] - bkg - ref) / err[k]
         worst = max(worst, float(np.nanmax(z)))
     print(f"max |fast - reference| / flux_err over 6 cadences: {worst:.4f}")

@@ -1,4 +1,5 @@
 """Shared test fixtures: where the real mission files live, a scratch dir for outputs."""
+
 import os
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """B-spline design matrices (LFD §3.2, App. C-D) against scipy and a slow reference."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -19,7 +20,9 @@ def test_spline_design_matrix_reproduces_a_spline():
     assert np.allclose(A @ c, BSpline(t, c, 3)(x))
     with pytest.raises(ValueError, match="outside the knot range"):
         spline_design_matrix([6.0], knots)
-    assert np.allclose(spline_design_matrix([6.0], knots, clip=True).toarray(), spline_design_matrix([5.0], knots).toarray())
+    assert np.allclose(
+        spline_design_matrix([6.0], knots, clip=True).toarray(), spline_design_matrix([5.0], knots).toarray()
+    )
 
 
 def test_wrapped_spline_is_periodic_and_smooth():
@@ -44,7 +47,10 @@ def test_wrapped_spline_is_periodic_and_smooth():
     # shifting phi by one knot spacing cycles the columns
     h = 2 * np.pi / n
     x = np.linspace(-3, 3, 50)
-    assert np.allclose(wrapped_spline_design_matrix(x + h, n).toarray(), np.roll(wrapped_spline_design_matrix(x, n).toarray(), 1, axis=1))
+    assert np.allclose(
+        wrapped_spline_design_matrix(x + h, n).toarray(),
+        np.roll(wrapped_spline_design_matrix(x, n).toarray(), 1, axis=1),
+    )
     # a periodic cubic B-spline is exact on a uniform knot grid: reproduce with an independent evaluation
     t = -np.pi + h * np.arange(-3, n + 4)
     coef = np.r_[c, c[:3]]

@@ -1,15 +1,15 @@
 """Config schema, env files and workflow structure."""
+
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import yaml
+from conftest import REPO
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-
-from conftest import REPO
 
 SCHEMA = str(REPO / "workflow_lib" / "schema.yaml")
 
@@ -93,17 +93,24 @@ def test_config_reference_is_up_to_date():
         assert f"`{key}`" in doc, key
 
 
-@pytest.mark.parametrize("stage, absent, present", [
-    ("lfd", {"edge_model", "prf_model", "motion_model", "flux_solve"}, {"cpm_detrend", "report_field"}),
-    ("cpm", {"cpm_detrend", "cpm_sweep_summary"}, {"flux_solve", "report_field"}),
-])
+@pytest.mark.parametrize(
+    "stage, absent, present",
+    [
+        ("lfd", {"edge_model", "prf_model", "motion_model", "flux_solve"}, {"cpm_detrend", "report_field"}),
+        ("cpm", {"cpm_detrend", "cpm_sweep_summary"}, {"flux_solve", "report_field"}),
+    ],
+)
 def test_stage_switches_remove_the_stage_from_the_dag(tmp_path, stage, absent, present):
     """`lfd.enabled: false` / `cpm.enabled: false` (schema keys): the stage's rules leave the DAG and
     the reports go without it (dry run)."""
     cfg = tmp_path / "off.yaml"
     cfg.write_text(f"run: stage_switch_test\n{stage}: {{enabled: false}}\n")
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg)],
-                         cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     stats = res.stdout.split("Job stats:")[1]
     jobs = set(re.findall(r"^(\w+)\s+\d+\s*$", stats, flags=re.M))

@@ -1,5 +1,6 @@
 """Tests of workflow_lib.cpm: the fast CPM against a plain reference written from the paper,
 bad inputs, apertures, stitching, and de-trending quality on synthetic truth."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,19 @@ import warnings
 import numpy as np
 import pytest
 
+from workflow_lib.cpm import (
+    apertures,  # noqa: E402
+    stitch,  # noqa: E402
+)
 from workflow_lib.cpm import model as cpm
 from workflow_lib.data.cube import CubeError, make_cube
-from workflow_lib.cpm import apertures  # noqa: E402
-from workflow_lib.cpm import stitch  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- reference
 
-def reference_cpm(flux, time, rows, cols, *, L, exclusion, lambda_L, lambda_P, degree, k, method="similar_brightness",
-                  targets=None):
+
+def reference_cpm(
+    flux, time, rows, cols, *, L, exclusion, lambda_L, lambda_P, degree, k, method="similar_brightness", targets=None
+):
     """Slow, plain CPM written from the paper (Hattori et al. 2022), for exactness tests.
 
     ``flux`` (ntime, npix), every pixel finite and bright (median > scatter).  For every target
@@ -36,14 +40,16 @@ def reference_cpm(flux, time, rows, cols, *, L, exclusion, lambda_L, lambda_P, d
     h = exclusion // 2
     m_sys = np.zeros((n, npix))
     m_poly = np.zeros((n, npix))
-    for p in (range(npix) if targets is None else targets):
+    for p in range(npix) if targets is None else targets:
         cand = []
         for q in range(npix):
             if abs(rows[q] - rows[p]) > h or abs(cols[q] - cols[p]) > h:
                 if method == "similar_brightness":
                     key = abs(med[q] - med[p])
                 else:
-                    key = -np.dot(ystar[:, q], ystar[:, p]) / np.sqrt(np.dot(ystar[:, q], ystar[:, q]) * np.dot(ystar[:, p], ystar[:, p]))
+                    key = -np.dot(ystar[:, q], ystar[:, p]) / np.sqrt(
+                        np.dot(ystar[:, q], ystar[:, q]) * np.dot(ystar[:, p], ystar[:, p])
+                    )
                 cand.append((key, q))
         cand.sort()
         preds = [q for _, q in cand[:L]]
@@ -55,12 +61,13 @@ def reference_cpm(flux, time, rows, cols, *, L, exclusion, lambda_L, lambda_P, d
             Xt = X[train]
             w = np.linalg.solve(Xt.T @ Xt + lam, Xt.T @ ystar[train, p])
             m_sys[sec, p] = X[sec][:, :Lp] @ w[:Lp]
-            m_poly[sec, p] = X[sec][:, Lp:Lp + degree] @ w[Lp:Lp + degree]
+            m_poly[sec, p] = X[sec][:, Lp : Lp + degree] @ w[Lp : Lp + degree]
     detrended = (ystar - m_sys) * med + med
     return m_sys, m_poly, detrended
 
 
 # ----------------------------------------------------------------------------- synthetic cubes
+
 
 def systematics_cube(nrow=10, ncol=10, ntime=200, seed=0, noise=1.0, star_flux=None):
     """Image cube: shared smooth systematics (2 modes, pixel-dependent loadings) on bright
@@ -68,7 +75,9 @@ def systematics_cube(nrow=10, ncol=10, ntime=200, seed=0, noise=1.0, star_flux=N
     rng = np.random.default_rng(seed)
     time = 1325.0 + np.arange(ntime) * (30.0 / 1440.0)
     tt = np.linspace(0, 1, ntime)
-    modes = np.stack([np.sin(2 * np.pi * 3 * tt) + 0.5 * tt, np.exp(-((tt - 0.3) / 0.05) ** 2) + 0.2 * np.cos(9 * tt)])
+    modes = np.stack(
+        [np.sin(2 * np.pi * 3 * tt) + 0.5 * tt, np.exp(-(((tt - 0.3) / 0.05) ** 2)) + 0.2 * np.cos(9 * tt)]
+    )
     base = rng.uniform(200, 2000, size=(nrow, ncol)) if star_flux is None else star_flux
     load = rng.normal(0.05, 0.02, size=(2, nrow, ncol))
     sys = np.einsum("mt,mrc->trc", modes, load) * base
@@ -79,7 +88,16 @@ def systematics_cube(nrow=10, ncol=10, ntime=200, seed=0, noise=1.0, star_flux=N
 def as_cube(flux, time, quality=None, row0=100, col0=200):
     ntime, nrow, ncol = flux.shape
     q = np.zeros(ntime, dtype=np.int32) if quality is None else quality
-    return make_cube(flux, np.ones_like(flux), q, time, np.arange(ntime), row0 + np.arange(nrow), col0 + np.arange(ncol), mission="TESS")
+    return make_cube(
+        flux,
+        np.ones_like(flux),
+        q,
+        time,
+        np.arange(ntime),
+        row0 + np.arange(nrow),
+        col0 + np.arange(ncol),
+        mission="TESS",
+    )
 
 
 def _relerr(a, b):
@@ -88,17 +106,36 @@ def _relerr(a, b):
 
 # ----------------------------------------------------------------------------- exactness
 
+
 @pytest.mark.parametrize("method", ["similar_brightness", "cosine_similarity"])
 def test_fast_matches_reference_random_cube(method):
     flux, time, _ = systematics_cube(8, 8, 120, seed=3)
     nt = flux.shape[0]
     rows, cols = np.meshgrid(100 + np.arange(8), 200 + np.arange(8), indexing="ij")
-    params = cpm.cpm_params(n_predictors=20, exclusion_size=3, lambda_L=0.05, lambda_P=0.02, k=15,
-                            scale_k_with_cadence=False, predictor_method=method)
+    params = cpm.cpm_params(
+        n_predictors=20,
+        exclusion_size=3,
+        lambda_L=0.05,
+        lambda_P=0.02,
+        k=15,
+        scale_k_with_cadence=False,
+        predictor_method=method,
+    )
     f2 = flux.reshape(nt, -1)
     res = cpm.cpm_detrend_pixels(f2, np.zeros(nt), time, rows.ravel(), cols.ravel(), params, threads=2)
-    ms, mp, det = reference_cpm(f2, time, rows.ravel(), cols.ravel(), L=20, exclusion=3, lambda_L=0.05, lambda_P=0.02,
-                                degree=3, k=15, method=method)
+    ms, mp, det = reference_cpm(
+        f2,
+        time,
+        rows.ravel(),
+        cols.ravel(),
+        L=20,
+        exclusion=3,
+        lambda_L=0.05,
+        lambda_P=0.02,
+        degree=3,
+        k=15,
+        method=method,
+    )
     assert _relerr(res["systematics"] / res["scale"], ms) < 1e-8
     assert _relerr(res["polynomial"] / res["scale"], mp) < 1e-8
     assert np.max(np.abs(res["flux"] - det) / det) < 1e-8
@@ -113,8 +150,15 @@ def test_fast_matches_reference_pure_noise_no_poly_k_equals_n():
     rows = np.arange(npix) // 6
     cols = np.arange(npix) % 6
     for k in (7, nt):
-        params = cpm.cpm_params(n_predictors=12, exclusion_size=1, lambda_L=0.5, lambda_P=0.0, poly_degree=0, k=k,
-                                scale_k_with_cadence=False)
+        params = cpm.cpm_params(
+            n_predictors=12,
+            exclusion_size=1,
+            lambda_L=0.5,
+            lambda_P=0.0,
+            poly_degree=0,
+            k=k,
+            scale_k_with_cadence=False,
+        )
         res = cpm.cpm_detrend_pixels(flux, np.zeros(nt), time, rows, cols, params)
         ms, _, det = reference_cpm(flux, time, rows, cols, L=12, exclusion=1, lambda_L=0.5, lambda_P=0.0, degree=0, k=k)
         assert _relerr(res["systematics"] / res["scale"], ms) < 1e-8
@@ -137,7 +181,7 @@ def test_heldout_pixel_against_direct_solves():
         tr = np.setdiff1d(np.arange(n), s)
         w = np.linalg.solve(X[tr].T @ X[tr] + np.diag(lam), X[tr].T @ y[tr])
         np.testing.assert_allclose(m_sys[s], Xl[s] @ w[:L], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(m_poly[s], T[s, :P] @ w[L:L + P], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(m_poly[s], T[s, :P] @ w[L : L + P], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(m_off[s], w[-1], rtol=1e-9, atol=1e-12)
 
 
@@ -150,8 +194,14 @@ def test_random_predictors_seeded_and_outside_exclusion():
     a, ca = cpm.select_predictors(rows, cols, med, valid, np.arange(rows.size), params)
     b, _ = cpm.select_predictors(rows, cols, med, valid, np.arange(rows.size)[::-1], params)
     assert np.array_equal(a, b[::-1])  # per-pixel seeding: independent of chunking / order
-    c, _ = cpm.select_predictors(rows, cols, med, valid, np.arange(rows.size), cpm.cpm_params(
-        n_predictors=30, exclusion_size=5, predictor_method="random", seed=8))
+    c, _ = cpm.select_predictors(
+        rows,
+        cols,
+        med,
+        valid,
+        np.arange(rows.size),
+        cpm.cpm_params(n_predictors=30, exclusion_size=5, predictor_method="random", seed=8),
+    )
     assert not np.array_equal(a, c)
     for p in range(rows.size):
         sel = a[p, : ca[p]]
@@ -160,6 +210,7 @@ def test_random_predictors_seeded_and_outside_exclusion():
 
 
 # ----------------------------------------------------------------------------- bad inputs
+
 
 def test_small_cutout_fewer_predictors_warns():
     flux, time, _ = systematics_cube(9, 9, 60, seed=1)
@@ -229,11 +280,15 @@ def test_pixel_table_matches_image_layout():
 
 # ----------------------------------------------------------------------------- stitching, apertures
 
+
 def test_stitch_recovers_offset():
     rng = np.random.default_rng(0)
     t1 = np.linspace(0, 27, 1200)
     t2 = np.linspace(28, 55, 1200)
-    f = lambda t: 1000 + 2.0 * t  # a linear astrophysical trend across both sectors
+
+    def f(t):  # a linear astrophysical trend across both sectors
+        return 1000 + 2.0 * t
+
     f1 = f(t1) + rng.normal(0, 0.5, t1.size)
     f2 = f(t2) - 137.0 + rng.normal(0, 0.5, t2.size)
     t, s, off = stitch.stitch_sectors([t1, t2], [f1, f2])
@@ -245,19 +300,30 @@ def test_source_apertures_radius_by_brightness():
     from astropy.table import Table
 
     rows, cols = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
-    cat = Table({"source_id": [1, 2, 3], "row": [5.0, 12.2, 30.0], "column": [5.0, 11.9, 3.0],
-                 "phot_g_mean_mag": [9.0, 15.0, 10.0], "on_cutout": [True, True, False]})
-    aps, meta = apertures.source_apertures(cat, rows.ravel(), cols.ravel(), apertures.ApertureParams(),
-                                     user_apertures={"mine": [[1, 1], [1, 2]]})
+    cat = Table(
+        {
+            "source_id": [1, 2, 3],
+            "row": [5.0, 12.2, 30.0],
+            "column": [5.0, 11.9, 3.0],
+            "phot_g_mean_mag": [9.0, 15.0, 10.0],
+            "on_cutout": [True, True, False],
+        }
+    )
+    aps, meta = apertures.source_apertures(
+        cat, rows.ravel(), cols.ravel(), apertures.ApertureParams(), user_apertures={"mine": [[1, 1], [1, 2]]}
+    )
     assert list(meta["source_id"]) == [1, 2, -1]
     assert meta["aperture_npix"][0] == 29  # r = 3 px around a pixel centre: 29 pixel centres
     assert meta["aperture_npix"][1] == 3  # faint: r = 1 px around (12.2, 11.9): (12,12), (12,11), (13,12)
     assert meta["aperture_npix"][2] == 2
     with pytest.raises(CubeError, match="not on the cube"):
-        apertures.source_apertures(None, rows.ravel(), cols.ravel(), apertures.ApertureParams(), user_apertures={"x": [[50, 50]]})
+        apertures.source_apertures(
+            None, rows.ravel(), cols.ravel(), apertures.ApertureParams(), user_apertures={"x": [[50, 50]]}
+        )
 
 
 # ----------------------------------------------------------------------------- quality on synthetic truth
+
 
 def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_contamination=0.1):
     """De-trending quality of CPM aperture light curves against the synthetic sector's truth.
@@ -267,11 +333,11 @@ def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_c
     (expected = injected additive flux x the PRF fraction inside the aperture at peak time).
     """
     from workflow_lib.core.quality import HARD_BITMASK
-    from workflow_lib.metrics import template_amplitude, white_noise_cdpp
     from workflow_lib.data.tess_prf import render_prf
+    from workflow_lib.metrics import template_amplitude, white_noise_cdpp
 
     time = cpm_lc["time"].values
-    good = ((cpm_lc["quality"].values.astype(np.int64) & HARD_BITMASK["TESS"]) == 0)
+    good = (cpm_lc["quality"].values.astype(np.int64) & HARD_BITMASK["TESS"]) == 0
     tsid = truth["source_id"].values
     tindex = {int(s): i for i, s in enumerate(tsid)}
     trow, tcol = truth["row"].values, truth["column"].values
@@ -290,11 +356,15 @@ def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_c
         if tflux0[near].sum() > max_contamination * tflux0[i]:
             continue
         rf, re_ = raw_lc["flux"].values[s], raw_lc["flux_err"].values[s]
-        out["constant"].append({
-            "source_id": int(sid), "tmag": float(tmag[i]),
-            "cdpp_raw": float(raw_lc["cdpp_1h"].values[s]), "cdpp_cpm": float(cpm_lc["cdpp_1h"].values[s]),
-            "floor": white_noise_cdpp(time[good], rf[good], re_[good], 1.0, seed=int(sid) % 2**32),
-        })
+        out["constant"].append(
+            {
+                "source_id": int(sid),
+                "tmag": float(tmag[i]),
+                "cdpp_raw": float(raw_lc["cdpp_1h"].values[s]),
+                "cdpp_cpm": float(cpm_lc["cdpp_1h"].values[s]),
+                "floor": white_noise_cdpp(time[good], rf[good], re_[good], 1.0, seed=int(sid) % 2**32),
+            }
+        )
     rows, cols = cube["row"].values, cube["column"].values
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
 
@@ -321,17 +391,31 @@ def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_c
             tcs = sig["t0"] + sig["period"] * np.arange(n0, n0 + 60)
             tcs = tcs[(tcs > time[0]) & (tcs < time[-1])]
             half = sig["duration"] / 2 + 0.5
-            windows = [(tc - half, tc + half) for tc in tcs if (good & (np.abs(time - tc) < sig["duration"] / 2)).sum() >= 2]
+            windows = [
+                (tc - half, tc + half) for tc in tcs if (good & (np.abs(time - tc) < sig["duration"] / 2)).sum() >= 2
+            ]
             if not windows:
                 continue
             eps = aperture_fraction(i, s, len(time) // 2)
             c_cpm = template_amplitude(time, cpm_lc["flux"].values[s], template, windows, good=good)
             c_raw = template_amplitude(time, raw_lc["flux"].values[s], template, windows, good=good)
-            out["transits"].append({"source_id": int(sig["source_id"]), "depth": sig["depth"], "tmag": float(tmag[i]),
-                                    "n_transits": len(windows), "depth_ratio": c_cpm / eps, "raw_depth_ratio": c_raw / eps})
+            out["transits"].append(
+                {
+                    "source_id": int(sig["source_id"]),
+                    "depth": sig["depth"],
+                    "tmag": float(tmag[i]),
+                    "n_transits": len(windows),
+                    "depth_ratio": c_cpm / eps,
+                    "raw_depth_ratio": c_raw / eps,
+                }
+            )
         elif sig["kind"] == "transient":
             f_true = truth["flux"].values[i]
-            sn = f_true - np.median(f_true[time < sig["t0"] - 0.5]) if (time < sig["t0"] - 0.5).any() else f_true - f_true.min()
+            sn = (
+                f_true - np.median(f_true[time < sig["t0"] - 0.5])
+                if (time < sig["t0"] - 0.5).any()
+                else f_true - f_true.min()
+            )
             kpk = int(np.argmax(np.where(good, sn, -np.inf)))
             eps = aperture_fraction(i, s, kpk)
             f = cpm_lc["flux"].values[s]
@@ -340,8 +424,13 @@ def evaluate_truth(cube, truth, cpm_lc, raw_lc, *, tmag_range=(9.0, 14.5), max_c
             near = good & np.isfinite(f) & (np.abs(time - time[kpk]) < 0.25)
             obs = float(np.median(f[near]) - base)
             exp = float(eps * np.median(sn[near]))
-            out["transient"] = {"source_id": int(sig["source_id"]), "eps": eps, "observed_peak": obs, "expected_peak": exp,
-                                "peak_ratio": obs / exp}
+            out["transient"] = {
+                "source_id": int(sig["source_id"]),
+                "eps": eps,
+                "observed_peak": obs,
+                "expected_peak": exp,
+                "peak_ratio": obs / exp,
+            }
     return out
 
 
@@ -391,20 +480,42 @@ def scene_cube(seed=0, size=24, ntime=700):
     sig = 0.9
 
     def psf(r, c):
-        return np.exp(-0.5 * (((rr[None] - r[:, None, None]) ** 2 + (cc[None] - c[:, None, None]) ** 2) / sig**2)) / (2 * np.pi * sig**2)
+        return np.exp(-0.5 * (((rr[None] - r[:, None, None]) ** 2 + (cc[None] - c[:, None, None]) ** 2) / sig**2)) / (
+            2 * np.pi * sig**2
+        )
 
     img = np.zeros((ntime, size, size))
     for s in range(len(f0)):
         img += F[s][:, None, None] * psf(pos[s, 0] + drow, pos[s, 1] + dcol)
-    bkg = 20 + 120 * np.exp(-((u - 0.05) / 0.08) ** 2)
+    bkg = 20 + 120 * np.exp(-(((u - 0.05) / 0.08) ** 2))
     img += bkg[:, None, None] * (1 + 0.3 * (rr - size / 2) / size)[None]
     err = np.sqrt(img / 1000.0 + 0.05)
     flux = img + err * rng.standard_normal(img.shape)
-    cube = make_cube(flux, err, np.zeros(ntime, np.int32), t, np.arange(ntime), 500 + np.arange(size), 700 + np.arange(size),
-                     mission="TESS")
+    cube = make_cube(
+        flux,
+        err,
+        np.zeros(ntime, np.int32),
+        t,
+        np.arange(ntime),
+        500 + np.arange(size),
+        700 + np.arange(size),
+        mission="TESS",
+    )
     weights = {s: psf(pos[s, 0] + drow, pos[s, 1] + dcol) for s in (0, 1)}
-    return cube, dict(pos=pos, f0=f0, F=F, transit=transit, sn=sn, weights=weights, period=period, t0=t0, dur=dur, err=err,
-                      rr=rr, cc=cc)
+    return cube, dict(
+        pos=pos,
+        f0=f0,
+        F=F,
+        transit=transit,
+        sn=sn,
+        weights=weights,
+        period=period,
+        t0=t0,
+        dur=dur,
+        err=err,
+        rr=rr,
+        cc=cc,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +579,7 @@ def test_constant_star_cdpp_vs_raw_and_floor(scene_result):
 
 # ----------------------------------------------------------------------------- synthetic sector, pipeline step
 
+
 @pytest.fixture(scope="module")
 def small_sector(tmp_path_factory):
     synthetic = pytest.importorskip("workflow_lib.data.synthetic")
@@ -475,8 +587,9 @@ def small_sector(tmp_path_factory):
     from workflow_lib.data.cube import write_zarr_atomic
     from workflow_lib.data.gaia import crossmatch
 
-    cube, truth, catalog = synthetic.simulate_sector({"seed": 3, "n_rows": 16, "n_cols": 16, "n_cadences": 300,
-                                                      "n_bad_pixels": 1}, "small")
+    cube, truth, catalog = synthetic.simulate_sector(
+        {"seed": 3, "n_rows": 16, "n_cols": 16, "n_cadences": 300, "n_bad_pixels": 1}, "small"
+    )
     d = tmp_path_factory.mktemp("sector")
     write_zarr_atomic(cube, d / "cube.zarr")
     cat = crossmatch(cube, catalog)
@@ -496,14 +609,26 @@ def test_fast_matches_reference_on_synthetic_sector(small_sector):
     tab = as_pixel_table(cube, drop_nan=False)
     flux = tab["flux"].values.astype(np.float64)
     with pytest.warns(cpm.CPMWarning, match="all-NaN"):
-        res = cpm.cpm_detrend_pixels(flux, tab["quality"].values, tab["time"].values, tab["row"].values,
-                                     tab["column"].values, params, threads=2)
+        res = cpm.cpm_detrend_pixels(
+            flux, tab["quality"].values, tab["time"].values, tab["row"].values, tab["column"].values, params, threads=2
+        )
     keep, valid = res["keep"], res["valid"]
     assert (~valid).sum() == 1 and (~keep).sum() > 0  # the dead pixel; flagged cadences dropped
     fk = flux[keep][:, valid]
     tg = np.arange(0, fk.shape[1], 9)  # a spread of target pixels (corners, edges, centre)
-    ms, mp, det = reference_cpm(fk, tab["time"].values[keep], tab["row"].values[valid], tab["column"].values[valid],
-                                L=40, exclusion=5, lambda_L=0.01, lambda_P=0.01, degree=3, k=30, targets=tg)
+    ms, mp, det = reference_cpm(
+        fk,
+        tab["time"].values[keep],
+        tab["row"].values[valid],
+        tab["column"].values[valid],
+        L=40,
+        exclusion=5,
+        lambda_L=0.01,
+        lambda_P=0.01,
+        degree=3,
+        k=30,
+        targets=tg,
+    )
     vidx = np.flatnonzero(valid)[tg]
     fast = res["systematics"][keep][:, vidx] / res["scale"][vidx]
     assert _relerr(fast, ms[:, tg]) < 1e-8
@@ -522,9 +647,18 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     user = {"corner": [[int(cube.row[0]), int(cube.column[0])], [int(cube.row[1]), int(cube.column[0])]]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cpm.CPMWarning)
-        summary = cpm.run_cpm_detrend(d / "cube.zarr", d / "catalog.ecsv", detrended_path=out / "detrended.zarr",
-                                      lightcurves_path=out / "lightcurves.zarr", raw_lightcurves_path=out / "raw_lightcurves.zarr",
-                                      fits_dir=out / "fits", config=SMALL_CFG, target_aperture=user, threads=1, field="small")
+        summary = cpm.run_cpm_detrend(
+            d / "cube.zarr",
+            d / "catalog.ecsv",
+            detrended_path=out / "detrended.zarr",
+            lightcurves_path=out / "lightcurves.zarr",
+            raw_lightcurves_path=out / "raw_lightcurves.zarr",
+            fits_dir=out / "fits",
+            config=SMALL_CFG,
+            target_aperture=user,
+            threads=1,
+            field="small",
+        )
     det = open_cube(out / "detrended.zarr")
     assert det["flux"].dims == ("time", "row", "column") and det.sizes == cube.sizes
     assert json.loads(det.attrs["provenance"])["step"] == "cpm_detrend"
@@ -536,7 +670,9 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     sid = lc["source_id"].values
     assert sid[-1] == -1 and str(lc["aperture_name"].values[-1]) == "corner"
     # the user aperture's RAW flux is the plain sum of its two pixels
-    np.testing.assert_allclose(raw["flux"].values[-1], cube["flux"].values[:, :2, 0].astype(np.float64).sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        raw["flux"].values[-1], cube["flux"].values[:, :2, 0].astype(np.float64).sum(axis=1), rtol=1e-6
+    )
     f = sorted((out / "fits").glob("cpm_*.fits"))
     assert len(f) == lc.sizes["source"] and len(list((out / "fits").glob("raw_*.fits"))) == lc.sizes["source"]
     with warnings.catch_warnings():
@@ -544,8 +680,12 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
         lcf = lk.read(f[0])
     assert len(lcf.time) == cube.sizes["time"]
     # sweep summary over the one parameter set
-    table = cpm.sweep_summary({"default": out / "lightcurves.zarr"}, out / "raw_lightcurves.zarr", tmp_path / "summary.ecsv",
-                              mag_range=(0, 30))
+    table = cpm.sweep_summary(
+        {"default": out / "lightcurves.zarr"},
+        out / "raw_lightcurves.zarr",
+        tmp_path / "summary.ecsv",
+        mag_range=(0, 30),
+    )
     assert list(table["method"]) == ["RAW", "CPM"] and np.isfinite(table["median_cdpp_1h"]).all()
 
 
@@ -560,9 +700,13 @@ def test_run_cpm_stitch(tmp_path):
     def sector(t0, offset, name):
         n = 500
         t = t0 + np.arange(n) * 30 / 1440
-        c = make_cube(np.zeros((n, 1, 1)), np.zeros((n, 1, 1)), np.zeros(n, np.int32), t, np.arange(n), [0], [0], mission="TESS")
+        c = make_cube(
+            np.zeros((n, 1, 1)), np.zeros((n, 1, 1)), np.zeros(n, np.int32), t, np.arange(n), [0], [0], mission="TESS"
+        )
         flux = np.vstack([1000 + 3 * t + offset + rng.normal(0, 0.3, n), 50 + rng.normal(0, 0.3, n)])
-        lc = lightcurve_set(flux, np.ones_like(flux), c, {"source_id": np.array([7, 8 if name == "a" else 9])}, method="CPM")
+        lc = lightcurve_set(
+            flux, np.ones_like(flux), c, {"source_id": np.array([7, 8 if name == "a" else 9])}, method="CPM"
+        )
         write_zarr_atomic(lc, tmp_path / f"{name}.zarr")
         return tmp_path / f"{name}.zarr"
 

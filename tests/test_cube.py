@@ -1,4 +1,5 @@
 """Chunk-aligned region writes of one zarr cube by many tasks (workflow_lib.cube.write_zarr_regions)."""
+
 import functools
 import json
 from pathlib import Path
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from workflow_lib.data.cube import CubeError, init_zarr_regions, make_cube, open_cube, write_zarr_atomic, write_zarr_regions
+from workflow_lib.data.cube import (
+    CubeError,
+    init_zarr_regions,
+    make_cube,
+    open_cube,
+    write_zarr_atomic,
+    write_zarr_regions,
+)
 
 NT, NR, NC = 50, 20, 12
 
@@ -18,8 +26,17 @@ def full_cube():
     flux = (1000.0 * np.sin(0.1 * t + 0.3 * r) + 7.0 * c + 0.001 * t * r * c).astype(np.float32)
     quality = np.zeros(NT, np.int32)
     quality[[3, 40]] = 32
-    return make_cube(flux, np.sqrt(np.abs(flux)) + 1, quality, 1325.0 + np.arange(NT) / 48.0, np.arange(NT) + 100,
-                     500 + np.arange(NR), 900 + np.arange(NC), mission="TESS", attrs={"sector": 1})
+    return make_cube(
+        flux,
+        np.sqrt(np.abs(flux)) + 1,
+        quality,
+        1325.0 + np.arange(NT) / 48.0,
+        np.arange(NT) + 100,
+        500 + np.arange(NR),
+        900 + np.arange(NC),
+        mission="TESS",
+        attrs={"sector": 1},
+    )
 
 
 def template(ds):
@@ -45,13 +62,15 @@ def test_regions_tile_the_cube_and_match_plain_write(tmp_path):
     ds = full_cube()
     calls = []
     chunks = {"time": 16, "row": 8, "column": 12}
-    out = write_zarr_regions(template(ds), tmp_path / "cube.zarr", functools.partial(region_of, ds, calls),
-                             chunks=chunks, threads=2)
+    out = write_zarr_regions(
+        template(ds), tmp_path / "cube.zarr", functools.partial(region_of, ds, calls), chunks=chunks, threads=2
+    )
     # regions are the chunk grid: 4 time x 3 row blocks (column is one chunk), each written once
     assert len(calls) == 4 * 3
     key = lambda c: (c["time"], c["row"])  # noqa: E731
-    assert sorted(calls, key=key) == [{"time": (t, min(t + 16, NT)), "row": (r, min(r + 8, NR))}
-                                      for t in range(0, NT, 16) for r in range(0, NR, 8)]
+    assert sorted(calls, key=key) == [
+        {"time": (t, min(t + 16, NT)), "row": (r, min(r + 8, NR))} for t in range(0, NT, 16) for r in range(0, NR, 8)
+    ]
     for reg in calls:
         assert reg["time"][0] % 16 == 0 and reg["row"][0] % 8 == 0
     got = open_cube(out).load()
@@ -65,8 +84,13 @@ def test_regions_tile_the_cube_and_match_plain_write(tmp_path):
 def test_split_along_time_only(tmp_path):
     ds = full_cube()
     calls = []
-    write_zarr_regions(template(ds), tmp_path / "c.zarr", functools.partial(region_of, ds, calls),
-                       chunks={"time": 10, "row": 4, "column": 4}, split=("time",))
+    write_zarr_regions(
+        template(ds),
+        tmp_path / "c.zarr",
+        functools.partial(region_of, ds, calls),
+        chunks={"time": 10, "row": 4, "column": 4},
+        split=("time",),
+    )
     assert [c["time"] for c in sorted(calls, key=lambda c: c["time"])] == [(i, i + 10) for i in range(0, NT, 10)]
     assert all(set(c) == {"time"} for c in calls)
     np.testing.assert_array_equal(open_cube(tmp_path / "c.zarr")["flux"].values, ds["flux"].values)
@@ -77,8 +101,14 @@ def test_sharded_store_has_few_files(tmp_path):
     chunks = {"time": 5, "row": 4, "column": 4}
     calls = []
     write_zarr_regions(template(ds), tmp_path / "plain.zarr", functools.partial(region_of, ds, None), chunks=chunks)
-    write_zarr_regions(template(ds), tmp_path / "shard.zarr", functools.partial(region_of, ds, calls), chunks=chunks,
-                       shards={"time": 25, "row": 20, "column": 12}, threads=2)
+    write_zarr_regions(
+        template(ds),
+        tmp_path / "shard.zarr",
+        functools.partial(region_of, ds, calls),
+        chunks=chunks,
+        shards={"time": 25, "row": 20, "column": 12},
+        threads=2,
+    )
     assert len(calls) == 2  # one region per shard: 2 shards along time, 1 in row and column
     n_plain, n_shard = len(chunk_files(tmp_path / "plain.zarr")), len(chunk_files(tmp_path / "shard.zarr"))
     assert n_plain == 10 * 5 * 3 and n_shard == 2
@@ -93,8 +123,13 @@ def test_sharded_store_has_few_files(tmp_path):
 def test_distributed_workers_write_one_cube(tmp_path):
     pytest.importorskip("distributed")
     ds = full_cube()
-    out = write_zarr_regions(template(ds), tmp_path / "d.zarr", functools.partial(region_of, ds, None),
-                             chunks={"time": 16, "row": 8, "column": 6}, scheduler="local:2")
+    out = write_zarr_regions(
+        template(ds),
+        tmp_path / "d.zarr",
+        functools.partial(region_of, ds, None),
+        chunks={"time": 16, "row": 8, "column": 6},
+        scheduler="local:2",
+    )
     np.testing.assert_array_equal(open_cube(out)["flux"].values, ds["flux"].values)
 
 

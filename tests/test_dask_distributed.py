@@ -6,6 +6,7 @@ shared array and the factorised flux system are pickled and shipped to the worke
 to SLURM nodes.  ``test_slurm_cluster`` runs the same on dask-jobqueue SLURMCluster workers when a
 SLURM cluster answers (.ci/slurm_setup.sh).
 """
+
 import json
 import os
 import shutil
@@ -19,10 +20,12 @@ from scipy.special import erf
 distributed = pytest.importorskip("distributed")
 
 from workflow_lib.core import parallel  # noqa: E402
-from workflow_lib.lfd import solve  # noqa: E402
 from workflow_lib.cpm.model import CPMParams, cpm_detrend_pixels  # noqa: E402
-from workflow_lib.lfd import geometry  # noqa: E402
-from workflow_lib.lfd import linsys  # noqa: E402
+from workflow_lib.lfd import (
+    geometry,  # noqa: E402
+    linsys,  # noqa: E402
+    solve,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +37,13 @@ def cluster():
 
 # ----------------------------------------------------------------------------- data
 
+
 def cpm_cube(nrow=12, ncol=12, ntime=240, seed=1):
     """(time, pixel) flux with two shared systematics modes, pixel-dependent loadings, noise."""
     rng = np.random.default_rng(seed)
     time = 1325.0 + np.arange(ntime) * (30.0 / 1440.0)
     tt = np.linspace(0, 1, ntime)
-    modes = np.stack([np.sin(2 * np.pi * 3 * tt) + 0.5 * tt, np.exp(-((tt - 0.3) / 0.05) ** 2)])
+    modes = np.stack([np.sin(2 * np.pi * 3 * tt) + 0.5 * tt, np.exp(-(((tt - 0.3) / 0.05) ** 2))])
     base = rng.uniform(200, 2000, size=nrow * ncol)
     load = rng.normal(0.05, 0.02, size=(2, nrow * ncol))
     flux = base + (modes.T @ load) * base + rng.normal(0, 1, size=(ntime, nrow * ncol)) * np.sqrt(base / 200)
@@ -90,12 +94,14 @@ def _same(a, b, rtol=1e-12):
 
 # ----------------------------------------------------------------------------- CPM
 
+
 def test_cpm_distributed_equals_threaded(cluster):
     flux, quality, time, rows, cols = cpm_cube()
     base = dict(n_predictors=40, exclusion_size=3, k=10, chunk_pixels=16)  # 9 chunks over 2 workers
     ref = cpm_detrend_pixels(flux, quality, time, rows, cols, CPMParams(**base), threads=2)
-    dist = cpm_detrend_pixels(flux, quality, time, rows, cols, CPMParams(**base, dask_scheduler=cluster.scheduler_address),
-                              threads=2)
+    dist = cpm_detrend_pixels(
+        flux, quality, time, rows, cols, CPMParams(**base, dask_scheduler=cluster.scheduler_address), threads=2
+    )
     for key in ("flux", "systematics", "polynomial"):
         _same(dist[key], ref[key])
     assert np.array_equal(dist["n_predictors"], ref["n_predictors"])
@@ -104,12 +110,14 @@ def test_cpm_distributed_equals_threaded(cluster):
     assert np.isnan(ref["flux"][17, 5]) and np.isnan(ref["flux"][100]).all()
     # the per-pixel Gram path (no shared Gram matrix) through the same cluster
     ref2 = cpm_detrend_pixels(flux, quality, time, rows, cols, CPMParams(**base, gram_max_pixels=1), threads=1)
-    dist2 = cpm_detrend_pixels(flux, quality, time, rows, cols,
-                               CPMParams(**base, gram_max_pixels=1, dask_scheduler=cluster.scheduler_address))
+    dist2 = cpm_detrend_pixels(
+        flux, quality, time, rows, cols, CPMParams(**base, gram_max_pixels=1, dask_scheduler=cluster.scheduler_address)
+    )
     _same(dist2["flux"], ref2["flux"])
 
 
 # ----------------------------------------------------------------------------- LFD flux solve
+
 
 def test_pcg_system_pickles_and_refactorises():
     """The pcg system holds a SuperLU factor (not picklable): FluxSystem ships the normal matrix instead
@@ -128,8 +136,17 @@ def test_flux_solve_distributed_equals_threaded(cluster, method):
     f = solve_field()
     kw = dict(motion_basis=f["basis"], motion_time=f["mtime"], method=method, time_chunk=8)
     ref = solve.source_flux(f["data"], f["err"], f["S"], f["B"], f["mu"], f["sig"], threads=2, **kw)
-    dist = solve.source_flux(f["data"], f["err"], f["S"], f["B"], f["mu"], f["sig"], threads=2,
-                             dask_scheduler=cluster.scheduler_address, **kw)
+    dist = solve.source_flux(
+        f["data"],
+        f["err"],
+        f["S"],
+        f["B"],
+        f["mu"],
+        f["sig"],
+        threads=2,
+        dask_scheduler=cluster.scheduler_address,
+        **kw,
+    )
     for key in ("flux", "flux_err", "background", "background_err"):
         _same(dist[key], ref[key])
     assert np.isnan(ref["flux"][:, 7]).all() and np.isfinite(ref["flux"][:, 8]).all()
@@ -143,8 +160,15 @@ def test_solve_chunks_through_parallel_map(cluster):
     mean_err = np.sqrt(np.nanmean(f["err"] ** 2, axis=0))
     sysm = linsys.build_system(f["S"], f["B"], f["mu"], f["sig"], mean_err, direct=True)
     tasks = [dict(i0=i, i1=min(ntime, i + 5)) for i in range(0, ntime, 5)]
-    shared = dict(sys=sysm, method="direct", flux=f["data"], flux_err=f["err"], motion_basis=f["basis"],
-                  motion_time=f["mtime"], rtol=1e-10)
+    shared = dict(
+        sys=sysm,
+        method="direct",
+        flux=f["data"],
+        flux_err=f["err"],
+        motion_basis=f["basis"],
+        motion_time=f["mtime"],
+        rtol=1e-10,
+    )
     ref = parallel.dask_map(solve._solve_chunk, tasks, threads=2, shared=shared)
     dist = parallel.dask_map(solve._solve_chunk, tasks, scheduler=cluster.scheduler_address, shared=shared)
     assert len(dist) == len(tasks)
@@ -154,6 +178,7 @@ def test_solve_chunks_through_parallel_map(cluster):
 
 
 # ----------------------------------------------------------------------------- parallel.py itself
+
 
 def _pow(i, base, exponent):
     return float(np.sum(base[i] ** exponent))
@@ -170,17 +195,21 @@ def test_scheduler_values(cluster, tmp_path):
     (tmp_path / "sched.json").write_text(json.dumps({"type": "Scheduler", "address": cluster.scheduler_address}))
     assert parallel.dask_map(_pow, tasks, scheduler=f"scheduler-file:{tmp_path / 'sched.json'}", shared=shared) == want
     # local-threads:N starts (and stops) its own in-process cluster; a list in `shared` stays one object
-    got = parallel.dask_map(lambda i, lst: lst[i] * 2, [(i,) for i in range(3)], scheduler="local-threads:2",
-                            shared=dict(lst=[1, 2, 3]))
+    got = parallel.dask_map(
+        lambda i, lst: lst[i] * 2, [(i,) for i in range(3)], scheduler="local-threads:2", shared=dict(lst=[1, 2, 3])
+    )
     assert got == [2, 4, 6]
     with parallel.compute_context(2, "local-threads:2") as run:
-        assert run(_pow, tasks, **shared) == want and run(_pow, tasks, base=base, exponent=1) == [float(b.sum()) for b in base]
+        assert run(_pow, tasks, **shared) == want and run(_pow, tasks, base=base, exponent=1) == [
+            float(b.sum()) for b in base
+        ]
     for bad in ("local:x", "local:0", "slurm:-1"):
         with pytest.raises(parallel.SchedulerError, match="worker count"):
             parallel.dask_map(_pow, tasks, scheduler=bad, shared=shared)
 
 
 # ----------------------------------------------------------------------------- SLURM (dask-jobqueue)
+
 
 def _slurm_problem():
     for tool in ("sbatch", "sinfo", "squeue"):
@@ -212,10 +241,16 @@ def test_slurm_cluster(tmp_path):
     flux, quality, time, rows, cols = cpm_cube(nrow=8, ncol=8, ntime=120)
     base = dict(n_predictors=20, exclusion_size=3, k=6, chunk_pixels=16)
     ref = cpm_detrend_pixels(flux, quality, time, rows, cols, CPMParams(**base), threads=1)
-    cfg = {"jobqueue.slurm.cores": 1, "jobqueue.slurm.processes": 1, "jobqueue.slurm.memory": "1GB",
-           "jobqueue.slurm.queue": partition, "jobqueue.slurm.walltime": "00:10:00",
-           "jobqueue.slurm.log-directory": str(tmp_path), "jobqueue.slurm.local-directory": str(tmp_path),
-           "jobqueue.slurm.account": os.environ.get("PIPELINE_SLURM_ACCOUNT", "tess")}
+    cfg = {
+        "jobqueue.slurm.cores": 1,
+        "jobqueue.slurm.processes": 1,
+        "jobqueue.slurm.memory": "1GB",
+        "jobqueue.slurm.queue": partition,
+        "jobqueue.slurm.walltime": "00:10:00",
+        "jobqueue.slurm.log-directory": str(tmp_path),
+        "jobqueue.slurm.local-directory": str(tmp_path),
+        "jobqueue.slurm.account": os.environ.get("PIPELINE_SLURM_ACCOUNT", "tess"),
+    }
     with dask.config.set(cfg):
         out = cpm_detrend_pixels(flux, quality, time, rows, cols, CPMParams(**base, dask_scheduler="slurm:1"))
     _same(out["flux"], ref["flux"])

@@ -1,8 +1,15 @@
 """§4.2 edge model: design matrix, fit on a synthetic mean frame with known truth, edge radius, contamination."""
+
 import numpy as np
 import pytest
 
-from workflow_lib.lfd.edge import edge_design_matrix, edge_model_flux, edge_radius, fit_edge_model, uncontaminated_pixels
+from workflow_lib.lfd.edge import (
+    edge_design_matrix,
+    edge_model_flux,
+    edge_radius,
+    fit_edge_model,
+    uncontaminated_pixels,
+)
 from workflow_lib.lfd.geometry import source_pixel_pairs
 
 

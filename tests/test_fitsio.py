@@ -1,4 +1,5 @@
 """Reading real TESScut / TESS SPOC / Kepler / K2 FITS files into cubes (workflow_lib.fitsio)."""
+
 import json
 import logging
 import re
@@ -14,9 +15,11 @@ from workflow_lib.data.cube import CubeError, cube_wcs, open_cube, validate_cube
 from workflow_lib.data.fits_reader import read_field, read_fits_cube, validate_for_modelling, write_local_field
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MISSION_FILES = sorted(
-    str(p.relative_to(SHARED)) for d in ("tesscut", "tess_spoc", "kepler") for p in (SHARED / d).glob("*.fits")
-) if SHARED.is_dir() else []
+MISSION_FILES = (
+    sorted(str(p.relative_to(SHARED)) for d in ("tesscut", "tess_spoc", "kepler") for p in (SHARED / d).glob("*.fits"))
+    if SHARED.is_dir()
+    else []
+)
 TPF_TEST = [f"kepler/tpf_test_{k:02d}.fits" for k in range(10)]
 TESSCUT = "tesscut/tess-s0001-4-2_84.291190_-80.469170_6x6_astrocut.fits"
 SPOC = "tess_spoc/tess-s0015-2-3_tic273589987_tpf_100cad.fits"
@@ -244,8 +247,11 @@ def test_write_local_field(shared_data, tmp_path):
     d.mkdir()
     for f in TPF_TEST[1:4]:
         shutil.copy(shared_data / f, d)
-    out = write_local_field({"files": [str(shared_data / TPF_TEST[0])], "directory": str(d)},
-                            tmp_path / "res" / "k16" / "cube.zarr", field="k16")
+    out = write_local_field(
+        {"files": [str(shared_data / TPF_TEST[0])], "directory": str(d)},
+        tmp_path / "res" / "k16" / "cube.zarr",
+        field="k16",
+    )
     ds = open_cube(out)
     collected = sum(int(np.isfinite(fits.getdata(shared_data / f, 1)["FLUX"]).any(axis=0).sum()) for f in TPF_TEST[:4])
     assert ds.attrs["field"] == "k16" and ds.sizes["pixel"] == collected - ds.attrs["duplicate_pixels_dropped"]

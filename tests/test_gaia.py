@@ -1,4 +1,5 @@
 """Tests of workflow_lib.gaia: Gaia query (recorded responses), catalogs, astrometry, crossmatch."""
+
 from __future__ import annotations
 
 import gzip
@@ -90,8 +91,9 @@ class FakeGaiaArchive:
         if method == "GET" and url == f"{base}/{self.JOB}/phase":
             return _Response(200, "OK", b"COMPLETED")
         if method == "GET" and url == f"{base}/{self.JOB}/results/result":
-            return _Response(200, "OK", self.body, [("Content-Type", "application/x-votable+xml"),
-                                                    ("Content-Encoding", "gzip")])
+            return _Response(
+                200, "OK", self.body, [("Content-Type", "application/x-votable+xml"), ("Content-Encoding", "gzip")]
+            )
         return _Response(404, "Not Found", b"")
 
     def queries(self):
@@ -119,8 +121,17 @@ def field_cube(mission="TESS", wcs=None, ncol=design.NCOL, nrow=design.NROW):
     t = BTJD_MID + np.array([-1.5, -0.5, 0.5, 1.5])
     if mission != "TESS":  # same epoch in BKJD
         t = t + 2457000.0 - 2454833.0
-    return make_cube(flux, flux * 0.1, np.zeros(nt), t, np.arange(nt), ROW0 + np.arange(nrow), COL0 + np.arange(ncol),
-                     mission=mission, wcs_header=wcs_to_header_string(w) if w is not False else "")
+    return make_cube(
+        flux,
+        flux * 0.1,
+        np.zeros(nt),
+        t,
+        np.arange(nt),
+        ROW0 + np.arange(nrow),
+        COL0 + np.arange(ncol),
+        mission=mission,
+        wcs_header=wcs_to_header_string(w) if w is not False else "",
+    )
 
 
 def design_table() -> Table:
@@ -178,7 +189,9 @@ def test_query_gaia_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     fake = FakeGaiaArchive(None, offline=True)
     monkeypatch.setattr(tapconn.httplib, "HTTPSConnection", fake.connection)
-    with pytest.raises(gaia.GaiaArchiveUnreachable, match=r"cannot reach the Gaia archive .*fields\.<name>\.gaia\.catalog"):
+    with pytest.raises(
+        gaia.GaiaArchiveUnreachable, match=r"cannot reach the Gaia archive .*fields\.<name>\.gaia\.catalog"
+    ):
         gaia.query_gaia(SkyCoord(1, 2, unit="deg"), 1 * u.arcmin, 19.0, cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
@@ -208,15 +221,25 @@ def _tangent_plane_propagation(ra0, dec0, pmra, pmdec, years):
 @pytest.mark.parametrize("parallax", [546.98, np.nan, 0.0, -1.5])
 def test_proper_motion_matches_tangent_plane_computation(parallax):
     # Barnard's-star-like motion, high declination star as well, over ~3.46 yr
-    t = Table({"source_id": [1, 2], "ra": [269.4521, 84.29], "dec": [4.6934, -80.47],
-               "pmra": [-801.55, 3000.0], "pmdec": [10362.39, -2500.0], "parallax": [parallax, parallax],
-               "phot_g_mean_mag": [8.2, 10.0], "ref_epoch": [2016.0, 2016.0]})
+    t = Table(
+        {
+            "source_id": [1, 2],
+            "ra": [269.4521, 84.29],
+            "dec": [4.6934, -80.47],
+            "pmra": [-801.55, 3000.0],
+            "pmdec": [10362.39, -2500.0],
+            "parallax": [parallax, parallax],
+            "phot_g_mean_mag": [8.2, 10.0],
+            "ref_epoch": [2016.0, 2016.0],
+        }
+    )
     t = gaia.normalize_catalog(t)
     obstime = Time(2457000.0 + BTJD_MID, format="jd", scale="tdb")
     out = gaia.propagate_to_epoch(t, obstime)
     years = (obstime - Time(2016.0, format="jyear", scale="tcb")).to_value(u.day) / 365.25
-    ra_exp, dec_exp = _tangent_plane_propagation(np.asarray(t["ra"]), np.asarray(t["dec"]),
-                                                 np.asarray(t["pmra"]), np.asarray(t["pmdec"]), years)
+    ra_exp, dec_exp = _tangent_plane_propagation(
+        np.asarray(t["ra"]), np.asarray(t["dec"]), np.asarray(t["pmra"]), np.asarray(t["pmdec"]), years
+    )
     sep = SkyCoord(out["ra"], out["dec"], unit="deg").separation(SkyCoord(ra_exp, dec_exp, unit="deg"))
     assert np.all(sep.to_value(u.mas) < 1.0), sep.to_value(u.mas)
     # the star really moved ~36 arcsec, and the reference position is kept
@@ -226,8 +249,17 @@ def test_proper_motion_matches_tangent_plane_computation(parallax):
 
 
 def test_nan_or_missing_proper_motion_keeps_position():
-    t = Table({"source_id": [1], "ra": [10.0], "dec": [-20.0], "pmra": [np.nan], "pmdec": [np.nan],
-               "phot_g_mean_mag": [12.0], "ref_epoch": [2016.0]})
+    t = Table(
+        {
+            "source_id": [1],
+            "ra": [10.0],
+            "dec": [-20.0],
+            "pmra": [np.nan],
+            "pmdec": [np.nan],
+            "phot_g_mean_mag": [12.0],
+            "ref_epoch": [2016.0],
+        }
+    )
     out = gaia.propagate_to_epoch(gaia.normalize_catalog(t), Time(2030.0, format="jyear", scale="tdb"))
     assert out["ra"][0] == 10.0 and out["dec"][0] == -20.0
 
@@ -263,9 +295,13 @@ def test_crossmatch_keeps_cutout_and_margin_sources():
     by = {int(r["source_id"]) - 1000000000000000000: r for r in cat}
     assert by[1]["on_cutout"] and by[2]["on_cutout"] and not by[3]["on_cutout"] and not by[8]["on_cutout"]
     # zero-pm sources sit exactly at their design pixel
-    assert by[3]["column"] == pytest.approx(COL0 - 2.5, abs=1e-6) and by[3]["row"] == pytest.approx(ROW0 + 5.0, abs=1e-6)
+    assert by[3]["column"] == pytest.approx(COL0 - 2.5, abs=1e-6) and by[3]["row"] == pytest.approx(
+        ROW0 + 5.0, abs=1e-6
+    )
     # the high-pm star moved +x by 9"/yr * 3.46 yr / 21" per px into the margin
-    years = (Time(2457000.0 + BTJD_MID, format="jd", scale="tdb") - Time(2016.0, format="jyear", scale="tcb")).to_value(u.yr)
+    years = (Time(2457000.0 + BTJD_MID, format="jd", scale="tdb") - Time(2016.0, format="jyear", scale="tcb")).to_value(
+        u.yr
+    )
     assert by[8]["column"] - (COL0 - 4.6) == pytest.approx(9.0 * years / 21.0, abs=2e-3)
     # TESS a-priori flux: 15000 e-/s at T=10
     assert by[1]["expected_flux"] == pytest.approx(15000 * 10 ** (-0.4 * 0.5), rel=1e-12)
@@ -293,7 +329,12 @@ def test_crossmatch_kepler_defaults():
 def test_crossmatch_field_from_archive_writes_catalog_deterministically(archive, tmp_path):
     cube_path = tmp_path / "results" / "run" / "fieldA" / "cube.zarr"
     write_zarr_atomic(field_cube(), cube_path)
-    params = {"mag_limit": None, "margin_pixels": 4.0, "table": "gaiadr3.gaia_source", "cache_dir": str(tmp_path / "gc")}
+    params = {
+        "mag_limit": None,
+        "margin_pixels": 4.0,
+        "table": "gaiadr3.gaia_source",
+        "cache_dir": str(tmp_path / "gc"),
+    }
     out = tmp_path / "catalog.ecsv"
     gaia.crossmatch_field(cube_path, out, params, local_catalog=None)
     (q,) = archive.queries()
@@ -331,7 +372,9 @@ def test_crossmatch_field_with_local_catalog(tmp_path):
     assert set(int(i) - 1000000000000000000 for i in cat["source_id"]) == {1, 2, 9}
     back = Table.read(out, format="ascii.ecsv")
     assert back.meta["catalog_source"] == "local" and str(local) in back.meta["provenance"]["inputs"]
-    assert np.array_equal(back["source_id"], cat["source_id"]) and np.allclose(back["column"], cat["column"], rtol=0, atol=0)
+    assert np.array_equal(back["source_id"], cat["source_id"]) and np.allclose(
+        back["column"], cat["column"], rtol=0, atol=0
+    )
 
 
 def test_cube_without_wcs_is_a_clear_error(tmp_path):
@@ -344,8 +387,9 @@ def test_cube_without_wcs_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------ local catalogs
 
 
-@pytest.mark.parametrize("fmt,suffix", [("ascii.ecsv", ".ecsv"), ("ascii.csv", ".csv"), ("fits", ".fits"),
-                                        ("votable", ".vot")])
+@pytest.mark.parametrize(
+    "fmt,suffix", [("ascii.ecsv", ".ecsv"), ("ascii.csv", ".csv"), ("fits", ".fits"), ("votable", ".vot")]
+)
 def test_read_catalog_formats(tmp_path, fmt, suffix):
     ref = gaia.normalize_catalog(design_table())
     path = tmp_path / f"cat{suffix}"
@@ -360,7 +404,9 @@ def test_read_catalog_formats(tmp_path, fmt, suffix):
 
 
 def test_read_catalog_defaults_and_errors(tmp_path):
-    t = Table({"SOURCE_ID": [5, 6], "RA": [1.0, 2.0], "DEC": [3.0, 4.0], "phot_g_mean_flux": [gaia.g_mag_to_flux(12.0), 1e4]})
+    t = Table(
+        {"SOURCE_ID": [5, 6], "RA": [1.0, 2.0], "DEC": [3.0, 4.0], "phot_g_mean_flux": [gaia.g_mag_to_flux(12.0), 1e4]}
+    )
     p = tmp_path / "upper.csv"
     t.write(p, format="ascii.csv")
     with pytest.warns(UserWarning, match="ref_epoch"):
@@ -391,15 +437,28 @@ def _stamp(ra, dec, col0, row0, ncol, nrow, target):
     nt = 3
     flux = np.ones((nt, nrow, ncol))
     flux[:, 0, 0] = np.nan  # uncollected corner, as in real TPFs
-    ds = make_cube(flux, flux, np.zeros(nt), 1200.0 + np.arange(nt) * 0.02, np.arange(nt),
-                   row0 + np.arange(nrow), col0 + np.arange(ncol), mission="Kepler",
-                   wcs_header=wcs_to_header_string(w), attrs=target)
+    ds = make_cube(
+        flux,
+        flux,
+        np.zeros(nt),
+        1200.0 + np.arange(nt) * 0.02,
+        np.arange(nt),
+        row0 + np.arange(nrow),
+        col0 + np.arange(ncol),
+        mission="Kepler",
+        wcs_header=wcs_to_header_string(w),
+        attrs=target,
+    )
     return ds, w
 
 
 def _kepler_channel():
-    s0, w0 = _stamp(290.0, 45.0, 500, 300, 6, 5, {"target_id": 111, "ra_obj": 290.0, "dec_obj": 45.0, "target_mag": 12.5})
-    s1, w1 = _stamp(290.05, 45.02, 700, 480, 5, 5, {"target_id": 222, "ra_obj": 290.05, "dec_obj": 45.02, "target_mag": 14.0})
+    s0, w0 = _stamp(
+        290.0, 45.0, 500, 300, 6, 5, {"target_id": 111, "ra_obj": 290.0, "dec_obj": 45.0, "target_mag": 12.5}
+    )
+    s1, w1 = _stamp(
+        290.05, 45.02, 700, 480, 5, 5, {"target_id": 222, "ra_obj": 290.05, "dec_obj": 45.02, "target_mag": 14.0}
+    )
     return concat_stamps([s0, s1]), (w0, w1)
 
 
@@ -407,11 +466,22 @@ def test_pixel_table_assigns_stamps():
     cube, (w0, w1) = _kepler_channel()
     pts = [(w0, 2.2, 1.7), (w1, 0.2, 4.1), (w0, -2.0, 2.0), (w1, 7.5, 2.0), (w0, 20.0, 2.0)]
     sky = SkyCoord([w.pixel_to_world(x, y) for w, x, y in pts])
-    t = Table({"source_id": np.arange(5) + 1, "ra": sky.ra.deg, "dec": sky.dec.deg, "pmra": np.zeros(5),
-               "pmdec": np.zeros(5), "phot_g_mean_mag": np.full(5, 13.0), "ref_epoch": np.full(5, 2016.0)})
+    t = Table(
+        {
+            "source_id": np.arange(5) + 1,
+            "ra": sky.ra.deg,
+            "dec": sky.dec.deg,
+            "pmra": np.zeros(5),
+            "pmdec": np.zeros(5),
+            "phot_g_mean_mag": np.full(5, 13.0),
+            "ref_epoch": np.full(5, 2016.0),
+        }
+    )
     out = gaia.sky_to_pixel(t, cube)
     assert list(out["stamp"][:4]) == [0, 1, 0, 1]
-    assert np.allclose(out["column"][:2], [502.2, 700.2], atol=1e-7) and np.allclose(out["row"][:2], [301.7, 484.1], atol=1e-7)
+    assert np.allclose(out["column"][:2], [502.2, 700.2], atol=1e-7) and np.allclose(
+        out["row"][:2], [301.7, 484.1], atol=1e-7
+    )
     assert list(out["on_cutout"]) == [True, True, False, False, False]
     assert np.allclose(out["edge_distance"][2:4], [1.5, 3.0], atol=1e-7)
     cat = gaia.crossmatch(cube, t, margin_pixels=4.0)
@@ -446,7 +516,7 @@ def test_real_kepler_stamps_header_catalog(shared_data):
     for r in cat:
         k = [int(s["target_id"]) for s in stamps].index(int(r["source_id"]))
         assert r["on_cutout"]
-        if r["stamp"] != k:   # a pixel two stamps read is kept once, under the first stamp
+        if r["stamp"] != k:  # a pixel two stamps read is kept once, under the first stamp
             near = np.argmin(np.hypot(cube["column"].values - r["column"], cube["row"].values - r["row"]))
             assert cube["stamp"].values[near] == r["stamp"] < k and cube.attrs["duplicate_pixels_dropped"] > 0
 
@@ -459,8 +529,15 @@ def test_synthetic_sector_positions_match_truth():
         pytest.skip("workflow_lib.synthetic not available yet")
     from workflow_lib.data import synthetic
 
-    params = {"n_rows": 16, "n_cols": 16, "n_cadences": 20, "n_planets": 0, "n_variables": 0,
-              "transient": False, "koi608": False}
+    params = {
+        "n_rows": 16,
+        "n_cols": 16,
+        "n_cadences": 20,
+        "n_planets": 0,
+        "n_variables": 0,
+        "transient": False,
+        "koi608": False,
+    }
     cube, truth, catalog = synthetic.simulate_sector(params, "synthetic_test")
     cat = gaia.crossmatch(cube, catalog, margin_pixels=4.0, mag_limit=19.0)
     tid = np.asarray(truth["source_id"].values)

@@ -1,5 +1,6 @@
 """The LFD chain on real pixels: Kepler Q12 channel-4 stamps (runs, finite light curves) and the 6x6
 TESScut cube around pi Men (too small and saturated to model: refuses, naming the cube)."""
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -8,10 +9,7 @@ from astropy.table import Table
 from workflow_lib.data import fits_reader as fitsio
 from workflow_lib.data import gaia
 from workflow_lib.data.cube import open_cube
-from workflow_lib.steps.lfd import edge_model_step
-from workflow_lib.steps.lfd import motion_model_step
-from workflow_lib.steps.lfd import prf_model_step
-from workflow_lib.steps.lfd import flux_solve_step
+from workflow_lib.steps.lfd import edge_model_step, flux_solve_step, motion_model_step, prf_model_step
 
 
 def run_lfd_chain(d, cube_path, catalog_path):
@@ -52,8 +50,19 @@ def test_tiny_tesscut_cube_refuses_clearly(shared_data, tmp_path):
     fitsio.write_local_field({"files": [str(fits_file)]}, cube_path, field="pimen")
     cube = open_cube(cube_path)
     # pi Men from Gaia DR3 (G = 5.49): a saturated star filling a 6x6 stamp
-    local = Table(dict(source_id=[4623036865373793408], ra=[84.29120], dec=[-80.46912], pmra=[311.19],
-                       pmdec=[1048.85], parallax=[54.7], phot_g_mean_mag=[5.49], bp_rp=[0.77], ref_epoch=[2016.0]))
+    local = Table(
+        dict(
+            source_id=[4623036865373793408],
+            ra=[84.29120],
+            dec=[-80.46912],
+            pmra=[311.19],
+            pmdec=[1048.85],
+            parallax=[54.7],
+            phot_g_mean_mag=[5.49],
+            bp_rp=[0.77],
+            ref_epoch=[2016.0],
+        )
+    )
     local.write(tmp_path / "local.ecsv")
     catalog = gaia.crossmatch(cube, gaia.read_catalog(tmp_path / "local.ecsv"), 4.0, 19.0)
     catalog.write(tmp_path / "catalog.ecsv")

@@ -4,6 +4,7 @@ Cheap versions of the benchmark (benchmarks/lfd_benchmark.py, full size): ``chai
 pipeline steps (edge -> fitted PRF -> shift motion model -> solve, and the solve without motion);
 ``metrics`` uses the true SPOC PRF for the scene (motion + solve only).
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -42,19 +43,19 @@ def test_real_chain_targets(chain):
     """The issue's targets with the fitted PRF on the default synthetic fields (~30 s each)."""
     print(chain)
     assert chain["n_constant"] >= 5 and chain["n_isolated_bright"] >= 1
-    assert chain["motion_median_rel_err_isolated"] < 0.01                  # a)
-    assert abs(chain["motion_p2p_over_err_isolated"] - 1) < 0.2             # a)
-    assert chain["relrms_ratio_static_over_motion"] >= 3                    # c)
-    assert 0.8 <= chain["motion_z_std_constant"] <= 1.5                     # d)
+    assert chain["motion_median_rel_err_isolated"] < 0.01  # a)
+    assert abs(chain["motion_p2p_over_err_isolated"] - 1) < 0.2  # a)
+    assert chain["relrms_ratio_static_over_motion"] >= 3  # c)
+    assert 0.8 <= chain["motion_z_std_constant"] <= 1.5  # d)
     assert chain["static_z_std_constant"] > 2 * chain["motion_z_std_constant"]
-    assert abs(chain["koi608_depth_ratio"] - 1) < 0.1                       # b)
-    assert abs(chain["koi608_bright_dip_sigma"]) < 3                        # b)
+    assert abs(chain["koi608_depth_ratio"] - 1) < 0.1  # b)
+    assert abs(chain["koi608_bright_dip_sigma"]) < 3  # b)
 
 
 def test_motion_reduces_constant_star_scatter(metrics):
     print(metrics)
     assert metrics["n_constant"] >= 5
-    assert metrics["relrms_ratio_static_over_motion"] >= 3       # measured 4.28 (shift model, no correction)
+    assert metrics["relrms_ratio_static_over_motion"] >= 3  # measured 4.28 (shift model, no correction)
 
 
 def test_errors_describe_the_scatter(metrics):
@@ -68,8 +69,8 @@ def test_errors_describe_the_scatter(metrics):
 def test_koi608_blend(metrics):
     """§6.2-like pair: the eclipse belongs to the faint star, not its brighter neighbour."""
     assert metrics["koi608_n_in_eclipse"] > 10
-    assert abs(metrics["koi608_depth_ratio"] - 1) < 0.1             # measured 0.999
-    assert abs(metrics["koi608_bright_dip_sigma"]) < 3               # measured -1.9
+    assert abs(metrics["koi608_depth_ratio"] - 1) < 0.1  # measured 0.999
+    assert abs(metrics["koi608_bright_dip_sigma"]) < 3  # measured -1.9
 
 
 def test_flux_solve_step_files(tmp_path):
@@ -77,22 +78,32 @@ def test_flux_solve_step_files(tmp_path):
     lightkurve = pytest.importorskip("lightkurve")
     import xarray as xr
 
-    from workflow_lib.steps.lfd import edge_model_step
     from workflow_lib.data.gaia import crossmatch_field
-    from workflow_lib.steps.lfd import motion_model_step
-    from workflow_lib.steps.lfd import prf_model_step
-    from workflow_lib.steps.lfd import flux_solve_step
     from workflow_lib.data.synthetic import write_synthetic_field
+    from workflow_lib.steps.lfd import edge_model_step, flux_solve_step, motion_model_step, prf_model_step
 
     d = tmp_path
-    write_synthetic_field(d / "cube.zarr", d / "truth.zarr", d / "input.ecsv",
-                          {"seed": 3, "n_rows": 48, "n_cols": 48, "n_cadences": 96}, field="t")
+    write_synthetic_field(
+        d / "cube.zarr",
+        d / "truth.zarr",
+        d / "input.ecsv",
+        {"seed": 3, "n_rows": 48, "n_cols": 48, "n_cadences": 96},
+        field="t",
+    )
     crossmatch_field(d / "cube.zarr", d / "catalog.ecsv", {}, local_catalog=str(d / "input.ecsv"))
     edge_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json")
     prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png")
     motion_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", {"bin_size": 12})
-    lc = flux_solve_step(d / "cube.zarr", d / "catalog.ecsv", d / "prf.npz", d / "motion.npz", d / "lc.zarr",
-                         d / "fits", {"time_chunk": 40}, threads=2)
+    lc = flux_solve_step(
+        d / "cube.zarr",
+        d / "catalog.ecsv",
+        d / "prf.npz",
+        d / "motion.npz",
+        d / "lc.zarr",
+        d / "fits",
+        {"time_chunk": 40},
+        threads=2,
+    )
     back = xr.open_zarr(d / "lc.zarr")
     assert back.sizes["time"] == 96 and back.attrs["method"] == "LFD"
     for name in ("source_id", "phot_g_mean_mag", "column", "row", "contamination", "n_pixels"):
@@ -101,7 +112,7 @@ def test_flux_solve_step_files(tmp_path):
     sid = int(lc["source_id"].values[np.nanargmax(np.nanmean(lc["flux"].values, axis=1))])
     t = truth["flux"].values[list(truth["source_id"].values).index(sid)]
     f = lc["flux"].values[list(lc["source_id"].values).index(sid)]
-    assert abs(np.nanmedian(f / t) - 1) < 0.05          # brightest star: total flux recovered
+    assert abs(np.nanmedian(f / t) - 1) < 0.05  # brightest star: total flux recovered
     fits_files = sorted((d / "fits").glob("lfd_*.fits"))
     assert len(fits_files) == lc.sizes["source"]
     lk = lightkurve.read(str(d / "fits" / f"lfd_{sid}.fits"))

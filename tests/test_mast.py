@@ -1,5 +1,6 @@
 """MAST downloads against recorded responses: astroquery's real request/parsing code runs, only
 ``requests.adapters.HTTPAdapter.send`` (the HTTP transport) is replaced. Never touches the network."""
+
 import gzip
 import io
 import json
@@ -14,8 +15,8 @@ from astropy.io import fits
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from workflow_lib.data.cube import CubeError, open_cube
 from workflow_lib.data import mast
+from workflow_lib.data.cube import CubeError, open_cube
 from workflow_lib.data.mast import MastError, download_field, parse_target, request_key
 
 REC = Path(__file__).resolve().parent / "data" / "mast"
@@ -61,7 +62,9 @@ class FakeMast:
         if self.offline or self.fail_first > 0:
             self.fail_first -= 1
             self.calls.append(("offline", request.url))
-            raise requests.ConnectionError(f"Failed to resolve '{url.hostname}' ([Errno -3] Temporary failure in name resolution)")
+            raise requests.ConnectionError(
+                f"Failed to resolve '{url.hostname}' ([Errno -3] Temporary failure in name resolution)"
+            )
         if url.hostname == "mastresolver.stsci.edu":
             self.calls.append(("resolve", request.url))
             name = parse_qs(url.query)["name"][0].lower()
@@ -90,8 +93,11 @@ class FakeMast:
                 data = gzip.compress(self.tpfs[name].read_bytes(), mtime=0)
             else:
                 return _response(request, status=404, body=b"not found")
-            return _response(request, body=b"" if request.method == "HEAD" else data,
-                             headers={"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"})
+            return _response(
+                request,
+                body=b"" if request.method == "HEAD" else data,
+                headers={"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"},
+            )
         if url.path.endswith("/sector"):
             self.calls.append(("tesscut_sector", request.url))
             return _response(request, body=(REC / "tesscut_sector_pimen.json").read_bytes())
@@ -131,8 +137,15 @@ def test_parse_target():
 def test_tesscut_download_by_name(fake_mast, shared_data, tmp_path):
     fake = fake_mast()
     params = {"mission": "TESS", "target": "pi Men", "size": 6}
-    out = download_field(params, tmp_path / "f" / "cube.zarr", field="pimen", cache_dir=tmp_path / "cache",
-                         retries=0, timeout_s=5, backoff_s=0.0)
+    out = download_field(
+        params,
+        tmp_path / "f" / "cube.zarr",
+        field="pimen",
+        cache_dir=tmp_path / "cache",
+        retries=0,
+        timeout_s=5,
+        backoff_s=0.0,
+    )
     assert fake.count("resolve") == 1 and fake.count("tesscut_sector") == 1 and fake.count("tesscut_cutout") == 1
     assert fake.timeouts["astrocut"] == 5  # the configured timeout reaches the HTTP transport
     ds = open_cube(out)
@@ -145,16 +158,30 @@ def test_tesscut_download_by_name(fake_mast, shared_data, tmp_path):
 
     # second run: the cache manifest is found, no request at all
     fake.calls.clear()
-    download_field(params, tmp_path / "g" / "cube.zarr", field="pimen", cache_dir=tmp_path / "cache",
-                   retries=0, timeout_s=5, backoff_s=0.0)
+    download_field(
+        params,
+        tmp_path / "g" / "cube.zarr",
+        field="pimen",
+        cache_dir=tmp_path / "cache",
+        retries=0,
+        timeout_s=5,
+        backoff_s=0.0,
+    )
     assert fake.calls == []
 
 
 def test_kepler_tpfs_by_name(fake_mast, shared_data, tmp_path):
     fake = fake_mast()
     params = {"mission": "Kepler", "target": "Kepler-16", "quarter": 12, "radius_arcmin": 5.0, "max_tpfs": 200}
-    out = download_field(params, tmp_path / "k16" / "cube.zarr", field="k16", cache_dir=tmp_path / "cache",
-                         retries=1, timeout_s=5, backoff_s=0.0)
+    out = download_field(
+        params,
+        tmp_path / "k16" / "cube.zarr",
+        field="k16",
+        cache_dir=tmp_path / "cache",
+        retries=1,
+        timeout_s=5,
+        backoff_s=0.0,
+    )
     # astroquery's real portal code ran: column configs, the position query and the product list
     assert ("columnsconfig", "Mast.Caom.Cone") in fake.calls
     assert ("invoke", "Mast.Caom.Filtered.Position") in fake.calls and ("invoke", "Mast.Caom.Products") in fake.calls
@@ -174,8 +201,15 @@ def test_kepler_tpfs_by_name(fake_mast, shared_data, tmp_path):
 
     # max_tpfs keeps the nearest ones; those files are cache hits (no download)
     fake.calls.clear()
-    out2 = download_field(dict(params, max_tpfs=3), tmp_path / "k3" / "cube.zarr", field="k3",
-                          cache_dir=tmp_path / "cache", retries=0, timeout_s=5, backoff_s=0.0)
+    out2 = download_field(
+        dict(params, max_tpfs=3),
+        tmp_path / "k3" / "cube.zarr",
+        field="k3",
+        cache_dir=tmp_path / "cache",
+        retries=0,
+        timeout_s=5,
+        backoff_s=0.0,
+    )
     assert fake.count("download") == 0 and fake.count("head") == 0
     ds3 = open_cube(out2)
     ids = [s["target_id"] for s in json.loads(ds3.attrs["stamps"])]
@@ -186,17 +220,30 @@ def test_kepler_tpfs_by_name(fake_mast, shared_data, tmp_path):
 def test_offline_clear_error_after_retries(fake_mast, tmp_path):
     fake = fake_mast(offline=True)
     with pytest.raises(MastError, match=r"cannot reach MAST: .*3 attempt.*use source: local"):
-        download_field({"mission": "TESS", "target": "pi Men", "sector": 1, "size": 6}, tmp_path / "c.zarr",
-                       field="x", cache_dir=tmp_path / "cache", retries=2, timeout_s=1, backoff_s=0.001)
+        download_field(
+            {"mission": "TESS", "target": "pi Men", "sector": 1, "size": 6},
+            tmp_path / "c.zarr",
+            field="x",
+            cache_dir=tmp_path / "cache",
+            retries=2,
+            timeout_s=1,
+            backoff_s=0.001,
+        )
     assert fake.count("offline") == 3
     assert not (tmp_path / "c.zarr").exists()
 
 
 def test_transient_failures_are_retried(fake_mast, tmp_path):
     fake = fake_mast(fail_first=2)
-    out = download_field({"mission": "TESS", "target": "84.291188 -80.469119", "sector": 1, "size": 6},
-                         tmp_path / "c.zarr", field="x", cache_dir=tmp_path / "cache", retries=2, timeout_s=5,
-                         backoff_s=0.001)
+    out = download_field(
+        {"mission": "TESS", "target": "84.291188 -80.469119", "sector": 1, "size": 6},
+        tmp_path / "c.zarr",
+        field="x",
+        cache_dir=tmp_path / "cache",
+        retries=2,
+        timeout_s=5,
+        backoff_s=0.001,
+    )
     assert fake.count("offline") == 2 and fake.count("tesscut_cutout") == 1 and fake.count("resolve") == 0
     assert open_cube(out).sizes["time"] == 50
 
@@ -205,8 +252,15 @@ def test_bad_downloaded_file_is_named(fake_mast, tmp_path):
     bad = "kplr012644774-2012088054726_lpd-targ.fits.gz"
     fake_mast(bad_files={bad})
     with pytest.raises(CubeError, match=bad):
-        download_field({"mission": "Kepler", "target": "KIC 12644769", "quarter": 12, "max_tpfs": 2},
-                       tmp_path / "c.zarr", field="x", cache_dir=tmp_path / "cache", retries=0, timeout_s=5, backoff_s=0)
+        download_field(
+            {"mission": "Kepler", "target": "KIC 12644769", "quarter": 12, "max_tpfs": 2},
+            tmp_path / "c.zarr",
+            field="x",
+            cache_dir=tmp_path / "cache",
+            retries=0,
+            timeout_s=5,
+            backoff_s=0,
+        )
     assert not (tmp_path / "c.zarr").exists()
     # the corrupt file does not stay in the cache as if it were good
     assert not (tmp_path / "cache" / "tpf" / "kepler" / bad).exists()
@@ -215,11 +269,25 @@ def test_bad_downloaded_file_is_named(fake_mast, tmp_path):
 def test_unknown_target_and_missing_quarter(fake_mast, tmp_path):
     fake_mast()
     with pytest.raises(MastError, match="could not resolve target 'No Such Star'"):
-        download_field({"mission": "TESS", "target": "No Such Star", "sector": 1}, tmp_path / "a.zarr",
-                       field="a", cache_dir=tmp_path / "cache", retries=0, timeout_s=5, backoff_s=0)
+        download_field(
+            {"mission": "TESS", "target": "No Such Star", "sector": 1},
+            tmp_path / "a.zarr",
+            field="a",
+            cache_dir=tmp_path / "cache",
+            retries=0,
+            timeout_s=5,
+            backoff_s=0,
+        )
     with pytest.raises(MastError, match="quarter is required"):
-        download_field({"mission": "Kepler", "target": "Kepler-16"}, tmp_path / "b.zarr",
-                       field="b", cache_dir=tmp_path / "cache", retries=0, timeout_s=5, backoff_s=0)
+        download_field(
+            {"mission": "Kepler", "target": "Kepler-16"},
+            tmp_path / "b.zarr",
+            field="b",
+            cache_dir=tmp_path / "cache",
+            retries=0,
+            timeout_s=5,
+            backoff_s=0,
+        )
 
 
 def test_request_key_depends_on_selection():

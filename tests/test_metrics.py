@@ -1,4 +1,5 @@
 """Tests of workflow_lib.metrics: the CDPP proxy against lightkurve's estimate_cdpp and theory."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,7 @@ def _lc(seed, n=1300, gap=(600, 650), trend=True, outliers=True):
     rng = np.random.default_rng(seed)
     t = 1325.0 + np.arange(n) * 30 / 1440
     keep = np.ones(n, bool)
-    keep[gap[0]:gap[1]] = False
+    keep[gap[0] : gap[1]] = False
     t = t[keep]
     f = 5000 + rng.normal(0, 3.0, t.size)
     if trend:
@@ -74,8 +75,10 @@ def test_add_cdpp_coords_and_quality_mask():
     q = np.zeros(t.size, np.int32)
     q[100:110] = 32
     flux[:, 100:110] += 500  # flagged garbage must not count
-    lc = xr.Dataset({"flux": (("source", "time"), flux), "quality": ("time", q)},
-                    coords={"time": t, "source_id": ("source", [1, 2, 3])})
+    lc = xr.Dataset(
+        {"flux": (("source", "time"), flux), "quality": ("time", q)},
+        coords={"time": t, "source_id": ("source", [1, 2, 3])},
+    )
     out = metrics.add_cdpp(lc)
     c1 = out["cdpp_1h"].values
     assert c1.shape == (3,) and np.all(np.isfinite(c1))

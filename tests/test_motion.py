@@ -1,12 +1,15 @@
 """LFD motion model (§4.5) against a known drifting scene."""
+
 import numpy as np
 import pytest
-
 from test_solve import gaussian_scene
-from workflow_lib.lfd import motion
-from workflow_lib.lfd.geometry import scene_offsets
-from workflow_lib.lfd import geometry  # noqa: E402
+
+from workflow_lib.lfd import (
+    geometry,  # noqa: E402
+    motion,
+)
 from workflow_lib.lfd import io as io_mod  # noqa: E402
+from workflow_lib.lfd.geometry import scene_offsets
 
 
 def drifting_grid(nsrc_side=7, spacing=9, radius=3.5, nbin=20, amp=0.3, seed=0):
@@ -35,11 +38,11 @@ def test_bin_frames_means_and_errors():
     good[7] = False
     f[10, 1] = np.nan
     bt, bf, be, idx = motion.bin_frames(t, f, e, good, 25)
-    assert bf.shape == (4, 3) and idx[7] == -1      # 104 good cadences -> 4 bins (last one 29)
+    assert bf.shape == (4, 3) and idx[7] == -1  # 104 good cadences -> 4 bins (last one 29)
     sel = np.flatnonzero(good)[:25]
     np.testing.assert_allclose(bf[0, 0], f[sel, 0].mean())
     np.testing.assert_allclose(bt[0], t[sel].mean())
-    np.testing.assert_allclose(be[0, 1], 2.0 / np.sqrt(24))   # one NaN left out
+    np.testing.assert_allclose(be[0, 1], 2.0 / np.sqrt(24))  # one NaN left out
     assert motion.default_bin_size("TESS", t * 0 + np.arange(105) / 48) == 48
     assert motion.default_bin_size("Kepler", t) == 200
 
@@ -66,8 +69,9 @@ def test_motion_model_reproduces_shifted_scene():
     dx = d["pc"][pix] - d["sc"][own]
     dy = d["pr"][pix] - d["sr"][own]
     R = d["radius"]
-    mm, model_y, used = motion.fit_motion_model(dx, dy, d["tb"], y, y_err, own, knots=np.linspace(-R, R, 7),
-                                                params={"n_iter": 1}, t0=13.5, tscale=13.5)
+    mm, model_y, used = motion.fit_motion_model(
+        dx, dy, d["tb"], y, y_err, own, knots=np.linspace(-R, R, 7), params={"n_iter": 1}, t0=13.5, tscale=13.5
+    )
     assert used.all()
     # eq. 24/25: factor x mean scene ~ true shifted scene at every pair
     pdx, pdy = scene_offsets(Sbar, d["pc"], d["pr"], d["sc"], d["sr"])
@@ -95,9 +99,10 @@ def test_clipping_masks_variable_source():
     dy = rng.uniform(-3, 3, own.size)
     y_err = np.full((nb, own.size), 0.01)
     y = 1 + y_err * rng.standard_normal(y_err.shape)
-    y[:, own == 7] *= (1 + 0.2 * np.sin(np.arange(nb)))[:, None]   # a strongly variable star
-    mm, _, used = motion.fit_motion_model(dx, dy, d["tb"][:nb], y, y_err, own, knots=np.linspace(-3, 3, 5),
-                                          t0=13.5, tscale=13.5)
+    y[:, own == 7] *= (1 + 0.2 * np.sin(np.arange(nb)))[:, None]  # a strongly variable star
+    mm, _, used = motion.fit_motion_model(
+        dx, dy, d["tb"][:nb], y, y_err, own, knots=np.linspace(-3, 3, 5), t0=13.5, tscale=13.5
+    )
     assert not used[own == 7].any()
     assert used[own != 7].all()
 
@@ -125,14 +130,25 @@ def test_centroid_time_model_roundtrip(tmp_path):
     ky = np.polyfit(true_y - true_y[2], cy - cy[2], 1)[0]
     assert 0.5 < kx < 1.05 and 0.5 < ky < 1.05
     np.testing.assert_allclose(cx - cx[2], kx * (true_x - true_x[2]), atol=0.01)
-    mm = motion.MotionModel(np.arange(36.0 * 6).reshape(36, 6) / 100, np.linspace(-3, 3, 5), 3, 2, 0.0, 1.0,
-                            time_model="centroid", reg_time=d["tb"], reg_x=cx, reg_y=cy)
+    mm = motion.MotionModel(
+        np.arange(36.0 * 6).reshape(36, 6) / 100,
+        np.linspace(-3, 3, 5),
+        3,
+        2,
+        0.0,
+        1.0,
+        time_model="centroid",
+        reg_time=d["tb"],
+        reg_x=cx,
+        reg_y=cy,
+    )
     io_mod.save_motion_model(tmp_path / "m.npz", mm, {"bin_time": d["tb"]})
     back = io_mod.load_motion_model(tmp_path / "m.npz")
     np.testing.assert_allclose(back.time_basis(d["tb"]), motion.centroid_basis(cx, cy))
     np.testing.assert_array_equal(back.weights, mm.weights)
-    assert (tmp_path / "m.npz").read_bytes() == (io_mod.save_motion_model(tmp_path / "n.npz", mm, {"bin_time": d["tb"]})
-                                                or (tmp_path / "n.npz").read_bytes())
+    assert (tmp_path / "m.npz").read_bytes() == (
+        io_mod.save_motion_model(tmp_path / "n.npz", mm, {"bin_time": d["tb"]}) or (tmp_path / "n.npz").read_bytes()
+    )
 
 
 class GaussPRF:
@@ -146,6 +162,7 @@ class GaussPRF:
 
         def frac(x):
             return 0.5 * (erf((np.asarray(x, float) + 0.5) / self.s2) - erf((np.asarray(x, float) - 0.5) / self.s2))
+
         return frac(dx) * frac(dy)
 
 
@@ -165,8 +182,12 @@ def shifted_field(ntime=60, seed=2, noise=2.0):
     cx_true = 0.2 * u + 0.03 * rng.standard_normal(ntime)
     cy_true = -0.1 * u + 0.1 * u**2 + 0.03 * rng.standard_normal(ntime)
     B = background_design(pc, pr, 1)
-    frames = np.array([gaussian_scene(sc + cx_true[t], sr + cy_true[t], pc, pr, radius=4.0) @ F + B @ [20, 1, -1]
-                       for t in range(ntime)])
+    frames = np.array(
+        [
+            gaussian_scene(sc + cx_true[t], sr + cy_true[t], pc, pr, radius=4.0) @ F + B @ [20, 1, -1]
+            for t in range(ntime)
+        ]
+    )
     err = np.sqrt(frames + noise**2)
     data = frames + err * rng.standard_normal(frames.shape)
     return dict(pc=pc, pr=pr, sc=sc, sr=sr, F=F, tt=tt, cx=cx_true, cy=cy_true, data=data, err=err, model=frames)
@@ -184,8 +205,20 @@ def test_shift_model_measures_offsets_and_reproduces_frames(corr, tmp_path):
     S = gaussian_scene(d["sc"] + mx, d["sr"] + my, d["pc"], d["pr"], radius=4.0).tocsr()
     S.sort_indices()
     q = np.zeros(d["tt"].size, int)
-    mm, summ = motion.fit_field_motion(d["tt"], d["data"], d["err"], q, S, d["F"], d["pc"], d["pr"], d["sc"] + mx,
-                                       d["sr"] + my, {"correction_degree": corr, "deconvolve": False}, prf=prf)
+    mm, summ = motion.fit_field_motion(
+        d["tt"],
+        d["data"],
+        d["err"],
+        q,
+        S,
+        d["F"],
+        d["pc"],
+        d["pr"],
+        d["sc"] + mx,
+        d["sr"] + my,
+        {"correction_degree": corr, "deconvolve": False},
+        prf=prf,
+    )
     assert mm.time_model == "shift"
     ex = summ["scene_offset_column"] - (d["cx"] - mx)
     ey = summ["scene_offset_row"] - (d["cy"] - my)
@@ -194,8 +227,15 @@ def test_shift_model_measures_offsets_and_reproduces_frames(corr, tmp_path):
     assert np.sqrt(np.mean(ex**2 + ey**2)) < 4e-3
     dx, dy = scene_offsets(S, d["pc"], d["pr"], d["sc"] + mx, d["sr"] + my)
     basis, tb = motion.motion_factors(mm, dx, dy, d["tt"], prf=prf)
-    src = d["model"] - (d["model"] - np.array([gaussian_scene(d["sc"] + d["cx"][t], d["sr"] + d["cy"][t], d["pc"], d["pr"],
-                                                              radius=4.0) @ d["F"] for t in range(d["tt"].size)]))
+    src = d["model"] - (
+        d["model"]
+        - np.array(
+            [
+                gaussian_scene(d["sc"] + d["cx"][t], d["sr"] + d["cy"][t], d["pc"], d["pr"], radius=4.0) @ d["F"]
+                for t in range(d["tt"].size)
+            ]
+        )
+    )
     worst_static = worst = 0.0
     for t in (0, 17, d["tt"].size - 1):
         St = S.copy()
@@ -204,7 +244,7 @@ def test_shift_model_measures_offsets_and_reproduces_frames(corr, tmp_path):
         worst = max(worst, np.abs(St @ d["F"] - true_src).max() / true_src.max())
         worst_static = max(worst_static, np.abs(S @ d["F"] - true_src).max() / true_src.max())
     assert src.shape == d["model"].shape
-    assert worst_static > 0.03            # the scene does move
+    assert worst_static > 0.03  # the scene does move
     # and the model follows it: exactly (polynomial only), or up to the data-driven correction's own
     # noise (here the PRF is perfect, so the correction can only add noise: ~0.7 % of the peak at
     # the worst pixel with 400 cadences; on the synthetic sector it lowers z-std 1.48 -> 1.16)

@@ -3,19 +3,30 @@
 The run happens in a copy of `.test/` (the snakemake-workflows convention: `--directory .test` finds
 `config/config.yaml` there), so the repository stays clean.
 """
+
 import shutil
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir, *args):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -33,9 +44,16 @@ def test_tiny_run_produces_every_stage(tiny_run):
     assert (out / "tiny" / "cube.zarr").is_dir()
     assert (out / "tiny" / "truth.zarr").is_dir()
     assert (out / "tiny" / "catalog.ecsv").is_file()
-    for path in ("lfd/edge_model.json", "lfd/prf_model.npz", "lfd/prf_model.png", "lfd/motion_model.npz",
-                 "lfd/lightcurves.zarr", "cpm/default/detrended.zarr", "cpm/default/lightcurves.zarr",
-                 "cpm/sweep_summary.ecsv"):
+    for path in (
+        "lfd/edge_model.json",
+        "lfd/prf_model.npz",
+        "lfd/prf_model.png",
+        "lfd/motion_model.npz",
+        "lfd/lightcurves.zarr",
+        "cpm/default/detrended.zarr",
+        "cpm/default/lightcurves.zarr",
+        "cpm/sweep_summary.ecsv",
+    ):
         assert (out / "tiny" / path).exists(), path
     assert (out / "report" / "index.html").is_file()
     assert (out / "report" / "tiny.html").is_file()

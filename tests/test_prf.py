@@ -1,11 +1,20 @@
 """§4.3-4.4 PRF model: known analytic PRF (asymmetric, pixel-integrated) as truth."""
+
 import json
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workflow_lib.lfd.prf import PRFModel, fit_prf_shape, polar_coordinates, prf_design_matrix, radial_knots, scene_matrix, source_flux
+from workflow_lib.lfd.prf import (
+    PRFModel,
+    fit_prf_shape,
+    polar_coordinates,
+    prf_design_matrix,
+    radial_knots,
+    scene_matrix,
+    source_flux,
+)
 
 
 def true_psf(x, y):
@@ -40,7 +49,10 @@ def fitted():
         m = np.hypot(ddx, ddy) <= 5
         val = flux * true_prf(ddx[m], ddy[m])
         err = np.sqrt(val * 1800 + 30 * 1800) / 1800 / np.sqrt(20)  # mean of 20 30-min frames, 30 e-/s sky
-        dx.append(ddx[m]); dy.append(ddy[m]); f.append(val + rng.normal(size=val.size) * err); e.append(err)
+        dx.append(ddx[m])
+        dy.append(ddy[m])
+        f.append(val + rng.normal(size=val.size) * err)
+        e.append(err)
         F.append(np.full(val.size, flux))
     dx, dy, f, e, F = map(np.concatenate, (dx, dy, f, e, F))
     knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
@@ -98,12 +110,15 @@ def test_scene_matrix_sparse_and_fluxes(fitted):
     S = scene_matrix(fitted, sc, sr, pc, pr)
     assert sp.isspmatrix_csr(S) and S.shape == (1600, 17)
     assert S.nnz < 0.1 * S.shape[0] * S.shape[1]
-    St = sp.csr_matrix(np.stack([true_prf(pc - x, pr - y) * (np.hypot(pc - x, pr - y) <= 6) for x, y in zip(sc, sr)], 1))
+    St = sp.csr_matrix(
+        np.stack([true_prf(pc - x, pr - y) * (np.hypot(pc - x, pr - y) <= 6) for x, y in zip(sc, sr)], 1)
+    )
     img = St @ F + 30.0
     err = np.sqrt(img * 1800) / 1800 / np.sqrt(20)
     data = img + rng.normal(size=img.size) * err
-    flux, bkg, ferr = source_flux(S, data, err, F * 1.2, background=np.ones((1600, 1)), background_prior=[0.0],
-                                  return_errors=True)
+    flux, bkg, ferr = source_flux(
+        S, data, err, F * 1.2, background=np.ones((1600, 1)), background_prior=[0.0], return_errors=True
+    )
     rel = flux[:16] / F[:16] - 1
     assert np.median(np.abs(rel)) < 0.01 and np.max(np.abs(rel)) < 0.02
     assert abs(bkg[0] - 30.0) < 0.5
@@ -132,11 +147,11 @@ def test_core_terms_are_regular_and_leave_the_radial_profile():
     r = rng.uniform(0, 2, 400)
     C = core_design_matrix(r, rng.uniform(-np.pi, np.pi, 400), 2, 1.0).toarray()
     assert C.shape == (400, 4)
-    assert np.all(C[r >= 1.0] == 0)                           # tapered to zero at core_radius
+    assert np.all(C[r >= 1.0] == 0)  # tapered to zero at core_radius
     near = core_design_matrix(np.full(8, 1e-6), np.linspace(-np.pi, np.pi, 8), 2, 1.0).toarray()
-    assert np.abs(near).max() < 1e-5                          # smooth through the origin (no phi singularity)
+    assert np.abs(near).max() < 1e-5  # smooth through the origin (no phi singularity)
     ring = core_design_matrix(np.full(360, 0.5), np.linspace(-np.pi, np.pi, 360, endpoint=False), 2, 1.0).toarray()
-    np.testing.assert_allclose(ring.mean(axis=0), 0, atol=1e-12)   # zero mean over phi
+    np.testing.assert_allclose(ring.mean(axis=0), 0, atol=1e-12)  # zero mean over phi
     assert core_design_matrix(r, r, 0, 1.0).shape == (400, 0)
 
 
@@ -157,13 +172,27 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
     for k in range(60):
         phr, phc = rng.uniform(-0.5, 0.5, 2)
         v = star(phr, phc)
-        dx.append(C.ravel() - phc); dy.append(R.ravel() - phr); f.append(1e4 * v); s.append(np.full(v.size, k))
+        dx.append(C.ravel() - phc)
+        dy.append(R.ravel() - phr)
+        f.append(1e4 * v)
+        s.append(np.full(v.size, k))
     dx, dy, f, s = map(np.concatenate, (dx, dy, f, s))
     knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
     scatter = {}
     for deg in (0, 2):
-        m = fit_prf_shape(dx, dy, f, np.full(f.size, 1e-3), np.full(f.size, 1e4), r_knots=knots, n_phi_knots=15,
-                          inner_radius=0.25, log_error_floor=0.005, source_index=s, core_degree=deg)
+        m = fit_prf_shape(
+            dx,
+            dy,
+            f,
+            np.full(f.size, 1e-3),
+            np.full(f.size, 1e4),
+            r_knots=knots,
+            n_phi_knots=15,
+            inner_radius=0.25,
+            log_error_floor=0.005,
+            source_index=s,
+            core_degree=deg,
+        )
         assert m.core_degree == deg
         m.save(tmp_path / f"core{deg}.npz")
         back = PRFModel.load(tmp_path / f"core{deg}.npz")
@@ -183,10 +212,10 @@ def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
     (the rest subtracted): more shape pixels, and the PRF stays as close to the SPOC truth."""
     from workflow_lib.data import tess_prf
     from workflow_lib.data.cube import as_pixel_table
-    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
     from workflow_lib.data.gaia import crossmatch
-    from workflow_lib.lfd.prf import fit_prf_model
     from workflow_lib.data.synthetic import simulate_sector
+    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
+    from workflow_lib.lfd.prf import fit_prf_model
 
     cube, truth, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
     cat = crossmatch(cube, incat, margin_pixels=4.0)

@@ -1,4 +1,5 @@
 """Field / index report pages: embedded data round-trip, defaults, budgets, tolerance to missing stages."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from workflow_lib.report import page as R
+from workflow_lib.core import quality  # noqa: E402
 from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, write_zarr_atomic
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.lfd import diagnostics  # noqa: E402
-from workflow_lib.core import quality  # noqa: E402
+from workflow_lib.report import page as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,17 +21,17 @@ NT, NR, NC = 200, 16, 16
 ROW0, COL0 = 100, 200
 #: (source_id, row, column, G); ids above 2**53 so JavaScript numbers could not hold them
 STARS = [
-    (4660000000000000001, 107.3, 207.8, 10.0),   # target: brightest near the centre
+    (4660000000000000001, 107.3, 207.8, 10.0),  # target: brightest near the centre
     (4660000000000000002, 103.0, 212.0, 12.0),
     (4660000000000000003, 112.0, 202.0, 15.0),
-    (4660000000000000004, 98.0, 199.0, 11.0),    # off the pixels (margin)
+    (4660000000000000004, 98.0, 199.0, 11.0),  # off the pixels (margin)
 ]
 
 
 def _quality():
     q = np.zeros(NT, np.int32)
-    q[::50] |= 32          # momentum dumps
-    q[77] |= 128 | 1       # manual exclude + attitude tweak
+    q[::50] |= 32  # momentum dumps
+    q[77] |= 128 | 1  # manual exclude + attitude tweak
     return q
 
 
@@ -49,15 +50,15 @@ def make_prf():
     keep = np.hypot(X, Y) <= 4
     r, phi = polar_coordinates(X[keep], Y[keep])
     A = prf_design_matrix(r, phi, r_knots=rk, n_phi_knots=8, inner_radius=0.25, degree=3).toarray()
-    w = np.linalg.lstsq(A, -r**2 / 2, rcond=None)[0]
+    w = np.linalg.lstsq(A, -(r**2) / 2, rcond=None)[0]
     return PRFModel(w, rk, 8, 0.25, 3, 4.0).normalise()
 
 
 def write_motion(path: Path, kind: str, time: np.ndarray) -> None:
     """``polynomial``: factor 1 + MOTION_SLOPE * tau for every pair (B-splines sum to one);
     ``shift``: measured scene offsets (scene_offset_column/row); ``junk``: an unknown layout."""
-    from workflow_lib.lfd.motion import MotionModel
     from workflow_lib.lfd.io import save_motion_model
+    from workflow_lib.lfd.motion import MotionModel
 
     path.parent.mkdir(parents=True, exist_ok=True)
     t0, ts = 0.5 * (time.min() + time.max()), 0.5 * (time.max() - time.min())
@@ -72,13 +73,26 @@ def write_motion(path: Path, kind: str, time: np.ndarray) -> None:
         return
     cx = 0.08 * np.sin(2 * np.pi * (time - t0) / 3.0)
     cy = -0.05 * (time - t0) / ts
-    mm = MotionModel(np.zeros((1, 1)), np.zeros(2), 3, 3, 0.0, 1.0, time_model="shift", reg_time=time, reg_x=cx,
-                     reg_y=cy, shift_cov=np.zeros((2, 2)), shift_range=0.1)
+    mm = MotionModel(
+        np.zeros((1, 1)),
+        np.zeros(2),
+        3,
+        3,
+        0.0,
+        1.0,
+        time_model="shift",
+        reg_time=time,
+        reg_x=cx,
+        reg_y=cy,
+        shift_cov=np.zeros((2, 2)),
+        shift_range=0.1,
+    )
     save_motion_model(path, mm, {"scene_offset_column": cx, "scene_offset_row": cy})
 
 
-def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=False, name="fieldA",
-               motion="polynomial") -> Path:
+def make_field(
+    tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=False, name="fieldA", motion="polynomial"
+) -> Path:
     """A small synthetic field directory with every product the report reads."""
     rng = np.random.default_rng(5)
     rows = np.arange(ROW0, ROW0 + NR)
@@ -92,8 +106,17 @@ def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=Fals
         flux += amp * var[:, None, None] * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 2.0)[None] / (2 * np.pi)
     flux += rng.normal(0, 3.0, flux.shape)
     flux[5, 3, 4] = np.nan
-    cube = make_cube(flux, np.full_like(flux, 3.0), _quality(), time, 1000 + np.arange(NT), rows, cols,
-                     mission="TESS", attrs={"sector": 1, "camera": 4, "ccd": 2})
+    cube = make_cube(
+        flux,
+        np.full_like(flux, 3.0),
+        _quality(),
+        time,
+        1000 + np.arange(NT),
+        rows,
+        cols,
+        mission="TESS",
+        attrs={"sector": 1, "camera": 4, "ccd": 2},
+    )
     if aperture is not None:
         cube["aperture"] = (("row", "column"), aperture)
     fdir = tmp / name
@@ -101,12 +124,15 @@ def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=Fals
         other = cube.assign_coords(row=cube["row"] + 300, column=cube["column"] + 300)
         cube = concat_stamps([other, cube])  # the target is on stamp 1
     write_zarr_atomic(cube, fdir / "cube.zarr")
-    cat = Table({
-        "source_id": np.array([s[0] for s in STARS], np.int64),
-        "row": [s[1] for s in STARS], "column": [s[2] for s in STARS],
-        "phot_g_mean_mag": [s[3] for s in STARS],
-        "on_cutout": [True, True, True, False],
-    })
+    cat = Table(
+        {
+            "source_id": np.array([s[0] for s in STARS], np.int64),
+            "row": [s[1] for s in STARS],
+            "column": [s[2] for s in STARS],
+            "phot_g_mean_mag": [s[3] for s in STARS],
+            "on_cutout": [True, True, True, False],
+        }
+    )
     if pixel_table:
         cat["stamp"] = [1, 1, 1, -1]
     cat.write(fdir / "catalog.ecsv", format="ascii.ecsv", overwrite=True)
@@ -115,9 +141,14 @@ def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=Fals
         f = np.array([1000.0 * (k + 1) + rng.normal(0, 1 + k, NT) for k in range(3)])
         bad = _quality() != 0
         f[:, bad] += 50.0  # flagged cadences must not enter the mean-frame model
-        lc = lightcurve_set(f, np.ones_like(f), cube, {"source_id": ids[:3], "contamination": [0.01, 0.2, 0.5],
-                                                       "n_pixels": [9, 5, 3]}, method="LFD",
-                            attrs={"use_motion": int(motion in ("polynomial", "shift"))})
+        lc = lightcurve_set(
+            f,
+            np.ones_like(f),
+            cube,
+            {"source_id": ids[:3], "contamination": [0.01, 0.2, 0.5], "n_pixels": [9, 5, 3]},
+            method="LFD",
+            attrs={"use_motion": int(motion in ("polynomial", "shift"))},
+        )
         bk = LFD_BKG[:, None] + 0.1 * rng.normal(size=(3, NT))
         bk[:, bad] += 100.0
         lc["background"] = (("background_term", "time"), bk)
@@ -130,9 +161,13 @@ def make_field(tmp: Path, *, lfd=True, cpm=True, aperture=None, pixel_table=Fals
     if cpm:
         d = fdir / "cpm" / "default"
         f = np.array([5.0 * (k + 1) * np.sin(time * (k + 1)) for k in range(4)])
-        lc = lightcurve_set(f, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [100.0, 200.0, 300.0, 400.0]}, method="CPM")
+        lc = lightcurve_set(
+            f, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [100.0, 200.0, 300.0, 400.0]}, method="CPM"
+        )
         write_zarr_atomic(lc, d / "lightcurves.zarr")
-        raw = lightcurve_set(f + 5000, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [11.0, 22.0, 33.0, 44.0]}, method="RAW")
+        raw = lightcurve_set(
+            f + 5000, np.ones_like(f), cube, {"source_id": ids, "cdpp_1h": [11.0, 22.0, 33.0, 44.0]}, method="RAW"
+        )
         write_zarr_atomic(raw, d / "raw_lightcurves.zarr")
         det = cube.copy()
         det["flux"] = cube["flux"] - cube["flux"].median("time")
@@ -358,12 +393,21 @@ def test_write_field_and_index(field, tmp_path):
     assert summary["median_cdpp"]["cpm"] == 150.0 and summary["median_cdpp"]["raw"] == 16.5
     bench = tmp_path / "benchmarks" / "cpm_detrend"
     bench.mkdir(parents=True)
-    (bench / "fieldA.tsv").write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                                      "12.5\t0:00:12\t321.0\t400\t300\t310\t1\t2\t95.0\t11.0\n")
+    (bench / "fieldA.tsv").write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        "12.5\t0:00:12\t321.0\t400\t300\t310\t1\t2\t95.0\t11.0\n"
+    )
     rows = R.read_benchmarks(tmp_path / "benchmarks")
-    assert rows == [{"rule": "cpm_detrend", "target": "fieldA", "s": 12.5, "max_rss": 321.0, "mean_load": 95.0, "cpu_time": 11.0}]
-    R.write_index_report([out / "fieldA.json"], out / "index.html", config={"run": "t", "report": {"max_side": 64}},
-                         bench_dir=tmp_path / "benchmarks", run="t")
+    assert rows == [
+        {"rule": "cpm_detrend", "target": "fieldA", "s": 12.5, "max_rss": 321.0, "mean_load": 95.0, "cpu_time": 11.0}
+    ]
+    R.write_index_report(
+        [out / "fieldA.json"],
+        out / "index.html",
+        config={"run": "t", "report": {"max_side": 64}},
+        bench_dir=tmp_path / "benchmarks",
+        run="t",
+    )
     idx = (out / "index.html").read_text()
     assert 'href="fieldA.html"' in idx and '<span class="n-sources">4</span>' in idx
     assert "<td>12.50</td><td>321.0</td>" in idx and "cpm_detrend" in idx
@@ -381,8 +425,10 @@ def test_report_params_and_schema_defaults():
     validate(cfg, str(REPO / "workflow_lib" / "schema.yaml"))
     assert cfg["report"] == R.DEFAULTS
     with pytest.raises(Exception):
-        validate({"run": "x", "fields": {"a": {"source": "synthetic"}}, "report": {"colour": 1}},
-                 str(REPO / "workflow_lib" / "schema.yaml"))
+        validate(
+            {"run": "x", "fields": {"a": {"source": "synthetic"}}, "report": {"colour": 1}},
+            str(REPO / "workflow_lib" / "schema.yaml"),
+        )
 
 
 # ------------------------------------------------------------------ computed panels
@@ -487,7 +533,7 @@ def test_initial_stretch_from_the_frame_shown(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False)
     fp = R.load_field_products(fdir)
     # a scattered-light ramp: the second half of the sector is 10x brighter
-    fp.cube["flux"][NT // 2:] = fp.cube["flux"][NT // 2:] * 10
+    fp.cube["flux"][NT // 2 :] = fp.cube["flux"][NT // 2 :] * 10
     html, _ = R.build_field_page(fp)
     meta = R.embedded_meta(html)
     frame = fp.cube["flux"].values[NT // 2].ravel()
@@ -514,5 +560,5 @@ def test_index_versions_fall_back_to_the_package_version(monkeypatch):
 
     monkeypatch.setattr(provenance, "software_versions", lambda: {"workflow_lib": None, "numpy": "9.9"})
     html = R.build_index_page([], {"run": "x"}, [], "x")
-    assert f"<td class=\"l\">workflow_lib</td><td class=\"l\">{workflow_lib.__version__} (source checkout)</td>" in html
+    assert f'<td class="l">workflow_lib</td><td class="l">{workflow_lib.__version__} (source checkout)</td>' in html
     assert "not installed" not in html

@@ -1,4 +1,5 @@
 """End-to-end: the field page in headless Chromium, offline from file:// (playwright + Debian chromium)."""
+
 from __future__ import annotations
 
 import csv
@@ -9,14 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 
 from workflow_lib.report import page as R
 
-from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
-
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.browser
 
@@ -37,9 +44,14 @@ def site(tmp_path_factory):
     out = tmp / "report"
     R.write_field_report(fdir, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
     fp = R.load_field_products(fdir)
-    return {"html": out / "fieldA.html", "cube": fp.cube["flux"].values.astype(np.float64),
-            "det": fp.detrended["flux"].values.astype(np.float64), "lfd": fp.lfd["flux"].values,
-            "time": fp.cube["time"].values, "tmp": tmp}
+    return {
+        "html": out / "fieldA.html",
+        "cube": fp.cube["flux"].values.astype(np.float64),
+        "det": fp.detrended["flux"].values.astype(np.float64),
+        "lfd": fp.lfd["flux"].values,
+        "time": fp.cube["time"].values,
+        "tmp": tmp,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +79,14 @@ def js(page, code):
 
 def data_to_page(page, fig_name, x, y):
     """Page coordinates of data point (x, y) of a Bokeh figure."""
-    return js(page, f"""(() => {{
+    return js(
+        page,
+        f"""(() => {{
         const v = Bokeh.index.get_one(RPT.doc.get_model_by_name('{fig_name}'));
         const r = v.canvas_view.el.getBoundingClientRect();
         return [r.left + v.frame.x_scale.compute({x}), r.top + v.frame.y_scale.compute({y})];
-    }})()""")
+    }})()""",
+    )
 
 
 def tap(page, x, y, n_selected, shift=False):
@@ -119,10 +134,13 @@ def test_cadence_slider_keys_and_image(site, page):
     page.keyboard.press("ArrowLeft")
     assert js(page, "RPT.m.cadence_slider.value") == t0 + 1
     # drag along the slider track with the mouse: to 3/4 of its length
-    box = js(page, """(() => { const v = Bokeh.index.get_one(RPT.m.cadence_slider);
+    box = js(
+        page,
+        """(() => { const v = Bokeh.index.get_one(RPT.m.cadence_slider);
         const el = v.shadow_el.querySelector('.noUi-target') || v.el; const r = el.getBoundingClientRect();
         const h = v.shadow_el.querySelector('.noUi-handle').getBoundingClientRect();
-        return [r.left, r.top, r.width, r.height, h.left + h.width / 2, h.top + h.height / 2]; })()""")
+        return [r.left, r.top, r.width, r.height, h.left + h.width / 2, h.top + h.height / 2]; })()""",
+    )
     page.mouse.move(box[4], box[5])
     page.mouse.down()
     page.mouse.move(box[0] + 0.75 * box[2], box[5], steps=8)
@@ -183,7 +201,7 @@ def test_tap_and_shift_tap_pixels_resum_light_curve(site, page, test_output):
 
 
 def test_box_select(site, page):
-    x0, y0 = data_to_page(page, "image_fig", 201.6, 101.6)   # columns 202..203, rows 102..104
+    x0, y0 = data_to_page(page, "image_fig", 201.6, 101.6)  # columns 202..203, rows 102..104
     x1, y1 = data_to_page(page, "image_fig", 203.4, 104.4)
     page.mouse.move(x0, y0)
     page.mouse.down()
@@ -228,17 +246,29 @@ def test_motion_and_residual_panels_render(site, page):
     """The motion (offsets, factor change) and mean-frame (data, model, residual) figures are laid out
     with a drawn canvas, the embedded numbers reach BokehJS, and nothing raised."""
     for name in ("motion_fig", "motion_change_fig", "residual_data_fig", "residual_model_fig", "residual_fig"):
-        size = js(page, f"""(() => {{ const m = RPT.doc.get_model_by_name('{name}'); if (!m) return null;
-            const r = Bokeh.index.get_one(m).canvas_view.el.getBoundingClientRect(); return [r.width, r.height]; }})()""")
+        size = js(
+            page,
+            f"""(() => {{ const m = RPT.doc.get_model_by_name('{name}'); if (!m) return null;
+            const r = Bokeh.index.get_one(m).canvas_view.el.getBoundingClientRect(); return [r.width, r.height]; }})()""",
+        )
         assert size is not None and size[0] > 200 and size[1] > 150, (name, size)
     fp = R.load_field_products(site["html"].parent.parent / "fieldA")
-    res = np.array(js(page, """(() => { const d = RPT.doc.get_model_by_name('residual_fig').renderers[0].data_source.data;
-        return Array.from(d.residual, v => v === v ? v : null); })()"""), dtype=float)
+    res = np.array(
+        js(
+            page,
+            """(() => { const d = RPT.doc.get_model_by_name('residual_fig').renderers[0].data_source.data;
+        return Array.from(d.residual, v => v === v ? v : null); })()""",
+        ),
+        dtype=float,
+    )
     rows = np.asarray(js(page, "Array.from(RPT.m.pixels.data.row)")) - ROW0
     cols = np.asarray(js(page, "Array.from(RPT.m.pixels.data.column)")) - COL0
     np.testing.assert_allclose(res, fp.mean_residual["residual"][rows * NC + cols], rtol=1e-6, atol=1e-4)
-    tmin, tmax = js(page, """(() => { const t = RPT.doc.get_model_by_name('motion_fig').renderers[0].data_source.data.time;
-        return [Math.min(...t), Math.max(...t)]; })()""")
+    tmin, tmax = js(
+        page,
+        """(() => { const t = RPT.doc.get_model_by_name('motion_fig').renderers[0].data_source.data.time;
+        return [Math.min(...t), Math.max(...t)]; })()""",
+    )
     assert tmin == pytest.approx(site["time"][0]) and tmax == pytest.approx(site["time"][-1])
     assert page.errors == [] and js(page, "RPT.errors") == []
 

@@ -11,6 +11,7 @@ own account/partition with SLURM_TEST_ACCOUNT / SLURM_TEST_PARTITION.
 * `test_pipeline_on_slurm_*`: the tiny config (`.test/config`) through the real Snakefile with the
   profile (`-j 4`); every job is a SLURM job (sacct), and every result equals a `--cores 2` run's.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -27,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -70,7 +70,9 @@ def cluster():
         if REQUIRE:
             pytest.fail(f"PIPELINE_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
-    out = subprocess.run(["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%c %m"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%c %m"], capture_output=True, text=True, check=True
+    )
     cpus, mem = (int(x) for x in out.stdout.split()[:2])
     return {"cpus": cpus, "mem_mb": mem}
 
@@ -111,10 +113,34 @@ def run_snakemake(workdir: Path, *args, snakefile: Path = REPO / "Snakefile") ->
 
 
 def sacct(job_ids) -> list[dict]:
-    fields = ["JobID", "JobName", "Comment", "State", "ExitCode", "Account", "Partition", "ReqMem", "AllocCPUS", "NodeList"]
+    fields = [
+        "JobID",
+        "JobName",
+        "Comment",
+        "State",
+        "ExitCode",
+        "Account",
+        "Partition",
+        "ReqMem",
+        "AllocCPUS",
+        "NodeList",
+    ]
     out = subprocess.run(
-        ["sacct", "-X", "--parsable2", "--noheader", "-S", "now-1day", "-j", ",".join(job_ids), "-o", ",".join(f + "%200" for f in fields)],
-        capture_output=True, text=True, check=True,
+        [
+            "sacct",
+            "-X",
+            "--parsable2",
+            "--noheader",
+            "-S",
+            "now-1day",
+            "-j",
+            ",".join(job_ids),
+            "-o",
+            ",".join(f + "%200" for f in fields),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
 
@@ -284,8 +310,10 @@ def _compare_zarr_stores(a: Path, b: Path) -> list[str]:
             diffs.append(f"{name}: attributes differ")
         if isinstance(arr, zarr.Array):
             x, y = arr[...], other[...]
-            same = x.shape == y.shape and x.dtype == y.dtype and (
-                np.array_equal(x, y, equal_nan=True) if x.dtype.kind in "fc" else np.array_equal(x, y)
+            same = (
+                x.shape == y.shape
+                and x.dtype == y.dtype
+                and (np.array_equal(x, y, equal_nan=True) if x.dtype.kind in "fc" else np.array_equal(x, y))
             )
             if not same:
                 diffs.append(f"{name}: array values differ")
@@ -328,7 +356,9 @@ def test_pipeline_on_slurm_equals_local_run(slurm_run, local_run):
     work, _ = slurm_run
     a, b = _result_entries(local_run / "results"), _result_entries(work / "results")
     assert a, "the local run produced no results"
-    assert sorted(a) == sorted(b), f"different outputs: only local {sorted(set(a) - set(b))}, only SLURM {sorted(set(b) - set(a))}"
+    assert sorted(a) == sorted(b), (
+        f"different outputs: only local {sorted(set(a) - set(b))}, only SLURM {sorted(set(b) - set(a))}"
+    )
     diffs = {}
     for rel, pa in a.items():
         pb = b[rel]

@@ -1,12 +1,15 @@
 """Per-cadence LFD flux solve (workflow_lib.solve) against a slow dense reference and known truth."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.special import erf
 
-from workflow_lib.lfd import solve
-from workflow_lib.lfd import geometry  # noqa: E402
-from workflow_lib.lfd import linsys  # noqa: E402
+from workflow_lib.lfd import (
+    geometry,  # noqa: E402
+    linsys,  # noqa: E402
+    solve,
+)
 
 
 def gaussian_scene(source_col, source_row, pixel_col, pixel_row, sigma=0.8, radius=3.5, dx=0.0, dy=0.0):
@@ -66,14 +69,26 @@ def priors(f):
 def test_matches_dense_reference_with_motion_and_nan(method):
     f = small_field()
     data = f["data"].copy()
-    data[3, 5:40] = np.nan                    # masked pixels in one cadence
+    data[3, 5:40] = np.nan  # masked pixels in one cadence
     rng = np.random.default_rng(1)
     S = f["S"]
     basis = np.column_stack([np.ones(S.nnz), 0.05 * rng.standard_normal(S.nnz)])
     tpoly = np.column_stack([np.ones(12), np.linspace(-1, 1, 12)])
     mu, sig, nsrc = priors(f)
-    res = solve.source_flux(data, f["err"], S, f["B"], mu, sig, motion_basis=basis, motion_time=tpoly,
-                            method=method, time_chunk=5, threads=2, exact_errors=True)
+    res = solve.source_flux(
+        data,
+        f["err"],
+        S,
+        f["B"],
+        mu,
+        sig,
+        motion_basis=basis,
+        motion_time=tpoly,
+        method=method,
+        time_chunk=5,
+        threads=2,
+        exact_errors=True,
+    )
     assert res["method"] == method
     Sc = S.tocsr()
     Sc.sort_indices()
@@ -131,8 +146,18 @@ def test_deterministic_and_thread_independent():
     a = solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, sig, method="pcg", threads=1, time_chunk=4)
     b = solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, sig, method="pcg", threads=2, time_chunk=4)
     assert np.array_equal(a["flux"], b["flux"]) and np.array_equal(a["flux_err"], b["flux_err"])
-    c = solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, sig, method="direct", threads=2, time_chunk=4,
-                          dask_scheduler="processes")
+    c = solve.source_flux(
+        f["data"],
+        f["err"],
+        f["S"],
+        f["B"],
+        mu,
+        sig,
+        method="direct",
+        threads=2,
+        time_chunk=4,
+        dask_scheduler="processes",
+    )
     d = solve.source_flux(f["data"], f["err"], f["S"], f["B"], mu, sig, method="direct", threads=1, time_chunk=4)
     assert np.array_equal(c["flux"], d["flux"]) and np.array_equal(c["flux_err"], d["flux_err"])
 
@@ -163,16 +188,16 @@ def _jittered_lightcurves(seed=0, ntime=1300, nsrc=6):
     """Light curves whose error is a quadratic function of a known scene offset (drift + jitter),
     on top of a transit, a slow astrophysical trend and white noise."""
     rng = np.random.default_rng(seed)
-    t = np.arange(ntime) / 48.0                                  # 30-min cadences, days
+    t = np.arange(ntime) / 48.0  # 30-min cadences, days
     cx = 0.08 * (t / t[-1]) + 0.02 * rng.standard_normal(ntime)  # slow drift + jitter [px]
     cy = -0.05 * (t / t[-1]) ** 2 + 0.02 * rng.standard_normal(ntime)
-    g = rng.normal(0, 0.2, (nsrc, 5))                            # fractional change per px^k
+    g = rng.normal(0, 0.2, (nsrc, 5))  # fractional change per px^k
     M = np.column_stack([cx, cy, cx**2, cx * cy, cy**2])
     noise = 1e-3
     astro = np.ones((nsrc, ntime))
     transit = (t % 7.3 > 3.0) & (t % 7.3 < 3.12)
-    astro[0, transit] -= 0.01                                    # 1 % transit, 6 points every 7.3 d
-    astro[1] *= 1 + 0.02 * np.sin(2 * np.pi * t / 20.0)          # slow variability, correlated with the drift
+    astro[0, transit] -= 0.01  # 1 % transit, 6 points every 7.3 d
+    astro[1] *= 1 + 0.02 * np.sin(2 * np.pi * t / 20.0)  # slow variability, correlated with the drift
     white = noise * rng.standard_normal((nsrc, ntime))
     flux = 1000.0 * (astro * (1 + g @ M.T) + white)
     return t, cx, cy, flux, astro * 1000.0, transit, noise * 1000.0, 1000.0 * (astro + white)
@@ -181,7 +206,7 @@ def _jittered_lightcurves(seed=0, ntime=1300, nsrc=6):
 def test_decorrelate_offsets_removes_the_offset_term_and_keeps_astrophysics():
     t, cx, cy, flux, astro, transit, noise, clean = _jittered_lightcurves()
     good = np.ones(t.size, bool)
-    good[100:110] = False                                   # a flagged stretch is left out of the fit
+    good[100:110] = False  # a flagged stretch is left out of the fit
     before = np.std(np.diff(flux - astro, axis=1), axis=1) / np.sqrt(2)
     out, coef = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=2, window_days=1.0)
     assert coef.shape == (6, 5)
@@ -191,6 +216,7 @@ def test_decorrelate_offsets_removes_the_offset_term_and_keeps_astrophysics():
     assert np.all(before > 1.5 * noise) and np.all(after < 1.1 * noise)
     # residuals are white noise: the slow drift part is gone too, not only the jitter
     assert np.all(np.std(resid, axis=1) < 1.15 * noise)
+
     # the transit depth and the slow variability are kept: as measured without the offset term
     def depth(f):
         return 1 - f[transit].mean() / np.median(f[~transit])

@@ -1,4 +1,5 @@
 """The embedded synthetic TESS sector: checked against its own truth and slow reference renders."""
+
 import json
 import time
 
@@ -100,7 +101,11 @@ def test_rendering_matches_slow_reference(small):
             ref += tp.render_prf(r + dr, c + dc, rows, cols, truth["flux"].values[i, k], prf_image=tp.prf_at(r, c))
         yy = (np.arange(nr) - (nr - 1) / 2)[:, None]
         xx = (np.arange(nc) - (nc - 1) / 2)[None, :]
-        bkg = truth["background"].values[k] + truth["background_grad_row"].values[k] * yy + truth["background_grad_column"].values[k] * xx
+        bkg = (
+            truth["background"].values[k]
+            + truth["background_grad_row"].values[k] * yy
+            + truth["background_grad_column"].values[k] * xx
+        )
         diff = model[k] - bkg - ref
         good = np.isfinite(err[k])
         # accurate to a small fraction of the noise in every pixel, including the brightest
@@ -110,8 +115,20 @@ def test_rendering_matches_slow_reference(small):
 
 def test_isolated_star_total_flux():
     """A lone star in an empty, background-free field: pixel sum = its flux at every offset."""
-    p = dict(SMALL, n_rows=40, n_cols=40, stars_per_sq_pixel=1e-9, n_planets=0, n_variables=1, transient=False,
-             koi608=False, background_level=0.0, scattered_light_amplitude=0.0, drift_px=0.4, jitter_px=0.05)
+    p = dict(
+        SMALL,
+        n_rows=40,
+        n_cols=40,
+        stars_per_sq_pixel=1e-9,
+        n_planets=0,
+        n_variables=1,
+        transient=False,
+        koi608=False,
+        background_level=0.0,
+        scattered_light_amplitude=0.0,
+        drift_px=0.4,
+        jitter_px=0.05,
+    )
     cube, truth, cat, model = syn.simulate_sector(p, return_model=True)
     assert truth.sizes["source"] == 1
     r, c = truth["row"].values[0] - 1000, truth["column"].values[0] - 1000
@@ -163,8 +180,18 @@ def test_determinism_and_seed(small):
 
 def test_catalog_differs_from_truth_like_gaia(small):
     cube, truth, cat, _ = small
-    assert {"source_id", "ra", "dec", "pmra", "pmdec", "parallax", "phot_g_mean_flux", "phot_g_mean_mag", "bp_rp",
-            "ref_epoch"} <= set(cat.colnames)
+    assert {
+        "source_id",
+        "ra",
+        "dec",
+        "pmra",
+        "pmdec",
+        "parallax",
+        "phot_g_mean_flux",
+        "phot_g_mean_mag",
+        "bp_rp",
+        "ref_epoch",
+    } <= set(cat.colnames)
     assert (cat["ref_epoch"] == 2016.0).all()
     np.testing.assert_allclose(cat["phot_g_mean_mag"], 25.6874 - 2.5 * np.log10(cat["phot_g_mean_flux"]), atol=1e-9)
     tr = {int(s): i for i, s in enumerate(truth["source_id"].values)}
@@ -213,7 +240,9 @@ def test_koi608_pair_and_signals(small):
     cube, truth, cat, _ = small
     ids = list(truth["source_id"].values)
     f, b = ids.index(truth.attrs["koi608_faint"]), ids.index(truth.attrs["koi608_bright"])
-    sep = np.hypot(truth["row"].values[f] - truth["row"].values[b], truth["column"].values[f] - truth["column"].values[b])
+    sep = np.hypot(
+        truth["row"].values[f] - truth["row"].values[b], truth["column"].values[f] - truth["column"].values[b]
+    )
     assert 0.85 < sep < 1.15
     g = truth["phot_g_mean_mag"].values
     assert g[f] - g[b] == pytest.approx(2.0, abs=1e-9) and 16 < g[f] < 17
@@ -255,8 +284,12 @@ def test_default_size_is_fast_and_crowded():
     cube, truth, cat = syn.simulate_sector({"seed": 1})
     elapsed = time.perf_counter() - t0
     assert cube["flux"].shape == (1300, 64, 64)
-    on = ((truth["row"].values >= 999.5) & (truth["row"].values < 1063.5) & (truth["column"].values >= 999.5)
-          & (truth["column"].values < 1063.5))
+    on = (
+        (truth["row"].values >= 999.5)
+        & (truth["row"].values < 1063.5)
+        & (truth["column"].values >= 999.5)
+        & (truth["column"].values < 1063.5)
+    )
     assert 300 < on.sum() < 700  # hundreds of stars on the cutout
     assert (~on).sum() > 50  # and stars just off it
     g = truth["phot_g_mean_mag"].values

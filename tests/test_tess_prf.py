@@ -1,4 +1,5 @@
 """The real TESS SPOC PRF: packaged data, the SPOC sampling convention, interpolation, rendering."""
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -90,13 +91,17 @@ def test_prf_at_is_bilinear_and_clamped(full_grid):
     g = full_grid
     np.testing.assert_allclose(tp.prf_at(1025, 1069, g), g.images[2, 2])
     mid = tp.prf_at(0.5 * (1025 + 1536), 0.25 * 1069 + 0.75 * 1580, g)
-    expect = 0.5 * (0.25 * g.images[2, 2] + 0.75 * g.images[2, 3]) + 0.5 * (0.25 * g.images[3, 2] + 0.75 * g.images[3, 3])
+    expect = 0.5 * (0.25 * g.images[2, 2] + 0.75 * g.images[2, 3]) + 0.5 * (
+        0.25 * g.images[3, 2] + 0.75 * g.images[3, 3]
+    )
     np.testing.assert_allclose(mid, expect, rtol=1e-12)
     np.testing.assert_allclose(tp.prf_at(-50, 10, g), g.images[0, 0])
     # the PRF really changes across the CCD (otherwise interpolation would be untested)
     assert np.abs(g.images[0, 0] - g.images[4, 4]).max() > 0.01
     # cached coefficients equal the coefficients of the interpolated image
-    np.testing.assert_allclose(tp.prf_coefficients_at(1200.0, 900.0, g), tp.prf_coefficients(tp.prf_at(1200.0, 900.0, g)), atol=1e-12)
+    np.testing.assert_allclose(
+        tp.prf_coefficients_at(1200.0, 900.0, g), tp.prf_coefficients(tp.prf_at(1200.0, 900.0, g)), atol=1e-12
+    )
 
 
 def test_bad_directory_is_named(tmp_path):

@@ -6,4 +6,5 @@ TESS PRF models), ``synthetic`` (the embedded synthetic sector), ``gaia`` (cross
 ``bspline``, ``edge``, ``prf``, ``motion``, ``solve`` (Linearized Field Deblending), ``cpm``
 (causal pixel model), ``metrics`` (CDPP), ``lightcurve`` (FITS light-curve files), ``report``.
 """
+
 __version__ = "0.1.0"

@@ -9,13 +9,14 @@ Algorithm (own implementation of the published recipe):
 3. normalise by the median, in ppm;
 4. CDPP = standard deviation of the running mean over the transit duration (in cadences).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 from scipy.signal import savgol_filter
-from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
+from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
 
 def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_tolerance=5.0):
@@ -65,7 +66,9 @@ def _sigma_clip_mask(x, sigma=5.0, maxiters=5):
     return keep
 
 
-def cdpp(time, flux, transit_duration: int, *, savgol_window: int = 101, savgol_polyorder: int = 2, sigma: float = 5.0) -> float:
+def cdpp(
+    time, flux, transit_duration: int, *, savgol_window: int = 101, savgol_polyorder: int = 2, sigma: float = 5.0
+) -> float:
     """Savitzky-Golay CDPP proxy [ppm] of one light curve (``transit_duration`` in cadences).
 
     NaN samples are removed first; returns NaN if fewer than ``transit_duration + 2`` remain.
@@ -115,11 +118,14 @@ def add_cdpp(lc: xr.Dataset, *, hours=(1.0, 6.0), bitmask: int = DEFAULT_CDPP_BI
     for h in hours:
         vals = np.array([cdpp_hours(time[good], flux[i, good], h) for i in range(lc.sizes["source"])])
         name = f"cdpp_{h:g}h"
-        out = out.assign_coords({name: ("source", vals, {"units": "ppm", "long_name": f"{h:g}-hour CDPP proxy (Savitzky-Golay)"})})
+        out = out.assign_coords(
+            {name: ("source", vals, {"units": "ppm", "long_name": f"{h:g}-hour CDPP proxy (Savitzky-Golay)"})}
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- truth comparisons
+
 
 def white_noise_cdpp(time, flux, flux_err, hours: float, *, seed: int = 0) -> float:
     """CDPP proxy [ppm] of pure white noise with the light curve's own ``flux_err`` around its

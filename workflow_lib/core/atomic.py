@@ -1,10 +1,13 @@
-from pathlib import Path
 import io
-import numpy as np
 import os
 import shutil
 import uuid
 import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically (temporary file + rename)."""
     path = Path(path)

@@ -4,12 +4,14 @@
 
 tests/test_config.py checks that docs/CONFIG.md is up to date with the schema.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import yaml
+
 from workflow_lib.core.settings import SCHEMA_PATH
 
 SCHEMA = SCHEMA_PATH
@@ -70,9 +72,13 @@ def _rows(node: dict, schema: dict, prefix: str):
 
 def render(schema_path: Path = SCHEMA) -> str:
     schema = yaml.safe_load(Path(schema_path).read_text())
-    out = ["# Configuration reference", "",
-           "Generated from `config/schema.yaml` by `python -m workflow_lib.configdoc`; every key is validated at",
-           "start-up (unknown keys and wrong types stop the run with a message naming them).", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `config/schema.yaml` by `python -m workflow_lib.configdoc`; every key is validated at",
+        "start-up (unknown keys and wrong types stop the run with a message naming them).",
+        "",
+    ]
     for key, title in SECTIONS:
         node = schema["properties"].get(key)
         if node is None:

@@ -1,4 +1,5 @@
 """Logging for pipeline steps: progress messages to the rule's ``log:`` file and stderr."""
+
 from __future__ import annotations
 
 import contextlib

@@ -26,12 +26,13 @@ are sent to the cluster once (``Client.scatter``), and every task gets only its 
 Results come back in task order, so a reduction over them is the same whatever the scheduler:
 chunking is fixed by the caller, never by the number of workers.
 """
+
 from __future__ import annotations
 
 import contextlib
 from typing import Callable, Iterable
-from workflow_lib.core.logs import get_logger
 
+from workflow_lib.core.logs import get_logger
 
 log = get_logger("parallel")
 
@@ -64,8 +65,10 @@ def _distributed():
     try:
         import distributed
     except ImportError as exc:
-        raise SchedulerError("a dask.distributed scheduler needs the 'distributed' package "
-                             "(pip install distributed; dask-jobqueue for SLURM)") from exc
+        raise SchedulerError(
+            "a dask.distributed scheduler needs the 'distributed' package "
+            "(pip install distributed; dask-jobqueue for SLURM)"
+        ) from exc
     return distributed
 
 
@@ -82,8 +85,9 @@ def distributed_client(scheduler: str, *, timeout: float = 60.0):
     try:
         if kind in ("local", "local-threads") and arg and not arg.startswith("//"):
             n = _count(arg, scheduler)
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=(kind == "local"),
-                                               dashboard_address=None)
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=(kind == "local"), dashboard_address=None
+            )
             client = distributed.Client(cluster)
         elif kind == "slurm" and arg and not arg.startswith("//"):
             n = _count(arg, scheduler)
@@ -118,8 +122,9 @@ def _is_collection(x) -> bool:
     return dask.is_dask_collection(x)
 
 
-def dask_map(func: Callable, tasks: Iterable, *, threads: int = 1, scheduler: str | None = None,
-             shared: dict | None = None) -> list:
+def dask_map(
+    func: Callable, tasks: Iterable, *, threads: int = 1, scheduler: str | None = None, shared: dict | None = None
+) -> list:
     """``[func(*task, **shared) for task in tasks]`` (a dict task: ``func(**task, **shared)``), run in
     parallel with the compute context of ``(threads, scheduler)``; results in task order.
 
@@ -157,8 +162,10 @@ def _map_on_client(client, func, tasks, shared):
         # send what every task needs once ([value]: scatter would split a list/dict into futures);
         # dask collections are computed on the cluster once
         remote[key] = client.compute(value) if _is_collection(value) else client.scatter([value], hash=False)[0]
-    futures = [client.submit(func, *a, **kw, **remote, pure=False)
-               for a, kw in ((t, {}) if not isinstance(t, dict) else ((), t) for t in tasks)]
+    futures = [
+        client.submit(func, *a, **kw, **remote, pure=False)
+        for a, kw in ((t, {}) if not isinstance(t, dict) else ((), t) for t in tasks)
+    ]
     return client.gather(futures)
 
 
@@ -169,7 +176,9 @@ def compute_context(threads: int = 1, scheduler: str | None = None):
     @contextlib.contextmanager
     def _cm():
         if not scheduler or scheduler in LOCAL_SCHEDULERS:
-            yield lambda func, tasks, **shared: dask_map(func, tasks, threads=threads, scheduler=scheduler, shared=shared)
+            yield lambda func, tasks, **shared: dask_map(
+                func, tasks, threads=threads, scheduler=scheduler, shared=shared
+            )
             return
         with distributed_client(scheduler) as client:
             yield lambda func, tasks, **shared: _map_on_client(client, func, list(tasks), shared)

@@ -1,4 +1,5 @@
 """Provenance recorded in every output: input files, software versions, config hash."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,7 @@ import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
+
 from workflow_lib import __version__
 
 #: packages whose versions are recorded in outputs
@@ -17,7 +19,6 @@ def software_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         if name == "workflow_lib":  # this package: its own version, installed or run from a checkout
-
             out[name] = __version__
             continue
         try:

@@ -1,4 +1,5 @@
 """Step settings: a config section merged over a module's defaults, unknown keys refused by name."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,12 +1,15 @@
-from dataclasses import asdict
-from dataclasses import dataclass
 import json
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import xarray as xr
+
 from workflow_lib.core.quality import HARD_BITMASK
 from workflow_lib.data.cube import CubeError, as_pixel_table
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.metrics import add_cdpp
+
+
 @dataclass(frozen=True)
 class ApertureParams:
     """Circular apertures around catalog sources: radius r(G) = clip(r_max - slope (G - mag_bright), r_min, r_max)."""
@@ -34,7 +37,10 @@ def source_apertures(catalog, rows, cols, ap: ApertureParams, *, user_apertures:
     """
     rows = np.asarray(rows, dtype=np.float64)
     cols = np.asarray(cols, dtype=np.float64)
-    apertures, meta = [], {"source_id": [], "row": [], "column": [], "phot_g_mean_mag": [], "aperture_radius": [], "aperture_name": []}
+    apertures, meta = (
+        [],
+        {"source_id": [], "row": [], "column": [], "phot_g_mean_mag": [], "aperture_radius": [], "aperture_name": []},
+    )
     if catalog is not None and len(catalog):
         sel = np.ones(len(catalog), dtype=bool)
         if "on_cutout" in catalog.colnames:
@@ -98,8 +104,17 @@ def aperture_sums(flux, flux_err, apertures, valid=None):
     return out, oerr
 
 
-def aperture_lightcurves(cube: xr.Dataset, detrended: xr.Dataset, catalog, ap: ApertureParams, *, user_apertures=None,
-                         provenance: str = "", name: str = "cube", bitmask: int | None = None):
+def aperture_lightcurves(
+    cube: xr.Dataset,
+    detrended: xr.Dataset,
+    catalog,
+    ap: ApertureParams,
+    *,
+    user_apertures=None,
+    provenance: str = "",
+    name: str = "cube",
+    bitmask: int | None = None,
+):
     """CPM and RAW aperture light-curve sets (``method`` "CPM" / "RAW") with CDPP coords.
 
     CPM: sum of de-trended pixels (already rescaled to e-/s); RAW: sum of the input pixels.

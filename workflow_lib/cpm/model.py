@@ -44,6 +44,7 @@ i.e. ``(residual + polynomial + offset) * s + median``.  Cadences dropped by the
 and cadences at which a pixel was NaN, are NaN in the output; pixels that are NaN at every cadence
 (or finite at fewer than ``min_finite_fraction`` of the kept cadences) are NaN everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,14 +53,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.linalg.blas import dtrsm
 import xarray as xr
+from scipy.linalg.blas import dtrsm
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map, describe
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.quality import HARD_BITMASK
 from workflow_lib.data.cube import CubeError, as_pixel_table, validate_cube
-
 
 log = get_logger("cpm")
 
@@ -116,6 +117,7 @@ def cpm_params(config: dict | None = None, **override) -> CPMParams:
 
 
 # ------------------------------------------------------------------------- pre-processing
+
 
 def effective_k(params: CPMParams, time: np.ndarray, n_cadences: int) -> int:
     """Number of sections: ``k`` for 30-min data, scaled so sections keep their duration (§3.5)."""
@@ -185,7 +187,11 @@ def preprocess(flux, quality, time, params: CPMParams, *, mission: str = "TESS",
     time = np.asarray(time, dtype=np.float64)
     if flux.ndim != 2:
         raise CubeError(f"{name}: expected (time, pixel) flux, got shape {flux.shape}")
-    bitmask = params.quality_bitmask if params.quality_bitmask is not None else HARD_BITMASK.get(mission, HARD_BITMASK["TESS"])
+    bitmask = (
+        params.quality_bitmask
+        if params.quality_bitmask is not None
+        else HARD_BITMASK.get(mission, HARD_BITMASK["TESS"])
+    )
     keep = ((quality.astype(np.int64) & int(bitmask)) == 0) & np.isfinite(time)
     # cadences where (almost) no pixel is finite carry no information
     keep &= np.isfinite(flux).mean(axis=1) > 0.5 if flux.shape[1] else keep
@@ -203,9 +209,13 @@ def preprocess(flux, quality, time, params: CPMParams, *, mission: str = "TESS",
     n_bad = int((~valid).sum())
     if n_bad:
         n_allnan = int((frac == 0).sum())
-        msgs.append(f"{name}: {n_bad} pixel(s) ({n_allnan} all-NaN) have too few finite cadences; their CPM output is NaN")
+        msgs.append(
+            f"{name}: {n_bad} pixel(s) ({n_allnan} all-NaN) have too few finite cadences; their CPM output is NaN"
+        )
     if not valid.any():
-        raise CubeError(f"{name}: no pixel has finite flux on at least {params.min_finite_fraction:.0%} of the kept cadences")
+        raise CubeError(
+            f"{name}: no pixel has finite flux on at least {params.min_finite_fraction:.0%} of the kept cadences"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med0 = np.nanmedian(f, axis=0)
@@ -229,6 +239,7 @@ def preprocess(flux, quality, time, params: CPMParams, *, mission: str = "TESS",
 
 
 # ------------------------------------------------------------------------- predictors
+
 
 def select_predictors(rows, cols, median, valid, targets, params: CPMParams, *, ystar=None, gram=None):
     """Predictor pixel indices for each target (§3.3.2), ``(ntarget, L)`` padded with -1.
@@ -269,6 +280,7 @@ def select_predictors(rows, cols, median, valid, targets, params: CPMParams, *, 
 
 
 # ------------------------------------------------------------------------- the fast solver
+
 
 def regularisation_diag(n_pred: int, poly_degree: int, lambda_L: float, lambda_P: float) -> np.ndarray:
     """Diagonal of Λ (eq. 8): λ_L for predictors, λ_P for the polynomial, 0 for the intercept."""
@@ -375,7 +387,9 @@ def _detrend_chunk(targets, preds, counts, ystarT, Tt, k, params, gram, gramT, T
     return out_sys, out_poly
 
 
-def cpm_detrend_pixels(flux, quality, time, rows, cols, params: CPMParams, *, mission="TESS", threads: int = 1, name="cube"):
+def cpm_detrend_pixels(
+    flux, quality, time, rows, cols, params: CPMParams, *, mission="TESS", threads: int = 1, name="cube"
+):
     """De-trend every pixel of a ``(time, pixel)`` flux array with the CPM (paper §2-3).
 
     Returns a dict with ``flux`` (de-trended, e-/s, NaN at dropped cadences / bad pixels),
@@ -418,10 +432,21 @@ def cpm_detrend_pixels(flux, quality, time, rows, cols, params: CPMParams, *, mi
         )
         log.warning(msg)
         warnings.warn(msg, CPMWarning, stacklevel=2)
-    log.info("CPM: %d pixels, %d cadences kept of %d, k=%d sections, L=%d, lambda_L=%g, lambda_P=%g, poly=%d, %s",
-             targets.size, n, ntime, k, params.n_predictors, params.lambda_L, params.lambda_P, params.poly_degree,
-             "shared Gram" if use_gram else "per-pixel Gram")
-    chunks = [np.arange(s, min(s + params.chunk_pixels, targets.size)) for s in range(0, targets.size, params.chunk_pixels)]
+    log.info(
+        "CPM: %d pixels, %d cadences kept of %d, k=%d sections, L=%d, lambda_L=%g, lambda_P=%g, poly=%d, %s",
+        targets.size,
+        n,
+        ntime,
+        k,
+        params.n_predictors,
+        params.lambda_L,
+        params.lambda_P,
+        params.poly_degree,
+        "shared Gram" if use_gram else "per-pixel Gram",
+    )
+    chunks = [
+        np.arange(s, min(s + params.chunk_pixels, targets.size)) for s in range(0, targets.size, params.chunk_pixels)
+    ]
     results = _run_chunks(
         [(targets[c], preds[c], counts[c]) for c in chunks],
         (ystarT, Tt, k, params, gram, gramT, TT),
@@ -451,7 +476,9 @@ def cpm_detrend_pixels(flux, quality, time, rows, cols, params: CPMParams, *, mi
     bg[prep.keep] = prep.background
     npred = np.zeros(npix, dtype=np.int64)
     npred[targets] = counts
-    out.update(keep=prep.keep, background=bg, n_predictors=npred, k=k, valid=prep.valid, median=prep.median, scale=prep.scale)
+    out.update(
+        keep=prep.keep, background=bg, n_predictors=npred, k=k, valid=prep.valid, median=prep.median, scale=prep.scale
+    )
     return out
 
 
@@ -468,8 +495,10 @@ def _run_chunks(chunk_args, shared, *, threads=1, scheduler=None):
 
 # ------------------------------------------------------------------------- cubes
 
-def cpm_detrend_cube(ds: xr.Dataset, params: CPMParams, *, threads: int = 1, name: str = "cube", config: dict | None = None,
-                     inputs=()) -> xr.Dataset:
+
+def cpm_detrend_cube(
+    ds: xr.Dataset, params: CPMParams, *, threads: int = 1, name: str = "cube", config: dict | None = None, inputs=()
+) -> xr.Dataset:
     """De-trended cube in the input's layout (image or pixel table), flux convention in the module doc.
 
     Extra variables: ``cpm_systematics`` and ``cpm_polynomial`` (e-/s, ``s*m_sys``, ``s*m_poly``),
@@ -481,11 +510,26 @@ def cpm_detrend_cube(ds: xr.Dataset, params: CPMParams, *, threads: int = 1, nam
     image = "pixel" not in ds.dims
     tab = as_pixel_table(ds, drop_nan=False)
     flux = np.asarray(tab["flux"].transpose("time", "pixel").values, dtype=np.float64)
-    res = cpm_detrend_pixels(flux, tab["quality"].values, tab["time"].values, tab["row"].values, tab["column"].values, params,
-                             mission=ds.attrs.get("mission", "TESS"), threads=threads, name=name)
+    res = cpm_detrend_pixels(
+        flux,
+        tab["quality"].values,
+        tab["time"].values,
+        tab["row"].values,
+        tab["column"].values,
+        params,
+        mission=ds.attrs.get("mission", "TESS"),
+        threads=threads,
+        name=name,
+    )
     extra = {
-        "flux": (res["flux"].astype(np.float32), {"units": "electron / s", "long_name": "CPM de-trended pixel flux",
-                                                  "convention": "f - background - s*m_sys (see workflow_lib.cpm)"}),
+        "flux": (
+            res["flux"].astype(np.float32),
+            {
+                "units": "electron / s",
+                "long_name": "CPM de-trended pixel flux",
+                "convention": "f - background - s*m_sys (see workflow_lib.cpm)",
+            },
+        ),
         "cpm_systematics": (res["systematics"].astype(np.float32), {"units": "electron / s", "long_name": "s * m_sys"}),
         "cpm_polynomial": (res["polynomial"].astype(np.float32), {"units": "electron / s", "long_name": "s * m_poly"}),
     }
@@ -511,28 +555,22 @@ def cpm_detrend_cube(ds: xr.Dataset, params: CPMParams, *, threads: int = 1, nam
             out[key] = (("pixel",), arr, attrs)
     out["cpm_background"] = (("time",), res["background"], {"units": "electron / s"})
     out.attrs = dict(ds.attrs)
-    out.attrs.update(cpm_k=int(res["k"]), cpm_params=json.dumps(asdict(params), sort_keys=True),
-                     provenance=provenance_json("cpm_detrend", inputs=inputs, config=config or asdict(params)))
+    out.attrs.update(
+        cpm_k=int(res["k"]),
+        cpm_params=json.dumps(asdict(params), sort_keys=True),
+        provenance=provenance_json("cpm_detrend", inputs=inputs, config=config or asdict(params)),
+    )
     return out
 
 
 # ------------------------------------------------------------------------- apertures
 
 
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------- multi-sector stitching
 
 
-
-
-
 # ------------------------------------------------------------------------- pipeline steps
+
 
 def paramset_params(config: dict, paramset: str) -> CPMParams:
     """Parameters of a named parameter set: ``default`` or ``lambda_L_<value>`` (regularisation sweep)."""
@@ -540,7 +578,7 @@ def paramset_params(config: dict, paramset: str) -> CPMParams:
         return cpm_params(config)
     if paramset.startswith("lambda_L_"):
         try:
-            lam = float(paramset[len("lambda_L_"):])
+            lam = float(paramset[len("lambda_L_") :])
         except ValueError as exc:
             raise ValueError(f"bad CPM parameter set name {paramset!r}") from exc
         return cpm_params(config, lambda_L=lam)
@@ -550,15 +588,3 @@ def paramset_params(config: dict, paramset: str) -> CPMParams:
 def paramset_names(config: dict) -> list[str]:
     """``default`` plus one ``lambda_L_<value>`` per entry of ``cpm.sweep_lambda_L``."""
     return ["default"] + [f"lambda_L_{float(v):g}" for v in (config.get("sweep_lambda_L") or [])]
-
-
-
-
-
-
-
-
-
-
-
-

@@ -1,4 +1,6 @@
 import numpy as np
+
+
 def stitch_offset(t1, f1, t2, f2, n_points: int = 100) -> float:
     """Offset to add to segment 2 (paper §4.1): fit the last ``n_points`` of 1 and the first of 2
     simultaneously with one common slope and two means; the offset is the difference of the means."""

@@ -27,6 +27,7 @@ Attributes (``ds.attrs``): ``mission`` (TESS/Kepler/K2), ``sector`` / ``quarter`
 ``time_scale`` ('tdb'), ``flux_unit`` ('electron / s'), ``provenance`` (JSON string, see
 :mod:`workflow_lib.provenance`).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map
-
 
 log = get_logger("cube")
 
@@ -94,7 +95,11 @@ def make_cube(
         data_vars["background"] = (dims, np.asarray(background, dtype=np.float32), {"units": "electron / s"})
     tsys, toff = TIME_SYSTEMS[mission]
     coords = {
-        "time": ("time", np.asarray(time, dtype=np.float64), {"units": "d", "time_system": tsys, "time_offset": toff, "scale": "tdb"}),
+        "time": (
+            "time",
+            np.asarray(time, dtype=np.float64),
+            {"units": "d", "time_system": tsys, "time_offset": toff, "scale": "tdb"},
+        ),
         "cadenceno": ("time", np.asarray(cadenceno, dtype=np.int64)),
         "row": ("row", np.asarray(row, dtype=np.int32), {"long_name": "CCD row of pixel centre"}),
         "column": ("column", np.asarray(column, dtype=np.int32), {"long_name": "CCD column of pixel centre"}),
@@ -175,7 +180,15 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
         t = t.assign_coords(stamp=("pixel", np.full(t.sizes["pixel"], k, dtype=np.int32)))
         t = t.drop_vars([v for v in ("time", "cadenceno") if v in t.coords and k > 0])
         tables.append(t)
-    out = xr.concat(tables, dim="pixel", data_vars="minimal", combine_attrs="drop_conflicts", coords="minimal", compat="override", join="outer")
+    out = xr.concat(
+        tables,
+        dim="pixel",
+        data_vars="minimal",
+        combine_attrs="drop_conflicts",
+        coords="minimal",
+        compat="override",
+        join="outer",
+    )
     out = out.assign_coords(time=ref["time"], cadenceno=ref["cadenceno"])
     # overlapping stamps (neighbouring targets) read the same CCD pixel: keep it once (first stamp),
     # so that no pixel counts twice as an independent measurement in the scene fits
@@ -186,10 +199,17 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
         out = out.isel(pixel=np.sort(first))
         log.info("joined stamps: %d pixels read by more than one stamp kept once (first stamp)", n_dup)
     # a cadence is flagged for the field if any stamp flags it
-    out["quality"] = ("time", np.bitwise_or.reduce([st["quality"].values for st in stamps], axis=0), ref["quality"].attrs)
+    out["quality"] = (
+        "time",
+        np.bitwise_or.reduce([st["quality"].values for st in stamps], axis=0),
+        ref["quality"].attrs,
+    )
     # field-level attrs: what all stamps share (mission, quarter, channel...), not one target's
-    out.attrs = {k: v for k, v in ref.attrs.items()
-                 if k not in ("wcs", "source_file") and all(_same(st.attrs.get(k), v) for st in stamps)}
+    out.attrs = {
+        k: v
+        for k, v in ref.attrs.items()
+        if k not in ("wcs", "source_file") and all(_same(st.attrs.get(k), v) for st in stamps)
+    }
     out.attrs["stamp_wcs"] = json.dumps([st.attrs.get("wcs", "") for st in stamps])
     # CCD (column, row) of each stamp's first pixel: the origin of the 0-based indices its WCS maps
     out.attrs["stamp_origin"] = json.dumps([[int(st["column"].values[0]), int(st["row"].values[0])] for st in stamps])
@@ -237,6 +257,7 @@ def wcs_to_header_string(wcs) -> str:
 
 # ---------------------------------------------------------------- zarr I/O (atomic)
 
+
 def _chunks_for(ds: xr.Dataset) -> dict:
     return {d: min(DEFAULT_CHUNKS.get(d, ds.sizes[d]), ds.sizes[d]) for d in ds.dims}
 
@@ -271,11 +292,8 @@ def open_cube(path: str | os.PathLike, *, chunks="auto", validate: bool = True) 
     return ds
 
 
-
-
-
-
 # ---------------------------------------------------------------- zarr I/O (many writers, chunk-aligned regions)
+
 
 def _region_grid(sizes: dict, step: dict, split) -> list[dict]:
     """All regions (dicts of slices) that tile ``split`` dims in blocks of ``step``."""
@@ -285,8 +303,14 @@ def _region_grid(sizes: dict, step: dict, split) -> list[dict]:
     return [dict(zip(split, combo)) for combo in itertools.product(*axes)]
 
 
-def init_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, *, chunks: dict | None = None,
-                      shards: dict | None = None, split=None) -> tuple[Path, list[dict]]:
+def init_zarr_regions(
+    ds_template: xr.Dataset,
+    path: str | os.PathLike,
+    *,
+    chunks: dict | None = None,
+    shards: dict | None = None,
+    split=None,
+) -> tuple[Path, list[dict]]:
     """Create a zarr v3 store for ``ds_template`` without writing its big variables; return the store
     path and the list of write regions (dicts of slices, aligned with the chunks, or with the shards
     when ``shards`` is given).
@@ -360,8 +384,17 @@ def _write_one_region(region, path, compute_region):
     return {d: (s.start, s.stop) for d, s in region.items()}
 
 
-def write_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, compute_region, *, chunks: dict | None = None,
-                       shards: dict | None = None, split=None, threads: int = 1, scheduler: str | None = None) -> Path:
+def write_zarr_regions(
+    ds_template: xr.Dataset,
+    path: str | os.PathLike,
+    compute_region,
+    *,
+    chunks: dict | None = None,
+    shards: dict | None = None,
+    split=None,
+    threads: int = 1,
+    scheduler: str | None = None,
+) -> Path:
     """Write a store region by region, each region computed and written by one dask task.
 
     ``compute_region(region) -> xr.Dataset`` returns the split data variables over ``region`` (a dict
@@ -377,8 +410,13 @@ def write_zarr_regions(ds_template: xr.Dataset, path: str | os.PathLike, compute
     path = Path(path)
     with atomic_path(path) as tmp:
         _, regions = init_zarr_regions(ds_template, tmp, chunks=chunks, shards=shards, split=split)
-        dask_map(_write_one_region, [(r,) for r in regions], threads=threads, scheduler=scheduler,
-                 shared=dict(path=str(tmp), compute_region=compute_region))
+        dask_map(
+            _write_one_region,
+            [(r,) for r in regions],
+            threads=threads,
+            scheduler=scheduler,
+            shared=dict(path=str(tmp), compute_region=compute_region),
+        )
     return Path(path)
 
 
@@ -386,5 +424,7 @@ def pixel_coordinates(cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(column, row) of every pixel of ``as_pixel_table(cube, drop_nan=False)``."""
     if "pixel" in cube.dims:
         return np.asarray(cube["column"].values, float), np.asarray(cube["row"].values, float)
-    return (np.tile(np.asarray(cube["column"].values, float), cube.sizes["row"]),
-            np.repeat(np.asarray(cube["row"].values, float), cube.sizes["column"]))
+    return (
+        np.tile(np.asarray(cube["column"].values, float), cube.sizes["row"]),
+        np.repeat(np.asarray(cube["row"].values, float), cube.sizes["column"]),
+    )

@@ -17,6 +17,7 @@ celestial WCS header string that maps 0-based (column index, row index) to the s
 Public API: :func:`read_fits_cube`, :func:`read_field`, :func:`validate_for_modelling`,
 :func:`local_files`, :func:`write_local_field`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,10 +29,18 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
-from workflow_lib.data.cube import CubeError, TIME_SYSTEMS, concat_stamps, make_cube, n_pixels, wcs_to_header_string, write_zarr_atomic
-
+from workflow_lib.data.cube import (
+    TIME_SYSTEMS,
+    CubeError,
+    concat_stamps,
+    make_cube,
+    n_pixels,
+    wcs_to_header_string,
+    write_zarr_atomic,
+)
 
 log = get_logger("fitsio")
 
@@ -47,6 +56,7 @@ _TESS_SPOC_NAME = re.compile(r"tess\d{13}-s(\d{4})-")
 
 
 # ------------------------------------------------------------------ header helpers
+
 
 def _kw(headers, key, default=None):
     """First non-empty value of ``key`` in a sequence of headers (astropy gives '' / Undefined for blanks)."""
@@ -92,7 +102,9 @@ def _mission(primary: fits.Header, path) -> str:
         if mission == "K2" or _kw([primary], "CAMPAIGN") is not None:
             return "K2"
         return "Kepler"
-    raise CubeError(f"{path}: unknown mission (TELESCOP={telescop!r}, MISSION={mission!r}); expected TESS, Kepler or K2")
+    raise CubeError(
+        f"{path}: unknown mission (TELESCOP={telescop!r}, MISSION={mission!r}); expected TESS, Kepler or K2"
+    )
 
 
 def _check_time_system(headers, mission: str, path) -> None:
@@ -101,8 +113,10 @@ def _check_time_system(headers, mission: str, path) -> None:
     bjdrefi = _kw(headers, "BJDREFI")
     bjdreff = _kw(headers, "BJDREFF", 0.0)
     if bjdrefi is not None and abs(float(bjdrefi) + float(bjdreff) - offset) > 1e-6:
-        raise CubeError(f"{path}: time reference BJDREFI+BJDREFF={float(bjdrefi) + float(bjdreff)} "
-                        f"differs from the {mission} convention {offset}")
+        raise CubeError(
+            f"{path}: time reference BJDREFI+BJDREFF={float(bjdrefi) + float(bjdreff)} "
+            f"differs from the {mission} convention {offset}"
+        )
     timesys = _kw(headers, "TIMESYS")
     if timesys is not None and str(timesys).upper() != "TDB":
         raise CubeError(f"{path}: TIMESYS={timesys!r}; expected TDB")
@@ -112,13 +126,24 @@ def _wcs_from_table_keywords(theader: fits.Header, ncol: int) -> fits.Header | N
     """Image WCS of a bintable image column (``1CTYP5``, ``1CRVL5``, ``11PC5``...) as a plain header."""
     n = ncol
     mapping = {
-        f"1CTYP{n}": "CTYPE1", f"2CTYP{n}": "CTYPE2",
-        f"1CRVL{n}": "CRVAL1", f"2CRVL{n}": "CRVAL2",
-        f"1CRPX{n}": "CRPIX1", f"2CRPX{n}": "CRPIX2",
-        f"1CDLT{n}": "CDELT1", f"2CDLT{n}": "CDELT2",
-        f"1CUNI{n}": "CUNIT1", f"2CUNI{n}": "CUNIT2",
-        f"11PC{n}": "PC1_1", f"12PC{n}": "PC1_2", f"21PC{n}": "PC2_1", f"22PC{n}": "PC2_2",
-        f"11CD{n}": "CD1_1", f"12CD{n}": "CD1_2", f"21CD{n}": "CD2_1", f"22CD{n}": "CD2_2",
+        f"1CTYP{n}": "CTYPE1",
+        f"2CTYP{n}": "CTYPE2",
+        f"1CRVL{n}": "CRVAL1",
+        f"2CRVL{n}": "CRVAL2",
+        f"1CRPX{n}": "CRPIX1",
+        f"2CRPX{n}": "CRPIX2",
+        f"1CDLT{n}": "CDELT1",
+        f"2CDLT{n}": "CDELT2",
+        f"1CUNI{n}": "CUNIT1",
+        f"2CUNI{n}": "CUNIT2",
+        f"11PC{n}": "PC1_1",
+        f"12PC{n}": "PC1_2",
+        f"21PC{n}": "PC2_1",
+        f"22PC{n}": "PC2_2",
+        f"11CD{n}": "CD1_1",
+        f"12CD{n}": "CD1_2",
+        f"21CD{n}": "CD2_1",
+        f"22CD{n}": "CD2_2",
     }
     if f"1CTYP{n}" not in theader:
         return None
@@ -235,6 +260,7 @@ def _mission_attrs(primary, headers, mission: str, path) -> dict:
 
 # ------------------------------------------------------------------ readers
 
+
 def read_fits_cube(path) -> xr.Dataset:
     """Read one TESScut cube, TESS SPOC TPF, Kepler/K2 TPF or Kepler FFI crop as an image cube.
 
@@ -255,8 +281,10 @@ def read_fits_cube(path) -> xr.Dataset:
                 image = _find_ffi_image(hdul)
                 if image is not None:
                     return _read_kepler_ffi(hdul, image, path)
-                raise CubeError(f"{path}: not a target pixel file or TESScut cube "
-                                f"(no PIXELS/TARGETTABLES table with TIME and FLUX columns, no FFI image)")
+                raise CubeError(
+                    f"{path}: not a target pixel file or TESScut cube "
+                    f"(no PIXELS/TARGETTABLES table with TIME and FLUX columns, no FFI image)"
+                )
             return _read_tpf(hdul, table, path)
         except CubeError:
             raise
@@ -311,8 +339,10 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
         col0 = _int_or_none(_kw([ap_header], "CRVAL1P"))
         row0 = _int_or_none(_kw([ap_header], "CRVAL2P"))
     if col0 is None or row0 is None:
-        raise CubeError(f"{path}: no CCD position of the stamp (neither 1CRV{fcol}P/2CRV{fcol}P "
-                        f"in {table.name} nor CRVAL1P/CRVAL2P in APERTURE)")
+        raise CubeError(
+            f"{path}: no CCD position of the stamp (neither 1CRV{fcol}P/2CRV{fcol}P "
+            f"in {table.name} nor CRVAL1P/CRVAL2P in APERTURE)"
+        )
     # the physical WCS reference pixel is 1 (FITS) = index 0 in every product we know of
     crpix_c = _float_or_none(_kw([theader], f"1CRP{fcol}P")) or 1.0
     crpix_r = _float_or_none(_kw([theader], f"2CRP{fcol}P")) or 1.0
@@ -339,12 +369,21 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
         raise CubeError(f"{path}: every cadence has a NaN time stamp; no usable data")
     if not good.all():
         log.info("%s: dropping %d of %d cadences with NaN time", path, int((~good).sum()), nt)
-        flux, flux_err, time, cadenceno, quality = flux[good], flux_err[good], time[good], cadenceno[good], quality[good]
+        flux, flux_err, time, cadenceno, quality = (
+            flux[good],
+            flux_err[good],
+            time[good],
+            cadenceno[good],
+            quality[good],
+        )
         if background is not None:
             background = background[good]
 
     product = {"TESS": "spoc_tpf", "Kepler": "kepler_tpf", "K2": "k2_tpf"}[mission]
-    if str(_kw([primary], "CREATOR", "")).lower().startswith("astrocut") or table.header.get("TTYPE12", "") == "FFI_FILE":
+    if (
+        str(_kw([primary], "CREATOR", "")).lower().startswith("astrocut")
+        or table.header.get("TTYPE12", "") == "FFI_FILE"
+    ):
         product = "tesscut"
     attrs = {"source_file": str(path), "product": product, "pixel_table_hdu": table.name}
     attrs.update(_mission_attrs(primary, [theader], mission, path))
@@ -357,10 +396,27 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
         attrs["procver"] = str(procver)
     attrs["aperture_npix"] = int(((aperture & 2) > 0).sum())
 
-    ds = make_cube(flux, flux_err, quality, time, cadenceno, row, column, mission=mission,
-                   wcs_header=wcs, background=background, attrs=attrs)
-    ds["aperture"] = (("row", "column"), aperture, {"long_name": "pipeline aperture bit flags",
-                                                     "flag_meanings": "1=collected 2=optimal_aperture 4=background 8=flux_weighted_centroid"})
+    ds = make_cube(
+        flux,
+        flux_err,
+        quality,
+        time,
+        cadenceno,
+        row,
+        column,
+        mission=mission,
+        wcs_header=wcs,
+        background=background,
+        attrs=attrs,
+    )
+    ds["aperture"] = (
+        ("row", "column"),
+        aperture,
+        {
+            "long_name": "pipeline aperture bit flags",
+            "flag_meanings": "1=collected 2=optimal_aperture 4=background 8=flux_weighted_centroid",
+        },
+    )
     log.info("%s: %s %s, %d cadences x %d x %d pixels", path, mission, product, ds.sizes["time"], nrow, ncol)
     return ds
 
@@ -368,7 +424,10 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
 def _find_ffi_image(hdul):
     """The first 2-D image extension of a Kepler FFI (crop); None for other files."""
     primary = hdul[0].header
-    is_ffi = "FFI" in str(_kw([primary], "DCT_TYPE", "")).upper() or "FULL FRAME" in str(_kw([primary], "OBSMODE", "")).upper()
+    is_ffi = (
+        "FFI" in str(_kw([primary], "DCT_TYPE", "")).upper()
+        or "FULL FRAME" in str(_kw([primary], "OBSMODE", "")).upper()
+    )
     if not is_ffi:
         return None
     for hdu in hdul[1:]:
@@ -405,8 +464,18 @@ def _read_kepler_ffi(hdul, image: fits.ImageHDU, path: Path) -> xr.Dataset:
     attrs = {"source_file": str(path), "product": "kepler_ffi", "image_hdu": image.name}
     attrs.update(_mission_attrs(primary, [h], mission, path))
     wcs = _celestial_wcs_string(h, path)
-    ds = make_cube(img[None], err[None].astype(np.float32), np.zeros(1, np.int32), [0.5 * (tstart + tstop)], [0],
-                   row0 + np.arange(nrow), col0 + np.arange(ncol), mission=mission, wcs_header=wcs, attrs=attrs)
+    ds = make_cube(
+        img[None],
+        err[None].astype(np.float32),
+        np.zeros(1, np.int32),
+        [0.5 * (tstart + tstop)],
+        [0],
+        row0 + np.arange(nrow),
+        col0 + np.arange(ncol),
+        mission=mission,
+        wcs_header=wcs,
+        attrs=attrs,
+    )
     ds["aperture"] = (("row", "column"), np.zeros((nrow, ncol), np.int32), {"long_name": "pipeline aperture bit flags"})
     log.info("%s: %s FFI image %s, 1 epoch, %d x %d pixels", path, mission, image.name, nrow, ncol)
     return ds
@@ -414,18 +483,24 @@ def _read_kepler_ffi(hdul, image: fits.ImageHDU, path: Path) -> xr.Dataset:
 
 # ------------------------------------------------------------------ checks and fields
 
-def validate_for_modelling(ds: xr.Dataset, name: str = "cube", *, min_pixels: int = MIN_PIXELS,
-                           min_cadences: int = MIN_CADENCES) -> None:
+
+def validate_for_modelling(
+    ds: xr.Dataset, name: str = "cube", *, min_pixels: int = MIN_PIXELS, min_cadences: int = MIN_CADENCES
+) -> None:
     """Raise :class:`CubeError` naming ``name`` if ``ds`` is too small for a scene model (LFD) or CPM."""
     npix = n_pixels(ds)
     nt = int(ds.sizes["time"])
     if npix < min_pixels:
         plural = "pixel" if npix == 1 else "pixels"
-        raise CubeError(f"{name}: {npix} {plural}: too small for a scene model or CPM (needs at least {min_pixels} pixels)")
+        raise CubeError(
+            f"{name}: {npix} {plural}: too small for a scene model or CPM (needs at least {min_pixels} pixels)"
+        )
     if nt < min_cadences:
         plural = "cadence" if nt == 1 else "cadences"
-        raise CubeError(f"{name}: {nt} {plural}: a single image has no time series to model or de-trend "
-                        f"(needs at least {min_cadences} cadences)")
+        raise CubeError(
+            f"{name}: {nt} {plural}: a single image has no time series to model or de-trend "
+            f"(needs at least {min_cadences} cadences)"
+        )
     flux = np.asarray(ds["flux"].values)
     if not np.isfinite(flux).any():
         raise CubeError(f"{name}: every flux value is NaN")
@@ -457,20 +532,25 @@ def read_field(files) -> xr.Dataset:
     stamps = [read_fits_cube(f) for f in files]
     for f, st in zip(files, stamps):
         if st.attrs.get("product") in ("kepler_ffi", "tesscut"):
-            raise CubeError(f"{f}: a {st.attrs['product']} cannot be joined with other files; "
-                            f"use it as a field of its own")
+            raise CubeError(
+                f"{f}: a {st.attrs['product']} cannot be joined with other files; use it as a field of its own"
+            )
     key0 = _group_key(stamps[0])
     for f, st in zip(files[1:], stamps[1:]):
         key = _group_key(st)
         if key != key0:
-            raise CubeError(f"{f}: is {_describe_key(key)}, but {files[0]} is {_describe_key(key0)}; "
-                            f"one field holds the stamps of one channel and quarter only")
+            raise CubeError(
+                f"{f}: is {_describe_key(key)}, but {files[0]} is {_describe_key(key0)}; "
+                f"one field holds the stamps of one channel and quarter only"
+            )
     cad0 = stamps[0]["cadenceno"].values
     for f, st in zip(files[1:], stamps[1:]):
         cad = st["cadenceno"].values
         if cad.shape != cad0.shape or not np.array_equal(cad, cad0):
-            raise CubeError(f"{f}: has {cad.size} cadences ({cad[:1]}..{cad[-1:]}), different from {files[0]} "
-                            f"({cad0.size} cadences, {cad0[:1]}..{cad0[-1:]})")
+            raise CubeError(
+                f"{f}: has {cad.size} cadences ({cad[:1]}..{cad[-1:]}), different from {files[0]} "
+                f"({cad0.size} cadences, {cad0[:1]}..{cad0[-1:]})"
+            )
         if not np.allclose(st["time"].values, stamps[0]["time"].values, atol=1e-4, equal_nan=True):
             raise CubeError(f"{f}: time stamps differ from those of {files[0]} at equal cadence numbers")
     # quality flags are per target; keep the union of the bits of all stamps
@@ -480,8 +560,13 @@ def read_field(files) -> xr.Dataset:
     for k in TARGET_ATTRS:  # stamp 0's target is not the field's target; all are in attrs['stamps']
         out.attrs.pop(k, None)
     out.attrs["source_files"] = json.dumps([str(f) for f in files])
-    log.info("joined %d stamps (%s) into a pixel table of %d pixels x %d cadences", len(stamps),
-             _describe_key(key0), out.sizes["pixel"], out.sizes["time"])
+    log.info(
+        "joined %d stamps (%s) into a pixel table of %d pixels x %d cadences",
+        len(stamps),
+        _describe_key(key0),
+        out.sizes["pixel"],
+        out.sizes["time"],
+    )
     return out
 
 
@@ -524,7 +609,10 @@ def write_cube_with_provenance(ds: xr.Dataset, files, out_cube, *, field: str, s
     files = [Path(f) for f in files]
     ds.attrs["field"] = field
     ds.attrs["provenance"] = provenance_json(
-        step, inputs=files, config=config, field=field,
+        step,
+        inputs=files,
+        config=config,
+        field=field,
         input_sha256={str(f): _sha256(f) for f in files},
     )
     try:
@@ -541,4 +629,6 @@ def write_local_field(local_params: dict, out_cube, field: str) -> Path:
     files = local_files(local_params)
     log.info("field %s: reading %d local file(s)", field, len(files))
     ds = read_field(files)
-    return write_cube_with_provenance(ds, files, out_cube, field=field, step="download_local", config=dict(local_params))
+    return write_cube_with_provenance(
+        ds, files, out_cube, field=field, step="download_local", config=dict(local_params)
+    )

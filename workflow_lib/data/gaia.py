@@ -16,6 +16,7 @@ sky, so ``column = column[0] + x`` and ``row = row[0] + y``; an integer value is
 source is *on the cutout* when its centre falls on a pixel, i.e. ``-0.5 <= x < ncol - 0.5`` (same
 for y). Its distance to the cutout is the distance from its centre to the nearest pixel's square.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,24 +33,57 @@ from astropy import units as u
 from astropy.coordinates import Distance, SkyCoord
 from astropy.table import MaskedColumn, Table
 from astropy.time import Time
+
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance
 from workflow_lib.data.cube import CubeError, cube_wcs, open_cube
 
-
 log = get_logger("gaia")
 
 #: Gaia DR3 columns every catalog carries (the input-catalog format of docs/DATA_MODEL.md)
-GAIA_COLUMNS = ("source_id", "ra", "dec", "pmra", "pmdec", "parallax", "phot_g_mean_flux",
-                "phot_g_mean_mag", "bp_rp", "ref_epoch")
-GAIA_UNITS = {"ra": u.deg, "dec": u.deg, "pmra": u.mas / u.yr, "pmdec": u.mas / u.yr,
-              "parallax": u.mas, "phot_g_mean_flux": u.electron / u.s, "phot_g_mean_mag": u.mag,
-              "bp_rp": u.mag, "ref_epoch": u.yr}
+GAIA_COLUMNS = (
+    "source_id",
+    "ra",
+    "dec",
+    "pmra",
+    "pmdec",
+    "parallax",
+    "phot_g_mean_flux",
+    "phot_g_mean_mag",
+    "bp_rp",
+    "ref_epoch",
+)
+GAIA_UNITS = {
+    "ra": u.deg,
+    "dec": u.deg,
+    "pmra": u.mas / u.yr,
+    "pmdec": u.mas / u.yr,
+    "parallax": u.mas,
+    "phot_g_mean_flux": u.electron / u.s,
+    "phot_g_mean_mag": u.mag,
+    "bp_rp": u.mag,
+    "ref_epoch": u.yr,
+}
 #: columns of the output ``catalog.ecsv``, in order
-OUTPUT_COLUMNS = ("source_id", "ra", "dec", "ra_ref", "dec_ref", "pmra", "pmdec", "parallax",
-                  "phot_g_mean_flux", "phot_g_mean_mag", "bp_rp", "column", "row", "expected_flux",
-                  "on_cutout", "stamp")
+OUTPUT_COLUMNS = (
+    "source_id",
+    "ra",
+    "dec",
+    "ra_ref",
+    "dec_ref",
+    "pmra",
+    "pmdec",
+    "parallax",
+    "phot_g_mean_flux",
+    "phot_g_mean_mag",
+    "bp_rp",
+    "column",
+    "row",
+    "expected_flux",
+    "on_cutout",
+    "stamp",
+)
 #: G limit used when ``gaia.mag_limit`` is null
 DEFAULT_MAG_LIMIT = {"TESS": 19.0, "Kepler": 18.0, "K2": 18.0}
 #: a-priori instrument-band flux: (reference magnitude, e-/s at that magnitude); T ~ Kp ~ G
@@ -124,8 +158,10 @@ def normalize_catalog(table: Table, name: str = "catalog") -> Table:
     if "phot_g_mean_mag" not in lower and "phot_g_mean_flux" not in lower:
         missing.append("phot_g_mean_mag (or phot_g_mean_flux)")
     if missing:
-        raise GaiaError(f"{name}: catalog lacks required column(s) {missing}; "
-                        f"expected Gaia DR3 names {list(GAIA_COLUMNS)} (has {table.colnames})")
+        raise GaiaError(
+            f"{name}: catalog lacks required column(s) {missing}; "
+            f"expected Gaia DR3 names {list(GAIA_COLUMNS)} (has {table.colnames})"
+        )
     n = len(table)
     sid_col = table[lower["source_id"]]
     if getattr(sid_col, "mask", None) is not None and np.any(sid_col.mask):
@@ -172,8 +208,16 @@ def normalize_catalog(table: Table, name: str = "catalog") -> Table:
     return out
 
 
-_FORMATS = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits", ".fit": "fits", ".fts": "fits",
-            ".vot": "votable", ".votable": "votable", ".xml": "votable"}
+_FORMATS = {
+    ".ecsv": "ascii.ecsv",
+    ".csv": "ascii.csv",
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fts": "fits",
+    ".vot": "votable",
+    ".votable": "votable",
+    ".xml": "votable",
+}
 
 
 def read_catalog(path) -> Table:
@@ -198,8 +242,9 @@ def read_catalog(path) -> Table:
             else:
                 table = Table.read(path)
     except Exception as exc:  # astropy raises many kinds
-        raise GaiaError(f"{path}: cannot read catalog ({type(exc).__name__}: {exc}); "
-                        "expected ECSV, CSV, FITS or VOTable") from exc
+        raise GaiaError(
+            f"{path}: cannot read catalog ({type(exc).__name__}: {exc}); expected ECSV, CSV, FITS or VOTable"
+        ) from exc
     log.info("read %d sources from %s", len(table), path)
     return normalize_catalog(table, str(path))
 
@@ -223,15 +268,20 @@ def build_adql(centers: SkyCoord, radii, mag_limit: float, table: str = DEFAULT_
         raise GaiaError(f"gaia.table {table!r} is not a schema.table name")
     centers = centers.icrs.reshape(-1) if not centers.isscalar else centers.icrs.reshape((1,))
     radii = np.broadcast_to(u.Quantity(radii, u.deg).to_value(u.deg), centers.shape)
-    circles = [f"1 = CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {c.ra.deg:.8f}, {c.dec.deg:.8f}, {r:.8f}))"
-               for c, r in zip(centers, radii)]
+    circles = [
+        f"1 = CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {c.ra.deg:.8f}, {c.dec.deg:.8f}, {r:.8f}))"
+        for c, r in zip(centers, radii)
+    ]
     where = circles[0] if len(circles) == 1 else "(" + "\n    OR ".join(circles) + ")"
-    return (f"SELECT {', '.join(GAIA_COLUMNS)}\nFROM {table}\nWHERE {where}\n"
-            f"AND phot_g_mean_mag <= {float(mag_limit):.3f}\nORDER BY source_id")
+    return (
+        f"SELECT {', '.join(GAIA_COLUMNS)}\nFROM {table}\nWHERE {where}\n"
+        f"AND phot_g_mean_mag <= {float(mag_limit):.3f}\nORDER BY source_id"
+    )
 
 
-def query_gaia(center: SkyCoord, radius, mag_limit: float, table: str = DEFAULT_TABLE,
-               cache_dir=None, *, timeout_s: float = 300.0) -> Table:
+def query_gaia(
+    center: SkyCoord, radius, mag_limit: float, table: str = DEFAULT_TABLE, cache_dir=None, *, timeout_s: float = 300.0
+) -> Table:
     """Gaia sources within ``radius`` of ``center`` (each, when arrays) down to G = ``mag_limit``.
 
     Runs an asynchronous ADQL job on the Gaia archive (``astroquery.gaia``); the result is cached
@@ -253,6 +303,7 @@ def query_gaia(center: SkyCoord, radius, mag_limit: float, table: str = DEFAULT_
         result = parts[0]
     else:
         from astropy.table import unique, vstack
+
         result = unique(vstack(parts, metadata_conflicts="silent"), keys="source_id")
     result = normalize_catalog(result, "Gaia archive result")
     result.sort("source_id")
@@ -330,10 +381,16 @@ def propagate_to_epoch(table: Table, obstime: Time) -> Table:
     moving = pm_tot > 0
     for ep in np.unique(epochs[moving]):
         sel = moving & (epochs == ep)
-        c = SkyCoord(ra=ra0[sel] * u.deg, dec=dec0[sel] * u.deg, distance=Distance(dist_pc[sel] * u.pc),
-                     pm_ra_cosdec=pmra[sel] * u.mas / u.yr, pm_dec=pmdec[sel] * u.mas / u.yr,
-                     radial_velocity=np.zeros(sel.sum()) * u.km / u.s, frame="icrs",
-                     obstime=Time(ep, format="jyear", scale="tcb"))
+        c = SkyCoord(
+            ra=ra0[sel] * u.deg,
+            dec=dec0[sel] * u.deg,
+            distance=Distance(dist_pc[sel] * u.pc),
+            pm_ra_cosdec=pmra[sel] * u.mas / u.yr,
+            pm_dec=pmdec[sel] * u.mas / u.yr,
+            radial_velocity=np.zeros(sel.sum()) * u.km / u.s,
+            frame="icrs",
+            obstime=Time(ep, format="jyear", scale="tcb"),
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=Warning)  # ERFA 'distance overridden' etc.
             moved = c.apply_space_motion(new_obstime=obstime)
@@ -446,8 +503,14 @@ def sky_to_pixel(table: Table, cube) -> Table:
         d = _distance_to_pixels(ck, rk, pcol[sel], prow[sel])
         # overlapping stamps (neighbouring Kepler targets): a source on several goes to the one it
         # is deepest inside (largest distance to the stamp's bounding-box edge)
-        depth = np.minimum.reduce([ck - (pcol[sel].min() - 0.5), pcol[sel].max() + 0.5 - ck,
-                                   rk - (prow[sel].min() - 0.5), prow[sel].max() + 0.5 - rk])
+        depth = np.minimum.reduce(
+            [
+                ck - (pcol[sel].min() - 0.5),
+                pcol[sel].max() + 0.5 - ck,
+                rk - (prow[sel].min() - 0.5),
+                prow[sel].max() + 0.5 - rk,
+            ]
+        )
         score = np.where(d > 0, d, -depth)
         better = score < best_score
         best_score[better] = score[better]
@@ -504,8 +567,14 @@ def crossmatch(cube, catalog_table: Table, margin_pixels: float = 4.0, mag_limit
         "mag_limit": float(mag_limit),
         "n_on_cutout": int(np.sum(out["on_cutout"])),
     }
-    log.info("crossmatch: %d sources kept (%d on the cutout), G <= %.1f, margin %.1f px, mid-time JD %.5f TDB",
-             len(out), out.meta["n_on_cutout"], mag_limit, margin_pixels, tmid.jd)
+    log.info(
+        "crossmatch: %d sources kept (%d on the cutout), G <= %.1f, margin %.1f px, mid-time JD %.5f TDB",
+        len(out),
+        out.meta["n_on_cutout"],
+        mag_limit,
+        margin_pixels,
+        tmid.jd,
+    )
     return out
 
 
@@ -526,8 +595,16 @@ def _footprints(cube) -> list[tuple[SkyCoord, float, float]]:
                 continue
             col0, row0 = _stamp_origin(cube, k, hdr)
             cols, rows = cube["column"].values[sel] - col0, cube["row"].values[sel] - row0
-            items.append((k, cube_wcs(cube, stamp=k), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min(),
-                          float(cols.min()), float(rows.min())))
+            items.append(
+                (
+                    k,
+                    cube_wcs(cube, stamp=k),
+                    cols.max() + 1 - cols.min(),
+                    rows.max() + 1 - rows.min(),
+                    float(cols.min()),
+                    float(rows.min()),
+                )
+            )
     for _, wcs, ncol, nrow, x0, y0 in items:
         if wcs is None:
             continue
@@ -536,6 +613,7 @@ def _footprints(cube) -> list[tuple[SkyCoord, float, float]]:
         centre = wcs.pixel_to_world(x0 + (ncol - 1) / 2.0, y0 + (nrow - 1) / 2.0)
         corners = wcs.pixel_to_world(xs, ys)
         from astropy.wcs.utils import proj_plane_pixel_scales
+
         scale = float(np.max(proj_plane_pixel_scales(wcs.celestial)))
         out.append((centre, float(centre.separation(corners).deg.max()), scale))
     return out
@@ -589,8 +667,9 @@ def crossmatch_field(cube_path, out_catalog, gaia_params: dict, local_catalog: s
     mag_limit = params.get("mag_limit")
     mag_limit = DEFAULT_MAG_LIMIT[mission] if mag_limit is None else float(mag_limit)
     margin = float(params.get("margin_pixels", 4.0))
-    has_wcs = (any(json.loads(cube.attrs.get("stamp_wcs", "[]"))) if _is_pixel_table(cube)
-               else bool(cube.attrs.get("wcs")))
+    has_wcs = (
+        any(json.loads(cube.attrs.get("stamp_wcs", "[]"))) if _is_pixel_table(cube) else bool(cube.attrs.get("wcs"))
+    )
     if not has_wcs:
         raise CubeError(f"{cube_path}: cube has no WCS; cannot crossmatch it with a catalog")
     inputs = [str(cube_path)]
@@ -603,17 +682,24 @@ def crossmatch_field(cube_path, out_catalog, gaia_params: dict, local_catalog: s
         centres = SkyCoord([f[0] for f in fps])
         radii = np.array([f[1] + margin * f[2] for f in fps]) * u.deg + PM_PADDING
         try:
-            catalog = query_gaia(centres, radii, mag_limit, params.get("table", DEFAULT_TABLE),
-                                 params.get("cache_dir", "results/.gaia_cache"),
-                                 timeout_s=float(params.get("timeout_s", 300.0)))
+            catalog = query_gaia(
+                centres,
+                radii,
+                mag_limit,
+                params.get("table", DEFAULT_TABLE),
+                params.get("cache_dir", "results/.gaia_cache"),
+                timeout_s=float(params.get("timeout_s", 300.0)),
+            )
             source = "gaia_archive"
         except GaiaArchiveUnreachable as exc:
             try:
                 catalog = header_catalog(cube)
             except GaiaError:
                 raise GaiaArchiveUnreachable(str(exc).replace("<name>", field)) from exc
-            msg = (f"{cube_path}: {str(exc).replace('<name>', field)} -- falling back to the stamp headers: "
-                   f"only the {len(catalog)} target(s) are known, neighbours are missing")
+            msg = (
+                f"{cube_path}: {str(exc).replace('<name>', field)} -- falling back to the stamp headers: "
+                f"only the {len(catalog)} target(s) are known, neighbours are missing"
+            )
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
             source = "header_targets"

@@ -13,6 +13,7 @@ A light-curve set (LFD, CPM aperture, raw aperture) is stored as zarr with::
 ``write_lightcurve_fits`` writes one FITS file per source that ``lightkurve.read`` opens
 (TIME/FLUX/FLUX_ERR/QUALITY columns with units, TELESCOP/MISSION/OBJECT keywords).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from workflow_lib.core.atomic import atomic_path
 
+from workflow_lib.core.atomic import atomic_path
 
 #: the TELESCOP value lightkurve expects for each mission
 TELESCOP = {"TESS": "TESS", "Kepler": "Kepler", "K2": "Kepler"}
 
 
-def lightcurve_set(flux, flux_err, cube: xr.Dataset, catalog_columns: dict, *, method: str, attrs: dict | None = None) -> xr.Dataset:
+def lightcurve_set(
+    flux, flux_err, cube: xr.Dataset, catalog_columns: dict, *, method: str, attrs: dict | None = None
+) -> xr.Dataset:
     """Assemble a ``(source, time)`` light-curve Dataset.
 
     ``catalog_columns`` maps a column name to a 1-D array of length nsource; it must hold
@@ -54,7 +57,19 @@ def lightcurve_set(flux, flux_err, cube: xr.Dataset, catalog_columns: dict, *, m
         },
         coords=coords,
     )
-    keep = ("mission", "sector", "quarter", "campaign", "camera", "ccd", "channel", "time_system", "time_offset", "time_scale", "field")
+    keep = (
+        "mission",
+        "sector",
+        "quarter",
+        "campaign",
+        "camera",
+        "ccd",
+        "channel",
+        "time_system",
+        "time_offset",
+        "time_scale",
+        "field",
+    )
     ds.attrs.update({k: v for k, v in cube.attrs.items() if k in keep})
     ds.attrs["method"] = method
     if attrs:
@@ -84,8 +99,14 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     h["OBJECT"] = (f"Gaia DR3 {sid}", "Gaia DR3 source_id of the target")
     h["GAIAID"] = (sid, "Gaia DR3 source_id")
     h["METHOD"] = (lc.attrs.get("method", ""), "photometry method (LFD, CPM, RAW)")
-    for key, fkey in (("sector", "SECTOR"), ("camera", "CAMERA"), ("ccd", "CCD"), ("quarter", "QUARTER"),
-                      ("campaign", "CAMPAIGN"), ("channel", "CHANNEL")):
+    for key, fkey in (
+        ("sector", "SECTOR"),
+        ("camera", "CAMERA"),
+        ("ccd", "CCD"),
+        ("quarter", "QUARTER"),
+        ("campaign", "CAMPAIGN"),
+        ("channel", "CHANNEL"),
+    ):
         if key in lc.attrs and lc.attrs[key] is not None:
             h[fkey] = _header_value(lc.attrs[key])
     for name in lc.coords:

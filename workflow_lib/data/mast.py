@@ -16,6 +16,7 @@ manifest per request) touches no network at all, and TPFs already in the cache a
 again. Network steps are retried ``retries`` times with exponential backoff; when MAST cannot be
 reached the error says so and points to ``source: local``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -32,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.data.cube import CubeError
 from workflow_lib.data.fits_reader import read_field, read_fits_cube, write_cube_with_provenance
-
 
 log = get_logger("mast")
 
@@ -52,6 +53,7 @@ class MastError(RuntimeError):
 
 
 # ------------------------------------------------------------------ network plumbing
+
 
 class _TimeoutAdapter(HTTPAdapter):
     """HTTP adapter that applies a default timeout to every request astroquery makes."""
@@ -126,14 +128,15 @@ def with_retries(fn, what: str, *, retries: int = 3, backoff_s: float = 5.0):
 
 # ------------------------------------------------------------------ targets
 
+
 def parse_target(target, mission: str):
     """``(SkyCoord or None, objectname or None)`` for a target string.
 
     ``"RA Dec"`` (degrees) gives coordinates; a bare number becomes ``TIC n`` / ``KIC n`` / ``EPIC n``;
     anything else is a name for the MAST resolver.
     """
-    from astropy.coordinates import SkyCoord
     import astropy.units as u
+    from astropy.coordinates import SkyCoord
 
     if target is None or str(target).strip() == "":
         raise MastError("mast.target is required (a name, TIC/KIC/EPIC id, or 'RA Dec' in degrees)")
@@ -191,17 +194,25 @@ def resolve_target(target, mission: str, *, retries: int, backoff_s: float, time
         except ResolverError as exc:
             raise MastError(f"MAST could not resolve target {name!r}: {exc}") from exc
 
-    coord = with_retries(lambda: call_with_timeout(_resolve, timeout_s, f"resolving {name!r}"), f"resolving {name!r}",
-                         retries=retries, backoff_s=backoff_s)
+    coord = with_retries(
+        lambda: call_with_timeout(_resolve, timeout_s, f"resolving {name!r}"),
+        f"resolving {name!r}",
+        retries=retries,
+        backoff_s=backoff_s,
+    )
     log.info("resolved %r to RA %.6f Dec %.6f", name, coord.ra.deg, coord.dec.deg)
     return coord
 
 
 # ------------------------------------------------------------------ cache
 
+
 def request_key(mast_params: dict) -> str:
     """Directory name of one request in the cache (mission, target and selection, hashed)."""
-    keep = {k: mast_params.get(k) for k in ("mission", "target", "sector", "quarter", "campaign", "size", "radius_arcmin", "max_tpfs")}
+    keep = {
+        k: mast_params.get(k)
+        for k in ("mission", "target", "sector", "quarter", "campaign", "size", "radius_arcmin", "max_tpfs")
+    }
     digest = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9]+", "_", str(mast_params.get("target", "")))[:40].strip("_")
     return f"{mast_params.get('mission', 'TESS').lower()}_{slug}_{digest}"
@@ -251,17 +262,22 @@ def _check_file(path: Path) -> None:
 
 # ------------------------------------------------------------------ TESS
 
-def download_tesscut(mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0) -> list[Path]:
+
+def download_tesscut(
+    mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0
+) -> list[Path]:
     """Fetch one TESScut cube (one sector) into ``cache_dir/tesscut/<key>/``; returns ``[path]``."""
     from astroquery.mast.cutouts import TesscutClass
 
     cache_dir = Path(cache_dir)
     key = request_key(mast_params)
-    coord = resolve_target(mast_params.get("target"), "TESS", retries=retries, backoff_s=backoff_s,
-                           timeout_s=min(timeout_s, 60.0))
+    coord = resolve_target(
+        mast_params.get("target"), "TESS", retries=retries, backoff_s=backoff_s, timeout_s=min(timeout_s, 60.0)
+    )
     client = _with_timeout(TesscutClass(), timeout_s)
     sector = mast_params.get("sector")
     if sector is None:
+
         def _sectors():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -271,17 +287,24 @@ def download_tesscut(mast_params: dict, cache_dir, *, retries: int = 3, timeout_
         if len(table) == 0:
             raise MastError(f"target {mast_params.get('target')!r} is not on any TESS sector (TESScut)")
         sector = int(min(table["sector"]))
-        log.info("no sector given; TESScut has sectors %s, using sector %d", sorted(set(int(s) for s in table["sector"])), sector)
+        log.info(
+            "no sector given; TESScut has sectors %s, using sector %d",
+            sorted(set(int(s) for s in table["sector"])),
+            sector,
+        )
     size = int(mast_params.get("size", 64))
     dest = cache_dir / "tesscut" / key
     work = cache_dir / "tesscut" / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
 
     def _download():
-        return _in_fresh_dir(work, lambda: client.download_cutouts(coordinates=coord, size=size, sector=sector,
-                                                                   path=str(work)))
+        return _in_fresh_dir(
+            work, lambda: client.download_cutouts(coordinates=coord, size=size, sector=sector, path=str(work))
+        )
 
     try:
-        table = with_retries(_download, f"TESScut download (sector {sector}, {size}x{size} px)", retries=retries, backoff_s=backoff_s)
+        table = with_retries(
+            _download, f"TESScut download (sector {sector}, {size}x{size} px)", retries=retries, backoff_s=backoff_s
+        )
         paths = [Path(p) for p in table["Local Path"]] if len(table) else []
         fits_files = [p for p in paths if p.name.endswith((".fits", ".fits.gz"))]
         if not fits_files:
@@ -302,6 +325,7 @@ def download_tesscut(mast_params: dict, cache_dir, *, retries: int = 3, timeout_
 
 # ------------------------------------------------------------------ Kepler / K2
 
+
 def _campaign_from_filename(name: str):
     """K2 campaign of a TPF file name (``ktwo...-c04_lpd-targ``; split campaigns ``c91``, ``c102``, ``c111``)."""
     m = re.search(r"-c(\d+)_", name)
@@ -316,10 +340,12 @@ def _quarter_from_description(desc: str):
     return int(m.group(1)) if m else None
 
 
-def select_tpf_products(products, observations, coord, mission: str, *, quarter=None, campaign=None, max_tpfs: int = 200):
+def select_tpf_products(
+    products, observations, coord, mission: str, *, quarter=None, campaign=None, max_tpfs: int = 200
+):
     """The ``*lpd-targ.fits*`` products of one quarter/campaign, nearest observation first, at most ``max_tpfs``."""
-    from astropy.coordinates import SkyCoord
     import astropy.units as u
+    from astropy.coordinates import SkyCoord
 
     names = [str(n) for n in products["productFilename"]]
     keep = np.array([fnmatch.fnmatch(n, TPF_PATTERN) for n in names], dtype=bool)
@@ -336,7 +362,10 @@ def select_tpf_products(products, observations, coord, mission: str, *, quarter=
     if len(sel) == 0:
         return sel
     # distance of each product's observation from the target
-    obs_pos = {str(o): (float(ra), float(dec)) for o, ra, dec in zip(observations["obsid"], observations["s_ra"], observations["s_dec"])}
+    obs_pos = {
+        str(o): (float(ra), float(dec))
+        for o, ra, dec in zip(observations["obsid"], observations["s_ra"], observations["s_dec"])
+    }
     pos = np.array([obs_pos.get(str(o), (np.nan, np.nan)) for o in sel["obsID"]], dtype=float)
     sep = SkyCoord(pos[:, 0] * u.deg, pos[:, 1] * u.deg).separation(coord).arcsec
     sep = np.where(np.isfinite(sep), sep, np.inf)
@@ -348,23 +377,27 @@ def select_tpf_products(products, observations, coord, mission: str, *, quarter=
     return sel[: int(max_tpfs)]
 
 
-def download_kepler_tpfs(mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0) -> list[Path]:
+def download_kepler_tpfs(
+    mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0
+) -> list[Path]:
     """Fetch the Kepler/K2 TPFs of one quarter/campaign around the target into ``cache_dir/tpf/``."""
     import astropy.units as u
     from astroquery.mast import ObservationsClass
 
     cache_dir = Path(cache_dir)
     mission = mast_params.get("mission", "Kepler")
-    coord = resolve_target(mast_params.get("target"), mission, retries=retries, backoff_s=backoff_s,
-                           timeout_s=min(timeout_s, 60.0))
+    coord = resolve_target(
+        mast_params.get("target"), mission, retries=retries, backoff_s=backoff_s, timeout_s=min(timeout_s, 60.0)
+    )
     radius = float(mast_params.get("radius_arcmin", 5.0)) * u.arcmin
     client = _with_timeout(ObservationsClass(), timeout_s)
 
     def _query():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return client.query_criteria(coordinates=coord, radius=radius, obs_collection=mission,
-                                         dataproduct_type=["cube", "timeseries"])
+            return client.query_criteria(
+                coordinates=coord, radius=radius, obs_collection=mission, dataproduct_type=["cube", "timeseries"]
+            )
 
     obs = with_retries(_query, f"MAST {mission} observation query", retries=retries, backoff_s=backoff_s)
     if len(obs) == 0:
@@ -377,12 +410,21 @@ def download_kepler_tpfs(mast_params: dict, cache_dir, *, retries: int = 3, time
             return client.get_product_list(obs)
 
     products = with_retries(_products, "MAST product list", retries=retries, backoff_s=backoff_s)
-    sel = select_tpf_products(products, obs, coord, mission, quarter=mast_params.get("quarter"),
-                              campaign=mast_params.get("campaign"), max_tpfs=int(mast_params.get("max_tpfs", 200)))
+    sel = select_tpf_products(
+        products,
+        obs,
+        coord,
+        mission,
+        quarter=mast_params.get("quarter"),
+        campaign=mast_params.get("campaign"),
+        max_tpfs=int(mast_params.get("max_tpfs", 200)),
+    )
     what = f"quarter {mast_params.get('quarter')}" if mission == "Kepler" else f"campaign {mast_params.get('campaign')}"
     if len(sel) == 0:
-        raise MastError(f"MAST has no {mission} target pixel files ({TPF_PATTERN}) of {what} within {radius} "
-                        f"of {mast_params.get('target')!r}")
+        raise MastError(
+            f"MAST has no {mission} target pixel files ({TPF_PATTERN}) of {what} within {radius} "
+            f"of {mast_params.get('target')!r}"
+        )
     tpf_dir = cache_dir / "tpf" / mission.lower()
     tpf_dir.mkdir(parents=True, exist_ok=True)
     wanted = [tpf_dir / Path(str(n)).name for n in sel["productFilename"]]
@@ -394,13 +436,18 @@ def download_kepler_tpfs(mast_params: dict, cache_dir, *, retries: int = 3, time
         work = tpf_dir / f".download-{uuid.uuid4().hex[:8]}"
 
         def _download():
-            return _in_fresh_dir(work, lambda: client.download_products(todo, download_dir=str(work), flat=True,
-                                                                        cache=False, verbose=False))
+            return _in_fresh_dir(
+                work,
+                lambda: client.download_products(todo, download_dir=str(work), flat=True, cache=False, verbose=False),
+            )
 
         try:
             manifest = with_retries(_download, f"downloading {len(todo)} TPF(s)", retries=retries, backoff_s=backoff_s)
-            failed = [(str(p), str(m)) for p, s, m in zip(manifest["Local Path"], manifest["Status"], manifest["Message"])
-                      if s != "COMPLETE"]
+            failed = [
+                (str(p), str(m))
+                for p, s, m in zip(manifest["Local Path"], manifest["Status"], manifest["Message"])
+                if s != "COMPLETE"
+            ]
             if failed:
                 raise MastError("MAST download failed for: " + "; ".join(f"{p} ({m})" for p, m in failed))
             for p in manifest["Local Path"]:
@@ -429,7 +476,10 @@ def _same_channel(files: list[Path]) -> list[Path]:
 
 # ------------------------------------------------------------------ entry point
 
-def fetch_files(mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0) -> list[Path]:
+
+def fetch_files(
+    mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0
+) -> list[Path]:
     """The FITS files of a ``source: mast`` field, from the cache or from MAST."""
     mission = mast_params.get("mission", "TESS")
     cached = cached_files(cache_dir, mast_params)
@@ -447,8 +497,15 @@ def fetch_files(mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: fl
     return files
 
 
-def download_field(mast_params: dict, out_cube, field: str, cache_dir: str = "results/.mast_cache",
-                   retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0):
+def download_field(
+    mast_params: dict,
+    out_cube,
+    field: str,
+    cache_dir: str = "results/.mast_cache",
+    retries: int = 3,
+    timeout_s: float = 600,
+    backoff_s: float = 5.0,
+):
     """``download_mast``: fetch the field's files from MAST (or the cache), read them, write the cube."""
     mast_params = dict(mast_params)
     mast_params.setdefault("mission", "TESS")

@@ -32,21 +32,22 @@ sub-sample offset this is 16 strided slices per cadence. Cubic-spline interpolat
 constants, so each star's pixel sum equals its flux at every sub-pixel offset. Variable stars
 get their own small supersampled patch, weighted by their flux at each cadence.
 """
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import scipy.sparse as sp
 import xarray as xr
 from astropy.table import Table
-import scipy.sparse as sp
+
 from workflow_lib.core.atomic import atomic_path
-from workflow_lib.data import tess_prf
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.settings import SCHEMA_PATH
+from workflow_lib.data import tess_prf
 from workflow_lib.data.cube import CubeError, make_cube, wcs_to_header_string, write_zarr_atomic
-
 
 log = get_logger("synthetic")
 
@@ -82,6 +83,7 @@ SOURCE_ID_BASE = 4_623_000_000_000_000_000
 
 # ------------------------------------------------------------------ parameters
 
+
 def default_params() -> dict:
     """The defaults of ``$defs/synthetic`` in ``config/schema.yaml``."""
     import yaml
@@ -111,7 +113,9 @@ def _synthetic_block(text: str) -> str | None:
         i0 = next(i for i in range(start + 1, len(lines)) if lines[i].rstrip() == "  synthetic:")
     except (ValueError, StopIteration):
         return None
-    i1 = next((i for i in range(i0 + 1, len(lines)) if lines[i][:3].strip() and not lines[i].startswith("   ")), len(lines))
+    i1 = next(
+        (i for i in range(i0 + 1, len(lines)) if lines[i][:3].strip() and not lines[i].startswith("   ")), len(lines)
+    )
     return "\n".join(line[2:] for line in lines[i0:i1])
 
 
@@ -139,6 +143,7 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 # ------------------------------------------------------------------ photometry relations
 
+
 def tess_mag_from_gaia(g, bp_rp):
     """TESS magnitude from Gaia G and BP-RP: Stassun et al. (2019, AJ 158, 138), eq. 1 (TIC-8)."""
     c = np.asarray(bp_rp, float)
@@ -163,6 +168,7 @@ def sample_magnitudes(rng, n, mag_min, mag_max, slope=COUNT_SLOPE):
 
 # ------------------------------------------------------------------ time line, pointing, background
 
+
 def time_grid(p: dict):
     """Cadence times [BTJD, mid-exposure], cadence numbers and the kept mask (the gap removed).
 
@@ -175,7 +181,7 @@ def time_grid(p: dict):
     t = T_START + (k + 0.5) * dt
     keep = np.ones(n_tot, bool)
     g0 = (n_tot - n_gap) // 2
-    keep[g0: g0 + n_gap] = False
+    keep[g0 : g0 + n_gap] = False
     return t, k + 1, keep, (g0, g0 + n_gap)
 
 
@@ -214,10 +220,12 @@ def scattered_light(p: dict, t_all, orbit_edges, rng):
     """Scattered-light ramps (time series) near the start and end of each orbit, peak = amplitude."""
     ramp = np.zeros_like(t_all)
     edges = []
-    for (ts, te) in orbit_edges:
+    for ts, te in orbit_edges:
         a_s, a_e = rng.uniform(0.2, 0.6), rng.uniform(0.5, 1.0)
         tau_s, tau_e = rng.uniform(0.3, 0.8), rng.uniform(0.6, 1.5)
-        ramp += a_s * np.exp(-(t_all - ts) / tau_s) * (t_all >= ts) + a_e * np.exp(-(te - t_all) / tau_e) * (t_all <= te)
+        ramp += a_s * np.exp(-(t_all - ts) / tau_s) * (t_all >= ts) + a_e * np.exp(-(te - t_all) / tau_e) * (
+            t_all <= te
+        )
         edges.append(dict(start=ts, end=te, amp_start=a_s, amp_end=a_e, tau_start=tau_s, tau_end=tau_e))
     peak = ramp.max()
     if peak > 0:
@@ -226,6 +234,7 @@ def scattered_light(p: dict, t_all, orbit_edges, rng):
 
 
 # ------------------------------------------------------------------ signals
+
 
 def trapezoid(t, t0, period, duration, depth, ingress):
     """Fractional flux loss of a trapezoidal transit/eclipse (total ``duration``, ``ingress`` time)."""
@@ -239,8 +248,10 @@ def trapezoid(t, t0, period, duration, depth, ingress):
 def bazin(t, t0, amplitude, tau_rise, tau_fall):
     """Supernova light curve of Bazin et al. (2009, A&A 499, 653): A e^{-(t-t0)/tf} / (1+e^{-(t-t0)/tr}),
     scaled so the peak equals ``amplitude``."""
+
     def f(x):
         return np.exp(-x / tau_fall) / (1 + np.exp(-x / tau_rise))
+
     x = np.asarray(t, float) - t0
     tpk = tau_rise * np.log(tau_fall / tau_rise - 1) if tau_fall > tau_rise else 0.0
     with np.errstate(over="ignore"):
@@ -257,19 +268,29 @@ def signal_model(sig: dict, t, dt):
     """Relative flux (multiplicative) or additive flux of one injected signal at times ``t``."""
     kind = sig["kind"]
     if kind in ("planet", "eclipsing_binary"):
+
         def fn(tt):
             loss = trapezoid(tt, sig["t0"], sig["period"], sig["duration"], sig["depth"], sig["ingress"])
             if kind == "eclipsing_binary":
-                loss = loss + trapezoid(tt, sig["t0"] + 0.5 * sig["period"], sig["period"], sig["duration"],
-                                        sig["secondary_depth"], sig["ingress"])
+                loss = loss + trapezoid(
+                    tt,
+                    sig["t0"] + 0.5 * sig["period"],
+                    sig["period"],
+                    sig["duration"],
+                    sig["secondary_depth"],
+                    sig["ingress"],
+                )
             return 1 - loss
+
         return _supersampled(fn, t, dt)
     if kind in ("rotator", "pulsator"):
+
         def fn(tt):
             out = np.ones_like(tt)
             for per, amp, ph in zip(sig["periods"], sig["amplitudes"], sig["phases"]):
                 out = out + amp * np.sin(2 * np.pi * tt / per + ph)
             return out
+
         return _supersampled(fn, t, dt)
     if kind == "transient":  # additive, e-/s
         return _supersampled(lambda tt: bazin(tt, sig["t0"], sig["amplitude"], sig["tau_rise"], sig["tau_fall"]), t, dt)
@@ -278,10 +299,13 @@ def signal_model(sig: dict, t, dt):
 
 # ------------------------------------------------------------------ rendering
 
+
 def bspline3_weights(u):
     """Cubic B-spline weights of the 4 coefficients c[i-1..i+2] for fractional offset ``u`` in [0, 1)."""
     u = np.asarray(u, float)
-    return np.stack([(1 - u) ** 3 / 6, (3 * u**3 - 6 * u**2 + 4) / 6, (-3 * u**3 + 3 * u**2 + 3 * u + 1) / 6, u**3 / 6], axis=-1)
+    return np.stack(
+        [(1 - u) ** 3 / 6, (3 * u**3 - 6 * u**2 + 4) / 6, (-3 * u**3 + 3 * u**2 + 3 * u + 1) / 6, u**3 / 6], axis=-1
+    )
 
 
 def sample_shifted(coef, n_i, n_j, a0, b0, step=tess_prf.NSAMP):
@@ -372,7 +396,9 @@ class SceneRenderer:
     def image(self, drow=0.0, dcol=0.0):
         """The cutout image with every star displaced by (drow, dcol) px."""
         s, o = self.step, tess_prf.COEF_PAD
-        return sample_shifted(self.coef, self.n_rows, self.n_cols, o + s * (self.pad - drow), o + s * (self.pad - dcol), step=s)
+        return sample_shifted(
+            self.coef, self.n_rows, self.n_cols, o + s * (self.pad - drow), o + s * (self.pad - dcol), step=s
+        )
 
 
 def star_image(prf_coef, row, col, i0, j0, n_i, n_j):
@@ -387,10 +413,11 @@ def _add_clipped(img, patch, i0, j0):
     a0, b0 = max(i0, 0), max(j0, 0)
     a1, b1 = min(i0 + patch.shape[0], n_i), min(j0 + patch.shape[1], n_j)
     if a1 > a0 and b1 > b0:
-        img[a0:a1, b0:b1] += patch[a0 - i0: a1 - i0, b0 - j0: b1 - j0]
+        img[a0:a1, b0:b1] += patch[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
 
 
 # ------------------------------------------------------------------ WCS
+
 
 def make_wcs(p: dict, rng=None):
     """TAN WCS at 21"/px centred on (ra, dec) at the cutout centre; 0-based (column, row) index input."""
@@ -409,6 +436,7 @@ def make_wcs(p: dict, rng=None):
 
 
 # ------------------------------------------------------------------ the scene
+
 
 def _make_scene(p, rng):
     """Star list (dict of arrays) in pixel-index coordinates at mid-sector."""
@@ -487,13 +515,19 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     used = set()
 
     def pick(lo, hi, edge, prefer_new=False):
-        idx = np.flatnonzero((stars["gmag"] >= lo) & (stars["gmag"] <= hi) & _inside(stars, np.arange(stars["row"].size), p, edge))
+        idx = np.flatnonzero(
+            (stars["gmag"] >= lo) & (stars["gmag"] <= hi) & _inside(stars, np.arange(stars["row"].size), p, edge)
+        )
         idx = [i for i in idx if i not in used]
         if idx and not prefer_new:
             i = int(r_sig.choice(idx))
         else:  # no suitable star: add one
-            i = _append(stars, row=r_sig.uniform(edge, nr - 1 - edge), col=r_sig.uniform(edge, nc - 1 - edge),
-                        gmag=r_sig.uniform(lo, hi))
+            i = _append(
+                stars,
+                row=r_sig.uniform(edge, nr - 1 - edge),
+                col=r_sig.uniform(edge, nc - 1 - edge),
+                gmag=r_sig.uniform(lo, hi),
+            )
         used.add(i)
         return i
 
@@ -501,11 +535,20 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     edge = min(4.0, (min(nr, nc) - 1) / 4)
     if p["koi608"]:
         e2 = min(8.0, (min(nr, nc) - 1) / 3)
-        ib = _append(stars, row=r_sig.uniform(e2, nr - 1 - e2), col=r_sig.uniform(e2, nc - 1 - e2), gmag=r_sig.uniform(14.3, 14.7))
+        ib = _append(
+            stars,
+            row=r_sig.uniform(e2, nr - 1 - e2),
+            col=r_sig.uniform(e2, nc - 1 - e2),
+            gmag=r_sig.uniform(14.3, 14.7),
+        )
         ang = r_sig.uniform(0, 2 * np.pi)
         sep = r_sig.uniform(0.9, 1.1)
-        ifnt = _append(stars, row=stars["row"][ib] + sep * np.sin(ang), col=stars["col"][ib] + sep * np.cos(ang),
-                       gmag=stars["gmag"][ib] + 2.0)
+        ifnt = _append(
+            stars,
+            row=stars["row"][ib] + sep * np.sin(ang),
+            col=stars["col"][ib] + sep * np.cos(ang),
+            gmag=stars["gmag"][ib] + 2.0,
+        )
         used.update((ib, ifnt))
         koi = (ifnt, ib)
     hosts = []
@@ -556,8 +599,14 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
             t0 = t[0] + r_sig.uniform(0, period)
             if n_events(t0, period, dur) >= 2:
                 break
-        sig = dict(kind="planet", period=period, t0=t0, duration=dur, depth=float(r_sig.uniform(0.004, 0.02)),
-                   ingress=0.15 * dur)
+        sig = dict(
+            kind="planet",
+            period=period,
+            t0=t0,
+            duration=dur,
+            depth=float(r_sig.uniform(0.004, 0.02)),
+            ingress=0.15 * dur,
+        )
         flux_true[i] *= signal_model(sig, t, dt)
         kinds[i] = "planet"
         signals.append(dict(source_id=int(source_id[i]), **sig))
@@ -565,8 +614,16 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
         ifnt, ib = koi
         period = r_sig.uniform(2.0, max(2.1, min(5.0, span / 2.5)))
         dur = min(3.0 / 24, 0.1 * period)
-        sig = dict(kind="eclipsing_binary", period=period, t0=float(t[0] + r_sig.uniform(0, period)), duration=dur,
-                   depth=0.4, secondary_depth=0.15, ingress=0.3 * dur, blended_with=int(source_id[ib]))
+        sig = dict(
+            kind="eclipsing_binary",
+            period=period,
+            t0=float(t[0] + r_sig.uniform(0, period)),
+            duration=dur,
+            depth=0.4,
+            secondary_depth=0.15,
+            ingress=0.3 * dur,
+            blended_with=int(source_id[ib]),
+        )
         flux_true[ifnt] *= signal_model(sig, t, dt)
         kinds[ifnt] = "eclipsing_binary"
         signals.append(dict(source_id=int(source_id[ifnt]), **sig))
@@ -574,20 +631,32 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     for k, i in enumerate(var_idx):
         if k < n_rot:
             per0 = r_sig.uniform(1.0, 12.0)
-            sig = dict(kind="rotator", periods=[per0, per0 / 2], amplitudes=[float(r_sig.uniform(0.003, 0.03)), 0.0],
-                       phases=r_sig.uniform(0, 2 * np.pi, 2).tolist())
+            sig = dict(
+                kind="rotator",
+                periods=[per0, per0 / 2],
+                amplitudes=[float(r_sig.uniform(0.003, 0.03)), 0.0],
+                phases=r_sig.uniform(0, 2 * np.pi, 2).tolist(),
+            )
             sig["amplitudes"][1] = float(r_sig.uniform(0.1, 0.4) * sig["amplitudes"][0])
         else:
             nm = int(r_sig.integers(1, 4))
-            sig = dict(kind="pulsator", periods=r_sig.uniform(0.04, 0.4, nm).tolist(),
-                       amplitudes=r_sig.uniform(0.001, 0.01, nm).tolist(), phases=r_sig.uniform(0, 2 * np.pi, nm).tolist())
+            sig = dict(
+                kind="pulsator",
+                periods=r_sig.uniform(0.04, 0.4, nm).tolist(),
+                amplitudes=r_sig.uniform(0.001, 0.01, nm).tolist(),
+                phases=r_sig.uniform(0, 2 * np.pi, nm).tolist(),
+            )
         flux_true[i] *= signal_model(sig, t, dt)
         kinds[i] = sig["kind"]
         signals.append(dict(source_id=int(source_id[i]), **sig))
     if sn_host is not None:
-        sig = dict(kind="transient", t0=float(t[0] + r_sig.uniform(0.1, 0.4) * span),
-                   amplitude=float(tess_flux(r_sig.uniform(13.5, 14.5))), tau_rise=float(r_sig.uniform(0.8, 2.0)),
-                   tau_fall=float(r_sig.uniform(5.0, 12.0)))
+        sig = dict(
+            kind="transient",
+            t0=float(t[0] + r_sig.uniform(0.1, 0.4) * span),
+            amplitude=float(tess_flux(r_sig.uniform(13.5, 14.5))),
+            tau_rise=float(r_sig.uniform(0.8, 2.0)),
+            tau_fall=float(r_sig.uniform(5.0, 12.0)),
+        )
         flux_true[sn_host] += signal_model(sig, t, dt)
         kinds[sn_host] = "transient"
         signals.append(dict(source_id=int(source_id[sn_host]), **sig))
@@ -615,7 +684,9 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     for k in range(nt):
         img = bright_scene.image(drow[k], dcol[k]) + faint_scene.image(drow[k], dcol[k])
         for i, coef, i0, j0 in patches:
-            stamp = star_image(coef, stars["row"][i] + drow[k], stars["col"][i] + dcol[k], i0, j0, 2 * half + 1, 2 * half + 1)
+            stamp = star_image(
+                coef, stars["row"][i] + drow[k], stars["col"][i] + dcol[k], i0, j0, 2 * half + 1, 2 * half + 1
+            )
             _add_clipped(img, flux_true[i, k] * stamp, i0, j0)
         model[k] = img
     # background: sky level + scattered light with a linear gradient across the cutout
@@ -638,16 +709,30 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     flux[:, bad_rc[0], bad_rc[1]] = np.nan
     flux_err[:, bad_rc[0], bad_rc[1]] = np.nan
 
-    prov = provenance_json("download_synthetic", inputs=[f"workflow_lib/data/tess_prf/{s}" for s in grid.sources],
-                           config=p, field=field)
-    common = dict(sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov,
-                  synthetic=1)
+    prov = provenance_json(
+        "download_synthetic", inputs=[f"workflow_lib/data/tess_prf/{s}" for s in grid.sources], config=p, field=field
+    )
+    common = dict(
+        sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov, synthetic=1
+    )
 
     wcs_hdr = wcs_to_header_string(wcs)
-    cube = make_cube(flux, flux_err, quality, t, cadno, p["corner_row"] + np.arange(nr), p["corner_col"] + np.arange(nc),
-                     mission="TESS", wcs_header=wcs_hdr,
-                     attrs=dict(common, exposure_s=t_exp, bad_pixels=json.dumps(
-                         [[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)])))
+    cube = make_cube(
+        flux,
+        flux_err,
+        quality,
+        t,
+        cadno,
+        p["corner_row"] + np.arange(nr),
+        p["corner_col"] + np.arange(nc),
+        mission="TESS",
+        wcs_header=wcs_hdr,
+        attrs=dict(
+            common,
+            exposure_s=t_exp,
+            bad_pixels=json.dumps([[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)]),
+        ),
+    )
 
     # ---- Gaia-like catalog
     gmag = stars["gmag"]
@@ -680,11 +765,24 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     catalog["phot_g_mean_mag"] = g_cat[sel]
     catalog["bp_rp"] = bprp_cat[sel]
     catalog["ref_epoch"] = np.full(sel.size, REF_EPOCH)
-    for col, unit in (("ra", "deg"), ("dec", "deg"), ("pmra", "mas / yr"), ("pmdec", "mas / yr"), ("parallax", "mas"),
-                      ("phot_g_mean_flux", "electron / s"), ("phot_g_mean_mag", "mag"), ("bp_rp", "mag"), ("ref_epoch", "yr")):
+    for col, unit in (
+        ("ra", "deg"),
+        ("dec", "deg"),
+        ("pmra", "mas / yr"),
+        ("pmdec", "mas / yr"),
+        ("parallax", "mas"),
+        ("phot_g_mean_flux", "electron / s"),
+        ("phot_g_mean_mag", "mag"),
+        ("bp_rp", "mag"),
+        ("ref_epoch", "yr"),
+    ):
         catalog[col].unit = unit
-    catalog.meta.update(description="Gaia-like input catalog of a synthetic TESS field (Gaia DR3 column names)",
-                        field=field, seed=seed, ref_epoch=REF_EPOCH)
+    catalog.meta.update(
+        description="Gaia-like input catalog of a synthetic TESS field (Gaia DR3 column names)",
+        field=field,
+        seed=seed,
+        ref_epoch=REF_EPOCH,
+    )
 
     # ---- truth
     tc = {
@@ -711,8 +809,16 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
         {
             "flux": (("source", "time"), flux_true, {"units": "electron / s", "long_name": "true TESS-band flux"}),
             "drift_row": ("time", drow, {"units": "pix", "long_name": "pointing offset added to every source's row"}),
-            "drift_column": ("time", dcol, {"units": "pix", "long_name": "pointing offset added to every source's column"}),
-            "background": ("time", p["background_level"] + sl, {"units": "electron / s", "long_name": "sky background per pixel at the cutout centre"}),
+            "drift_column": (
+                "time",
+                dcol,
+                {"units": "pix", "long_name": "pointing offset added to every source's column"},
+            ),
+            "background": (
+                "time",
+                p["background_level"] + sl,
+                {"units": "electron / s", "long_name": "sky background per pixel at the cutout centre"},
+            ),
             "background_grad_row": ("time", sl * grad[0] / nr, {"units": "electron / s / pix"}),
             "background_grad_column": ("time", sl * grad[1] / nc, {"units": "electron / s / pix"}),
             "quality": ("time", quality),
@@ -721,12 +827,21 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     )
     truth.attrs.update(common)
     truth.attrs.update(
-        mission="TESS", wcs=wcs_hdr, ref_epoch=REF_EPOCH, obs_epoch=epoch_mid, time_system="BTJD", time_offset=2457000.0,
-        signals=json.dumps(signals, default=float), drift_angle_rad=drift_angle, drift_px=float(p["drift_px"]),
+        mission="TESS",
+        wcs=wcs_hdr,
+        ref_epoch=REF_EPOCH,
+        obs_epoch=epoch_mid,
+        time_system="BTJD",
+        time_offset=2457000.0,
+        signals=json.dumps(signals, default=float),
+        drift_angle_rad=drift_angle,
+        drift_px=float(p["drift_px"]),
         momentum_dumps=json.dumps([float(t_all[i]) for i in dumps_idx]),
         gap=json.dumps([float(t_all[g0]) if g1 > g0 else None, float(t_all[g1 - 1]) if g1 > g0 else None]),
-        scattered_light=json.dumps(sl_edges), exposure_s=t_exp,
-        koi608_faint=int(source_id[koi[0]]) if koi else -1, koi608_bright=int(source_id[koi[1]]) if koi else -1,
+        scattered_light=json.dumps(sl_edges),
+        exposure_s=t_exp,
+        koi608_faint=int(source_id[koi[0]]) if koi else -1,
+        koi608_bright=int(source_id[koi[1]]) if koi else -1,
     )
     if return_model:
         return cube, truth, catalog, model

@@ -28,6 +28,7 @@ Package data (``workflow_lib/data/tess_prf/``) holds the 3x3 grid points of came
 compressed float32 ``.npz`` plus ``sources.json`` naming the original files; rebuild it with
 :func:`build_package_data`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
 from workflow_lib.core.atomic import atomic_path, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.data.cube import CubeError
-
 
 log = get_logger("tess_prf")
 
@@ -85,8 +86,10 @@ def _read_prf_fits(path: Path):
     except (OSError, KeyError, TypeError) as exc:
         raise CubeError(f"{path}: not a TESS SPOC PRF file ({exc})") from exc
     if data.shape != (PRF_SIZE, PRF_SIZE) or nsamp != NSAMP:
-        raise CubeError(f"{path}: expected a {PRF_SIZE}x{PRF_SIZE} PRF sampled {NSAMP}x per pixel, "
-                        f"got shape {data.shape}, NSAMP={nsamp}")
+        raise CubeError(
+            f"{path}: expected a {PRF_SIZE}x{PRF_SIZE} PRF sampled {NSAMP}x per pixel, "
+            f"got shape {data.shape}, NSAMP={nsamp}"
+        )
     return r, c, cam, ccd, data
 
 
@@ -97,8 +100,10 @@ def _assemble(entries, where):
     for r, c, img in entries:
         images[np.searchsorted(rows, r), np.searchsorted(cols, c)] = img
     if np.isnan(images).any():
-        raise CubeError(f"{where}: PRF positions do not form a complete rectangular grid "
-                        f"(rows {rows.tolist()}, cols {cols.tolist()})")
+        raise CubeError(
+            f"{where}: PRF positions do not form a complete rectangular grid "
+            f"(rows {rows.tolist()}, cols {cols.tolist()})"
+        )
     return images, rows, cols
 
 
@@ -129,8 +134,9 @@ def load_prf_grid(directory: str | Path | None = None) -> PRFGrid:
 @functools.lru_cache(maxsize=1)
 def _package_grid() -> PRFGrid:
     if not PACKAGE_FILE.exists():
-        raise CubeError(f"{PACKAGE_FILE}: packaged TESS PRF data missing; rebuild with "
-                        "workflow_lib.tess_prf.build_package_data")
+        raise CubeError(
+            f"{PACKAGE_FILE}: packaged TESS PRF data missing; rebuild with workflow_lib.tess_prf.build_package_data"
+        )
     with np.load(PACKAGE_FILE) as z:
         images = z["images"].astype(np.float64)
         rows, cols = z["rows"].astype(float), z["cols"].astype(float)
@@ -139,8 +145,9 @@ def _package_grid() -> PRFGrid:
     return PRFGrid(rows, cols, images, camera=camera, ccd=ccd, sources=sources)
 
 
-def build_package_data(src_dir: str | Path, out_dir: str | Path = PACKAGE_DIR,
-                       rows=(513, 1025, 1536), cols=(557, 1069, 1580)) -> Path:
+def build_package_data(
+    src_dir: str | Path, out_dir: str | Path = PACKAGE_DIR, rows=(513, 1025, 1536), cols=(557, 1069, 1580)
+) -> Path:
     """Write the packaged PRF subset: the grid points ``rows x cols`` of ``src_dir`` as float32 npz.
 
     A ``sources.json`` beside it records the original file names and their CCD positions.
@@ -158,14 +165,23 @@ def build_package_data(src_dir: str | Path, out_dir: str | Path = PACKAGE_DIR,
     out = out_dir / PACKAGE_FILE.name
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, images=images, rows=np.asarray(rows, float), cols=np.asarray(cols, float),
-                                camera=full.camera, ccd=full.ccd, sources=np.array(names))
+            np.savez_compressed(
+                fh,
+                images=images,
+                rows=np.asarray(rows, float),
+                cols=np.asarray(cols, float),
+                camera=full.camera,
+                ccd=full.ccd,
+                sources=np.array(names),
+            )
     meta = {
         "description": "TESS SPOC PRF models, camera %d CCD %d (Sectors 1-3), subset of the 5x5 grid; "
-                       "images stored as float32 (row-major: axis 0 = CCD row)" % (full.camera, full.ccd),
+        "images stored as float32 (row-major: axis 0 = CCD row)" % (full.camera, full.ccd),
         "origin": "MIT/SPOC tess2018243163601 PRF release (copied via CheerfulUser/TESSreduce test data)",
-        "files": [{"file": n, "ccd_row": float(r), "ccd_col": float(c)}
-                  for n, (r, c) in zip(names, [(r, c) for r in rows for c in cols])],
+        "files": [
+            {"file": n, "ccd_row": float(r), "ccd_col": float(c)}
+            for n, (r, c) in zip(names, [(r, c) for r in rows for c in cols])
+        ],
     }
     write_text_atomic(json.dumps(meta, indent=1) + "\n", out_dir / "sources.json")
     _package_grid.cache_clear()
@@ -174,6 +190,7 @@ def build_package_data(src_dir: str | Path, out_dir: str | Path = PACKAGE_DIR,
 
 def _bilinear_weights(grid: PRFGrid, ccd_row: float, ccd_col: float):
     """Indices and weights of the (up to) four grid points around (row, col), clamped to the grid."""
+
     def axis(nodes, x):
         if nodes.size == 1:
             return 0, 0, 0.0
@@ -194,8 +211,14 @@ def prf_at(ccd_row: float, ccd_col: float, grid: PRFGrid | None = None) -> np.nd
     """
     grid = _package_grid() if grid is None else grid
     if not (grid.rows[0] <= ccd_row <= grid.rows[-1] and grid.cols[0] <= ccd_col <= grid.cols[-1]):
-        log.warning("PRF requested at CCD (row %.1f, col %.1f), outside the PRF grid rows %s cols %s: "
-                    "using the nearest grid edge", ccd_row, ccd_col, grid.rows.tolist(), grid.cols.tolist())
+        log.warning(
+            "PRF requested at CCD (row %.1f, col %.1f), outside the PRF grid rows %s cols %s: "
+            "using the nearest grid edge",
+            ccd_row,
+            ccd_col,
+            grid.rows.tolist(),
+            grid.cols.tolist(),
+        )
     out = np.zeros((PRF_SIZE, PRF_SIZE))
     for i, j, w in _bilinear_weights(grid, ccd_row, ccd_col):
         if w:
@@ -244,7 +267,10 @@ def _grid_coefficients(grid: PRFGrid):
     key = id(grid)
     hit = _COEF_CACHE.get(key)
     if hit is None or hit[0] is not grid:
-        hit = (grid, [[prf_coefficients(grid.images[i, j]) for j in range(grid.cols.size)] for i in range(grid.rows.size)])
+        hit = (
+            grid,
+            [[prf_coefficients(grid.images[i, j]) for j in range(grid.cols.size)] for i in range(grid.rows.size)],
+        )
         _COEF_CACHE.clear()
         _COEF_CACHE[key] = hit
     return hit[1]
@@ -266,8 +292,16 @@ def evaluate_prf(coeffs: np.ndarray, drow, dcol) -> np.ndarray:
     return vals.reshape(drow.shape)
 
 
-def render_prf(ccd_row: float, ccd_col: float, rows, cols, flux: float = 1.0, *,
-               grid: PRFGrid | None = None, prf_image: np.ndarray | None = None) -> np.ndarray:
+def render_prf(
+    ccd_row: float,
+    ccd_col: float,
+    rows,
+    cols,
+    flux: float = 1.0,
+    *,
+    grid: PRFGrid | None = None,
+    prf_image: np.ndarray | None = None,
+) -> np.ndarray:
     """Image of a point source of total ``flux`` at CCD (``ccd_row``, ``ccd_col``) on a pixel grid.
 
     ``rows``/``cols`` are 1-D CCD coordinates of the pixel centres; returns ``(len(rows), len(cols))``.

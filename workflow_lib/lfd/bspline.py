@@ -14,13 +14,20 @@ model that is linear in the weights. Every design matrix here is a ``scipy.spars
 * :func:`tensor_product` - the row-wise Kronecker product of two design matrices (the "cross
   terms" of §4.3 eq. 13 for (r, phi) and of §4.5 eq. 22 for (dx, dy)).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.interpolate import BSpline
 
-__all__ = ["clamped_knot_vector", "spline_design_matrix", "wrapped_spline_design_matrix", "tensor_product", "n_spline_components"]
+__all__ = [
+    "clamped_knot_vector",
+    "spline_design_matrix",
+    "wrapped_spline_design_matrix",
+    "tensor_product",
+    "n_spline_components",
+]
 
 
 def clamped_knot_vector(knots, degree: int = 3) -> np.ndarray:
@@ -68,7 +75,9 @@ def spline_design_matrix(x, knots, degree: int = 3, *, clip: bool = False) -> sp
     if clip:
         x = np.clip(x, lo, hi)
     elif x.size and (x.min() < lo or x.max() > hi):
-        raise ValueError(f"spline_design_matrix: x spans [{x.min():.4g}, {x.max():.4g}], outside the knot range [{lo:.4g}, {hi:.4g}]; pass clip=True to clamp")
+        raise ValueError(
+            f"spline_design_matrix: x spans [{x.min():.4g}, {x.max():.4g}], outside the knot range [{lo:.4g}, {hi:.4g}]; pass clip=True to clamp"
+        )
     if x.size == 0:
         return sp.csr_matrix((0, t.size - degree - 1))
     return sp.csr_matrix(BSpline.design_matrix(x, t, degree))

@@ -1,10 +1,14 @@
-import numpy as np
 import warnings
+
+import numpy as np
 import xarray as xr
+
 from workflow_lib.data.cube import as_pixel_table, pixel_coordinates
 from workflow_lib.lfd.geometry import background_design, source_pixel_pairs
 from workflow_lib.lfd.motion import motion_factors
 from workflow_lib.lfd.prf import scene_matrix
+
+
 def _good_cadences(cube: xr.Dataset, flux: np.ndarray) -> np.ndarray:
     """Cadences of the mean frame: QUALITY == 0 with at least one finite pixel (all finite
     cadences when no cadence is flagged good), as LFD's mean frame (:func:`workflow_lib.edge.mean_frame`)."""
@@ -34,7 +38,6 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
     "n_cadences", "notes"}``.
     """
     import scipy.sparse as sp
-
 
     notes = []
     t = as_pixel_table(cube, drop_nan=False)
@@ -73,11 +76,12 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
     model = None
     if motion is not None and int(lfd.attrs.get("use_motion", 0)):
         try:
-
             rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
             cols = S.indices
-            basis, tb = motion_factors(motion, pc[rows] - sc[cols], pr[rows] - sr[cols], np.asarray(cube["time"].values)[gi], prf)
-            f_use = fs[use]                                               # (nsrc, ngood)
+            basis, tb = motion_factors(
+                motion, pc[rows] - sc[cols], pr[rows] - sr[cols], np.asarray(cube["time"].values)[gi], prf
+            )
+            f_use = fs[use]  # (nsrc, ngood)
             ok = np.isfinite(f_use)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -85,7 +89,9 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
             model = np.bincount(rows, weights=S.data * np.einsum("pk,pk->p", basis, M[cols]), minlength=S.shape[0])
             label = "with the motion model"
         except Exception as exc:
-            notes.append(f"mean-frame residual: motion model not applied ({type(exc).__name__}: {exc}); static scene shown")
+            notes.append(
+                f"mean-frame residual: motion model not applied ({type(exc).__name__}: {exc}); static scene shown"
+            )
     if model is None:
         model = S @ mean_f[use]
     # background
@@ -104,12 +110,21 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
             model = model + background_design(pc, pr, order) @ np.nan_to_num(mb)
     elif prf.background is not None and len(prf.background):
         model = model + background_design(pc, pr, int(prf.background_order)) @ np.asarray(prf.background, float)
-        notes.append("mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used")
+        notes.append(
+            "mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used"
+        )
     else:
         notes.append("mean-frame residual: no LFD background saved; the model has no sky")
     model = np.where(np.isfinite(data), model, np.nan)
-    return {"data": data, "model": model, "residual": data - model, "label": label, "n_sources": int(use.size),
-            "n_cadences": int(gi.size), "notes": notes}
+    return {
+        "data": data,
+        "model": model,
+        "residual": data - model,
+        "label": label,
+        "n_sources": int(use.size),
+        "n_cadences": int(gi.size),
+        "notes": notes,
+    }
 
 
 def motion_panel(fp, n_sources: int = 5, radius: float = 2.5) -> dict | None:
@@ -147,15 +162,20 @@ def motion_panel(fp, n_sources: int = 5, radius: float = 2.5) -> dict | None:
     sc, sr = np.asarray(cat["column"], float), np.asarray(cat["row"], float)
     g = np.asarray(cat["phot_g_mean_mag"], float) if "phot_g_mean_mag" in cat.colnames else np.zeros(len(cat))
     # sources whose whole radius lies on the pixels (an edge cut would bias the centroid)
-    inside = ((sc - radius >= pc.min() - 0.5) & (sc + radius <= pc.max() + 0.5)
-              & (sr - radius >= pr.min() - 0.5) & (sr + radius <= pr.max() + 0.5) & np.isfinite(g))
+    inside = (
+        (sc - radius >= pc.min() - 0.5)
+        & (sc + radius <= pc.max() + 0.5)
+        & (sr - radius >= pr.min() - 0.5)
+        & (sr + radius <= pr.max() + 0.5)
+        & np.isfinite(g)
+    )
     cand = np.flatnonzero(inside)
     if cand.size == 0:
         cand = np.flatnonzero(np.isfinite(g))
     srcs = cand[np.argsort(g[cand], kind="stable")][:n_sources]
     src, pix, dx, dy = source_pixel_pairs(sc[srcs], sr[srcs], pc, pr, radius)
     basis, tb = motion_factors(mm, dx, dy, time, prf)
-    fac = np.asarray(tb @ basis.T, float)                       # (ntime, npair)
+    fac = np.asarray(tb @ basis.T, float)  # (ntime, npair)
     p0 = np.asarray(prf.evaluate(dx, dy), float)
     cx = np.full((time.size, srcs.size), np.nan)
     cy = np.full((time.size, srcs.size), np.nan)

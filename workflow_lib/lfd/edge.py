@@ -23,24 +23,36 @@ TESS choices (documented in ``config/schema.yaml``):
   noise and dominated by one source; the fit is centred in log flux with a prior that lets the
   profile's shape depend only weakly on flux (:func:`fit_edge_model`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.settings import merge_settings
 from workflow_lib.lfd.geometry import polynomial_background_design, source_pixel_pairs
 
-
 log = get_logger("lfd.edge")
 
 __all__ = [
-    "EDGE_DEFAULTS", "mean_frame", "robust_background", "source_pixel_pairs", "edge_design_matrix",
-    "fit_edge_model", "edge_model_flux", "edge_radius", "uncontaminated_pixels", "EdgeModel",
-    "edge_model_step", "load_edge_model", "a_priori_flux", "fit_edge_to_frame", "polynomial_background_design",
-    "fit_background_surface", "gaussian_scene_flux",
+    "EDGE_DEFAULTS",
+    "mean_frame",
+    "robust_background",
+    "source_pixel_pairs",
+    "edge_design_matrix",
+    "fit_edge_model",
+    "edge_model_flux",
+    "edge_radius",
+    "uncontaminated_pixels",
+    "EdgeModel",
+    "a_priori_flux",
+    "fit_edge_to_frame",
+    "polynomial_background_design",
+    "fit_background_surface",
+    "gaussian_scene_flux",
 ]
 
 #: defaults of ``lfd.edge`` (the schema holds the same values)
@@ -68,6 +80,7 @@ EDGE_PRIOR_SIGMA = np.array([10.0, 10.0, 10.0, 1.0, 0.5, 0.1, 0.3, 0.1, 0.03])
 
 
 # ------------------------------------------------------------------------------ data helpers
+
 
 def mean_frame(table, *, good_quality_only: bool = True):
     """Time-averaged flux and its error for every pixel of a pixel table (the paper's mean frame).
@@ -112,10 +125,9 @@ def robust_background(mean_flux, *, exclude=None, percentile: float = 20.0) -> f
     return float(np.median(v[v <= cut]))
 
 
-
-
-def fit_background_surface(mean_flux, design, *, candidates=None, sigma_clip: float = 3.0, n_iter: int = 10,
-                           min_pixels: int = 20):
+def fit_background_surface(
+    mean_flux, design, *, candidates=None, sigma_clip: float = 3.0, n_iter: int = 10, min_pixels: int = 20
+):
     """Robust low-order sky surface of the mean frame: sigma-clipped linear least squares.
 
     ``design`` (npix, nb) from :func:`polynomial_background_design`; ``candidates`` marks the
@@ -153,7 +165,9 @@ def fit_background_surface(mean_flux, design, *, candidates=None, sigma_clip: fl
     return coef, X @ coef, rms, keep
 
 
-def gaussian_scene_flux(source_col, source_row, source_flux, pixel_col, pixel_row, *, sigma: float = 1.0, radius: float = 6.0):
+def gaussian_scene_flux(
+    source_col, source_row, source_flux, pixel_col, pixel_row, *, sigma: float = 1.0, radius: float = 6.0
+):
     """Predicted flux per pixel of an a-priori scene: each source a circular Gaussian (``sigma`` px) of its flux.
 
     Used before any PRF is known (first pass of :func:`fit_edge_to_frame`). Returns ``(image, src,
@@ -175,9 +189,8 @@ def a_priori_flux(catalog) -> np.ndarray:
     return np.asarray(catalog[col], dtype=float)
 
 
-
-
 # ------------------------------------------------------------------------------ the edge model
+
 
 def edge_design_matrix(r, log_flux) -> np.ndarray:
     """The 9-column design matrix of §4.2 (eqs. 5-6): ``[1, r, r^2] x [1, L, L^2]``.
@@ -227,9 +240,20 @@ def _dominant(pixel_index, predicted, dominance):
     return first & (predicted >= dominance * total[pix])
 
 
-def fit_edge_model(r, source_flux, pixel_flux, *, n_iter: int = 3, sigma_clip: float = 3.0,
-                   dominance: float = 0.9, pixel_index=None, prior_sigma=None, predicted=None,
-                   min_pixel_flux: float = 0.0, return_range: bool = False):
+def fit_edge_model(
+    r,
+    source_flux,
+    pixel_flux,
+    *,
+    n_iter: int = 3,
+    sigma_clip: float = 3.0,
+    dominance: float = 0.9,
+    pixel_index=None,
+    prior_sigma=None,
+    predicted=None,
+    min_pixel_flux: float = 0.0,
+    return_range: bool = False,
+):
     """Fit the §4.2 circular PRF model to the mean frame; returns the 9 coefficients ``w0`` (eq. 7).
 
     Model: ``log10(pixel_flux) = A0(r, log10 F) @ w0`` over (source, pixel) pairs with
@@ -326,8 +350,16 @@ def edge_model_flux(coefficients, r, source_flux, *, log_flux_range=None) -> np.
     return (10.0 ** np.clip(A @ np.asarray(coefficients, float) + (L - Lc), -30, 30)).reshape(r.shape)
 
 
-def edge_radius(flux, coefficients, *, threshold: float = 5.0, min_radius: float = 1.0,
-                max_radius: float = 5.0, step: float = 0.01, log_flux_range=None) -> np.ndarray:
+def edge_radius(
+    flux,
+    coefficients,
+    *,
+    threshold: float = 5.0,
+    min_radius: float = 1.0,
+    max_radius: float = 5.0,
+    step: float = 0.01,
+    log_flux_range=None,
+) -> np.ndarray:
     """Radius [px] at which the edge model of a source of ``flux`` [e-/s] falls to ``threshold`` [e-/s] (§4.2).
 
     The model is scanned outwards from r = 0 in steps of ``step``; the radius is the first
@@ -379,6 +411,7 @@ def uncontaminated_pixels(source_col, source_row, pixel_col, pixel_row, radius):
 
 # ------------------------------------------------------------------------------ pipeline step
 
+
 @dataclass
 class EdgeModel:
     """The fitted §4.2 model: coefficients, the settings used to turn it into edge radii, and the sky.
@@ -400,14 +433,18 @@ class EdgeModel:
     log_flux_range: tuple | None = None
 
     def radius(self, flux) -> np.ndarray:
-        return edge_radius(flux, self.coefficients, threshold=self.threshold, min_radius=self.min_radius,
-                           max_radius=self.max_radius, log_flux_range=self.log_flux_range)
+        return edge_radius(
+            flux,
+            self.coefficients,
+            threshold=self.threshold,
+            min_radius=self.min_radius,
+            max_radius=self.max_radius,
+            log_flux_range=self.log_flux_range,
+        )
 
     def flux(self, r, source_flux) -> np.ndarray:
         """Model pixel flux [e-/s] at radius ``r`` from a source of flux ``source_flux`` (no extrapolation in flux)."""
         return edge_model_flux(self.coefficients, r, source_flux, log_flux_range=self.log_flux_range)
-
-
 
 
 def edge_params(params: dict | None) -> dict:
@@ -450,20 +487,43 @@ def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, s
     for _ in range(max(int(p["n_outer"]), 1)):
         cand = img < p["sky_fraction"] * p["threshold"]
         if Bd.shape[1]:
-            bcoef, bsurf, rms, _used = fit_background_surface(mean_flux, Bd, candidates=cand, sigma_clip=p["sigma_clip"])
+            bcoef, bsurf, rms, _used = fit_background_surface(
+                mean_flux, Bd, candidates=cand, sigma_clip=p["sigma_clip"]
+            )
         fsub = mean_flux - bsurf
         floor = p["noise_sigma"] * rms if np.isfinite(rms) else 0.0
-        coeffs, lrange = fit_edge_model(r, Fb[src], fsub[pix], n_iter=p["n_iter"], sigma_clip=p["sigma_clip"],
-                                        dominance=p["dominance"], pixel_index=pix, predicted=pred, min_pixel_flux=floor,
-                                        return_range=True)
+        coeffs, lrange = fit_edge_model(
+            r,
+            Fb[src],
+            fsub[pix],
+            n_iter=p["n_iter"],
+            sigma_clip=p["sigma_clip"],
+            dominance=p["dominance"],
+            pixel_index=pix,
+            predicted=pred,
+            min_pixel_flux=floor,
+            return_range=True,
+        )
         pred = edge_model_flux(coeffs, r, Fb[src], log_flux_range=lrange)
         img = np.bincount(pix, weights=pred, minlength=pc.size)
-    model = EdgeModel(coeffs, p["threshold"], p["min_radius"], p["max_radius"], float(np.mean(bsurf)),
-                      np.asarray(bcoef, float), int(p["background_order"]), float(rms), lrange)
+    model = EdgeModel(
+        coeffs,
+        p["threshold"],
+        p["min_radius"],
+        p["max_radius"],
+        float(np.mean(bsurf)),
+        np.asarray(bcoef, float),
+        int(p["background_order"]),
+        float(rms),
+        lrange,
+    )
     radii = model.radius(np.where(bright, F, 0.0))
     mask, owner = uncontaminated_pixels(sc_all, sr_all, pc, pr, radii)
-    log.info("edge model: sky %.2f e-/s (rms %.2f, order %d), %d uncontaminated pixels", model.background, rms,
-             model.background_order, mask.sum())
+    log.info(
+        "edge model: sky %.2f e-/s (rms %.2f, order %d), %d uncontaminated pixels",
+        model.background,
+        rms,
+        model.background_order,
+        mask.sum(),
+    )
     return model, radii, mask, owner
-
-

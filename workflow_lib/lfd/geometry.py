@@ -1,6 +1,8 @@
-from scipy.spatial import cKDTree
 import numpy as np
 import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+
 def polynomial_background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
     """Polynomial sky-background columns in (column, row), centred and scaled to [-1, 1]; (npix, 0) for order < 0.
 

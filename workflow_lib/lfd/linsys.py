@@ -1,7 +1,10 @@
 import dataclasses
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+
+
 @dataclasses.dataclass
 class FluxSystem:
     """Everything about the linear system that does not change from cadence to cadence."""
@@ -9,25 +12,25 @@ class FluxSystem:
     nsource: int
     nbk: int
     npixel: int
-    x_indptr: np.ndarray        # csr pattern of X = [S | B]  (npixel x (nsource+nbk))
+    x_indptr: np.ndarray  # csr pattern of X = [S | B]  (npixel x (nsource+nbk))
     x_indices: np.ndarray
-    x_data0: np.ndarray         # values of X in the mean frame (motion factor = 1)
-    s_pos: np.ndarray           # positions in x_data of the S entries (order of S.data)
-    x_rows: np.ndarray          # pixel of every entry of X
-    pair_a: np.ndarray | None   # entry pairs (a, b) in one pixel row -> N entry pair_n
+    x_data0: np.ndarray  # values of X in the mean frame (motion factor = 1)
+    s_pos: np.ndarray  # positions in x_data of the S entries (order of S.data)
+    x_rows: np.ndarray  # pixel of every entry of X
+    pair_a: np.ndarray | None  # entry pairs (a, b) in one pixel row -> N entry pair_n
     pair_b: np.ndarray | None
     pair_n: np.ndarray | None
     n_indptr: np.ndarray | None  # csc pattern of the permuted normal matrix
     n_indices: np.ndarray | None
     n_diag_pos: np.ndarray | None
-    perm: np.ndarray            # fill-reducing ordering: permuted N' = N[perm][:, perm]
-    inv_perm: np.ndarray        # position of variable j in the permuted order
-    prior_mu: np.ndarray        # (nsource+nbk,)
-    prior_ivar: np.ndarray      # 1 / sigma_w^2
-    mean_ivar: np.ndarray       # per-pixel 1/sigma^2 of one cadence, averaged (mean frame)
-    mean_lu: object = None      # SuperLU of the mean-frame normal matrix (original order)
+    perm: np.ndarray  # fill-reducing ordering: permuted N' = N[perm][:, perm]
+    inv_perm: np.ndarray  # position of variable j in the permuted order
+    prior_mu: np.ndarray  # (nsource+nbk,)
+    prior_ivar: np.ndarray  # 1 / sigma_w^2
+    mean_ivar: np.ndarray  # per-pixel 1/sigma^2 of one cadence, averaged (mean frame)
+    mean_lu: object = None  # SuperLU of the mean-frame normal matrix (original order)
     crowding: np.ndarray | None = None  # diag(Nbar^-1) * diag(Nbar) per variable
-    mean_n: object = None       # mean-frame normal matrix (csc): mean_lu is refactorised from it after unpickling
+    mean_n: object = None  # mean-frame normal matrix (csc): mean_lu is refactorised from it after unpickling
 
     def __getstate__(self):
         # SuperLU objects cannot be pickled (dask processes / distributed workers): ship N, refactorise there
@@ -57,8 +60,9 @@ def _mean_frame_lu(N0):
     return spla.splu(N0, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
 
-def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, direct: bool = True,
-                 pcg: bool = False) -> FluxSystem:
+def build_system(
+    scene, background, prior_mu, prior_sigma, mean_flux_err, *, direct: bool = True, pcg: bool = False
+) -> FluxSystem:
     """Precompute the fixed-pattern structures shared by every cadence (§4.6).
 
     ``scene`` is S (npixel x nsource), ``background`` B (npixel x nbk), ``prior_mu`` /
@@ -109,14 +113,31 @@ def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, dir
     X0 = sp.csr_matrix((data, indices, indptr), shape=(npix, nvar))
     N0 = (X0.T @ sp.diags(ivar) @ X0 + sp.diags(prior_ivar)).tocsc()
     lu0 = _mean_frame_lu(N0)
-    inv_perm = np.asarray(lu0.perm_c)      # new position of variable j (SuperLU's Pc)
-    perm = np.empty_like(inv_perm)         # variable at new position c: N' = N[perm][:, perm]
+    inv_perm = np.asarray(lu0.perm_c)  # new position of variable j (SuperLU's Pc)
+    perm = np.empty_like(inv_perm)  # variable at new position c: N' = N[perm][:, perm]
     perm[inv_perm] = np.arange(nvar)
 
-    sys = FluxSystem(nsource=nsrc, nbk=nbk, npixel=npix, x_indptr=indptr, x_indices=indices,
-                     x_data0=data, s_pos=s_pos, x_rows=rows, pair_a=None, pair_b=None, pair_n=None,
-                     n_indptr=None, n_indices=None, n_diag_pos=None, perm=perm, inv_perm=inv_perm,
-                     prior_mu=prior_mu, prior_ivar=prior_ivar, mean_ivar=ivar)
+    sys = FluxSystem(
+        nsource=nsrc,
+        nbk=nbk,
+        npixel=npix,
+        x_indptr=indptr,
+        x_indices=indices,
+        x_data0=data,
+        s_pos=s_pos,
+        x_rows=rows,
+        pair_a=None,
+        pair_b=None,
+        pair_n=None,
+        n_indptr=None,
+        n_indices=None,
+        n_diag_pos=None,
+        perm=perm,
+        inv_perm=inv_perm,
+        prior_mu=prior_mu,
+        prior_ivar=prior_ivar,
+        mean_ivar=ivar,
+    )
 
     if direct:
         # all products x_pa * x_pb of two entries in the same pixel row, mapped to N entries
@@ -132,7 +153,7 @@ def build_system(scene, background, prior_mu, prior_sigma, mean_flux_err, *, dir
         ukeys, inv = np.unique(keys, return_inverse=True)
         sys.pair_a, sys.pair_b = pair_a, pair_b
         sys.pair_n = inv[: pair_a.size]
-        sys.n_diag_pos = inv[pair_a.size:]
+        sys.n_diag_pos = inv[pair_a.size :]
         ncol = ukeys // nvar
         sys.n_indices = (ukeys % nvar).astype(np.int32)
         sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
@@ -164,8 +185,9 @@ def _weights(flux_t, err_t):
     return w, y
 
 
-def solve_direct(sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = True, crowding=None,
-                 return_crowding: bool = False):
+def solve_direct(
+    sys: FluxSystem, flux_t, err_t, factor=None, errors: bool = True, crowding=None, return_crowding: bool = False
+):
     """Exact solution of eqs. B3-B4 for one cadence on the fixed pattern. Returns (w, sigma_w).
 
     Errors: exact ``sqrt(diag(N_t^-1))`` (blocked solves against identity columns), or, when

@@ -50,18 +50,26 @@ out (:func:`fit_shift_correction`) - is added to the analytic basis.
 the scene matrix (eq. 24); :func:`motion_factors` gives the same as the low-rank product
 ``basis @ time_basis[t]`` used by :mod:`workflow_lib.solve`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import scipy.sparse as sp
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.settings import merge_settings
 from workflow_lib.lfd.bspline import spline_design_matrix, tensor_product
-from workflow_lib.lfd.geometry import background_design, dominant_source, monomial_exponents, n_terms, scene_pairs, shift_monomials
+from workflow_lib.lfd.geometry import (
+    background_design,
+    dominant_source,
+    monomial_exponents,
+    n_terms,
+    scene_pairs,
+    shift_monomials,
+)
 from workflow_lib.lfd.linsys import build_system, solve_direct, solve_pcg
-
 
 log = get_logger("lfd.motion")
 
@@ -109,6 +117,7 @@ def default_bin_size(mission: str, time) -> int:
 
 # --------------------------------------------------------------------------- binning (eqs. 17-18)
 
+
 def bin_frames(time, flux, flux_err, good, bin_size: int):
     """Average consecutive groups of ``bin_size`` good cadences (eq. 17-18).
 
@@ -147,22 +156,23 @@ def bin_frames(time, flux, flux_err, good, bin_size: int):
 
 # --------------------------------------------------------------------------- the model
 
+
 @dataclasses.dataclass
 class MotionModel:
     """Fitted weights of eq. 23 and everything needed to evaluate eq. 24."""
 
-    weights: np.ndarray      # (n_components, time_degree + 1)
-    knots: np.ndarray        # break points used for both dx and dy [px]
+    weights: np.ndarray  # (n_components, time_degree + 1)
+    knots: np.ndarray  # break points used for both dx and dy [px]
     degree: int
     time_degree: int
-    t0: float                # time normalisation: tau = (t - t0) / tscale
+    t0: float  # time normalisation: tau = (t - t0) / tscale
     tscale: float
-    time_model: str = "polynomial"   # or "centroid" (regressors = measured scene offset, §5)
-    reg_time: np.ndarray | None = None   # centroid mode: cadence times and the normalised
-    reg_x: np.ndarray | None = None      # scene offsets (column, row) at those cadences
+    time_model: str = "polynomial"  # or "centroid" (regressors = measured scene offset, §5)
+    reg_time: np.ndarray | None = None  # centroid mode: cadence times and the normalised
+    reg_x: np.ndarray | None = None  # scene offsets (column, row) at those cadences
     reg_y: np.ndarray | None = None
     shift_cov: np.ndarray | None = None  # shift mode: 2x2 covariance of the offsets over the mean frame's cadences
-    shift_range: float = 0.0             # shift mode: half-width [px] of the offset stencil
+    shift_range: float = 0.0  # shift mode: half-width [px] of the offset stencil
 
     def spatial_basis(self, dx, dy) -> sp.csr_matrix:
         """Tensor-product spline of (dx, dy) (eqs. 19-22); offsets beyond the knots are clamped."""
@@ -181,7 +191,6 @@ class MotionModel:
             return shift_monomials(cx, cy, self.time_degree)
         tau = (np.asarray(time, float) - self.t0) / self.tscale
         return np.vander(tau, self.time_degree + 1, increasing=True)
-
 
     def offsets(self, time):
         """Shift mode: the measured common scene offset (column, row) [px] at ``time`` (exact at the
@@ -218,11 +227,6 @@ def scene_centroid(flux, background, pix, pix_dx, pix_dy, pix_source_flux):
 # --------------------------------------------------------------------------- shift model
 
 
-
-
-
-
-
 def _monomial_derivative(degree: int, ax: int, ay: int) -> np.ndarray:
     """Matrix D with ``d^(ax+ay)/dcx^ax dcy^ay (sum_k a_k m_k) = sum_k (a @ D)_k m_k``."""
     e = monomial_exponents(degree)
@@ -256,21 +260,34 @@ def shift_coefficients(prf, dx, dy, degree: int, half_width: float, cov=None) ->
     n = int(degree) + 3
     nodes = h * np.cos((2 * np.arange(n) + 1) * np.pi / (2 * n))
     gx, gy = [g.ravel() for g in np.meshgrid(nodes, nodes, indexing="ij")]
-    M = shift_monomials(gx, gy, degree)                          # (n_nodes, n_terms)
-    pinv = np.linalg.pinv(M)                                     # (n_terms, n_nodes)
+    M = shift_monomials(gx, gy, degree)  # (n_nodes, n_terms)
+    pinv = np.linalg.pinv(M)  # (n_terms, n_nodes)
     a = np.zeros((dx.size, M.shape[1]))
     for j in range(gx.size):
         a += np.outer(np.asarray(prf.evaluate(dx - gx[j], dy - gy[j]), float).ravel(), pinv[:, j])
     if cov is not None:
         C = np.asarray(cov, float)
-        corr = (C[0, 0] * (a @ _monomial_derivative(degree, 2, 0)) + 2 * C[0, 1] * (a @ _monomial_derivative(degree, 1, 1))
-                + C[1, 1] * (a @ _monomial_derivative(degree, 0, 2)))
+        corr = (
+            C[0, 0] * (a @ _monomial_derivative(degree, 2, 0))
+            + 2 * C[0, 1] * (a @ _monomial_derivative(degree, 1, 1))
+            + C[1, 1] * (a @ _monomial_derivative(degree, 0, 2))
+        )
         a = a - 0.5 * corr
     return a
 
 
-def measure_scene_offsets(flux, flux_err, scene_terms, background, degree: int, *, n_iter: int = 4,
-                          clip: float = 5.0, good=None, chunk: int = 128):
+def measure_scene_offsets(
+    flux,
+    flux_err,
+    scene_terms,
+    background,
+    degree: int,
+    *,
+    n_iter: int = 4,
+    clip: float = 5.0,
+    good=None,
+    chunk: int = 128,
+):
     """Common scene offset (cx, cy) [px] of every cadence by Gauss-Newton on the whole scene.
 
     The model of cadence t is ``scene_terms @ shift_monomials(cx_t, cy_t) + background @ b_t``
@@ -287,10 +304,9 @@ def measure_scene_offsets(flux, flux_err, scene_terms, background, degree: int, 
     T = np.asarray(scene_terms, float)
     B = np.asarray(background, float).reshape(npix, -1)
     nb = B.shape[1]
-    e = monomial_exponents(degree)
     Dx = _monomial_derivative(degree, 1, 0)
     Dy = _monomial_derivative(degree, 0, 1)
-    TDx, TDy = T @ Dx, T @ Dy      # d/dcx, d/dcy of the model image, per monomial
+    TDx, TDy = T @ Dx, T @ Dy  # d/dcx, d/dcy of the model image, per monomial
     cx = np.zeros(nt)
     cy = np.zeros(nt)
     bk = np.zeros((nt, nb))
@@ -307,8 +323,8 @@ def measure_scene_offsets(flux, flux_err, scene_terms, background, degree: int, 
             fin = np.isfinite(f) & np.isfinite(s) & (s > 0) & use_pix[None, :]
             w = np.where(fin, 1.0 / np.where(fin, s, 1.0) ** 2, 0.0)
             f = np.where(fin, f, 0.0)
-            m = shift_monomials(cx[i0:i1], cy[i0:i1], degree)            # (k, nterm)
-            model = m @ T.T                                              # (k, npix)
+            m = shift_monomials(cx[i0:i1], cy[i0:i1], degree)  # (k, nterm)
+            model = m @ T.T  # (k, npix)
             jx = m @ TDx.T
             jy = m @ TDy.T
             r = f - model
@@ -339,8 +355,9 @@ def measure_scene_offsets(flux, flux_err, scene_terms, background, degree: int, 
     return cx, cy, ok, use_pix, bk
 
 
-def fit_shift_correction(resid, weight, owner, dx, dy, mono, *, knots, degree: int, prior_sigma: float, n_iter: int,
-                         sigma_clip: float):
+def fit_shift_correction(
+    resid, weight, owner, dx, dy, mono, *, knots, degree: int, prior_sigma: float, n_iter: int, sigma_clip: float
+):
     """Data-driven correction of the shift model (§4.5, the paper's spline in (dx, dy) times a time
     basis, here the offset monomials ``mono`` (ntime, K) without the constant).
 
@@ -359,7 +376,9 @@ def fit_shift_correction(resid, weight, owner, dx, dy, mono, *, knots, degree: i
     fin = np.isfinite(R)
     R = np.where(fin, R, 0.0)
     Mc = mono - mono.mean(axis=0)
-    A = tensor_product(spline_design_matrix(dx, knots, degree, clip=True), spline_design_matrix(dy, knots, degree, clip=True))
+    A = tensor_product(
+        spline_design_matrix(dx, knots, degree, clip=True), spline_design_matrix(dy, knots, degree, clip=True)
+    )
     H = Mc.T @ Mc
     owner = np.asarray(owner)
     used_src = np.ones(owner.max() + 1, bool)
@@ -367,7 +386,7 @@ def fit_shift_correction(resid, weight, owner, dx, dy, mono, *, knots, degree: i
     for it in range(int(n_iter) + 1):
         w = np.where(used_src[owner], weight, 0.0)
         G = (A.T @ sp.diags(w) @ A).toarray()
-        rhs = np.asarray(A.T @ (w[:, None] * (Rc.T @ Mc)))       # (ncomp, K)
+        rhs = np.asarray(A.T @ (w[:, None] * (Rc.T @ Mc)))  # (ncomp, K)
         g, U = np.linalg.eigh(G)
         h, V = np.linalg.eigh(H)
         lam = 1.0 / prior_sigma**2
@@ -375,23 +394,46 @@ def fit_shift_correction(resid, weight, owner, dx, dy, mono, *, knots, degree: i
         Wc = U @ Z @ V.T
         if it == int(n_iter):
             break
-        model = (A @ Wc) @ Mc.T                                   # (npix, ntime)
+        model = (A @ Wc) @ Mc.T  # (npix, ntime)
         chi = ((Rc.T - model) ** 2 * fin.T).sum(axis=1) * weight
         cnt = fin.sum(axis=0)
-        cs = np.bincount(owner, weights=chi, minlength=used_src.size) / np.maximum(np.bincount(owner, weights=cnt, minlength=used_src.size), 1)
+        cs = np.bincount(owner, weights=chi, minlength=used_src.size) / np.maximum(
+            np.bincount(owner, weights=cnt, minlength=used_src.size), 1
+        )
         have = np.bincount(owner, minlength=used_src.size) > 0
         med = np.median(cs[have & used_src])
         mad = 1.4826 * np.median(np.abs(cs[have & used_src] - med))
         new = ~have | (cs <= med + sigma_clip * max(mad, 1e-12))
-        log.info("shift correction iteration %d: median chi2/pt %.2f, %d of %d sources kept", it, med, (new & have).sum(), have.sum())
+        log.info(
+            "shift correction iteration %d: median chi2/pt %.2f, %d of %d sources kept",
+            it,
+            med,
+            (new & have).sum(),
+            have.sum(),
+        )
         if np.array_equal(new, used_src):
             break
         used_src = new
     return Wc, mono.mean(axis=0), used_src[owner]
 
 
-def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pixel_row, source_col, source_row, prf,
-                    background, params: dict | None = None, *, name: str = "field"):
+def fit_shift_model(
+    time,
+    flux,
+    flux_err,
+    quality,
+    S,
+    source_flux,
+    pixel_col,
+    pixel_row,
+    source_col,
+    source_row,
+    prf,
+    background,
+    params: dict | None = None,
+    *,
+    name: str = "field",
+):
     """The shift motion model: measure the common scene offset of every cadence
     (:func:`measure_scene_offsets`) and return a ``time_model='shift'`` :class:`MotionModel`
     (factor of pair k at cadence t = ``P(d_k - c_t) / P(d_k)`` as a polynomial in c_t) and a summary."""
@@ -406,21 +448,26 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
 
     def terms(half, cov):
         a = shift_coefficients(prf, dx, dy, deg, half, cov)
-        return np.stack([np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1)
+        return np.stack(
+            [np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1
+        )
 
     half = 0.5
     cov = None
     for rnd in range(2):
         T = terms(half, cov)
-        cx, cy, ok, use_pix, bk = measure_scene_offsets(flux, flux_err, T, background, deg, n_iter=int(p["shift_iter"]),
-                                                    clip=float(p["shift_clip"]), good=good)
+        cx, cy, ok, use_pix, bk = measure_scene_offsets(
+            flux, flux_err, T, background, deg, n_iter=int(p["shift_iter"]), clip=float(p["shift_clip"]), good=good
+        )
         g = good & ok
         # offsets relative to the mean frame: the mean-frame PRF sits at the mean offset
         cx = cx - cx[g].mean()
         cy = cy - cy[g].mean()
         half = float(max(np.abs(cx[ok]).max(), np.abs(cy[ok]).max(), 0.02)) * 1.05
         cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
-        log.info("%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half)
+        log.info(
+            "%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half
+        )
     # the final round's offsets (re-centred) with the final polynomial
     T = terms(half, cov)
     mono = shift_monomials(cx, cy, deg)
@@ -429,7 +476,7 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
     summary = {}
     kdeg = int(p["correction_degree"])
     if kdeg >= 1:
-        owner, purity = dominant_source(S, F)   # F clipped at 0
+        owner, purity = dominant_source(S, F)  # F clipped at 0
         pc = np.asarray(pixel_col, float)
         pr = np.asarray(pixel_row, float)
         own_val = np.asarray(S.multiply(F[None, :]).max(axis=1).todense()).ravel()
@@ -437,8 +484,9 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
         with np.errstate(invalid="ignore"):
             perr = np.sqrt(np.nanmean(ferr[good] ** 2, axis=0))
         snr = own_val / perr
-        pix = np.flatnonzero((purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix
-                             & np.isfinite(perr))
+        pix = np.flatnonzero(
+            (purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix & np.isfinite(perr)
+        )
         nk = n_terms(kdeg)
         if pix.size >= 10:
             model = mono[:, :] @ T[pix].T + bk @ np.asarray(background, float)[pix].T
@@ -456,23 +504,55 @@ def fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pi
             scale = np.array([half ** (i + j) for i, j in monomial_exponents(kdeg)[1:]])
             mono_k = mono[:, 1:nk] / scale
             gk = good & ok
-            Wc, mbar, used = fit_shift_correction(resid[gk], (own_val[pix] / perr[pix]) ** 2, own, pdx, pdy, mono_k[gk],
-                                                  knots=knots, degree=int(p["degree"]), prior_sigma=float(p["correction_prior_sigma"]),
-                                                  n_iter=int(p["n_iter"]), sigma_clip=float(p["sigma_clip"]))
+            Wc, mbar, used = fit_shift_correction(
+                resid[gk],
+                (own_val[pix] / perr[pix]) ** 2,
+                own,
+                pdx,
+                pdy,
+                mono_k[gk],
+                knots=knots,
+                degree=int(p["degree"]),
+                prior_sigma=float(p["correction_prior_sigma"]),
+                n_iter=int(p["n_iter"]),
+                sigma_clip=float(p["sigma_clip"]),
+            )
             Wc = Wc / scale[None, :]
             weights = np.zeros((Wc.shape[0], mono.shape[1]))
             weights[:, 1:nk] = Wc
             weights[:, 0] = -Wc @ (mbar * scale)
             summary.update(pixel_index=pix, pixel_source=own, used=used, dx=pdx, dy=pdy)
-            log.info("%s: shift-model correction: %d pixels of %d sources, %d knots over +-%.1f px", name, pix.size,
-                     np.unique(own).size, nkn, Rk)
-    mm = MotionModel(weights, knots, int(p["degree"]), deg, 0.0, 1.0, time_model="shift",
-                     reg_time=time[ok], reg_x=cx[ok], reg_y=cy[ok],
-                     shift_cov=np.zeros((2, 2)) if cov is None else cov, shift_range=half)
-    summary.update({"scene_offset_column": np.where(ok, cx, np.nan), "scene_offset_row": np.where(ok, cy, np.nan),
-                    "offset_pixels_used": use_pix, "shift_degree": np.int64(deg)})
+            log.info(
+                "%s: shift-model correction: %d pixels of %d sources, %d knots over +-%.1f px",
+                name,
+                pix.size,
+                np.unique(own).size,
+                nkn,
+                Rk,
+            )
+    mm = MotionModel(
+        weights,
+        knots,
+        int(p["degree"]),
+        deg,
+        0.0,
+        1.0,
+        time_model="shift",
+        reg_time=time[ok],
+        reg_x=cx[ok],
+        reg_y=cy[ok],
+        shift_cov=np.zeros((2, 2)) if cov is None else cov,
+        shift_range=half,
+    )
+    summary.update(
+        {
+            "scene_offset_column": np.where(ok, cx, np.nan),
+            "scene_offset_row": np.where(ok, cy, np.nan),
+            "offset_pixels_used": use_pix,
+            "shift_degree": np.int64(deg),
+        }
+    )
     return mm, summary
-
 
 
 def motion_design(model_like: MotionModel, dx, dy, time) -> sp.csr_matrix:
@@ -481,8 +561,21 @@ def motion_design(model_like: MotionModel, dx, dy, time) -> sp.csr_matrix:
     return tensor_product(model_like.spatial_basis(dx, dy), sp.csr_matrix(model_like.time_basis(time)))
 
 
-def fit_motion_model(dx, dy, bin_time, y, y_err, owner, *, knots, params: dict | None = None, t0: float, tscale: float,
-                     bin_time_design=None, template: MotionModel | None = None):
+def fit_motion_model(
+    dx,
+    dy,
+    bin_time,
+    y,
+    y_err,
+    owner,
+    *,
+    knots,
+    params: dict | None = None,
+    t0: float,
+    tscale: float,
+    bin_time_design=None,
+    template: MotionModel | None = None,
+):
     """Fit eq. 23 to normalised binned data of uncontaminated pixels (App. B), clipping variable sources.
 
     Parameters
@@ -506,7 +599,9 @@ def fit_motion_model(dx, dy, bin_time, y, y_err, owner, *, knots, params: dict |
     if template is not None:
         mm = dataclasses.replace(template, knots=np.asarray(knots, float))
     else:
-        mm = MotionModel(np.zeros(1), np.asarray(knots, float), int(p["degree"]), int(p["time_degree"]), float(t0), float(tscale))
+        mm = MotionModel(
+            np.zeros(1), np.asarray(knots, float), int(p["degree"]), int(p["time_degree"]), float(t0), float(tscale)
+        )
     A = mm.spatial_basis(dx, dy)
     T = mm.time_basis(bin_time) if bin_time_design is None else np.asarray(bin_time_design, float)
     ncomp, nt = A.shape[1], T.shape[1]
@@ -533,12 +628,19 @@ def fit_motion_model(dx, dy, bin_time, y, y_err, owner, *, knots, params: dict |
         r2 = r2.reshape(nb, npix).sum(axis=0)
         cnt = finite.reshape(nb, npix).sum(axis=0)
         chi = np.bincount(owner, weights=r2, minlength=used_src.size) / np.maximum(
-            np.bincount(owner, weights=cnt, minlength=used_src.size), 1)
+            np.bincount(owner, weights=cnt, minlength=used_src.size), 1
+        )
         have = np.bincount(owner, weights=cnt, minlength=used_src.size) > 0
         med = np.median(chi[have & used_src])
         mad = 1.4826 * np.median(np.abs(chi[have & used_src] - med))
         new = ~have | (chi <= med + p["sigma_clip"] * max(mad, 1e-12))
-        log.info("motion fit iteration %d: median chi2/pt %.2f, %d of %d sources kept", it, med, (new & have).sum(), have.sum())
+        log.info(
+            "motion fit iteration %d: median chi2/pt %.2f, %d of %d sources kept",
+            it,
+            med,
+            (new & have).sum(),
+            have.sum(),
+        )
         if np.array_equal(new, used_src):
             break
         used_src = new
@@ -578,17 +680,26 @@ def motion_model(model: MotionModel, dx, dy, time, prf=None):
 # --------------------------------------------------------------------------- I/O
 
 
-
-
-
-
-
 # --------------------------------------------------------------------------- pipeline step
 
 
-
-def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, pixel_row, source_col, source_row,
-                     params: dict | None = None, *, mission: str = "TESS", name: str = "field", prf=None):
+def fit_field_motion(
+    time,
+    flux,
+    flux_err,
+    quality,
+    S,
+    source_flux,
+    pixel_col,
+    pixel_row,
+    source_col,
+    source_row,
+    params: dict | None = None,
+    *,
+    mission: str = "TESS",
+    name: str = "field",
+    prf=None,
+):
     """The whole §4.5 fit for one field, from arrays.
 
     ``flux``/``flux_err`` (ntime, npixel); ``S`` the mean scene (npixel x nsource) of the sources
@@ -601,8 +712,22 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
         if prf is None:
             raise MotionError(f"{name}: time_model 'shift' needs the PRF model")
         B = background_design(pixel_col, pixel_row, p["background_order"])
-        return fit_shift_model(time, flux, flux_err, quality, S, source_flux, pixel_col, pixel_row, source_col,
-                               source_row, prf, B, p, name=name)
+        return fit_shift_model(
+            time,
+            flux,
+            flux_err,
+            quality,
+            S,
+            source_flux,
+            pixel_col,
+            pixel_row,
+            source_col,
+            source_row,
+            prf,
+            B,
+            p,
+            name=name,
+        )
     time = np.asarray(time, float)
     flux = np.asarray(flux)
     good = (np.asarray(quality) == 0) & np.isfinite(flux).any(axis=1)
@@ -610,8 +735,10 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
     bt, bf, be, bin_index = bin_frames(time, flux, flux_err, good, bin_size)
     nb = bt.size
     if nb < int(p["time_degree"]) + 1:
-        raise MotionError(f"{name}: only {nb} time bins of {bin_size} cadences; the degree-{p['time_degree']} "
-                          "time polynomial needs more (lower lfd.motion.bin_size)")
+        raise MotionError(
+            f"{name}: only {nb} time bins of {bin_size} cadences; the degree-{p['time_degree']} "
+            "time polynomial needs more (lower lfd.motion.bin_size)"
+        )
     nsrc = S.shape[1]
     src_flux = np.asarray(source_flux, float)
     # per-bin background from a mean-scene solve of each binned frame
@@ -630,18 +757,26 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
             w, _, _ = solve_pcg(sysm, bf[b], be[b])
         src_b[b] = bf[b] - B @ w[nsrc:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.nanmean(src_b, axis=0)             # eq. 17: divide by the mean (source) image
+        norm = np.nanmean(src_b, axis=0)  # eq. 17: divide by the mean (source) image
         total = np.nanmean(bf, axis=0)
         y = src_b / norm
         y_err = be / norm
         snr = np.nanmedian(1.0 / y_err, axis=0)
     # uncontaminated pixels (§4.2): one source gives >= min_purity of the modelled source flux
     owner, purity = dominant_source(S, np.clip(src_flux, 0, None))
-    pix = np.flatnonzero((purity >= p["min_purity"]) & (owner >= 0) & np.isfinite(norm) & (norm > 0)
-                         & (snr >= p["min_snr"]) & (norm >= p["min_source_fraction"] * total))
+    pix = np.flatnonzero(
+        (purity >= p["min_purity"])
+        & (owner >= 0)
+        & np.isfinite(norm)
+        & (norm > 0)
+        & (snr >= p["min_snr"])
+        & (norm >= p["min_source_fraction"] * total)
+    )
     if pix.size < 10:
-        raise MotionError(f"{name}: only {pix.size} uncontaminated pixels with SNR >= {p['min_snr']} per bin; "
-                          "cannot fit the motion model (lower lfd.motion.min_snr / min_purity or disable it)")
+        raise MotionError(
+            f"{name}: only {pix.size} uncontaminated pixels with SNR >= {p['min_snr']} per bin; "
+            "cannot fit the motion model (lower lfd.motion.min_snr / min_purity or disable it)"
+        )
     own = owner[pix]
     pc = np.asarray(pixel_col, float)
     pr = np.asarray(pixel_row, float)
@@ -657,7 +792,11 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
         bk = np.zeros((time.size, B.shape[1]))
         ferr = np.asarray(flux_err, float)
         for k in np.flatnonzero(np.isfinite(flux).any(axis=1)):
-            w = solve_direct(sysm, flux[k], ferr[k], errors=False)[0] if direct else solve_pcg(sysm, flux[k], ferr[k])[0]
+            w = (
+                solve_direct(sysm, flux[k], ferr[k], errors=False)[0]
+                if direct
+                else solve_pcg(sysm, flux[k], ferr[k])[0]
+            )
             bk[k] = w[nsrc:]
         cx, cy = scene_centroid(flux, bk @ B.T, pix, dx, dy, norm[pix])
         fin = np.isfinite(cx) & np.isfinite(cy)
@@ -665,23 +804,66 @@ def fit_field_motion(time, flux, flux_err, quality, S, source_flux, pixel_col, p
         cy = cy - np.mean(cy[fin & good])
         scale = max(np.std(cx[fin & good]), np.std(cy[fin & good]), 1e-6)
         tt = time[fin]
-        template = MotionModel(np.zeros(1), np.zeros(2), int(p["degree"]), 2, t0, tscale, time_model="centroid",
-                               reg_time=tt, reg_x=cx[fin] / scale, reg_y=cy[fin] / scale)
+        template = MotionModel(
+            np.zeros(1),
+            np.zeros(2),
+            int(p["degree"]),
+            2,
+            t0,
+            tscale,
+            time_model="centroid",
+            reg_time=tt,
+            reg_x=cx[fin] / scale,
+            reg_y=cy[fin] / scale,
+        )
         Tc = centroid_basis(template.reg_x, template.reg_y)
         bi = bin_index[fin]
         T_bin = np.array([Tc[bi == b].mean(axis=0) for b in range(nb)])
-        log.info("motion model: centroid regressors, scene offset rms %.4f / %.4f (flux-weighted, aperture units)",
-                 np.std(cx[fin & good]), np.std(cy[fin & good]))
-    log.info("motion model: %d bins of %d cadences, %d uncontaminated pixels of %d sources, knots +-%.2f px",
-             nb, bin_size, pix.size, np.unique(own).size, R)
-    mm, model_y, used = fit_motion_model(dx, dy, bt, y[:, pix], y_err[:, pix], own, knots=knots, params=p,
-                                         t0=t0, tscale=tscale, bin_time_design=T_bin, template=template)
+        log.info(
+            "motion model: centroid regressors, scene offset rms %.4f / %.4f (flux-weighted, aperture units)",
+            np.std(cx[fin & good]),
+            np.std(cy[fin & good]),
+        )
+    log.info(
+        "motion model: %d bins of %d cadences, %d uncontaminated pixels of %d sources, knots +-%.2f px",
+        nb,
+        bin_size,
+        pix.size,
+        np.unique(own).size,
+        R,
+    )
+    mm, model_y, used = fit_motion_model(
+        dx,
+        dy,
+        bt,
+        y[:, pix],
+        y_err[:, pix],
+        own,
+        knots=knots,
+        params=p,
+        t0=t0,
+        tscale=tscale,
+        bin_time_design=T_bin,
+        template=template,
+    )
     resid = (y[:, pix] - model_y)[:, used]
-    summary = {"bin_time": bt, "bin_size": np.int64(bin_size), "pixel_index": pix, "pixel_source": own,
-               "dx": dx, "dy": dy, "data": y[:, pix], "data_err": y_err[:, pix], "model": model_y, "used": used,
-               "rms_residual": np.float64(np.sqrt(np.nanmean(resid**2)))}
-    log.info("motion model: rms residual %.4g, %d of %d sources kept", summary["rms_residual"],
-             np.unique(own[used]).size, np.unique(own).size)
+    summary = {
+        "bin_time": bt,
+        "bin_size": np.int64(bin_size),
+        "pixel_index": pix,
+        "pixel_source": own,
+        "dx": dx,
+        "dy": dy,
+        "data": y[:, pix],
+        "data_err": y_err[:, pix],
+        "model": model_y,
+        "used": used,
+        "rms_residual": np.float64(np.sqrt(np.nanmean(resid**2))),
+    }
+    log.info(
+        "motion model: rms residual %.4g, %d of %d sources kept",
+        summary["rms_residual"],
+        np.unique(own[used]).size,
+        np.unique(own).size,
+    )
     return mm, summary
-
-

@@ -1,13 +1,15 @@
 import numpy as np
+
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.lfd.prf import PRFModel, polar_coordinates
+
+
 def plot_prf_model(model: PRFModel, diag: dict, out_png) -> None:
     """Picture of the model in polar (r, phi) and Cartesian (dx, dy) coordinates with the data points (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     dx, dy, y, keep = diag["dx"], diag["dy"], diag["log_ratio"], diag["keep"]
     r, phi = polar_coordinates(dx, dy)

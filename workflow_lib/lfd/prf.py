@@ -34,6 +34,7 @@ the model's wing beyond it (``PRFModel.wing_fraction``, ~2 % for TESS at 5 px) i
 Knots: ``sqrt`` spacing by default because the paper's r^2 spacing leaves the TESS core
 (r < 1.5 px) with one knot; measured against the SPOC PRF, r^2 gives 7 % core rms, sqrt 3.4 %.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,19 +43,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.settings import merge_settings
-from workflow_lib.lfd.bspline import clamped_knot_vector, spline_design_matrix, tensor_product, wrapped_spline_design_matrix
+from workflow_lib.lfd.bspline import (
+    clamped_knot_vector,
+    spline_design_matrix,
+    tensor_product,
+    wrapped_spline_design_matrix,
+)
 from workflow_lib.lfd.edge import EdgeModel, uncontaminated_pixels
 from workflow_lib.lfd.geometry import background_design, dominant_source, source_pixel_pairs
-
 
 log = get_logger("lfd.prf")
 
 __all__ = [
-    "PRF_DEFAULTS", "PRFModel", "polar_coordinates", "radial_knots", "prf_design_matrix", "fit_prf_shape",
-    "scene_matrix", "source_flux", "fit_prf_model", "prf_model_step", "plot_prf_model",
+    "PRF_DEFAULTS",
+    "PRFModel",
+    "polar_coordinates",
+    "radial_knots",
+    "prf_design_matrix",
+    "fit_prf_shape",
+    "scene_matrix",
+    "source_flux",
+    "fit_prf_model",
 ]
 
 #: defaults of ``lfd.prf`` (the schema holds the same values)
@@ -89,6 +102,7 @@ PRF_DEFAULTS = {
 
 # ------------------------------------------------------------------------------ geometry & design
 
+
 def polar_coordinates(dx, dy):
     """(r, phi) of Cartesian offsets (§3.1 eq. 2): ``r = sqrt(dx^2 + dy^2)``, ``phi = arctan2(dy, dx)`` in (-pi, pi]."""
     dx = np.asarray(dx, float)
@@ -96,7 +110,9 @@ def polar_coordinates(dx, dy):
     return np.hypot(dx, dy), np.arctan2(dy, dx)
 
 
-def radial_knots(r_min: float, r_max: float, n_r_knots: int, *, spacing: str = "square", inner_radius: float | None = None) -> np.ndarray:
+def radial_knots(
+    r_min: float, r_max: float, n_r_knots: int, *, spacing: str = "square", inner_radius: float | None = None
+) -> np.ndarray:
     """Break points of the radial spline (§4.3): ``n_r_knots`` knots between ``r_min`` and ``r_max``.
 
     ``spacing='square'`` spaces them evenly in r^2 (the paper: "linearly spaced in radius
@@ -156,8 +172,17 @@ def core_design_matrix(r, phi, core_degree: int, core_radius: float) -> sp.csr_m
     return sp.csr_matrix(np.column_stack(cols))
 
 
-def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: float = 0.5, degree: int = 3,
-                      core_degree: int = 0, core_radius: float = 1.0) -> sp.csr_matrix:
+def prf_design_matrix(
+    r,
+    phi,
+    *,
+    r_knots,
+    n_phi_knots: int = 15,
+    inner_radius: float = 0.5,
+    degree: int = 3,
+    core_degree: int = 0,
+    core_radius: float = 1.0,
+) -> sp.csr_matrix:
     """The PRF shape design matrix of §4.3 (eq. 13), sparse, shape (n, n_radial_only + n_azim * n_phi_knots).
 
     Columns: first the radial B-spline components whose support starts inside ``inner_radius``
@@ -186,6 +211,7 @@ def prf_design_matrix(r, phi, *, r_knots, n_phi_knots: int = 15, inner_radius: f
 
 # ------------------------------------------------------------------------------ the model
 
+
 @dataclass
 class PRFModel:
     """A fitted LFD PRF shape (§4.3): ``ln PRF(r, phi) = A(r, phi) @ weights - log_norm`` for r <= r_support,
@@ -209,16 +235,23 @@ class PRFModel:
     background: np.ndarray | None = None
     background_order: int = 0
     tail_alpha: float | None = None
-    core_degree: int = 0         # regular azimuthal core terms (:func:`core_design_matrix`)
+    core_degree: int = 0  # regular azimuthal core terms (:func:`core_design_matrix`)
     core_radius: float = 1.0
     provenance: str = ""
     meta: dict = field(default_factory=dict)
 
     def design(self, dx, dy) -> sp.csr_matrix:
         r, phi = polar_coordinates(dx, dy)
-        return prf_design_matrix(r, phi, r_knots=self.r_knots, n_phi_knots=self.n_phi_knots,
-                                 inner_radius=self.inner_radius, degree=self.degree, core_degree=self.core_degree,
-                                 core_radius=self.core_radius)
+        return prf_design_matrix(
+            r,
+            phi,
+            r_knots=self.r_knots,
+            n_phi_knots=self.n_phi_knots,
+            inner_radius=self.inner_radius,
+            degree=self.degree,
+            core_degree=self.core_degree,
+            core_radius=self.core_radius,
+        )
 
     @property
     def r_support(self) -> float:
@@ -317,14 +350,20 @@ class PRFModel:
         """Write the model as .npz (atomically), with provenance (JSON string) and meta (JSON)."""
 
         arrays = {
-            "weights": self.weights, "r_knots": self.r_knots, "n_phi_knots": np.int64(self.n_phi_knots),
-            "inner_radius": np.float64(self.inner_radius), "degree": np.int64(self.degree),
-            "r_max": np.float64(self.r_max), "log_norm": np.float64(self.log_norm),
+            "weights": self.weights,
+            "r_knots": self.r_knots,
+            "n_phi_knots": np.int64(self.n_phi_knots),
+            "inner_radius": np.float64(self.inner_radius),
+            "degree": np.int64(self.degree),
+            "r_max": np.float64(self.r_max),
+            "log_norm": np.float64(self.log_norm),
             "r_data": np.float64(self.r_support),
             "background_order": np.int64(self.background_order),
             "tail_alpha": np.float64(np.nan if self.tail_alpha is None else self.tail_alpha),
-            "core_degree": np.int64(self.core_degree), "core_radius": np.float64(self.core_radius),
-            "provenance": np.array(self.provenance), "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
+            "core_degree": np.int64(self.core_degree),
+            "core_radius": np.float64(self.core_radius),
+            "provenance": np.array(self.provenance),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
         }
         for name in ("source_id", "source_flux", "source_flux_err", "background"):
             v = getattr(self, name)
@@ -339,14 +378,22 @@ class PRFModel:
         with np.load(path, allow_pickle=False) as z:
             get = lambda k: np.asarray(z[k]) if k in z.files else None  # noqa: E731
             return cls(
-                weights=np.asarray(z["weights"], float), r_knots=np.asarray(z["r_knots"], float),
-                n_phi_knots=int(z["n_phi_knots"]), inner_radius=float(z["inner_radius"]), degree=int(z["degree"]),
-                r_max=float(z["r_max"]), log_norm=float(z["log_norm"]),
+                weights=np.asarray(z["weights"], float),
+                r_knots=np.asarray(z["r_knots"], float),
+                n_phi_knots=int(z["n_phi_knots"]),
+                inner_radius=float(z["inner_radius"]),
+                degree=int(z["degree"]),
+                r_max=float(z["r_max"]),
+                log_norm=float(z["log_norm"]),
                 r_data=float(z["r_data"]) if "r_data" in z.files else None,
-                source_id=get("source_id"), source_flux=get("source_flux"), source_flux_err=get("source_flux_err"),
+                source_id=get("source_id"),
+                source_flux=get("source_flux"),
+                source_flux_err=get("source_flux_err"),
                 background=get("background"),
                 background_order=int(z["background_order"]) if "background_order" in z.files else 0,
-                tail_alpha=(float(z["tail_alpha"]) if "tail_alpha" in z.files and np.isfinite(z["tail_alpha"]) else None),
+                tail_alpha=(
+                    float(z["tail_alpha"]) if "tail_alpha" in z.files and np.isfinite(z["tail_alpha"]) else None
+                ),
                 core_degree=int(z["core_degree"]) if "core_degree" in z.files else 0,
                 core_radius=float(z["core_radius"]) if "core_radius" in z.files else 1.0,
                 provenance=str(z["provenance"]) if "provenance" in z.files else "",
@@ -389,7 +436,7 @@ def _prf_smoothness(r_knots, degree: int, inner_radius: float, n_phi_knots: int,
     k = 0
     for j in range(n_phi_knots):
         for i in range(n_r - 2):
-            c = col[i:i + 3, j]
+            c = col[i : i + 3, j]
             if j > 0 and np.all(c < n_ro):
                 continue  # purely radial triple: counted once
             rows += [k, k, k]
@@ -407,10 +454,31 @@ def _second_difference(n: int, sigma: float) -> sp.csr_matrix:
     return sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n), format="csr") / sigma
 
 
-def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n_phi_knots=15, inner_radius=0.5,
-                  degree=3, r_max=None, prior_sigma=1.0, log_error_floor=0.01, sigma_clip=5.0, n_clip=2,
-                  smooth_sigma=0.3, return_mask=False, source_index=None, offset_prior_sigma=1.0, tail=True,
-                  core_degree=0, core_radius=1.0, core_prior_sigma=1.0):
+def fit_prf_shape(
+    dx,
+    dy,
+    pixel_flux,
+    pixel_flux_err,
+    source_flux,
+    *,
+    r_knots,
+    n_phi_knots=15,
+    inner_radius=0.5,
+    degree=3,
+    r_max=None,
+    prior_sigma=1.0,
+    log_error_floor=0.01,
+    sigma_clip=5.0,
+    n_clip=2,
+    smooth_sigma=0.3,
+    return_mask=False,
+    source_index=None,
+    offset_prior_sigma=1.0,
+    tail=True,
+    core_degree=0,
+    core_radius=1.0,
+    core_prior_sigma=1.0,
+):
     """Fit the PRF shape (§4.3 eq. 14) to uncontaminated pixels; returns a normalised :class:`PRFModel`.
 
     ``dx, dy`` are the offsets of each used pixel from its (single) source, ``pixel_flux`` the
@@ -453,12 +521,22 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
     use = np.isfinite(f) & (f > 0) & (F > 0) & np.isfinite(e) & (r <= r_max)
     n_radial = len(r_knots) + degree - 1
     if use.sum() < n_radial + 5:
-        raise ValueError(f"fit_prf_shape: only {use.sum()} usable uncontaminated pixels; need more than {n_radial + 5} "
-                         "(too few isolated sources, or edge radii too large for this field)")
+        raise ValueError(
+            f"fit_prf_shape: only {use.sum()} usable uncontaminated pixels; need more than {n_radial + 5} "
+            "(too few isolated sources, or edge radii too large for this field)"
+        )
     y = np.log(np.where(use, f, 1.0) / np.where(use, F, 1.0))
     sig = np.sqrt((np.where(use, e, 1.0) / np.where(use, f, 1.0)) ** 2 + log_error_floor**2)
-    A = prf_design_matrix(r, phi, r_knots=r_knots, n_phi_knots=n_phi_knots, inner_radius=inner_radius, degree=degree,
-                          core_degree=core_degree, core_radius=core_radius)
+    A = prf_design_matrix(
+        r,
+        phi,
+        r_knots=r_knots,
+        n_phi_knots=n_phi_knots,
+        inner_radius=inner_radius,
+        degree=degree,
+        core_degree=core_degree,
+        core_radius=core_radius,
+    )
     n_core = 2 * max(int(core_degree), 0)
     Br = spline_design_matrix(np.clip(r, r_knots[0], r_knots[-1]), r_knots, degree)
     radial_only, azim = _radial_split(r_knots, degree, inner_radius)
@@ -483,8 +561,10 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
         mu_r = np.r_[np.full(Br.shape[1], np.median(y[keep])), np.zeros(n_off)]
         sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
         a, _ = _wls(Ar[keep], y[keep], sig[keep], mu_r, sd_r, penalty=D2)
-        mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), np.zeros(n_core), a[Br.shape[1]:]])
-        sd = np.r_[np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)]
+        mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), np.zeros(n_core), a[Br.shape[1] :]])
+        sd = np.r_[
+            np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)
+        ]
         w_all, _ = _wls(Af[keep], y[keep], sig[keep], mu, sd, penalty=Dfull)
         if it == n_clip:
             break
@@ -497,18 +577,31 @@ def fit_prf_shape(dx, dy, pixel_flux, pixel_flux_err, source_flux, *, r_knots, n
         keep = new_keep
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
-    model = PRFModel(weights=w, r_knots=r_knots, n_phi_knots=int(n_phi_knots), inner_radius=float(inner_radius),
-                     degree=int(degree), r_max=r_max, r_data=r_data, core_degree=max(int(core_degree), 0),
-                     core_radius=float(core_radius))
+    model = PRFModel(
+        weights=w,
+        r_knots=r_knots,
+        n_phi_knots=int(n_phi_knots),
+        inner_radius=float(inner_radius),
+        degree=int(degree),
+        r_max=r_max,
+        r_data=r_data,
+        core_degree=max(int(core_degree), 0),
+        core_radius=float(core_radius),
+    )
     if tail:
         model.fit_tail()
     model.normalise()
-    model.meta.update(n_fit_pixels=int(keep.sum()), n_clipped=int(use.sum() - keep.sum()), n_sources=int(n_off),
-                      tail_alpha=model.tail_alpha)
+    model.meta.update(
+        n_fit_pixels=int(keep.sum()),
+        n_clipped=int(use.sum() - keep.sum()),
+        n_sources=int(n_off),
+        tail_alpha=model.tail_alpha,
+    )
     return (model, keep) if return_mask else model
 
 
 # ------------------------------------------------------------------------------ scene & fluxes
+
 
 def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, radius=None) -> sp.csr_matrix:
     """The sparse scene matrix (§4.4 eqs. 15-16), shape (npixel, nsource).
@@ -526,10 +619,19 @@ def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, 
     return sp.csr_matrix((vals, (pix, src)), shape=(npix, nsrc))
 
 
-
-
-def source_flux(S, data, data_err, prior_flux, *, prior_width=1.0, background=None, background_prior=None,
-                background_prior_sigma=1e4, pixel_mask=None, return_errors=False):
+def source_flux(
+    S,
+    data,
+    data_err,
+    prior_flux,
+    *,
+    prior_width=1.0,
+    background=None,
+    background_prior=None,
+    background_prior_sigma=1e4,
+    pixel_mask=None,
+    return_errors=False,
+):
     """Fit source fluxes (and background terms) to one image with the sparse scene matrix (§4.4 eq. 16, App. B).
 
     ``S`` (npix, nsrc) sparse scene matrix, ``data``/``data_err`` the image [e-/s] (length npix).
@@ -581,8 +683,19 @@ def _contamination_radius(edge: EdgeModel, flux) -> np.ndarray:
     return np.where((flux > 0) & (peak >= edge.threshold), rad, 0.0)
 
 
-def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_row, prior_flux,
-                  edge: EdgeModel, params: dict | None = None, *, source_id=None):
+def fit_prf_model(
+    mean_flux,
+    mean_err,
+    pixel_col,
+    pixel_row,
+    source_col,
+    source_row,
+    prior_flux,
+    edge: EdgeModel,
+    params: dict | None = None,
+    *,
+    source_id=None,
+):
     """The iterative §4.3-4.4 fit of the PRF shape and the mean-frame source fluxes.
 
     Returns ``(model, diagnostics)``: ``model`` a :class:`PRFModel` carrying ``source_flux`` /
@@ -599,7 +712,9 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
     sr = np.asarray(source_row, float)
     F0 = np.asarray(prior_flux, float)
     nsrc = sc.size
-    r_knots = radial_knots(p["r_min"], p["r_max"], p["n_r_knots"], spacing=p["knot_spacing"], inner_radius=p["inner_radius"])
+    r_knots = radial_knots(
+        p["r_min"], p["r_max"], p["n_r_knots"], spacing=p["knot_spacing"], inner_radius=p["inner_radius"]
+    )
     Bk = background_design(pc, pr, int(p["background_order"]))
     nb = Bk.shape[1]
     bkg = np.zeros(nb)
@@ -669,22 +784,52 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
         # error of a shape pixel: its mean-frame noise plus the sky-model uncertainty (the edge step's
         # sky scatter: unresolved stars, sky structure), which dominates in the faint wings
         e_shape = np.sqrt(mean_err[pix] ** 2 + sky_err**2)
-        model, keep = fit_prf_shape(dx, dy, fsub, e_shape, F[s], r_knots=r_knots, n_phi_knots=p["n_phi_knots"],
-                                    inner_radius=p["inner_radius"], degree=p["degree"], r_max=p["r_max"],
-                                    prior_sigma=p["prior_sigma"], log_error_floor=p["log_error_floor"],
-                                    sigma_clip=p["sigma_clip"], return_mask=True, smooth_sigma=p["smooth_sigma"],
-                                    source_index=s if p["source_offsets"] else None,
-                                    offset_prior_sigma=p["offset_prior_sigma"], tail=p["tail"],
-                                    core_degree=p["core_degree"], core_radius=p["core_radius"],
-                                    core_prior_sigma=p["core_prior_sigma"])
-        diag = {"dx": dx, "dy": dy, "log_ratio": np.log(np.clip(fsub, 1e-30, None) / F[s]), "keep": keep,
-                "flux": fsub, "source_flux": F[s]}
+        model, keep = fit_prf_shape(
+            dx,
+            dy,
+            fsub,
+            e_shape,
+            F[s],
+            r_knots=r_knots,
+            n_phi_knots=p["n_phi_knots"],
+            inner_radius=p["inner_radius"],
+            degree=p["degree"],
+            r_max=p["r_max"],
+            prior_sigma=p["prior_sigma"],
+            log_error_floor=p["log_error_floor"],
+            sigma_clip=p["sigma_clip"],
+            return_mask=True,
+            smooth_sigma=p["smooth_sigma"],
+            source_index=s if p["source_offsets"] else None,
+            offset_prior_sigma=p["offset_prior_sigma"],
+            tail=p["tail"],
+            core_degree=p["core_degree"],
+            core_radius=p["core_radius"],
+            core_prior_sigma=p["core_prior_sigma"],
+        )
+        diag = {
+            "dx": dx,
+            "dy": dy,
+            "log_ratio": np.log(np.clip(fsub, 1e-30, None) / F[s]),
+            "keep": keep,
+            "flux": fsub,
+            "source_flux": F[s],
+        }
         # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
         for _ in range(10):
             idx = np.flatnonzero(active)
             S = scene_matrix(model, sc[idx], sr[idx], pc, pr)
-            flux, b, err = source_flux(S, mean_flux, mean_err, F0[idx], prior_width=p["flux_prior_width"], background=Bk,
-                                       background_prior=bkg if nb else None, pixel_mask=fit_pix, return_errors=True)
+            flux, b, err = source_flux(
+                S,
+                mean_flux,
+                mean_err,
+                F0[idx],
+                prior_width=p["flux_prior_width"],
+                background=Bk,
+                background_prior=bkg if nb else None,
+                pixel_mask=fit_pix,
+                return_errors=True,
+            )
             # §4.4 drops sources whose flux goes negative; only a *significantly* negative flux
             # (below -drop_sigma x its error) says there is no such source - faint stars next to
             # bright ones scatter around zero and belong in the model
@@ -700,11 +845,25 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
         bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
         scene = S @ flux
         n_signal = int((np.isfinite(mean_flux) & (scene >= p["noise_floor"])).sum())
-        history.append({"iteration": it, "n_shape_pixels": int(keep.sum()), "n_clipped": int((~keep).sum()),
-                        "n_active_sources": int(active.sum()), "n_pixels_above_noise_floor": n_signal,
-                        "background": [float(x) for x in bkg]})
-        log.info("PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s",
-                 it, keep.sum(), (~keep).sum(), active.sum(), n_signal, np.round(bkg, 3))
+        history.append(
+            {
+                "iteration": it,
+                "n_shape_pixels": int(keep.sum()),
+                "n_clipped": int((~keep).sum()),
+                "n_active_sources": int(active.sum()),
+                "n_pixels_above_noise_floor": n_signal,
+                "background": [float(x) for x in bkg],
+            }
+        )
+        log.info(
+            "PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s",
+            it,
+            keep.sum(),
+            (~keep).sum(),
+            active.sum(),
+            n_signal,
+            np.round(bkg, 3),
+        )
     model.source_flux = np.where(active, F, np.nan)
     model.source_flux_err = np.where(active, Ferr, np.nan)
     model.background = np.asarray(bkg, float)
@@ -718,9 +877,6 @@ def fit_prf_model(mean_flux, mean_err, pixel_col, pixel_row, source_col, source_
 
 
 # ------------------------------------------------------------------------------ picture & step
-
-
-
 
 
 __all__ += ["background_design"]

@@ -46,49 +46,32 @@ solve is the paper's):
   (on the default synthetic fields the isolated bright stars' point-to-point scatter goes from
   1.1-1.5x to 1.05-1.07x the injected noise).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map
 from workflow_lib.core.settings import merge_settings
 from workflow_lib.lfd.geometry import n_terms, shift_monomials
 from workflow_lib.lfd.linsys import SolveError, build_system, solve_direct, solve_pcg
 
-
 log = get_logger("solve")
-
 
 
 # --------------------------------------------------------------------------- designs
 
 
-
-
-
-
-
 # --------------------------------------------------------------------------- shared work
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- one cadence
 
 
-
-
-
-
-
 # --------------------------------------------------------------------------- all cadences
+
 
 def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time, rtol, exact_errors=False):
     f = np.asarray(flux[i0:i1], dtype=float)
@@ -122,10 +105,24 @@ def _solve_chunk(sys, method, flux, flux_err, i0, i1, motion_basis, motion_time,
     return out, err, iters
 
 
-def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, motion_basis=None,
-                motion_time=None, method: str = "auto", direct_max_sources: int = 3000,
-                time_chunk: int = 64, threads: int = 1, dask_scheduler: str | None = None,
-                rtol: float = 1e-10, exact_errors: bool = False):
+def source_flux(
+    flux,
+    flux_err,
+    scene,
+    background,
+    prior_mu,
+    prior_sigma,
+    *,
+    motion_basis=None,
+    motion_time=None,
+    method: str = "auto",
+    direct_max_sources: int = 3000,
+    time_chunk: int = 64,
+    threads: int = 1,
+    dask_scheduler: str | None = None,
+    rtol: float = 1e-10,
+    exact_errors: bool = False,
+):
     """Least-squares flux of every source at every cadence (§4.4-4.5, App. B).
 
     Parameters
@@ -149,7 +146,6 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
     """
     import time as _time
 
-
     t_start = _time.perf_counter()
     ntime, npix = flux.shape
     S = sp.csr_matrix(scene)
@@ -164,29 +160,53 @@ def source_flux(flux, flux_err, scene, background, prior_mu, prior_sigma, *, mot
     if motion_basis is not None:
         S.sum_duplicates()
         if motion_basis.shape[0] != S.nnz or motion_time.shape[0] != ntime:
-            raise SolveError(f"motion model shapes {motion_basis.shape}, {motion_time.shape} do not match "
-                             f"scene nnz {S.nnz} / {ntime} cadences")
+            raise SolveError(
+                f"motion model shapes {motion_basis.shape}, {motion_time.shape} do not match "
+                f"scene nnz {S.nnz} / {ntime} cadences"
+            )
     mean_err = np.sqrt(np.nanmean(np.asarray(flux_err[: min(ntime, 256)], dtype=float) ** 2, axis=0))
-    sys = build_system(S, background, prior_mu, prior_sigma, mean_err,
-                       direct=(method == "direct"), pcg=(method == "pcg"))
-    log.info("flux solve: %d cadences, %d pixels, %d sources, %d background terms, method %s, "
-             "X nnz %d, %d threads", ntime, npix, sys.nsource, sys.nbk, method, sys.x_indices.size, threads)
+    sys = build_system(
+        S, background, prior_mu, prior_sigma, mean_err, direct=(method == "direct"), pcg=(method == "pcg")
+    )
+    log.info(
+        "flux solve: %d cadences, %d pixels, %d sources, %d background terms, method %s, X nnz %d, %d threads",
+        ntime,
+        npix,
+        sys.nsource,
+        sys.nbk,
+        method,
+        sys.x_indices.size,
+        threads,
+    )
     t_setup = _time.perf_counter() - t_start
     bounds = [(i, min(ntime, i + time_chunk)) for i in range(0, ntime, time_chunk)]
-    results = dask_map(_solve_chunk, [dict(i0=i0, i1=i1) for i0, i1 in bounds], threads=threads, scheduler=dask_scheduler,
-                       shared=dict(sys=sys, method=method, flux=flux, flux_err=flux_err, motion_basis=motion_basis,
-                                   motion_time=motion_time, rtol=rtol, exact_errors=exact_errors))
+    results = dask_map(
+        _solve_chunk,
+        [dict(i0=i0, i1=i1) for i0, i1 in bounds],
+        threads=threads,
+        scheduler=dask_scheduler,
+        shared=dict(
+            sys=sys,
+            method=method,
+            flux=flux,
+            flux_err=flux_err,
+            motion_basis=motion_basis,
+            motion_time=motion_time,
+            rtol=rtol,
+            exact_errors=exact_errors,
+        ),
+    )
     sol = np.concatenate([r[0] for r in results], axis=0).T
     err = np.concatenate([r[1] for r in results], axis=0).T
     iters = int(sum(r[2] for r in results))
     return {
         "flux": sol[: sys.nsource],
         "flux_err": err[: sys.nsource],
-        "background": sol[sys.nsource:],
-        "background_err": err[sys.nsource:],
+        "background": sol[sys.nsource :],
+        "background_err": err[sys.nsource :],
         "method": method,
         "pcg_iterations": iters,
-        "setup_seconds": t_setup,                                   # timing only, never written
+        "setup_seconds": t_setup,  # timing only, never written
         "solve_seconds": _time.perf_counter() - t_start - t_setup,
     }
 
@@ -217,8 +237,6 @@ def solve_params(params: dict | None) -> dict:
     return merge_settings(SOLVE_DEFAULTS, params, "lfd.solve", SolveError)
 
 
-
-
 def blended_sources(column, row, flux, radius: float):
     """Sources that the data cannot separate from a brighter neighbour (App. B).
 
@@ -238,12 +256,13 @@ def blended_sources(column, row, flux, radius: float):
     if radius <= 0 or len(xy) < 2:
         return out
     i, j = cKDTree(xy).query_pairs(float(radius), output_type="ndarray").T
-    out[np.where(flux[i] >= flux[j], j, i)] = True   # the fainter of each close pair
+    out[np.where(flux[i] >= flux[j], j, i)] = True  # the fainter of each close pair
     return out
 
 
-def decorrelate_offsets(time, flux, cx, cy, good, *, degree: int = 2, window_days: float = 1.0, n_iter: int = 3,
-                        clip: float = 4.0):
+def decorrelate_offsets(
+    time, flux, cx, cy, good, *, degree: int = 2, window_days: float = 1.0, n_iter: int = 3, clip: float = 4.0
+):
     """Remove from every light curve the part that follows the measured scene offset.
 
     A mean-frame PRF model that is slightly wrong in the core gives fluxes that depend on where
@@ -265,14 +284,13 @@ def decorrelate_offsets(time, flux, cx, cy, good, *, degree: int = 2, window_day
     """
     from scipy.ndimage import median_filter
 
-
     flux = np.asarray(flux, float)
     time = np.asarray(time, float)
     cx = np.asarray(cx, float)
     cy = np.asarray(cy, float)
     have = np.isfinite(cx) & np.isfinite(cy)
     use = np.asarray(good, bool) & have
-    nterm = n_terms(degree) - 1      # the offset monomials without the constant
+    nterm = n_terms(degree) - 1  # the offset monomials without the constant
     coef = np.zeros((flux.shape[0], max(nterm, 0)))
     if degree < 1 or use.sum() < 10 * max(nterm, 1):
         return flux.copy(), coef
@@ -319,5 +337,3 @@ def contamination_ratio(S, flux):
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = other_sum / own_sum
     return ratio, np.bincount(S.indices, minlength=n)
-
-

@@ -38,6 +38,7 @@ the page carries no timestamp, and PNG thumbnails carry no software/time metadat
 inputs give byte-identical pages (the index page shows the benchmark timings, which differ
 between runs by nature).
 """
+
 from __future__ import annotations
 
 import base64
@@ -49,11 +50,13 @@ import itertools
 import json
 import re
 import warnings
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
 from workflow_lib import __version__
 from workflow_lib.core.atomic import write_text_atomic
 from workflow_lib.core.logs import get_logger
@@ -64,18 +67,11 @@ from workflow_lib.lfd.diagnostics import lfd_mean_residual, motion_panel
 from workflow_lib.lfd.io import load_motion_model
 from workflow_lib.lfd.prf import PRFModel
 
-
 log = get_logger("report")
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 # ------------------------------------------------------------------ QUALITY bit tables
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------ configuration
@@ -124,6 +120,7 @@ def embed_budget_bytes(max_page_mb: float) -> int:
 
 # ------------------------------------------------------------------ loading (tolerant)
 
+
 @dataclass
 class FieldProducts:
     """Everything the field page can show; absent stages are ``None``."""
@@ -137,9 +134,9 @@ class FieldProducts:
     detrended: xr.Dataset | None = None
     cpm_paramset: str | None = None
     prf_png: bytes | None = None
-    motion: dict | None = None      # raw arrays of motion_model.npz (any layout)
+    motion: dict | None = None  # raw arrays of motion_model.npz (any layout)
     motion_model: object | None = None  # workflow_lib.motion.MotionModel (None when unreadable)
-    prf: object | None = None       # workflow_lib.prf.PRFModel
+    prf: object | None = None  # workflow_lib.prf.PRFModel
     edge: object | None = None
     mean_residual: dict | None = None  # {"data", "model", "residual"} per pixel-table pixel, "label"
     notes: list = dc_field(default_factory=list)
@@ -195,7 +192,6 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
         pnpz = lfd / "prf_model.npz"
         if pnpz.exists():
             try:
-
                 fp.prf = PRFModel.load(pnpz)
             except Exception as exc:
                 fp.notes.append(f"{pnpz}: unreadable PRF model ({exc})")
@@ -208,7 +204,6 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
                 fp.notes.append(f"{npz}: unreadable ({exc})")
             if fp.motion is not None:
                 try:
-
                     fp.motion_model = load_motion_model(npz)
                 except Exception as exc:
                     fp.notes.append(f"{npz}: not a motion model this report can evaluate ({exc})")
@@ -219,7 +214,11 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
             except ValueError as exc:
                 fp.notes.append(f"{edge}: unreadable ({exc})")
         if fp.prf is None or fp.lfd is None or fp.catalog is None:
-            miss = [n for n, v in (("prf_model.npz", fp.prf), ("lightcurves.zarr", fp.lfd), ("catalog.ecsv", fp.catalog)) if v is None]
+            miss = [
+                n
+                for n, v in (("prf_model.npz", fp.prf), ("lightcurves.zarr", fp.lfd), ("catalog.ecsv", fp.catalog))
+                if v is None
+            ]
             fp.notes.append(f"mean-frame residual panel skipped: LFD output missing ({', '.join(miss)})")
         else:
             try:
@@ -247,22 +246,19 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
     return fp
 
 
-
-
-
-
 # ------------------------------------------------------------------ display reduction
+
 
 @dataclass
 class DisplayCube:
     """The pixels and cadences embedded in a page."""
 
-    flux: np.ndarray        # (npix, ntime_display) float32, pixel-major
-    rows: np.ndarray        # (npix,) CCD rows
-    cols: np.ndarray        # (npix,) CCD columns
-    time: np.ndarray        # (ntime_display,) float64
-    cadenceno: np.ndarray   # (ntime_display,) int64, first cadence of each bin
-    quality: np.ndarray     # (ntime_display,) int64, OR of the bin
+    flux: np.ndarray  # (npix, ntime_display) float32, pixel-major
+    rows: np.ndarray  # (npix,) CCD rows
+    cols: np.ndarray  # (npix,) CCD columns
+    time: np.ndarray  # (ntime_display,) float64
+    cadenceno: np.ndarray  # (ntime_display,) int64, first cadence of each bin
+    quality: np.ndarray  # (ntime_display,) int64, OR of the bin
     bin_factor: int
     source_index: np.ndarray  # (npix,) index into the cube's pixel table (as_pixel_table(drop_nan=False))
     cropped: bool
@@ -297,8 +293,15 @@ def bin_quality(q: np.ndarray, factor: int) -> np.ndarray:
     return np.bitwise_or.reduce(padded.reshape(m, factor), axis=1)
 
 
-def plan_display(n_time: int, n_rows: int, n_cols: int, *, n_cubes: int = 1, extra_bytes_per_cadence: int = 0,
-                 params: dict | None = None) -> dict:
+def plan_display(
+    n_time: int,
+    n_rows: int,
+    n_cols: int,
+    *,
+    n_cubes: int = 1,
+    extra_bytes_per_cadence: int = 0,
+    params: dict | None = None,
+) -> dict:
     """Choose the crop side and the time-binning factor that keep a page within budget.
 
     Returns ``{"side_rows", "side_cols", "bin", "bytes", "budget"}``; ``extra_bytes_per_cadence``
@@ -332,8 +335,13 @@ def _window(coords: np.ndarray, centre: float, side: int) -> tuple[int, int]:
     return i0, i0 + side
 
 
-def display_cube(ds: xr.Dataset, plan: dict, centre: tuple[float, float] | None = None,
-                 stamp: int | None = None, variable: str = "flux") -> DisplayCube:
+def display_cube(
+    ds: xr.Dataset,
+    plan: dict,
+    centre: tuple[float, float] | None = None,
+    stamp: int | None = None,
+    variable: str = "flux",
+) -> DisplayCube:
     """Crop (around ``centre`` = (row, column) CCD) and time-bin a cube per ``plan``.
 
     Pixel tables are restricted to one ``stamp`` (default: stamp 0) and cropped the same way.
@@ -350,8 +358,12 @@ def display_cube(ds: xr.Dataset, plan: dict, centre: tuple[float, float] | None 
         ur, uc = np.unique(rows_all[sel]), np.unique(cols_all[sel])
         r0, r1 = _window(ur, centre[0], plan["side_rows"])
         c0, c1 = _window(uc, centre[1], plan["side_cols"])
-        keep = sel[(rows_all[sel] >= ur[r0]) & (rows_all[sel] <= ur[r1 - 1])
-                   & (cols_all[sel] >= uc[c0]) & (cols_all[sel] <= uc[c1 - 1])]
+        keep = sel[
+            (rows_all[sel] >= ur[r0])
+            & (rows_all[sel] <= ur[r1 - 1])
+            & (cols_all[sel] >= uc[c0])
+            & (cols_all[sel] <= uc[c1 - 1])
+        ]
         flux = np.asarray(ds[variable].isel(pixel=keep).values, dtype=np.float32).T  # (npix, time)
         rows, cols, index = rows_all[keep], cols_all[keep], keep
         cropped = keep.size < rows_all.size
@@ -373,11 +385,22 @@ def display_cube(ds: xr.Dataset, plan: dict, centre: tuple[float, float] | None 
     b = int(plan["bin"])
     flux = np.ascontiguousarray(bin_series(flux, b, axis=1).astype(np.float32) if b > 1 else flux)
     time = bin_series(ds["time"].values, b)
-    cad = np.asarray(ds["cadenceno"].values, dtype=np.int64)[::b] if "cadenceno" in ds.coords else np.arange(0, n_time, b)
+    cad = (
+        np.asarray(ds["cadenceno"].values, dtype=np.int64)[::b] if "cadenceno" in ds.coords else np.arange(0, n_time, b)
+    )
     qual = bin_quality(ds["quality"].values, b) if "quality" in ds else np.zeros(time.size, np.int64)
-    return DisplayCube(flux=flux, rows=rows, cols=cols, time=np.asarray(time, np.float64), cadenceno=cad,
-                       quality=qual, bin_factor=b, source_index=np.asarray(index), cropped=bool(cropped),
-                       n_time_full=n_time)
+    return DisplayCube(
+        flux=flux,
+        rows=rows,
+        cols=cols,
+        time=np.asarray(time, np.float64),
+        cadenceno=cad,
+        quality=qual,
+        bin_factor=b,
+        source_index=np.asarray(index),
+        cropped=bool(cropped),
+        n_time_full=n_time,
+    )
 
 
 def align_cube(other: xr.Dataset, disp: DisplayCube, ref: xr.Dataset, variable: str = "flux") -> np.ndarray:
@@ -422,6 +445,7 @@ def align_lcset(lc: xr.Dataset, source_ids: np.ndarray, cube: xr.Dataset, bin_fa
 
 # ------------------------------------------------------------------ targets, apertures, metrics
 
+
 def choose_target(catalog, rows: np.ndarray, cols: np.ndarray, max_offset: float = 0.25) -> int | None:
     """Row index in ``catalog`` of the brightest source within ``max_offset`` x (field size) of
     the centre of the pixels ``rows``/``cols``; ``None`` without a usable catalog."""
@@ -442,7 +466,9 @@ def choose_target(catalog, rows: np.ndarray, cols: np.ndarray, max_offset: float
     return int(cand[np.argmin(g[cand])])
 
 
-def default_aperture(disp: DisplayCube, cube: xr.Dataset, target_rc: tuple[float, float] | None, radius: float) -> np.ndarray:
+def default_aperture(
+    disp: DisplayCube, cube: xr.Dataset, target_rc: tuple[float, float] | None, radius: float
+) -> np.ndarray:
     """Initial pixel selection (bool per displayed pixel): the cube's ``aperture`` variable when
     it has one, else pixels within ``radius`` of the target, else the brightest pixel."""
     if "aperture" in cube:
@@ -515,6 +541,7 @@ def _set_metric(lc: xr.Dataset | None, ids: np.ndarray, name: str, hours: float 
 
 # ------------------------------------------------------------------ deterministic Bokeh ids
 
+
 @contextlib.contextmanager
 def deterministic_ids(prefix: str = "rpt"):
     """Make Bokeh model ids and embed ids reproducible while building one page.
@@ -532,8 +559,12 @@ def deterministic_ids(prefix: str = "rpt"):
     def gid():
         return f"{prefix}-{next(counter):04d}"
 
-    saved = (bser._simple_id, be_util.make_globally_unique_id, be_util.make_globally_unique_css_safe_id,
-             be_elements.make_globally_unique_css_safe_id)
+    saved = (
+        bser._simple_id,
+        be_util.make_globally_unique_id,
+        be_util.make_globally_unique_css_safe_id,
+        be_elements.make_globally_unique_css_safe_id,
+    )
     bser._simple_id = 999
     be_util.make_globally_unique_id = gid
     be_util.make_globally_unique_css_safe_id = gid
@@ -541,11 +572,16 @@ def deterministic_ids(prefix: str = "rpt"):
     try:
         yield
     finally:
-        (bser._simple_id, be_util.make_globally_unique_id, be_util.make_globally_unique_css_safe_id,
-         be_elements.make_globally_unique_css_safe_id) = saved
+        (
+            bser._simple_id,
+            be_util.make_globally_unique_id,
+            be_util.make_globally_unique_css_safe_id,
+            be_elements.make_globally_unique_css_safe_id,
+        ) = saved
 
 
 # ------------------------------------------------------------------ page building
+
 
 def _stretch(values: np.ndarray, percentiles, frame: np.ndarray | None = None) -> dict:
     """Screen-stretch limits: slider range (0.2/99.8 % of the whole cube, widened to contain the
@@ -589,8 +625,11 @@ def _js(name: str) -> str:
 def _jinja_env():
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=jinja2.select_autoescape(["html", "j2"]),
-                              keep_trailing_newline=True)
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        keep_trailing_newline=True,
+    )
 
 
 def _finite_or_none(x):
@@ -601,9 +640,27 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
     """The HTML of one field page and its summary (for the index page)."""
     from bokeh.embed import components
     from bokeh.layouts import column, row
-    from bokeh.models import (BoxSelectTool, Button, ColumnDataSource, CustomJS, CustomJSHover, DataTable, Div,
-                              HoverTool, HTMLTemplateFormatter, LinearColorMapper, LogColorMapper, NumberFormatter,
-                              RadioButtonGroup, RangeSlider, Slider, Span, TableColumn, Toggle, ColorBar)
+    from bokeh.models import (
+        BoxSelectTool,
+        Button,
+        ColorBar,
+        ColumnDataSource,
+        CustomJS,
+        CustomJSHover,
+        DataTable,
+        Div,
+        HoverTool,
+        HTMLTemplateFormatter,
+        LinearColorMapper,
+        LogColorMapper,
+        NumberFormatter,
+        RadioButtonGroup,
+        RangeSlider,
+        Slider,
+        Span,
+        TableColumn,
+        Toggle,
+    )
     from bokeh.palettes import RdBu11, Viridis256
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
@@ -633,7 +690,11 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         sids = np.asarray(cat["source_id"], dtype=np.int64)
         s_row = np.asarray(cat["row"], float)
         s_col = np.asarray(cat["column"], float)
-        s_g = np.asarray(cat["phot_g_mean_mag"], float) if "phot_g_mean_mag" in cat.colnames else np.full(len(cat), np.nan)
+        s_g = (
+            np.asarray(cat["phot_g_mean_mag"], float)
+            if "phot_g_mean_mag" in cat.colnames
+            else np.full(len(cat), np.nan)
+        )
     else:
         sids, s_row, s_col, s_g = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
     sets = {"raw": fp.cpm_raw, "lfd": fp.lfd, "cpm": fp.cpm}
@@ -645,8 +706,9 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         nr, nc = np.unique(cube["row"].values[m]).size, np.unique(cube["column"].values[m]).size
     else:
         nr, nc = cube.sizes["row"], cube.sizes["column"]
-    plan = plan_display(cube.sizes["time"], nr, nc, n_cubes=n_cubes,
-                        extra_bytes_per_cadence=4 * sids.size * len(sets), params=p)
+    plan = plan_display(
+        cube.sizes["time"], nr, nc, n_cubes=n_cubes, extra_bytes_per_cadence=4 * sids.size * len(sets), params=p
+    )
     disp = display_cube(cube, plan, centre=centre, stamp=stamp)
     npix, nt = disp.flux.shape
     det = align_cube(fp.detrended, disp, cube) if fp.detrended is not None else None
@@ -668,7 +730,9 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
     t0 = nt // 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        lc0 = np.where(np.isfinite(disp.flux[sel0]).any(axis=0), np.nansum(disp.flux[sel0].astype(np.float64), axis=0), np.nan)
+        lc0 = np.where(
+            np.isfinite(disp.flux[sel0]).any(axis=0), np.nansum(disp.flux[sel0].astype(np.float64), axis=0), np.nan
+        )
     stretch = {"raw": _stretch(disp.flux, p["percentiles"], disp.flux[:, t0])}
     if det is not None:
         stretch["cpm"] = _stretch(det, p["percentiles"], det[:, t0])
@@ -679,80 +743,188 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         cubes = [cube_src]
         if det is not None:
             cubes.append(ColumnDataSource({"flux": det.ravel()}, name="cube_cpm"))
-        pix = ColumnDataSource({
-            "x": disp.cols.astype(np.float64), "y": disp.rows.astype(np.float64),
-            "flux": disp.flux[:, t0].copy(), "row": disp.rows.astype(np.int32), "column": disp.cols.astype(np.int32),
-        }, name="pixels")
+        pix = ColumnDataSource(
+            {
+                "x": disp.cols.astype(np.float64),
+                "y": disp.rows.astype(np.float64),
+                "flux": disp.flux[:, t0].copy(),
+                "row": disp.rows.astype(np.int32),
+                "column": disp.cols.astype(np.int32),
+            },
+            name="pixels",
+        )
         pix.selected.indices = [int(i) for i in np.flatnonzero(sel0)]
-        lc = ColumnDataSource({
-            "time": disp.time, "cadenceno": disp.cadenceno.astype(np.int64), "index": np.arange(nt, dtype=np.int32),
-            "flux": lc0, "quality": disp.quality.astype(np.int32),
-        }, name="lc")
-        lcsets = ColumnDataSource({k: v for k, v in set_arrays.items()} or {"none": np.zeros(0, np.float32)}, name="lcsets")
+        lc = ColumnDataSource(
+            {
+                "time": disp.time,
+                "cadenceno": disp.cadenceno.astype(np.int64),
+                "index": np.arange(nt, dtype=np.int32),
+                "flux": lc0,
+                "quality": disp.quality.astype(np.int32),
+            },
+            name="lc",
+        )
+        lcsets = ColumnDataSource(
+            {k: v for k, v in set_arrays.items()} or {"none": np.zeros(0, np.float32)}, name="lcsets"
+        )
         size = np.clip(16.0 - 0.9 * (np.nan_to_num(s_g, nan=19.0) - 8.0), 3.0, 16.0)
-        src = ColumnDataSource({
-            "x": s_col, "y": s_row, "size": size, "source_id": [str(s) for s in sids], "gmag": s_g,
-            "column": s_col, "row": s_row, **metrics,
-        }, name="sources")
+        src = ColumnDataSource(
+            {
+                "x": s_col,
+                "y": s_row,
+                "size": size,
+                "source_id": [str(s) for s in sids],
+                "gmag": s_g,
+                "column": s_col,
+                "row": s_row,
+                **metrics,
+            },
+            name="sources",
+        )
         if tgt is not None:
             src.selected.indices = [tgt]
-        init = {k: (set_arrays[k].reshape(sids.size, nt)[tgt] if k in set_arrays and tgt is not None else np.full(nt, np.nan))
-                for k in ("raw", "lfd", "cpm")}
+        init = {
+            k: (
+                set_arrays[k].reshape(sids.size, nt)[tgt]
+                if k in set_arrays and tgt is not None
+                else np.full(nt, np.nan)
+            )
+            for k in ("raw", "lfd", "cpm")
+        }
         if "raw" not in set_arrays:
             init["raw"] = lc0
         srclc = ColumnDataSource({"time": disp.time, **init}, name="srclc")
 
         # ---- image
         lo_pos = max(stretch["raw"]["lo"], stretch["raw"]["pos"])
-        mlog = LogColorMapper(palette=Viridis256, low=lo_pos, high=max(stretch["raw"]["hi"], lo_pos * 1.0001),
-                              nan_color="#444444", name="mapper_log")
-        mlin = LinearColorMapper(palette=Viridis256, low=stretch["raw"]["lo"], high=stretch["raw"]["hi"],
-                                 nan_color="#444444", name="mapper_lin")
+        mlog = LogColorMapper(
+            palette=Viridis256,
+            low=lo_pos,
+            high=max(stretch["raw"]["hi"], lo_pos * 1.0001),
+            nan_color="#444444",
+            name="mapper_log",
+        )
+        mlin = LinearColorMapper(
+            palette=Viridis256,
+            low=stretch["raw"]["lo"],
+            high=stretch["raw"]["hi"],
+            nan_color="#444444",
+            name="mapper_lin",
+        )
         mapper = mlog if p["stretch"] == "log" else mlin
         pad = 0.5
-        img = figure(width=520, height=480, title=f"{fp.field}: pixels", match_aspect=True,
-                     x_range=(disp.cols.min() - pad, disp.cols.max() + pad), y_range=(disp.rows.min() - pad, disp.rows.max() + pad),
-                     tools="pan,wheel_zoom,reset,save", x_axis_label="CCD column", y_axis_label="CCD row", name="image_fig")
+        img = figure(
+            width=520,
+            height=480,
+            title=f"{fp.field}: pixels",
+            match_aspect=True,
+            x_range=(disp.cols.min() - pad, disp.cols.max() + pad),
+            y_range=(disp.rows.min() - pad, disp.rows.max() + pad),
+            tools="pan,wheel_zoom,reset,save",
+            x_axis_label="CCD column",
+            y_axis_label="CCD row",
+            name="image_fig",
+        )
         fc = {"field": "flux", "transform": mapper}
-        pr = img.rect("x", "y", 1, 1, source=pix, fill_color=fc, line_color=None, name="pixel_renderer",
-                      selection_fill_color=fc, selection_line_color="white", selection_line_width=2,
-                      selection_fill_alpha=1.0, nonselection_fill_color=fc, nonselection_fill_alpha=1.0,
-                      nonselection_line_color=None)
+        pr = img.rect(
+            "x",
+            "y",
+            1,
+            1,
+            source=pix,
+            fill_color=fc,
+            line_color=None,
+            name="pixel_renderer",
+            selection_fill_color=fc,
+            selection_line_color="white",
+            selection_line_width=2,
+            selection_fill_alpha=1.0,
+            nonselection_fill_color=fc,
+            nonselection_fill_alpha=1.0,
+            nonselection_line_color=None,
+        )
         box = BoxSelectTool(renderers=[pr])
         img.add_tools(box)
         img.toolbar.active_drag = box
-        img.add_tools(HoverTool(renderers=[pr], tooltips=[("row", "@row"), ("column", "@column"), ("flux", "@flux{0.00} e-/s")]))
+        img.add_tools(
+            HoverTool(renderers=[pr], tooltips=[("row", "@row"), ("column", "@column"), ("flux", "@flux{0.00} e-/s")])
+        )
         img.add_layout(ColorBar(color_mapper=mapper, width=10, name="colorbar"), "right")
         if sids.size:
-            sr = img.scatter("x", "y", size="size", source=src, marker="circle", fill_color=None, line_color="#ff4fd8",
-                             line_width=1.2, selection_line_color="#ff0000", selection_line_width=3,
-                             selection_fill_color=None, nonselection_line_alpha=0.8, nonselection_fill_color=None,
-                             name="source_renderer")
-            img.add_tools(HoverTool(renderers=[sr], tooltips=[
-                ("Gaia DR3", "@source_id"), ("G", "@gmag{0.00}"), ("column, row", "@column{0.00}, @row{0.00}"),
-                ("contamination", "@contamination{0.000}")]))
+            sr = img.scatter(
+                "x",
+                "y",
+                size="size",
+                source=src,
+                marker="circle",
+                fill_color=None,
+                line_color="#ff4fd8",
+                line_width=1.2,
+                selection_line_color="#ff0000",
+                selection_line_width=3,
+                selection_fill_color=None,
+                nonselection_line_alpha=0.8,
+                nonselection_fill_color=None,
+                name="source_renderer",
+            )
+            img.add_tools(
+                HoverTool(
+                    renderers=[sr],
+                    tooltips=[
+                        ("Gaia DR3", "@source_id"),
+                        ("G", "@gmag{0.00}"),
+                        ("column, row", "@column{0.00}, @row{0.00}"),
+                        ("contamination", "@contamination{0.000}"),
+                    ],
+                )
+            )
 
         # ---- main light curve
-        qcode = ("const t = " + json.dumps({str(k): v for k, v in qtable.items()}) + ";"
-                 "const q = value|0; if (!q) return 'none'; const out = [];"
-                 "for (let b = 1; b > 0 && b <= q; b *= 2) { if (q & b) out.push(t[b] || ('bit' + Math.log2(b))); }"
-                 "return out.join(', ');")
-        lcf = figure(width=620, height=480, title="light curve: aperture sum of the selected pixels",
-                     tools="pan,wheel_zoom,box_zoom,reset,save", x_axis_label=f"time [{tsys}]",
-                     y_axis_label="flux [e-/s]", name="lc_fig")
+        qcode = (
+            "const t = " + json.dumps({str(k): v for k, v in qtable.items()}) + ";"
+            "const q = value|0; if (!q) return 'none'; const out = [];"
+            "for (let b = 1; b > 0 && b <= q; b *= 2) { if (q & b) out.push(t[b] || ('bit' + Math.log2(b))); }"
+            "return out.join(', ');"
+        )
+        lcf = figure(
+            width=620,
+            height=480,
+            title="light curve: aperture sum of the selected pixels",
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            x_axis_label=f"time [{tsys}]",
+            y_axis_label="flux [e-/s]",
+            name="lc_fig",
+        )
         lr = lcf.scatter("time", "flux", source=lc, size=3, color="black", name="lc_renderer")
         lcf.line("time", "flux", source=lc, color="#888888", line_width=0.7)
-        lcf.add_tools(HoverTool(renderers=[lr], tooltips=[
-            ("cadence", "@cadenceno"), ("time", "@time{0.00000}"), ("flux", "@flux{0.000}"),
-            ("quality", "@quality{custom}")], formatters={"@quality": CustomJSHover(code=qcode)}))
+        lcf.add_tools(
+            HoverTool(
+                renderers=[lr],
+                tooltips=[
+                    ("cadence", "@cadenceno"),
+                    ("time", "@time{0.00000}"),
+                    ("flux", "@flux{0.000}"),
+                    ("quality", "@quality{custom}"),
+                ],
+                formatters={"@quality": CustomJSHover(code=qcode)},
+            )
+        )
         span = Span(location=float(disp.time[t0]), dimension="height", line_color="red", line_width=2, name="span_main")
         lcf.add_layout(span)
         lcf.js_on_event("tap", CustomJS(code="window.RPT && RPT.seek(cb_obj.x);"))
         img.js_on_event("tap", CustomJS(code="window.RPT && RPT.tapImage(cb_obj);"))
 
         # ---- widgets
-        slider = Slider(start=0, end=max(nt - 1, 1), value=t0, step=1, title="cadence index", width=520,
-                        name="cadence_slider", disabled=nt < 2)
+        slider = Slider(
+            start=0,
+            end=max(nt - 1, 1),
+            value=t0,
+            step=1,
+            title="cadence index",
+            width=520,
+            name="cadence_slider",
+            disabled=nt < 2,
+        )
         # models only JavaScript uses are passed as args so that they are part of the document
         held = {"cube_raw": cube_src, "lcsets": lcsets, "mapper_log": mlog, "mapper_lin": mlin}
         if det is not None:
@@ -764,20 +936,33 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         b_next.js_on_event("button_click", CustomJS(code="RPT.step(1);"))
         play = Toggle(label="► Play", width=90, name="play_toggle")
         play.js_on_change("active", CustomJS(code="RPT.play(cb_obj.active);"))
-        srange = RangeSlider(start=stretch["raw"]["vlo"], end=stretch["raw"]["vhi"], value=(stretch["raw"]["lo"], stretch["raw"]["hi"]),
-                             step=(stretch["raw"]["vhi"] - stretch["raw"]["vlo"]) / 500.0, title="screen stretch [e-/s]",
-                             width=480, name="stretch_slider", format="0.0")
+        srange = RangeSlider(
+            start=stretch["raw"]["vlo"],
+            end=stretch["raw"]["vhi"],
+            value=(stretch["raw"]["lo"], stretch["raw"]["hi"]),
+            step=(stretch["raw"]["vhi"] - stretch["raw"]["vlo"]) / 500.0,
+            title="screen stretch [e-/s]",
+            width=480,
+            name="stretch_slider",
+            format="0.0",
+        )
         srange.js_on_change("value", CustomJS(code="RPT.onStretch();"))
         autost = Toggle(label="auto stretch per frame", active=False, width=170, name="auto_stretch")
         autost.js_on_change("active", CustomJS(code="RPT.onAutoStretch();"))
-        smode = RadioButtonGroup(labels=["log", "linear"], active=0 if p["stretch"] == "log" else 1, name="stretch_mode")
+        smode = RadioButtonGroup(
+            labels=["log", "linear"], active=0 if p["stretch"] == "log" else 1, name="stretch_mode"
+        )
         smode.js_on_change("active", CustomJS(code="RPT.onStretchMode();"))
-        imode = RadioButtonGroup(labels=["raw image", "CPM de-trended"], active=0, name="image_mode", disabled=det is None)
+        imode = RadioButtonGroup(
+            labels=["raw image", "CPM de-trended"], active=0, name="image_mode", disabled=det is None
+        )
         imode.js_on_change("active", CustomJS(code="RPT.onImageMode();"))
-        tmode = RadioButtonGroup(labels=["tap selects pixels", "tap selects a source"], active=0, name="tap_mode",
-                                 disabled=sids.size == 0)
-        lmode = RadioButtonGroup(labels=["pixels (sum)", "LFD", "CPM"], active=0, name="lc_mode",
-                                 disabled=fp.lfd is None and fp.cpm is None)
+        tmode = RadioButtonGroup(
+            labels=["tap selects pixels", "tap selects a source"], active=0, name="tap_mode", disabled=sids.size == 0
+        )
+        lmode = RadioButtonGroup(
+            labels=["pixels (sum)", "LFD", "CPM"], active=0, name="lc_mode", disabled=fp.lfd is None and fp.cpm is None
+        )
         lmode.js_on_change("active", CustomJS(code="RPT.onLcMode();"))
         b_mask = Button(label="⬇ mask (JSON)", width=130, name="export_mask")
         b_mask.js_on_event("button_click", CustomJS(code="RPT.exportMask();"))
@@ -790,19 +975,34 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         # ---- source light curves
         spans = []
         sfigs = []
-        labels = {"raw": "raw aperture (CPM stage)" if fp.cpm_raw is not None else "aperture sum of the selected pixels",
-                  "lfd": "LFD", "cpm": f"CPM ({fp.cpm_paramset})" if fp.cpm_paramset else "CPM"}
+        labels = {
+            "raw": "raw aperture (CPM stage)" if fp.cpm_raw is not None else "aperture sum of the selected pixels",
+            "lfd": "LFD",
+            "cpm": f"CPM ({fp.cpm_paramset})" if fp.cpm_paramset else "CPM",
+        }
         for k in ("raw", "lfd", "cpm"):
-            f = figure(width=560, height=170, title=labels[k], tools="pan,wheel_zoom,box_zoom,reset",
-                       x_range=lcf.x_range, name=f"srcfig_{k}", visible=(k == "raw" or k in sets))
+            f = figure(
+                width=560,
+                height=170,
+                title=labels[k],
+                tools="pan,wheel_zoom,box_zoom,reset",
+                x_range=lcf.x_range,
+                name=f"srcfig_{k}",
+                visible=(k == "raw" or k in sets),
+            )
             f.scatter("time", k, source=srclc, size=2, color={"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728"}[k])
-            s = Span(location=float(disp.time[t0]), dimension="height", line_color="red", line_width=1, name=f"span_{k}")
+            s = Span(
+                location=float(disp.time[t0]), dimension="height", line_color="red", line_width=1, name=f"span_{k}"
+            )
             f.add_layout(s)
             f.js_on_event("tap", CustomJS(code="window.RPT && RPT.seek(cb_obj.x);"))
             spans.append(s)
             sfigs.append(f)
-        src_title = Div(text="<b>Selected source</b>: tap a source (switch the tap mode) or a row of the table", width=560,
-                        name="source_title")
+        src_title = Div(
+            text="<b>Selected source</b>: tap a source (switch the tap mode) or a row of the table",
+            width=560,
+            name="source_title",
+        )
 
         # ---- extra panels
         extras = []
@@ -817,7 +1017,9 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
                 fp.notes.append(f"LFD motion panel skipped: {type(exc).__name__}: {exc}")
                 log.warning("%s: motion panel skipped (%s)", fp.field, exc)
             if mp is None and not any("motion panel" in n for n in fp.notes):
-                fp.notes.append("LFD motion panel skipped: the motion model needs the PRF model and the catalog to be evaluated")
+                fp.notes.append(
+                    "LFD motion panel skipped: the motion model needs the PRF model and the catalog to be evaluated"
+                )
         extras.extend(_motion_figures(mp, tsys, lcf.x_range))
         res_figs = _residual_figures(fp.mean_residual, disp, RdBu11)
         if fp.mean_residual is not None and not res_figs:
@@ -828,18 +1030,35 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
             num = NumberFormatter(format="0.000", nan_format="—")
             cdppf = NumberFormatter(format="0", nan_format="—")
             link = HTMLTemplateFormatter(template='<a href="#source=<%= value %>"><%= value %></a>')
-            cols = [TableColumn(field="source_id", title="Gaia DR3 source_id", formatter=link, width=170),
-                    TableColumn(field="gmag", title="G", formatter=NumberFormatter(format="0.00", nan_format="—"), width=60),
-                    TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=70),
-                    TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=70),
-                    TableColumn(field="contamination", title="contamination", formatter=num, width=90),
-                    TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
-                    TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
-                    TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),
-                    TableColumn(field="cdpp_common", title="in median", width=70,
-                                formatter=HTMLTemplateFormatter(template="<%= value ? '✓' : '' %>"))]
-            table = DataTable(source=src, columns=cols, width=900, height=300, sortable=True, selectable=True,
-                              index_position=None, reorderable=False, name="source_table")
+            cols = [
+                TableColumn(field="source_id", title="Gaia DR3 source_id", formatter=link, width=170),
+                TableColumn(
+                    field="gmag", title="G", formatter=NumberFormatter(format="0.00", nan_format="—"), width=60
+                ),
+                TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=70),
+                TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=70),
+                TableColumn(field="contamination", title="contamination", formatter=num, width=90),
+                TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
+                TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
+                TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),
+                TableColumn(
+                    field="cdpp_common",
+                    title="in median",
+                    width=70,
+                    formatter=HTMLTemplateFormatter(template="<%= value ? '✓' : '' %>"),
+                ),
+            ]
+            table = DataTable(
+                source=src,
+                columns=cols,
+                width=900,
+                height=300,
+                sortable=True,
+                selectable=True,
+                index_position=None,
+                reorderable=False,
+                name="source_table",
+            )
 
         controls_img = column(row(srange), row(smode, autost), row(imode, tmode))
         controls_lc = column(row(b_prev, play, b_next, slider), row(lmode, b_mask, b_csv), status)
@@ -847,9 +1066,15 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
         mid = row(column(src_title, *sfigs), column(*extras)) if extras else column(src_title, *sfigs)
         parts = [top, mid]
         if res_figs:
-            rtitle = Div(text=(f"<b>Mean frame over {fp.mean_residual['n_cadences']} good cadences</b>: data, LFD model "
-                               f"({fp.mean_residual['n_sources']} sources, {fp.mean_residual['label']}) and residual "
-                               "(diverging colours: red = data above the model, blue = below)"), width=1000, name="residual_title")
+            rtitle = Div(
+                text=(
+                    f"<b>Mean frame over {fp.mean_residual['n_cadences']} good cadences</b>: data, LFD model "
+                    f"({fp.mean_residual['n_sources']} sources, {fp.mean_residual['label']}) and residual "
+                    "(diverging colours: red = data above the model, blue = below)"
+                ),
+                width=1000,
+                name="residual_title",
+            )
             parts += [rtitle, row(*res_figs)]
         parts += [table] if table is not None else []
         layout = column(*parts)
@@ -857,22 +1082,48 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
 
     ntf = disp.n_time_full
     meta = {
-        "field": fp.field, "mission": mission, "time_system": tsys, "n_time": nt, "n_pix": npix,
-        "n_time_full": ntf, "bin_factor": disp.bin_factor, "cropped": disp.cropped,
-        "grid_rows": sorted(int(r) for r in np.unique(disp.rows)), "grid_cols": sorted(int(c) for c in np.unique(disp.cols)),
-        "stretch": stretch, "play_interval_ms": int(p["play_interval_ms"]),
-        "sets": sorted(sets), "n_sources": int(sids.size), "target": tgt,
-        "quality_flags": {str(k): v for k, v in qtable.items()}, "initial_cadence": t0,
-        "stamp": stamp, "percentiles": [float(x) for x in p["percentiles"]],
+        "field": fp.field,
+        "mission": mission,
+        "time_system": tsys,
+        "n_time": nt,
+        "n_pix": npix,
+        "n_time_full": ntf,
+        "bin_factor": disp.bin_factor,
+        "cropped": disp.cropped,
+        "grid_rows": sorted(int(r) for r in np.unique(disp.rows)),
+        "grid_cols": sorted(int(c) for c in np.unique(disp.cols)),
+        "stretch": stretch,
+        "play_interval_ms": int(p["play_interval_ms"]),
+        "sets": sorted(sets),
+        "n_sources": int(sids.size),
+        "target": tgt,
+        "quality_flags": {str(k): v for k, v in qtable.items()},
+        "initial_cadence": t0,
+        "stamp": stamp,
+        "percentiles": [float(x) for x in p["percentiles"]],
     }
     summary = field_summary(fp, disp, metrics, tgt, plan, p)
-    html = _jinja_env().get_template("field.html.j2").render(
-        title=f"{fp.field} — inspection report", field=fp.field, summary=summary, meta_json=json.dumps(meta, sort_keys=True).replace("</", "<\\/"),
-        bokeh_css=INLINE.render_css(), bokeh_js=INLINE.render_js(), script=script, div=div,
-        report_js=_js("report.js"), report_css=_js("report.css"),
-        prf_png=base64.b64encode(fp.prf_png).decode() if fp.prf_png else None,
-        edge_json=json.dumps(fp.edge, indent=1, sort_keys=True, default=str)[:20000] if fp.edge is not None else None,
-        notes=fp.notes, meta_percentiles=[float(x) for x in p["percentiles"]],
+    html = (
+        _jinja_env()
+        .get_template("field.html.j2")
+        .render(
+            title=f"{fp.field} — inspection report",
+            field=fp.field,
+            summary=summary,
+            meta_json=json.dumps(meta, sort_keys=True).replace("</", "<\\/"),
+            bokeh_css=INLINE.render_css(),
+            bokeh_js=INLINE.render_js(),
+            script=script,
+            div=div,
+            report_js=_js("report.js"),
+            report_css=_js("report.css"),
+            prf_png=base64.b64encode(fp.prf_png).decode() if fp.prf_png else None,
+            edge_json=json.dumps(fp.edge, indent=1, sort_keys=True, default=str)[:20000]
+            if fp.edge is not None
+            else None,
+            notes=fp.notes,
+            meta_percentiles=[float(x) for x in p["percentiles"]],
+        )
     )
     return html, summary
 
@@ -880,20 +1131,26 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
 def _quality_figure(disp: DisplayCube, qtable: dict, tsys: str, x_range):
     from bokeh.plotting import figure
 
-    bits = sorted({b for b in qtable if (disp.quality & b).any()} | {1 << k for k in range(32) if (disp.quality & (1 << k)).any()})
+    bits = sorted(
+        {b for b in qtable if (disp.quality & b).any()} | {1 << k for k in range(32) if (disp.quality & (1 << k)).any()}
+    )
     if not bits:
         return None
     names = [qtable.get(b, f"Bit{b.bit_length()}") for b in bits]
-    f = figure(width=560, height=60 + 22 * len(names), y_range=names[::-1], x_range=x_range, title="quality-flag timeline",
-               tools="xpan,xwheel_zoom,reset", x_axis_label=f"time [{tsys}]", name="quality_fig")
+    f = figure(
+        width=560,
+        height=60 + 22 * len(names),
+        y_range=names[::-1],
+        x_range=x_range,
+        title="quality-flag timeline",
+        tools="xpan,xwheel_zoom,reset",
+        x_axis_label=f"time [{tsys}]",
+        name="quality_fig",
+    )
     for b, n in zip(bits, names):
         t = disp.time[(disp.quality & b) != 0]
         f.scatter(t, [n] * t.size, marker="dash", size=10, angle=np.pi / 2, color="#d62728")
     return f
-
-
-
-
 
 
 def _motion_figures(mp: dict | None, tsys: str, x_range):
@@ -905,10 +1162,20 @@ def _motion_figures(mp: dict | None, tsys: str, x_range):
         return []
     t = mp["time"]
     step = max(1, t.size // 5000)
-    cols = {k: np.asarray(v, np.float64)[::step] for k, v in mp.items() if isinstance(v, np.ndarray) and v.shape == t.shape}
+    cols = {
+        k: np.asarray(v, np.float64)[::step] for k, v in mp.items() if isinstance(v, np.ndarray) and v.shape == t.shape
+    }
     src = ColumnDataSource(cols, name="motion")
-    f1 = figure(width=560, height=200, title=f"LFD motion model: {mp['offset_label']}", tools="xpan,xwheel_zoom,box_zoom,reset",
-                x_range=x_range, x_axis_label=f"time [{tsys}]", y_axis_label="scene offset [px]", name="motion_fig")
+    f1 = figure(
+        width=560,
+        height=200,
+        title=f"LFD motion model: {mp['offset_label']}",
+        tools="xpan,xwheel_zoom,box_zoom,reset",
+        x_range=x_range,
+        x_axis_label=f"time [{tsys}]",
+        y_axis_label="scene offset [px]",
+        name="motion_fig",
+    )
     f1.line("time", "dx", source=src, color="#1f77b4", legend_label="dx (column)")
     f1.line("time", "dy", source=src, color="#d62728", legend_label="dy (row)")
     if "model_dx" in cols:
@@ -916,10 +1183,23 @@ def _motion_figures(mp: dict | None, tsys: str, x_range):
         f1.line("time", "model_dy", source=src, color="#d62728", line_dash="dotted", legend_label="model centroid dy")
     figs = [f1]
     if "change_mean" in cols:
-        f2 = figure(width=560, height=200, title="LFD motion model: PRF factor − 1 (eq. 24); pixels of the brightest source",
-                    tools="xpan,xwheel_zoom,box_zoom,reset", x_range=x_range, x_axis_label=f"time [{tsys}]",
-                    y_axis_label="factor − 1 [%]", name="motion_change_fig")
-        f2.line("time", "change_mean", source=src, color="black", legend_label=f"mean |change|, {mp.get('n_sources', 0)} stars")
+        f2 = figure(
+            width=560,
+            height=200,
+            title="LFD motion model: PRF factor − 1 (eq. 24); pixels of the brightest source",
+            tools="xpan,xwheel_zoom,box_zoom,reset",
+            x_range=x_range,
+            x_axis_label=f"time [{tsys}]",
+            y_axis_label="factor − 1 [%]",
+            name="motion_change_fig",
+        )
+        f2.line(
+            "time",
+            "change_mean",
+            source=src,
+            color="black",
+            legend_label=f"mean |change|, {mp.get('n_sources', 0)} stars",
+        )
         for k, lab, c in zip(("pix_a", "pix_b"), mp.get("pixel_labels", []), ("#2ca02c", "#9467bd")):
             if k in cols:
                 f2.line("time", k, source=src, color=c, legend_label=lab)
@@ -954,31 +1234,53 @@ def _residual_figures(res: dict | None, disp: DisplayCube, palette, tsys: str = 
     r = vals["residual"]
     lim = float(np.nanpercentile(np.abs(r), 98)) if np.isfinite(r).any() else 1.0
     lim = lim if lim > 0 else 1.0
-    src = ColumnDataSource({"x": disp.cols.astype(float), "y": disp.rows.astype(float),
-                            **{k: v.astype(np.float32) for k, v in vals.items()}}, name="residual")
+    src = ColumnDataSource(
+        {
+            "x": disp.cols.astype(float),
+            "y": disp.rows.astype(float),
+            **{k: v.astype(np.float32) for k, v in vals.items()},
+        },
+        name="residual",
+    )
     mlog = LogColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#444444")
     mdiv = LinearColorMapper(palette=list(palette), low=-lim, high=lim, nan_color="#444444")  # RdBu: low blue, high red
     pad = 0.5
     xr_ = (float(disp.cols.min()) - pad, float(disp.cols.max()) + pad)
     yr_ = (float(disp.rows.min()) - pad, float(disp.rows.max()) + pad)
     figs = []
-    titles = {"data": "mean frame: data", "model": "mean frame: LFD model",
-              "residual": "residual: data − LFD model"}
+    titles = {"data": "mean frame: data", "model": "mean frame: LFD model", "residual": "residual: data − LFD model"}
     for k in ("data", "model", "residual"):
         kw = {} if not figs else {"x_range": figs[0].x_range, "y_range": figs[0].y_range}
-        f = figure(width=330, height=310, title=titles[k], match_aspect=True, tools="pan,wheel_zoom,reset",
-                   name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
-                   **({"x_range": xr_, "y_range": yr_} if not figs else kw))
+        f = figure(
+            width=330,
+            height=310,
+            title=titles[k],
+            match_aspect=True,
+            tools="pan,wheel_zoom,reset",
+            name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
+            **({"x_range": xr_, "y_range": yr_} if not figs else kw),
+        )
         m = mdiv if k == "residual" else mlog
         rr = f.rect("x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None)
-        f.add_tools(HoverTool(renderers=[rr], tooltips=[("row", "@y"), ("column", "@x"), ("data", "@data{0.00}"),
-                                                        ("model", "@model{0.00}"), ("residual", "@residual{0.00}")]))
+        f.add_tools(
+            HoverTool(
+                renderers=[rr],
+                tooltips=[
+                    ("row", "@y"),
+                    ("column", "@x"),
+                    ("data", "@data{0.00}"),
+                    ("model", "@model{0.00}"),
+                    ("residual", "@residual{0.00}"),
+                ],
+            )
+        )
         f.add_layout(ColorBar(color_mapper=m, width=8), "right")
         figs.append(f)
     return figs
 
 
 # ------------------------------------------------------------------ summaries, thumbnails, index
+
 
 def thumbnail_png(image: np.ndarray, size_px: int = 160) -> bytes:
     """A small log-stretched PNG of an image (no metadata, so byte-reproducible)."""
@@ -989,7 +1291,7 @@ def thumbnail_png(image: np.ndarray, size_px: int = 160) -> bytes:
 
     img = np.asarray(image, float)
     fin = img[np.isfinite(img)]
-    lo, hi = (np.percentile(fin, [1, 99]) if fin.size else (0.0, 1.0))
+    lo, hi = np.percentile(fin, [1, 99]) if fin.size else (0.0, 1.0)
     pos = fin[fin > 0]
     lo = max(lo, float(np.percentile(pos, 1)) if pos.size else 1e-3)
     hi = max(hi, lo * 1.001)
@@ -1042,12 +1344,22 @@ def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, p
         "cdpp_hours": float(p["cdpp_hours"]),
         # medians over one common source set (cdpp_common_set), so the three numbers are comparable
         "median_cdpp": {k: med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) for k in ("raw", "lfd", "cpm")},
-        "cdpp_set": {"n_sources": int(common.sum()), "mag_limit": float(p["cdpp_mag_limit"]),
-                     "sets": [k for k in ("raw", "lfd", "cpm") if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None]},
+        "cdpp_set": {
+            "n_sources": int(common.sum()),
+            "mag_limit": float(p["cdpp_mag_limit"]),
+            "sets": [
+                k for k in ("raw", "lfd", "cpm") if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None
+            ],
+        },
         "target_source_id": str(int(cat["source_id"][target])) if target is not None else None,
-        "display": {"n_pix": int(disp.rows.size), "n_time": int(disp.time.size), "bin_factor": int(disp.bin_factor),
-                    "cropped": bool(disp.cropped), "embedded_mb": round(plan["bytes"] / 1e6, 2),
-                    "budget_mb": round(plan["budget"] / 1e6, 2)},
+        "display": {
+            "n_pix": int(disp.rows.size),
+            "n_time": int(disp.time.size),
+            "bin_factor": int(disp.bin_factor),
+            "cropped": bool(disp.cropped),
+            "embedded_mb": round(plan["bytes"] / 1e6, 2),
+            "budget_mb": round(plan["budget"] / 1e6, 2),
+        },
         "thumbnail_png": base64.b64encode(thumbnail_png(_mean_image(disp), int(p["thumbnail_px"]))).decode(),
         "notes": list(fp.notes),
     }
@@ -1059,19 +1371,35 @@ def _jsonable(v):
     return v
 
 
-def write_field_report(field_dir, out_html, out_summary, params: dict | None = None, *, field: str | None = None) -> dict:
+def write_field_report(
+    field_dir, out_html, out_summary, params: dict | None = None, *, field: str | None = None
+) -> dict:
     """Snakemake entry point: render ``<field>.html`` and its summary JSON (both atomic)."""
     p = report_params(params)
     fp = load_field_products(field_dir, field=field, cpm_paramset=p["cpm_paramset"])
-    log.info("field %s: cube %s, catalog %s, LFD %s, CPM %s (%s), de-trended cube %s", fp.field, dict(fp.cube.sizes),
-             None if fp.catalog is None else len(fp.catalog), fp.lfd is not None, fp.cpm is not None, fp.cpm_paramset,
-             fp.detrended is not None)
+    log.info(
+        "field %s: cube %s, catalog %s, LFD %s, CPM %s (%s), de-trended cube %s",
+        fp.field,
+        dict(fp.cube.sizes),
+        None if fp.catalog is None else len(fp.catalog),
+        fp.lfd is not None,
+        fp.cpm is not None,
+        fp.cpm_paramset,
+        fp.detrended is not None,
+    )
     html, summary = build_field_page(fp, p)
     write_text_atomic(html, out_html)
     write_text_atomic(json.dumps(summary, indent=1, sort_keys=True), out_summary)
     d = summary["display"]
-    log.info("wrote %s (%.1f MB; %d pixels x %d cadences shown, bin %d, cropped %s)", out_html, len(html) / 1e6,
-             d["n_pix"], d["n_time"], d["bin_factor"], d["cropped"])
+    log.info(
+        "wrote %s (%.1f MB; %d pixels x %d cadences shown, bin %d, cropped %s)",
+        out_html,
+        len(html) / 1e6,
+        d["n_pix"],
+        d["n_time"],
+        d["bin_factor"],
+        d["cropped"],
+    )
     return summary
 
 
@@ -1098,8 +1426,16 @@ def read_benchmarks(bench_dir) -> list[dict]:
             vals = [v for v in vals if np.isfinite(v)]
             return float(np.mean(vals)) if vals else None
 
-        rows.append({"rule": f.parent.name, "target": f.stem, "s": mean("s"), "max_rss": mean("max_rss"),
-                     "mean_load": mean("mean_load"), "cpu_time": mean("cpu_time")})
+        rows.append(
+            {
+                "rule": f.parent.name,
+                "target": f.stem,
+                "s": mean("s"),
+                "max_rss": mean("max_rss"),
+                "mean_load": mean("mean_load"),
+                "cpu_time": mean("cpu_time"),
+            }
+        )
     return rows
 
 
@@ -1107,17 +1443,24 @@ def build_index_page(summaries: list[dict], config: dict | None, benchmarks: lis
     """HTML of the run's index page."""
     import yaml
 
-
     cfg_text = yaml.safe_dump(json.loads(json.dumps(config or {}, default=str)), sort_keys=True)
     total = sum(b["s"] or 0 for b in benchmarks)
     versions = dict(software_versions())
     if versions.get("workflow_lib") is None:  # run from a checkout (not pip-installed): the package's own version
-
         versions["workflow_lib"] = f"{__version__} (source checkout)"
-    return _jinja_env().get_template("index.html.j2").render(
-        run=run, fields=sorted(summaries, key=lambda s: s["field"]), config_text=cfg_text,
-        config_hash=config_hash(config or {}), versions=versions, benchmarks=benchmarks,
-        total_s=total, report_css=_js("report.css"),
+    return (
+        _jinja_env()
+        .get_template("index.html.j2")
+        .render(
+            run=run,
+            fields=sorted(summaries, key=lambda s: s["field"]),
+            config_text=cfg_text,
+            config_hash=config_hash(config or {}),
+            versions=versions,
+            benchmarks=benchmarks,
+            total_s=total,
+            report_css=_js("report.css"),
+        )
     )
 
 

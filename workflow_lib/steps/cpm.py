@@ -1,10 +1,12 @@
-from astropy.table import Table
+import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
-import json
+
 import numpy as np
-import warnings
 import xarray as xr
+from astropy.table import Table
+
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
@@ -17,6 +19,8 @@ from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
 from workflow_lib.metrics import add_cdpp
 
 log = get_logger("cpm")
+
+
 def _read_catalog(path):
     from astropy.table import Table
 
@@ -34,7 +38,6 @@ def write_fits_dir(sets, fits_dir) -> Path:
     import shutil
     import uuid
 
-
     fits_dir = Path(fits_dir)
     tmp = fits_dir.parent / f".{fits_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -50,9 +53,20 @@ def write_fits_dir(sets, fits_dir) -> Path:
     return fits_dir
 
 
-def run_cpm_detrend(cube_path, catalog_path, *, detrended_path, lightcurves_path, raw_lightcurves_path, fits_dir,
-                    config: dict, paramset: str = "default", target_aperture: dict | None = None, threads: int = 1,
-                    field: str = "") -> dict:
+def run_cpm_detrend(
+    cube_path,
+    catalog_path,
+    *,
+    detrended_path,
+    lightcurves_path,
+    raw_lightcurves_path,
+    fits_dir,
+    config: dict,
+    paramset: str = "default",
+    target_aperture: dict | None = None,
+    threads: int = 1,
+    field: str = "",
+) -> dict:
     """Snakemake step ``cpm_detrend``: de-trend every pixel, write the cube, the CPM and RAW
     aperture light curves (zarr + one FITS per source).  Returns a small summary dict."""
 
@@ -61,15 +75,25 @@ def run_cpm_detrend(cube_path, catalog_path, *, detrended_path, lightcurves_path
     cube = open_cube(cube_path).load()
     catalog = _read_catalog(catalog_path)
     name = str(cube_path)
-    prov_cfg = {"cpm": asdict(params), "aperture": asdict(ap), "paramset": paramset, "field": field,
-                "target_aperture": target_aperture or {}}
+    prov_cfg = {
+        "cpm": asdict(params),
+        "aperture": asdict(ap),
+        "paramset": paramset,
+        "field": field,
+        "target_aperture": target_aperture or {},
+    }
     det = cpm_detrend_cube(cube, params, threads=threads, name=name, config=prov_cfg, inputs=[cube_path, catalog_path])
     write_zarr_atomic(det, detrended_path)
     log.info("wrote %s", detrended_path)
     prov = provenance_json("cpm_lightcurves", inputs=[cube_path, catalog_path], config=prov_cfg)
-    bitmask = params.quality_bitmask if params.quality_bitmask is not None else HARD_BITMASK.get(cube.attrs.get("mission", "TESS"), 24319)
-    cpm_lc, raw_lc = aperture_lightcurves(cube, det, catalog, ap, user_apertures=target_aperture, provenance=prov, name=name,
-                                          bitmask=bitmask)
+    bitmask = (
+        params.quality_bitmask
+        if params.quality_bitmask is not None
+        else HARD_BITMASK.get(cube.attrs.get("mission", "TESS"), 24319)
+    )
+    cpm_lc, raw_lc = aperture_lightcurves(
+        cube, det, catalog, ap, user_apertures=target_aperture, provenance=prov, name=name, bitmask=bitmask
+    )
     cpm_lc.attrs["paramset"] = paramset
     raw_lc.attrs["paramset"] = paramset
     write_zarr_atomic(cpm_lc, lightcurves_path)
@@ -80,8 +104,13 @@ def run_cpm_detrend(cube_path, catalog_path, *, detrended_path, lightcurves_path
         "median_cdpp_1h_cpm": float(np.nanmedian(cpm_lc["cdpp_1h"].values)) if cpm_lc.sizes["source"] else float("nan"),
         "median_cdpp_1h_raw": float(np.nanmedian(raw_lc["cdpp_1h"].values)) if raw_lc.sizes["source"] else float("nan"),
     }
-    log.info("CPM %s: %d light curves, median 1-h CDPP %.0f ppm (raw %.0f ppm)", paramset, summary["n_sources"],
-             summary["median_cdpp_1h_cpm"], summary["median_cdpp_1h_raw"])
+    log.info(
+        "CPM %s: %d light curves, median 1-h CDPP %.0f ppm (raw %.0f ppm)",
+        paramset,
+        summary["n_sources"],
+        summary["median_cdpp_1h_cpm"],
+        summary["median_cdpp_1h_raw"],
+    )
     return summary
 
 
@@ -93,7 +122,6 @@ def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, 
     """
     from astropy.table import Table
 
-
     rows = []
 
     def _row(label, method, path):
@@ -102,10 +130,21 @@ def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, 
             lc = add_cdpp(lc)
         g = lc["phot_g_mean_mag"].values if "phot_g_mean_mag" in lc.coords else np.full(lc.sizes["source"], np.nan)
         sel = (lc["source_id"].values >= 0) & (g >= mag_range[0]) & (g <= mag_range[1])
-        lam = json.loads(lc.attrs.get("provenance", "{}")).get("config", {}).get("cpm", {}).get("lambda_L", np.nan) if method == "CPM" else np.nan
-        rows.append({"paramset": label, "method": method, "lambda_L": float(lam), "n_sources": int(sel.sum()),
-                     "median_cdpp_1h": float(np.nanmedian(lc["cdpp_1h"].values[sel])) if sel.any() else np.nan,
-                     "median_cdpp_6h": float(np.nanmedian(lc["cdpp_6h"].values[sel])) if sel.any() else np.nan})
+        lam = (
+            json.loads(lc.attrs.get("provenance", "{}")).get("config", {}).get("cpm", {}).get("lambda_L", np.nan)
+            if method == "CPM"
+            else np.nan
+        )
+        rows.append(
+            {
+                "paramset": label,
+                "method": method,
+                "lambda_L": float(lam),
+                "n_sources": int(sel.sum()),
+                "median_cdpp_1h": float(np.nanmedian(lc["cdpp_1h"].values[sel])) if sel.any() else np.nan,
+                "median_cdpp_6h": float(np.nanmedian(lc["cdpp_6h"].values[sel])) if sel.any() else np.nan,
+            }
+        )
 
     _row("raw", "RAW", raw_path)
     if lfd_path is not None and Path(lfd_path).exists():
@@ -147,7 +186,10 @@ def run_cpm_stitch(lightcurve_paths: list, out_path, fits_dir, *, n_points: int 
     fluxes, errs, offsets = [], [], []
     time = np.concatenate([s["time"].values for s in sets])
     for key in common:
-        parts = [(s["time"].values, s["flux"].values[keys(s).index(key)], s["flux_err"].values[keys(s).index(key)]) for s in sets]
+        parts = [
+            (s["time"].values, s["flux"].values[keys(s).index(key)], s["flux_err"].values[keys(s).index(key)])
+            for s in sets
+        ]
         t, f, off = stitch_sectors([p[0] for p in parts], [p[1] for p in parts], n_points)
         fluxes.append(f)
         errs.append(np.concatenate([p[2] for p in parts]))
@@ -157,13 +199,21 @@ def run_cpm_stitch(lightcurve_paths: list, out_path, fits_dir, *, n_points: int 
     meta = {c: first[c].values[idx0] for c in first.coords if first[c].dims == ("source",) and not c.startswith("cdpp")}
     pseudo = xr.Dataset(
         {"quality": ("time", np.concatenate([s["quality"].values for s in sets]))},
-        coords={"time": ("time", time, dict(first["time"].attrs)),
-                "cadenceno": ("time", np.concatenate([s["cadenceno"].values for s in sets]))},
+        coords={
+            "time": ("time", time, dict(first["time"].attrs)),
+            "cadenceno": ("time", np.concatenate([s["cadenceno"].values for s in sets])),
+        },
         attrs={k: v for k, v in first.attrs.items() if k not in ("sector", "provenance")},
     )
     prov = provenance_json("cpm_stitch", inputs=lightcurve_paths, config={"n_points": n_points, "group": group})
-    lc = lightcurve_set(np.array(fluxes), np.array(errs), pseudo, meta, method=first.attrs.get("method", "CPM"),
-                        attrs={"provenance": prov, "sectors": json.dumps([s.attrs.get("sector") for s in sets], default=str)})
+    lc = lightcurve_set(
+        np.array(fluxes),
+        np.array(errs),
+        pseudo,
+        meta,
+        method=first.attrs.get("method", "CPM"),
+        attrs={"provenance": prov, "sectors": json.dumps([s.attrs.get("sector") for s in sets], default=str)},
+    )
     lc = lc.assign_coords(stitch_offset=(("source", "segment"), np.array(offsets)))
 
     lc = add_cdpp(lc)

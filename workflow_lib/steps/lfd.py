@@ -13,16 +13,25 @@ from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
 from workflow_lib.data.fits_reader import validate_for_modelling
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
-from workflow_lib.lfd.edge import edge_params, a_priori_flux, fit_edge_to_frame, mean_frame
+from workflow_lib.lfd.edge import a_priori_flux, edge_params, fit_edge_to_frame, mean_frame
 from workflow_lib.lfd.geometry import background_design, scene_offsets
 from workflow_lib.lfd.io import load_edge_model, load_motion_model, save_motion_model
 from workflow_lib.lfd.motion import MotionModel, fit_field_motion, motion_factors, motion_params
 from workflow_lib.lfd.plots import plot_prf_model
 from workflow_lib.lfd.prf import PRFModel, fit_prf_model, prf_params, scene_matrix
-from workflow_lib.lfd.solve import SolveError, blended_sources, source_flux, contamination_ratio, decorrelate_offsets, solve_params
+from workflow_lib.lfd.solve import (
+    SolveError,
+    blended_sources,
+    contamination_ratio,
+    decorrelate_offsets,
+    solve_params,
+    source_flux,
+)
 from workflow_lib.metrics import add_cdpp
 
 log = get_logger("lfd")
+
+
 def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = None) -> dict:
     """Snakemake step: fit the §4.2 edge model of a field and write it as JSON (atomically).
 
@@ -32,8 +41,6 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     uncontaminated pixels) and ``provenance``.
     """
     from astropy.table import Table
-
-
 
     p = edge_params(params)
     cube = open_cube(cube_path)
@@ -47,12 +54,15 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     pr = np.asarray(table["row"].values, float)
     F = a_priori_flux(catalog)
     try:
-        model, radii, mask, owner = fit_edge_to_frame(mean_flux, pc, pr, np.asarray(catalog["column"], float),
-                                                      np.asarray(catalog["row"], float), F, p)
+        model, radii, mask, owner = fit_edge_to_frame(
+            mean_flux, pc, pr, np.asarray(catalog["column"], float), np.asarray(catalog["row"], float), F, p
+        )
     except ValueError as exc:
-        raise ValueError(f"{cube_path}: cannot fit the LFD edge model (§4.2) with {pc.size} pixels and "
-                         f"{len(catalog)} catalog source(s): {exc}. The scene model needs many unsaturated, "
-                         f"isolated stars; use CPM (cpm_detrend) for cubes this small.") from exc
+        raise ValueError(
+            f"{cube_path}: cannot fit the LFD edge model (§4.2) with {pc.size} pixels and "
+            f"{len(catalog)} catalog source(s): {exc}. The scene model needs many unsaturated, "
+            f"isolated stars; use CPM (cpm_detrend) for cubes this small."
+        ) from exc
     grid = np.logspace(0, 7, 57)
     out = {
         "model": "lfd_edge",
@@ -63,7 +73,9 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
         "max_radius": model.max_radius,
         "background": model.background,
         "background_order": model.background_order,
-        "background_coefficients": [float(c) for c in (model.background_coefficients if model.background_coefficients is not None else [])],
+        "background_coefficients": [
+            float(c) for c in (model.background_coefficients if model.background_coefficients is not None else [])
+        ],
         "background_rms": model.background_rms,
         "log_flux_range": list(model.log_flux_range) if model.log_flux_range else None,
         "radius_table": {"flux": [float(g) for g in grid], "radius": [float(x) for x in model.radius(grid)]},
@@ -78,8 +90,13 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
         },
         "provenance": provenance("lfd_edge_model", inputs=[cube_path, catalog_path], config=p),
     }
-    log.info("edge model: %d uncontaminated pixels of %d, %d sources, background %.2f e-/s",
-             mask.sum(), pc.size, len(catalog), model.background)
+    log.info(
+        "edge model: %d uncontaminated pixels of %d, %d sources, background %.2f e-/s",
+        mask.sum(),
+        pc.size,
+        len(catalog),
+        model.background,
+    )
     write_text_atomic(json.dumps(out, indent=1, sort_keys=True, default=str), out_json)
     return out
 
@@ -87,7 +104,6 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
 def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params: dict | None = None) -> PRFModel:
     """Snakemake step: fit the §4.3-4.4 PRF model of a field; write the model (.npz) and a picture (.png) atomically."""
     from astropy.table import Table
-
 
     p = prf_params(params)
     cube = open_cube(cube_path)
@@ -97,9 +113,18 @@ def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params:
         raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
     edge = load_edge_model(edge_json)
     mean_flux, mean_err = mean_frame(table)
-    model, diag = fit_prf_model(mean_flux, mean_err, table["column"].values, table["row"].values,
-                                np.asarray(catalog["column"], float), np.asarray(catalog["row"], float),
-                                a_priori_flux(catalog), edge, p, source_id=np.asarray(catalog["source_id"]))
+    model, diag = fit_prf_model(
+        mean_flux,
+        mean_err,
+        table["column"].values,
+        table["row"].values,
+        np.asarray(catalog["column"], float),
+        np.asarray(catalog["row"], float),
+        a_priori_flux(catalog),
+        edge,
+        p,
+        source_id=np.asarray(catalog["source_id"]),
+    )
     model.provenance = provenance_json("lfd_prf_model", inputs=[cube_path, catalog_path, edge_json], config=p)
     model.save(out_npz)
     plot_prf_model(model, diag, out_png)
@@ -119,10 +144,22 @@ def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | 
     p = motion_params(params)
     f = load_field_scene(cube_path, catalog_path, prf_npz)
     table, idx = f["table"], f["idx"]
-    mm, summary = fit_field_motion(table["time"].values, table["flux"].values, table["flux_err"].values,
-                                   table["quality"].values, f["S"], f["mean_flux"][idx], f["pc"], f["pr"],
-                                   f["sc"][idx], f["sr"][idx], p, mission=f["cube"].attrs.get("mission", "TESS"),
-                                   name=str(cube_path), prf=f["model"])
+    mm, summary = fit_field_motion(
+        table["time"].values,
+        table["flux"].values,
+        table["flux_err"].values,
+        table["quality"].values,
+        f["S"],
+        f["mean_flux"][idx],
+        f["pc"],
+        f["pr"],
+        f["sc"][idx],
+        f["sr"][idx],
+        p,
+        mission=f["cube"].attrs.get("mission", "TESS"),
+        name=str(cube_path),
+        prf=f["model"],
+    )
     if "pixel_source" in summary:
         summary["pixel_source"] = idx[summary["pixel_source"]]
     prov = provenance_json("lfd_motion_model", inputs=[cube_path, catalog_path, prf_npz], config=p)
@@ -138,7 +175,6 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     are left out of the model (``active`` False). Returns a dict.
     """
     from astropy.table import Table
-
 
     cube = open_cube(cube_path)
     table = as_pixel_table(cube, drop_nan=False)
@@ -156,7 +192,7 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     if not np.array_equal(np.asarray(model.source_id, np.int64), sid):
         raise SolveError(f"{prf_npz}: source list differs from {catalog_path}; rerun the PRF step")
     mean_flux = np.asarray(model.source_flux, float)
-    active = np.isfinite(mean_flux)   # sources the PRF step dropped (significantly negative flux) are NaN
+    active = np.isfinite(mean_flux)  # sources the PRF step dropped (significantly negative flux) are NaN
     pc = np.asarray(table["column"].values, float)
     pr = np.asarray(table["row"].values, float)
     sc = np.asarray(catalog["column"], float)
@@ -165,12 +201,33 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     S = scene_matrix(model, sc[idx], sr[idx], pc, pr).tocsr()
     S.sum_duplicates()
     S.sort_indices()
-    return dict(cube=cube, table=table, catalog=catalog, model=model, active=active, idx=idx, S=S,
-                pc=pc, pr=pr, sc=sc, sr=sr, mean_flux=mean_flux)
+    return dict(
+        cube=cube,
+        table=table,
+        catalog=catalog,
+        model=model,
+        active=active,
+        idx=idx,
+        S=S,
+        pc=pc,
+        pr=pr,
+        sc=sc,
+        sr=sr,
+        mean_flux=mean_flux,
+    )
 
 
-def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out_fits_dir, params: dict | None = None,
-                    *, threads: int = 1):
+def flux_solve_step(
+    cube_path,
+    catalog_path,
+    prf_npz,
+    motion_file,
+    out_zarr,
+    out_fits_dir,
+    params: dict | None = None,
+    *,
+    threads: int = 1,
+):
     """Snakemake step: LFD light curves of every source (§4.4-4.5), zarr (atomic) + one FITS per source.
 
     The prior of every source is its mean-frame LFD flux from the PRF step (sigma =
@@ -199,8 +256,12 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     blend = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
     sigma_src = np.where(blend, p["blend_prior_fraction"] * np.maximum(np.abs(mu_src), 1e-3), sigma_src)
     if blend.any():
-        log.info("%d sources within %.2f px of a brighter one: prior sigma %.3g x their mean flux (App. B)",
-                 blend.sum(), p["blend_radius"], p["blend_prior_fraction"])
+        log.info(
+            "%d sources within %.2f px of a brighter one: prior sigma %.3g x their mean flux (App. B)",
+            blend.sum(),
+            p["blend_radius"],
+            p["blend_prior_fraction"],
+        )
     prior_sigma = np.concatenate([sigma_src, np.full(B.shape[1], 1e6)])
     time = np.asarray(table["time"].values, float)
     basis = tb = None
@@ -211,10 +272,23 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
         dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
         basis, tb = motion_factors(mm, dx, dy, time, prf=f["model"])
     # float32 in memory (64x64x1300: 21 MB); chunks are converted to float64 inside the solve
-    res = source_flux(np.asarray(table["flux"].values), np.asarray(table["flux_err"].values), S, B, prior_mu, prior_sigma,
-                      motion_basis=basis, motion_time=tb, method=p["method"],
-                      direct_max_sources=p["direct_max_sources"], time_chunk=p["time_chunk"], threads=threads,
-                      dask_scheduler=p["dask_scheduler"], rtol=p["rtol"], exact_errors=p["exact_errors"])
+    res = source_flux(
+        np.asarray(table["flux"].values),
+        np.asarray(table["flux_err"].values),
+        S,
+        B,
+        prior_mu,
+        prior_sigma,
+        motion_basis=basis,
+        motion_time=tb,
+        method=p["method"],
+        direct_max_sources=p["direct_max_sources"],
+        time_chunk=p["time_chunk"],
+        threads=threads,
+        dask_scheduler=p["dask_scheduler"],
+        rtol=p["rtol"],
+        exact_errors=p["exact_errors"],
+    )
     sflux = res["flux"]
     deg = int(p["offset_decorrelation_degree"])
     if p["use_motion"] and deg > 0 and mm.time_model == "shift":
@@ -222,9 +296,14 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
         known = np.isin(time, mm.reg_time)
         cx[known], cy[known] = mm.offsets(time[known])
         good = np.asarray(table["quality"].values) == 0
-        sflux, _ = decorrelate_offsets(time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"])
-        log.info("light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)", deg,
-                 p["offset_decorrelation_window"])
+        sflux, _ = decorrelate_offsets(
+            time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"]
+        )
+        log.info(
+            "light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)",
+            deg,
+            p["offset_decorrelation_window"],
+        )
     nsrc = len(f["catalog"])
     flux = np.full((nsrc, time.size), np.nan)
     err = np.full((nsrc, time.size), np.nan)
@@ -234,16 +313,32 @@ def flux_solve_step(cube_path, catalog_path, prf_npz, motion_file, out_zarr, out
     npx = np.zeros(nsrc, dtype=np.int64)
     contam[idx], npx[idx] = contamination_ratio(S, np.clip(mu_src, 0, None))
     cat = f["catalog"]
-    cols = {"source_id": np.asarray(cat["source_id"], np.int64),
-            "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
-            "column": f["sc"], "row": f["sr"], "contamination": contam, "n_pixels": npx,
-            "in_model": f["active"], "mean_flux": f["mean_flux"]}
+    cols = {
+        "source_id": np.asarray(cat["source_id"], np.int64),
+        "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
+        "column": f["sc"],
+        "row": f["sr"],
+        "contamination": contam,
+        "n_pixels": npx,
+        "in_model": f["active"],
+        "mean_flux": f["mean_flux"],
+    }
     if "on_cutout" in cat.colnames:
         cols["on_cutout"] = np.asarray(cat["on_cutout"], bool)
-    prov = provenance_json("lfd_flux_solve", inputs=[cube_path, catalog_path, prf_npz] + ([motion_file] if p["use_motion"] else []),
-                           config=p, method=res["method"])
-    lc = lightcurve_set(flux, err, f["cube"], cols, method="LFD",
-                        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]})
+    prov = provenance_json(
+        "lfd_flux_solve",
+        inputs=[cube_path, catalog_path, prf_npz] + ([motion_file] if p["use_motion"] else []),
+        config=p,
+        method=res["method"],
+    )
+    lc = lightcurve_set(
+        flux,
+        err,
+        f["cube"],
+        cols,
+        method="LFD",
+        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
+    )
     lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
     lc = add_cdpp(lc)  # 1-h / 6-h CDPP proxy, stored with the light curves (comparable with RAW and CPM)
     write_zarr_atomic(lc, out_zarr)
