@@ -28,9 +28,9 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
         lfd_outputs(),
         cpm_outputs(),
         f"{RESULTS}/report/index.html",
-    default_target: True

@@ -51,7 +51,9 @@ def catalog_input(wildcards):
     spec = config["fields"][wildcards.field]
     if spec["source"] == "synthetic":
         return {"catalog": f"{RESULTS}/{wildcards.field}/input_catalog.ecsv"}
-    local = (spec.get("gaia") or {}).get("catalog") or (spec.get("local") or {}).get("catalog")
+    local = (spec.get("gaia") or {}).get("catalog") or (spec.get("local") or {}).get(
+        "catalog"
+    )
     return {"catalog": local} if local else {}
 
 
@@ -64,17 +66,25 @@ def cube_gb(input):
     from pathlib import Path
 
     meta = Path(str(input.cube)) / "flux" / "zarr.json"
-    return math.prod(json.loads(meta.read_text())["shape"]) * 4 / 1e9 if meta.exists() else 0.0
+    return (
+        math.prod(json.loads(meta.read_text())["shape"]) * 4 / 1e9
+        if meta.exists()
+        else 0.0
+    )
 
 
 def mem_mb(base, per_gb):
     """mem_mb resource: `base` MB plus `per_gb` GB of memory per GB of cube, times the attempt number."""
-    return lambda wildcards, input, attempt: int((base + per_gb * 1000 * cube_gb(input)) * attempt)
+    return lambda wildcards, input, attempt: int(
+        (base + per_gb * 1000 * cube_gb(input)) * attempt
+    )
 
 
 def runtime_min(base, per_gb):
     """runtime resource [min]: `base` plus `per_gb` minutes per GB of cube, times the attempt number."""
-    return lambda wildcards, input, attempt: int((base + per_gb * cube_gb(input)) * attempt)
+    return lambda wildcards, input, attempt: int(
+        (base + per_gb * cube_gb(input)) * attempt
+    )
 
 
 # ---- helpers of the LFD (rules/lfd.smk) stage
@@ -116,8 +126,15 @@ def cpm_outputs():
     if not report_stage_enabled("cpm"):
         return []
     out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)
-    out += expand(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr", field=FIELDS, paramset=CPM_PARAMSETS)
-    out += expand(f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr", group=list(CPM_STITCH))
+    out += expand(
+        f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr",
+        field=FIELDS,
+        paramset=CPM_PARAMSETS,
+    )
+    out += expand(
+        f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr",
+        group=list(CPM_STITCH),
+    )
     return out
 
 
@@ -143,7 +160,9 @@ def report_cpm_paramsets():
 def report_cpm_shown():
     """The CPM parameter set a field page shows: report.cpm_paramset, else 'default' (else the first)."""
     names = report_cpm_paramsets()
-    return config["report"].get("cpm_paramset") or ("default" if "default" in names else names[0])
+    return config["report"].get("cpm_paramset") or (
+        "default" if "default" in names else names[0]
+    )
 
 
 def report_field_inputs(wildcards):
@@ -153,7 +172,11 @@ def report_field_inputs(wildcards):
         "catalog": f"{RESULTS}/{wildcards.field}/catalog.ecsv",
     }
     if report_stage_enabled("lfd"):
-        inputs["lfd"] = REPORT_LFD_LIGHTCURVES.format(results=RESULTS, field=wildcards.field)
+        inputs["lfd"] = REPORT_LFD_LIGHTCURVES.format(
+            results=RESULTS, field=wildcards.field
+        )
     if report_stage_enabled("cpm"):
-        inputs["cpm"] = REPORT_CPM_LIGHTCURVES.format(results=RESULTS, field=wildcards.field, paramset=report_cpm_shown())
+        inputs["cpm"] = REPORT_CPM_LIGHTCURVES.format(
+            results=RESULTS, field=wildcards.field, paramset=report_cpm_shown()
+        )
     return inputs

@@ -17,28 +17,31 @@ CPM_STITCH = dict(config["cpm"].get("stitch", {}))
 
 rule cpm_detrend:
     """De-trend every pixel with the CPM (train-and-test ridge regression on distant pixels) and
-    sum catalog/user apertures into CPM and RAW light curves (zarr + lightkurve-readable FITS)."""
+    sum catalog/user apertures into CPM and RAW light curves (zarr + lightkurve-readable FITS).
+    """
     input:
         cube=f"{RESULTS}/{{field}}/cube.zarr",
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
     output:
         detrended=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/detrended.zarr"),
         lightcurves=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr"),
-        raw_lightcurves=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/raw_lightcurves.zarr"),
+        raw_lightcurves=directory(
+            f"{RESULTS}/{{field}}/cpm/{{paramset}}/raw_lightcurves.zarr"
+        ),
         fits=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/fits"),
-    wildcard_constraints:
-        paramset=r"default|lambda_L_[0-9.eE+-]+",
-    params:
-        cpm=config["cpm"],
-        target_aperture=lambda w: config["fields"][w.field].get("target_aperture") or {},
     log:
         f"{RESULTS}/logs/cpm_detrend/{{field}}_{{paramset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cpm_detrend/{{field}}_{{paramset}}.tsv"
+    wildcard_constraints:
+        paramset=r"default|lambda_L_[0-9.eE+-]+",
     threads: 2
     resources:
         mem_mb=mem_mb(8000, 12),
         runtime=runtime_min(30, 180),
+    params:
+        cpm=config["cpm"],
+        target_aperture=lambda w: config["fields"][w.field].get("target_aperture") or {},
     run:
         run_step(
             log,
@@ -61,14 +64,13 @@ rule cpm_sweep_summary:
     """Median 1-h / 6-h CDPP of every parameter set, RAW and (when the LFD stage is on) LFD."""
     input:
         unpack(lfd_lightcurves_input),
-        cpm=expand(f"{RESULTS}/{{{{field}}}}/cpm/{{paramset}}/lightcurves.zarr", paramset=CPM_PARAMSETS),
+        cpm=expand(
+            f"{RESULTS}/{{{{field}}}}/cpm/{{paramset}}/lightcurves.zarr",
+            paramset=CPM_PARAMSETS,
+        ),
         raw=f"{RESULTS}/{{field}}/cpm/default/raw_lightcurves.zarr",
     output:
         summary=f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv",
-    params:
-        paramsets=CPM_PARAMSETS,
-        lfd=lambda w, input: input.get("lfd"),
-        mag_range=config["cpm"]["summary_mag_range"],
     log:
         rule_log("cpm_sweep_summary"),
     benchmark:
@@ -77,6 +79,10 @@ rule cpm_sweep_summary:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        paramsets=CPM_PARAMSETS,
+        lfd=lambda w, input: input.get("lfd"),
+        mag_range=config["cpm"]["summary_mag_range"],
     run:
         run_step(
             log,
@@ -92,23 +98,28 @@ rule cpm_sweep_summary:
 rule cpm_stitch:
     """Stitch the CPM light curves of one sky region observed in several sectors (fields) (§4.1)."""
     input:
-        lambda w: expand(f"{RESULTS}/{{field}}/cpm/{w.paramset}/lightcurves.zarr", field=CPM_STITCH[w.group]),
+        lambda w: expand(
+            f"{RESULTS}/{{field}}/cpm/{w.paramset}/lightcurves.zarr",
+            field=CPM_STITCH[w.group],
+        ),
     output:
-        lightcurves=directory(f"{RESULTS}/stitched/{{group}}/cpm/{{paramset}}/lightcurves.zarr"),
+        lightcurves=directory(
+            f"{RESULTS}/stitched/{{group}}/cpm/{{paramset}}/lightcurves.zarr"
+        ),
         fits=directory(f"{RESULTS}/stitched/{{group}}/cpm/{{paramset}}/fits"),
-    wildcard_constraints:
-        group="|".join(CPM_STITCH) if CPM_STITCH else "^$",
-        paramset=r"default|lambda_L_[0-9.eE+-]+",
-    params:
-        n_points=config["cpm"]["stitch_points"],
     log:
         f"{RESULTS}/logs/cpm_stitch/{{group}}_{{paramset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cpm_stitch/{{group}}_{{paramset}}.tsv"
+    wildcard_constraints:
+        group="|".join(CPM_STITCH) if CPM_STITCH else "^$",
+        paramset=r"default|lambda_L_[0-9.eE+-]+",
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        n_points=config["cpm"]["stitch_points"],
     run:
         run_step(
             log,

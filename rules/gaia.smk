@@ -3,15 +3,13 @@
 
 from workflow_lib.data.gaia import crossmatch_field
 
+
 rule gaia_crossmatch:
     input:
         unpack(catalog_input),
         cube=f"{RESULTS}/{{field}}/cube.zarr",
     output:
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
-    params:
-        gaia=lambda w: field_params(w.field, "gaia"),
-        local_catalog=lambda w: catalog_input(w).get("catalog"),
     log:
         rule_log("gaia_crossmatch"),
     benchmark:
@@ -20,5 +18,15 @@ rule gaia_crossmatch:
     resources:
         mem_mb=2000,
         runtime=20,
+    params:
+        gaia=lambda w: field_params(w.field, "gaia"),
+        local_catalog=lambda w: catalog_input(w).get("catalog"),
     run:
-        run_step(log, crossmatch_field, input.cube, output.catalog, params.gaia, params.local_catalog)
+        run_step(
+            log,
+            crossmatch_field,
+            input.cube,
+            output.catalog,
+            params.gaia,
+            params.local_catalog,
+        )

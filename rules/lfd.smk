@@ -8,6 +8,7 @@ from workflow_lib.steps.lfd import motion_model_step
 from workflow_lib.steps.lfd import prf_model_step
 from workflow_lib.steps.lfd import flux_solve_step
 
+
 rule edge_model:
     """§4.2: circular PRF edge radius as a function of flux; uncontaminated pixels."""
     input:
@@ -15,8 +16,6 @@ rule edge_model:
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
     output:
         edge=f"{RESULTS}/{{field}}/lfd/edge_model.json",
-    params:
-        edge=lambda w: lfd_params(w.field, "edge"),
     log:
         rule_log("edge_model"),
     benchmark:
@@ -25,8 +24,12 @@ rule edge_model:
     resources:
         mem_mb=mem_mb(2000, 4),
         runtime=runtime_min(10, 20),
+    params:
+        edge=lambda w: lfd_params(w.field, "edge"),
     run:
-        run_step(log, edge_model_step, input.cube, input.catalog, output.edge, params.edge)
+        run_step(
+            log, edge_model_step, input.cube, input.catalog, output.edge, params.edge
+        )
 
 
 rule prf_model:
@@ -38,8 +41,6 @@ rule prf_model:
     output:
         prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
         png=f"{RESULTS}/{{field}}/lfd/prf_model.png",
-    params:
-        prf=lambda w: lfd_params(w.field, "prf"),
     log:
         rule_log("prf_model"),
     benchmark:
@@ -48,6 +49,8 @@ rule prf_model:
     resources:
         mem_mb=mem_mb(4000, 8),
         runtime=runtime_min(20, 60),
+    params:
+        prf=lambda w: lfd_params(w.field, "prf"),
     run:
         run_step(
             log,
@@ -69,8 +72,6 @@ rule motion_model:
         prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
     output:
         motion=f"{RESULTS}/{{field}}/lfd/motion_model.npz",
-    params:
-        motion=lambda w: lfd_params(w.field, "motion"),
     log:
         rule_log("motion_model"),
     benchmark:
@@ -79,8 +80,18 @@ rule motion_model:
     resources:
         mem_mb=mem_mb(4000, 8),
         runtime=runtime_min(20, 60),
+    params:
+        motion=lambda w: lfd_params(w.field, "motion"),
     run:
-        run_step(log, motion_model_step, input.cube, input.catalog, input.prf, output.motion, params.motion)
+        run_step(
+            log,
+            motion_model_step,
+            input.cube,
+            input.catalog,
+            input.prf,
+            output.motion,
+            params.motion,
+        )
 
 
 rule flux_solve:
@@ -94,8 +105,6 @@ rule flux_solve:
     output:
         lightcurves=directory(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"),
         fits=directory(f"{RESULTS}/{{field}}/lfd/fits"),
-    params:
-        solve=lambda w: lfd_params(w.field, "solve"),
     log:
         rule_log("flux_solve"),
     benchmark:
@@ -104,6 +113,8 @@ rule flux_solve:
     resources:
         mem_mb=mem_mb(8000, 12),
         runtime=runtime_min(30, 120),
+    params:
+        solve=lambda w: lfd_params(w.field, "solve"),
     run:
         run_step(
             log,

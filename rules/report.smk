@@ -20,9 +20,6 @@ rule report_field:
             labels={"field": "{field}", "page": "interactive pixels and light curves"},
         ),
         summary=f"{RESULTS}/report/{{field}}.json",
-    params:
-        field_dir=lambda w: f"{RESULTS}/{w.field}",
-        report=lambda w: dict(config["report"], cpm_paramset=report_cpm_shown() if report_stage_enabled("cpm") else config["report"].get("cpm_paramset")),
     log:
         rule_log("report_field"),
     benchmark:
@@ -31,6 +28,16 @@ rule report_field:
     resources:
         mem_mb=mem_mb(2000, 4),
         runtime=runtime_min(10, 20),
+    params:
+        field_dir=lambda w: f"{RESULTS}/{w.field}",
+        report=lambda w: dict(
+            config["report"],
+            cpm_paramset=(
+                report_cpm_shown()
+                if report_stage_enabled("cpm")
+                else config["report"].get("cpm_paramset")
+            ),
+        ),
     run:
         run_step(
             log,
@@ -49,11 +56,11 @@ rule report_index:
         summaries=expand(f"{RESULTS}/report/{{field}}.json", field=FIELDS),
         pages=expand(f"{RESULTS}/report/{{field}}.html", field=FIELDS),
     output:
-        html=report(f"{RESULTS}/report/index.html", category="Run index", labels={"page": "index"}),
-    params:
-        config=config,
-        run=config["run"],
-        bench_dir=f"{RESULTS}/benchmarks",
+        html=report(
+            f"{RESULTS}/report/index.html",
+            category="Run index",
+            labels={"page": "index"},
+        ),
     log:
         f"{RESULTS}/logs/report_index/index.log",
     benchmark:
@@ -62,6 +69,10 @@ rule report_index:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        config=config,
+        run=config["run"],
+        bench_dir=f"{RESULTS}/benchmarks",
     run:
         run_step(
             log,
