@@ -15,6 +15,7 @@ from workflow_lib.cpm import (
 )
 from workflow_lib.cpm import model as cpm
 from workflow_lib.data.cube import CubeError, make_cube
+from workflow_lib.steps import cpm as cpm_steps
 
 # ----------------------------------------------------------------------------- reference
 
@@ -647,7 +648,7 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     user = {"corner": [[int(cube.row[0]), int(cube.column[0])], [int(cube.row[1]), int(cube.column[0])]]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cpm.CPMWarning)
-        summary = cpm.run_cpm_detrend(
+        summary = cpm_steps.run_cpm_detrend(
             d / "cube.zarr",
             d / "catalog.ecsv",
             detrended_path=out / "detrended.zarr",
@@ -680,7 +681,7 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
         lcf = lk.read(f[0])
     assert len(lcf.time) == cube.sizes["time"]
     # sweep summary over the one parameter set
-    table = cpm.sweep_summary(
+    table = cpm_steps.sweep_summary(
         {"default": out / "lightcurves.zarr"},
         out / "raw_lightcurves.zarr",
         tmp_path / "summary.ecsv",
@@ -711,7 +712,7 @@ def test_run_cpm_stitch(tmp_path):
         return tmp_path / f"{name}.zarr"
 
     pa, pb = sector(1325.0, 0.0, "a"), sector(1353.0, -80.0, "b")
-    out = cpm.run_cpm_stitch([pb, pa], tmp_path / "st.zarr", tmp_path / "fits", group="g")  # order by time
+    out = cpm_steps.run_cpm_stitch([pb, pa], tmp_path / "st.zarr", tmp_path / "fits", group="g")  # order by time
     assert list(out["source_id"].values) == [7]  # only the source present in both
     assert out["stitch_offset"].values[0, 1] == pytest.approx(80.0, abs=0.3)
     f = out["flux"].values[0]
