@@ -32,7 +32,7 @@ def test_fit_recovers_known_polynomial_and_radius():
     F = 10 ** rng.uniform(1.5, 4.5, 3000)
     r = rng.uniform(0, 5, 3000)
     f = 10 ** (edge_design_matrix(r, np.log10(F)) @ w_true) * (1 + 0.01 * rng.normal(size=3000))
-    w = fit_edge_model(r, F, f)
+    w = fit_edge_model(r, F, f, n_iter=3, sigma_clip=3.0, dominance=0.9)
     assert np.allclose(w, w_true, atol=0.02)
     # radius where the model meets the threshold: log10 F - 0.8 - 0.45 r^2 = log10 thr
     flux = np.array([30.0, 1e3, 1e4, 1e14])

@@ -29,16 +29,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
+from workflow_lib.core.linalg import clip_mask, clipped_fit, wls
 from workflow_lib.core.logs import get_logger
-from workflow_lib.core.settings import merge_settings
+from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.geometry import polynomial_background_design, source_pixel_pairs
 
 log = get_logger("lfd.edge")
 
 __all__ = [
-    "EDGE_DEFAULTS",
+    "edge_params",
     "mean_frame",
     "robust_background",
     "source_pixel_pairs",
@@ -54,24 +54,6 @@ __all__ = [
     "fit_background_surface",
     "gaussian_scene_flux",
 ]
-
-#: defaults of ``lfd.edge`` (the schema holds the same values)
-EDGE_DEFAULTS = {
-    "threshold": 5.0,
-    "min_radius": 1.0,
-    "max_radius": 5.0,
-    "search_radius": 6.0,
-    "n_iter": 3,
-    "sigma_clip": 3.0,
-    "dominance": 0.9,
-    "min_source_flux": 1.0,
-    "background_order": 1,
-    "sky_fraction": 0.2,
-    "noise_sigma": 3.0,
-    "n_outer": 3,
-    "initial_sigma": 1.0,
-}
-
 
 #: default prior widths of the centred edge-model coefficients (:func:`fit_edge_model`), columns
 #: ``1, r, r^2, dL, r dL, r^2 dL, dL^2, r dL^2, r^2 dL^2`` in log10 units: the radial profile is
@@ -126,7 +108,7 @@ def robust_background(mean_flux, *, exclude=None, percentile: float = 20.0) -> f
 
 
 def fit_background_surface(
-    mean_flux, design, *, candidates=None, sigma_clip: float = 3.0, n_iter: int = 10, min_pixels: int = 20
+    mean_flux, design, *, sigma_clip: float, candidates=None, n_iter: int = 10, min_pixels: int = 20
 ):
     """Robust low-order sky surface of the mean frame: sigma-clipped linear least squares.
 
@@ -150,19 +132,15 @@ def fit_background_surface(
         cand = fin & np.asarray(candidates, bool)
         if cand.sum() >= max(min_pixels, 3 * nb):
             use = cand
-    keep = use.copy()
-    coef = np.zeros(nb)
-    rms = float("nan")
-    for _ in range(max(int(n_iter), 1)):
-        coef = np.linalg.lstsq(X[keep], f[keep], rcond=None)[0]
-        res = f - X @ coef
-        rk = res[keep]
-        rms = float(1.4826 * np.median(np.abs(rk - np.median(rk))))
-        new = use & (np.abs(res - np.median(rk)) <= sigma_clip * max(rms, 1e-9))
-        if new.sum() < max(3 * nb, 5) or np.array_equal(new, keep):
-            break
-        keep = new
-    return coef, X @ coef, rms, keep
+
+    def fit(keep):
+        coef = wls(X[keep], f[keep], method="lstsq")
+        return coef, f - X @ coef
+
+    coef, keep, rms = clipped_fit(
+        fit, use, n_sigma=sigma_clip, n_pass=max(int(n_iter), 1), min_keep=max(3 * nb, 5), floor=1e-9, clip_last=True
+    )
+    return coef, X @ coef, float(rms), keep
 
 
 def gaussian_scene_flux(
@@ -206,29 +184,6 @@ def edge_design_matrix(r, log_flux) -> np.ndarray:
     return np.column_stack([R * L[:, None] ** p for p in range(3)])
 
 
-def _lstsq(A, y, sigma=None, prior_mu=None, prior_sigma=None):
-    """App. B (eqs. B3-B6): weighted linear least squares with an optional diagonal Gaussian prior."""
-    w = np.ones_like(y) if sigma is None else 1.0 / np.asarray(sigma, float) ** 2
-    if sp.issparse(A):
-        AtW = (A.T @ sp.diags(w)).tocsr()
-        sigma_w_inv = (AtW @ A).toarray()
-        B = AtW @ y
-    else:
-        AtW = A.T * w
-        sigma_w_inv = AtW @ A
-        B = AtW @ y
-    ncol = sigma_w_inv.shape[0]
-    if prior_sigma is not None:
-        ps = np.broadcast_to(np.asarray(prior_sigma, float), (ncol,))
-        pm = np.zeros(ncol) if prior_mu is None else np.broadcast_to(np.asarray(prior_mu, float), (ncol,))
-        sigma_w_inv = sigma_w_inv + np.diag(1.0 / ps**2)
-        B = B + pm / ps**2
-    try:
-        return np.linalg.solve(sigma_w_inv, B)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(sigma_w_inv, B, rcond=None)[0]
-
-
 def _dominant(pixel_index, predicted, dominance):
     """Pairs whose source gives the largest predicted flux of its pixel, and at least ``dominance`` of the pixel total."""
     pix = np.asarray(pixel_index)
@@ -245,9 +200,9 @@ def fit_edge_model(
     source_flux,
     pixel_flux,
     *,
-    n_iter: int = 3,
-    sigma_clip: float = 3.0,
-    dominance: float = 0.9,
+    n_iter: int,
+    sigma_clip: float,
+    dominance: float,
     pixel_index=None,
     prior_sigma=None,
     predicted=None,
@@ -309,16 +264,16 @@ def fit_edge_model(
         keep = ok & keep if it else ok
         if keep.sum() < 9:
             keep = ok
-        w = _lstsq(A[keep], y[keep], prior_sigma=prior_sigma)
+        w = wls(A[keep], y[keep], prior_sigma=prior_sigma)
         res = y - A @ w
-        mad = 1.4826 * np.median(np.abs(res[ok] - np.median(res[ok])))
-        keep = ok & (np.abs(res) < sigma_clip * max(mad, 1e-6))
+        # residuals about zero (not their median), strict inequality: as this fit always did
+        keep = ok & clip_mask(res, ok, sigma_clip, floor=1e-6, side="zero", inclusive=False)[0]
         lo, hi = dL[keep].min(), dL[keep].max()
         # prediction for dominance: the profile of the nearest fitted flux, scaled (no extrapolation in L)
         pred = F * 10.0 ** np.clip(edge_design_matrix(r, np.clip(dL, lo, hi)) @ w, -30, 30)
     if keep.sum() < 9:
         keep = use
-    w = _uncentre(_lstsq(A[keep], y[keep], prior_sigma=prior_sigma), L0)
+    w = _uncentre(wls(A[keep], y[keep], prior_sigma=prior_sigma), L0)
     if return_range:
         return w, (float(L[keep].min()), float(L[keep].max()))
     return w
@@ -354,9 +309,9 @@ def edge_radius(
     flux,
     coefficients,
     *,
-    threshold: float = 5.0,
-    min_radius: float = 1.0,
-    max_radius: float = 5.0,
+    threshold: float,
+    min_radius: float,
+    max_radius: float,
     step: float = 0.01,
     log_flux_range=None,
 ) -> np.ndarray:
@@ -449,7 +404,7 @@ class EdgeModel:
 
 def edge_params(params: dict | None) -> dict:
     """The lfd.edge settings: defaults overridden by ``params``."""
-    return merge_settings(EDGE_DEFAULTS, params, "lfd.edge", ValueError)
+    return merge_settings(schema_defaults("lfd.edge"), params, "lfd.edge", ValueError)
 
 
 def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, source_flux, params: dict | None = None):
