@@ -36,6 +36,7 @@ get their own small supersampled patch, weighted by their flux at each cadence.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,6 +49,7 @@ from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.settings import SCHEMA_PATH
 from workflow_lib.data import tess_prf
 from workflow_lib.data.cube import CubeError, make_cube, wcs_to_header_string, write_zarr_atomic
+from workflow_lib.data.gaia import GAIA_UNITS
 
 log = get_logger("synthetic")
 
@@ -462,21 +464,34 @@ def _inside(stars, idx, p, edge):
     return (r >= edge) & (r <= p["n_rows"] - 1 - edge) & (c >= edge) & (c <= p["n_cols"] - 1 - edge)
 
 
-def simulate_sector(params: dict | None = None, field: str = "synth", *, return_model: bool = False):
-    """Simulate one TESS FFI cutout sector.
+def _momentum_dumps(p: dict, t_all, keep, dt) -> list[int]:
+    """Indices (full time line) of the kept cadences at the momentum dumps, every ``momentum_dump_days``."""
+    n_all = t_all.size
+    dump_times = np.arange(T_START + p["momentum_dump_days"], t_all[-1] + 0.5 * dt, p["momentum_dump_days"])
+    return sorted({int(i) for i in np.round((dump_times - t_all[0]) / dt) if 0 <= i < n_all and keep[int(i)]})
 
-    Returns ``(cube, truth, catalog)`` (and the noiseless model image cube as a 4th element when
-    ``return_model``): the pixel cube (:mod:`workflow_lib.cube` format), the truth
-    (``docs/DATA_MODEL.md``) and the Gaia-like input catalog (astropy Table, Gaia DR3 columns).
-    ``params``: the ``$defs/synthetic`` keys; missing keys take the schema defaults.
+
+def _quality_flags(n_all: int, keep, dumps_idx, g0: int, g1: int):
+    """QUALITY of the full time line: desaturation at each dump (collateral cosmic on the next cadence),
+    Earth point on the cadences bordering the downlink gap and the sector ends."""
+    quality_all = np.zeros(n_all, np.int32)
+    for i in dumps_idx:
+        quality_all[i] |= Q_DESAT
+        if i + 1 < n_all:
+            quality_all[i + 1] |= Q_COLLATERAL_COSMIC
+    for i in (0, g0 - 1, g1, n_all - 1):
+        if 0 <= i < n_all and keep[i]:
+            quality_all[i] |= Q_EARTH_POINT
+    return quality_all
+
+
+def _timeline(p: dict, rng) -> SimpleNamespace:
+    """The sector's time line and systematics (every draw from the pointing stream ``rng``).
+
+    ``t``, ``cadno``, ``quality``, ``drow``, ``dcol``, ``sl`` are at the delivered cadences; ``t_all``,
+    ``dumps_idx``, ``g0``/``g1`` (the gap) describe the full time line; ``grad`` is the fractional change
+    of the scattered light across the cutout (row, column).
     """
-    p = fill_params(params)
-    seed = int(p["seed"])
-    r_scene, r_sig, r_point, r_noise, r_cat = (_rng(seed, k) for k in range(5))
-    nr, nc = p["n_rows"], p["n_cols"]
-    log.info("simulating field %s: %dx%d px, %d cadences, seed %d", field, nr, nc, p["n_cadences"], seed)
-
-    # ---- time line
     t_all, cadno_all, keep, (g0, g1) = time_grid(p)
     dt = p["cadence_minutes"] / 1440.0
     n_all = t_all.size
@@ -484,186 +499,242 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
         orbit_edges = [(t_all[0] - 0.5 * dt, t_all[g0] - 0.5 * dt), (t_all[g1 - 1] + 0.5 * dt, t_all[-1] + 0.5 * dt)]
     else:
         orbit_edges = [(t_all[0] - 0.5 * dt, t_all[-1] + 0.5 * dt)]
-    # momentum dumps
-    dump_times = np.arange(T_START + p["momentum_dump_days"], t_all[-1] + 0.5 * dt, p["momentum_dump_days"])
-    dumps_idx = sorted({int(i) for i in np.round((dump_times - t_all[0]) / dt) if 0 <= i < n_all and keep[int(i)]})
-    quality_all = np.zeros(n_all, np.int32)
-    for i in dumps_idx:
-        quality_all[i] |= Q_DESAT
-        if i + 1 < n_all:
-            quality_all[i + 1] |= Q_COLLATERAL_COSMIC
-    # Earth-point flags on the cadences bordering the downlink gap and the sector ends
-    for i in (0, g0 - 1, g1, n_all - 1):
-        if 0 <= i < n_all and keep[i]:
-            quality_all[i] |= Q_EARTH_POINT
+    dumps_idx = _momentum_dumps(p, t_all, keep, dt)
+    quality_all = _quality_flags(n_all, keep, dumps_idx, g0, g1)
+    drow_all, dcol_all, drift_angle = pointing(p, t_all, keep, dumps_idx, rng)
+    sl_all, sl_edges = scattered_light(p, t_all, orbit_edges, rng)
+    grad = rng.uniform(-0.3, 0.3, 2)
+    return SimpleNamespace(
+        dt=dt,
+        t=t_all[keep],
+        cadno=cadno_all[keep],
+        quality=quality_all[keep],
+        drow=drow_all[keep],
+        dcol=dcol_all[keep],
+        sl=sl_all[keep],
+        grad=grad,
+        t_all=t_all,
+        dumps_idx=dumps_idx,
+        g0=g0,
+        g1=g1,
+        drift_angle=drift_angle,
+        sl_edges=sl_edges,
+    )
 
-    drow_all, dcol_all, drift_angle = pointing(p, t_all, keep, dumps_idx, r_point)
-    sl_all, sl_edges = scattered_light(p, t_all, orbit_edges, r_point)
-    grad = r_point.uniform(-0.3, 0.3, 2)  # fractional change of the scattered light across the cutout
 
-    t = t_all[keep]
-    cadno = cadno_all[keep]
-    quality = quality_all[keep]
-    drow, dcol = drow_all[keep], dcol_all[keep]
-    sl = sl_all[keep]
-    nt = t.size
-    tmid = 0.5 * (t[0] + t[-1])
-
-    # ---- scene
-    stars = _make_scene(p, r_scene)
-    signals = []
-    used = set()
-
-    def pick(lo, hi, edge, prefer_new=False):
-        idx = np.flatnonzero(
-            (stars["gmag"] >= lo) & (stars["gmag"] <= hi) & _inside(stars, np.arange(stars["row"].size), p, edge)
+def _pick(stars, used: set, p: dict, rng, lo, hi, edge, prefer_new=False) -> int:
+    """An unused star with ``lo <= G <= hi`` at least ``edge`` px inside the cutout (a new one when none is)."""
+    nr, nc = p["n_rows"], p["n_cols"]
+    idx = np.flatnonzero(
+        (stars["gmag"] >= lo) & (stars["gmag"] <= hi) & _inside(stars, np.arange(stars["row"].size), p, edge)
+    )
+    idx = [i for i in idx if i not in used]
+    if idx and not prefer_new:
+        i = int(rng.choice(idx))
+    else:  # no suitable star: add one
+        i = _append(
+            stars,
+            row=rng.uniform(edge, nr - 1 - edge),
+            col=rng.uniform(edge, nc - 1 - edge),
+            gmag=rng.uniform(lo, hi),
         )
-        idx = [i for i in idx if i not in used]
-        if idx and not prefer_new:
-            i = int(r_sig.choice(idx))
-        else:  # no suitable star: add one
-            i = _append(
-                stars,
-                row=r_sig.uniform(edge, nr - 1 - edge),
-                col=r_sig.uniform(edge, nc - 1 - edge),
-                gmag=r_sig.uniform(lo, hi),
-            )
-        used.add(i)
-        return i
+    used.add(i)
+    return i
 
+
+def _add_koi608(stars, p: dict, rng) -> tuple[int, int]:
+    """Add the KOI-608-like pair: a G ~ 14.5 star and, ~1 px away, a star 2 mag fainter (the EB).
+    Returns ``(faint, bright)`` star indices."""
+    nr, nc = p["n_rows"], p["n_cols"]
+    e2 = min(8.0, (min(nr, nc) - 1) / 3)
+    ib = _append(
+        stars,
+        row=rng.uniform(e2, nr - 1 - e2),
+        col=rng.uniform(e2, nc - 1 - e2),
+        gmag=rng.uniform(14.3, 14.7),
+    )
+    ang = rng.uniform(0, 2 * np.pi)
+    sep = rng.uniform(0.9, 1.1)
+    ifnt = _append(
+        stars,
+        row=stars["row"][ib] + sep * np.sin(ang),
+        col=stars["col"][ib] + sep * np.cos(ang),
+        gmag=stars["gmag"][ib] + 2.0,
+    )
+    return ifnt, ib
+
+
+def _choose_targets(stars, p: dict, rng) -> SimpleNamespace:
+    """The stars that get a signal (added to ``stars`` where needed): ``koi`` (faint, bright) or None,
+    planet ``hosts``, variables ``var_idx``, the transient's ``sn_host`` or None."""
+    used = set()
     koi = None
+    nr, nc = p["n_rows"], p["n_cols"]
     edge = min(4.0, (min(nr, nc) - 1) / 4)
     if p["koi608"]:
-        e2 = min(8.0, (min(nr, nc) - 1) / 3)
-        ib = _append(
-            stars,
-            row=r_sig.uniform(e2, nr - 1 - e2),
-            col=r_sig.uniform(e2, nc - 1 - e2),
-            gmag=r_sig.uniform(14.3, 14.7),
-        )
-        ang = r_sig.uniform(0, 2 * np.pi)
-        sep = r_sig.uniform(0.9, 1.1)
-        ifnt = _append(
-            stars,
-            row=stars["row"][ib] + sep * np.sin(ang),
-            col=stars["col"][ib] + sep * np.cos(ang),
-            gmag=stars["gmag"][ib] + 2.0,
-        )
-        used.update((ib, ifnt))
-        koi = (ifnt, ib)
+        koi = _add_koi608(stars, p, rng)
+        used.update(koi)
     hosts = []
     for _ in range(p["n_planets"]):
-        hosts.append(pick(9.0, 13.5, edge))
-    var_idx = [pick(9.5, 16.0, edge) for _ in range(p["n_variables"])]
-    sn_host = pick(17.5, 18.8, edge) if p["transient"] else None
+        hosts.append(_pick(stars, used, p, rng, 9.0, 13.5, edge))
+    var_idx = [_pick(stars, used, p, rng, 9.5, 16.0, edge) for _ in range(p["n_variables"])]
+    sn_host = _pick(stars, used, p, rng, 17.5, 18.8, edge) if p["transient"] else None
+    return SimpleNamespace(koi=koi, hosts=hosts, var_idx=var_idx, sn_host=sn_host)
+
+
+def _source_properties(stars, koi, p: dict, rng, seed: int, tmid: float) -> SimpleNamespace:
+    """True colours, TESS magnitudes and fluxes, astrometry at mid-sector and at REF_EPOCH, Gaia source_ids
+    and the WCS (every draw from the scene stream ``rng``). Source index = truth source index."""
+    from astropy.time import Time
 
     n = stars["row"].size
-    kinds = np.array(["constant"] * n, dtype=object)
-    bp_rp = np.clip(r_scene.normal(1.0, 0.45, n), -0.2, 3.5)
+    bp_rp = np.clip(rng.normal(1.0, 0.45, n), -0.2, 3.5)
     if koi:
         bp_rp[koi[1]] = 0.8
         bp_rp[koi[0]] = 1.3
-    tmag = tess_mag_from_gaia(stars["gmag"], bp_rp) + r_scene.normal(0, 0.01, n)
-    flux0 = tess_flux(tmag)
-    # astrometry (true values)
-    pmra = r_scene.normal(0, 6.0, n)
-    pmdec = r_scene.normal(0, 6.0, n)
-    fast = r_scene.uniform(size=n) < 0.02
-    pmra[fast] += r_scene.normal(0, 80, fast.sum())
-    pmdec[fast] += r_scene.normal(0, 80, fast.sum())
-    parallax = np.abs(r_scene.lognormal(np.log(0.5), 0.8, n))
-    wcs = make_wcs(p, r_scene)
+    tmag = tess_mag_from_gaia(stars["gmag"], bp_rp) + rng.normal(0, 0.01, n)
+    pmra = rng.normal(0, 6.0, n)
+    pmdec = rng.normal(0, 6.0, n)
+    fast = rng.uniform(size=n) < 0.02
+    pmra[fast] += rng.normal(0, 80, fast.sum())
+    pmdec[fast] += rng.normal(0, 80, fast.sum())
+    parallax = np.abs(rng.lognormal(np.log(0.5), 0.8, n))
+    wcs = make_wcs(p, rng)
     ra_mid, dec_mid = wcs.all_pix2world(stars["col"], stars["row"], 0)
-    from astropy.time import Time
-
     epoch_mid = float(Time(tmid + 2457000.0, format="jd", scale="tdb").jyear)
     dyr = epoch_mid - REF_EPOCH
     dec_ref = dec_mid - pmdec * dyr / 3.6e6
     ra_ref = (ra_mid - pmra * dyr / 3.6e6 / np.cos(np.deg2rad(dec_mid))) % 360.0
-    source_id = SOURCE_ID_BASE + (seed % 1000) * 1_000_000_000 + np.sort(r_scene.choice(10**9, n, replace=False))
-    source_id = source_id.astype(np.int64)
-    # stars sorted by nothing in particular; keep the order (index = truth source index)
+    source_id = SOURCE_ID_BASE + (seed % 1000) * 1_000_000_000 + np.sort(rng.choice(10**9, n, replace=False))
+    return SimpleNamespace(
+        n=n,
+        bp_rp=bp_rp,
+        tmag=tmag,
+        flux0=tess_flux(tmag),
+        pmra=pmra,
+        pmdec=pmdec,
+        parallax=parallax,
+        wcs=wcs,
+        ra_mid=ra_mid,
+        dec_mid=dec_mid,
+        epoch_mid=epoch_mid,
+        ra_ref=ra_ref,
+        dec_ref=dec_ref,
+        source_id=source_id.astype(np.int64),
+        row_ccd=p["corner_row"] + stars["row"],
+        col_ccd=p["corner_col"] + stars["col"],
+    )
 
-    # ---- signals (truth flux per source per cadence)
-    flux_true = np.repeat(flux0[:, None], nt, axis=1)
+
+# ------------------------------------------------------------------ the signals
+
+
+def _n_events(t, t0, period, dur) -> int:
+    """Number of distinct transits of (t0, period, duration) with a cadence inside them."""
+    ph = (t - t0 + 0.5 * period) % period - 0.5 * period
+    return len(np.unique(np.round((t[np.abs(ph) < dur / 2] - t0) / period)))
+
+
+def _planet_signal(t, rng) -> dict:
+    """A transiting planet with at least two transits in ``t`` (up to 50 draws)."""
     span = t[-1] - t[0]
+    for _ in range(50):
+        period = rng.uniform(1.2, max(1.3, span / 2.5))
+        dur = min(rng.uniform(1.5, 4.0) / 24, 0.1 * period)
+        t0 = t[0] + rng.uniform(0, period)
+        if _n_events(t, t0, period, dur) >= 2:
+            break
+    return dict(
+        kind="planet", period=period, t0=t0, duration=dur, depth=float(rng.uniform(0.004, 0.02)), ingress=0.15 * dur
+    )
 
-    def n_events(t0, period, dur):
-        ph = (t - t0 + 0.5 * period) % period - 0.5 * period
-        return len(np.unique(np.round((t[np.abs(ph) < dur / 2] - t0) / period)))
 
-    for i in hosts:
-        for _ in range(50):
-            period = r_sig.uniform(1.2, max(1.3, span / 2.5))
-            dur = min(r_sig.uniform(1.5, 4.0) / 24, 0.1 * period)
-            t0 = t[0] + r_sig.uniform(0, period)
-            if n_events(t0, period, dur) >= 2:
-                break
+def _koi608_signal(t, blended_with: int, rng) -> dict:
+    """The KOI-608-like eclipsing binary on the faint star (40 % primary, 15 % secondary eclipse)."""
+    span = t[-1] - t[0]
+    period = rng.uniform(2.0, max(2.1, min(5.0, span / 2.5)))
+    dur = min(3.0 / 24, 0.1 * period)
+    return dict(
+        kind="eclipsing_binary",
+        period=period,
+        t0=float(t[0] + rng.uniform(0, period)),
+        duration=dur,
+        depth=0.4,
+        secondary_depth=0.15,
+        ingress=0.3 * dur,
+        blended_with=blended_with,
+    )
+
+
+def _variable_signal(rotator: bool, rng) -> dict:
+    """A spotted rotator (period and its first harmonic) or a multi-mode pulsator."""
+    if rotator:
+        per0 = rng.uniform(1.0, 12.0)
         sig = dict(
-            kind="planet",
-            period=period,
-            t0=t0,
-            duration=dur,
-            depth=float(r_sig.uniform(0.004, 0.02)),
-            ingress=0.15 * dur,
+            kind="rotator",
+            periods=[per0, per0 / 2],
+            amplitudes=[float(rng.uniform(0.003, 0.03)), 0.0],
+            phases=rng.uniform(0, 2 * np.pi, 2).tolist(),
         )
-        flux_true[i] *= signal_model(sig, t, dt)
-        kinds[i] = "planet"
-        signals.append(dict(source_id=int(source_id[i]), **sig))
-    if koi:
-        ifnt, ib = koi
-        period = r_sig.uniform(2.0, max(2.1, min(5.0, span / 2.5)))
-        dur = min(3.0 / 24, 0.1 * period)
-        sig = dict(
-            kind="eclipsing_binary",
-            period=period,
-            t0=float(t[0] + r_sig.uniform(0, period)),
-            duration=dur,
-            depth=0.4,
-            secondary_depth=0.15,
-            ingress=0.3 * dur,
-            blended_with=int(source_id[ib]),
-        )
-        flux_true[ifnt] *= signal_model(sig, t, dt)
-        kinds[ifnt] = "eclipsing_binary"
-        signals.append(dict(source_id=int(source_id[ifnt]), **sig))
-    n_rot = (len(var_idx) + 1) // 2
-    for k, i in enumerate(var_idx):
-        if k < n_rot:
-            per0 = r_sig.uniform(1.0, 12.0)
-            sig = dict(
-                kind="rotator",
-                periods=[per0, per0 / 2],
-                amplitudes=[float(r_sig.uniform(0.003, 0.03)), 0.0],
-                phases=r_sig.uniform(0, 2 * np.pi, 2).tolist(),
-            )
-            sig["amplitudes"][1] = float(r_sig.uniform(0.1, 0.4) * sig["amplitudes"][0])
+        sig["amplitudes"][1] = float(rng.uniform(0.1, 0.4) * sig["amplitudes"][0])
+        return sig
+    nm = int(rng.integers(1, 4))
+    return dict(
+        kind="pulsator",
+        periods=rng.uniform(0.04, 0.4, nm).tolist(),
+        amplitudes=rng.uniform(0.001, 0.01, nm).tolist(),
+        phases=rng.uniform(0, 2 * np.pi, nm).tolist(),
+    )
+
+
+def _transient_signal(t, rng) -> dict:
+    """A supernova-like transient (Bazin rise/decline) peaking at T ~ 13.5-14.5."""
+    span = t[-1] - t[0]
+    return dict(
+        kind="transient",
+        t0=float(t[0] + rng.uniform(0.1, 0.4) * span),
+        amplitude=float(tess_flux(rng.uniform(13.5, 14.5))),
+        tau_rise=float(rng.uniform(0.8, 2.0)),
+        tau_fall=float(rng.uniform(5.0, 12.0)),
+    )
+
+
+def _inject_signals(t, dt, src: SimpleNamespace, targets: SimpleNamespace, rng):
+    """True flux per source per cadence, the kind of each source and the list of signals (with their
+    source_id), from the signal stream ``rng``: planets, the KOI-608 binary, variables, the transient."""
+    flux_true = np.repeat(src.flux0[:, None], t.size, axis=1)
+    kinds = np.array(["constant"] * src.n, dtype=object)
+    signals = []
+
+    def inject(i, sig, additive=False):
+        if additive:
+            flux_true[i] += signal_model(sig, t, dt)
         else:
-            nm = int(r_sig.integers(1, 4))
-            sig = dict(
-                kind="pulsator",
-                periods=r_sig.uniform(0.04, 0.4, nm).tolist(),
-                amplitudes=r_sig.uniform(0.001, 0.01, nm).tolist(),
-                phases=r_sig.uniform(0, 2 * np.pi, nm).tolist(),
-            )
-        flux_true[i] *= signal_model(sig, t, dt)
+            flux_true[i] *= signal_model(sig, t, dt)
         kinds[i] = sig["kind"]
-        signals.append(dict(source_id=int(source_id[i]), **sig))
-    if sn_host is not None:
-        sig = dict(
-            kind="transient",
-            t0=float(t[0] + r_sig.uniform(0.1, 0.4) * span),
-            amplitude=float(tess_flux(r_sig.uniform(13.5, 14.5))),
-            tau_rise=float(r_sig.uniform(0.8, 2.0)),
-            tau_fall=float(r_sig.uniform(5.0, 12.0)),
-        )
-        flux_true[sn_host] += signal_model(sig, t, dt)
-        kinds[sn_host] = "transient"
-        signals.append(dict(source_id=int(source_id[sn_host]), **sig))
+        signals.append(dict(source_id=int(src.source_id[i]), **sig))
 
-    # ---- render
-    rows_ccd = p["corner_row"] + stars["row"]
-    cols_ccd = p["corner_col"] + stars["col"]
+    for i in targets.hosts:
+        inject(i, _planet_signal(t, rng))
+    if targets.koi:
+        ifnt, ib = targets.koi
+        inject(ifnt, _koi608_signal(t, int(src.source_id[ib]), rng))
+    n_rot = (len(targets.var_idx) + 1) // 2
+    for k, i in enumerate(targets.var_idx):
+        inject(i, _variable_signal(k < n_rot, rng))
+    if targets.sn_host is not None:
+        inject(targets.sn_host, _transient_signal(t, rng), additive=True)
+    return flux_true, kinds, signals
+
+
+# ------------------------------------------------------------------ rendering, noise
+
+
+def _render(p: dict, stars, src: SimpleNamespace, kinds, flux_true, tl: SimpleNamespace):
+    """Noiseless model cube (time, row, column): every star through the SPOC PRF at its CCD position,
+    shifted by the pointing offsets, plus sky and scattered light. Returns ``(model, prf_grid)``."""
+    nr, nc = p["n_rows"], p["n_cols"]
+    drow, dcol = tl.drow, tl.dcol
     grid = tess_prf.load_prf_grid()
     pad = int(np.ceil(max(np.abs(drow).max(), np.abs(dcol).max()))) + 2
     # constant stars: bright ones on a 1/36-px scene grid, faint ones on a 1/18-px grid (the
@@ -673,13 +744,14 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     variable = np.flatnonzero(kinds != "constant")
     half = 8
     patches = []
-    for i in range(n):
-        coef = tess_prf.prf_coefficients_at(rows_ccd[i], cols_ccd[i], grid)
+    for i in range(src.n):
+        coef = tess_prf.prf_coefficients_at(src.row_ccd[i], src.col_ccd[i], grid)
         if kinds[i] == "constant":
-            target = bright_scene if tmag[i] < BRIGHT_T else faint_scene
-            target.add_star(None, stars["row"][i], stars["col"][i], flux0[i], prf_coef=coef)
+            target = bright_scene if src.tmag[i] < BRIGHT_T else faint_scene
+            target.add_star(None, stars["row"][i], stars["col"][i], src.flux0[i], prf_coef=coef)
         else:
             patches.append((i, coef, int(np.round(stars["row"][i])) - half, int(np.round(stars["col"][i])) - half))
+    nt = tl.t.size
     model = np.empty((nt, nr, nc))
     for k in range(nt):
         img = bright_scene.image(drow[k], dcol[k]) + faint_scene.image(drow[k], dcol[k])
@@ -692,22 +764,184 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     # background: sky level + scattered light with a linear gradient across the cutout
     yy = (np.arange(nr) - (nr - 1) / 2) / nr
     xx = (np.arange(nc) - (nc - 1) / 2) / nc
-    shape = 1 + grad[0] * yy[:, None] + grad[1] * xx[None, :]
-    bkg = p["background_level"] + sl[:, None, None] * shape[None]
+    shape = 1 + tl.grad[0] * yy[:, None] + tl.grad[1] * xx[None, :]
+    bkg = p["background_level"] + tl.sl[:, None, None] * shape[None]
     model += bkg
-    log.info("rendered %d stars (%d variable) in %d cadences", n, variable.size, nt)
+    log.info("rendered %d stars (%d variable) in %d cadences", src.n, variable.size, nt)
+    return model, grid
 
-    # ---- noise: photon (Gaussian approximation to Poisson) + read noise, honest flux_err
+
+def _add_noise(model, p: dict, rng):
+    """Photon (Gaussian approximation to Poisson) + read noise with an honest ``flux_err``, and dead pixels
+    (NaN). Returns ``(flux, flux_err, bad_rc, t_exp)``."""
+    nr, nc = p["n_rows"], p["n_cols"]
     cad_s = p["cadence_minutes"] * 60.0
     t_exp = EXPOSURE_FRACTION * cad_s
     n_reads = 0.8 * cad_s / FRAME_SECONDS
     var_e = np.clip(model, 0, None) * t_exp + n_reads * p["read_noise"] ** 2
     flux_err = np.sqrt(var_e) / t_exp
-    flux = model + flux_err * r_noise.standard_normal(model.shape)
-    bad = r_noise.choice(nr * nc, size=min(p["n_bad_pixels"], nr * nc), replace=False)
+    flux = model + flux_err * rng.standard_normal(model.shape)
+    bad = rng.choice(nr * nc, size=min(p["n_bad_pixels"], nr * nc), replace=False)
     bad_rc = np.unravel_index(bad, (nr, nc))
     flux[:, bad_rc[0], bad_rc[1]] = np.nan
     flux_err[:, bad_rc[0], bad_rc[1]] = np.nan
+    return flux, flux_err, bad_rc, t_exp
+
+
+# ------------------------------------------------------------------ the Gaia-like catalog and the truth
+
+
+def _gaia_catalog(stars, src: SimpleNamespace, kinds, rng, field: str, seed: int):
+    """The Gaia-like input catalog (G-band, noisy photometry and astrometry at REF_EPOCH, ~3 % of the
+    faint constant stars missing), sorted by catalog G. Returns ``(catalog, in_catalog mask)``."""
+    n = src.n
+    gmag = stars["gmag"]
+    sig_g = 0.0003 + 0.004 * 10 ** (0.4 * (gmag - 19.0))
+    g_cat = gmag + rng.normal(0, 1, n) * sig_g
+    bprp_cat = src.bp_rp + rng.normal(0, 1, n) * (0.003 + 0.03 * 10 ** (0.4 * (gmag - 19.0)))
+    sig_pos = 0.3 + 2.0 * 10 ** (0.2 * (gmag - 19.0))  # mas
+    cosd = np.cos(np.deg2rad(src.dec_ref))
+    ra_cat = (src.ra_ref + rng.normal(0, 1, n) * sig_pos / 3.6e6 / cosd) % 360.0
+    dec_cat = src.dec_ref + rng.normal(0, 1, n) * sig_pos / 3.6e6
+    pm_err = 0.02 + 0.5 * 10 ** (0.2 * (gmag - 19.0))
+    pmra_cat = src.pmra + rng.normal(0, 1, n) * pm_err
+    pmdec_cat = src.pmdec + rng.normal(0, 1, n) * pm_err
+    plx_cat = src.parallax + rng.normal(0, 1, n) * pm_err
+    faint = np.flatnonzero((gmag > 18.0) & (kinds == "constant"))
+    n_miss = min(faint.size, max(1, int(round(0.03 * faint.size)))) if faint.size else 0
+    missing = rng.choice(faint, n_miss, replace=False) if n_miss else np.array([], int)
+    in_cat = np.ones(n, bool)
+    in_cat[missing] = False
+    order = np.argsort(g_cat[in_cat], kind="stable")
+    sel = np.flatnonzero(in_cat)[order]
+    catalog = Table()
+    catalog["source_id"] = src.source_id[sel]
+    catalog["ra"] = ra_cat[sel]
+    catalog["dec"] = dec_cat[sel]
+    catalog["pmra"] = pmra_cat[sel]
+    catalog["pmdec"] = pmdec_cat[sel]
+    catalog["parallax"] = plx_cat[sel]
+    catalog["phot_g_mean_flux"] = gaia_flux(g_cat[sel])
+    catalog["phot_g_mean_mag"] = g_cat[sel]
+    catalog["bp_rp"] = bprp_cat[sel]
+    catalog["ref_epoch"] = np.full(sel.size, REF_EPOCH)
+    for col, unit in GAIA_UNITS.items():
+        catalog[col].unit = unit
+    catalog.meta.update(
+        description="Gaia-like input catalog of a synthetic TESS field (Gaia DR3 column names)",
+        field=field,
+        seed=seed,
+        ref_epoch=REF_EPOCH,
+    )
+    return catalog, in_cat
+
+
+def _truth_coords(stars, src: SimpleNamespace, kinds, in_cat, tl: SimpleNamespace, time_attrs: dict) -> dict:
+    """Coordinates of the truth dataset: time, cadenceno and every per-source quantity."""
+    ra_mid, dec_mid, epoch_mid = src.ra_mid, src.dec_mid, src.epoch_mid
+    return {
+        "time": ("time", tl.t, time_attrs),
+        "cadenceno": ("time", tl.cadno.astype(np.int64)),
+        "source_id": ("source", src.source_id),
+        "ra": ("source", src.ra_ref, {"units": "deg", "epoch": REF_EPOCH}),
+        "dec": ("source", src.dec_ref, {"units": "deg", "epoch": REF_EPOCH}),
+        "ra_mid": ("source", np.asarray(ra_mid) % 360.0, {"units": "deg", "epoch": epoch_mid}),
+        "dec_mid": ("source", np.asarray(dec_mid), {"units": "deg", "epoch": epoch_mid}),
+        "pmra": ("source", src.pmra, {"units": "mas / yr"}),
+        "pmdec": ("source", src.pmdec, {"units": "mas / yr"}),
+        "parallax": ("source", src.parallax, {"units": "mas"}),
+        "phot_g_mean_mag": ("source", stars["gmag"]),
+        "bp_rp": ("source", src.bp_rp),
+        "tmag": ("source", src.tmag),
+        "flux0": ("source", src.flux0, {"units": "electron / s", "long_name": "TESS-band flux without variability"}),
+        "column": ("source", src.col_ccd, {"long_name": "true CCD column at mid-sector (no pointing offset)"}),
+        "row": ("source", src.row_ccd, {"long_name": "true CCD row at mid-sector (no pointing offset)"}),
+        "kind": ("source", np.array([str(k) for k in kinds], dtype=np.dtypes.StringDType())),
+        "in_catalog": ("source", in_cat),
+    }
+
+
+def _truth_dataset(p: dict, coords: dict, flux_true, tl: SimpleNamespace) -> xr.Dataset:
+    """The truth's per-cadence variables: true fluxes, pointing offsets, background and its gradient, QUALITY."""
+    nr, nc = p["n_rows"], p["n_cols"]
+    sl, grad = tl.sl, tl.grad
+    return xr.Dataset(
+        {
+            "flux": (("source", "time"), flux_true, {"units": "electron / s", "long_name": "true TESS-band flux"}),
+            "drift_row": (
+                "time",
+                tl.drow,
+                {"units": "pix", "long_name": "pointing offset added to every source's row"},
+            ),
+            "drift_column": (
+                "time",
+                tl.dcol,
+                {"units": "pix", "long_name": "pointing offset added to every source's column"},
+            ),
+            "background": (
+                "time",
+                p["background_level"] + sl,
+                {"units": "electron / s", "long_name": "sky background per pixel at the cutout centre"},
+            ),
+            "background_grad_row": ("time", sl * grad[0] / nr, {"units": "electron / s / pix"}),
+            "background_grad_column": ("time", sl * grad[1] / nc, {"units": "electron / s / pix"}),
+            "quality": ("time", tl.quality),
+        },
+        coords=coords,
+    )
+
+
+def _truth_attrs(p: dict, tl: SimpleNamespace, src: SimpleNamespace, koi, signals, wcs_hdr: str, t_exp) -> dict:
+    """The truth's attrs beyond those it shares with the cube: WCS, epochs, signals, systematics, KOI-608 ids."""
+    t_all, g0, g1 = tl.t_all, tl.g0, tl.g1
+    return dict(
+        mission="TESS",
+        wcs=wcs_hdr,
+        ref_epoch=REF_EPOCH,
+        obs_epoch=src.epoch_mid,
+        time_system="BTJD",
+        time_offset=2457000.0,
+        signals=json.dumps(signals, default=float),
+        drift_angle_rad=tl.drift_angle,
+        drift_px=float(p["drift_px"]),
+        momentum_dumps=json.dumps([float(t_all[i]) for i in tl.dumps_idx]),
+        gap=json.dumps([float(t_all[g0]) if g1 > g0 else None, float(t_all[g1 - 1]) if g1 > g0 else None]),
+        scattered_light=json.dumps(tl.sl_edges),
+        exposure_s=t_exp,
+        koi608_faint=int(src.source_id[koi[0]]) if koi else -1,
+        koi608_bright=int(src.source_id[koi[1]]) if koi else -1,
+    )
+
+
+# ------------------------------------------------------------------ the sector
+
+
+def simulate_sector(params: dict | None = None, field: str = "synth", *, return_model: bool = False):
+    """Simulate one TESS FFI cutout sector.
+
+    Returns ``(cube, truth, catalog)`` (and the noiseless model image cube as a 4th element when
+    ``return_model``): the pixel cube (:mod:`workflow_lib.data.cube` format), the truth
+    (``docs/DATA_MODEL.md``) and the Gaia-like input catalog (astropy Table, Gaia DR3 columns).
+    ``params``: the ``$defs/synthetic`` keys; missing keys take the schema defaults.
+
+    Each random stream (:func:`_rng`) feeds one part: scene -> :func:`_make_scene` and
+    :func:`_source_properties`, signals -> :func:`_choose_targets` and :func:`_inject_signals`, pointing ->
+    :func:`_timeline`, noise -> :func:`_add_noise`, catalog -> :func:`_gaia_catalog`.
+    """
+    p = fill_params(params)
+    seed = int(p["seed"])
+    r_scene, r_sig, r_point, r_noise, r_cat = (_rng(seed, k) for k in range(5))
+    nr, nc = p["n_rows"], p["n_cols"]
+    log.info("simulating field %s: %dx%d px, %d cadences, seed %d", field, nr, nc, p["n_cadences"], seed)
+
+    tl = _timeline(p, r_point)
+    t = tl.t
+    stars = _make_scene(p, r_scene)
+    targets = _choose_targets(stars, p, r_sig)
+    src = _source_properties(stars, targets.koi, p, r_scene, seed, 0.5 * (t[0] + t[-1]))
+    flux_true, kinds, signals = _inject_signals(t, tl.dt, src, targets, r_sig)
+    model, grid = _render(p, stars, src, kinds, flux_true, tl)
+    flux, flux_err, bad_rc, t_exp = _add_noise(model, p, r_noise)
 
     prov = provenance_json(
         "download_synthetic", inputs=[f"workflow_lib/data/tess_prf/{s}" for s in grid.sources], config=p, field=field
@@ -715,14 +949,13 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     common = dict(
         sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov, synthetic=1
     )
-
-    wcs_hdr = wcs_to_header_string(wcs)
+    wcs_hdr = wcs_to_header_string(src.wcs)
     cube = make_cube(
         flux,
         flux_err,
-        quality,
+        tl.quality,
         t,
-        cadno,
+        tl.cadno,
         p["corner_row"] + np.arange(nr),
         p["corner_col"] + np.arange(nc),
         mission="TESS",
@@ -733,116 +966,11 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
             bad_pixels=json.dumps([[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)]),
         ),
     )
-
-    # ---- Gaia-like catalog
-    gmag = stars["gmag"]
-    sig_g = 0.0003 + 0.004 * 10 ** (0.4 * (gmag - 19.0))
-    g_cat = gmag + r_cat.normal(0, 1, n) * sig_g
-    bprp_cat = bp_rp + r_cat.normal(0, 1, n) * (0.003 + 0.03 * 10 ** (0.4 * (gmag - 19.0)))
-    sig_pos = 0.3 + 2.0 * 10 ** (0.2 * (gmag - 19.0))  # mas
-    cosd = np.cos(np.deg2rad(dec_ref))
-    ra_cat = (ra_ref + r_cat.normal(0, 1, n) * sig_pos / 3.6e6 / cosd) % 360.0
-    dec_cat = dec_ref + r_cat.normal(0, 1, n) * sig_pos / 3.6e6
-    pm_err = 0.02 + 0.5 * 10 ** (0.2 * (gmag - 19.0))
-    pmra_cat = pmra + r_cat.normal(0, 1, n) * pm_err
-    pmdec_cat = pmdec + r_cat.normal(0, 1, n) * pm_err
-    plx_cat = parallax + r_cat.normal(0, 1, n) * pm_err
-    faint = np.flatnonzero((gmag > 18.0) & (kinds == "constant"))
-    n_miss = min(faint.size, max(1, int(round(0.03 * faint.size)))) if faint.size else 0
-    missing = r_cat.choice(faint, n_miss, replace=False) if n_miss else np.array([], int)
-    in_cat = np.ones(n, bool)
-    in_cat[missing] = False
-    order = np.argsort(g_cat[in_cat], kind="stable")
-    sel = np.flatnonzero(in_cat)[order]
-    catalog = Table()
-    catalog["source_id"] = source_id[sel]
-    catalog["ra"] = ra_cat[sel]
-    catalog["dec"] = dec_cat[sel]
-    catalog["pmra"] = pmra_cat[sel]
-    catalog["pmdec"] = pmdec_cat[sel]
-    catalog["parallax"] = plx_cat[sel]
-    catalog["phot_g_mean_flux"] = gaia_flux(g_cat[sel])
-    catalog["phot_g_mean_mag"] = g_cat[sel]
-    catalog["bp_rp"] = bprp_cat[sel]
-    catalog["ref_epoch"] = np.full(sel.size, REF_EPOCH)
-    for col, unit in (
-        ("ra", "deg"),
-        ("dec", "deg"),
-        ("pmra", "mas / yr"),
-        ("pmdec", "mas / yr"),
-        ("parallax", "mas"),
-        ("phot_g_mean_flux", "electron / s"),
-        ("phot_g_mean_mag", "mag"),
-        ("bp_rp", "mag"),
-        ("ref_epoch", "yr"),
-    ):
-        catalog[col].unit = unit
-    catalog.meta.update(
-        description="Gaia-like input catalog of a synthetic TESS field (Gaia DR3 column names)",
-        field=field,
-        seed=seed,
-        ref_epoch=REF_EPOCH,
-    )
-
-    # ---- truth
-    tc = {
-        "time": ("time", t, dict(cube["time"].attrs)),
-        "cadenceno": ("time", cadno.astype(np.int64)),
-        "source_id": ("source", source_id),
-        "ra": ("source", ra_ref, {"units": "deg", "epoch": REF_EPOCH}),
-        "dec": ("source", dec_ref, {"units": "deg", "epoch": REF_EPOCH}),
-        "ra_mid": ("source", np.asarray(ra_mid) % 360.0, {"units": "deg", "epoch": epoch_mid}),
-        "dec_mid": ("source", np.asarray(dec_mid), {"units": "deg", "epoch": epoch_mid}),
-        "pmra": ("source", pmra, {"units": "mas / yr"}),
-        "pmdec": ("source", pmdec, {"units": "mas / yr"}),
-        "parallax": ("source", parallax, {"units": "mas"}),
-        "phot_g_mean_mag": ("source", gmag),
-        "bp_rp": ("source", bp_rp),
-        "tmag": ("source", tmag),
-        "flux0": ("source", flux0, {"units": "electron / s", "long_name": "TESS-band flux without variability"}),
-        "column": ("source", cols_ccd, {"long_name": "true CCD column at mid-sector (no pointing offset)"}),
-        "row": ("source", rows_ccd, {"long_name": "true CCD row at mid-sector (no pointing offset)"}),
-        "kind": ("source", np.array([str(k) for k in kinds], dtype=np.dtypes.StringDType())),
-        "in_catalog": ("source", in_cat),
-    }
-    truth = xr.Dataset(
-        {
-            "flux": (("source", "time"), flux_true, {"units": "electron / s", "long_name": "true TESS-band flux"}),
-            "drift_row": ("time", drow, {"units": "pix", "long_name": "pointing offset added to every source's row"}),
-            "drift_column": (
-                "time",
-                dcol,
-                {"units": "pix", "long_name": "pointing offset added to every source's column"},
-            ),
-            "background": (
-                "time",
-                p["background_level"] + sl,
-                {"units": "electron / s", "long_name": "sky background per pixel at the cutout centre"},
-            ),
-            "background_grad_row": ("time", sl * grad[0] / nr, {"units": "electron / s / pix"}),
-            "background_grad_column": ("time", sl * grad[1] / nc, {"units": "electron / s / pix"}),
-            "quality": ("time", quality),
-        },
-        coords=tc,
-    )
+    catalog, in_cat = _gaia_catalog(stars, src, kinds, r_cat, field, seed)
+    coords = _truth_coords(stars, src, kinds, in_cat, tl, dict(cube["time"].attrs))
+    truth = _truth_dataset(p, coords, flux_true, tl)
     truth.attrs.update(common)
-    truth.attrs.update(
-        mission="TESS",
-        wcs=wcs_hdr,
-        ref_epoch=REF_EPOCH,
-        obs_epoch=epoch_mid,
-        time_system="BTJD",
-        time_offset=2457000.0,
-        signals=json.dumps(signals, default=float),
-        drift_angle_rad=drift_angle,
-        drift_px=float(p["drift_px"]),
-        momentum_dumps=json.dumps([float(t_all[i]) for i in dumps_idx]),
-        gap=json.dumps([float(t_all[g0]) if g1 > g0 else None, float(t_all[g1 - 1]) if g1 > g0 else None]),
-        scattered_light=json.dumps(sl_edges),
-        exposure_s=t_exp,
-        koi608_faint=int(source_id[koi[0]]) if koi else -1,
-        koi608_bright=int(source_id[koi[1]]) if koi else -1,
-    )
+    truth.attrs.update(_truth_attrs(p, tl, src, targets.koi, signals, wcs_hdr, t_exp))
     if return_model:
         return cube, truth, catalog, model
     return cube, truth, catalog
