@@ -11,10 +11,15 @@ from workflow_lib.lfd.prf import (
     fit_prf_shape,
     polar_coordinates,
     prf_design_matrix,
+    prf_params,
     radial_knots,
     scene_matrix,
+    shape_settings,
     source_flux,
 )
+
+#: the lfd.prf schema defaults as fit_prf_shape keyword arguments
+SHAPE = shape_settings(prf_params(None))
 
 
 def true_psf(x, y):
@@ -56,7 +61,7 @@ def fitted():
         F.append(np.full(val.size, flux))
     dx, dy, f, e, F = map(np.concatenate, (dx, dy, f, e, F))
     knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
-    return fit_prf_shape(dx, dy, f, e, F, r_knots=knots, n_phi_knots=15, inner_radius=0.25)
+    return fit_prf_shape(dx, dy, f, e, F, r_knots=knots, **{**SHAPE, "log_error_floor": 0.01})
 
 
 def test_design_matrix_shape_sparsity_and_inner_radius():
@@ -65,19 +70,19 @@ def test_design_matrix_shape_sparsity_and_inner_radius():
     rng = np.random.default_rng(1)
     r = rng.uniform(0, 5, 500)
     phi = rng.uniform(-np.pi, np.pi, 500)
-    A = prf_design_matrix(r, phi, r_knots=knots, n_phi_knots=15, inner_radius=0.5)
+    A = prf_design_matrix(r, phi, r_knots=knots, n_phi_knots=15, inner_radius=0.5, degree=3)
     assert sp.isspmatrix_csr(A)
     assert A.getnnz(axis=1).max() <= 4 * 4 + 4
     w = rng.normal(size=A.shape[1])
     # no phi dependence inside inner_radius, phi dependence outside
     rr = np.full(64, 0.4)
     pp = np.linspace(-np.pi, np.pi, 64)
-    inside = prf_design_matrix(rr, pp, r_knots=knots, inner_radius=0.5) @ w
-    outside = prf_design_matrix(rr + 1.0, pp, r_knots=knots, inner_radius=0.5) @ w
+    inside = prf_design_matrix(rr, pp, r_knots=knots, n_phi_knots=15, inner_radius=0.5, degree=3) @ w
+    outside = prf_design_matrix(rr + 1.0, pp, r_knots=knots, n_phi_knots=15, inner_radius=0.5, degree=3) @ w
     assert np.ptp(inside) < 1e-12 and np.ptp(outside) > 1e-3
     # periodic in phi
-    a = prf_design_matrix([2.0], [np.pi], r_knots=knots, inner_radius=0.5) @ w
-    b = prf_design_matrix([2.0], [-np.pi], r_knots=knots, inner_radius=0.5) @ w
+    a = prf_design_matrix([2.0], [np.pi], r_knots=knots, n_phi_knots=15, inner_radius=0.5, degree=3) @ w
+    b = prf_design_matrix([2.0], [-np.pi], r_knots=knots, n_phi_knots=15, inner_radius=0.5, degree=3) @ w
     assert np.allclose(a, b)
     assert np.allclose(polar_coordinates(np.array([0.0, -1.0]), np.array([2.0, 0.0]))[1], [np.pi / 2, np.pi])
 
@@ -117,7 +122,14 @@ def test_scene_matrix_sparse_and_fluxes(fitted):
     err = np.sqrt(img * 1800) / 1800 / np.sqrt(20)
     data = img + rng.normal(size=img.size) * err
     flux, bkg, ferr = source_flux(
-        S, data, err, F * 1.2, background=np.ones((1600, 1)), background_prior=[0.0], return_errors=True
+        S,
+        data,
+        err,
+        F * 1.2,
+        prior_width=prf_params(None)["flux_prior_width"],
+        background=np.ones((1600, 1)),
+        background_prior=[0.0],
+        return_errors=True,
     )
     rel = flux[:16] / F[:16] - 1
     assert np.median(np.abs(rel)) < 0.01 and np.max(np.abs(rel)) < 0.02
@@ -187,11 +199,8 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
             np.full(f.size, 1e-3),
             np.full(f.size, 1e4),
             r_knots=knots,
-            n_phi_knots=15,
-            inner_radius=0.25,
-            log_error_floor=0.005,
             source_index=s,
-            core_degree=deg,
+            **{**SHAPE, "core_degree": deg},
         )
         assert m.core_degree == deg
         m.save(tmp_path / f"core{deg}.npz")

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from workflow_lib.core.atomic import atomic_path
+from workflow_lib.core.linalg import clipped_fit, wls
 from workflow_lib.core.logs import get_logger
-from workflow_lib.core.settings import merge_settings
+from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.bspline import (
     clamped_knot_vector,
     spline_design_matrix,
@@ -59,7 +59,8 @@ from workflow_lib.lfd.geometry import background_design, dominant_source, source
 log = get_logger("lfd.prf")
 
 __all__ = [
-    "PRF_DEFAULTS",
+    "prf_params",
+    "shape_settings",
     "PRFModel",
     "polar_coordinates",
     "radial_knots",
@@ -69,36 +70,6 @@ __all__ = [
     "source_flux",
     "fit_prf_model",
 ]
-
-#: defaults of ``lfd.prf`` (the schema holds the same values)
-PRF_DEFAULTS = {
-    "n_r_knots": 12,
-    "n_phi_knots": 15,
-    "r_min": 0.25,
-    "r_max": 5.0,
-    "inner_radius": 0.25,
-    "degree": 3,
-    "knot_spacing": "sqrt",
-    "n_iter": 3,
-    "sigma_clip": 5.0,
-    "prior_sigma": 1.0,
-    "log_error_floor": 0.005,
-    "flux_prior_width": 1.0,
-    "noise_floor": 5.0,
-    "background_order": 1,
-    "smooth_sigma": 0.3,
-    "source_offsets": True,
-    "offset_prior_sigma": 1.0,
-    "tail": True,
-    "sky_error": None,
-    "subtract_neighbours": True,
-    "drop_sigma": 3.0,
-    "shape_purity": 1.0,
-    "core_degree": 0,
-    "core_radius": 1.0,
-    "core_prior_sigma": 1.0,
-}
-
 
 # ------------------------------------------------------------------------------ geometry & design
 
@@ -177,9 +148,9 @@ def prf_design_matrix(
     phi,
     *,
     r_knots,
-    n_phi_knots: int = 15,
-    inner_radius: float = 0.5,
-    degree: int = 3,
+    n_phi_knots: int,
+    inner_radius: float,
+    degree: int,
     core_degree: int = 0,
     core_radius: float = 1.0,
 ) -> sp.csr_matrix:
@@ -401,25 +372,6 @@ class PRFModel:
             )
 
 
-def _wls(A, y, sigma, prior_mu, prior_sigma, penalty=None):
-    """App. B eqs. B3-B6 with a sparse design: returns (weights, normal matrix incl. prior).
-
-    ``penalty`` (optional sparse matrix D) adds the zero-mean Gaussian prior ``D @ w ~ N(0, 1)``.
-    """
-    w = 1.0 / np.asarray(sigma, float) ** 2
-    A = sp.csr_matrix(A)
-    AtW = (A.T @ sp.diags(w)).tocsr()
-    N = (AtW @ A).tocsc()
-    b = AtW @ y
-    ps = np.broadcast_to(np.asarray(prior_sigma, float), (A.shape[1],))
-    pm = np.broadcast_to(np.asarray(prior_mu, float), (A.shape[1],))
-    N = N + sp.diags(1.0 / ps**2, format="csc")
-    if penalty is not None:
-        N = N + (penalty.T @ penalty).tocsc()
-    b = b + pm / ps**2
-    return np.asarray(spla.spsolve(N, b)).ravel(), N
-
-
 def _prf_smoothness(r_knots, degree: int, inner_radius: float, n_phi_knots: int, sigma: float) -> sp.csr_matrix:
     """Second differences along r of the :func:`prf_design_matrix` weights, for every phi component, / sigma.
 
@@ -462,22 +414,22 @@ def fit_prf_shape(
     source_flux,
     *,
     r_knots,
-    n_phi_knots=15,
-    inner_radius=0.5,
-    degree=3,
+    n_phi_knots,
+    inner_radius,
+    degree,
+    prior_sigma,
+    log_error_floor,
+    sigma_clip,
+    smooth_sigma,
+    offset_prior_sigma,
+    tail,
+    core_degree,
+    core_radius,
+    core_prior_sigma,
     r_max=None,
-    prior_sigma=1.0,
-    log_error_floor=0.01,
-    sigma_clip=5.0,
     n_clip=2,
-    smooth_sigma=0.3,
     return_mask=False,
     source_index=None,
-    offset_prior_sigma=1.0,
-    tail=True,
-    core_degree=0,
-    core_radius=1.0,
-    core_prior_sigma=1.0,
 ):
     """Fit the PRF shape (§4.3 eq. 14) to uncontaminated pixels; returns a normalised :class:`PRFModel`.
 
@@ -509,6 +461,9 @@ def fit_prf_shape(
     Wing (``tail``): beyond the data radius ``r_data`` (99th percentile of the fitted radii) the
     model continues as a power law fitted to the outer profile (:meth:`PRFModel.fit_tail`), and the
     normalisation includes the flux under it, so fitted fluxes are total fluxes.
+
+    The keyword arguments that are ``lfd.prf`` settings have no defaults here: pass
+    ``**shape_settings(prf_params(...))``.
     """
     dx = np.asarray(dx, float)
     dy = np.asarray(dy, float)
@@ -556,25 +511,20 @@ def fit_prf_shape(
     else:
         n_off = 0
         Ar, Af = Br, A
-    keep = use.copy()
-    for it in range(n_clip + 1):
+    sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
+    sd = np.r_[np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)]
+
+    def fit(keep):
+        # radial-only profile first; its coefficients are the prior means of the full model
         mu_r = np.r_[np.full(Br.shape[1], np.median(y[keep])), np.zeros(n_off)]
-        sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
-        a, _ = _wls(Ar[keep], y[keep], sig[keep], mu_r, sd_r, penalty=D2)
+        a = wls(Ar[keep], y[keep], sigma=sig[keep], prior_mu=mu_r, prior_sigma=sd_r, penalty=D2, method="sparse")
         mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), np.zeros(n_core), a[Br.shape[1] :]])
-        sd = np.r_[
-            np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)
-        ]
-        w_all, _ = _wls(Af[keep], y[keep], sig[keep], mu, sd, penalty=Dfull)
-        if it == n_clip:
-            break
-        z = (y - Af @ w_all) / sig
-        zk = z[keep]
-        scale = 1.4826 * np.median(np.abs(zk - np.median(zk)))
-        new_keep = use & (np.abs(z - np.median(zk)) < sigma_clip * max(scale, 1e-9))
-        if new_keep.sum() < n_radial + 5 or np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
+        w_all = wls(Af[keep], y[keep], sigma=sig[keep], prior_mu=mu, prior_sigma=sd, penalty=Dfull, method="sparse")
+        return w_all, (y - Af @ w_all) / sig
+
+    w_all, keep, _ = clipped_fit(
+        fit, use, n_sigma=sigma_clip, n_pass=n_clip + 1, min_keep=n_radial + 5, floor=1e-9, inclusive=False
+    )
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
     model = PRFModel(
@@ -625,7 +575,7 @@ def source_flux(
     data_err,
     prior_flux,
     *,
-    prior_width=1.0,
+    prior_width,
     background=None,
     background_prior=None,
     background_prior_sigma=1e4,
@@ -658,7 +608,7 @@ def source_flux(
     bmu = np.zeros(nb) if background_prior is None else np.broadcast_to(np.asarray(background_prior, float), (nb,))
     mu = np.concatenate([pf, bmu])
     ps = np.concatenate([psig, np.full(nb, background_prior_sigma)])
-    w, N = _wls(A, d[m], e[m], mu, ps)
+    w, N = wls(A, d[m], sigma=e[m], prior_mu=mu, prior_sigma=ps, method="sparse", return_normal=True)
     flux, bkg = w[:nsrc], w[nsrc:]
     if not return_errors:
         return flux, bkg
@@ -672,7 +622,29 @@ def source_flux(
 
 def prf_params(params: dict | None) -> dict:
     """The lfd.prf settings: defaults overridden by ``params``."""
-    return merge_settings(PRF_DEFAULTS, params, "lfd.prf", ValueError)
+    return merge_settings(schema_defaults("lfd.prf"), params, "lfd.prf", ValueError)
+
+
+#: the ``lfd.prf`` settings that are keyword arguments of :func:`fit_prf_shape` (same names)
+_SHAPE_KEYS = (
+    "n_phi_knots",
+    "inner_radius",
+    "degree",
+    "prior_sigma",
+    "log_error_floor",
+    "sigma_clip",
+    "smooth_sigma",
+    "offset_prior_sigma",
+    "tail",
+    "core_degree",
+    "core_radius",
+    "core_prior_sigma",
+)
+
+
+def shape_settings(p: dict) -> dict:
+    """The keyword arguments of :func:`fit_prf_shape` taken from ``lfd.prf`` settings ``p`` (see :func:`prf_params`)."""
+    return {k: p[k] for k in _SHAPE_KEYS}
 
 
 def _contamination_radius(edge: EdgeModel, flux) -> np.ndarray:
@@ -681,6 +653,117 @@ def _contamination_radius(edge: EdgeModel, flux) -> np.ndarray:
     rad = edge.radius(np.where(flux > 0, flux, 0.0))
     peak = edge.flux(np.zeros_like(flux), np.where(flux > 0, flux, 1e-30))
     return np.where((flux > 0) & (peak >= edge.threshold), rad, 0.0)
+
+
+@dataclass
+class _MeanScene:
+    """The mean-frame scene of one §4.4 pass, read by the next pass: the PRF ``model``, its scene matrix
+    ``S`` over the active sources ``idx``, their fitted fluxes ``flux`` and the model image ``image`` (= S @ flux)."""
+
+    model: PRFModel
+    S: sp.csr_matrix
+    flux: np.ndarray
+    idx: np.ndarray
+    image: np.ndarray
+
+
+def _initial_background(edge: EdgeModel, Bk, pc, pr) -> np.ndarray:
+    """Starting sky coefficients over ``Bk``: the edge step's sky surface (common terms copied, or
+    refitted when its design differs), else its constant level."""
+    nb = Bk.shape[1]
+    bkg = np.zeros(nb)
+    if not nb:
+        return bkg
+    ec = edge.background_coefficients
+    if ec is not None and len(ec) and edge.background_order >= 0:
+        # the edge step's sky surface, on the same (column, row) scaling: copy the common terms
+        m = min(nb, len(ec))
+        same = background_design(pc, pr, int(edge.background_order))
+        if same.shape[1] == len(ec):
+            bkg = wls(Bk, same @ np.asarray(ec, float), method="lstsq")
+        else:
+            bkg[:m] = np.asarray(ec, float)[:m]
+    else:
+        bkg[0] = edge.background
+    return bkg
+
+
+def _shape_owners(edge: EdgeModel, F, active, sc, sr, pc, pr, prev: _MeanScene | None, shape_purity: float):
+    """Pixels that serve the shape fit and the one source each belongs to: ``(mask, owner)``.
+
+    The §4.2 criterion with the current fluxes (inside the edge radius of exactly one source); with a
+    previous scene and ``shape_purity`` < 1 also the pixels where one source gives >= shape_purity of
+    the modelled source light (the rest, the neighbours' light, is subtracted by :func:`_shape_data`).
+    The §4.2 criterion alone keeps only ~500 of 4096 pixels of a crowded TESS cutout, too few to pin
+    the core of a ~200-weight shape model.
+    """
+    crad = np.where(active, _contamination_radius(edge, F), 0.0)
+    has = crad > 0
+    mask, owner_sub = uncontaminated_pixels(sc[has], sr[has], pc, pr, crad[has])
+    owner = np.where(owner_sub >= 0, np.flatnonzero(has)[np.clip(owner_sub, 0, None)], -1)
+    if prev is not None and shape_purity < 1:
+        own_sub, purity = dominant_source(prev.S, np.clip(prev.flux, 0, None))
+        dom = (purity >= shape_purity) & (own_sub >= 0)
+        owner = np.where(dom, prev.idx[np.clip(own_sub, 0, None)], owner)
+        mask = mask | dom
+    return mask, owner
+
+
+def _shape_data(edge: EdgeModel, pixels, owner, F, active, sc, sr, pc, pr, mean_flux, bkg_pix, prev, p):
+    """The shape-fit data of the selected ``pixels``: ``(pix, source, dx, dy, flux)`` with flux the mean
+    frame minus the sky and (``subtract_neighbours``) minus the other sources' light; with a previous
+    scene, pixels where the source's predicted flux is below ``noise_floor`` are dropped (§4.4)."""
+    pix = pixels
+    s = owner[pix]
+    dx = pc[pix] - sc[s]
+    dy = pr[pix] - sr[s]
+    fsub = mean_flux[pix] - bkg_pix[pix]
+    if p["subtract_neighbours"]:
+        # light of the other sources (each below the threshold here, but they add up in crowded
+        # fields): the current scene minus the owner's own part; the edge model before any PRF
+        if prev is None:
+            o_src, o_pix, o_dx, o_dy = source_pixel_pairs(sc[active], sr[active], pc, pr, edge.max_radius)
+            o_src = np.flatnonzero(active)[o_src]
+            o_val = edge.flux(np.hypot(o_dx, o_dy), F[o_src])
+            scene_all = np.bincount(o_pix, weights=o_val, minlength=pc.size)
+            own = edge.flux(np.hypot(dx, dy), F[s])
+        else:
+            scene_all = prev.image
+            own = prev.model.evaluate(dx, dy) * F[s]
+        fsub = fsub - np.clip(scene_all[pix] - own, 0.0, None)
+    if prev is not None:  # §4.4: drop pixels where the source's predicted flux is below the noise floor
+        ok = prev.model.evaluate(dx, dy) * F[s] >= p["noise_floor"]
+        pix, s, dx, dy, fsub = pix[ok], s[ok], dx[ok], dy[ok], fsub[ok]
+    return pix, s, dx, dy, fsub
+
+
+def _refit_fluxes(model: PRFModel, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p):
+    """Refit the source fluxes on the mean frame (all pixels, contaminated included; §4.4), dropping
+    significantly negative sources from ``active`` (in place) and refitting until none is left.
+    Returns ``(idx, S, flux, background coefficients, flux errors)`` of the active sources ``idx``."""
+    nb = Bk.shape[1]
+    for _ in range(10):
+        idx = np.flatnonzero(active)
+        S = scene_matrix(model, sc[idx], sr[idx], pc, pr)
+        flux, b, err = source_flux(
+            S,
+            mean_flux,
+            mean_err,
+            F0[idx],
+            prior_width=p["flux_prior_width"],
+            background=Bk,
+            background_prior=bkg if nb else None,
+            pixel_mask=fit_pix,
+            return_errors=True,
+        )
+        # §4.4 drops sources whose flux goes negative; only a *significantly* negative flux
+        # (below -drop_sigma x its error) says there is no such source - faint stars next to
+        # bright ones scatter around zero and belong in the model
+        neg = flux < -float(p["drop_sigma"]) * np.where(np.isfinite(err), err, 0.0)
+        if not neg.any():
+            break
+        active[idx[neg]] = False  # §4.4: no source there (catalog or model wrong)
+    return idx, S, flux, b, err
 
 
 def fit_prf_model(
@@ -697,6 +780,10 @@ def fit_prf_model(
     source_id=None,
 ):
     """The iterative §4.3-4.4 fit of the PRF shape and the mean-frame source fluxes.
+
+    Each pass: the shape pixels with the current fluxes (:func:`_shape_owners`, :func:`_shape_data`),
+    the shape fit (:func:`fit_prf_shape`), the source fluxes and sky on the mean frame
+    (:func:`_refit_fluxes`); the pass's scene (:class:`_MeanScene`) feeds the next.
 
     Returns ``(model, diagnostics)``: ``model`` a :class:`PRFModel` carrying ``source_flux`` /
     ``source_flux_err`` (NaN for sources removed because their flux went negative) and the
@@ -717,19 +804,7 @@ def fit_prf_model(
     )
     Bk = background_design(pc, pr, int(p["background_order"]))
     nb = Bk.shape[1]
-    bkg = np.zeros(nb)
-    if nb:
-        ec = edge.background_coefficients
-        if ec is not None and len(ec) and edge.background_order >= 0:
-            # the edge step's sky surface, on the same (column, row) scaling: copy the common terms
-            m = min(nb, len(ec))
-            same = background_design(pc, pr, int(edge.background_order))
-            if same.shape[1] == len(ec):
-                bkg = np.linalg.lstsq(Bk, same @ np.asarray(ec, float), rcond=None)[0]
-            else:
-                bkg[:m] = np.asarray(ec, float)[:m]
-        else:
-            bkg[0] = edge.background
+    bkg = _initial_background(edge, Bk, pc, pr)
     bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
     sky_err = p["sky_error"]
     if sky_err is None:
@@ -739,48 +814,12 @@ def fit_prf_model(
     Ferr = np.full(nsrc, np.nan)
     fit_pix = np.isfinite(mean_flux)
     history = []
-    model = None
-    diag = {}
-    # the scene of the previous iteration (set at the end of each pass; read only once ``model`` exists)
-    S = flux = idx = scene = None
+    prev = None  # the scene of the previous pass (none before the first PRF fit)
     for it in range(max(int(p["n_iter"]), 1)):
         # --- uncontaminated pixels with the current fluxes (§4.2, updated in §4.4)
-        crad = np.where(active, _contamination_radius(edge, F), 0.0)
-        has = crad > 0
-        mask, owner_sub = uncontaminated_pixels(sc[has], sr[has], pc, pr, crad[has])
-        owner = np.where(owner_sub >= 0, np.flatnonzero(has)[np.clip(owner_sub, 0, None)], -1)
-        if model is not None and p["shape_purity"] < 1:
-            # with a PRF model and fluxes (§4.4 iteration), a pixel also serves the shape fit when
-            # one source gives >= shape_purity of its modelled source light; the rest is the
-            # neighbours' light, subtracted below. The §4.2 criterion alone (no other source within
-            # its edge radius) keeps only ~500 of 4096 pixels of a crowded TESS cutout, too few to
-            # pin the core of a ~200-weight shape model.
-
-            own_sub, purity = dominant_source(S, np.clip(flux, 0, None))
-            dom = (purity >= p["shape_purity"]) & (own_sub >= 0)
-            owner = np.where(dom, idx[np.clip(own_sub, 0, None)], owner)
-            mask = mask | dom
-        pix = np.flatnonzero(mask & fit_pix & (owner >= 0))
-        s = owner[pix]
-        dx = pc[pix] - sc[s]
-        dy = pr[pix] - sr[s]
-        fsub = mean_flux[pix] - bkg_pix[pix]
-        if p["subtract_neighbours"]:
-            # light of the other sources (each below the threshold here, but they add up in crowded
-            # fields): the current scene minus the owner's own part; the edge model before any PRF
-            if model is None:
-                o_src, o_pix, o_dx, o_dy = source_pixel_pairs(sc[active], sr[active], pc, pr, edge.max_radius)
-                o_src = np.flatnonzero(active)[o_src]
-                o_val = edge.flux(np.hypot(o_dx, o_dy), F[o_src])
-                scene_all = np.bincount(o_pix, weights=o_val, minlength=pc.size)
-                own = edge.flux(np.hypot(dx, dy), F[s])
-            else:
-                scene_all = scene
-                own = model.evaluate(dx, dy) * F[s]
-            fsub = fsub - np.clip(scene_all[pix] - own, 0.0, None)
-        if model is not None:  # §4.4: drop pixels where the source's predicted flux is below the noise floor
-            ok = model.evaluate(dx, dy) * F[s] >= p["noise_floor"]
-            pix, s, dx, dy, fsub = pix[ok], s[ok], dx[ok], dy[ok], fsub[ok]
+        mask, owner = _shape_owners(edge, F, active, sc, sr, pc, pr, prev, p["shape_purity"])
+        pixels = np.flatnonzero(mask & fit_pix & (owner >= 0))
+        pix, s, dx, dy, fsub = _shape_data(edge, pixels, owner, F, active, sc, sr, pc, pr, mean_flux, bkg_pix, prev, p)
         # error of a shape pixel: its mean-frame noise plus the sky-model uncertainty (the edge step's
         # sky scatter: unresolved stars, sky structure), which dominates in the faint wings
         e_shape = np.sqrt(mean_err[pix] ** 2 + sky_err**2)
@@ -791,21 +830,10 @@ def fit_prf_model(
             e_shape,
             F[s],
             r_knots=r_knots,
-            n_phi_knots=p["n_phi_knots"],
-            inner_radius=p["inner_radius"],
-            degree=p["degree"],
             r_max=p["r_max"],
-            prior_sigma=p["prior_sigma"],
-            log_error_floor=p["log_error_floor"],
-            sigma_clip=p["sigma_clip"],
             return_mask=True,
-            smooth_sigma=p["smooth_sigma"],
             source_index=s if p["source_offsets"] else None,
-            offset_prior_sigma=p["offset_prior_sigma"],
-            tail=p["tail"],
-            core_degree=p["core_degree"],
-            core_radius=p["core_radius"],
-            core_prior_sigma=p["core_prior_sigma"],
+            **shape_settings(p),
         )
         diag = {
             "dx": dx,
@@ -816,35 +844,16 @@ def fit_prf_model(
             "source_flux": F[s],
         }
         # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
-        for _ in range(10):
-            idx = np.flatnonzero(active)
-            S = scene_matrix(model, sc[idx], sr[idx], pc, pr)
-            flux, b, err = source_flux(
-                S,
-                mean_flux,
-                mean_err,
-                F0[idx],
-                prior_width=p["flux_prior_width"],
-                background=Bk,
-                background_prior=bkg if nb else None,
-                pixel_mask=fit_pix,
-                return_errors=True,
-            )
-            # §4.4 drops sources whose flux goes negative; only a *significantly* negative flux
-            # (below -drop_sigma x its error) says there is no such source - faint stars next to
-            # bright ones scatter around zero and belong in the model
-            neg = flux < -float(p["drop_sigma"]) * np.where(np.isfinite(err), err, 0.0)
-            if not neg.any():
-                break
-            active[idx[neg]] = False  # §4.4: no source there (catalog or model wrong)
+        idx, S, flux, bkg, err = _refit_fluxes(
+            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p
+        )
         F = np.zeros(nsrc)
         F[idx] = flux
         Ferr[:] = np.nan
         Ferr[idx] = err
-        bkg = b
         bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
-        scene = S @ flux
-        n_signal = int((np.isfinite(mean_flux) & (scene >= p["noise_floor"])).sum())
+        prev = _MeanScene(model, S, flux, idx, S @ flux)
+        n_signal = int((np.isfinite(mean_flux) & (prev.image >= p["noise_floor"])).sum())
         history.append(
             {
                 "iteration": it,
