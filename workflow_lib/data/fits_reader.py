@@ -294,20 +294,12 @@ def read_fits_cube(path) -> xr.Dataset:
         hdul.close()
 
 
-def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
-    primary = hdul[0].header
-    theader = table.header
-    mission = _mission(primary, path)
-    _check_time_system([theader, primary], mission, path)
-    names = [n.upper() for n in table.columns.names]
-    for need in ("TIME", "FLUX", "FLUX_ERR", "QUALITY"):
-        if need not in names:
-            raise CubeError(f"{path}: pixel table {table.name} has no {need} column")
-    data = table.data
+def _tpf_arrays(data, names: list[str], ap_hdu, primary, theader, path: Path) -> dict:
+    """TIME, FLUX, FLUX_ERR, FLUX_BKG (or None), QUALITY and cadence numbers of a pixel table, the images
+    shaped (time, row, column) (with the APERTURE image's shape when the table has no TDIM)."""
     time = np.asarray(data["TIME"], dtype=np.float64)
     flux = np.asarray(data["FLUX"], dtype=np.float32)
     flux_err = np.asarray(data["FLUX_ERR"], dtype=np.float32)
-    ap_hdu = _find_hdu(hdul, "APERTURE")
     if flux.ndim == 2:  # no TDIM: (time, npix); reshape with the APERTURE image
         if ap_hdu is None or ap_hdu.data is None or ap_hdu.data.size != flux.shape[1]:
             raise CubeError(f"{path}: FLUX column has no image shape (TDIM) and no matching APERTURE image")
@@ -316,7 +308,7 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
         flux_err = flux_err.reshape(-1, *shape)
     if flux.ndim != 3 or flux.shape[0] != time.size:
         raise CubeError(f"{path}: FLUX column has shape {flux.shape}; expected (time, row, column)")
-    nt, nrow, ncol = flux.shape
+    nt = flux.shape[0]
     flux_err = flux_err.reshape(flux.shape)
     background = None
     if "FLUX_BKG" in names:
@@ -329,56 +321,53 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
         base = _int_or_none(_kw([primary, theader], "FFIINDEX")) or 0
         log.info("%s: CADENCENO missing or not increasing; numbering the %d frames from %d", path, nt, base)
         cadenceno = base + np.arange(nt, dtype=np.int64)
+    return dict(time=time, flux=flux, flux_err=flux_err, background=background, quality=quality, cadenceno=cadenceno)
 
-    # CCD coordinates of the first pixel: physical WCS of the FLUX image column, or of APERTURE
-    fcol = names.index("FLUX") + 1
+
+def _tpf_ccd_position(theader, fcol: int, ap_header, table_name: str, nrow: int, ncol: int, path: Path):
+    """CCD (row, column) of every stamp pixel: physical WCS of the FLUX image column, or of APERTURE."""
     col0 = _int_or_none(_kw([theader], f"1CRV{fcol}P"))
     row0 = _int_or_none(_kw([theader], f"2CRV{fcol}P"))
-    ap_header = ap_hdu.header if ap_hdu is not None else None
     if (col0 is None or row0 is None) and ap_header is not None:
         col0 = _int_or_none(_kw([ap_header], "CRVAL1P"))
         row0 = _int_or_none(_kw([ap_header], "CRVAL2P"))
     if col0 is None or row0 is None:
         raise CubeError(
             f"{path}: no CCD position of the stamp (neither 1CRV{fcol}P/2CRV{fcol}P "
-            f"in {table.name} nor CRVAL1P/CRVAL2P in APERTURE)"
+            f"in {table_name} nor CRVAL1P/CRVAL2P in APERTURE)"
         )
     # the physical WCS reference pixel is 1 (FITS) = index 0 in every product we know of
     crpix_c = _float_or_none(_kw([theader], f"1CRP{fcol}P")) or 1.0
     crpix_r = _float_or_none(_kw([theader], f"2CRP{fcol}P")) or 1.0
     column = col0 + np.arange(ncol) - (int(round(crpix_c)) - 1)
     row = row0 + np.arange(nrow) - (int(round(crpix_r)) - 1)
+    return row, column
 
-    # celestial WCS of the stamp: APERTURE image header, else the FLUX column keywords
-    wcs = _celestial_wcs_string(ap_header, path)
-    if not wcs:
-        wcs = _celestial_wcs_string(_wcs_from_table_keywords(theader, fcol), path)
-    if not wcs:
-        log.warning("%s: no celestial WCS found; attrs['wcs'] is empty", path)
 
-    # pipeline aperture bits
+def _tpf_aperture(ap_hdu, nrow: int, ncol: int, path: Path):
+    """The pipeline aperture bits (zeros when the file has no APERTURE image)."""
     if ap_hdu is not None and ap_hdu.data is not None:
         aperture = np.asarray(ap_hdu.data, dtype=np.int32)
         if aperture.shape != (nrow, ncol):
             raise CubeError(f"{path}: APERTURE image has shape {aperture.shape}, pixels are {(nrow, ncol)}")
-    else:
-        aperture = np.zeros((nrow, ncol), dtype=np.int32)
+        return aperture
+    return np.zeros((nrow, ncol), dtype=np.int32)
 
-    good = np.isfinite(time)
+
+def _drop_nan_times(arrays: dict, path: Path) -> dict:
+    """``arrays`` without the cadences whose time stamp is NaN (logged); an error when none is left."""
+    good = np.isfinite(arrays["time"])
+    nt = good.size
     if not good.any():
         raise CubeError(f"{path}: every cadence has a NaN time stamp; no usable data")
-    if not good.all():
-        log.info("%s: dropping %d of %d cadences with NaN time", path, int((~good).sum()), nt)
-        flux, flux_err, time, cadenceno, quality = (
-            flux[good],
-            flux_err[good],
-            time[good],
-            cadenceno[good],
-            quality[good],
-        )
-        if background is not None:
-            background = background[good]
+    if good.all():
+        return arrays
+    log.info("%s: dropping %d of %d cadences with NaN time", path, int((~good).sum()), nt)
+    return {k: (v[good] if v is not None else None) for k, v in arrays.items()}
 
+
+def _tpf_attrs(primary, theader, table, mission: str, aperture, path: Path) -> dict:
+    """Cube attrs of a pixel-table product: source file, product kind, mission and target keywords."""
     product = {"TESS": "spoc_tpf", "Kepler": "kepler_tpf", "K2": "k2_tpf"}[mission]
     if (
         str(_kw([primary], "CREATOR", "")).lower().startswith("astrocut")
@@ -395,18 +384,46 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
     if procver is not None:
         attrs["procver"] = str(procver)
     attrs["aperture_npix"] = int(((aperture & 2) > 0).sum())
+    return attrs
 
+
+def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
+    primary = hdul[0].header
+    theader = table.header
+    mission = _mission(primary, path)
+    _check_time_system([theader, primary], mission, path)
+    names = [n.upper() for n in table.columns.names]
+    for need in ("TIME", "FLUX", "FLUX_ERR", "QUALITY"):
+        if need not in names:
+            raise CubeError(f"{path}: pixel table {table.name} has no {need} column")
+    ap_hdu = _find_hdu(hdul, "APERTURE")
+    ap_header = ap_hdu.header if ap_hdu is not None else None
+    arrays = _tpf_arrays(table.data, names, ap_hdu, primary, theader, path)
+    nrow, ncol = arrays["flux"].shape[1:]
+    fcol = names.index("FLUX") + 1
+    row, column = _tpf_ccd_position(theader, fcol, ap_header, table.name, nrow, ncol, path)
+
+    # celestial WCS of the stamp: APERTURE image header, else the FLUX column keywords
+    wcs = _celestial_wcs_string(ap_header, path)
+    if not wcs:
+        wcs = _celestial_wcs_string(_wcs_from_table_keywords(theader, fcol), path)
+    if not wcs:
+        log.warning("%s: no celestial WCS found; attrs['wcs'] is empty", path)
+
+    aperture = _tpf_aperture(ap_hdu, nrow, ncol, path)
+    arrays = _drop_nan_times(arrays, path)
+    attrs = _tpf_attrs(primary, theader, table, mission, aperture, path)
     ds = make_cube(
-        flux,
-        flux_err,
-        quality,
-        time,
-        cadenceno,
+        arrays["flux"],
+        arrays["flux_err"],
+        arrays["quality"],
+        arrays["time"],
+        arrays["cadenceno"],
         row,
         column,
         mission=mission,
         wcs_header=wcs,
-        background=background,
+        background=arrays["background"],
         attrs=attrs,
     )
     ds["aperture"] = (
@@ -417,6 +434,7 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
             "flag_meanings": "1=collected 2=optimal_aperture 4=background 8=flux_weighted_centroid",
         },
     )
+    product = attrs["product"]
     log.info("%s: %s %s, %d cadences x %d x %d pixels", path, mission, product, ds.sizes["time"], nrow, ncol)
     return ds
 
