@@ -431,32 +431,36 @@ def download_kepler_tpfs(
     missing = np.array([not (p.is_file() and p.stat().st_size > 0) for p in wanted], dtype=bool)
     log.info("%d TPFs of %s selected; %d already in the cache", len(sel), what, int((~missing).sum()))
     if missing.any():
-        todo = sel[missing]
-        # download into a private directory, then move complete files into the cache
-        work = tpf_dir / f".download-{uuid.uuid4().hex[:8]}"
-
-        def _download():
-            return _in_fresh_dir(
-                work,
-                lambda: client.download_products(todo, download_dir=str(work), flat=True, cache=False, verbose=False),
-            )
-
-        try:
-            manifest = with_retries(_download, f"downloading {len(todo)} TPF(s)", retries=retries, backoff_s=backoff_s)
-            failed = [
-                (str(p), str(m))
-                for p, s, m in zip(manifest["Local Path"], manifest["Status"], manifest["Message"])
-                if s != "COMPLETE"
-            ]
-            if failed:
-                raise MastError("MAST download failed for: " + "; ".join(f"{p} ({m})" for p, m in failed))
-            for p in manifest["Local Path"]:
-                os.replace(p, tpf_dir / Path(str(p)).name)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        _download_products(client, sel[missing], tpf_dir, retries=retries, backoff_s=backoff_s)
     for p in wanted:
         _check_file(p)
     return wanted
+
+
+def _download_products(client, todo, tpf_dir: Path, *, retries: int, backoff_s: float) -> None:
+    """Download the MAST products ``todo`` into a private directory, then move the complete files into
+    ``tpf_dir`` (a failed file is an error naming it)."""
+    work = tpf_dir / f".download-{uuid.uuid4().hex[:8]}"
+
+    def _download():
+        return _in_fresh_dir(
+            work,
+            lambda: client.download_products(todo, download_dir=str(work), flat=True, cache=False, verbose=False),
+        )
+
+    try:
+        manifest = with_retries(_download, f"downloading {len(todo)} TPF(s)", retries=retries, backoff_s=backoff_s)
+        failed = [
+            (str(p), str(m))
+            for p, s, m in zip(manifest["Local Path"], manifest["Status"], manifest["Message"])
+            if s != "COMPLETE"
+        ]
+        if failed:
+            raise MastError("MAST download failed for: " + "; ".join(f"{p} ({m})" for p, m in failed))
+        for p in manifest["Local Path"]:
+            os.replace(p, tpf_dir / Path(str(p)).name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _same_channel(files: list[Path]) -> list[Path]:
