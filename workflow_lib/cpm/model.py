@@ -409,12 +409,7 @@ def cpm_detrend_pixels(
     sec = section_index(n, k)
     T = poly_basis(prep.time, params.poly_degree)
     targets = np.flatnonzero(prep.valid)
-    # section-padded layout: sections one after the other, each padded to n_max with zeros
-    real = sec.ravel() < n  # the real entries are 0..n-1 in order (contiguous sections)
-    ystarT = np.zeros((npix, sec.size))
-    ystarT[:, real] = prep.ystar.T
-    Tt = np.zeros((T.shape[1], sec.size))
-    Tt[:, real] = T.T
+    real, ystarT, Tt = _padded_layout(prep.ystar, T, sec)
     use_gram = npix <= params.gram_max_pixels
     gram = gramT = None
     TT = T.T @ T
@@ -423,15 +418,7 @@ def cpm_detrend_pixels(
         gramT = prep.ystar.T @ T
     preds, counts = select_predictors(rows, cols, prep.median, prep.valid, targets, params, ystar=prep.ystar, gram=gram)
     prep.ystar = None  # the padded transposed copy is all the solver needs
-    short = counts < params.n_predictors
-    if short.any():
-        msg = (
-            f"{name}: {int(short.sum())} of {targets.size} pixels have fewer than L={params.n_predictors} candidate "
-            f"predictors outside the {params.exclusion_size}x{params.exclusion_size} exclusion square "
-            f"(min {int(counts.min())}); using all available candidates for them"
-        )
-        log.warning(msg)
-        warnings.warn(msg, CPMWarning, stacklevel=2)
+    _warn_few_predictors(counts, targets.size, params, name)
     log.info(
         "CPM: %d pixels, %d cadences kept of %d, k=%d sections, L=%d, lambda_L=%g, lambda_P=%g, poly=%d, %s",
         targets.size,
@@ -459,11 +446,53 @@ def cpm_detrend_pixels(
         m_sys[:, targets[c]] = s_[real]
         m_poly[:, targets[c]] = p_[real]
     del results
+    out = _detrended_flux(flux, prep, m_sys, m_poly, params.remove_poly)
+    bg = np.full(ntime, np.nan)
+    bg[prep.keep] = prep.background
+    npred = np.zeros(npix, dtype=np.int64)
+    npred[targets] = counts
+    out.update(
+        keep=prep.keep, background=bg, n_predictors=npred, k=k, valid=prep.valid, median=prep.median, scale=prep.scale
+    )
+    return out
+
+
+def _padded_layout(ystar, T, sec):
+    """Section-padded layout: sections one after the other, each padded to the longest with zeros.
+
+    Returns ``real`` (mask of the real entries, 0..n-1 in order: sections are contiguous), ``ystarT``
+    (pixel, padded time) and ``Tt`` (polynomial term, padded time)."""
+    n, npix = ystar.shape
+    real = sec.ravel() < n
+    ystarT = np.zeros((npix, sec.size))
+    ystarT[:, real] = ystar.T
+    Tt = np.zeros((T.shape[1], sec.size))
+    Tt[:, real] = T.T
+    return real, ystarT, Tt
+
+
+def _warn_few_predictors(counts, n_targets: int, params: CPMParams, name: str) -> None:
+    """Warn (log and :class:`CPMWarning`) when pixels have fewer than L candidate predictors."""
+    short = counts < params.n_predictors
+    if short.any():
+        msg = (
+            f"{name}: {int(short.sum())} of {n_targets} pixels have fewer than L={params.n_predictors} candidate "
+            f"predictors outside the {params.exclusion_size}x{params.exclusion_size} exclusion square "
+            f"(min {int(counts.min())}); using all available candidates for them"
+        )
+        log.warning(msg)
+        warnings.warn(msg, CPMWarning, stacklevel=3)
+
+
+def _detrended_flux(flux, prep: Prepared, m_sys, m_poly, remove_poly: bool) -> dict:
+    """``flux``, ``systematics``, ``polynomial`` (e-/s, all cadences, NaN where dropped) from the
+    normalised held-out predictions ``m_sys``, ``m_poly`` at the kept cadences (overwritten)."""
+    ntime, npix = flux.shape
     sys_flux = np.multiply(m_sys, prep.scale, out=m_sys)
     poly_flux = np.multiply(m_poly, prep.scale, out=m_poly)
     fk = flux[prep.keep] - prep.background[:, None]
     det = fk - sys_flux
-    if params.remove_poly:
+    if remove_poly:
         det = det - poly_flux
     det[~prep.finite] = np.nan
     det[:, ~prep.valid] = np.nan
@@ -472,13 +501,6 @@ def cpm_detrend_pixels(
         full = np.full((ntime, npix), np.nan)
         full[prep.keep] = arr
         out[key] = full
-    bg = np.full(ntime, np.nan)
-    bg[prep.keep] = prep.background
-    npred = np.zeros(npix, dtype=np.int64)
-    npred[targets] = counts
-    out.update(
-        keep=prep.keep, background=bg, n_predictors=npred, k=k, valid=prep.valid, median=prep.median, scale=prep.scale
-    )
     return out
 
 
@@ -563,13 +585,7 @@ def cpm_detrend_cube(
     return out
 
 
-# ------------------------------------------------------------------------- apertures
-
-
-# ------------------------------------------------------------------------- multi-sector stitching
-
-
-# ------------------------------------------------------------------------- pipeline steps
+# ------------------------------------------------------------------------- parameter sets
 
 
 def paramset_params(config: dict, paramset: str) -> CPMParams:
