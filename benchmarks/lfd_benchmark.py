@@ -6,7 +6,7 @@
     python benchmarks/lfd_benchmark.py --seeds 1 2     # both fields of the default run (synth_a, synth_b) + summary
 
 Accuracy targets are checked against ``truth`` (docs/DATA_MODEL.md). The scene is built from
-the true TESS PRF (``workflow_lib.tess_prf``, at the field centre) at the crossmatched catalog
+the true TESS PRF (``workflow_lib.data.tess_prf``, at the field centre) at the crossmatched catalog
 positions, so the numbers measure the motion model and the solve of this part, not the PRF fit of
 part 1 (the pipeline's own light curves are in results/<run>/<field>/lfd/lightcurves.zarr). The
 FFI scale test times the solve only (data without motion, solved with a +-2 % motion model so the

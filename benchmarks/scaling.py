@@ -4,7 +4,7 @@
     python benchmarks/scaling.py --quick            # 3 tiny sizes, a smoke test (~1 min)
     python benchmarks/scaling.py --pixels 32 64 128 --cadences 500 1300 4000 --json out.json
 
-For each size a synthetic TESS cutout (``workflow_lib.synthetic``: n_rows = n_cols = side, n_cadences,
+For each size a synthetic TESS cutout (``workflow_lib.data.synthetic``: n_rows = n_cols = side, n_cadences,
 30-min cadence, fixed star density, so the number of sources grows with the pixels) goes through the
 pipeline's step functions, called directly on files in a temporary directory, one stage per child
 process so that each stage's peak memory (``ru_maxrss`` of that process, from ``os.wait4``) is its own:

@@ -1,6 +1,6 @@
 """Render config/schema.yaml as a Markdown reference (docs/CONFIG.md): every key, type, default, meaning.
 
-    python -m workflow_lib.configdoc > docs/CONFIG.md
+    python -m workflow_lib.core.configdoc > docs/CONFIG.md
 
 tests/test_config.py checks that docs/CONFIG.md is up to date with the schema.
 """

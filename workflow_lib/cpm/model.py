@@ -506,7 +506,7 @@ def _detrended_flux(flux, prep: Prepared, m_sys, m_poly, remove_poly: bool) -> d
 
 def _run_chunks(chunk_args, shared, *, threads=1, scheduler=None):
     """Run ``_detrend_chunk`` over chunks of target pixels in the compute context of
-    :mod:`workflow_lib.parallel`: the threaded scheduler with ``threads`` workers (one BLAS thread
+    :mod:`workflow_lib.core.parallel`: the threaded scheduler with ``threads`` workers (one BLAS thread
     each), or the dask.distributed scheduler ``scheduler`` (``local:N``, an address, ...), to which
     the arrays every chunk shares are sent once."""
 

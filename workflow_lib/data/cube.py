@@ -25,7 +25,7 @@ Attributes (``ds.attrs``): ``mission`` (TESS/Kepler/K2), ``sector`` / ``quarter`
 ``camera``/``ccd`` or ``channel``, ``wcs`` (a FITS header string; for pixel tables one per stamp in
 ``stamp_wcs``, a JSON list), ``time_system`` ('BTJD'|'BKJD'), ``time_offset`` (JD offset),
 ``time_scale`` ('tdb'), ``flux_unit`` ('electron / s'), ``provenance`` (JSON string, see
-:mod:`workflow_lib.provenance`).
+:mod:`workflow_lib.core.provenance`).
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def write_zarr_regions(
 
     ``compute_region(region) -> xr.Dataset`` returns the split data variables over ``region`` (a dict
     dim -> slice, aligned with the chunks/shards, see :func:`init_zarr_regions`).  Tasks run with the
-    compute context of :mod:`workflow_lib.parallel` (``threads`` / ``scheduler``: e.g. a
+    compute context of :mod:`workflow_lib.core.parallel` (``threads`` / ``scheduler``: e.g. a
     dask.distributed scheduler whose workers share the file system), so many workers, on many nodes,
     fill one cube without locks: no two regions touch one chunk (or shard) file.  The store is built
     in a hidden temporary sibling and renamed to ``path`` when every region is written (atomic, like

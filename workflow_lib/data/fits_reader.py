@@ -1,4 +1,4 @@
-"""Read real mission FITS files into the cube format (:mod:`workflow_lib.cube`).
+"""Read real mission FITS files into the cube format (:mod:`workflow_lib.data.cube`).
 
 Supported inputs
 ----------------

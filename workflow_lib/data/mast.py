@@ -9,7 +9,7 @@
    ``radius_arcmin`` with ``Observations.query_criteria``, keeps the ``*lpd-targ.fits*`` products of
    the requested quarter/campaign (nearest first, at most ``max_tpfs``) and downloads them with
    ``Observations.download_products``,
-3. reads the files with :func:`workflow_lib.fitsio.read_field` and writes the cube atomically.
+3. reads the files with :func:`workflow_lib.data.fits_reader.read_field` and writes the cube atomically.
 
 Downloads land in ``cache_dir``; a request whose files are already there (recorded in a small
 manifest per request) touches no network at all, and TPFs already in the cache are not fetched

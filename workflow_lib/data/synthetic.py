@@ -9,7 +9,7 @@
   wings reach it;
 * TESS-band fluxes: T from G with the Stassun et al. (2019, AJ 158, 138, eq. 1) colour relation
   plus 0.01 mag scatter; 15000 e-/s at T = 10;
-* every star rendered through the **real SPOC PRF** (:mod:`workflow_lib.tess_prf`), interpolated
+* every star rendered through the **real SPOC PRF** (:mod:`workflow_lib.data.tess_prf`), interpolated
   at its CCD position;
 * **systematics**: velocity-aberration drift (quadratic in time, ``drift_px`` in total), pointing
   jitter, pointing excursions at momentum dumps, a scattered-light background that ramps up at

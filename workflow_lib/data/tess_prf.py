@@ -135,7 +135,7 @@ def load_prf_grid(directory: str | Path | None = None) -> PRFGrid:
 def _package_grid() -> PRFGrid:
     if not PACKAGE_FILE.exists():
         raise CubeError(
-            f"{PACKAGE_FILE}: packaged TESS PRF data missing; rebuild with workflow_lib.tess_prf.build_package_data"
+            f"{PACKAGE_FILE}: packaged TESS PRF data missing; rebuild with workflow_lib.data.tess_prf.build_package_data"
         )
     with np.load(PACKAGE_FILE) as z:
         images = z["images"].astype(np.float64)

@@ -373,7 +373,7 @@ class EdgeModel:
 
     ``background`` is the mean sky level [e-/s/px] over the frame; ``background_coefficients``
     the coefficients of the sky surface over :func:`polynomial_background_design` of order
-    ``background_order`` (the same columns as :func:`workflow_lib.prf.background_design` for the
+    ``background_order`` (the same columns as :func:`workflow_lib.lfd.geometry.background_design` for the
     same pixels); ``background_rms`` the robust scatter of the sky pixels about it [e-/s].
     """
 

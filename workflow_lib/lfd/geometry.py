@@ -8,7 +8,7 @@ def polynomial_background_design(pixel_col, pixel_row, order: int) -> np.ndarray
 
     Columns ``u^i v^j`` for ``i + j <= order`` (first column the constant), with ``u``/``v`` the
     pixel column/row minus their mean over the given pixels, divided by half their range.
-    (:func:`workflow_lib.prf.background_design` is this function.)
+    (:func:`workflow_lib.lfd.geometry.background_design` is this function.)
     """
     c = np.asarray(pixel_col, float).ravel()
     r = np.asarray(pixel_row, float).ravel()
@@ -48,7 +48,7 @@ def source_pixel_pairs(source_col, source_row, pixel_col, pixel_row, radius):
 def background_design(pixel_col, pixel_row, order: int) -> np.ndarray:
     """Polynomial sky-background columns in (column, row), centred and scaled to [-1, 1]; (npix, 0) for order < 0.
 
-    The same columns as the edge step's sky surface (:func:`workflow_lib.edge.polynomial_background_design`).
+    The same columns as the edge step's sky surface (:func:`polynomial_background_design`).
     """
     return polynomial_background_design(pixel_col, pixel_row, order)
 

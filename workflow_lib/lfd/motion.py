@@ -48,7 +48,7 @@ out (:func:`fit_shift_correction`) - is added to the analytic basis.
 
 :func:`motion_model` then yields, for each cadence, the factor at every (source, pixel) pair of
 the scene matrix (eq. 24); :func:`motion_factors` gives the same as the low-rank product
-``basis @ time_basis[t]`` used by :mod:`workflow_lib.solve`.
+``basis @ time_basis[t]`` used by :mod:`workflow_lib.lfd.solve`.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def shift_coefficients(prf, dx, dy, degree: int, half_width: float, cov=None) ->
 
     The source moves by (cx, cy), so the pixel's offset from it becomes (dx - cx, dy - cy). The
     polynomial is fitted by least squares to the PRF model (``prf.evaluate(dx, dy)``, e.g. a
-    :class:`workflow_lib.prf.PRFModel`) on a (degree + 3)^2 grid of Chebyshev nodes over
+    :class:`workflow_lib.lfd.prf.PRFModel`) on a (degree + 3)^2 grid of Chebyshev nodes over
     [-half_width, half_width]^2: it is the Taylor expansion ("PRF gradient x offset", plus
     curvature and third-order terms) made uniformly accurate over the range of measured offsets.
 

@@ -268,7 +268,7 @@ def decorrelate_offsets(
     A mean-frame PRF model that is slightly wrong in the core gives fluxes that depend on where
     the star sits on the pixel grid: ``F_t = F (1 + g(c_t))`` with ``c_t`` the common scene
     offset of cadence t (measured by the shift motion model, §4.5). Per source, ``g`` is fitted
-    as a polynomial of total degree ``degree`` in (cx, cy) (:func:`workflow_lib.motion.shift_monomials`
+    as a polynomial of total degree ``degree`` in (cx, cy) (:func:`workflow_lib.lfd.geometry.shift_monomials`
     without the constant) -- the same decorrelation against the pointing that K2 and TESS
     pipelines apply to aperture photometry. The coefficients are estimated from the
     *high-passed* series only (flux and monomials minus their running median over
