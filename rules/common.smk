@@ -1,8 +1,12 @@
-# Helpers shared by every stage: config validation, field bookkeeping, output paths.
+# Helpers shared by every stage: config validation, field bookkeeping, output paths, the step command line.
+#
+# Every rule runs one step with `python -m workflow_lib.steps <step> ...` (workflow_lib/steps/__main__.py,
+# docs/CLI.md) in the conda env envs/pipeline.yaml; settings are passed as JSON (json_arg).
 import json
+import shlex
+
 from snakemake.utils import validate
 
-from workflow_lib.core.logs import logged, run_step
 from workflow_lib.core.settings import SCHEMA_PATH
 
 
@@ -13,6 +17,17 @@ validate(config, schema=str(SCHEMA_PATH))
 
 RESULTS = f"results/{config['run']}"
 FIELDS = list(config["fields"])
+
+
+def _cpm_paramsets():
+    """CPM parameter sets (workflow_lib.cpm.model.paramset_names: 'default' + one per sweep_lambda_L)."""
+    from workflow_lib.cpm.model import paramset_names
+
+    return list(paramset_names(config["cpm"]))
+
+
+CPM_PARAMSETS = _cpm_paramsets()
+CPM_STITCH = dict(config["cpm"].get("stitch", {}))
 
 
 def fields_from(source):
@@ -31,6 +46,22 @@ def field_params(field, section):
     merged = dict(config.get(section, {}))
     merged.update(config["fields"][field].get(section, {}) or {})
     return merged
+
+
+def json_arg(value):
+    """`value` as one shell word of JSON: `--params {params.x}` in a shell command gets it back intact."""
+    return shlex.quote(json.dumps(value))
+
+
+def zarr_store(path):
+    """The file that stands for the zarr store `path` in inputs/outputs: its root `zarr.json`.
+
+    Declaring the store as `directory()` would make Snakemake put a `.snakemake_timestamp` file inside
+    it, which zarr reports as a foreign object; the root metadata is written last (the store is renamed
+    into place whole, workflow_lib.data.cube.write_zarr_atomic) so it marks a complete store. The step
+    command line accepts either form (`--cube cube.zarr` or `--cube cube.zarr/zarr.json`).
+    """
+    return f"{path}/zarr.json"
 
 
 def field_dir(field):
@@ -65,7 +96,10 @@ def cube_gb(input):
     import math
     from pathlib import Path
 
-    meta = Path(str(input.cube)) / "flux" / "zarr.json"
+    store = Path(str(input.cube))
+    if store.name == "zarr.json":
+        store = store.parent
+    meta = store / "flux" / "zarr.json"
     return (
         math.prod(json.loads(meta.read_text())["shape"]) * 4 / 1e9
         if meta.exists()
@@ -73,15 +107,23 @@ def cube_gb(input):
     )
 
 
-def mem_mb(base, per_gb):
-    """mem_mb resource: `base` MB plus `per_gb` GB of memory per GB of cube, times the attempt number."""
+def mem_mb(base, per_gb=0):
+    """mem_mb resource: `base` MB (at least config resources.default_mem_mb) plus `per_gb` GB of memory
+    per GB of cube, times the attempt number."""
+    base = max(base, config["resources"]["default_mem_mb"])
+    if not per_gb:
+        return lambda wildcards, attempt: int(base * attempt)
     return lambda wildcards, input, attempt: int(
         (base + per_gb * 1000 * cube_gb(input)) * attempt
     )
 
 
-def runtime_min(base, per_gb):
-    """runtime resource [min]: `base` plus `per_gb` minutes per GB of cube, times the attempt number."""
+def runtime_min(base, per_gb=0):
+    """runtime resource [min]: `base` (at least config resources.default_runtime) plus `per_gb` minutes
+    per GB of cube, times the attempt number."""
+    base = max(base, config["resources"]["default_runtime"])
+    if not per_gb:
+        return lambda wildcards, attempt: int(base * attempt)
     return lambda wildcards, input, attempt: int(
         (base + per_gb * cube_gb(input)) * attempt
     )
@@ -109,16 +151,16 @@ def lfd_lightcurves_input(wildcards):
     """The LFD light curves of a field, as a declared input (so summaries never race the LFD stage)."""
     if not report_stage_enabled("lfd"):
         return {}
-    return {"lfd": f"{RESULTS}/{wildcards.field}/lfd/lightcurves.zarr"}
+    return {"lfd": zarr_store(f"{RESULTS}/{wildcards.field}/lfd/lightcurves.zarr")}
 
 
 def lfd_outputs():
     """Everything the LFD stage produces for `rule all` (nothing when `lfd.enabled` is false)."""
     if not report_stage_enabled("lfd"):
         return []
-    return expand(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr", field=FIELDS) + expand(
-        f"{RESULTS}/{{field}}/lfd/prf_model.png", field=FIELDS
-    )
+    return expand(
+        zarr_store(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"), field=FIELDS
+    ) + expand(f"{RESULTS}/{{field}}/lfd/prf_model.png", field=FIELDS)
 
 
 def cpm_outputs():
@@ -127,12 +169,12 @@ def cpm_outputs():
         return []
     out = expand(f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv", field=FIELDS)
     out += expand(
-        f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr",
+        zarr_store(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr"),
         field=FIELDS,
         paramset=CPM_PARAMSETS,
     )
     out += expand(
-        f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr",
+        zarr_store(f"{RESULTS}/stitched/{{group}}/cpm/default/lightcurves.zarr"),
         group=list(CPM_STITCH),
     )
     return out
@@ -147,14 +189,8 @@ def report_stage_enabled(stage):
 
 
 def report_cpm_paramsets():
-    """CPM parameter-set names (workflow_lib.cpm.paramset_names: 'default' plus one per
-    cpm.sweep_lambda_L entry); 'default' if that helper is unavailable."""
-    try:
-        from workflow_lib.cpm.model import paramset_names
-
-        return list(paramset_names(config.get("cpm") or {}))
-    except ImportError:
-        return ["default"]
+    """CPM parameter-set names: 'default' plus one per cpm.sweep_lambda_L entry."""
+    return list(CPM_PARAMSETS)
 
 
 def report_cpm_shown():
@@ -168,15 +204,17 @@ def report_cpm_shown():
 def report_field_inputs(wildcards):
     """Cube + catalog always; LFD / CPM light curves only when those stages are enabled."""
     inputs = {
-        "cube": f"{RESULTS}/{wildcards.field}/cube.zarr",
+        "cube": zarr_store(f"{RESULTS}/{wildcards.field}/cube.zarr"),
         "catalog": f"{RESULTS}/{wildcards.field}/catalog.ecsv",
     }
     if report_stage_enabled("lfd"):
-        inputs["lfd"] = REPORT_LFD_LIGHTCURVES.format(
-            results=RESULTS, field=wildcards.field
+        inputs["lfd"] = zarr_store(
+            REPORT_LFD_LIGHTCURVES.format(results=RESULTS, field=wildcards.field)
         )
     if report_stage_enabled("cpm"):
-        inputs["cpm"] = REPORT_CPM_LIGHTCURVES.format(
-            results=RESULTS, field=wildcards.field, paramset=report_cpm_shown()
+        inputs["cpm"] = zarr_store(
+            REPORT_CPM_LIGHTCURVES.format(
+                results=RESULTS, field=wildcards.field, paramset=report_cpm_shown()
+            )
         )
     return inputs

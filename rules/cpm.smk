@@ -5,14 +5,9 @@
 #   results/<run>/<field>/cpm/sweep_summary.ecsv
 #   results/<run>/stitched/<group>/cpm/<paramset>/{lightcurves.zarr, fits/}
 #
-# <paramset> is `default` (the `cpm:` config) or `lambda_L_<value>` (one per cpm.sweep_lambda_L entry).
-from workflow_lib.steps.cpm import run_cpm_detrend
-from workflow_lib.steps.cpm import run_cpm_stitch
-from workflow_lib.steps.cpm import sweep_summary
-from workflow_lib.cpm.model import paramset_names
-
-CPM_PARAMSETS = paramset_names(config["cpm"])
-CPM_STITCH = dict(config["cpm"].get("stitch", {}))
+# <paramset> is `default` (the `cpm:` config) or `lambda_L_<value>` (one per cpm.sweep_lambda_L entry);
+# CPM_PARAMSETS and CPM_STITCH are set in rules/common.smk. Each rule runs
+# `python -m workflow_lib.steps <step>` (docs/CLI.md).
 
 
 rule cpm_detrend:
@@ -20,12 +15,12 @@ rule cpm_detrend:
     sum catalog/user apertures into CPM and RAW light curves (zarr + lightkurve-readable FITS).
     """
     input:
-        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
     output:
-        detrended=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/detrended.zarr"),
-        lightcurves=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr"),
-        raw_lightcurves=directory(
+        detrended=zarr_store(f"{RESULTS}/{{field}}/cpm/{{paramset}}/detrended.zarr"),
+        lightcurves=zarr_store(f"{RESULTS}/{{field}}/cpm/{{paramset}}/lightcurves.zarr"),
+        raw_lightcurves=zarr_store(
             f"{RESULTS}/{{field}}/cpm/{{paramset}}/raw_lightcurves.zarr"
         ),
         fits=directory(f"{RESULTS}/{{field}}/cpm/{{paramset}}/fits"),
@@ -35,29 +30,25 @@ rule cpm_detrend:
         f"{RESULTS}/benchmarks/cpm_detrend/{{field}}_{{paramset}}.tsv"
     wildcard_constraints:
         paramset=r"default|lambda_L_[0-9.eE+-]+",
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=mem_mb(8000, 12),
         runtime=runtime_min(30, 180),
     params:
-        cpm=config["cpm"],
-        target_aperture=lambda w: config["fields"][w.field].get("target_aperture") or {},
-    run:
-        run_step(
-            log,
-            run_cpm_detrend,
-            input.cube,
-            input.catalog,
-            detrended_path=output.detrended,
-            lightcurves_path=output.lightcurves,
-            raw_lightcurves_path=output.raw_lightcurves,
-            fits_dir=output.fits,
-            config=params.cpm,
-            paramset=wildcards.paramset,
-            target_aperture=params.target_aperture,
-            threads=threads,
-            field=wildcards.field,
-        )
+        cpm=json_arg(config["cpm"]),
+        target_aperture=lambda w: json_arg(
+            config["fields"][w.field].get("target_aperture") or {}
+        ),
+    shell:
+        "python -m workflow_lib.steps cpm-detrend --field {wildcards.field}"
+        " --paramset {wildcards.paramset} --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --detrended {output.detrended:q}"
+        " --lightcurves {output.lightcurves:q}"
+        " --raw-lightcurves {output.raw_lightcurves:q} --fits-dir {output.fits:q}"
+        " --params {params.cpm} --target-aperture {params.target_aperture}"
+        " --threads {threads} --log {log:q}"
 
 
 rule cpm_sweep_summary:
@@ -65,45 +56,46 @@ rule cpm_sweep_summary:
     input:
         unpack(lfd_lightcurves_input),
         cpm=expand(
-            f"{RESULTS}/{{{{field}}}}/cpm/{{paramset}}/lightcurves.zarr",
+            zarr_store(f"{RESULTS}/{{{{field}}}}/cpm/{{paramset}}/lightcurves.zarr"),
             paramset=CPM_PARAMSETS,
         ),
-        raw=f"{RESULTS}/{{field}}/cpm/default/raw_lightcurves.zarr",
+        raw=zarr_store(f"{RESULTS}/{{field}}/cpm/default/raw_lightcurves.zarr"),
     output:
         summary=f"{RESULTS}/{{field}}/cpm/sweep_summary.ecsv",
     log:
         rule_log("cpm_sweep_summary"),
     benchmark:
         rule_benchmark("cpm_sweep_summary")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=mem_mb(1000),
+        runtime=runtime_min(10),
     params:
-        paramsets=CPM_PARAMSETS,
-        lfd=lambda w, input: input.get("lfd"),
-        mag_range=config["cpm"]["summary_mag_range"],
-    run:
-        run_step(
-            log,
-            sweep_summary,
-            dict(zip(params.paramsets, input.cpm)),
-            input.raw,
-            output.summary,
-            lfd_path=params.lfd,
-            mag_range=tuple(params.mag_range),
-        )
+        cpm=lambda w, input: " ".join(
+            shlex.quote(f"{name}={path}")
+            for name, path in zip(CPM_PARAMSETS, input.cpm)
+        ),
+        lfd=lambda w, input: (
+            f"--lfd {shlex.quote(input.lfd)}" if "lfd" in input.keys() else ""
+        ),
+        summary=json_arg({"mag_range": config["cpm"]["summary_mag_range"]}),
+    shell:
+        "python -m workflow_lib.steps cpm-sweep-summary --cpm {params.cpm}"
+        " --raw {input.raw:q} {params.lfd} --out {output.summary:q}"
+        " --params {params.summary} --log {log:q}"
 
 
 rule cpm_stitch:
     """Stitch the CPM light curves of one sky region observed in several sectors (fields) (§4.1)."""
     input:
         lambda w: expand(
-            f"{RESULTS}/{{field}}/cpm/{w.paramset}/lightcurves.zarr",
+            zarr_store(f"{RESULTS}/{{field}}/cpm/{w.paramset}/lightcurves.zarr"),
             field=CPM_STITCH[w.group],
         ),
     output:
-        lightcurves=directory(
+        lightcurves=zarr_store(
             f"{RESULTS}/stitched/{{group}}/cpm/{{paramset}}/lightcurves.zarr"
         ),
         fits=directory(f"{RESULTS}/stitched/{{group}}/cpm/{{paramset}}/fits"),
@@ -114,19 +106,15 @@ rule cpm_stitch:
     wildcard_constraints:
         group="|".join(CPM_STITCH) if CPM_STITCH else "^$",
         paramset=r"default|lambda_L_[0-9.eE+-]+",
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=mem_mb(1000),
+        runtime=runtime_min(10),
     params:
-        n_points=config["cpm"]["stitch_points"],
-    run:
-        run_step(
-            log,
-            run_cpm_stitch,
-            list(input),
-            output.lightcurves,
-            output.fits,
-            n_points=params.n_points,
-            group=wildcards.group,
-        )
+        stitch=json_arg({"n_points": config["cpm"]["stitch_points"]}),
+    shell:
+        "python -m workflow_lib.steps cpm-stitch --group {wildcards.group}"
+        " --lightcurves {input:q} --out {output.lightcurves:q}"
+        " --fits-dir {output.fits:q} --params {params.stitch} --log {log:q}"

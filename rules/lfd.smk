@@ -1,18 +1,13 @@
 # Stage 3: Linearized Field Deblending (Hedges & Martinez-Palomera 2021, §4).
 #   edge_model (§4.2) -> prf_model (§4.3-4.4, mean frame) -> motion_model (§4.5) -> flux_solve (§4.4-4.5, every cadence)
-# Settings: config["lfd"] sub-objects edge / prf / motion / solve (config/schema.yaml).
-
-
-from workflow_lib.steps.lfd import edge_model_step
-from workflow_lib.steps.lfd import motion_model_step
-from workflow_lib.steps.lfd import prf_model_step
-from workflow_lib.steps.lfd import flux_solve_step
+# Settings: config["lfd"] sub-objects edge / prf / motion / solve (workflow_lib/schema.yaml).
+# Each rule runs `python -m workflow_lib.steps <step>` (docs/CLI.md).
 
 
 rule edge_model:
     """§4.2: circular PRF edge radius as a function of flux; uncontaminated pixels."""
     input:
-        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
     output:
         edge=f"{RESULTS}/{{field}}/lfd/edge_model.json",
@@ -20,22 +15,24 @@ rule edge_model:
         rule_log("edge_model"),
     benchmark:
         rule_benchmark("edge_model")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=mem_mb(2000, 4),
         runtime=runtime_min(10, 20),
     params:
-        edge=lambda w: lfd_params(w.field, "edge"),
-    run:
-        run_step(
-            log, edge_model_step, input.cube, input.catalog, output.edge, params.edge
-        )
+        edge=lambda w: json_arg(lfd_params(w.field, "edge")),
+    shell:
+        "python -m workflow_lib.steps edge-model --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --out {output.edge:q} --params {params.edge}"
+        " --log {log:q}"
 
 
 rule prf_model:
     """§4.3-4.4: PRF shape (polar B-splines) and mean-frame source fluxes."""
     input:
-        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
         edge=f"{RESULTS}/{{field}}/lfd/edge_model.json",
     output:
@@ -45,29 +42,24 @@ rule prf_model:
         rule_log("prf_model"),
     benchmark:
         rule_benchmark("prf_model")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=mem_mb(4000, 8),
         runtime=runtime_min(20, 60),
     params:
-        prf=lambda w: lfd_params(w.field, "prf"),
-    run:
-        run_step(
-            log,
-            prf_model_step,
-            input.cube,
-            input.catalog,
-            input.edge,
-            output.prf,
-            output.png,
-            params.prf,
-        )
+        prf=lambda w: json_arg(lfd_params(w.field, "prf")),
+    shell:
+        "python -m workflow_lib.steps prf-model --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --edge {input.edge:q} --out {output.prf:q}"
+        " --png {output.png:q} --params {params.prf} --log {log:q}"
 
 
 rule motion_model:
     """§4.5: per-cadence motion of the scene as a multiplicative change of the mean PRF."""
     input:
-        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
         prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
     output:
@@ -76,22 +68,18 @@ rule motion_model:
         rule_log("motion_model"),
     benchmark:
         rule_benchmark("motion_model")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=mem_mb(4000, 8),
         runtime=runtime_min(20, 60),
     params:
-        motion=lambda w: lfd_params(w.field, "motion"),
-    run:
-        run_step(
-            log,
-            motion_model_step,
-            input.cube,
-            input.catalog,
-            input.prf,
-            output.motion,
-            params.motion,
-        )
+        motion=lambda w: json_arg(lfd_params(w.field, "motion")),
+    shell:
+        "python -m workflow_lib.steps motion-model --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --prf {input.prf:q} --out {output.motion:q}"
+        " --params {params.motion} --log {log:q}"
 
 
 rule flux_solve:
@@ -99,32 +87,29 @@ rule flux_solve:
     light-curve set (zarr) and one lightkurve-readable FITS per source."""
     input:
         unpack(lfd_motion_input),
-        cube=f"{RESULTS}/{{field}}/cube.zarr",
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
         prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
     output:
-        lightcurves=directory(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"),
+        lightcurves=zarr_store(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"),
         fits=directory(f"{RESULTS}/{{field}}/lfd/fits"),
     log:
         rule_log("flux_solve"),
     benchmark:
         rule_benchmark("flux_solve")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=mem_mb(8000, 12),
         runtime=runtime_min(30, 120),
     params:
-        solve=lambda w: lfd_params(w.field, "solve"),
-    run:
-        run_step(
-            log,
-            flux_solve_step,
-            input.cube,
-            input.catalog,
-            input.prf,
-            input.get("motion"),
-            output.lightcurves,
-            output.fits,
-            params.solve,
-            threads=threads,
-        )
+        solve=lambda w: json_arg(lfd_params(w.field, "solve")),
+        motion=lambda w, input: (
+            f"--motion {shlex.quote(input.motion)}" if "motion" in input.keys() else ""
+        ),
+    shell:
+        "python -m workflow_lib.steps flux-solve --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --prf {input.prf:q} {params.motion}"
+        " --out {output.lightcurves:q} --fits-dir {output.fits:q}"
+        " --params {params.solve} --threads {threads} --log {log:q}"

@@ -1,9 +1,8 @@
-# Stage 5: static HTML inspection reports (workflow_lib/report.py), registered with Snakemake's
+# Stage 5: static HTML inspection reports (workflow_lib/report/page.py), registered with Snakemake's
 # report() so that `snakemake --report report.html` includes them.
+# Each rule runs `python -m workflow_lib.steps <step>` (docs/CLI.md).
 #
 # Input paths of the later stages: adjust here if LFD / CPM change their layout.
-from workflow_lib.report.page import write_field_report
-from workflow_lib.report.page import write_index_report
 
 REPORT_LFD_LIGHTCURVES = "{results}/{field}/lfd/lightcurves.zarr"
 REPORT_CPM_LIGHTCURVES = "{results}/{field}/cpm/{paramset}/lightcurves.zarr"
@@ -24,30 +23,28 @@ rule report_field:
         rule_log("report_field"),
     benchmark:
         rule_benchmark("report_field")
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=mem_mb(2000, 4),
         runtime=runtime_min(10, 20),
     params:
         field_dir=lambda w: f"{RESULTS}/{w.field}",
-        report=lambda w: dict(
-            config["report"],
-            cpm_paramset=(
-                report_cpm_shown()
-                if report_stage_enabled("cpm")
-                else config["report"].get("cpm_paramset")
-            ),
+        report=lambda w: json_arg(
+            dict(
+                config["report"],
+                cpm_paramset=(
+                    report_cpm_shown()
+                    if report_stage_enabled("cpm")
+                    else config["report"].get("cpm_paramset")
+                ),
+            )
         ),
-    run:
-        run_step(
-            log,
-            write_field_report,
-            params.field_dir,
-            output.html,
-            output.summary,
-            params.report,
-            field=wildcards.field,
-        )
+    shell:
+        "python -m workflow_lib.steps report-field --field {wildcards.field}"
+        " --field-dir {params.field_dir:q} --out {output.html:q}"
+        " --summary {output.summary:q} --params {params.report} --log {log:q}"
 
 
 rule report_index:
@@ -65,21 +62,17 @@ rule report_index:
         f"{RESULTS}/logs/report_index/index.log",
     benchmark:
         f"{RESULTS}/benchmarks/report_index/index.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=mem_mb(1000),
+        runtime=runtime_min(10),
     params:
-        config=config,
+        config=json_arg(config),
         run=config["run"],
         bench_dir=f"{RESULTS}/benchmarks",
-    run:
-        run_step(
-            log,
-            write_index_report,
-            input.summaries,
-            output.html,
-            config=params.config,
-            bench_dir=params.bench_dir,
-            run=params.run,
-        )
+    shell:
+        "python -m workflow_lib.steps report-index --run {params.run:q}"
+        " --summaries {input.summaries:q} --out {output.html:q}"
+        " --bench-dir {params.bench_dir:q} --params {params.config} --log {log:q}"

@@ -127,3 +127,31 @@ def test_products_match_the_committed_checksum_manifest(tiny_run):
     found = manifest(tiny_run / "results" / "ci-tiny")
     diffs = compare(found, expected)
     assert not diffs, "\n".join(diffs[:40])
+
+
+def test_every_zarr_product_opens_without_a_warning(tiny_run):
+    """Zarr stores are declared by their root zarr.json, not as directory() outputs: no Snakemake
+    `.snakemake_timestamp` inside a store, and consolidated metadata, so plain `xarray.open_zarr`
+    is silent."""
+    import warnings
+
+    import xarray as xr
+
+    stores = sorted((tiny_run / "results" / "ci-tiny").rglob("*.zarr"))
+    assert len(stores) >= 8, stores
+    for store in stores:
+        assert not (store / ".snakemake_timestamp").exists(), store
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = xr.open_zarr(store)
+            assert ds.sizes, store
+
+
+def test_rules_run_the_step_command_line(tiny_run):
+    """Every job ran `python -m workflow_lib.steps`: its log starts with the step's start line and
+    nothing of the step went to Snakemake's own output."""
+    logs = sorted((tiny_run / "results" / "ci-tiny" / "logs").rglob("*.log"))
+    assert len(logs) >= 10, logs
+    for log in logs:
+        text = log.read_text()
+        assert " INFO workflow_lib: start " in text and " INFO workflow_lib: done " in text, log

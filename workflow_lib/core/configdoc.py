@@ -20,7 +20,7 @@ SECTIONS = [
     ("run", "Run name"),
     ("fields", "Fields"),
     ("synthetic", "Synthetic sector (`synthetic`, or per field `fields.<name>.synthetic`)"),
-    ("mast", "MAST downloads (`mast`, per field `fields.<name>.mast`)"),
+    ("mast_client", "MAST client (`mast_client`; what to download: per field `fields.<name>.mast`)"),
     ("gaia", "Gaia crossmatch (`gaia`, per field `fields.<name>.gaia`)"),
     ("lfd", "Linearized Field Deblending (`lfd`): Hedges & Martínez-Palomera 2021"),
     ("cpm", "Causal Pixel Model (`cpm`): Hattori et al. 2022"),

@@ -1,4 +1,9 @@
-"""Logging for pipeline steps: progress messages to the rule's ``log:`` file and stderr."""
+"""Logging for pipeline steps: progress messages to the rule's ``log:`` file (and stderr when there is none).
+
+``logged`` / ``run_step`` wrap one step. ``main_step`` is what the command line
+(``python -m workflow_lib.steps <step> ...``, the rules' ``shell:`` commands) uses: the full traceback
+of a failure goes to the log file, stderr gets one line ``error: <message>`` and the process exits 1.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +19,50 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
 
 
+def error_line(exc: BaseException) -> str:
+    """One line naming what went wrong: the exception's message (file / key included), no traceback.
+
+    ``KeyError('x')`` -> ``missing key 'x'``; ``FileNotFoundError`` -> ``<file>: No such file or directory``;
+    other exceptions -> their message, prefixed with the exception type when the message is empty or
+    does not say what kind of error it is.
+    """
+    if isinstance(exc, KeyError) and exc.args:
+        msg = f"missing key {exc.args[0]!r}"
+    elif isinstance(exc, OSError) and getattr(exc, "filename", None):
+        msg = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        msg = str(exc).strip()
+        if not msg:
+            msg = type(exc).__name__
+        elif type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError)):
+            msg = f"{type(exc).__name__}: {msg}"
+    return " ".join(msg.split())  # one line
+
+
 @contextlib.contextmanager
-def logged(logfile: str | None, step: str = "step"):
+def logged(logfile: str | None, step: str = "step", *, echo: bool = True, warnings_to_log: bool = False):
     """Send ``workflow_lib`` log records (INFO and up) to ``logfile`` for the duration of a step.
 
     Exceptions are logged with their traceback and re-raised, so a failed rule's log says why.
+    ``echo``: also write the records to stderr (always, when there is no ``logfile``).
+    ``warnings_to_log``: route Python warnings (``warnings.warn``) through logging into the same file.
     """
     root = logging.getLogger(LOGGER_NAME)
     root.setLevel(logging.INFO)
-    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers = []
+    if echo or not logfile:
+        handlers.append(logging.StreamHandler(sys.stderr))
     if logfile:
         handlers.append(logging.FileHandler(logfile, mode="w"))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loggers = [root]
+    if warnings_to_log:
+        logging.captureWarnings(True)
+        loggers.append(logging.getLogger("py.warnings"))
     for h in handlers:
         h.setFormatter(fmt)
-        root.addHandler(h)
+        for lg in loggers:
+            lg.addHandler(h)
     t0 = time.perf_counter()
     root.info("start %s", step)
     try:
@@ -39,16 +73,41 @@ def logged(logfile: str | None, step: str = "step"):
     else:
         root.info("done %s in %.1f s", step, time.perf_counter() - t0)
     finally:
+        if warnings_to_log:
+            logging.captureWarnings(False)
         for h in handlers:
-            root.removeHandler(h)
+            for lg in loggers:
+                lg.removeHandler(h)
             h.close()
 
 
 def run_step(log, func, *args, **kwargs):
     """Run one pipeline step ``func(*args, **kwargs)`` with its progress going to the rule's log file.
 
-    This is what every Snakemake rule's ``run:`` block calls: ``run_step(log, edge_model_step, ...)``.
+    ``log``: a Snakemake ``log`` object (its first entry is used), a path, or None.
     """
-    logfile = log[0] if log else None
+    logfile = log if isinstance(log, str) or log is None else (log[0] if log else None)
     with logged(logfile, func.__name__):
         return func(*args, **kwargs)
+
+
+def main_step(logfile: str | None, step: str, func, *args, **kwargs) -> int:
+    """Command-line form of :func:`run_step`; returns the process exit status.
+
+    With ``logfile``: progress, warnings and, on failure, the full traceback go to the file only;
+    stderr gets a single line ``error: <message> (traceback in <logfile>)``. Without a log file,
+    progress and the traceback go to stderr, followed by the same one-line summary. Exit status 1
+    on failure (0 on success).
+    """
+    if logfile:
+        from pathlib import Path
+
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with logged(logfile, step, echo=not logfile, warnings_to_log=bool(logfile)):
+            func(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line + exit 1
+        where = f" (traceback in {logfile})" if logfile else ""
+        sys.stderr.write(f"error: {step}: {error_line(exc)}{where}\n")
+        return 1
+    return 0

@@ -1,0 +1,271 @@
+"""Run one pipeline step without Snakemake: ``python -m workflow_lib.steps <step> [options]``.
+
+Every rule's ``shell:`` command is one of these calls (see docs/CLI.md for the commands of a run)::
+
+    python -m workflow_lib.steps edge-model --cube results/ci-tiny/tiny/cube.zarr \\
+        --catalog results/ci-tiny/tiny/catalog.ecsv --out edge_model.json --params '{"threshold": 5}' \\
+        --log edge_model.log
+
+* settings: ``--params '<json object>'`` or ``--params-file FILE`` (JSON); omitted keys take the
+  schema defaults, like in the workflow;
+* paths: named options; a zarr store may be given as its directory or as its ``zarr.json``
+  (what the rules declare as the store's output file);
+* ``--log FILE``: progress, warnings and, on failure, the full traceback go there; stderr then
+  gets one line ``error: <step>: <message>`` and the exit status is 1.
+
+Each subcommand imports only the module its step lives in (``python -X importtime`` to check), so
+a short step does not pay for bokeh / dask / astroquery it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# step name -> (module, function, help)
+STEPS = {
+    "download-synthetic": ("workflow_lib.data.synthetic", "write_synthetic_field", "simulate a synthetic TESS sector"),
+    "download-local": ("workflow_lib.data.fits_reader", "write_local_field", "local TESScut / TPF FITS -> cube"),
+    "download-mast": ("workflow_lib.data.mast", "download_field", "TESScut / Kepler-K2 TPFs from MAST -> cube"),
+    "gaia-crossmatch": ("workflow_lib.data.gaia", "crossmatch_field", "Gaia sources in pixel coordinates"),
+    "edge-model": ("workflow_lib.steps.lfd", "edge_model_step", "LFD §4.2 PRF edge model"),
+    "prf-model": ("workflow_lib.steps.lfd", "prf_model_step", "LFD §4.3-4.4 PRF shape + mean-frame fluxes"),
+    "motion-model": ("workflow_lib.steps.lfd", "motion_model_step", "LFD §4.5 scene motion model"),
+    "flux-solve": ("workflow_lib.steps.lfd", "flux_solve_step", "LFD §4.4-4.5 per-cadence fluxes"),
+    "cpm-detrend": ("workflow_lib.steps.cpm", "run_cpm_detrend", "CPM de-trending + aperture light curves"),
+    "cpm-sweep-summary": ("workflow_lib.steps.cpm", "sweep_summary", "median CDPP of every CPM parameter set"),
+    "cpm-stitch": ("workflow_lib.steps.cpm", "run_cpm_stitch", "stitch CPM light curves of several sectors"),
+    "report-field": ("workflow_lib.report.page", "write_field_report", "HTML inspection page of one field"),
+    "report-index": ("workflow_lib.report.page", "write_index_report", "HTML index page of a run"),
+}
+
+
+def store(path: str | None) -> str | None:
+    """A zarr store given as its directory or as its ``zarr.json`` -> the directory."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.parent) if p.name == "zarr.json" else str(path)
+
+
+def json_arg(text: str, option: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option}: not valid JSON ({exc})") from None
+
+
+def load_params(args) -> dict:
+    """The step's settings: --params-file (JSON) updated by --params (JSON); {} when neither is given."""
+    params = {}
+    if args.params_file:
+        path = Path(args.params_file)
+        if not path.is_file():
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        params.update(json_arg(path.read_text(), f"--params-file {path}"))
+    if args.params:
+        params.update(json_arg(args.params, "--params"))
+    if not isinstance(params, dict):
+        raise ValueError("--params: a JSON object is expected")
+    return params
+
+
+def check_inputs(**paths) -> None:
+    """Name a missing input file before the step starts (the step's own error may be less clear)."""
+    for option, path in paths.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(2, f"No such file or directory (--{option.replace('_', '-')})", str(path))
+
+
+# ---------------------------------------------------------------- calls: args -> func(*a, **kw)
+
+
+def call_download_synthetic(f, a, p):
+    f(store(a.cube), store(a.truth), a.catalog, p, field=a.field)
+
+
+def call_download_local(f, a, p):
+    f(p, store(a.cube), field=a.field)
+
+
+def call_download_mast(f, a, p):
+    client = json_arg(a.client, "--client") if a.client else {}
+    f(p, store(a.cube), field=a.field, **client)
+
+
+def call_gaia_crossmatch(f, a, p):
+    check_inputs(cube=store(a.cube), local_catalog=a.local_catalog)
+    f(store(a.cube), a.out, p, a.local_catalog)
+
+
+def call_edge_model(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog)
+    f(store(a.cube), a.catalog, a.out, p)
+
+
+def call_prf_model(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog, edge=a.edge)
+    f(store(a.cube), a.catalog, a.edge, a.out, a.png, p)
+
+
+def call_motion_model(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog, prf=a.prf)
+    f(store(a.cube), a.catalog, a.prf, a.out, p)
+
+
+def call_flux_solve(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog, prf=a.prf, motion=a.motion)
+    f(store(a.cube), a.catalog, a.prf, a.motion, store(a.out), a.fits_dir, p, threads=a.threads)
+
+
+def call_cpm_detrend(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog)
+    f(
+        store(a.cube),
+        a.catalog,
+        detrended_path=store(a.detrended),
+        lightcurves_path=store(a.lightcurves),
+        raw_lightcurves_path=store(a.raw_lightcurves),
+        fits_dir=a.fits_dir,
+        config=p,
+        paramset=a.paramset,
+        target_aperture=json_arg(a.target_aperture, "--target-aperture") if a.target_aperture else {},
+        threads=a.threads,
+        field=a.field,
+    )
+
+
+def call_cpm_sweep_summary(f, a, p):
+    sets = {}
+    for item in a.cpm:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--cpm {item}: expected NAME=PATH")
+        sets[name] = store(path)
+    check_inputs(raw=store(a.raw), lfd=store(a.lfd), **{f"cpm {k}": v for k, v in sets.items()})
+    kw = {"lfd_path": store(a.lfd)}
+    if "mag_range" in p:
+        kw["mag_range"] = tuple(p["mag_range"])
+    f(sets, store(a.raw), a.out, **kw)
+
+
+def call_cpm_stitch(f, a, p):
+    paths = [store(x) for x in a.lightcurves]
+    check_inputs(**{f"lightcurves {i}": x for i, x in enumerate(paths)})
+    kw = {"n_points": int(p["n_points"])} if "n_points" in p else {}
+    f(paths, store(a.out), a.fits_dir, group=a.group, **kw)
+
+
+def call_report_field(f, a, p):
+    check_inputs(field_dir=a.field_dir)
+    f(a.field_dir, a.out, a.summary, p, field=a.field)
+
+
+def call_report_index(f, a, p):
+    check_inputs(**{f"summaries {i}": x for i, x in enumerate(a.summaries)})
+    f(a.summaries, a.out, config=p, bench_dir=a.bench_dir, run=a.run)
+
+
+# ---------------------------------------------------------------- argument parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m workflow_lib.steps",
+        description="Run one step of the TESS/Kepler LFD + CPM pipeline without Snakemake (docs/CLI.md).",
+    )
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    def step(name, params_help):
+        sp = sub.add_parser(name, help=STEPS[name][2], description=STEPS[name][2])
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--params", metavar="JSON", help=f"settings as a JSON object: {params_help}")
+        g.add_argument("--params-file", metavar="FILE", help="settings in a JSON file")
+        sp.add_argument("--log", metavar="FILE", help="log file (progress, warnings, traceback on failure)")
+        return sp
+
+    def req(sp, *names, **kw):
+        for n in names:
+            sp.add_argument(n, required=True, metavar="PATH", **kw)
+
+    sp = step("download-synthetic", "the `synthetic` settings of the field")
+    req(sp, "--cube", "--truth", "--catalog")
+    sp.add_argument("--field", default="synth")
+
+    sp = step("download-local", "the `local` settings of the field (files / directory / catalog)")
+    req(sp, "--cube")
+    sp.add_argument("--field", required=True)
+
+    sp = step("download-mast", "the field's `mast` settings (what to download)")
+    req(sp, "--cube")
+    sp.add_argument("--field", required=True)
+    sp.add_argument("--client", metavar="JSON", help="`mast_client` options: cache_dir, retries, timeout_s, backoff_s")
+
+    sp = step("gaia-crossmatch", "the `gaia` settings of the field")
+    req(sp, "--cube", "--out")
+    sp.add_argument("--local-catalog", metavar="PATH", help="catalog file used instead of the Gaia archive")
+
+    sp = step("edge-model", "`lfd.edge`")
+    req(sp, "--cube", "--catalog", "--out")
+
+    sp = step("prf-model", "`lfd.prf`")
+    req(sp, "--cube", "--catalog", "--edge", "--out", "--png")
+
+    sp = step("motion-model", "`lfd.motion`")
+    req(sp, "--cube", "--catalog", "--prf", "--out")
+
+    sp = step("flux-solve", "`lfd.solve`")
+    req(sp, "--cube", "--catalog", "--prf", "--out", "--fits-dir")
+    sp.add_argument("--motion", metavar="PATH", help="motion model (needed when use_motion is on)")
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = step("cpm-detrend", "the `cpm` settings")
+    req(sp, "--cube", "--catalog", "--detrended", "--lightcurves", "--raw-lightcurves", "--fits-dir")
+    sp.add_argument("--paramset", default="default", help="default or lambda_L_<value>")
+    sp.add_argument("--target-aperture", metavar="JSON", help="named apertures: {name: [[row, col], ...]}")
+    sp.add_argument("--field", default="")
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = step("cpm-sweep-summary", '{"mag_range": [8, 14]} (cpm.summary_mag_range)')
+    sp.add_argument("--cpm", nargs="+", required=True, metavar="NAME=PATH", help="CPM light curves per parameter set")
+    req(sp, "--raw", "--out")
+    sp.add_argument("--lfd", metavar="PATH", help="LFD light curves (optional)")
+
+    sp = step("cpm-stitch", '{"n_points": 100} (cpm.stitch_points)')
+    sp.add_argument("--lightcurves", nargs="+", required=True, metavar="PATH", help="one light-curve set per sector")
+    req(sp, "--out", "--fits-dir")
+    sp.add_argument("--group", default="")
+
+    sp = step("report-field", "the `report` settings")
+    req(sp, "--field-dir", "--out", "--summary")
+    sp.add_argument("--field")
+
+    sp = step("report-index", "the run's config (shown on the page)")
+    sp.add_argument("--summaries", nargs="+", required=True, metavar="PATH", help="field summary JSON files")
+    req(sp, "--out")
+    sp.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory of the run")
+    sp.add_argument("--run", default="")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from importlib import import_module
+
+    from workflow_lib.core.logs import main_step
+
+    module, func_name, _ = STEPS[args.step]
+    caller = globals()["call_" + args.step.replace("-", "_")]
+
+    def run():
+        params = load_params(args)
+        func = getattr(import_module(module), func_name)  # lazily: only this step's module
+        caller(func, args, params)
+
+    return main_step(args.log, args.step, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
