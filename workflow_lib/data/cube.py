@@ -266,15 +266,23 @@ def write_zarr_atomic(ds: xr.Dataset, path: str | os.PathLike, *, chunks: dict |
     """Write ``ds`` as a zarr v3 store at ``path`` atomically.
 
     The store is written to a hidden temporary sibling and renamed into place, so a failed or
-    interrupted write never leaves a half-written result at ``path``.
+    interrupted write never leaves a half-written result at ``path``. An existing store (or the empty
+    directory Snakemake creates for an output ``<store>/zarr.json``) is replaced.
+
+    The metadata is consolidated into the root ``zarr.json``, so ``xarray.open_zarr(path)`` opens the
+    store without a warning (zarr's note that consolidated metadata is not part of the v3
+    specification is silenced: zarr-python and xarray read it).
     """
+    import warnings
+
     ch = chunks or _chunks_for(ds)
     ds = ds.copy()
     for v in list(ds.data_vars) + list(ds.coords):
         ds[v].encoding = {}
     ds = ds.chunk({d: c for d, c in ch.items() if d in ds.dims})
-    with atomic_path(path) as tmp:
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True)
     return Path(path)
 
 
