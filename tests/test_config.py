@@ -59,11 +59,62 @@ def test_conda_env_matches_pyproject():
     """envs/*.yaml cannot be built here (no conda channels): check they pin what pyproject pins."""
     py = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = _requirement_names(py["project"]["dependencies"])
-    env = yaml.safe_load((REPO / "envs" / "pipeline.yaml").read_text())
-    conda = _requirement_names([d for d in env["dependencies"] if isinstance(d, str) and d != "pip"])
-    for name, lower in deps.items():
-        assert name in conda, f"{name} is in pyproject.toml but not in envs/pipeline.yaml"
-        assert conda[name] == lower, f"{name}: pyproject >= {lower}, envs/pipeline.yaml >= {conda[name]}"
+    envs = sorted((REPO / "envs").glob("*.yaml"))
+    assert envs
+    for path in envs:
+        env = yaml.safe_load(path.read_text())
+        conda = _requirement_names([d for d in env["dependencies"] if isinstance(d, str) and d != "pip"])
+        for name, lower in deps.items():
+            assert name in conda, f"{name} is in pyproject.toml but not in envs/{path.name}"
+            assert conda[name] == lower, f"{name}: pyproject >= {lower}, envs/{path.name} >= {conda[name]}"
+
+
+def _rule_blocks():
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule )", smk.read_text())[1:]:
+            yield smk, block.split(":")[0].split()[1], block
+
+
+def test_every_rule_runs_the_step_cli_in_a_conda_env():
+    """Rules are `shell:` calls of `python -m workflow_lib.steps` with a conda env that exists; no
+    `run:` blocks, and step functions are imported only by the CLI (rules/common.smk may import the
+    DAG-building helpers it needs)."""
+    from workflow_lib.steps.__main__ import STEPS
+
+    used = set()
+    for smk, name, block in _rule_blocks():
+        assert "\n    run:" not in block, f"{smk.name}: {name} has a run: block"
+        m = re.search(r"python -m workflow_lib\.steps ([a-z-]+)", block)
+        assert m and "\n    shell:" in block, f"{smk.name}: {name} does not call the step CLI"
+        assert m.group(1) in STEPS, f"{smk.name}: {name} calls unknown step {m.group(1)}"
+        used.add(m.group(1))
+        env = re.search(r'\n    conda:\n        "([^"]+)"', block)
+        assert env, f"{smk.name}: {name} has no conda: env"
+        assert (smk.parent / env.group(1)).resolve().is_file(), f"{smk.name}: {name}: no {env.group(1)}"
+    assert used == set(STEPS), set(STEPS) - used
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        if smk.name != "common.smk":
+            assert "workflow_lib" not in re.sub(r"(?m)#.*$", "", smk.read_text()).replace(
+                "python -m workflow_lib.steps", ""
+            ), f"{smk.name} imports workflow_lib"
+
+
+def test_resource_floors_from_the_config(tmp_path):
+    """resources.default_mem_mb / default_runtime are the floors of every rule's mem_mb / runtime."""
+    cfg = tmp_path / "floors.yaml"
+    cfg.write_text("run: floors_test\nresources: {default_mem_mb: 3000, default_runtime: 45}\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = res.stdout + res.stderr
+    mems = [int(x) for x in re.findall(r"mem_mb=(\d+)", text)]
+    runtimes = [int(x) for x in re.findall(r"runtime=(\d+)", text)]
+    assert mems and min(mems) == 3000, sorted(set(mems))
+    assert runtimes and min(runtimes) == 45, sorted(set(runtimes))
 
 
 def test_snakemake_lint_passes():
