@@ -58,8 +58,9 @@ import dataclasses
 import numpy as np
 import scipy.sparse as sp
 
+from workflow_lib.core.linalg import clip_mask, wls
 from workflow_lib.core.logs import get_logger
-from workflow_lib.core.settings import merge_settings
+from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.bspline import spline_design_matrix, tensor_product
 from workflow_lib.lfd.geometry import (
     background_design,
@@ -73,29 +74,6 @@ from workflow_lib.lfd.linsys import build_system, solve_direct, solve_pcg
 
 log = get_logger("lfd.motion")
 
-#: defaults of ``lfd.motion`` (config/schema.yaml holds the same values)
-MOTION_DEFAULTS = {
-    "bin_size": None,
-    "n_knots": 11,
-    "degree": 3,
-    "time_degree": 3,
-    "n_iter": 3,
-    "sigma_clip": 3.0,
-    "min_snr": 10.0,
-    "prior_sigma": 0.05,
-    "background_order": 1,
-    "min_source_fraction": 0.2,
-    "min_purity": 0.9,
-    "time_model": "shift",
-    "shift_degree": 3,
-    "shift_iter": 4,
-    "shift_clip": 5.0,
-    "deconvolve": True,
-    "correction_degree": 2,
-    "correction_spacing": 0.25,
-    "correction_prior_sigma": 0.3,
-}
-
 
 class MotionError(ValueError):
     """The motion model cannot be fitted or read; the message names the file / problem."""
@@ -103,7 +81,7 @@ class MotionError(ValueError):
 
 def motion_params(params: dict | None) -> dict:
     """The lfd.motion settings: defaults overridden by ``params``."""
-    return merge_settings(MOTION_DEFAULTS, params, "lfd.motion", MotionError)
+    return merge_settings(schema_defaults("lfd.motion"), params, "lfd.motion", MotionError)
 
 
 def default_bin_size(mission: str, time) -> int:
@@ -348,9 +326,8 @@ def measure_scene_offsets(
             with np.errstate(invalid="ignore", divide="ignore"):
                 chi = chi_pix / n_pix
             have = n_pix > 0
-            med = np.median(chi[have])
-            mad = 1.4826 * np.median(np.abs(chi[have] - med))
-            use_pix = have & (chi <= med + clip * max(mad, 1e-12))
+            below, med, _ = clip_mask(chi, have, clip, floor=1e-12, side="upper")
+            use_pix = have & below
             log.info("scene offsets: median chi2/pt %.2f, %d of %d pixels kept", med, use_pix.sum(), have.sum())
     return cx, cy, ok, use_pix, bk
 
@@ -401,9 +378,8 @@ def fit_shift_correction(
             np.bincount(owner, weights=cnt, minlength=used_src.size), 1
         )
         have = np.bincount(owner, minlength=used_src.size) > 0
-        med = np.median(cs[have & used_src])
-        mad = 1.4826 * np.median(np.abs(cs[have & used_src] - med))
-        new = ~have | (cs <= med + sigma_clip * max(mad, 1e-12))
+        below, med, _ = clip_mask(cs, have & used_src, sigma_clip, floor=1e-12, side="upper")
+        new = ~have | below
         log.info(
             "shift correction iteration %d: median chi2/pt %.2f, %d of %d sources kept",
             it,
@@ -415,6 +391,123 @@ def fit_shift_correction(
             break
         used_src = new
     return Wc, mono.mean(axis=0), used_src[owner]
+
+
+def _scene_shift_terms(prf, rows, cols, dx, dy, F, npix: int, degree: int, half: float, cov):
+    """Per pixel, the scene as a polynomial in the common shift: the sum over its pairs of source
+    flux x :func:`shift_coefficients` (npixel, n_terms)."""
+    a = shift_coefficients(prf, dx, dy, degree, half, cov)
+    return np.stack([np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1)
+
+
+def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int, name: str):
+    """Two rounds of :func:`measure_scene_offsets`, the second with the stencil range and (``deconvolve``)
+    offset covariance of the first. Returns ``(cx, cy, ok, pixel_used, background coefficients, half, cov)``
+    with the offsets relative to their mean over good cadences (the mean-frame PRF sits there)."""
+    half = 0.5
+    cov = None
+    for rnd in range(2):
+        T = terms(half, cov)
+        cx, cy, ok, use_pix, bk = measure_scene_offsets(
+            flux, flux_err, T, background, degree, n_iter=int(p["shift_iter"]), clip=float(p["shift_clip"]), good=good
+        )
+        g = good & ok
+        # offsets relative to the mean frame: the mean-frame PRF sits at the mean offset
+        cx = cx - cx[g].mean()
+        cy = cy - cy[g].mean()
+        half = float(max(np.abs(cx[ok]).max(), np.abs(cy[ok]).max(), 0.02)) * 1.05
+        cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
+        log.info(
+            "%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half
+        )
+    return cx, cy, ok, use_pix, bk, half, cov
+
+
+def _shift_model_correction(
+    flux,
+    flux_err,
+    S,
+    F,
+    T,
+    mono,
+    bk,
+    background,
+    good,
+    ok,
+    use_pix,
+    half,
+    pixel_col,
+    pixel_row,
+    source_col,
+    source_row,
+    p,
+    name,
+):
+    """The data-driven correction of the shift model (:func:`fit_shift_correction`) on the bright,
+    pure pixels of the field. Returns ``(weights (ncomp, n_terms), knots, summary entries)``; no
+    correction (empty weights) when ``correction_degree`` < 1 or fewer than 10 pixels qualify."""
+    weights = np.zeros((0, mono.shape[1]))
+    knots = np.zeros(2)
+    summary = {}
+    kdeg = int(p["correction_degree"])
+    if kdeg < 1:
+        return weights, knots, summary
+    owner, purity = dominant_source(S, F)  # F clipped at 0
+    pc = np.asarray(pixel_col, float)
+    pr = np.asarray(pixel_row, float)
+    own_val = np.asarray(S.multiply(F[None, :]).max(axis=1).todense()).ravel()
+    ferr = np.asarray(flux_err, float)
+    with np.errstate(invalid="ignore"):
+        perr = np.sqrt(np.nanmean(ferr[good] ** 2, axis=0))
+    snr = own_val / perr
+    pix = np.flatnonzero(
+        (purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix & np.isfinite(perr)
+    )
+    nk = n_terms(kdeg)
+    if pix.size < 10:
+        return weights, knots, summary
+    model = mono[:, :] @ T[pix].T + bk @ np.asarray(background, float)[pix].T
+    fl = np.asarray(flux, float)[:, pix]
+    resid = (fl - model) / own_val[pix][None, :]
+    resid[~(good & ok)] = np.nan
+    own = owner[pix]
+    pdx = pc[pix] - np.asarray(source_col, float)[own]
+    pdy = pr[pix] - np.asarray(source_row, float)[own]
+    Rk = float(max(np.abs(pdx).max(), np.abs(pdy).max())) + 0.5
+    spacing = float(p["correction_spacing"])
+    nkn = max(2, int(np.ceil(2 * Rk / spacing)) + 1)
+    knots = np.linspace(-Rk, Rk, nkn)
+    # monomials scaled by the offset range so one prior width fits every order
+    scale = np.array([half ** (i + j) for i, j in monomial_exponents(kdeg)[1:]])
+    mono_k = mono[:, 1:nk] / scale
+    gk = good & ok
+    Wc, mbar, used = fit_shift_correction(
+        resid[gk],
+        (own_val[pix] / perr[pix]) ** 2,
+        own,
+        pdx,
+        pdy,
+        mono_k[gk],
+        knots=knots,
+        degree=int(p["degree"]),
+        prior_sigma=float(p["correction_prior_sigma"]),
+        n_iter=int(p["n_iter"]),
+        sigma_clip=float(p["sigma_clip"]),
+    )
+    Wc = Wc / scale[None, :]
+    weights = np.zeros((Wc.shape[0], mono.shape[1]))
+    weights[:, 1:nk] = Wc
+    weights[:, 0] = -Wc @ (mbar * scale)
+    summary.update(pixel_index=pix, pixel_source=own, used=used, dx=pdx, dy=pdy)
+    log.info(
+        "%s: shift-model correction: %d pixels of %d sources, %d knots over +-%.1f px",
+        name,
+        pix.size,
+        np.unique(own).size,
+        nkn,
+        Rk,
+    )
+    return weights, knots, summary
 
 
 def fit_shift_model(
@@ -447,89 +540,32 @@ def fit_shift_model(
     good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
 
     def terms(half, cov):
-        a = shift_coefficients(prf, dx, dy, deg, half, cov)
-        return np.stack(
-            [np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1
-        )
+        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, deg, half, cov)
 
-    half = 0.5
-    cov = None
-    for rnd in range(2):
-        T = terms(half, cov)
-        cx, cy, ok, use_pix, bk = measure_scene_offsets(
-            flux, flux_err, T, background, deg, n_iter=int(p["shift_iter"]), clip=float(p["shift_clip"]), good=good
-        )
-        g = good & ok
-        # offsets relative to the mean frame: the mean-frame PRF sits at the mean offset
-        cx = cx - cx[g].mean()
-        cy = cy - cy[g].mean()
-        half = float(max(np.abs(cx[ok]).max(), np.abs(cy[ok]).max(), 0.02)) * 1.05
-        cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
-        log.info(
-            "%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half
-        )
+    cx, cy, ok, use_pix, bk, half, cov = _shift_offsets(flux, flux_err, background, good, terms, p, deg, name)
     # the final round's offsets (re-centred) with the final polynomial
     T = terms(half, cov)
     mono = shift_monomials(cx, cy, deg)
-    weights = np.zeros((0, mono.shape[1]))
-    knots = np.zeros(2)
-    summary = {}
-    kdeg = int(p["correction_degree"])
-    if kdeg >= 1:
-        owner, purity = dominant_source(S, F)  # F clipped at 0
-        pc = np.asarray(pixel_col, float)
-        pr = np.asarray(pixel_row, float)
-        own_val = np.asarray(S.multiply(F[None, :]).max(axis=1).todense()).ravel()
-        ferr = np.asarray(flux_err, float)
-        with np.errstate(invalid="ignore"):
-            perr = np.sqrt(np.nanmean(ferr[good] ** 2, axis=0))
-        snr = own_val / perr
-        pix = np.flatnonzero(
-            (purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix & np.isfinite(perr)
-        )
-        nk = n_terms(kdeg)
-        if pix.size >= 10:
-            model = mono[:, :] @ T[pix].T + bk @ np.asarray(background, float)[pix].T
-            fl = np.asarray(flux, float)[:, pix]
-            resid = (fl - model) / own_val[pix][None, :]
-            resid[~(good & ok)] = np.nan
-            own = owner[pix]
-            pdx = pc[pix] - np.asarray(source_col, float)[own]
-            pdy = pr[pix] - np.asarray(source_row, float)[own]
-            Rk = float(max(np.abs(pdx).max(), np.abs(pdy).max())) + 0.5
-            spacing = float(p["correction_spacing"])
-            nkn = max(2, int(np.ceil(2 * Rk / spacing)) + 1)
-            knots = np.linspace(-Rk, Rk, nkn)
-            # monomials scaled by the offset range so one prior width fits every order
-            scale = np.array([half ** (i + j) for i, j in monomial_exponents(kdeg)[1:]])
-            mono_k = mono[:, 1:nk] / scale
-            gk = good & ok
-            Wc, mbar, used = fit_shift_correction(
-                resid[gk],
-                (own_val[pix] / perr[pix]) ** 2,
-                own,
-                pdx,
-                pdy,
-                mono_k[gk],
-                knots=knots,
-                degree=int(p["degree"]),
-                prior_sigma=float(p["correction_prior_sigma"]),
-                n_iter=int(p["n_iter"]),
-                sigma_clip=float(p["sigma_clip"]),
-            )
-            Wc = Wc / scale[None, :]
-            weights = np.zeros((Wc.shape[0], mono.shape[1]))
-            weights[:, 1:nk] = Wc
-            weights[:, 0] = -Wc @ (mbar * scale)
-            summary.update(pixel_index=pix, pixel_source=own, used=used, dx=pdx, dy=pdy)
-            log.info(
-                "%s: shift-model correction: %d pixels of %d sources, %d knots over +-%.1f px",
-                name,
-                pix.size,
-                np.unique(own).size,
-                nkn,
-                Rk,
-            )
+    weights, knots, summary = _shift_model_correction(
+        flux,
+        flux_err,
+        S,
+        F,
+        T,
+        mono,
+        bk,
+        background,
+        good,
+        ok,
+        use_pix,
+        half,
+        pixel_col,
+        pixel_row,
+        source_col,
+        source_row,
+        p,
+        name,
+    )
     mm = MotionModel(
         weights,
         knots,
@@ -613,14 +649,11 @@ def fit_motion_model(
     mu = np.zeros((ncomp, nt))
     mu[:, 0] = 1.0
     mu = mu.ravel()
-    prior_ivar = np.full(mu.size, 1.0 / p["prior_sigma"] ** 2)
     used_src = np.ones(owner.max() + 1 if owner.size else 0, bool)
     for it in range(int(p["n_iter"]) + 1):
         use = finite & np.tile(used_src[owner], nb)
         w = np.where(use, 1.0 / np.where(finite, ev, 1.0) ** 2, 0.0)
-        N = (D.T @ sp.diags(w) @ D).toarray() + np.diag(prior_ivar)
-        rhs = D.T @ (w * np.where(use, yv, 0.0)) + prior_ivar * mu
-        coef = np.linalg.solve(N, rhs)
+        coef = wls(D, np.where(use, yv, 0.0), weights=w, prior_mu=mu, prior_sigma=p["prior_sigma"])
         model = D @ coef
         if it == int(p["n_iter"]):
             break
@@ -631,9 +664,8 @@ def fit_motion_model(
             np.bincount(owner, weights=cnt, minlength=used_src.size), 1
         )
         have = np.bincount(owner, weights=cnt, minlength=used_src.size) > 0
-        med = np.median(chi[have & used_src])
-        mad = 1.4826 * np.median(np.abs(chi[have & used_src] - med))
-        new = ~have | (chi <= med + p["sigma_clip"] * max(mad, 1e-12))
+        below, med, _ = clip_mask(chi, have & used_src, p["sigma_clip"], floor=1e-12, side="upper")
+        new = ~have | below
         log.info(
             "motion fit iteration %d: median chi2/pt %.2f, %d of %d sources kept",
             it,
@@ -681,6 +713,64 @@ def motion_model(model: MotionModel, dx, dy, time, prf=None):
 
 
 # --------------------------------------------------------------------------- pipeline step
+
+
+def _static_scene_solver(S, B, src_flux, bin_err):
+    """A solver of the static mean-scene LFD model (sources + background ``B``) for one frame:
+    ``solve(flux, flux_err) -> weights`` (direct up to 3000 sources, else PCG), with broad priors
+    around the mean-frame fluxes."""
+    nsrc = S.shape[1]
+    mu = np.concatenate([src_flux, np.zeros(B.shape[1])])
+    sig = np.concatenate([10 * np.abs(src_flux) + 1e-3, np.full(B.shape[1], 1e6)])
+    with np.errstate(invalid="ignore"):
+        ebin = np.sqrt(np.nanmean(bin_err**2, axis=0))
+    direct = nsrc <= 3000
+    sysm = build_system(S, B, mu, sig, ebin, direct=direct, pcg=not direct)
+
+    def solve(f, e):
+        return solve_direct(sysm, f, e, errors=False)[0] if direct else solve_pcg(sysm, f, e)[0]
+
+    return solve
+
+
+def _centroid_time_model(
+    time, flux, flux_err, good, B, nsrc, solve_frame, pix, dx, dy, norm, bin_index, nb, t0, tscale, p
+):
+    """``time_model: centroid``: the measured common scene offset of every cadence (flux-weighted
+    centroid after a static-scene background solve of every cadence) as the time regressors.
+    Returns ``(template MotionModel, time design of the bins (nbin, 6))``."""
+    # per-cadence background from a static-scene solve of every cadence, then the common offset
+    bk = np.zeros((time.size, B.shape[1]))
+    ferr = np.asarray(flux_err, float)
+    for k in np.flatnonzero(np.isfinite(flux).any(axis=1)):
+        bk[k] = solve_frame(flux[k], ferr[k])[nsrc:]
+    cx, cy = scene_centroid(flux, bk @ B.T, pix, dx, dy, norm[pix])
+    fin = np.isfinite(cx) & np.isfinite(cy)
+    cx = cx - np.mean(cx[fin & good])
+    cy = cy - np.mean(cy[fin & good])
+    scale = max(np.std(cx[fin & good]), np.std(cy[fin & good]), 1e-6)
+    tt = time[fin]
+    template = MotionModel(
+        np.zeros(1),
+        np.zeros(2),
+        int(p["degree"]),
+        2,
+        t0,
+        tscale,
+        time_model="centroid",
+        reg_time=tt,
+        reg_x=cx[fin] / scale,
+        reg_y=cy[fin] / scale,
+    )
+    Tc = centroid_basis(template.reg_x, template.reg_y)
+    bi = bin_index[fin]
+    T_bin = np.array([Tc[bi == b].mean(axis=0) for b in range(nb)])
+    log.info(
+        "motion model: centroid regressors, scene offset rms %.4f / %.4f (flux-weighted, aperture units)",
+        np.std(cx[fin & good]),
+        np.std(cy[fin & good]),
+    )
+    return template, T_bin
 
 
 def fit_field_motion(
@@ -741,21 +831,12 @@ def fit_field_motion(
         )
     nsrc = S.shape[1]
     src_flux = np.asarray(source_flux, float)
-    # per-bin background from a mean-scene solve of each binned frame
     B = background_design(pixel_col, pixel_row, p["background_order"])
-    mu = np.concatenate([src_flux, np.zeros(B.shape[1])])
-    sig = np.concatenate([10 * np.abs(src_flux) + 1e-3, np.full(B.shape[1], 1e6)])
-    with np.errstate(invalid="ignore"):
-        ebin = np.sqrt(np.nanmean(be**2, axis=0))
-    direct = nsrc <= 3000
-    sysm = build_system(S, B, mu, sig, ebin, direct=direct, pcg=not direct)
+    solve_frame = _static_scene_solver(S, B, src_flux, be)
+    # per-bin background from a mean-scene solve of each binned frame
     src_b = np.empty_like(bf)
     for b in range(nb):
-        if direct:
-            w, _ = solve_direct(sysm, bf[b], be[b], errors=False)
-        else:
-            w, _, _ = solve_pcg(sysm, bf[b], be[b])
-        src_b[b] = bf[b] - B @ w[nsrc:]
+        src_b[b] = bf[b] - B @ solve_frame(bf[b], be[b])[nsrc:]
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = np.nanmean(src_b, axis=0)  # eq. 17: divide by the mean (source) image
         total = np.nanmean(bf, axis=0)
@@ -788,41 +869,8 @@ def fit_field_motion(
     tscale = max(0.5 * (np.nanmax(time) - np.nanmin(time)), 1e-6)
     template = T_bin = None
     if p["time_model"] == "centroid":
-        # per-cadence background from a static-scene solve of every cadence, then the common offset
-        bk = np.zeros((time.size, B.shape[1]))
-        ferr = np.asarray(flux_err, float)
-        for k in np.flatnonzero(np.isfinite(flux).any(axis=1)):
-            w = (
-                solve_direct(sysm, flux[k], ferr[k], errors=False)[0]
-                if direct
-                else solve_pcg(sysm, flux[k], ferr[k])[0]
-            )
-            bk[k] = w[nsrc:]
-        cx, cy = scene_centroid(flux, bk @ B.T, pix, dx, dy, norm[pix])
-        fin = np.isfinite(cx) & np.isfinite(cy)
-        cx = cx - np.mean(cx[fin & good])
-        cy = cy - np.mean(cy[fin & good])
-        scale = max(np.std(cx[fin & good]), np.std(cy[fin & good]), 1e-6)
-        tt = time[fin]
-        template = MotionModel(
-            np.zeros(1),
-            np.zeros(2),
-            int(p["degree"]),
-            2,
-            t0,
-            tscale,
-            time_model="centroid",
-            reg_time=tt,
-            reg_x=cx[fin] / scale,
-            reg_y=cy[fin] / scale,
-        )
-        Tc = centroid_basis(template.reg_x, template.reg_y)
-        bi = bin_index[fin]
-        T_bin = np.array([Tc[bi == b].mean(axis=0) for b in range(nb)])
-        log.info(
-            "motion model: centroid regressors, scene offset rms %.4f / %.4f (flux-weighted, aperture units)",
-            np.std(cx[fin & good]),
-            np.std(cy[fin & good]),
+        template, T_bin = _centroid_time_model(
+            time, flux, flux_err, good, B, nsrc, solve_frame, pix, dx, dy, norm, bin_index, nb, t0, tscale, p
         )
     log.info(
         "motion model: %d bins of %d cadences, %d uncontaminated pixels of %d sources, knots +-%.2f px",
