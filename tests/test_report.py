@@ -7,13 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from astropy.table import Table
 
 from workflow_lib.core import quality  # noqa: E402
-from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, write_zarr_atomic
+from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, open_cube, write_zarr_atomic
 from workflow_lib.data.lightcurves import lightcurve_set
-from workflow_lib.lfd import diagnostics  # noqa: E402
+from workflow_lib.metrics import add_cdpp
+from workflow_lib.report import display as D
+from workflow_lib.report import figures as F
 from workflow_lib.report import page as R
+from workflow_lib.report import products as P
+from workflow_lib.steps.lfd import write_lfd_diagnostics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,12 +157,13 @@ def make_field(
         bk = LFD_BKG[:, None] + 0.1 * rng.normal(size=(3, NT))
         bk[:, bad] += 100.0
         lc["background"] = (("background_term", "time"), bk)
-        write_zarr_atomic(lc, fdir / "lfd" / "lightcurves.zarr")
-        (fdir / "lfd" / "prf_model.png").write_bytes(R.thumbnail_png(np.arange(64.0).reshape(8, 8) + 1, 40))
+        write_zarr_atomic(add_cdpp(lc), fdir / "lfd" / "lightcurves.zarr")
+        (fdir / "lfd" / "prf_model.png").write_bytes(F.thumbnail_png(np.arange(64.0).reshape(8, 8) + 1, 40))
         make_prf().save(fdir / "lfd" / "prf_model.npz")
         if motion:
             write_motion(fdir / "lfd" / "motion_model.npz", motion, time)
         (fdir / "lfd" / "edge_model.json").write_text(json.dumps({"rows": [1, 2]}))
+        write_diagnostics(fdir)
     if cpm:
         d = fdir / "cpm" / "default"
         f = np.array([5.0 * (k + 1) * np.sin(time * (k + 1)) for k in range(4)])
@@ -175,6 +181,22 @@ def make_field(
     return fdir
 
 
+def write_diagnostics(fdir: Path) -> dict:
+    """``lfd/diagnostics.npz`` of a field as the LFD step writes it (from its LFD products)."""
+    from workflow_lib.lfd.prf import PRFModel
+
+    lfd = fdir / "lfd"
+    motion = lfd / "motion_model.npz"
+    return write_lfd_diagnostics(
+        lfd / "diagnostics.npz",
+        open_cube(fdir / "cube.zarr"),
+        Table.read(fdir / "catalog.ecsv", format="ascii.ecsv"),
+        PRFModel.load(lfd / "prf_model.npz"),
+        xr.open_zarr(lfd / "lightcurves.zarr", consolidated=False).load(),
+        motion if motion.exists() else None,
+    )
+
+
 @pytest.fixture(scope="module")
 def field(tmp_path_factory):
     return make_field(tmp_path_factory.mktemp("rpt"))
@@ -182,7 +204,7 @@ def field(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(field):
-    fp = R.load_field_products(field)
+    fp = P.load_field_products(field)
     html, summary = R.build_field_page(fp)
     return html, summary, fp
 
@@ -237,8 +259,9 @@ def test_detrended_cube_and_lightcurve_sets_embedded(page):
     np.testing.assert_array_equal(s["contamination"][:3], [0.01, 0.2, 0.5])
     np.testing.assert_array_equal(s["cdpp_cpm"], [100.0, 200.0, 300.0, 400.0])
     np.testing.assert_array_equal(s["cdpp_raw"], [11.0, 22.0, 33.0, 44.0])
-    # the LFD set has no cdpp_1h coordinate: computed. Each source has 1e-3 relative white noise and
-    # 1 h = 2 cadences of 28.8 min, so CDPP = 1e6 * 1e-3 / sqrt(2) = 707 ppm
+    # the LFD set's cdpp_1h as the step stored it (metrics.add_cdpp); each source has 1e-3 relative
+    # white noise and 1 h = 2 cadences of 28.8 min, so CDPP ~ 1e6 * 1e-3 / sqrt(2) = 707 ppm
+    np.testing.assert_array_equal(s["cdpp_lfd"][:3], fp.lfd["cdpp_1h"].values)
     np.testing.assert_allclose(s["cdpp_lfd"][:3], 1e3 / np.sqrt(2), rtol=0.15)
     assert np.isnan(s["cdpp_lfd"][3])
 
@@ -281,7 +304,7 @@ def test_pipeline_aperture_variable_is_the_default_selection(tmp_path):
     ap = np.zeros((NR, NC), bool)
     ap[2:4, 10:13] = True
     fdir = make_field(tmp_path, lfd=False, cpm=False, aperture=ap)
-    html, _ = R.build_field_page(R.load_field_products(fdir))
+    html, _ = R.build_field_page(P.load_field_products(fdir))
     src = R.embedded_sources(html)
     sel = _selected_indices(R.embedded_documents(html), "pixels")
     rows = np.asarray(src["pixels"]["row"])[sel] - ROW0
@@ -291,7 +314,7 @@ def test_pipeline_aperture_variable_is_the_default_selection(tmp_path):
 
 def test_missing_stages_are_skipped(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     assert fp.lfd is None and fp.cpm is None and fp.detrended is None and fp.prf_png is None
     html, summary = R.build_field_page(fp)
     src = R.embedded_sources(html)
@@ -300,21 +323,21 @@ def test_missing_stages_are_skipped(tmp_path):
     assert "LFD PRF model" not in html
     # a half-written LFD set is reported, not fatal
     (fdir / "lfd" / "lightcurves.zarr").mkdir(parents=True)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     assert fp.lfd is None and any("unreadable" in n for n in fp.notes)
     html, _ = R.build_field_page(fp)
     assert "unreadable light-curve set" in html
 
 
 def test_pages_are_deterministic(field, page):
-    html2, _ = R.build_field_page(R.load_field_products(field))
+    html2, _ = R.build_field_page(P.load_field_products(field))
     assert html2 == page[0]
     assert "PRF model" in html2 and "data:image/png;base64," in html2 and "edge_model.json" in html2
 
 
 def test_pixel_table_shows_the_target_stamp(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False, pixel_table=True)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     assert "pixel" in fp.cube.dims
     html, summary = R.build_field_page(fp)
     src = R.embedded_sources(html)
@@ -327,38 +350,41 @@ def test_pixel_table_shows_the_target_stamp(tmp_path):
 
 def test_plan_display_budget():
     p = R.report_params({})
-    assert R.embed_budget_bytes(50) == 33_000_000
-    one = R.plan_display(1300, 64, 64, n_cubes=1, params=p)
+    assert D.embed_budget_bytes(50) == 33_000_000
+    one = D.plan_display(1300, 64, 64, n_cubes=1, params=p)
     assert (one["side_rows"], one["side_cols"], one["bin"]) == (64, 64, 1) and one["bytes"] == 64 * 64 * 1300 * 4
-    two = R.plan_display(1300, 64, 64, n_cubes=2, params=p)
+    two = D.plan_display(1300, 64, 64, n_cubes=2, params=p)
     assert two["bin"] == 1 and two["side_rows"] < 64 and two["bytes"] <= two["budget"]
     assert 1300 * (two["side_rows"] + 1) ** 2 * 8 > two["budget"]  # largest square that fits
-    binned = R.plan_display(1300, 64, 64, n_cubes=2, params={"reduce": "bin"})
+    binned = D.plan_display(1300, 64, 64, n_cubes=2, params=R.report_params({"reduce": "bin"}))
     assert binned["side_rows"] == 64 and binned["bin"] == 2
-    long = R.plan_display(40000, 20, 20, params=p)
+    long = D.plan_display(40000, 20, 20, params=p)
     assert long["bin"] == 2 and long["side_rows"] == 20
-    big = R.plan_display(1300, 200, 300, params=p)
+    big = D.plan_display(1300, 200, 300, params=p)
     assert (big["side_rows"], big["side_cols"]) == (64, 64)
 
 
 def test_binning_numbers():
     a = np.array([[1.0, 3.0, np.nan, 5.0, 7.0]])
-    np.testing.assert_array_equal(R.bin_series(a, 2, axis=1), [[2.0, 5.0, 7.0]])
-    np.testing.assert_array_equal(R.bin_quality(np.array([1, 4, 0, 0, 8]), 2), [5, 0, 8])
+    np.testing.assert_array_equal(D.bin_series(a, 2, axis=1), [[2.0, 5.0, 7.0]])
+    np.testing.assert_array_equal(D.bin_quality(np.array([1, 4, 0, 0, 8]), 2), [5, 0, 8])
 
 
-def test_cdpp_of_white_noise():
-    rng = np.random.default_rng(1)
-    t = np.arange(20000) * (2.0 / 1440)  # 2-min cadence
-    f = 1000.0 * (1 + 1e-3 * rng.normal(size=t.size))
-    # 1 h = 30 cadences: 1000 ppm / sqrt(30) = 183 ppm
-    assert R.cdpp_ppm(f, t, 1.0) == pytest.approx(1e3 / np.sqrt(30), rel=0.1)
-    assert np.isnan(R.cdpp_ppm(f[:5], t[:5], 1.0))
+def test_cdpp_is_read_from_the_light_curve_sets(field):
+    """The report computes no CDPP: report.cdpp_hours picks the cdpp_<h>h coordinate the science
+    step stored (metrics.add_cdpp); a set without it shows none, with a note."""
+    fp = P.load_field_products(field)
+    html, summary = R.build_field_page(fp, {"cdpp_hours": 6.0})
+    s = R.embedded_sources(html)["sources"]
+    np.testing.assert_array_equal(s["cdpp_lfd"][:3], fp.lfd["cdpp_6h"].values)
+    assert np.isnan(s["cdpp_raw"]).all() and np.isnan(s["cdpp_cpm"]).all()  # the fixture's CPM sets carry cdpp_1h only
+    assert "RAW light curves carry no cdpp_6h" in html and "CPM light curves carry no cdpp_6h" in html
+    assert summary["cdpp_set"]["sets"] == [] and "CDPP6h LFD [ppm]" in json.dumps(R.embedded_documents(html))
 
 
 def test_binned_display_of_a_long_series(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=True)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     html, summary = R.build_field_page(fp, {"max_display_cadences": 60})
     src = R.embedded_sources(html)
     meta = R.embedded_meta(html)
@@ -375,7 +401,7 @@ def test_binned_display_of_a_long_series(tmp_path):
 
 def test_cropped_display_is_centred_on_the_target(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False)
-    html, summary = R.build_field_page(R.load_field_products(fdir), {"max_side": 10})
+    html, summary = R.build_field_page(P.load_field_products(fdir), {"max_side": 10})
     pix = R.embedded_sources(html)["pixels"]
     rows, cols = np.unique(pix["row"]), np.unique(pix["column"])
     assert rows.size == 10 and cols.size == 10 and summary["display"]["cropped"]
@@ -397,7 +423,7 @@ def test_write_field_and_index(field, tmp_path):
         "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
         "12.5\t0:00:12\t321.0\t400\t300\t310\t1\t2\t95.0\t11.0\n"
     )
-    rows = R.read_benchmarks(tmp_path / "benchmarks")
+    rows = P.read_benchmarks(tmp_path / "benchmarks")
     assert rows == [
         {"rule": "cpm_detrend", "target": "fieldA", "s": 12.5, "max_rss": 321.0, "mean_load": 95.0, "cpu_time": 11.0}
     ]
@@ -451,7 +477,7 @@ def _mean_model_expected(fp, use_motion: bool):
     for k in range(3):
         sid, r, c, g = STARS[k]
         f = fp.lfd["flux"].values[k]
-        model += fp.prf.evaluate(pc - c, pr - r) * np.mean((fac * f)[good])
+        model += make_prf().evaluate(pc - c, pr - r) * np.mean((fac * f)[good])
     model += background_design(pc, pr, 1) @ fp.lfd["background"].values[:, good].mean(axis=1)
     return data, model
 
@@ -462,6 +488,7 @@ def test_mean_frame_residual_is_data_minus_model(page):
     assert res is not None and res["label"] == "with the motion model" and res["n_sources"] == 3
     assert res["n_cadences"] == int((_quality() == 0).sum())
     data, model = _mean_model_expected(fp, use_motion=True)
+    assert fp.mean_residual is not None
     np.testing.assert_allclose(res["data"], data, rtol=1e-12)
     np.testing.assert_allclose(res["model"], model, rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(res["residual"], res["data"] - res["model"])
@@ -477,20 +504,20 @@ def test_mean_frame_residual_is_data_minus_model(page):
 
 def test_mean_frame_residual_static_scene_and_missing_prf(tmp_path):
     fdir = make_field(tmp_path, cpm=False, motion=None)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     assert fp.mean_residual["label"] == "static mean scene"
     data, model = _mean_model_expected(fp, use_motion=False)
     np.testing.assert_allclose(fp.mean_residual["model"], model, rtol=1e-9, atol=1e-9)
-    (fdir / "lfd" / "prf_model.npz").unlink()
-    fp = R.load_field_products(fdir)
-    assert fp.mean_residual is None and any("residual panel skipped" in n and "prf_model.npz" in n for n in fp.notes)
+    (fdir / "lfd" / "diagnostics.npz").unlink()
+    fp = P.load_field_products(fdir)
+    assert fp.mean_residual is None and any("residual and motion panels skipped" in n for n in fp.notes)
     html, _ = R.build_field_page(fp)
-    assert "residual panel skipped" in html and "residual" not in R.embedded_sources(html)
+    assert "LFD output missing (diagnostics.npz)" in html and "residual" not in R.embedded_sources(html)
 
 
 def test_motion_panel_polynomial_model(page):
     html, _, fp = page
-    mp = diagnostics.motion_panel(fp)
+    mp = fp.motion_summary  # as the LFD step wrote it
     t = fp.cube["time"].values
     tau = (t - 0.5 * (t.min() + t.max())) / (0.5 * (t.max() - t.min()))
     # every pair has the factor 1 + a tau: mean |change| = 100 a |tau| %, no centroid shift
@@ -507,8 +534,8 @@ def test_motion_panel_polynomial_model(page):
 
 def test_motion_panel_shift_model_offsets(tmp_path):
     fdir = make_field(tmp_path, cpm=False, motion="shift")
-    fp = R.load_field_products(fdir)
-    mp = diagnostics.motion_panel(fp)
+    fp = P.load_field_products(fdir)
+    mp = fp.motion_summary
     z = np.load(fdir / "lfd" / "motion_model.npz")
     np.testing.assert_array_equal(mp["dx"], z["scene_offset_column"])
     np.testing.assert_array_equal(mp["dy"], z["scene_offset_row"])
@@ -522,16 +549,16 @@ def test_motion_panel_shift_model_offsets(tmp_path):
 
 def test_motion_npz_of_unknown_layout_is_a_note(tmp_path):
     fdir = make_field(tmp_path, cpm=False, motion="junk")
-    fp = R.load_field_products(fdir)
-    assert fp.motion is not None and fp.motion_model is None
+    fp = P.load_field_products(fdir)
+    assert fp.motion_summary is None and fp.mean_residual["label"] == "static mean scene"
     html, _ = R.build_field_page(fp)
     assert "motion" not in R.embedded_sources(html)
-    assert "not a motion model this report can evaluate" in html and "LFD motion panel skipped" in html
+    assert "not a motion model LFD can evaluate" in html and "LFD motion panel skipped" in html
 
 
 def test_initial_stretch_from_the_frame_shown(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False)
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     # a scattered-light ramp: the second half of the sector is 10x brighter
     fp.cube["flux"][NT // 2 :] = fp.cube["flux"][NT // 2 :] * 10
     html, _ = R.build_field_page(fp)
@@ -550,8 +577,8 @@ def test_cdpp_common_set():
     cat = Table({"on_cutout": [True, True, False, True, True]})
     g = np.array([10.0, 14.9, 11.0, 15.0, 12.0])
     m = {"cdpp_raw": np.array([1, 2, 3, 4, np.nan]), "cdpp_lfd": np.ones(5), "cdpp_cpm": np.ones(5)}
-    np.testing.assert_array_equal(R.cdpp_common_set(m, cat, g, ["raw", "lfd", "cpm"], 15), [1, 1, 0, 0, 0])
-    np.testing.assert_array_equal(R.cdpp_common_set(m, cat, g, ["lfd"], 15), [1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(P.cdpp_common_set(m, cat, g, ["raw", "lfd", "cpm"], 15), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(P.cdpp_common_set(m, cat, g, ["lfd"], 15), [1, 1, 0, 0, 1])
 
 
 def test_index_versions_fall_back_to_the_package_version(monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 
 from workflow_lib.report import page as R
+from workflow_lib.report import products as P
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 ARGS = [
@@ -43,7 +44,7 @@ def site(tmp_path_factory):
     fdir = make_field(tmp)
     out = tmp / "report"
     R.write_field_report(fdir, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
-    fp = R.load_field_products(fdir)
+    fp = P.load_field_products(fdir)
     return {
         "html": out / "fieldA.html",
         "cube": fp.cube["flux"].values.astype(np.float64),
@@ -252,7 +253,7 @@ def test_motion_and_residual_panels_render(site, page):
             const r = Bokeh.index.get_one(m).canvas_view.el.getBoundingClientRect(); return [r.width, r.height]; }})()""",
         )
         assert size is not None and size[0] > 200 and size[1] > 150, (name, size)
-    fp = R.load_field_products(site["html"].parent.parent / "fieldA")
+    fp = P.load_field_products(site["html"].parent.parent / "fieldA")
     res = np.array(
         js(
             page,

@@ -1,6 +1,18 @@
+"""LFD diagnostics: what the fitted scene model means, as plain arrays the LFD step writes
+(``lfd/diagnostics.npz``) and the report only reads.
+
+* :func:`mean_frame_residual`: mean frame of the data, of the LFD model and their difference;
+* :func:`motion_summary`: the motion model's scene offsets and PRF factor change per cadence;
+* :func:`lfd_diagnostics`: both, with the notes of what could not be computed, and
+  :func:`pack_diagnostics` / :func:`unpack_diagnostics` between those dicts and flat arrays.
+
+Functions of arrays, xarray data sets, astropy tables and the LFD models only.
+"""
+
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 import xarray as xr
 
 from workflow_lib.data.cube import as_pixel_table, pixel_coordinates
@@ -8,37 +20,44 @@ from workflow_lib.lfd.geometry import background_design, source_pixel_pairs
 from workflow_lib.lfd.motion import motion_factors
 from workflow_lib.lfd.prf import scene_matrix
 
+#: per-pixel arrays of the mean-frame residual
+RESIDUAL_ARRAYS = ("data", "model", "residual")
 
-def _good_cadences(cube: xr.Dataset, flux: np.ndarray) -> np.ndarray:
+
+def good_cadences(flux: np.ndarray, quality: np.ndarray | None) -> np.ndarray:
     """Cadences of the mean frame: QUALITY == 0 with at least one finite pixel (all finite
-    cadences when no cadence is flagged good), as LFD's mean frame (:func:`workflow_lib.edge.mean_frame`)."""
+    cadences when no cadence is flagged good), as LFD's mean frame (:func:`workflow_lib.lfd.edge.mean_frame`).
+    ``flux`` is (time, pixel)."""
     fin = np.isfinite(flux).any(axis=1)
-    q = np.asarray(cube["quality"].values) if "quality" in cube else np.zeros(fin.size, int)
+    q = np.asarray(quality) if quality is not None else np.zeros(fin.size, int)
     good = fin & (q == 0)
     return good if good.any() else fin
 
 
-def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=None) -> dict:
+def _good_cadences(cube: xr.Dataset, flux: np.ndarray) -> np.ndarray:
+    """:func:`good_cadences` of a cube (its ``quality`` variable when present)."""
+    return good_cadences(flux, cube["quality"].values if "quality" in cube else None)
+
+
+def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=None) -> dict:
     """Mean frame of the data, of the LFD model, and their difference, from what LFD writes.
 
-    Over the good cadences G (:func:`_good_cadences`, and present in the LFD set):
+    Over the good cadences G (:func:`good_cadences`, and present in the LFD set):
 
     * data  = mean_G of each pixel's flux (NaN-skipping);
     * model = sum over sources s of PRF(pixel - position_s) x mean_G(LFD flux_s), with the
-      catalog positions and :func:`workflow_lib.prf.scene_matrix` (the LFD scene), plus the
-      background polynomial (:func:`workflow_lib.prf.background_design`) with the mean of LFD's
+      catalog positions and :func:`workflow_lib.lfd.prf.scene_matrix` (the LFD scene), plus the
+      background polynomial (:func:`workflow_lib.lfd.geometry.background_design`) with the mean of LFD's
       per-cadence ``background`` coefficients (else the PRF step's mean-frame background);
     * with a motion model that LFD used (``use_motion``), the scene of cadence t is the PRF times
       the eq. 24 factor ``basis[k] @ time_basis[t]``, so the mean model of pair k is exactly
       ``PRF_k basis[k] @ mean_G(time_basis[t] flux_s(t))``;
     * residual = data - model.
 
-    Arrays are per pixel of ``as_pixel_table(cube, drop_nan=False)`` (the display's
+    Arrays are per pixel of ``as_pixel_table(cube, drop_nan=False)`` (the report's
     ``source_index`` order). Returns ``{"data", "model", "residual", "label", "n_sources",
     "n_cadences", "notes"}``.
     """
-    import scipy.sparse as sp
-
     notes = []
     t = as_pixel_table(cube, drop_nan=False)
     flux = np.asarray(t["flux"].transpose("time", "pixel").values, dtype=np.float64)
@@ -76,17 +95,7 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
     model = None
     if motion is not None and int(lfd.attrs.get("use_motion", 0)):
         try:
-            rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
-            cols = S.indices
-            basis, tb = motion_factors(
-                motion, pc[rows] - sc[cols], pr[rows] - sr[cols], np.asarray(cube["time"].values)[gi], prf
-            )
-            f_use = fs[use]  # (nsrc, ngood)
-            ok = np.isfinite(f_use)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                M = np.einsum("st,tk->sk", np.where(ok, f_use, 0.0), tb) / ok.sum(axis=1)[:, None]  # mean_G(tb * f_s)
-            model = np.bincount(rows, weights=S.data * np.einsum("pk,pk->p", basis, M[cols]), minlength=S.shape[0])
+            model = _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, np.asarray(cube["time"].values)[gi], fs[use])
             label = "with the motion model"
         except Exception as exc:
             notes.append(
@@ -94,27 +103,9 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
             )
     if model is None:
         model = S @ mean_f[use]
-    # background
-    if "background" in lfd and lfd["background"].ndim == 2:
-        b = lfd["background"]
-        bdim = [d for d in b.dims if d != "time"][0]
-        coef = np.asarray(b.transpose(bdim, "time").values, float)[:, tidx[gi]]
-        nb = coef.shape[0]
-        order = next((o for o in range(-1, 8) if (o + 1) * (o + 2) // 2 == nb), None)
-        if order is None:
-            raise ValueError(f"LFD background has {nb} terms: not a polynomial of any order")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mb = np.nanmean(coef, axis=1)
-        if nb:
-            model = model + background_design(pc, pr, order) @ np.nan_to_num(mb)
-    elif prf.background is not None and len(prf.background):
-        model = model + background_design(pc, pr, int(prf.background_order)) @ np.asarray(prf.background, float)
-        notes.append(
-            "mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used"
-        )
-    else:
-        notes.append("mean-frame residual: no LFD background saved; the model has no sky")
+    sky = _mean_background(lfd, prf, pc, pr, tidx[gi], notes)
+    if sky is not None:
+        model = model + sky
     model = np.where(np.isfinite(data), model, np.nan)
     return {
         "data": data,
@@ -127,69 +118,83 @@ def lfd_mean_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=No
     }
 
 
-def motion_panel(fp, n_sources: int = 5, radius: float = 2.5) -> dict | None:
-    """What the LFD motion model means, per cadence of the cube (time in the cube's system).
+def _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, time_good, f_use) -> np.ndarray:
+    """Mean over the good cadences of the motion-model scene: sum_k PRF_k basis[k] @ mean_G(time_basis f_s)."""
+    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
+    cols = S.indices
+    basis, tb = motion_factors(motion, pc[rows] - sc[cols], pr[rows] - sr[cols], time_good, prf)
+    ok = np.isfinite(f_use)  # (nsrc, ngood)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        M = np.einsum("st,tk->sk", np.where(ok, f_use, 0.0), tb) / ok.sum(axis=1)[:, None]  # mean_G(tb * f_s)
+    return np.bincount(rows, weights=S.data * np.einsum("pk,pk->p", basis, M[cols]), minlength=S.shape[0])
+
+
+def _mean_background(lfd: xr.Dataset, prf, pc, pr, tgood, notes: list):
+    """Mean sky of the good cadences ``tgood`` (indices into the LFD set) per pixel, or None (with a note)."""
+    if "background" in lfd and lfd["background"].ndim == 2:
+        b = lfd["background"]
+        bdim = [d for d in b.dims if d != "time"][0]
+        coef = np.asarray(b.transpose(bdim, "time").values, float)[:, tgood]
+        nb = coef.shape[0]
+        order = next((o for o in range(-1, 8) if (o + 1) * (o + 2) // 2 == nb), None)
+        if order is None:
+            raise ValueError(f"LFD background has {nb} terms: not a polynomial of any order")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mb = np.nanmean(coef, axis=1)
+        return background_design(pc, pr, order) @ np.nan_to_num(mb) if nb else None
+    if prf.background is not None and len(prf.background):
+        notes.append(
+            "mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used"
+        )
+        return background_design(pc, pr, int(prf.background_order)) @ np.asarray(prf.background, float)
+    notes.append("mean-frame residual: no LFD background saved; the model has no sky")
+    return None
+
+
+def measured_offsets(raw: dict | None, mm, time: np.ndarray):
+    """The measured scene offset (column, row) per cadence: ``scene_offset_column/row`` of the
+    motion-model file ``raw`` when they cover ``time``, else a shift model's own offsets, else None."""
+    raw = raw or {}
+    if "scene_offset_column" in raw and "scene_offset_row" in raw and np.size(raw["scene_offset_column"]) == time.size:
+        return np.asarray(raw["scene_offset_column"], float), np.asarray(raw["scene_offset_row"], float)
+    if mm is not None and mm.time_model == "shift" and mm.reg_time is not None:
+        return mm.offsets(time)
+    return None
+
+
+def motion_summary(mm, prf, catalog, cube: xr.Dataset, raw: dict | None = None, n_sources=5, radius=2.5) -> dict | None:
+    """What the LFD motion model ``mm`` means, per cadence of the cube (time in the cube's system).
 
     * ``dx``, ``dy`` [px]: the scene offset (column, row). Shift models store the measured offset
-      per cadence (``scene_offset_column/row``, else :meth:`MotionModel.offsets`): shown as
-      measured. Other models (polynomial in time, centroid regressors in normalised units) are
-      shown through their effect: the shift of the flux-weighted centroid of the modelled PRF
-      (PRF x factor, eq. 25) over the pixels within ``radius`` of the ``n_sources`` brightest
-      on-cutout sources, median over those sources.
+      per cadence (``scene_offset_column/row`` of the motion-model file ``raw``, else
+      :meth:`MotionModel.offsets`): shown as measured. Other models (polynomial in time, centroid
+      regressors in normalised units) are shown through their effect: the shift of the
+      flux-weighted centroid of the modelled PRF (PRF x factor, eq. 25) over the pixels within
+      ``radius`` of the ``n_sources`` brightest on-cutout sources, median over those sources.
     * ``change_mean`` [%]: mean |factor - 1| over those (source, pixel) pairs;
       ``pix_a``/``pix_b`` [%]: factor - 1 of two pixels of the brightest source (its peak pixel and
       the pixel whose factor varies most).
 
     ``None`` when there is no evaluable motion model; arrays at cadences with non-finite time are NaN.
     """
-    mm, prf, cat, cube = fp.motion_model, fp.prf, fp.catalog, fp.cube
     time = np.asarray(cube["time"].values, float)
-    raw = fp.motion or {}
     out = {"time": time}
-    meas = None
-    if "scene_offset_column" in raw and "scene_offset_row" in raw and np.size(raw["scene_offset_column"]) == time.size:
-        meas = (np.asarray(raw["scene_offset_column"], float), np.asarray(raw["scene_offset_row"], float))
-    elif mm is not None and mm.time_model == "shift" and mm.reg_time is not None:
-        meas = mm.offsets(time)
-    if mm is None or prf is None or cat is None or len(cat) == 0:
+    meas = measured_offsets(raw, mm, time)
+    if mm is None or prf is None or catalog is None or len(catalog) == 0:
         if meas is None:
             return None
         out.update(dx=meas[0], dy=meas[1], offset_label="measured scene offset", pixel_labels=[])
         return out
-
-    pt = pixel_coordinates(cube)
-    pc, pr = pt
-    sc, sr = np.asarray(cat["column"], float), np.asarray(cat["row"], float)
-    g = np.asarray(cat["phot_g_mean_mag"], float) if "phot_g_mean_mag" in cat.colnames else np.zeros(len(cat))
-    # sources whose whole radius lies on the pixels (an edge cut would bias the centroid)
-    inside = (
-        (sc - radius >= pc.min() - 0.5)
-        & (sc + radius <= pc.max() + 0.5)
-        & (sr - radius >= pr.min() - 0.5)
-        & (sr + radius <= pr.max() + 0.5)
-        & np.isfinite(g)
-    )
-    cand = np.flatnonzero(inside)
-    if cand.size == 0:
-        cand = np.flatnonzero(np.isfinite(g))
-    srcs = cand[np.argsort(g[cand], kind="stable")][:n_sources]
+    pc, pr = pixel_coordinates(cube)
+    srcs = _brightest_inside(catalog, pc, pr, n_sources, radius)
+    sc, sr = np.asarray(catalog["column"], float), np.asarray(catalog["row"], float)
     src, pix, dx, dy = source_pixel_pairs(sc[srcs], sr[srcs], pc, pr, radius)
     basis, tb = motion_factors(mm, dx, dy, time, prf)
     fac = np.asarray(tb @ basis.T, float)  # (ntime, npair)
     p0 = np.asarray(prf.evaluate(dx, dy), float)
-    cx = np.full((time.size, srcs.size), np.nan)
-    cy = np.full((time.size, srcs.size), np.nan)
-    for j in range(srcs.size):
-        k = src == j
-        if not k.any():
-            continue
-        w0, wt = p0[k], p0[k][None, :] * fac[:, k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cx[:, j] = (wt @ dx[k]) / wt.sum(axis=1) - (w0 @ dx[k]) / w0.sum()
-            cy[:, j] = (wt @ dy[k]) / wt.sum(axis=1) - (w0 @ dy[k]) / w0.sum()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model_dx, model_dy = np.nanmedian(cx, axis=1), np.nanmedian(cy, axis=1)
+    model_dx, model_dy = _centroid_shift(src, srcs.size, dx, dy, p0, fac)
     if meas is not None:
         out.update(dx=meas[0], dy=meas[1], offset_label="measured scene offset")
         out.update(model_dx=model_dx, model_dy=model_dy)
@@ -208,4 +213,141 @@ def motion_panel(fp, n_sources: int = 5, radius: float = 2.5) -> dict | None:
     out["pixel_labels"] = labels
     out["n_sources"] = int(srcs.size)
     out["time_model"] = mm.time_model
+    return out
+
+
+def _brightest_inside(catalog, pc, pr, n_sources: int, radius: float) -> np.ndarray:
+    """Catalog rows of the ``n_sources`` brightest sources whose whole ``radius`` lies on the pixels
+    (an edge cut would bias the centroid), else the brightest with a magnitude."""
+    sc, sr = np.asarray(catalog["column"], float), np.asarray(catalog["row"], float)
+    g = (
+        np.asarray(catalog["phot_g_mean_mag"], float)
+        if "phot_g_mean_mag" in catalog.colnames
+        else np.zeros(len(catalog))
+    )
+    inside = (
+        (sc - radius >= pc.min() - 0.5)
+        & (sc + radius <= pc.max() + 0.5)
+        & (sr - radius >= pr.min() - 0.5)
+        & (sr + radius <= pr.max() + 0.5)
+        & np.isfinite(g)
+    )
+    cand = np.flatnonzero(inside)
+    if cand.size == 0:
+        cand = np.flatnonzero(np.isfinite(g))
+    return cand[np.argsort(g[cand], kind="stable")][:n_sources]
+
+
+def _centroid_shift(src, n_src: int, dx, dy, p0, fac):
+    """Median over sources of the shift of the flux-weighted centroid of PRF x factor, per cadence."""
+    ntime = fac.shape[0]
+    cx = np.full((ntime, n_src), np.nan)
+    cy = np.full((ntime, n_src), np.nan)
+    for j in range(n_src):
+        k = src == j
+        if not k.any():
+            continue
+        w0, wt = p0[k], p0[k][None, :] * fac[:, k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cx[:, j] = (wt @ dx[k]) / wt.sum(axis=1) - (w0 @ dx[k]) / w0.sum()
+            cy[:, j] = (wt @ dy[k]) / wt.sum(axis=1) - (w0 @ dy[k]) / w0.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(cx, axis=1), np.nanmedian(cy, axis=1)
+
+
+# ------------------------------------------------------------------ the diagnostics product
+
+
+def lfd_diagnostics(cube: xr.Dataset, catalog, prf, lc: xr.Dataset, motion=None, motion_raw=None) -> dict:
+    """Mean-frame residual and motion summary of one field, never raising.
+
+    ``motion`` is the evaluable motion model (or None), ``motion_raw`` the arrays of its file
+    (None when there is no motion-model file). Returns ``{"mean_residual": dict | None,
+    "motion": dict | None, "residual_notes": [...], "motion_notes": [...]}``.
+    """
+    out = {"mean_residual": None, "motion": None, "residual_notes": [], "motion_notes": []}
+    try:
+        res = mean_frame_residual(cube, catalog, prf, lc, motion)
+        out["residual_notes"] = res.pop("notes", [])
+        out["mean_residual"] = res
+    except Exception as exc:  # diagnostics must not fail the light curves
+        out["residual_notes"].append(f"mean-frame residual panel skipped: {type(exc).__name__}: {exc}")
+    if motion_raw is not None:
+        try:
+            out["motion"] = motion_summary(motion, prf, catalog, cube, motion_raw)
+        except Exception as exc:  # another motion layout must not break the diagnostics
+            out["motion_notes"].append(f"LFD motion panel skipped: {type(exc).__name__}: {exc}")
+        if out["motion"] is None and not out["motion_notes"]:
+            out["motion_notes"].append(
+                "LFD motion panel skipped: the motion model needs the PRF model and the catalog to be evaluated"
+            )
+    return out
+
+
+def _strings(values) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=str) if len(values) else np.zeros(0, dtype="<U1")
+
+
+def pack_diagnostics(diag: dict) -> dict:
+    """Flat ``{name: array}`` of :func:`lfd_diagnostics` (for ``np.savez``; no pickles).
+
+    ``residual_<data|model|residual>`` per pixel of ``as_pixel_table(cube, drop_nan=False)``,
+    ``residual_<label|n_sources|n_cadences>``; ``motion_<column>`` per cadence with their order in
+    ``motion_columns``, ``motion_<offset_label|pixel_labels|n_sources|time_model>``;
+    ``residual_notes``, ``motion_notes``, and ``has_motion_file``.
+    """
+    out = {
+        "residual_notes": _strings(diag["residual_notes"]),
+        "motion_notes": _strings(diag["motion_notes"]),
+    }
+    res = diag.get("mean_residual")
+    if res is not None:
+        for k in RESIDUAL_ARRAYS:
+            out[f"residual_{k}"] = np.asarray(res[k])
+        out["residual_label"] = np.array(res["label"])
+        out["residual_n_sources"] = np.array(res["n_sources"], np.int64)
+        out["residual_n_cadences"] = np.array(res["n_cadences"], np.int64)
+    mp = diag.get("motion")
+    if mp is not None:
+        t = mp["time"]
+        cols = [k for k, v in mp.items() if isinstance(v, np.ndarray) and v.shape == t.shape]
+        out["motion_columns"] = _strings(cols)
+        for k in cols:
+            out[f"motion_{k}"] = mp[k]
+        out["motion_offset_label"] = np.array(mp["offset_label"])
+        out["motion_pixel_labels"] = _strings(mp.get("pixel_labels", []))
+        if "n_sources" in mp:
+            out["motion_n_sources"] = np.array(mp["n_sources"], np.int64)
+        if "time_model" in mp:
+            out["motion_time_model"] = np.array(mp["time_model"])
+    return out
+
+
+def unpack_diagnostics(arrays: dict) -> dict:
+    """The inverse of :func:`pack_diagnostics` (the per-cadence motion arrays in their order)."""
+    a = arrays
+    out = {
+        "residual_notes": [str(s) for s in a.get("residual_notes", [])],
+        "motion_notes": [str(s) for s in a.get("motion_notes", [])],
+        "mean_residual": None,
+        "motion": None,
+    }
+    if "residual_data" in a:
+        res = {k: np.asarray(a[f"residual_{k}"]) for k in RESIDUAL_ARRAYS}
+        res.update(
+            label=str(a["residual_label"]),
+            n_sources=int(a["residual_n_sources"]),
+            n_cadences=int(a["residual_n_cadences"]),
+        )
+        out["mean_residual"] = res
+    if "motion_columns" in a:
+        mp = {str(k): np.asarray(a[f"motion_{k}"]) for k in a["motion_columns"]}
+        mp["offset_label"] = str(a["motion_offset_label"])
+        mp["pixel_labels"] = [str(s) for s in a["motion_pixel_labels"]]
+        if "motion_n_sources" in a:
+            mp["n_sources"] = int(a["motion_n_sources"])
+        if "motion_time_model" in a:
+            mp["time_model"] = str(a["motion_time_model"])
+        out["motion"] = mp
     return out

@@ -66,9 +66,12 @@ def run_cpm_detrend(
     target_aperture: dict | None = None,
     threads: int = 1,
     field: str = "",
+    cdpp_hours=(1.0, 6.0),
 ) -> dict:
     """Snakemake step ``cpm_detrend``: de-trend every pixel, write the cube, the CPM and RAW
-    aperture light curves (zarr + one FITS per source).  Returns a small summary dict."""
+    aperture light curves (zarr + one FITS per source).  Returns a small summary dict.
+
+    The light-curve sets carry the CDPP proxy ``cdpp_<h>h`` of every ``cdpp_hours`` (1 h and 6 h always)."""
 
     params = paramset_params(config, paramset)
     ap = ApertureParams(**(config.get("aperture") or {}))
@@ -94,6 +97,8 @@ def run_cpm_detrend(
     cpm_lc, raw_lc = aperture_lightcurves(
         cube, det, catalog, ap, user_apertures=target_aperture, provenance=prov, name=name, bitmask=bitmask
     )
+    cpm_lc = _with_cdpp(cpm_lc, cdpp_hours, bitmask)
+    raw_lc = _with_cdpp(raw_lc, cdpp_hours, bitmask)
     cpm_lc.attrs["paramset"] = paramset
     raw_lc.attrs["paramset"] = paramset
     write_zarr_atomic(cpm_lc, lightcurves_path)
@@ -159,9 +164,18 @@ def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, 
     return table
 
 
-def run_cpm_stitch(lightcurve_paths: list, out_path, fits_dir, *, n_points: int = 100, group: str = "") -> xr.Dataset:
+def _with_cdpp(lc: xr.Dataset, hours, bitmask: int) -> xr.Dataset:
+    """``lc`` with the CDPP proxy of every ``hours`` it does not carry yet (:func:`workflow_lib.metrics.add_cdpp`)."""
+    missing = tuple(h for h in hours if f"cdpp_{h:g}h" not in lc.coords)
+    return add_cdpp(lc, hours=missing, bitmask=bitmask) if missing else lc
+
+
+def run_cpm_stitch(
+    lightcurve_paths: list, out_path, fits_dir, *, n_points: int = 100, group: str = "", cdpp_hours=(1.0, 6.0)
+) -> xr.Dataset:
     """Snakemake step ``cpm_stitch``: stitch the light curves of sources present in every
-    sector (same source_id, or same user-aperture name) in time order (paper §4.1)."""
+    sector (same source_id, or same user-aperture name) in time order (paper §4.1); with the CDPP
+    proxy ``cdpp_<h>h`` of every ``cdpp_hours``."""
 
     sets = [xr.open_zarr(p, consolidated=False).load() for p in lightcurve_paths]
     if not sets:
@@ -216,7 +230,7 @@ def run_cpm_stitch(lightcurve_paths: list, out_path, fits_dir, *, n_points: int 
     )
     lc = lc.assign_coords(stitch_offset=(("source", "segment"), np.array(offsets)))
 
-    lc = add_cdpp(lc)
+    lc = add_cdpp(lc, hours=tuple(cdpp_hours))
     write_zarr_atomic(lc, out_path)
     write_fits_dir([(lc, "cpm_stitched")], fits_dir)
     return lc

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
-from workflow_lib.core.atomic import write_text_atomic
+from workflow_lib.core.atomic import atomic_path, save_npz_deterministic, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
 from workflow_lib.data.fits_reader import validate_for_modelling
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
+from workflow_lib.lfd.diagnostics import lfd_diagnostics, pack_diagnostics
 from workflow_lib.lfd.edge import a_priori_flux, edge_params, fit_edge_to_frame, mean_frame
 from workflow_lib.lfd.geometry import background_design, scene_offsets
 from workflow_lib.lfd.io import load_edge_model, load_motion_model, save_motion_model
@@ -227,12 +229,16 @@ def flux_solve_step(
     params: dict | None = None,
     *,
     threads: int = 1,
+    diagnostics_npz=None,
+    cdpp_hours=(1.0, 6.0),
 ):
-    """Snakemake step: LFD light curves of every source (§4.4-4.5), zarr (atomic) + one FITS per source.
+    """Snakemake step: LFD light curves of every source (§4.4-4.5), zarr (atomic) + one FITS per source,
+    and the LFD diagnostics (:func:`write_lfd_diagnostics`; default ``diagnostics.npz`` next to ``out_zarr``).
 
     The prior of every source is its mean-frame LFD flux from the PRF step (sigma =
     ``prior_sigma_factor`` x |flux|); background terms get the PRF step's polynomial and a flat
     prior. With ``use_motion`` the motion model (§4.5) multiplies the scene at every cadence.
+    The light curves carry the CDPP proxy ``cdpp_<h>h`` of every ``cdpp_hours``.
     """
 
     p = solve_params(params)
@@ -340,10 +346,43 @@ def flux_solve_step(
         attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
     )
     lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
-    lc = add_cdpp(lc)  # 1-h / 6-h CDPP proxy, stored with the light curves (comparable with RAW and CPM)
+    # CDPP proxy (1 h / 6 h and the report's hours), stored with the light curves (comparable with RAW and CPM)
+    lc = add_cdpp(lc, hours=tuple(cdpp_hours))
     write_zarr_atomic(lc, out_zarr)
     log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
+    if diagnostics_npz is None:
+        diagnostics_npz = Path(out_zarr).parent / "diagnostics.npz"
+    write_lfd_diagnostics(diagnostics_npz, f["cube"], cat, f["model"], lc, motion_file)
     if p["write_fits"] and out_fits_dir is not None:
         paths = write_lightcurve_fits(lc, out_fits_dir, "lfd")
         log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
     return lc
+
+
+def write_lfd_diagnostics(out_npz, cube, catalog, prf, lc, motion_file=None) -> dict:
+    """Write what the LFD model means, for the report (``lfd/diagnostics.npz``, atomic, deterministic bytes).
+
+    The mean frame of the data, of the LFD model of ``lc`` and their residual, and the motion
+    model's scene offsets and PRF factor change per cadence (:func:`workflow_lib.lfd.diagnostics.lfd_diagnostics`;
+    layout: :func:`workflow_lib.lfd.diagnostics.pack_diagnostics`). ``motion_file`` is the
+    motion-model file (None: no motion panel). Returns the unpacked diagnostics.
+    """
+    motion = raw = None
+    notes = []
+    if motion_file is not None and Path(motion_file).exists():
+        try:
+            with np.load(motion_file, allow_pickle=False) as z:
+                raw = {k: np.asarray(z[k]) for k in z.files}
+        except Exception as exc:
+            notes.append(f"{motion_file}: unreadable ({exc})")
+        if raw is not None:
+            try:
+                motion = load_motion_model(motion_file)
+            except Exception as exc:
+                notes.append(f"{motion_file}: not a motion model LFD can evaluate ({exc})")
+    diag = lfd_diagnostics(cube, catalog, prf, lc, motion, raw)
+    diag["motion_notes"] = notes + diag["motion_notes"]
+    with atomic_path(out_npz) as tmp:
+        save_npz_deterministic(tmp, pack_diagnostics(diag))
+    log.info("wrote %s", out_npz)
+    return diag

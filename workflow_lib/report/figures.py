@@ -1,0 +1,397 @@
+"""The Bokeh figures of a field page, one builder per panel: the pixel image, the aperture and
+per-source light curves, the quality-flag timeline, the LFD motion model and mean-frame residual
+(read from the LFD diagnostics product), the source table, and the PRF and thumbnail pictures.
+
+Bokeh (~1-3 s to import) is imported inside the builders: :mod:`workflow_lib.report.page` is
+imported when Snakemake parses the workflow (rules/report.smk), on every run and every cluster job.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+
+from workflow_lib.report.display import DisplayCube
+
+#: light-curve sets of a field page, in display order
+LC_SETS = ("raw", "lfd", "cpm")
+
+
+def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
+    """The pixel image (rect per displayed pixel, coloured by ``pix.flux``) with box selection and
+    hover; returns ``(figure, pixel renderer, log mapper, linear mapper)``."""
+    from bokeh.models import BoxSelectTool, ColorBar, HoverTool, LinearColorMapper, LogColorMapper
+    from bokeh.palettes import Viridis256
+    from bokeh.plotting import figure
+
+    lo_pos = max(stretch["lo"], stretch["pos"])
+    mlog = LogColorMapper(
+        palette=Viridis256,
+        low=lo_pos,
+        high=max(stretch["hi"], lo_pos * 1.0001),
+        nan_color="#444444",
+        name="mapper_log",
+    )
+    mlin = LinearColorMapper(
+        palette=Viridis256, low=stretch["lo"], high=stretch["hi"], nan_color="#444444", name="mapper_lin"
+    )
+    mapper = mlog if mode == "log" else mlin
+    pad = 0.5
+    img = figure(
+        width=520,
+        height=480,
+        title=f"{field}: pixels",
+        match_aspect=True,
+        x_range=(disp.cols.min() - pad, disp.cols.max() + pad),
+        y_range=(disp.rows.min() - pad, disp.rows.max() + pad),
+        tools="pan,wheel_zoom,reset,save",
+        x_axis_label="CCD column",
+        y_axis_label="CCD row",
+        name="image_fig",
+    )
+    fc = {"field": "flux", "transform": mapper}
+    pr = img.rect(
+        "x",
+        "y",
+        1,
+        1,
+        source=pix,
+        fill_color=fc,
+        line_color=None,
+        name="pixel_renderer",
+        selection_fill_color=fc,
+        selection_line_color="white",
+        selection_line_width=2,
+        selection_fill_alpha=1.0,
+        nonselection_fill_color=fc,
+        nonselection_fill_alpha=1.0,
+        nonselection_line_color=None,
+    )
+    box = BoxSelectTool(renderers=[pr])
+    img.add_tools(box)
+    img.toolbar.active_drag = box
+    img.add_tools(
+        HoverTool(renderers=[pr], tooltips=[("row", "@row"), ("column", "@column"), ("flux", "@flux{0.00} e-/s")])
+    )
+    img.add_layout(ColorBar(color_mapper=mapper, width=10, name="colorbar"), "right")
+    return img, pr, mlog, mlin
+
+
+def source_overlay(img, src) -> None:
+    """Gaia sources (circles sized by G) over the image, with hover."""
+    from bokeh.models import HoverTool
+
+    sr = img.scatter(
+        "x",
+        "y",
+        size="size",
+        source=src,
+        marker="circle",
+        fill_color=None,
+        line_color="#ff4fd8",
+        line_width=1.2,
+        selection_line_color="#ff0000",
+        selection_line_width=3,
+        selection_fill_color=None,
+        nonselection_line_alpha=0.8,
+        nonselection_fill_color=None,
+        name="source_renderer",
+    )
+    img.add_tools(
+        HoverTool(
+            renderers=[sr],
+            tooltips=[
+                ("Gaia DR3", "@source_id"),
+                ("G", "@gmag{0.00}"),
+                ("column, row", "@column{0.00}, @row{0.00}"),
+                ("contamination", "@contamination{0.000}"),
+            ],
+        )
+    )
+
+
+def lightcurve_figure(lc, qtable: dict, tsys: str, t_now: float):
+    """The aperture light curve (``lc`` source) with decoded QUALITY in the hover and the red
+    current-cadence bar; returns ``(figure, span)``."""
+    from bokeh.models import CustomJSHover, HoverTool, Span
+    from bokeh.plotting import figure
+
+    qcode = (
+        "const t = " + json.dumps({str(k): v for k, v in qtable.items()}) + ";"
+        "const q = value|0; if (!q) return 'none'; const out = [];"
+        "for (let b = 1; b > 0 && b <= q; b *= 2) { if (q & b) out.push(t[b] || ('bit' + Math.log2(b))); }"
+        "return out.join(', ');"
+    )
+    lcf = figure(
+        width=620,
+        height=480,
+        title="light curve: aperture sum of the selected pixels",
+        tools="pan,wheel_zoom,box_zoom,reset,save",
+        x_axis_label=f"time [{tsys}]",
+        y_axis_label="flux [e-/s]",
+        name="lc_fig",
+    )
+    lr = lcf.scatter("time", "flux", source=lc, size=3, color="black", name="lc_renderer")
+    lcf.line("time", "flux", source=lc, color="#888888", line_width=0.7)
+    lcf.add_tools(
+        HoverTool(
+            renderers=[lr],
+            tooltips=[
+                ("cadence", "@cadenceno"),
+                ("time", "@time{0.00000}"),
+                ("flux", "@flux{0.000}"),
+                ("quality", "@quality{custom}"),
+            ],
+            formatters={"@quality": CustomJSHover(code=qcode)},
+        )
+    )
+    span = Span(location=float(t_now), dimension="height", line_color="red", line_width=2, name="span_main")
+    lcf.add_layout(span)
+    return lcf, span
+
+
+def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: float):
+    """One figure per light-curve set (raw, LFD, CPM) of the selected source, sharing ``x_range``;
+    returns ``(figures, spans)``."""
+    from bokeh.models import CustomJS, Span
+    from bokeh.plotting import figure
+
+    spans, sfigs = [], []
+    for k in LC_SETS:
+        f = figure(
+            width=560,
+            height=170,
+            title=labels[k],
+            tools="pan,wheel_zoom,box_zoom,reset",
+            x_range=x_range,
+            name=f"srcfig_{k}",
+            visible=(k == "raw" or k in shown),
+        )
+        f.scatter("time", k, source=srclc, size=2, color={"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728"}[k])
+        s = Span(location=float(t_now), dimension="height", line_color="red", line_width=1, name=f"span_{k}")
+        f.add_layout(s)
+        f.js_on_event("tap", CustomJS(code="window.RPT && RPT.seek(cb_obj.x);"))
+        spans.append(s)
+        sfigs.append(f)
+    return sfigs, spans
+
+
+def source_table(src, hours: float):
+    """Sortable table of the sources: Gaia id (link), G, position, contamination, CDPPs."""
+    from bokeh.models import DataTable, HTMLTemplateFormatter, NumberFormatter, TableColumn
+
+    num = NumberFormatter(format="0.000", nan_format="—")
+    cdppf = NumberFormatter(format="0", nan_format="—")
+    link = HTMLTemplateFormatter(template='<a href="#source=<%= value %>"><%= value %></a>')
+    cols = [
+        TableColumn(field="source_id", title="Gaia DR3 source_id", formatter=link, width=170),
+        TableColumn(field="gmag", title="G", formatter=NumberFormatter(format="0.00", nan_format="—"), width=60),
+        TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=70),
+        TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=70),
+        TableColumn(field="contamination", title="contamination", formatter=num, width=90),
+        TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
+        TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
+        TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),
+        TableColumn(
+            field="cdpp_common",
+            title="in median",
+            width=70,
+            formatter=HTMLTemplateFormatter(template="<%= value ? '✓' : '' %>"),
+        ),
+    ]
+    return DataTable(
+        source=src,
+        columns=cols,
+        width=900,
+        height=300,
+        sortable=True,
+        selectable=True,
+        index_position=None,
+        reorderable=False,
+        name="source_table",
+    )
+
+
+def quality_figure(disp: DisplayCube, qtable: dict, tsys: str, x_range):
+    """Which QUALITY flags are set when (one row per flag, time shared with the light curve); None without flags."""
+    from bokeh.plotting import figure
+
+    bits = sorted(
+        {b for b in qtable if (disp.quality & b).any()} | {1 << k for k in range(32) if (disp.quality & (1 << k)).any()}
+    )
+    if not bits:
+        return None
+    names = [qtable.get(b, f"Bit{b.bit_length()}") for b in bits]
+    f = figure(
+        width=560,
+        height=60 + 22 * len(names),
+        y_range=names[::-1],
+        x_range=x_range,
+        title="quality-flag timeline",
+        tools="xpan,xwheel_zoom,reset",
+        x_axis_label=f"time [{tsys}]",
+        name="quality_fig",
+    )
+    for b, n in zip(bits, names):
+        t = disp.time[(disp.quality & b) != 0]
+        f.scatter(t, [n] * t.size, marker="dash", size=10, angle=np.pi / 2, color="#d62728")
+    return f
+
+
+def motion_figures(mp: dict | None, tsys: str, x_range):
+    """Two figures sharing the light curve's time axis: scene offsets [px] and the factor change [%]."""
+    from bokeh.models import ColumnDataSource
+    from bokeh.plotting import figure
+
+    if mp is None:
+        return []
+    t = mp["time"]
+    step = max(1, t.size // 5000)
+    cols = {
+        k: np.asarray(v, np.float64)[::step] for k, v in mp.items() if isinstance(v, np.ndarray) and v.shape == t.shape
+    }
+    src = ColumnDataSource(cols, name="motion")
+    f1 = figure(
+        width=560,
+        height=200,
+        title=f"LFD motion model: {mp['offset_label']}",
+        tools="xpan,xwheel_zoom,box_zoom,reset",
+        x_range=x_range,
+        x_axis_label=f"time [{tsys}]",
+        y_axis_label="scene offset [px]",
+        name="motion_fig",
+    )
+    f1.line("time", "dx", source=src, color="#1f77b4", legend_label="dx (column)")
+    f1.line("time", "dy", source=src, color="#d62728", legend_label="dy (row)")
+    if "model_dx" in cols:
+        f1.line("time", "model_dx", source=src, color="#1f77b4", line_dash="dotted", legend_label="model centroid dx")
+        f1.line("time", "model_dy", source=src, color="#d62728", line_dash="dotted", legend_label="model centroid dy")
+    figs = [f1]
+    if "change_mean" in cols:
+        f2 = figure(
+            width=560,
+            height=200,
+            title="LFD motion model: PRF factor − 1 (eq. 24); pixels of the brightest source",
+            tools="xpan,xwheel_zoom,box_zoom,reset",
+            x_range=x_range,
+            x_axis_label=f"time [{tsys}]",
+            y_axis_label="factor − 1 [%]",
+            name="motion_change_fig",
+        )
+        f2.line(
+            "time",
+            "change_mean",
+            source=src,
+            color="black",
+            legend_label=f"mean |change|, {mp.get('n_sources', 0)} stars",
+        )
+        for k, lab, c in zip(("pix_a", "pix_b"), mp.get("pixel_labels", []), ("#2ca02c", "#9467bd")):
+            if k in cols:
+                f2.line("time", k, source=src, color=c, legend_label=lab)
+        figs.append(f2)
+    for f in figs:
+        f.legend.click_policy = "hide"
+        f.legend.label_text_font_size = "8pt"
+        f.legend.background_fill_alpha = 0.6
+        f.legend.location = "top_left"
+        f.legend.orientation = "horizontal"
+        f.legend.padding = 2
+        f.legend.spacing = 4
+    return figs
+
+
+def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
+    """Data, LFD model and residual mean frames side by side (shared log stretch; diverging residual)."""
+    from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, LogColorMapper
+    from bokeh.palettes import RdBu11, Viridis256
+    from bokeh.plotting import figure
+
+    if res is None:
+        return []
+    palette = RdBu11 if palette is None else palette
+    flat = {k: np.asarray(res[k], float).ravel() for k in ("data", "model", "residual")}
+    if flat["data"].size <= int(disp.source_index.max()):
+        return []
+    vals = {k: v[disp.source_index] for k, v in flat.items()}
+    d = vals["data"][np.isfinite(vals["data"])]
+    pos = d[d > 0]
+    lo = float(np.percentile(pos, 1)) if pos.size else 1e-3
+    hi = max(float(np.percentile(pos, 99.5)) if pos.size else 1.0, lo * 1.001)
+    r = vals["residual"]
+    lim = float(np.nanpercentile(np.abs(r), 98)) if np.isfinite(r).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    src = ColumnDataSource(
+        {
+            "x": disp.cols.astype(float),
+            "y": disp.rows.astype(float),
+            **{k: v.astype(np.float32) for k, v in vals.items()},
+        },
+        name="residual",
+    )
+    mlog = LogColorMapper(palette=Viridis256, low=lo, high=hi, nan_color="#444444")
+    mdiv = LinearColorMapper(palette=list(palette), low=-lim, high=lim, nan_color="#444444")  # RdBu: low blue, high red
+    pad = 0.5
+    xr_ = (float(disp.cols.min()) - pad, float(disp.cols.max()) + pad)
+    yr_ = (float(disp.rows.min()) - pad, float(disp.rows.max()) + pad)
+    figs = []
+    titles = {"data": "mean frame: data", "model": "mean frame: LFD model", "residual": "residual: data − LFD model"}
+    for k in ("data", "model", "residual"):
+        kw = {} if not figs else {"x_range": figs[0].x_range, "y_range": figs[0].y_range}
+        f = figure(
+            width=330,
+            height=310,
+            title=titles[k],
+            match_aspect=True,
+            tools="pan,wheel_zoom,reset",
+            name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
+            **({"x_range": xr_, "y_range": yr_} if not figs else kw),
+        )
+        m = mdiv if k == "residual" else mlog
+        rr = f.rect("x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None)
+        f.add_tools(
+            HoverTool(
+                renderers=[rr],
+                tooltips=[
+                    ("row", "@y"),
+                    ("column", "@x"),
+                    ("data", "@data{0.00}"),
+                    ("model", "@model{0.00}"),
+                    ("residual", "@residual{0.00}"),
+                ],
+            )
+        )
+        f.add_layout(ColorBar(color_mapper=m, width=8), "right")
+        figs.append(f)
+    return figs
+
+
+def prf_picture(png: bytes | None) -> str | None:
+    """The PRF step's picture (``prf_model.png``) as base64 for the page, None without one."""
+    return base64.b64encode(png).decode() if png else None
+
+
+def thumbnail_png(image: np.ndarray, size_px: int = 160) -> bytes:
+    """A small log-stretched PNG of an image (no metadata, so byte-reproducible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = np.asarray(image, float)
+    fin = img[np.isfinite(img)]
+    lo, hi = np.percentile(fin, [1, 99]) if fin.size else (0.0, 1.0)
+    pos = fin[fin > 0]
+    lo = max(lo, float(np.percentile(pos, 1)) if pos.size else 1e-3)
+    hi = max(hi, lo * 1.001)
+    norm = np.log10(np.clip(img, lo, hi) / lo) / np.log10(hi / lo)
+    fig = plt.figure(figsize=(size_px / 100, size_px / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(np.nan_to_num(norm, nan=0.0), origin="lower", cmap="viridis", interpolation="nearest")
+    ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

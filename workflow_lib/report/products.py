@@ -1,0 +1,236 @@
+"""What a field page shows, read from the pipeline's products (nothing is computed here).
+
+:func:`load_field_products` reads a field directory tolerantly (absent or unreadable stages are
+notes): the cube and catalog, the LFD light curves, PRF picture, edge model and diagnostics
+(``lfd/diagnostics.npz``: mean-frame residual and motion summary, written by the LFD step), and
+the CPM light curves and de-trended cube. Per-source values (contamination, CDPP) are read from
+the coordinates the science steps store on each light-curve set (:func:`source_values`,
+:func:`cdpp_values`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from astropy.table import Table
+
+from workflow_lib.core.logs import get_logger
+from workflow_lib.data.cube import CubeError, open_cube
+from workflow_lib.lfd.diagnostics import unpack_diagnostics
+
+log = get_logger("report")
+
+#: the LFD step's diagnostics product, in ``<field>/lfd/``
+LFD_DIAGNOSTICS = "diagnostics.npz"
+
+
+@dataclass
+class FieldProducts:
+    """Everything the field page can show; absent stages are ``None``."""
+
+    field: str
+    cube: xr.Dataset
+    catalog: object | None = None  # astropy Table
+    lfd: xr.Dataset | None = None
+    cpm: xr.Dataset | None = None
+    cpm_raw: xr.Dataset | None = None
+    detrended: xr.Dataset | None = None
+    cpm_paramset: str | None = None
+    prf_png: bytes | None = None
+    edge: object | None = None
+    mean_residual: dict | None = None  # {"data", "model", "residual"} per pixel-table pixel, "label", ...
+    motion_summary: dict | None = None  # per-cadence motion-model arrays (workflow_lib.lfd.diagnostics.motion_summary)
+    motion_notes: list = dc_field(default_factory=list)  # why the motion panel is not shown
+    notes: list = dc_field(default_factory=list)
+
+
+def _open_lcset(path: Path, notes: list) -> xr.Dataset | None:
+    if not path.exists():
+        return None
+    try:
+        ds = xr.open_zarr(path, consolidated=False).load()
+        for v in ("flux", "source_id"):
+            if v not in ds:
+                raise ValueError(f"missing {v!r}")
+        return ds
+    except Exception as exc:  # a half-finished stage must not break the report
+        notes.append(f"{path}: unreadable light-curve set ({exc}); section skipped")
+        log.warning("%s: unreadable light-curve set (%s); skipped", path, exc)
+        return None
+
+
+def find_cpm_dir(field_dir: Path, paramset: str | None = None) -> Path | None:
+    """``<field>/cpm/<paramset>``; without ``paramset`` the first (sorted) one holding outputs."""
+    base = Path(field_dir) / "cpm"
+    if paramset:
+        return base / paramset if (base / paramset).is_dir() else None
+    if not base.is_dir():
+        return None
+    for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any((d / n).exists() for n in ("lightcurves.zarr", "detrended.zarr", "raw_lightcurves.zarr")):
+            return d
+    return None
+
+
+def read_lfd_diagnostics(path: Path) -> dict:
+    """The LFD step's diagnostics (:func:`workflow_lib.lfd.diagnostics.unpack_diagnostics`)."""
+    with np.load(path, allow_pickle=False) as z:
+        return unpack_diagnostics({k: z[k] for k in z.files})
+
+
+def _load_lfd(fp: FieldProducts, lfd: Path) -> None:
+    """The LFD products of ``fp``: light curves, PRF picture, edge model, diagnostics."""
+    fp.lfd = _open_lcset(lfd / "lightcurves.zarr", fp.notes)
+    png = lfd / "prf_model.png"
+    if png.exists():
+        fp.prf_png = png.read_bytes()
+    edge = lfd / "edge_model.json"
+    if edge.exists():
+        try:
+            fp.edge = json.loads(edge.read_text())
+        except ValueError as exc:
+            fp.notes.append(f"{edge}: unreadable ({exc})")
+    diag = lfd / LFD_DIAGNOSTICS
+    if not diag.exists():
+        fp.notes.append(f"mean-frame residual and motion panels skipped: LFD output missing ({LFD_DIAGNOSTICS})")
+        return
+    try:
+        d = read_lfd_diagnostics(diag)
+    except Exception as exc:  # a report must not fail on a half-compatible LFD output
+        fp.notes.append(f"{diag}: unreadable LFD diagnostics ({type(exc).__name__}: {exc})")
+        log.warning("%s: unreadable LFD diagnostics (%s)", fp.field, exc)
+        return
+    fp.mean_residual = d["mean_residual"]
+    fp.notes.extend(d["residual_notes"])
+    fp.motion_summary = d["motion"]
+    fp.motion_notes = d["motion_notes"]
+
+
+def _load_cpm(fp: FieldProducts, field_dir: Path, cpm_paramset: str | None) -> None:
+    cdir = find_cpm_dir(field_dir, cpm_paramset)
+    if cdir is None:
+        if cpm_paramset:
+            fp.notes.append(f"CPM parameter set {cpm_paramset!r} has no outputs yet")
+        return
+    fp.cpm_paramset = cdir.name
+    fp.cpm = _open_lcset(cdir / "lightcurves.zarr", fp.notes)
+    fp.cpm_raw = _open_lcset(cdir / "raw_lightcurves.zarr", fp.notes)
+    det = cdir / "detrended.zarr"
+    if det.exists():
+        try:
+            fp.detrended = open_cube(det, validate=False)
+            if "flux" not in fp.detrended:
+                raise CubeError("no flux variable")
+        except Exception as exc:
+            fp.detrended = None
+            fp.notes.append(f"{det}: unreadable de-trended cube ({exc})")
+
+
+def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: str | None = None) -> FieldProducts:
+    """Read a field's outputs: cube and catalog, plus whatever LFD / CPM products exist."""
+    field_dir = Path(field_dir)
+    field = field or field_dir.name
+    cube = open_cube(field_dir / "cube.zarr")
+    fp = FieldProducts(field=field, cube=cube)
+    cat = field_dir / "catalog.ecsv"
+    if cat.exists():
+        fp.catalog = Table.read(cat, format="ascii.ecsv")
+    else:
+        fp.notes.append("catalog.ecsv absent: no Gaia sources shown")
+    if (field_dir / "lfd").is_dir():
+        _load_lfd(fp, field_dir / "lfd")
+    _load_cpm(fp, field_dir, cpm_paramset)
+    return fp
+
+
+# ------------------------------------------------------------------ per-source values of the light-curve sets
+
+
+def source_values(lc: xr.Dataset | None, ids: np.ndarray, name: str) -> np.ndarray:
+    """Per-source value of coordinate (or variable) ``name`` of a light-curve set in the order of
+    ``ids``; NaN for sources not in the set, everywhere when the set lacks ``name``."""
+    out = np.full(ids.size, np.nan)
+    if lc is None or not (name in lc.coords or name in lc):
+        return out
+    spos = {int(s): i for i, s in enumerate(np.asarray(lc["source_id"].values, dtype=np.int64))}
+    vals = np.asarray(lc[name].values, float)
+    for k, s in enumerate(ids):
+        i = spos.get(int(s))
+        if i is not None:
+            out[k] = vals[i]
+    return out
+
+
+def cdpp_name(hours: float) -> str:
+    """The coordinate :func:`workflow_lib.metrics.add_cdpp` stores the ``hours`` CDPP proxy in."""
+    return f"cdpp_{float(hours):g}h"
+
+
+def cdpp_values(lc: xr.Dataset | None, ids: np.ndarray, hours: float, label: str, notes: list) -> np.ndarray:
+    """The pipeline's CDPP proxy [ppm] of each source over ``hours`` as the science step stored
+    it (:func:`workflow_lib.metrics.add_cdpp`); NaN with a note when the set does not carry it."""
+    name = cdpp_name(hours)
+    if lc is not None and name not in lc.coords and name not in lc:
+        notes.append(
+            f"{label} light curves carry no {name}: their CDPP is not shown "
+            f"(the step writes it with cdpp_hours including {float(hours):g})"
+        )
+    return source_values(lc, ids, name)
+
+
+def cdpp_common_set(metrics: dict, catalog, gmag: np.ndarray, sets: list[str], mag_limit: float) -> np.ndarray:
+    """Sources over which the per-set median CDPPs are comparable (bool per catalog row):
+    G < ``mag_limit``, on the pixels (catalog ``on_cutout`` when present), and a finite CDPP in
+    every available light-curve set of ``sets``."""
+    n = gmag.size
+    keep = np.isfinite(gmag) & (gmag < float(mag_limit))
+    if catalog is not None and "on_cutout" in catalog.colnames:
+        keep &= np.asarray(catalog["on_cutout"], bool)
+    for k in sets:
+        keep &= np.isfinite(np.asarray(metrics[f"cdpp_{k}"], float))
+    return keep if sets else np.zeros(n, bool)
+
+
+# ------------------------------------------------------------------ benchmarks
+
+
+def read_benchmarks(bench_dir) -> list[dict]:
+    """Every Snakemake benchmark TSV under ``bench_dir/<rule>/<name>.tsv`` as rows
+    ``{rule, target, s, max_rss, mean_load, cpu_time}`` (mean over repeats), sorted."""
+    rows = []
+    for f in sorted(Path(bench_dir).glob("*/*.tsv")):
+        try:
+            with open(f, newline="") as fh:
+                recs = list(csv.DictReader(fh, delimiter="\t"))
+        except OSError:
+            continue
+        if not recs:
+            continue
+
+        def mean(key):
+            vals = []
+            for r in recs:
+                try:
+                    vals.append(float(r.get(key, "nan")))
+                except (TypeError, ValueError):
+                    pass
+            vals = [v for v in vals if np.isfinite(v)]
+            return float(np.mean(vals)) if vals else None
+
+        rows.append(
+            {
+                "rule": f.parent.name,
+                "target": f.stem,
+                "s": mean("s"),
+                "max_rss": mean("max_rss"),
+                "mean_load": mean("mean_load"),
+                "cpu_time": mean("cpu_time"),
+            }
+        )
+    return rows
