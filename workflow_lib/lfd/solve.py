@@ -49,12 +49,17 @@ solve is the paper's):
 
 from __future__ import annotations
 
+import time as _time
+
 import numpy as np
 import scipy.sparse as sp
+from scipy.ndimage import median_filter
+from scipy.spatial import cKDTree
 
+from workflow_lib.core.linalg import robust_sigma
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map
-from workflow_lib.core.settings import merge_settings
+from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.geometry import n_terms, shift_monomials
 from workflow_lib.lfd.linsys import SolveError, build_system, solve_direct, solve_pcg
 
@@ -144,7 +149,6 @@ def source_flux(
     dict with ``flux``, ``flux_err`` (nsource, ntime), ``background``, ``background_err``
     (nbk, ntime), ``method``, ``pcg_iterations``.
     """
-    import time as _time
 
     t_start = _time.perf_counter()
     ntime, npix = flux.shape
@@ -213,28 +217,10 @@ def source_flux(
 
 # --------------------------------------------------------------------------- pipeline step
 
-#: defaults of ``lfd.solve`` (config/schema.yaml holds the same values)
-SOLVE_DEFAULTS = {
-    "use_motion": True,
-    "method": "auto",
-    "direct_max_sources": 3000,
-    "time_chunk": 64,
-    "prior_sigma_factor": 10.0,
-    "rtol": 1e-10,
-    "dask_scheduler": None,
-    "write_fits": True,
-    "background_order": None,
-    "exact_errors": False,
-    "blend_radius": 0.5,
-    "blend_prior_fraction": 0.05,
-    "offset_decorrelation_degree": 2,
-    "offset_decorrelation_window": 1.0,
-}
-
 
 def solve_params(params: dict | None) -> dict:
     """The lfd.solve settings: defaults overridden by ``params``."""
-    return merge_settings(SOLVE_DEFAULTS, params, "lfd.solve", SolveError)
+    return merge_settings(schema_defaults("lfd.solve"), params, "lfd.solve", SolveError)
 
 
 def blended_sources(column, row, flux, radius: float):
@@ -248,8 +234,6 @@ def blended_sources(column, row, flux, radius: float):
     values; :func:`flux_solve_step` does that, so the variability of a blend is assigned to
     its brightest member. Returns a boolean array (nsource,).
     """
-    from scipy.spatial import cKDTree
-
     xy = np.column_stack([np.asarray(column, float), np.asarray(row, float)])
     flux = np.asarray(flux, float)
     out = np.zeros(len(xy), bool)
@@ -261,7 +245,7 @@ def blended_sources(column, row, flux, radius: float):
 
 
 def decorrelate_offsets(
-    time, flux, cx, cy, good, *, degree: int = 2, window_days: float = 1.0, n_iter: int = 3, clip: float = 4.0
+    time, flux, cx, cy, good, *, degree: int, window_days: float, n_iter: int = 3, clip: float = 4.0
 ):
     """Remove from every light curve the part that follows the measured scene offset.
 
@@ -282,8 +266,6 @@ def decorrelate_offsets(
     (ntime,) bool. Returns ``(corrected flux, coefficients (nsource, nterm))``; cadences without
     an offset are returned unchanged.
     """
-    from scipy.ndimage import median_filter
-
     flux = np.asarray(flux, float)
     time = np.asarray(time, float)
     cx = np.asarray(cx, float)
@@ -314,7 +296,7 @@ def decorrelate_offsets(
         if it == int(n_iter):
             break
         r = Yh - coef @ X.T
-        mad = 1.4826 * np.median(np.abs(r - np.median(r, axis=1, keepdims=True)), axis=1, keepdims=True)
+        mad = robust_sigma(r, axis=1, keepdims=True)
         w = (fin & (np.abs(r) <= clip * np.maximum(mad, 1e-30))).astype(float)
     Mc = np.where(have[:, None], M - M[iu].mean(axis=0), 0.0)
     out = flux - coef @ Mc.T
