@@ -213,7 +213,9 @@ def concat_stamps(stamps: list[xr.Dataset]) -> xr.Dataset:
     out.attrs["stamp_wcs"] = json.dumps([st.attrs.get("wcs", "") for st in stamps])
     # CCD (column, row) of each stamp's first pixel: the origin of the 0-based indices its WCS maps
     out.attrs["stamp_origin"] = json.dumps([[int(st["column"].values[0]), int(st["row"].values[0])] for st in stamps])
-    out.attrs["stamps"] = json.dumps([{k: _jsonable(v) for k, v in st.attrs.items() if k != "wcs"} for st in stamps])
+    out.attrs["stamps"] = json.dumps(
+        [{k: python_scalar(v) for k, v in st.attrs.items() if k != "wcs"} for st in stamps]
+    )
     out.attrs["layout"] = "pixel_table"
     out.attrs["duplicate_pixels_dropped"] = int(n_dup)
     return out
@@ -226,11 +228,14 @@ def _same(a, b) -> bool:
         return False
 
 
-def _jsonable(v):
+def python_scalar(v):
+    """``v`` with numpy integer / floating / bool scalars as Python int / float / bool (JSON, FITS headers)."""
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating,)):
         return float(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
     return v
 
 

@@ -24,6 +24,7 @@ import xarray as xr
 from astropy.io import fits
 
 from workflow_lib.core.atomic import atomic_path
+from workflow_lib.data.cube import python_scalar
 
 #: the TELESCOP value lightkurve expects for each mission
 TELESCOP = {"TESS": "TESS", "Kepler": "Kepler", "K2": "Kepler"}
@@ -77,16 +78,6 @@ def lightcurve_set(
     return ds
 
 
-def _header_value(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    return v
-
-
 def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     """The FITS light curve of source ``index`` of a light-curve set (lightkurve-readable)."""
     mission = lc.attrs.get("mission", "TESS")
@@ -108,11 +99,11 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
         ("channel", "CHANNEL"),
     ):
         if key in lc.attrs and lc.attrs[key] is not None:
-            h[fkey] = _header_value(lc.attrs[key])
+            h[fkey] = python_scalar(lc.attrs[key])
     for name in lc.coords:
         c = lc.coords[name]
         if c.dims == ("source",) and name != "source_id":
-            v = _header_value(c.values[index])
+            v = python_scalar(c.values[index])
             key = name.upper()[:8]
             if isinstance(v, (int, float, bool, str)) and (not isinstance(v, float) or np.isfinite(v)):
                 h[key] = (v, name)
