@@ -3,6 +3,7 @@ refused by name."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def _resolve(node: dict, schema: dict) -> dict:
 
 def schema_defaults(section: str) -> dict:
     """The defaults of one object of the schema, by dotted path: ``"lfd.edge"``, ``"cpm"``, ``"report"``,
-    or a ``$defs`` entry as ``"$defs.synthetic"``. Nested objects are not expanded (a key whose schema is an
+    or a nested object as ``"cpm.aperture"``, or a ``$defs`` entry as ``"$defs.synthetic"``. Nested objects are not expanded (a key whose schema is an
     object without a default is left out). The schema is the only place a default is written down."""
     schema = load_schema()
     node = schema
@@ -46,7 +47,8 @@ def schema_defaults(section: str) -> dict:
     node = _resolve(node, schema)
     props = node.get("properties", {})
     resolved = {k: _resolve(v, schema) for k, v in props.items()}
-    return {k: v["default"] for k, v in resolved.items() if "default" in v}
+    # a deep copy: callers may change a list default without touching the cached schema
+    return {k: copy.deepcopy(v["default"]) for k, v in resolved.items() if "default" in v}
 
 
 def merge_settings(defaults: dict, given: dict | None, section: str, error: type[Exception] = ValueError) -> dict:

@@ -5,20 +5,31 @@ import numpy as np
 import xarray as xr
 
 from workflow_lib.core.quality import HARD_BITMASK
+from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.data.cube import CubeError, as_pixel_table
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.metrics import add_cdpp
 
+#: the ``cpm.aperture`` defaults of the schema (the one place they are written down)
+_DEFAULTS = schema_defaults("cpm.aperture")
+
 
 @dataclass(frozen=True)
 class ApertureParams:
-    """Circular apertures around catalog sources: radius r(G) = clip(r_max - slope (G - mag_bright), r_min, r_max)."""
+    """Circular apertures around catalog sources: radius r(G) = clip(r_max - slope (G - mag_bright), r_min, r_max).
 
-    radius_min: float = 1.0
-    radius_max: float = 3.0
-    mag_bright: float = 10.0
-    slope: float = 0.5
-    mag_limit: float | None = None
+    Defaults: the ``cpm.aperture`` section of the schema."""
+
+    radius_min: float = _DEFAULTS["radius_min"]
+    radius_max: float = _DEFAULTS["radius_max"]
+    mag_bright: float = _DEFAULTS["mag_bright"]
+    slope: float = _DEFAULTS["slope"]
+    mag_limit: float | None = _DEFAULTS["mag_limit"]
+
+
+def aperture_params(config: dict | None = None) -> ApertureParams:
+    """ApertureParams from the ``cpm.aperture`` config section over the schema defaults; unknown keys are errors."""
+    return ApertureParams(**merge_settings(schema_defaults("cpm.aperture"), config, "cpm.aperture", ValueError))
 
 
 def aperture_radius(gmag, ap: ApertureParams) -> np.ndarray:

@@ -56,10 +56,12 @@ import scipy.linalg as sla
 import xarray as xr
 from scipy.linalg.blas import dtrsm
 
+from workflow_lib.core.linalg import MAD_TO_SIGMA
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map, describe
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.quality import HARD_BITMASK
+from workflow_lib.core.settings import schema_defaults
 from workflow_lib.data.cube import CubeError, as_pixel_table, validate_cube
 
 log = get_logger("cpm")
@@ -72,28 +74,32 @@ class CPMWarning(UserWarning):
     """A recoverable problem with the input of a CPM step (fewer predictors, NaN pixels)."""
 
 
+#: the ``cpm`` section defaults of the schema (the one place they are written down)
+_DEFAULTS = schema_defaults("cpm")
+
+
 @dataclass(frozen=True)
 class CPMParams:
-    """CPM tuning parameters; defaults are the paper's (§3.3, §3.4, §4)."""
+    """CPM tuning parameters; the defaults (the paper's, §3.3, §3.4, §4) are those of the ``cpm`` section of the schema."""
 
-    n_predictors: int = 256  #: L
-    exclusion_size: int = 11  #: side of the exclusion square (2h+1 with h = size // 2)
-    predictor_method: str = "similar_brightness"
-    lambda_L: float = 0.01
-    lambda_P: float = 0.01
-    poly_degree: int = 3  #: 0 = no polynomial component
-    k: int = 150  #: number of train-and-test sections for `k_reference_cadence_minutes` data
-    k_reference_cadence_minutes: float = 30.0
-    scale_k_with_cadence: bool = True
-    remove_poly: bool = False
-    background_subtract: bool = False
-    n_background_pixels: int = 100
-    quality_bitmask: int | None = None  #: None = HARD_BITMASK of the mission
-    min_finite_fraction: float = 0.5
-    seed: int = 0
-    chunk_pixels: int = 128
-    gram_max_pixels: int = 12000
-    dask_scheduler: str | None = None
+    n_predictors: int = _DEFAULTS["n_predictors"]  #: L
+    exclusion_size: int = _DEFAULTS["exclusion_size"]  #: side of the exclusion square (2h+1 with h = size // 2)
+    predictor_method: str = _DEFAULTS["predictor_method"]
+    lambda_L: float = _DEFAULTS["lambda_L"]
+    lambda_P: float = _DEFAULTS["lambda_P"]
+    poly_degree: int = _DEFAULTS["poly_degree"]  #: 0 = no polynomial component
+    k: int = _DEFAULTS["k"]  #: number of train-and-test sections for `k_reference_cadence_minutes` data
+    k_reference_cadence_minutes: float = _DEFAULTS["k_reference_cadence_minutes"]
+    scale_k_with_cadence: bool = _DEFAULTS["scale_k_with_cadence"]
+    remove_poly: bool = _DEFAULTS["remove_poly"]
+    background_subtract: bool = _DEFAULTS["background_subtract"]
+    n_background_pixels: int = _DEFAULTS["n_background_pixels"]
+    quality_bitmask: int | None = _DEFAULTS["quality_bitmask"]  #: None = HARD_BITMASK of the mission
+    min_finite_fraction: float = _DEFAULTS["min_finite_fraction"]
+    seed: int = _DEFAULTS["seed"]
+    chunk_pixels: int = _DEFAULTS["chunk_pixels"]
+    gram_max_pixels: int = _DEFAULTS["gram_max_pixels"]
+    dask_scheduler: str | None = _DEFAULTS["dask_scheduler"]
 
     def __post_init__(self):
         if self.predictor_method not in PREDICTOR_METHODS:
@@ -229,7 +235,7 @@ def preprocess(flux, quality, time, params: CPMParams, *, mission: str = "TESS",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(f, axis=0)
-        mad = 1.4826 * np.nanmedian(np.abs(f - med), axis=0)
+        mad = MAD_TO_SIGMA * np.nanmedian(np.abs(f - med), axis=0)
     scale = np.fmax(med, mad)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
     ystar = (f - med) / scale

@@ -66,6 +66,7 @@ from workflow_lib.core import provenance
 from workflow_lib.core.atomic import write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.quality import TESS_QUALITY_FLAGS, quality_flags
+from workflow_lib.core.settings import schema_defaults
 from workflow_lib.report import figures
 from workflow_lib.report.display import (
     DisplayCube,
@@ -97,32 +98,18 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 # ------------------------------------------------------------------ configuration
 
-#: defaults of the ``report:`` config block (mirrors config/schema.yaml)
-DEFAULTS = {
-    "max_page_mb": 50.0,
-    "reduce": "crop",
-    "max_side": 64,
-    "min_side": 9,
-    "max_display_cadences": 20000,
-    "aperture_radius": 1.6,
-    "target_max_offset": 0.25,
-    "percentiles": [1.0, 95.0],
-    "stretch": "log",
-    "play_interval_ms": 150,
-    "cdpp_hours": 1.0,
-    "cdpp_mag_limit": 15.0,
-    "cpm_paramset": None,
-    "thumbnail_px": 160,
-}
+#: the ``report`` defaults, read from the schema (kept as a name for callers; the schema is the source)
+DEFAULTS = schema_defaults("report")
 
 
 def report_params(cfg: dict | None = None) -> dict:
     """The ``report`` config block with defaults filled in; unknown keys are errors."""
     cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
+    defaults = schema_defaults("report")
+    unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown report option(s) {unknown}; known: {sorted(DEFAULTS)}")
-    out = dict(DEFAULTS)
+        raise ValueError(f"unknown report option(s) {unknown}; known: {sorted(defaults)}")
+    out = defaults
     out.update({k: v for k, v in cfg.items()})
     if out["reduce"] not in ("crop", "bin"):
         raise ValueError(f"report.reduce must be 'crop' or 'bin', got {out['reduce']!r}")
