@@ -11,13 +11,18 @@ writes (results/<run>/benchmarks/<rule>/<name>.tsv, columns `s` and `cpu_time`) 
     python benchmarks/run_overhead.py --config .test/config --cores 2 --keep
     python benchmarks/run_overhead.py --read /tmp/ovh.XXXX  # only summarise an existing run dir
 
-Wall / (sum of rule CPU / cores) is the overhead factor: 1.0 would be perfectly packed rule work.
+Wall / (sum of rule CPU / cores) is the overhead factor: 1.0 would be perfectly packed rule work. The CPU
+of snakemake and every process it started (getrusage of the waited-for children) minus the rules' own CPU
+is the per-job overhead in CPU seconds, which unlike wall time does not depend on how busy the machine is.
+Snakemake is run with the Snakefile of this checkout (``REPO``; ``--snakefile`` to compare another).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +50,7 @@ def read_benchmarks(run_dir: Path) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict], wall: float | None, cores: int) -> str:
+def summarise(rows: list[dict], wall: float | None, cores: int, total_cpu: float | None = None) -> str:
     out = [f"{'rule':<20} {'job':<22} {'s':>8} {'cpu_s':>8}"]
     for r in sorted(rows, key=lambda r: -r["s"]):
         out.append(f"{r['rule']:<20} {r['job']:<22} {r['s']:8.1f} {r['cpu']:8.1f}")
@@ -63,31 +68,39 @@ def summarise(rows: list[dict], wall: float | None, cores: int) -> str:
         out.append(f"wall / rule seconds       {wall / s:8.2f}" if s else "")
         out.append(f"wall / rule CPU           {wall / cpu:8.2f}" if cpu else "")
         out.append(f"wall x cores / rule CPU   {wall * cores / cpu:8.2f}   (1.0 = rule work perfectly packed)")
+    if total_cpu is not None:
+        out.append(f"total CPU of the run      {total_cpu:8.1f} s   (snakemake + every job process, user + sys)")
+        out.append(f"CPU outside the rules     {total_cpu - cpu:8.1f} s   (snakemake itself, job start-up, imports)")
+        out.append(f"  per job                 {(total_cpu - cpu) / max(len(rows), 1):8.1f} s")
     return "\n".join(x for x in out if x is not None)
 
 
-def run(config_dir: Path, cores: int, workdir: Path, extra: list[str]) -> float:
+def run(config_dir: Path, cores: int, workdir: Path, extra: list[str], snakefile: Path) -> tuple[float, float]:
+    """Run snakemake; return (wall seconds, CPU seconds of snakemake and all its descendants)."""
     shutil.copytree(config_dir, workdir / "config")
     cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        str(snakefile),
         "--directory",
         str(workdir),
         "--cores",
         str(cores),
         *extra,
     ]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with (workdir / "snakemake.log").open("w") as log:
         res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if res.returncode:
         tail = (workdir / "snakemake.log").read_text().splitlines()[-30:]
         raise SystemExit(f"snakemake failed ({res.returncode}) in {workdir}:\n" + "\n".join(tail))
-    return wall
+    return wall, total_cpu
 
 
 def main(argv=None) -> int:
@@ -97,15 +110,18 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--read", type=Path, metavar="DIR", help="only summarise the benchmarks of an existing run dir")
     ap.add_argument("snakemake_args", nargs="*", help="extra snakemake arguments (after --)")
+    ap.add_argument("--snakefile", type=Path, default=REPO / "Snakefile", help="Snakefile (default: this checkout's)")
     a = ap.parse_args(argv)
     if a.read:
         print(summarise(read_benchmarks(a.read), None, a.cores))
         return 0
+    load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     workdir = Path(tempfile.mkdtemp(prefix="run_overhead."))
     try:
-        wall = run(a.config, a.cores, workdir, a.snakemake_args)
+        wall, total_cpu = run(a.config, a.cores, workdir, a.snakemake_args, a.snakefile)
         print(f"run directory: {workdir}{'' if a.keep else ' (removed)'}")
-        print(summarise(read_benchmarks(workdir), wall, a.cores))
+        print(f"load average before/after: {load0} / {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        print(summarise(read_benchmarks(workdir), wall, a.cores, total_cpu))
     finally:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
