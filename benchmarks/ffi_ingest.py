@@ -37,10 +37,9 @@ def peak_rss_bytes() -> int:
 
 
 def ingest_once(directory: str, threads: int, frames_per_block: int, tile: int) -> dict:
-    import psutil
-
     # import everything the ingest uses first: imports are a fixed cost, not a per-MB one
     import dask.array  # noqa: F401
+    import psutil
     import xarray.backends.zarr  # noqa: F401
     import zarr.codecs  # noqa: F401
 
