@@ -1,48 +1,92 @@
-#: TESS SPOC QUALITY bits (TESS Science Data Products Description Document)
-TESS_QUALITY_FLAGS = {
-    1: "AttitudeTweak",
-    2: "SafeMode",
-    4: "CoarsePoint",
-    8: "EarthPoint",
-    16: "Argabrightening",
-    32: "Desat",
-    64: "ApertureCosmic",
-    128: "ManualExclude",
-    256: "Discontinuity",
-    512: "ImpulsiveOutlier",
-    1024: "CollateralCosmic",
-    2048: "Straylight",
-    4096: "Straylight2",
-    8192: "PlanetSearchExclude",
-    16384: "BadCalibrationExclude",
-    32768: "InsufficientTargets",
-}
+"""QUALITY flags of TESS and Kepler/K2 in one place: the named bits, their display names, and the
+bitmasks the pipeline uses, each built from the named bits (no bit value is written anywhere else).
+
+* :class:`TessQuality` - TESS SPOC QUALITY bits (TESS Science Data Products Description Document);
+* :class:`KeplerQuality` - Kepler / K2 QUALITY bits (Kepler Archive Manual, table 2-3);
+* :data:`HARD_BITMASK` - lightkurve's "hard" bitmasks (``TessQualityFlags.HARD_BITMASK``,
+  ``KeplerQualityFlags.HARD_BITMASK``): cadences the CPM step and the aperture light curves drop;
+* :data:`DEFAULT_CDPP_BITMASK` - cadences left out of the CDPP: the pointing / exclusion bits of
+  lightkurve's TESS default bitmask (without its Argabrightening, ImpulsiveOutlier and
+  BadCalibrationExclude bits).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "TessQuality",
+    "KeplerQuality",
+    "TESS_QUALITY_FLAGS",
+    "KEPLER_QUALITY_FLAGS",
+    "quality_flags",
+    "decode_quality",
+    "HARD_BITMASK",
+    "DEFAULT_CDPP_BITMASK",
+]
 
 
-#: Kepler / K2 QUALITY bits (Kepler Archive Manual, table 2-3)
-KEPLER_QUALITY_FLAGS = {
-    1: "AttitudeTweak",
-    2: "SafeMode",
-    4: "CoarsePoint",
-    8: "EarthPoint",
-    16: "ZeroCrossing",
-    32: "Desat",
-    64: "Argabrightening",
-    128: "ApertureCosmic",
-    256: "ManualExclude",
-    512: "Discontinuity",
-    1024: "SensitivityDropout",
-    2048: "ImpulsiveOutlier",
-    4096: "ArgabrighteningOnCCD",
-    8192: "CollateralCosmic",
-    16384: "DetectorAnomaly",
-    32768: "NoFinePoint",
-    65536: "NoData",
-    131072: "RollingBandInAperture",
-    262144: "RollingBandInMask",
-    524288: "PossibleThrusterFiring",
-    1048576: "ThrusterFiring",
-}
+class TessQuality(enum.IntFlag):
+    """TESS SPOC QUALITY bits (TESS Science Data Products Description Document)."""
+
+    ATTITUDE_TWEAK = 1 << 0
+    SAFE_MODE = 1 << 1
+    COARSE_POINT = 1 << 2
+    EARTH_POINT = 1 << 3
+    ARGABRIGHTENING = 1 << 4
+    DESAT = 1 << 5  # reaction-wheel desaturation (momentum dump)
+    APERTURE_COSMIC = 1 << 6
+    MANUAL_EXCLUDE = 1 << 7
+    DISCONTINUITY = 1 << 8
+    IMPULSIVE_OUTLIER = 1 << 9
+    COLLATERAL_COSMIC = 1 << 10
+    STRAYLIGHT = 1 << 11
+    STRAYLIGHT2 = 1 << 12
+    PLANET_SEARCH_EXCLUDE = 1 << 13
+    BAD_CALIBRATION_EXCLUDE = 1 << 14
+    INSUFFICIENT_TARGETS = 1 << 15
+
+
+class KeplerQuality(enum.IntFlag):
+    """Kepler / K2 QUALITY bits (Kepler Archive Manual, table 2-3)."""
+
+    ATTITUDE_TWEAK = 1 << 0
+    SAFE_MODE = 1 << 1
+    COARSE_POINT = 1 << 2
+    EARTH_POINT = 1 << 3
+    ZERO_CROSSING = 1 << 4
+    DESAT = 1 << 5
+    ARGABRIGHTENING = 1 << 6
+    APERTURE_COSMIC = 1 << 7
+    MANUAL_EXCLUDE = 1 << 8
+    DISCONTINUITY = 1 << 9
+    SENSITIVITY_DROPOUT = 1 << 10
+    IMPULSIVE_OUTLIER = 1 << 11
+    ARGABRIGHTENING_ON_CCD = 1 << 12
+    COLLATERAL_COSMIC = 1 << 13
+    DETECTOR_ANOMALY = 1 << 14
+    NO_FINE_POINT = 1 << 15
+    NO_DATA = 1 << 16
+    ROLLING_BAND_IN_APERTURE = 1 << 17
+    ROLLING_BAND_IN_MASK = 1 << 18
+    POSSIBLE_THRUSTER_FIRING = 1 << 19
+    THRUSTER_FIRING = 1 << 20
+
+
+def _display_name(member: enum.IntFlag) -> str:
+    """``ARGABRIGHTENING_ON_CCD`` -> ``ArgabrighteningOnCCD`` (the names shown in reports)."""
+    return "".join("CCD" if w == "CCD" else w.title() for w in member.name.split("_"))
+
+
+def _table(flags: type[enum.IntFlag]) -> dict[int, str]:
+    return {int(m): _display_name(m) for m in flags}
+
+
+#: TESS QUALITY bit -> display name
+TESS_QUALITY_FLAGS = _table(TessQuality)
+
+#: Kepler / K2 QUALITY bit -> display name
+KEPLER_QUALITY_FLAGS = _table(KeplerQuality)
 
 
 def quality_flags(mission: str) -> dict[int, str]:
@@ -67,9 +111,47 @@ def decode_quality(value: int, mission: str) -> list[str]:
     return names
 
 
-#: lightkurve's "hard" QUALITY bitmasks (incl. the TESS momentum-dump / desaturation bit 32)
-HARD_BITMASK = {"TESS": 24319, "Kepler": 1664431, "K2": 1664431}
+_T, _K = TessQuality, KeplerQuality
 
+#: TESS "hard" bitmask (lightkurve ``TessQualityFlags.HARD_BITMASK``, incl. the momentum-dump bit DESAT)
+TESS_HARD_BITMASK = int(
+    _T.ATTITUDE_TWEAK
+    | _T.SAFE_MODE
+    | _T.COARSE_POINT
+    | _T.EARTH_POINT
+    | _T.ARGABRIGHTENING
+    | _T.DESAT
+    | _T.APERTURE_COSMIC
+    | _T.MANUAL_EXCLUDE
+    | _T.IMPULSIVE_OUTLIER
+    | _T.COLLATERAL_COSMIC
+    | _T.STRAYLIGHT
+    | _T.STRAYLIGHT2
+    | _T.BAD_CALIBRATION_EXCLUDE
+)
 
-#: quality bits ignored when measuring CDPP (lightkurve's TESS default bitmask)
-DEFAULT_CDPP_BITMASK = 175
+#: Kepler / K2 "hard" bitmask (lightkurve ``KeplerQualityFlags.HARD_BITMASK``)
+KEPLER_HARD_BITMASK = int(
+    _K.ATTITUDE_TWEAK
+    | _K.SAFE_MODE
+    | _K.COARSE_POINT
+    | _K.EARTH_POINT
+    | _K.DESAT
+    | _K.APERTURE_COSMIC
+    | _K.MANUAL_EXCLUDE
+    | _K.SENSITIVITY_DROPOUT
+    | _K.COLLATERAL_COSMIC
+    | _K.DETECTOR_ANOMALY
+    | _K.NO_DATA
+    | _K.POSSIBLE_THRUSTER_FIRING
+    | _K.THRUSTER_FIRING
+)
+
+#: lightkurve's "hard" QUALITY bitmasks per mission
+HARD_BITMASK = {"TESS": TESS_HARD_BITMASK, "Kepler": KEPLER_HARD_BITMASK, "K2": KEPLER_HARD_BITMASK}
+
+#: quality bits ignored when measuring CDPP: pointing, safe mode, momentum dumps and manual excludes
+#: (the spacecraft bits of lightkurve's TESS default bitmask)
+DEFAULT_CDPP_BITMASK = int(
+    _T.ATTITUDE_TWEAK | _T.SAFE_MODE | _T.COARSE_POINT | _T.EARTH_POINT | _T.DESAT | _T.MANUAL_EXCLUDE
+)

@@ -46,14 +46,13 @@ from astropy.table import Table
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
-from workflow_lib.core.settings import SCHEMA_PATH
+from workflow_lib.core.quality import TessQuality
+from workflow_lib.core.settings import schema_defaults
 from workflow_lib.data import tess_prf
-from workflow_lib.data.cube import CubeError, make_cube, wcs_to_header_string, write_zarr_atomic
+from workflow_lib.data.cube import make_cube, wcs_to_header_string, write_zarr_atomic
 from workflow_lib.data.gaia import GAIA_UNITS
 
 log = get_logger("synthetic")
-
-SCHEMA = SCHEMA_PATH
 
 #: TESS zero point: 15000 e-/s at T = 10 (TESS Instrument Handbook; Sullivan et al. 2015)
 TESS_ZP_FLUX = 15000.0
@@ -72,10 +71,10 @@ T_START = 1325.3
 EXPOSURE_FRACTION = 0.792
 #: TESS frames are 2-s exposures; 80 % survive cosmic-ray mitigation and are co-added
 FRAME_SECONDS = 2.0
-#: TESS QUALITY bits used here (TESS Science Data Products Description, Table 28)
-Q_EARTH_POINT = 8
-Q_DESAT = 32
-Q_COLLATERAL_COSMIC = 1024
+#: TESS QUALITY bits used here (named in :mod:`workflow_lib.core.quality`)
+Q_EARTH_POINT = int(TessQuality.EARTH_POINT)
+Q_DESAT = int(TessQuality.DESAT)
+Q_COLLATERAL_COSMIC = int(TessQuality.COLLATERAL_COSMIC)
 REF_EPOCH = 2016.0
 #: constant stars brighter than this TESS magnitude go on the finest scene grid
 BRIGHT_T = 13.0
@@ -87,38 +86,8 @@ SOURCE_ID_BASE = 4_623_000_000_000_000_000
 
 
 def default_params() -> dict:
-    """The defaults of ``$defs/synthetic`` in ``config/schema.yaml``."""
-    import yaml
-
-    if not SCHEMA.exists():
-        raise CubeError(f"{SCHEMA}: config schema not found (needed for the synthetic defaults)")
-    text = SCHEMA.read_text()
-    try:
-        props = yaml.safe_load(text)["$defs"]["synthetic"]["properties"]
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        # fall back to the $defs/synthetic block alone, so an error elsewhere in the schema does
-        # not stop the simulation (snakemake's validate reports that error itself)
-        block = _synthetic_block(text)
-        if block is None:
-            raise CubeError(f"{SCHEMA}: cannot read the $defs/synthetic block ({exc})") from exc
-        try:
-            props = yaml.safe_load(block)["synthetic"]["properties"]
-        except (yaml.YAMLError, KeyError, TypeError) as exc2:
-            raise CubeError(f"{SCHEMA}: cannot read the $defs/synthetic block ({exc2})") from exc2
-    return {k: v["default"] for k, v in props.items() if "default" in v}
-
-
-def _synthetic_block(text: str) -> str | None:
-    lines = text.splitlines()
-    try:
-        start = lines.index("$defs:")
-        i0 = next(i for i in range(start + 1, len(lines)) if lines[i].rstrip() == "  synthetic:")
-    except (ValueError, StopIteration):
-        return None
-    i1 = next(
-        (i for i in range(i0 + 1, len(lines)) if lines[i][:3].strip() and not lines[i].startswith("   ")), len(lines)
-    )
-    return "\n".join(line[2:] for line in lines[i0:i1])
+    """The defaults of ``$defs/synthetic`` in the config schema (:func:`workflow_lib.core.settings.schema_defaults`)."""
+    return schema_defaults("$defs.synthetic")
 
 
 def fill_params(params: dict | None) -> dict:
