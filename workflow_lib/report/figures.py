@@ -2,8 +2,11 @@
 per-source light curves, the quality-flag timeline, the LFD motion model and mean-frame residual
 (read from the LFD diagnostics product), the source table, and the PRF and thumbnail pictures.
 
-Bokeh (~1-3 s to import) is imported inside the builders: :mod:`workflow_lib.report.page` is
-imported when Snakemake parses the workflow (rules/report.smk), on every run and every cluster job.
+Bokeh and matplotlib are imported inside the builders (and :func:`workflow_lib.report.page.deterministic_ids`):
+the ``report-index`` step (``python -m workflow_lib.steps report-index``) imports
+:mod:`workflow_lib.report.page` but draws no figure, and bokeh is most of that import (measured on the
+shared 2-core machine: ``import workflow_lib.report.page`` 15-17 s, with bokeh 25 s; bokeh alone ~3 s
+in ``python -X importtime`` on a quiet machine).
 """
 
 from __future__ import annotations
