@@ -338,10 +338,10 @@ def _write_noise_ffis(d: Path, n: int, size: int):
 
 
 def test_peak_memory_does_not_grow_with_frames(tmp_path):
-    """Peak RSS of ingesting 240 frames vs 48 (one fresh process after a warm-up run, VmHWM reset
-    before each run): the cube grows by ~100 MB, the ingest's peak only by the (time, 64, 64) chunk
+    """Peak RSS of ingesting 160 frames vs 32 (one fresh process after a warm-up run, VmHWM reset
+    before each run): the cube grows by ~67 MB, the ingest's peak only by the (time, 32, 32) chunk
     buffers."""
-    size, ns = 256, (48, 240)
+    size, ns = 256, (32, 160)
     for n in ns:
         _write_noise_ffis(tmp_path / f"n{n}", n, size)
     code = textwrap.dedent(
@@ -355,7 +355,7 @@ def test_peak_memory_does_not_grow_with_frames(tmp_path):
         for n in {(ns[0], ns[1], ns[0])!r}:  # the first run warms up (thread pools, codecs, caches)
             open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
             base = ffi_ingest.peak_rss_bytes()
-            ingest_ffis({str(tmp_path)!r} + f"/n{{n}}", {str(tmp_path)!r} + f"/c{{n}}.zarr", frames_per_block=8, tiles_per_task=1)
+            ingest_ffis({str(tmp_path)!r} + f"/n{{n}}", {str(tmp_path)!r} + f"/c{{n}}.zarr", frames_per_block=8, tile=(32, 32), tiles_per_task=1)
             out.append(ffi_ingest.peak_rss_bytes() - base)
         print(json.dumps(out))
         """
@@ -371,10 +371,10 @@ def test_peak_memory_does_not_grow_with_frames(tmp_path):
         pytest.skip("cannot reset VmHWM (/proc/self/clear_refs)")
     assert p.returncode == 0, p.stderr
     _, large, small = json.loads(p.stdout.strip().splitlines()[-1])
-    assert open_cube(tmp_path / "c240.zarr").sizes["time"] == 240
+    assert open_cube(tmp_path / f"c{ns[1]}.zarr").sizes["time"] == ns[1]
     cube_growth = (ns[1] - ns[0]) * size * size * 8
     print(
         f"peak RSS above start: {small / 1e6:.1f} MB ({ns[0]} frames), {large / 1e6:.1f} MB ({ns[1]} frames); cube +{cube_growth / 1e6:.0f} MB"
     )
-    # whole-cube buffering would add ~100 MB; the design adds ~(192 frames x 64 x 64 x 4 B) x a few
+    # whole-cube buffering would add ~67 MB; the design adds ~(128 frames x 32 x 32 x 4 B) x a few
     assert large - small < 0.25 * cube_growth, (small, large, cube_growth)

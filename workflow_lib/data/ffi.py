@@ -23,21 +23,24 @@ shifted to the cropped array (0-based x = column index, y = row index).
 
 Ingestion (:func:`ingest_ffis`) is a two-stage transposition in bounded memory:
 
-1. **frame store** (``<cube>.frames/``): the science pixels of blocks of ``frames_per_block``
-   frames (~256 MB: 4 whole-CCD frames), one uncompressed file per block (flux, flux_err) with a
-   per-frame *done* mask in its header, written to a temporary name and renamed; slots in the order
-   frames were first ingested, listed (file, size, time, quality) in ``manifest.json``.  One task
-   reads one block of FITS files and writes its file.  A rerun -- after an exception, a kill, or with
-   more files -- reads only the frames that are not done.
-2. **cube**: dask memory-maps the block files, concatenates them along time and rechunks strips of
-   (all times, 64 rows, 8 x 64 columns) (the strips of different tasks never overlap, so memory is a
-   few strips per thread, whatever the CCD size), puts slots in time order and xarray writes the cube
-   (chunks (time, 64, 64), blosc-zstd + byte shuffle) atomically (temporary sibling + rename).
+1. **frame store** (``<cube>.frames/``, next to the cube): blocks of ``frames_per_block`` frames
+   (default ~256 MB of flux + flux_err: 7 whole-CCD frames, at most 64), one uncompressed file per
+   block in strip-major order with a per-frame *done* mask in its header, written to a temporary
+   name and renamed; slots in the order frames were first ingested, listed (file, size, time,
+   quality) in ``manifest.json``, written before any block.  One task reads one block of FITS files
+   (only its science rows) and writes its file.  A rerun -- after an exception, a kill, or with more
+   files -- reads only the frames that are not done.
+2. **cube**: one dask task per strip of (all times, 64 rows, ``tiles_per_task`` x 64 columns) reads
+   that strip from every block file (one contiguous read each), puts the slots in time order, and
+   xarray writes the cube with chunks (time, 64, 64) (blosc lz4 + byte shuffle) atomically
+   (temporary sibling + rename).  Strips never overlap, so memory is a few strips per thread,
+   whatever the size of the CCD.
 
 Why not ``rechunker`` (the usual library for this): 0.5.4 requires ``zarr<3`` and fails on zarr 3
-(``zarr.hierarchy`` is gone).  And why not a zarr frame store: zarr-python 3 costs ~1 ms of CPU per
-chunk operation, which with (block, 64, 64) chunks written and read again made stage 1 + 2 run at
-~20 MB of FITS per CPU-second; raw block files plus one zarr write of large chunks are ~10x faster.
+(``AttributeError: module 'zarr' has no attribute 'hierarchy'``).  Why not a zarr frame store:
+zarr-python 3 costs ~1 ms of CPU per chunk operation, and a (block, 64, 64)-chunked store written and
+read again ran the whole ingest at ~20 MB of FITS per CPU-second; raw strip-major block files and
+one zarr write of large chunks run at 110-140.
 """
 
 from __future__ import annotations
@@ -247,9 +250,7 @@ def _astropy_headers(path: Path, n_hdus: int = 3):
     with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
         out = []
         for i in range(min(n_hdus, len(hdul))):
-            h = hdul[i].header
-            if isinstance(hdul[i], fits.CompImageHDU):
-                h = hdul[i].header  # the image header astropy reconstructs
+            h = hdul[i].header  # for a tile-compressed HDU: the image header astropy reconstructs
             out.append(({k: h[k] for k in h if k}, -1, 0))
         return out
 
