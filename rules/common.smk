@@ -3,6 +3,7 @@
 # Every rule runs one step with `python -m workflow_lib.steps <step> ...` (workflow_lib/steps/__main__.py,
 # docs/CLI.md) in the conda env envs/pipeline.yaml; settings are passed as JSON (json_arg).
 import json
+import os
 import shlex
 
 from snakemake.utils import validate
@@ -51,6 +52,28 @@ def field_params(field, section):
 def json_arg(value):
     """`value` as one shell word of JSON: `--params {params.x}` in a shell command gets it back intact."""
     return shlex.quote(json.dumps(value))
+
+
+# Snakemake sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS & co. to a shell job's `threads`. Under the former
+# `run:` blocks the steps saw the environment snakemake was started in (BLAS: one thread per core), and
+# some results depend on the BLAS thread count (the LFD motion model's least squares: with 1 thread its
+# weights differ in the last bits). Every step command starts with BLAS_ENV, which gives the step that
+# environment back, so the products stay bitwise identical to the run: era.
+BLAS_VARS = (
+    "OMP_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+BLAS_ENV = " ".join(
+    ["env"]
+    + [
+        f"{var}={shlex.quote(os.environ[var])}" if var in os.environ else f"-u {var}"
+        for var in BLAS_VARS
+    ]
+)
 
 
 def zarr_store(path):
