@@ -146,7 +146,7 @@ def main(argv=None):
 
         cat = crossmatch(cube, catalog)
         det_cube = cpm.cpm_detrend_cube(cube, params, threads=args.threads)
-        cpm_lc, raw_lc = apertures.aperture_lightcurves(cube, det_cube, cat, apertures.ApertureParams())
+        cpm_lc, raw_lc = apertures.aperture_lightcurves(cube, det_cube, cat, apertures.aperture_params())
         qd = evaluate_truth(cube, truth, cpm_lc, raw_lc)
         s = summarize_quality(qd)
         print("  quality vs truth:")

@@ -6,6 +6,7 @@ import pytest
 from workflow_lib.lfd.edge import (
     edge_design_matrix,
     edge_model_flux,
+    edge_params,
     edge_radius,
     fit_edge_model,
     uncontaminated_pixels,
@@ -32,7 +33,8 @@ def test_fit_recovers_known_polynomial_and_radius():
     F = 10 ** rng.uniform(1.5, 4.5, 3000)
     r = rng.uniform(0, 5, 3000)
     f = 10 ** (edge_design_matrix(r, np.log10(F)) @ w_true) * (1 + 0.01 * rng.normal(size=3000))
-    w = fit_edge_model(r, F, f, n_iter=3, sigma_clip=3.0, dominance=0.9)
+    E = edge_params(None)
+    w = fit_edge_model(r, F, f, n_iter=E["n_iter"], sigma_clip=E["sigma_clip"], dominance=E["dominance"])
     assert np.allclose(w, w_true, atol=0.02)
     # radius where the model meets the threshold: log10 F - 0.8 - 0.45 r^2 = log10 thr
     flux = np.array([30.0, 1e3, 1e4, 1e14])
