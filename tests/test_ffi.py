@@ -225,6 +225,14 @@ def test_wrong_shapes_and_missing_hdus(synth, tmp_path):
         ffi.read_ffi_header(junk)
 
 
+def test_layout_of_a_whole_ffi():
+    """2078 x 2136: science rows 0-2047, columns 44-2091 = CCD rows 1-2048, columns 45-2092."""
+    for hdr in ({}, {"CRVAL1P": 0, "CRVAL2P": 0, "CRPIX1P": 1, "CRPIX2P": 1}):
+        lay = ffi.FFILayout.for_shape((2078, 2136), hdr)
+        assert (lay.row_start, lay.col_start, lay.n_rows, lay.n_cols) == (0, 44, 2048, 2048)
+        assert (lay.ccd_row0, lay.ccd_col0) == (1, 45)
+
+
 def test_cropped_ffi_by_physical_wcs(synth, tmp_path):
     """A crop of an FFI (physical WCS CRVAL1P/CRVAL2P gives its place on the CCD) keeps only science pixels."""
     f = sorted(synth.files)[0]

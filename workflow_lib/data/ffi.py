@@ -103,6 +103,8 @@ class FFILayout:
     @classmethod
     def for_shape(cls, shape, header=None, path="?") -> FFILayout:
         nrow, ncol = shape
+        if tuple(shape) == SPOC_SHAPE:  # a whole FFI: the known layout, whatever its physical WCS says
+            return cls(0, LEFT_COLLATERAL, SCIENCE_SIZE, SCIENCE_SIZE, 1, LEFT_COLLATERAL + 1)
         # physical WCS: FITS pixel p -> raw CCD coordinate CRVAL?P + (p - CRPIX?P); 1-based array = CCD
         cv1 = _float_or_none(_kw([header], "CRVAL1P")) if header is not None else None
         cv2 = _float_or_none(_kw([header], "CRVAL2P")) if header is not None else None
@@ -118,8 +120,6 @@ class FFILayout:
             if c1 < c0 or r1 < r0:
                 raise CubeError(f"{path}: the image (CCD rows {row1}.., columns {col1}..) holds no science pixels")
             return cls(r0 - row1, c0 - col1, r1 - r0 + 1, c1 - c0 + 1, r0, c0)
-        if tuple(shape) == SPOC_SHAPE:
-            return cls(0, LEFT_COLLATERAL, SCIENCE_SIZE, SCIENCE_SIZE, 1, LEFT_COLLATERAL + 1)
         n_rows, n_cols = nrow - TOP_COLLATERAL, ncol - LEFT_COLLATERAL - RIGHT_COLLATERAL
         if n_rows < 1 or n_cols < 1:
             raise CubeError(
