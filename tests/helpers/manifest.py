@@ -2,7 +2,7 @@
 
 The re-layering contract (issue 10): moving code must not change results. The tiny config's outputs are
 summarised here as SHA-256 digests of their *data* (array values with dtype and shape, FITS HDU data,
-field-page HTML with volatile provenance lines blanked) and compared with the committed
+field-page HTML bytes) and compared with the committed
 ``tests/data/tiny_manifest.json``. Regenerate it only on purpose::
 
     python -m tests.helpers.manifest results/ci-tiny > tests/data/tiny_manifest.json
@@ -63,10 +63,8 @@ def fits_digests(path: Path, root: Path) -> dict[str, str]:
 
 
 def page_digest(path: Path) -> str:
-    text = path.read_text()
-    # blank JSON-ish values of volatile keys and run-specific footers
-    lines = [ln for ln in text.splitlines() if not VOLATILE.search(ln)]
-    return _digest("\n".join(lines).encode())
+    """The page's bytes: a field page embeds no dates, paths or versions (two runs give identical bytes)."""
+    return _digest(path.read_bytes())
 
 
 def manifest(results: Path) -> dict[str, str]:
