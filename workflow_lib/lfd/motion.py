@@ -773,6 +773,42 @@ def _centroid_time_model(
     return template, T_bin
 
 
+def _normalised_bins(bf, be, B, nsrc, solve_frame):
+    """Eq. 17: each binned frame minus its background (from a mean-scene solve of the frame), divided
+    by the mean source image. Returns ``(y, y_err, norm (mean source image), total (mean image), snr)``."""
+    src_b = np.empty_like(bf)
+    for b in range(bf.shape[0]):
+        src_b[b] = bf[b] - B @ solve_frame(bf[b], be[b])[nsrc:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.nanmean(src_b, axis=0)  # eq. 17: divide by the mean (source) image
+        total = np.nanmean(bf, axis=0)
+        y = src_b / norm
+        y_err = be / norm
+        snr = np.nanmedian(1.0 / y_err, axis=0)
+    return y, y_err, norm, total, snr
+
+
+def _motion_pixels(S, src_flux, norm, total, snr, p: dict, name: str):
+    """The uncontaminated pixels the motion model is fitted to and their sources: one source gives
+    >= ``min_purity`` of the modelled source flux (§4.2), the source is >= ``min_source_fraction`` of
+    the pixel and its binned SNR >= ``min_snr``. Raises :class:`MotionError` below 10 pixels."""
+    owner, purity = dominant_source(S, np.clip(src_flux, 0, None))
+    pix = np.flatnonzero(
+        (purity >= p["min_purity"])
+        & (owner >= 0)
+        & np.isfinite(norm)
+        & (norm > 0)
+        & (snr >= p["min_snr"])
+        & (norm >= p["min_source_fraction"] * total)
+    )
+    if pix.size < 10:
+        raise MotionError(
+            f"{name}: only {pix.size} uncontaminated pixels with SNR >= {p['min_snr']} per bin; "
+            "cannot fit the motion model (lower lfd.motion.min_snr / min_purity or disable it)"
+        )
+    return pix, owner[pix]
+
+
 def fit_field_motion(
     time,
     flux,
@@ -833,32 +869,8 @@ def fit_field_motion(
     src_flux = np.asarray(source_flux, float)
     B = background_design(pixel_col, pixel_row, p["background_order"])
     solve_frame = _static_scene_solver(S, B, src_flux, be)
-    # per-bin background from a mean-scene solve of each binned frame
-    src_b = np.empty_like(bf)
-    for b in range(nb):
-        src_b[b] = bf[b] - B @ solve_frame(bf[b], be[b])[nsrc:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.nanmean(src_b, axis=0)  # eq. 17: divide by the mean (source) image
-        total = np.nanmean(bf, axis=0)
-        y = src_b / norm
-        y_err = be / norm
-        snr = np.nanmedian(1.0 / y_err, axis=0)
-    # uncontaminated pixels (§4.2): one source gives >= min_purity of the modelled source flux
-    owner, purity = dominant_source(S, np.clip(src_flux, 0, None))
-    pix = np.flatnonzero(
-        (purity >= p["min_purity"])
-        & (owner >= 0)
-        & np.isfinite(norm)
-        & (norm > 0)
-        & (snr >= p["min_snr"])
-        & (norm >= p["min_source_fraction"] * total)
-    )
-    if pix.size < 10:
-        raise MotionError(
-            f"{name}: only {pix.size} uncontaminated pixels with SNR >= {p['min_snr']} per bin; "
-            "cannot fit the motion model (lower lfd.motion.min_snr / min_purity or disable it)"
-        )
-    own = owner[pix]
+    y, y_err, norm, total, snr = _normalised_bins(bf, be, B, nsrc, solve_frame)
+    pix, own = _motion_pixels(S, src_flux, norm, total, snr, p, name)
     pc = np.asarray(pixel_col, float)
     pr = np.asarray(pixel_row, float)
     dx = pc[pix] - np.asarray(source_col, float)[own]
