@@ -406,6 +406,23 @@ def _second_difference(n: int, sigma: float) -> sp.csr_matrix:
     return sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n), format="csr") / sigma
 
 
+def _with_source_offsets(source_index, Br, A, D2, Dfull):
+    """Append one free ln-offset column per source (``source_index``: the source of each pixel) to the
+    radial-only design ``Br`` and the full design ``A``, and zero columns to their penalties ``D2`` /
+    ``Dfull`` (see :func:`fit_prf_shape`). Returns ``(Br', A', D2', Dfull', n_offsets)``."""
+    if source_index is None:
+        return Br, A, D2, Dfull, 0
+    si = np.asarray(source_index)
+    _, inv = np.unique(si, return_inverse=True)
+    O = sp.csr_matrix((np.ones(si.size), (np.arange(si.size), inv)), shape=(si.size, inv.max() + 1))
+    n_off = O.shape[1]
+    Ar = sp.hstack([Br, O], format="csr")
+    Af = sp.hstack([A, O], format="csr")
+    D2 = sp.hstack([D2, sp.csr_matrix((D2.shape[0], n_off))], format="csr")
+    Dfull = sp.hstack([Dfull, sp.csr_matrix((Dfull.shape[0], n_off))], format="csr")
+    return Ar, Af, D2, Dfull, n_off
+
+
 def fit_prf_shape(
     dx,
     dy,
@@ -499,18 +516,7 @@ def fit_prf_shape(
     Dfull = _prf_smoothness(r_knots, degree, inner_radius, n_phi_knots, smooth_sigma)
     Dfull = sp.hstack([Dfull, sp.csr_matrix((Dfull.shape[0], n_core))], format="csr")
     nA = A.shape[1]
-    if source_index is not None:
-        si = np.asarray(source_index)
-        _, inv = np.unique(si, return_inverse=True)
-        O = sp.csr_matrix((np.ones(si.size), (np.arange(si.size), inv)), shape=(si.size, inv.max() + 1))
-        n_off = O.shape[1]
-        Ar = sp.hstack([Br, O], format="csr")
-        Af = sp.hstack([A, O], format="csr")
-        D2 = sp.hstack([D2, sp.csr_matrix((D2.shape[0], n_off))], format="csr")
-        Dfull = sp.hstack([Dfull, sp.csr_matrix((Dfull.shape[0], n_off))], format="csr")
-    else:
-        n_off = 0
-        Ar, Af = Br, A
+    Ar, Af, D2, Dfull, n_off = _with_source_offsets(source_index, Br, A, D2, Dfull)
     sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
     sd = np.r_[np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)]
 
@@ -766,6 +772,27 @@ def _refit_fluxes(model: PRFModel, active, F0, sc, sr, pc, pr, mean_flux, mean_e
     return idx, S, flux, b, err
 
 
+def _pass_summary(it: int, keep, active, n_signal: int, bkg) -> dict:
+    """The counts of one §4.4 pass (kept in ``meta['history']``), logged."""
+    log.info(
+        "PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s",
+        it,
+        keep.sum(),
+        (~keep).sum(),
+        active.sum(),
+        n_signal,
+        np.round(bkg, 3),
+    )
+    return {
+        "iteration": it,
+        "n_shape_pixels": int(keep.sum()),
+        "n_clipped": int((~keep).sum()),
+        "n_active_sources": int(active.sum()),
+        "n_pixels_above_noise_floor": n_signal,
+        "background": [float(x) for x in bkg],
+    }
+
+
 def fit_prf_model(
     mean_flux,
     mean_err,
@@ -854,25 +881,7 @@ def fit_prf_model(
         bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
         prev = _MeanScene(model, S, flux, idx, S @ flux)
         n_signal = int((np.isfinite(mean_flux) & (prev.image >= p["noise_floor"])).sum())
-        history.append(
-            {
-                "iteration": it,
-                "n_shape_pixels": int(keep.sum()),
-                "n_clipped": int((~keep).sum()),
-                "n_active_sources": int(active.sum()),
-                "n_pixels_above_noise_floor": n_signal,
-                "background": [float(x) for x in bkg],
-            }
-        )
-        log.info(
-            "PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s",
-            it,
-            keep.sum(),
-            (~keep).sum(),
-            active.sum(),
-            n_signal,
-            np.round(bkg, 3),
-        )
+        history.append(_pass_summary(it, keep, active, n_signal, bkg))
     model.source_flux = np.where(active, F, np.nan)
     model.source_flux_err = np.where(active, Ferr, np.nan)
     model.background = np.asarray(bkg, float)
