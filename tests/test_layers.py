@@ -12,7 +12,7 @@ from conftest import REPO
 PKG = REPO / "workflow_lib"
 
 #: rank of each layer: a module may import modules of a lower or equal rank (equal only inside its own subpackage)
-RANK = {"core": 0, "data": 1, "metrics": 2, "lfd": 3, "cpm": 3, "report": 4, "steps": 5}
+RANK = {"core": 0, "data": 1, "metrics": 2, "lfd": 3, "cpm": 3, "survey": 4, "report": 5, "steps": 6}
 #: inside lfd: the order of the LFD stages (a module imports only those before it)
 LFD_ORDER = ["bspline", "geometry", "linsys", "edge", "prf", "motion", "solve", "io", "diagnostics", "plots"]
 

@@ -26,6 +26,7 @@ SECTIONS = [
     ("cpm", "Causal Pixel Model (`cpm`): Hattori et al. 2022"),
     ("report", "Reports (`report`)"),
     ("resources", "Resources (`resources`)"),
+    ("survey", "Survey mode (`survey`): whole CCDs from FFIs, tiled and merged"),
 ]
 
 
