@@ -1,0 +1,238 @@
+"""Survey mode: tiles with halos of a whole (synthetic) CCD, catalog split, per-tile light curves merged.
+
+Known truth: a synthetic 128 x 128 CCD written as SPOC FFIs (data/synthetic_ffi), ingested, crossmatched
+once, cut into 4 tiles of 64 px + 8 px halo.  The merge is tested with light-curve sets built from the
+truth plus independent noise per tile, where the overlap figure must be ~1.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from astropy.table import Table
+
+from workflow_lib.data.cube import CubeError, cube_wcs, open_cube
+from workflow_lib.data.gaia import crossmatch, crossmatch_field
+from workflow_lib.data.lightcurves import lightcurve_set
+from workflow_lib.data.tiles import cut_tile, split_catalog, tile_grid
+from workflow_lib.steps.survey import (
+    cut_tile_step,
+    ingest_ccd,
+    merge_tiles_step,
+    split_catalog_step,
+    survey_table_step,
+    write_synthetic_ccd,
+    write_tile_grid,
+)
+from workflow_lib.survey.merge import FLAG_NOT_CORE_TILE, FLAG_OVERLAP, MergeError, merge_tile_sets
+
+N = 128
+TILE, MARGIN = 64, 8
+IDS = ["r0000c0000", "r0000c0064", "r0064c0000", "r0064c0064"]
+
+
+@pytest.fixture(scope="module")
+def ccd(tmp_path_factory):
+    d = tmp_path_factory.mktemp("survey")
+    write_synthetic_ccd(
+        d / "ffi", d / "input_catalog.ecsv", d / "truth.zarr", {"n_rows": N, "n_cols": N, "n_cadences": 60, "seed": 5}
+    )
+    ingest_ccd(d / "ffi", d / "cube.zarr")
+    crossmatch_field(d / "cube.zarr", d / "catalog.ecsv", {}, local_catalog=str(d / "input_catalog.ecsv"))
+    grid = write_tile_grid(d / "cube.zarr", d / "tiles.json", TILE, MARGIN)
+    for tid in grid["tile_ids"]:
+        cut_tile_step(d / "cube.zarr", d / "tiles.json", tid, d / "tiles" / tid / "cube.zarr")
+        split_catalog_step(d / "catalog.ecsv", d / "tiles.json", tid, d / "tiles" / tid / "catalog.ecsv")
+    return d
+
+
+def test_grid_ids_bounds_and_margin_check(ccd):
+    grid = json.loads((ccd / "tiles.json").read_text())
+    assert grid["tile_ids"] == IDS
+    assert (grid["row0"], grid["col0"], grid["n_rows"], grid["n_cols"]) == (1, 45, N, N)
+    t = {x["id"]: x for x in grid["tiles"]}
+    # CCD coords: rows 1..128, columns 45..172
+    assert t["r0000c0064"]["core_row"] == [1, 65] and t["r0000c0064"]["core_column"] == [109, 173]
+    assert t["r0000c0064"]["halo_row"] == [1, 73] and t["r0000c0064"]["halo_column"] == [101, 173]
+    assert t["r0064c0000"]["halo_row"] == [57, 129] and t["r0064c0000"]["halo_column"] == [45, 117]
+    # uneven CCD: the last tile is narrower, cores cover every pixel once
+    tl = tile_grid(100, 70, 1, 45, 32, 6)
+    cover = np.zeros((100, 70), int)
+    for x in tl:
+        cover[x["core_row"][0] - 1 : x["core_row"][1] - 1, x["core_column"][0] - 45 : x["core_column"][1] - 45] += 1
+    assert (cover == 1).all() and len(tl) == 4 * 3
+    with pytest.raises(CubeError, match="PRF reach"):
+        tile_grid(128, 128, 1, 45, 64, 3)
+
+
+def test_cut_tile_values_and_wcs(ccd):
+    cube = open_cube(ccd / "cube.zarr")
+    grid = json.loads((ccd / "tiles.json").read_text())
+    cat = Table.read(ccd / "catalog.ecsv")
+    for tile in grid["tiles"]:
+        t = open_cube(ccd / "tiles" / tile["id"] / "cube.zarr")  # validates
+        (r0, r1), (c0, c1) = tile["halo_row"], tile["halo_column"]
+        ref = cube.sel(row=slice(r0, r1 - 1), column=slice(c0, c1 - 1))
+        for v in ("flux", "flux_err"):
+            np.testing.assert_array_equal(t[v].values, ref[v].values)
+        np.testing.assert_array_equal(t["quality"].values, cube["quality"].values)
+        np.testing.assert_array_equal(t["row"].values, np.arange(r0, r1))
+        assert t.attrs["tile_id"] == tile["id"]
+        assert json.loads(t.attrs["tile_core"]) == {"row": tile["core_row"], "column": tile["core_column"]}
+        # WCS shifted: tile index (0, 0) is CCD index (c0 - 45, r0 - 1)
+        a = cube_wcs(t).pixel_to_world(3.0, 5.0)
+        b = cube_wcs(cube).pixel_to_world(3.0 + c0 - 45, 5.0 + r0 - 1)
+        assert a.separation(b).arcsec < 1e-6
+        # the crossmatch of the tile cube places sources where the CCD catalog has them
+        x = crossmatch(t, Table.read(ccd / "input_catalog.ecsv"), 0.0)
+        m = {int(s): i for i, s in enumerate(cat["source_id"])}
+        k = np.array([m[int(s)] for s in x["source_id"]])
+        np.testing.assert_allclose(np.asarray(x["column"]), np.asarray(cat["column"])[k], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(x["row"]), np.asarray(cat["row"])[k], atol=1e-6)
+
+
+def test_every_source_in_exactly_one_core(ccd):
+    cat = Table.read(ccd / "catalog.ecsv")
+    assert len(cat) > 500
+    count = {int(s): 0 for s in cat["source_id"]}
+    for tid in IDS:
+        tc = Table.read(ccd / "tiles" / tid / "catalog.ecsv")
+        assert tc.meta["tile_id"] == tid
+        for s in tc["source_id"][tc["in_core"]]:
+            count[int(s)] += 1
+        # every source on the halo is in the tile catalog; on_cutout = on the tile
+        t = open_cube(ccd / "tiles" / tid / "cube.zarr")
+        r, c = np.asarray(cat["row"]), np.asarray(cat["column"])
+        on = (
+            (r >= t["row"].values[0] - 0.5)
+            & (r < t["row"].values[-1] + 0.5)
+            & (c >= t["column"].values[0] - 0.5)
+            & (c < t["column"].values[-1] + 0.5)
+        )
+        assert set(cat["source_id"][on]) <= set(tc["source_id"])
+        assert set(cat["source_id"][on]) == set(tc["source_id"][tc["on_cutout"]])
+    assert set(count.values()) == {1}
+
+
+def _expected_tile(col, row, grid):
+    """Independent of the library: the tile whose halo sides inside the CCD are farthest from the source."""
+    best, bd = None, -np.inf
+    lo_r, hi_r = grid["row0"] - 0.5, grid["row0"] + grid["n_rows"] - 0.5
+    lo_c, hi_c = grid["col0"] - 0.5, grid["col0"] + grid["n_cols"] - 0.5
+    for t in grid["tiles"]:
+        sides = [
+            (t["halo_row"][0] - 0.5, row - (t["halo_row"][0] - 0.5), lo_r),
+            (t["halo_row"][1] - 0.5, (t["halo_row"][1] - 0.5) - row, hi_r),
+            (t["halo_column"][0] - 0.5, col - (t["halo_column"][0] - 0.5), lo_c),
+            (t["halo_column"][1] - 0.5, (t["halo_column"][1] - 0.5) - col, hi_c),
+        ]
+        d = min([dist for edge, dist, ccd_edge in sides if edge != ccd_edge] or [np.inf])
+        if d > bd:
+            best, bd = t["id"], d
+    return best
+
+
+def _truth_sets(ccd, *, err_scale=1.0, seed=0, drop=()):
+    truth = xr.open_zarr(ccd / "truth.zarr").load()
+    tflux = {int(s): truth["flux"].values[i] for i, s in enumerate(truth["source_id"].values)}
+    rng = np.random.default_rng(seed)
+    sets = {}
+    for k, tid in enumerate(IDS):
+        if tid in drop:
+            continue
+        cube = open_cube(ccd / "tiles" / tid / "cube.zarr")
+        tc = Table.read(ccd / "tiles" / tid / "catalog.ecsv")
+        f0 = np.array([tflux[int(s)] for s in tc["source_id"]])
+        sig = 0.01 * np.sqrt(np.abs(f0)) + 1.0
+        flux = f0 + sig * rng.normal(size=f0.shape)
+        cols = {"source_id": np.asarray(tc["source_id"]), "column": tc["column"], "row": tc["row"]}
+        cols["tile_number"] = np.full(len(tc), k)
+        sets[tid] = lightcurve_set(flux, err_scale * sig, cube, cols, method="TRUTH")
+    return sets
+
+
+def test_merge_takes_each_source_once_from_the_deepest_tile(ccd):
+    grid = json.loads((ccd / "tiles.json").read_text())
+    cat = Table.read(ccd / "catalog.ecsv")
+    sets = _truth_sets(ccd)
+    merged, table, qa = merge_tile_sets(sets, grid["tiles"], cat, set_name="truth")
+    np.testing.assert_array_equal(merged["source_id"].values, np.asarray(cat["source_id"]))
+    assert qa["n_measured"] == len(cat) == qa["n_sources"]
+    for i in range(len(cat)):
+        exp = _expected_tile(float(cat["column"][i]), float(cat["row"][i]), grid)
+        assert merged["tile"].values[i] == exp == merged["core_tile"].values[i]
+        assert merged["tile_number"].values[i] == IDS.index(exp)
+        s = sets[exp]
+        j = int(np.flatnonzero(s["source_id"].values == cat["source_id"][i])[0])
+        np.testing.assert_array_equal(merged["flux"].values[i], s["flux"].values[j])
+    # independent noise, honest errors: the overlap figure is ~1; errors twice too large: ~0.5
+    assert qa["n_overlap"] > 100
+    assert abs(qa["overlap_consistency"] - 1.0) < 0.08
+    assert ((table["truth_flags"] & FLAG_OVERLAP) > 0).sum() == qa["n_overlap"]
+    _, _, qa2 = merge_tile_sets(_truth_sets(ccd, err_scale=2.0), grid["tiles"], cat, set_name="truth")
+    assert abs(qa2["overlap_consistency"] - 0.5) < 0.05
+    assert table.meta["overlap_consistency"]["truth"] == pytest.approx(qa["overlap_consistency"])
+    assert "truth_cdpp_1h" in table.colnames
+
+
+def test_merge_missing_tile_and_mismatched_cadences(ccd):
+    grid = json.loads((ccd / "tiles.json").read_text())
+    cat = Table.read(ccd / "catalog.ecsv")
+    sets = _truth_sets(ccd, drop=("r0000c0000",))
+    merged, table, qa = merge_tile_sets(sets, grid["tiles"], cat, set_name="x")
+    lost = merged["core_tile"].values == "r0000c0000"
+    taken = lost & (merged["tile"].values != "")
+    # the halo sources of the missing tile come from a neighbour, flagged; the rest are NaN rows
+    assert taken.any() and (~taken & lost).any()
+    assert ((merged["flags"].values[taken] & FLAG_NOT_CORE_TILE) > 0).all()
+    assert np.isnan(merged["flux"].values[lost & ~taken]).all()
+    assert qa["n_measured"] == int((merged["tile"].values != "").sum()) < len(cat)
+    bad = _truth_sets(ccd)
+    bad["r0064c0064"] = bad["r0064c0064"].isel(time=slice(0, 50))
+    with pytest.raises(MergeError, match="cadences"):
+        merge_tile_sets(bad, grid["tiles"], cat)
+
+
+def test_merge_tiles_step_files(ccd, tmp_path):
+    sets = _truth_sets(ccd, seed=1)
+    paths = {}
+    for tid, s in sets.items():
+        paths[tid] = tmp_path / tid / "lightcurves.zarr"
+        s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    sub = tmp_path / "merged"
+    qa = merge_tiles_step(
+        paths, ccd / "tiles.json", ccd / "catalog.ecsv", sub / "lc.zarr", sub / "lfd.ecsv", "lfd", fits_dir=sub / "fits"
+    )
+    m = xr.open_zarr(sub / "lc.zarr").load()
+    t = Table.read(sub / "lfd.ecsv")
+    assert m.sizes["source"] == len(t) == len(Table.read(ccd / "catalog.ecsv"))
+    assert t.meta["overlap_consistency"]["lfd"] == pytest.approx(qa["overlap_consistency"])
+    assert len(list((sub / "fits").glob("lfd_*.fits"))) == len(t)
+    import lightkurve as lk
+
+    lc = lk.read(next((sub / "fits").glob("lfd_*.fits")))
+    assert len(lc) == 60
+    both = survey_table_step({"lfd": sub / "lfd.ecsv", "cpm": sub / "lfd.ecsv"}, sub / "sources.ecsv")
+    assert "lfd_cdpp_1h" in both.colnames and set(both.meta["overlap_consistency"]) == {"lfd"}
+
+
+def test_split_catalog_reach_and_off_ccd_sources():
+    tiles = tile_grid(128, 128, 1, 45, 64, 8)
+    cat = Table()
+    cat["source_id"] = np.arange(5)
+    cat["column"] = [41.0, 112.0, 120.5, 120.8, 60.0]  # off-CCD (core), halo, at reach, beyond reach, core
+    cat["row"] = [10.0, 10.0, 10.0, 10.0, 200.0]  # the last one far above the CCD: the top-left tile's core
+    cat["on_cutout"] = [False, True, True, True, False]
+    a = split_catalog(cat, tiles[0], reach=4.0)
+    assert list(a["source_id"]) == [0, 1, 2]
+    assert list(a["in_core"]) == [True, False, False]
+    assert list(a["on_cutout"]) == [False, True, False] and list(a["on_ccd"]) == [False, True, True]
+    top_left = split_catalog(cat, tiles[2], reach=4.0)
+    assert 4 in list(top_left["source_id"][top_left["in_core"]])
+    cores = sum(int(4 in list(split_catalog(cat, t)["source_id"][split_catalog(cat, t)["in_core"]])) for t in tiles)
+    assert cores == 1
+    with pytest.raises(CubeError, match="PRF reach"):
+        tile_grid(10, 10, 1, 1, 4, 2)
+    with pytest.raises(CubeError):
+        cut_tile(xr.Dataset(coords={"pixel": [0]}), tiles[0])

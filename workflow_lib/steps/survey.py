@@ -1,0 +1,215 @@
+"""Survey-mode steps the rules call: a CCD of FFIs -> one cube -> tiles (cube + catalog each) -> per-tile
+LFD / CPM (the ordinary field steps, on the tile's files) -> one merged light-curve set per CCD and method.
+
+Every step writes its product atomically (temporary sibling + rename).  Defaults come from the ``survey``
+section of ``workflow_lib/schema.yaml``.  The CCD catalog is made once per CCD by the ordinary crossmatch
+(:func:`workflow_lib.data.gaia.crossmatch_field` on the CCD cube: one Gaia query per CCD);
+:func:`split_catalog_step` gives each tile its subset.  See docs/SURVEY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from astropy.table import Table
+
+from workflow_lib.core.atomic import atomic_path, write_text_atomic
+from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import provenance, provenance_json
+from workflow_lib.core.settings import merge_settings, schema_defaults
+from workflow_lib.data.cube import CubeError, open_cube, write_zarr_atomic
+from workflow_lib.data.ffi import ingest_ffis
+from workflow_lib.data.lightcurves import write_lightcurve_fits
+from workflow_lib.data.synthetic_ffi import write_synthetic_ffis
+from workflow_lib.data.tiles import cut_tile, find_tile, grid_for_cube, split_catalog
+from workflow_lib.survey.merge import combine_source_tables, merge_tile_sets
+
+log = get_logger("survey")
+
+
+def survey_params(params: dict | None = None) -> dict:
+    """The ``survey`` settings: schema defaults updated with ``params`` (unknown keys refused)."""
+    return merge_settings(schema_defaults("survey"), params, "survey")
+
+
+def _write_table(table: Table, path) -> Path:
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="ascii.ecsv")
+    return Path(path)
+
+
+def read_grid(grid_json) -> dict:
+    """The ``tiles.json`` written by :func:`write_tile_grid`."""
+    try:
+        grid = json.loads(Path(grid_json).read_text())
+    except (OSError, ValueError) as exc:
+        raise CubeError(f"{grid_json}: not a readable tile grid ({exc})") from exc
+    if "tiles" not in grid:
+        raise CubeError(f"{grid_json}: no 'tiles' in the tile grid")
+    return grid
+
+
+# ---------------------------------------------------------------- CCD: FFIs and cube
+
+
+def write_synthetic_ccd(out_dir_of_ffis, out_catalog, out_truth, params: dict | None = None) -> dict:
+    """A synthetic CCD as SPOC FFIs (:func:`workflow_lib.data.synthetic_ffi.write_synthetic_ffis`).
+
+    Writes the ``*_ffic.fits`` files into the directory ``out_dir_of_ffis`` (built in a temporary sibling
+    and renamed: Snakemake ``directory()`` output), the Gaia-like catalog to ``out_catalog`` (ECSV, the
+    ``local_catalog`` of the CCD crossmatch) and the truth to ``out_truth`` (zarr, docs/DATA_MODEL.md).
+    ``params``: ``survey.synthetic`` keys.  Returns ``{'ffi_dir', 'catalog', 'truth', 'n_files'}``.
+    """
+    p = merge_settings(schema_defaults("survey.synthetic"), params, "survey.synthetic")
+    out_dir = Path(out_dir_of_ffis)
+    work = out_dir.parent / f".tmp-{uuid.uuid4().hex[:8]}-{out_dir.name}"
+    try:
+        res = write_synthetic_ffis(work / "ffi", **p)
+        with atomic_path(out_catalog) as tmp:
+            shutil.move(str(res.catalog), tmp)
+        with atomic_path(out_truth) as tmp:
+            shutil.move(str(res.truth), tmp)
+        with atomic_path(out_dir) as tmp:
+            (work / "ffi").rename(tmp)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("synthetic CCD: %d FFIs in %s, catalog %s, truth %s", len(res.files), out_dir, out_catalog, out_truth)
+    return {"ffi_dir": out_dir, "catalog": Path(out_catalog), "truth": Path(out_truth), "n_files": len(res.files)}
+
+
+def ingest_ccd(ffi_dir_or_glob, out_cube, params: dict | None = None) -> dict:
+    """FFIs of one sector/camera/CCD -> one cube store ``out_cube`` (:func:`workflow_lib.data.ffi.ingest_ffis`,
+    resumable, atomic).  ``ffi_dir_or_glob``: a directory, a glob pattern (``data/ffi/*-4-2-*_ffic.fits``)
+    or a list of files.  ``params``: ``survey.ingest`` keys.  Returns ingest_ffis' dict."""
+    p = merge_settings(schema_defaults("survey.ingest"), params, "survey.ingest")
+    src = ffi_dir_or_glob
+    if isinstance(src, (str, Path)) and not Path(src).exists() and any(ch in str(src) for ch in "*?["):
+        import glob
+
+        src = sorted(glob.glob(str(src)))
+        if not src:
+            raise CubeError(f"{ffi_dir_or_glob}: no FFI file matches")
+    return ingest_ffis(
+        src,
+        out_cube,
+        frames_per_block=p["frames_per_block"],
+        threads=int(p["threads"]),
+        keep_frames=bool(p["keep_frames"]),
+        checksums=bool(p["checksums"]),
+        config=p,
+    )
+
+
+# ---------------------------------------------------------------- tiles
+
+
+def write_tile_grid(cube_path, out_json, tile_size: int | None = None, margin: int | None = None) -> dict:
+    """The tile grid of a CCD cube -> ``tiles.json`` (atomic): ``{cube, n_rows, n_cols, row0, col0, tile_size,
+    margin, tile_ids, tiles, provenance}`` (tiles: :func:`workflow_lib.data.tiles.tile_grid`).  Defaults:
+    ``survey.tile_size`` / ``survey.margin``.  ``tile_ids`` is what a checkpoint expands the tile wildcard to."""
+    d = schema_defaults("survey")
+    tile_size = int(d["tile_size"] if tile_size is None else tile_size)
+    margin = int(d["margin"] if margin is None else margin)
+    cube = open_cube(cube_path)
+    grid = grid_for_cube(cube, tile_size, margin)
+    out = {"cube": str(cube_path), **{k: v for k, v in grid.items() if k != "tiles"}}
+    out["tile_ids"] = [t["id"] for t in grid["tiles"]]
+    out["tiles"] = grid["tiles"]
+    out["provenance"] = provenance("survey_tiles", [str(cube_path)], {"tile_size": tile_size, "margin": margin})
+    write_text_atomic(json.dumps(out, indent=1, default=str) + "\n", out_json)
+    log.info("%s: %d tiles of %d px + %d px halo -> %s", cube_path, len(grid["tiles"]), tile_size, margin, out_json)
+    return out
+
+
+def cut_tile_step(cube_path, grid_json, tile_id: str, out_cube) -> Path:
+    """One tile's cube (its halo region of the CCD cube, WCS shifted, attrs ``tile_id``/``tile``/``tile_core``)
+    -> ``out_cube`` (zarr, atomic): the ``cube.zarr`` of a field for the LFD / CPM steps."""
+    grid = read_grid(grid_json)
+    tile = find_tile(grid, tile_id)
+    cube = open_cube(cube_path)
+    t = cut_tile(cube, tile)
+    t.attrs["provenance"] = provenance_json("survey_tile_cube", inputs=[cube_path, grid_json], config={"tile": tile_id})
+    write_zarr_atomic(t, out_cube)
+    log.info("tile %s: %d x %d px -> %s", tile_id, t.sizes["row"], t.sizes["column"], out_cube)
+    return Path(out_cube)
+
+
+def split_catalog_step(catalog_path, grid_json, tile_id: str, out_catalog, reach: float | None = None) -> Table:
+    """One tile's catalog from the CCD catalog (:func:`workflow_lib.data.tiles.split_catalog`: halo sources +
+    ``reach`` px, columns ``in_core``, ``tile_edge_distance``, ``on_ccd``; ``on_cutout`` = on the tile)
+    -> ``out_catalog`` (ECSV, atomic): the ``catalog.ecsv`` of a field.  ``reach``: ``survey.catalog_reach``."""
+    grid = read_grid(grid_json)
+    tile = find_tile(grid, tile_id)
+    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    out = split_catalog(catalog, tile, reach)
+    out.meta["provenance"] = provenance("survey_tile_catalog", [str(catalog_path), str(grid_json)], {"tile": tile_id})
+    _write_table(out, out_catalog)
+    log.info("tile %s: %d sources (%d in the core) -> %s", tile_id, len(out), int(out["in_core"].sum()), out_catalog)
+    return out
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge_tiles_step(
+    lightcurve_paths: dict,
+    grid_json,
+    catalog_path,
+    out_zarr,
+    out_table,
+    set_name: str,
+    *,
+    fits_dir=None,
+    params: dict | None = None,
+) -> dict:
+    """Merge the per-tile light-curve sets of one CCD and one method into one set (:mod:`workflow_lib.survey.merge`).
+
+    ``lightcurve_paths``: tile id -> that tile's ``lightcurves.zarr`` (e.g. ``lfd/lightcurves.zarr`` or
+    ``cpm/default/lightcurves.zarr``); ``catalog_path``: the CCD catalog; ``set_name``: a short name
+    (``lfd``, ``cpm_default``) used as the prefix of the table's per-set columns.  Writes ``out_zarr`` (the
+    merged ``(source, time)`` set, every catalog source once), ``out_table`` (ECSV source table; overlap QA
+    in its meta) and, with ``fits_dir`` (or ``survey.write_fits``: then ``<out_zarr's dir>/fits``), one
+    lightkurve-readable FITS per measured source named ``<set_name>_<source_id>.fits``.  Returns the QA dict
+    (``overlap_consistency``, ``n_overlap``, ``n_sources``, ``n_measured``, ``n_tiles``, ``set``).
+    """
+    p = survey_params(params)
+    grid = read_grid(grid_json)
+    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    sets = {}
+    for tid, path in sorted(lightcurve_paths.items()):
+        try:
+            sets[tid] = open_cube(path, validate=False).load()
+        except CubeError as exc:
+            raise CubeError(f"tile {tid}: {exc}") from exc
+    merged, table, qa = merge_tile_sets(
+        sets, grid["tiles"], catalog, set_name=set_name, cdpp_hours=tuple(p["cdpp_hours"])
+    )
+    merged.attrs["provenance"] = provenance_json(
+        "survey_merge",
+        inputs=[catalog_path, grid_json, *[lightcurve_paths[t] for t in sorted(lightcurve_paths)]],
+        config={"set": set_name, **{k: v for k, v in p.items() if k != "synthetic"}},
+    )
+    table.meta["provenance"] = merged.attrs["provenance"]
+    write_zarr_atomic(merged, out_zarr)
+    _write_table(table, out_table)
+    if fits_dir is None and p["write_fits"]:
+        fits_dir = Path(out_zarr).parent / "fits"
+    if fits_dir is not None:
+        keep = [i for i, t in enumerate(merged["tile"].values) if t]
+        paths = write_lightcurve_fits(merged.isel(source=keep), fits_dir, set_name)
+        log.info("wrote %d FITS light curves to %s", len(paths), fits_dir)
+    return qa
+
+
+def survey_table_step(tables: dict, out_table) -> Table:
+    """One source table of a CCD with every set side by side (CDPP of every set, overlap QA of every set in
+    the meta): ``tables``: set name -> the ``out_table`` of :func:`merge_tiles_step`.  ECSV, atomic."""
+    loaded = {name: Table.read(str(path), format="ascii.ecsv") for name, path in tables.items()}
+    out = combine_source_tables(loaded)
+    out.meta.pop("provenance", None)
+    out.meta["provenance"] = provenance("survey_table", [str(tables[k]) for k in tables], {"sets": list(tables)})
+    _write_table(out, out_table)
+    return out
