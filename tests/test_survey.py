@@ -22,6 +22,7 @@ from workflow_lib.steps.survey import (
     merge_tiles_step,
     split_catalog_step,
     survey_table_step,
+    write_fits_step,
     write_synthetic_ccd,
     write_tile_grid,
 )
@@ -148,6 +149,7 @@ def _truth_sets(ccd, *, err_scale=1.0, seed=0, drop=()):
         flux = f0 + sig * rng.normal(size=f0.shape)
         cols = {"source_id": np.asarray(tc["source_id"]), "column": tc["column"], "row": tc["row"]}
         cols["tile_number"] = np.full(len(tc), k)
+        cols["cdpp_1h"] = 10000.0 * k + np.arange(len(tc))  # stands for the tile's own CDPP (merge copies it)
         sets[tid] = lightcurve_set(flux, err_scale * sig, cube, cols, method="TRUTH")
     return sets
 
@@ -201,18 +203,22 @@ def test_merge_tiles_step_files(ccd, tmp_path):
         paths[tid] = tmp_path / tid / "lightcurves.zarr"
         s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
     sub = tmp_path / "merged"
-    qa = merge_tiles_step(
-        paths, ccd / "tiles.json", ccd / "catalog.ecsv", sub / "lc.zarr", sub / "lfd.ecsv", "lfd", fits_dir=sub / "fits"
-    )
+    qa = merge_tiles_step(paths, ccd / "tiles.json", ccd / "catalog.ecsv", sub / "lc.zarr", sub / "lfd.ecsv", "lfd")
     m = xr.open_zarr(sub / "lc.zarr").load()
     t = Table.read(sub / "lfd.ecsv")
     assert m.sizes["source"] == len(t) == len(Table.read(ccd / "catalog.ecsv"))
     assert t.meta["overlap_consistency"]["lfd"] == pytest.approx(qa["overlap_consistency"])
-    assert len(list((sub / "fits").glob("lfd_*.fits"))) == len(t)
+    assert abs(qa["overlap_consistency"] - 1.0) < 0.08
+    # the chosen tile's CDPP is copied
+    k = np.array([IDS.index(x) for x in t["lfd_tile"]])
+    assert (np.floor(np.asarray(t["lfd_cdpp_1h"]) / 10000.0) == k).all()
+    sids = [int(x) for x in t["source_id"][:3]]
+    files = write_fits_step(sub / "lc.zarr", sub / "fits", "lfd", source_ids=sids)
+    assert sorted(p.name for p in files) == sorted(f"lfd_{s}.fits" for s in sids)
     import lightkurve as lk
 
-    lc = lk.read(next((sub / "fits").glob("lfd_*.fits")))
-    assert len(lc) == 60
+    lc = lk.read(files[0])
+    assert len(lc) == 60 and np.allclose(lc.flux.value, m["flux"].values[0], rtol=1e-6, equal_nan=True)
     both = survey_table_step({"lfd": sub / "lfd.ecsv", "cpm": sub / "lfd.ecsv"}, sub / "sources.ecsv")
     assert "lfd_cdpp_1h" in both.colnames and set(both.meta["overlap_consistency"]) == {"lfd"}
 

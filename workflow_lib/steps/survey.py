@@ -14,6 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 from astropy.table import Table
 
 from workflow_lib.core.atomic import atomic_path, write_text_atomic
@@ -198,10 +199,25 @@ def merge_tiles_step(
     if fits_dir is None and p["write_fits"]:
         fits_dir = Path(out_zarr).parent / "fits"
     if fits_dir is not None:
-        keep = [i for i, t in enumerate(merged["tile"].values) if t]
-        paths = write_lightcurve_fits(merged.isel(source=keep), fits_dir, set_name)
-        log.info("wrote %d FITS light curves to %s", len(paths), fits_dir)
+        _write_fits(merged, fits_dir, set_name)
     return qa
+
+
+def _write_fits(merged, fits_dir, prefix: str, source_ids=None) -> list[Path]:
+    keep = np.asarray(merged["tile"].values != "", bool)
+    if source_ids is not None:
+        keep &= np.isin(np.asarray(merged["source_id"].values, np.int64), np.asarray(list(source_ids), np.int64))
+    paths = write_lightcurve_fits(merged.isel(source=np.flatnonzero(keep)), fits_dir, prefix)
+    log.info("wrote %d FITS light curves to %s", len(paths), fits_dir)
+    return paths
+
+
+def write_fits_step(merged_zarr, fits_dir, set_name: str, source_ids=None) -> list[Path]:
+    """On request: one lightkurve-readable FITS file per measured source of a merged set
+    (:func:`workflow_lib.data.lightcurves.write_lightcurve_fits`), ``<fits_dir>/<set_name>_<source_id>.fits``,
+    each written atomically; ``source_ids`` limits it to those sources.  Returns the paths."""
+    merged = open_cube(merged_zarr, validate=False).load()
+    return _write_fits(merged, fits_dir, set_name, source_ids)
 
 
 def survey_table_step(tables: dict, out_table) -> Table:
