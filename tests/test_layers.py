@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 PKG = REPO / "workflow_lib"
