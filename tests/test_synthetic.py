@@ -1,7 +1,6 @@
 """The embedded synthetic TESS sector: checked against its own truth and slow reference renders."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -279,10 +278,9 @@ def test_write_synthetic_field(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporaries left
 
 
-def test_default_size_is_fast_and_crowded():
-    t0 = time.perf_counter()
+def test_default_size_is_crowded():
+    """Speed is measured by benchmarks/synthetic_generation.py, not asserted here (shared CI machines)."""
     cube, truth, cat = syn.simulate_sector({"seed": 1})
-    elapsed = time.perf_counter() - t0
     assert cube["flux"].shape == (1300, 64, 64)
     on = (
         (truth["row"].values >= 999.5)
@@ -296,4 +294,3 @@ def test_default_size_is_fast_and_crowded():
     # log N(<G) rises ~0.35 dex/mag
     slope = np.log10((g < 19).sum() / (g < 17).sum()) / 2
     assert 0.25 < slope < 0.45
-    assert elapsed < 60
