@@ -57,9 +57,9 @@ def json_arg(value):
 # Snakemake sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS & co. to a shell job's `threads`. Under the former
 # `run:` blocks the steps saw the environment snakemake was started in (BLAS: one thread per core), and
 # some results depend on the BLAS thread count (the LFD motion model's least squares: with 1 thread its
-# weights differ in the last bits). Every step command starts with BLAS_ENV, which gives the step that
-# environment back, so the products stay bitwise identical to the run: era.
-BLAS_VARS = (
+# weights differ in the last bits). The step command line restores these variables from
+# WORKFLOW_LIB_THREAD_ENV (inherited by every job) before numpy loads, so products stay bitwise identical.
+_THREAD_VARS = (
     "OMP_NUM_THREADS",
     "GOTO_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -67,12 +67,8 @@ BLAS_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-BLAS_ENV = " ".join(
-    ["env"]
-    + [
-        f"{var}={shlex.quote(os.environ[var])}" if var in os.environ else f"-u {var}"
-        for var in BLAS_VARS
-    ]
+os.environ.update(
+    WORKFLOW_LIB_THREAD_ENV=json.dumps({v: os.environ.get(v) for v in _THREAD_VARS})
 )
 
 

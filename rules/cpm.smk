@@ -42,7 +42,7 @@ rule cpm_detrend:
             config["fields"][w.field].get("target_aperture") or {}
         ),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps cpm-detrend --field {wildcards.field}"
+        "python -m workflow_lib.steps cpm-detrend --field {wildcards.field}"
         " --paramset {wildcards.paramset} --cube {input.cube:q}"
         " --catalog {input.catalog:q} --detrended {output.detrended:q}"
         " --lightcurves {output.lightcurves:q}"
@@ -82,7 +82,7 @@ rule cpm_sweep_summary:
         ),
         summary=json_arg({"mag_range": config["cpm"]["summary_mag_range"]}),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps cpm-sweep-summary --cpm {params.cpm}"
+        "python -m workflow_lib.steps cpm-sweep-summary --cpm {params.cpm}"
         " --raw {input.raw:q} {params.lfd} --out {output.summary:q}"
         " --params {params.summary} --log {log:q}"
 
@@ -115,6 +115,6 @@ rule cpm_stitch:
     params:
         stitch=json_arg({"n_points": config["cpm"]["stitch_points"]}),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps cpm-stitch --group {wildcards.group}"
+        "python -m workflow_lib.steps cpm-stitch --group {wildcards.group}"
         " --lightcurves {input:q} --out {output.lightcurves:q}"
         " --fits-dir {output.fits:q} --params {params.stitch} --log {log:q}"

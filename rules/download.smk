@@ -25,7 +25,7 @@ rule download_synthetic:
     params:
         synthetic=lambda w: json_arg(field_params(w.field, "synthetic")),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps download-synthetic --field {wildcards.field}"
+        "python -m workflow_lib.steps download-synthetic --field {wildcards.field}"
         " --cube {output.cube:q} --truth {output.truth:q} --catalog {output.catalog:q}"
         " --params {params.synthetic} --log {log:q}"
 
@@ -49,7 +49,7 @@ rule download_local:
     params:
         local=lambda w: json_arg(field_params(w.field, "local")),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps download-local --field {wildcards.field}"
+        "python -m workflow_lib.steps download-local --field {wildcards.field}"
         " --cube {output.cube:q} --params {params.local} --log {log:q}"
 
 
@@ -73,6 +73,6 @@ rule download_mast:
         mast=lambda w: json_arg(field_params(w.field, "mast")),
         client=json_arg(config["mast_client"]),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps download-mast --field {wildcards.field}"
+        "python -m workflow_lib.steps download-mast --field {wildcards.field}"
         " --cube {output.cube:q} --params {params.mast} --client {params.client}"
         " --log {log:q}"

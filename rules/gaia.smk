@@ -25,6 +25,6 @@ rule gaia_crossmatch:
             else ""
         ),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps gaia-crossmatch --cube {input.cube:q}"
+        "python -m workflow_lib.steps gaia-crossmatch --cube {input.cube:q}"
         " --out {output.catalog:q} {params.local_catalog} --params {params.gaia}"
         " --log {log:q}"

@@ -24,7 +24,7 @@ rule edge_model:
     params:
         edge=lambda w: json_arg(lfd_params(w.field, "edge")),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps edge-model --cube {input.cube:q}"
+        "python -m workflow_lib.steps edge-model --cube {input.cube:q}"
         " --catalog {input.catalog:q} --out {output.edge:q} --params {params.edge}"
         " --log {log:q}"
 
@@ -51,7 +51,7 @@ rule prf_model:
     params:
         prf=lambda w: json_arg(lfd_params(w.field, "prf")),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps prf-model --cube {input.cube:q}"
+        "python -m workflow_lib.steps prf-model --cube {input.cube:q}"
         " --catalog {input.catalog:q} --edge {input.edge:q} --out {output.prf:q}"
         " --png {output.png:q} --params {params.prf} --log {log:q}"
 
@@ -77,7 +77,7 @@ rule motion_model:
     params:
         motion=lambda w: json_arg(lfd_params(w.field, "motion")),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps motion-model --cube {input.cube:q}"
+        "python -m workflow_lib.steps motion-model --cube {input.cube:q}"
         " --catalog {input.catalog:q} --prf {input.prf:q} --out {output.motion:q}"
         " --params {params.motion} --log {log:q}"
 
@@ -109,7 +109,7 @@ rule flux_solve:
             f"--motion {shlex.quote(input.motion)}" if "motion" in input.keys() else ""
         ),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps flux-solve --cube {input.cube:q}"
+        "python -m workflow_lib.steps flux-solve --cube {input.cube:q}"
         " --catalog {input.catalog:q} --prf {input.prf:q} {params.motion}"
         " --out {output.lightcurves:q} --fits-dir {output.fits:q}"
         " --params {params.solve} --threads {threads} --log {log:q}"

@@ -42,7 +42,7 @@ rule report_field:
             )
         ),
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps report-field --field {wildcards.field}"
+        "python -m workflow_lib.steps report-field --field {wildcards.field}"
         " --field-dir {params.field_dir:q} --out {output.html:q}"
         " --summary {output.summary:q} --params {params.report} --log {log:q}"
 
@@ -73,6 +73,6 @@ rule report_index:
         run=config["run"],
         bench_dir=f"{RESULTS}/benchmarks",
     shell:
-        "{BLAS_ENV} python -m workflow_lib.steps report-index --run {params.run:q}"
+        "python -m workflow_lib.steps report-index --run {params.run:q}"
         " --summaries {input.summaries:q} --out {output.html:q}"
         " --bench-dir {params.bench_dir:q} --params {params.config} --log {log:q}"

@@ -250,7 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def restore_thread_env() -> None:
+    """Give the step the BLAS/OpenMP thread settings of the environment snakemake was started in.
+
+    Snakemake sets OMP_NUM_THREADS & co. to a shell job's ``threads``; rules/common.smk records the
+    original values in ``WORKFLOW_LIB_THREAD_ENV`` (JSON, null = unset). Some results depend on the BLAS
+    thread count, so this keeps them what they were when the steps ran inside Snakemake (``run:``).
+    Must run before numpy is imported.
+    """
+    import os
+
+    saved = os.environ.pop("WORKFLOW_LIB_THREAD_ENV", None)
+    if not saved:
+        return
+    for var, value in json.loads(saved).items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
 def main(argv=None) -> int:
+    restore_thread_env()
     args = build_parser().parse_args(argv)
     from importlib import import_module
 
