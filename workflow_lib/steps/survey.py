@@ -182,7 +182,7 @@ def merge_tiles_step(
     sets = {}
     for tid, path in sorted(lightcurve_paths.items()):
         try:
-            sets[tid] = open_cube(path, validate=False).load()
+            sets[tid] = open_cube(path, validate=False)  # lazy: each tile's arrays are read once, in turn
         except CubeError as exc:
             raise CubeError(f"tile {tid}: {exc}") from exc
     merged, table, qa = merge_tile_sets(
