@@ -220,6 +220,12 @@ def report_cpm_shown():
     )
 
 
+def cdpp_hours():
+    """CDPP durations [h] the science steps store on every light-curve set: 1 h, 6 h and the one the
+    report shows (report.cdpp_hours), so the report never computes a CDPP of its own."""
+    return sorted({1.0, 6.0, float(config["report"]["cdpp_hours"])})
+
+
 def report_field_inputs(wildcards):
     """Cube + catalog always; LFD / CPM light curves only when those stages are enabled."""
     inputs = {
@@ -227,6 +233,7 @@ def report_field_inputs(wildcards):
         "catalog": f"{RESULTS}/{wildcards.field}/catalog.ecsv",
     }
     if report_stage_enabled("lfd"):
+        inputs["lfd_diagnostics"] = f"{RESULTS}/{wildcards.field}/lfd/diagnostics.npz"
         inputs["lfd"] = zarr_store(
             REPORT_LFD_LIGHTCURVES.format(results=RESULTS, field=wildcards.field)
         )

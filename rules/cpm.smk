@@ -38,6 +38,7 @@ rule cpm_detrend:
         runtime=runtime_min(30, 180),
     params:
         cpm=json_arg(config["cpm"]),
+        cdpp_hours=json_arg(cdpp_hours()),
         target_aperture=lambda w: json_arg(
             config["fields"][w.field].get("target_aperture") or {}
         ),
@@ -48,7 +49,7 @@ rule cpm_detrend:
         " --lightcurves {output.lightcurves:q}"
         " --raw-lightcurves {output.raw_lightcurves:q} --fits-dir {output.fits:q}"
         " --params {params.cpm} --target-aperture {params.target_aperture}"
-        " --threads {threads} --log {log:q}"
+        " --cdpp-hours {params.cdpp_hours} --threads {threads} --log {log:q}"
 
 
 rule cpm_sweep_summary:
@@ -114,7 +115,9 @@ rule cpm_stitch:
         runtime=runtime_min(10),
     params:
         stitch=json_arg({"n_points": config["cpm"]["stitch_points"]}),
+        cdpp_hours=json_arg(cdpp_hours()),
     shell:
         "python -m workflow_lib.steps cpm-stitch --group {wildcards.group}"
         " --lightcurves {input:q} --out {output.lightcurves:q}"
-        " --fits-dir {output.fits:q} --params {params.stitch} --log {log:q}"
+        " --fits-dir {output.fits:q} --params {params.stitch}"
+        " --cdpp-hours {params.cdpp_hours} --log {log:q}"

@@ -93,6 +93,7 @@ rule flux_solve:
     output:
         lightcurves=zarr_store(f"{RESULTS}/{{field}}/lfd/lightcurves.zarr"),
         fits=directory(f"{RESULTS}/{{field}}/lfd/fits"),
+        diagnostics=f"{RESULTS}/{{field}}/lfd/diagnostics.npz",
     log:
         rule_log("flux_solve"),
     benchmark:
@@ -105,6 +106,7 @@ rule flux_solve:
         runtime=runtime_min(30, 120),
     params:
         solve=lambda w: json_arg(lfd_params(w.field, "solve")),
+        cdpp_hours=json_arg(cdpp_hours()),
         motion=lambda w, input: (
             f"--motion {shlex.quote(input.motion)}" if "motion" in input.keys() else ""
         ),
@@ -112,4 +114,5 @@ rule flux_solve:
         "python -m workflow_lib.steps flux-solve --cube {input.cube:q}"
         " --catalog {input.catalog:q} --prf {input.prf:q} {params.motion}"
         " --out {output.lightcurves:q} --fits-dir {output.fits:q}"
+        " --diagnostics {output.diagnostics:q} --cdpp-hours {params.cdpp_hours}"
         " --params {params.solve} --threads {threads} --log {log:q}"

@@ -117,7 +117,23 @@ def call_motion_model(f, a, p):
 
 def call_flux_solve(f, a, p):
     check_inputs(cube=store(a.cube), catalog=a.catalog, prf=a.prf, motion=a.motion)
-    f(store(a.cube), a.catalog, a.prf, a.motion, store(a.out), a.fits_dir, p, threads=a.threads)
+    f(
+        store(a.cube),
+        a.catalog,
+        a.prf,
+        a.motion,
+        store(a.out),
+        a.fits_dir,
+        p,
+        threads=a.threads,
+        diagnostics_npz=a.diagnostics,
+        **cdpp_hours_kw(a),
+    )
+
+
+def cdpp_hours_kw(a) -> dict:
+    """``cdpp_hours`` for the steps that store CDPP on their light-curve sets (default: the step's own)."""
+    return {"cdpp_hours": tuple(json_arg(a.cdpp_hours, "--cdpp-hours"))} if a.cdpp_hours else {}
 
 
 def call_cpm_detrend(f, a, p):
@@ -134,6 +150,7 @@ def call_cpm_detrend(f, a, p):
         target_aperture=json_arg(a.target_aperture, "--target-aperture") if a.target_aperture else {},
         threads=a.threads,
         field=a.field,
+        **cdpp_hours_kw(a),
     )
 
 
@@ -155,7 +172,7 @@ def call_cpm_stitch(f, a, p):
     paths = [store(x) for x in a.lightcurves]
     check_inputs(**{f"lightcurves {i}": x for i, x in enumerate(paths)})
     kw = {"n_points": int(p["n_points"])} if "n_points" in p else {}
-    f(paths, store(a.out), a.fits_dir, group=a.group, **kw)
+    f(paths, store(a.out), a.fits_dir, group=a.group, **kw, **cdpp_hours_kw(a))
 
 
 def call_report_field(f, a, p):
@@ -219,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = step("flux-solve", "`lfd.solve`")
     req(sp, "--cube", "--catalog", "--prf", "--out", "--fits-dir")
     sp.add_argument("--motion", metavar="PATH", help="motion model (needed when use_motion is on)")
+    sp.add_argument(
+        "--diagnostics", metavar="PATH", help="mean-frame residual + motion summary (default: beside --out)"
+    )
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--cdpp-hours", metavar="JSON", help="CDPP durations [h] stored on the light curves, e.g. [1, 6]")
 
     sp = step("cpm-detrend", "the `cpm` settings")
     req(sp, "--cube", "--catalog", "--detrended", "--lightcurves", "--raw-lightcurves", "--fits-dir")
@@ -227,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-aperture", metavar="JSON", help="named apertures: {name: [[row, col], ...]}")
     sp.add_argument("--field", default="")
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--cdpp-hours", metavar="JSON", help="CDPP durations [h] stored on the light curves, e.g. [1, 6]")
 
     sp = step("cpm-sweep-summary", '{"mag_range": [8, 14]} (cpm.summary_mag_range)')
     sp.add_argument("--cpm", nargs="+", required=True, metavar="NAME=PATH", help="CPM light curves per parameter set")
@@ -237,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lightcurves", nargs="+", required=True, metavar="PATH", help="one light-curve set per sector")
     req(sp, "--out", "--fits-dir")
     sp.add_argument("--group", default="")
+    sp.add_argument("--cdpp-hours", metavar="JSON", help="CDPP durations [h] stored on the light curves, e.g. [1, 6]")
 
     sp = step("report-field", "the `report` settings")
     req(sp, "--field-dir", "--out", "--summary")
