@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy.signal import savgol_filter
 
 from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
 
 def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_tolerance=5.0):
     """flux / trend, the trend a segment-wise Savitzky-Golay filter with iterative outlier masking."""
+    # imported here: scipy.signal costs ~1 s of every step's start-up, and only the CDPP needs it
+    from scipy.signal import savgol_filter
+
     mask = np.isfinite(flux)
     mask &= np.abs(np.nan_to_num(flux - np.nanmedian(flux))) <= np.nanstd(flux) * sigma
     trend = np.full(flux.size, np.nanmedian(flux))
