@@ -216,16 +216,13 @@ def test_random_predictors_seeded_and_outside_exclusion():
 def test_small_cutout_fewer_predictors_warns():
     flux, time, _ = systematics_cube(9, 9, 60, seed=1)
     params = cpm.cpm_params(k=6, scale_k_with_cadence=False)  # L=256, 11x11 exclusion > 9x9 cube
-    with pytest.warns(cpm.CPMWarning, match="fewer than L=256"):
+    with pytest.raises(CubeError, match="fewer than 64 candidate predictor pixels"):
+        cpm.cpm_detrend_cube(as_cube(flux, time), params)  # centre pixel: whole cube excluded, no model
+    params = cpm.cpm_params(k=6, scale_k_with_cadence=False, exclusion_size=5, n_predictors=64)
+    with pytest.warns(cpm.CPMWarning, match="fewer than L=64"):
         out = cpm.cpm_detrend_cube(as_cube(flux, time), params)
     npred = out["cpm_n_predictors"].values
-    assert npred[4, 4] == 0 and npred[0, 0] == 81 - 36  # centre: whole cube excluded; corner: 6x6 excluded
-    assert np.isfinite(out["flux"].values).all()  # L = 0: polynomial-only model, still finite
-    params = cpm.cpm_params(k=6, scale_k_with_cadence=False, exclusion_size=5)
-    with pytest.warns(cpm.CPMWarning):
-        out = cpm.cpm_detrend_cube(as_cube(flux, time), params)
-    npred = out["cpm_n_predictors"].values
-    assert npred.max() == 81 - 9 and npred.min() == 81 - 25  # corner vs centre pixel
+    assert npred.max() == 64 and npred.min() == 81 - 25  # corner: L; centre pixel: all 56 candidates
     assert np.isfinite(out["flux"].values).all()
 
 

@@ -43,6 +43,18 @@ initial background (median of the 100 faintest pixels, §3.2)::
 i.e. ``(residual + polynomial + offset) * s + median``.  Cadences dropped by the QUALITY bitmask,
 and cadences at which a pixel was NaN, are NaN in the output; pixels that are NaN at every cadence
 (or finite at fewer than ``min_finite_fraction`` of the kept cadences) are NaN everywhere.
+
+Cubes the CPM cannot model are refused (:class:`CubeError` naming the cube and what to change)
+-----------------------------------------------------------------------------------------------
+* fewer than 2 usable cadences after the QUALITY bitmask;
+* a flux that is constant over the kept cadences at every pixel (an all-zero or blank cube): there is
+  nothing to model and the "de-trended" light curves would just be the raw data;
+* fewer good cadences than train-and-test sections: every one of the ``k`` sections (after the
+  cadence scaling of §3.5) needs at least one cadence, so ``k`` is never silently reduced;
+* a modelled pixel with fewer candidate predictors outside the exclusion square than
+  :func:`min_predictors` ``(L) = min(L, max(8, ceil(L / 4)))`` (64 for the default L = 256): below that
+  the systematics model degenerates (with none it is the polynomial alone, i.e. the raw data).  Between
+  that minimum and L the available candidates are used with a :class:`CPMWarning`.
 """
 
 from __future__ import annotations
@@ -72,6 +84,16 @@ PREDICTOR_METHODS = ("similar_brightness", "cosine_similarity", "random")
 
 class CPMWarning(UserWarning):
     """A recoverable problem with the input of a CPM step (fewer predictors, NaN pixels)."""
+
+
+#: the fewest candidate predictor pixels any modelled pixel may have is min(L, max(this, ceil(L / 4)))
+MIN_PREDICTORS_FLOOR = 8
+
+
+def min_predictors(n_predictors: int) -> int:
+    """Fewest candidate predictor pixels a target pixel may have: ``min(L, max(8, ceil(L / 4)))``."""
+    n_predictors = int(n_predictors)
+    return min(n_predictors, max(MIN_PREDICTORS_FLOOR, -(-n_predictors // 4)))
 
 
 #: the ``cpm`` section defaults of the schema (the one place they are written down)
@@ -125,14 +147,34 @@ def cpm_params(config: dict | None = None, **override) -> CPMParams:
 # ------------------------------------------------------------------------- pre-processing
 
 
-def effective_k(params: CPMParams, time: np.ndarray, n_cadences: int) -> int:
-    """Number of sections: ``k`` for 30-min data, scaled so sections keep their duration (§3.5)."""
+def requested_k(params: CPMParams, time: np.ndarray) -> int:
+    """Number of sections asked for: ``k`` for 30-min data, scaled so sections keep their duration (§3.5)."""
     k = params.k
     if params.scale_k_with_cadence and time.size > 1:
         dt_min = float(np.nanmedian(np.diff(time))) * 1440.0
         if dt_min > 0:
             k = int(round(params.k * params.k_reference_cadence_minutes / dt_min))
-    return int(max(2, min(k, n_cadences)))
+    return int(max(2, k))
+
+
+def effective_k(params: CPMParams, time: np.ndarray, n_cadences: int) -> int:
+    """Number of sections: :func:`requested_k` capped at ``n_cadences`` (the step refuses the cap,
+    see :func:`section_problem`)."""
+    return int(max(2, min(requested_k(params, time), n_cadences)))
+
+
+def section_problem(params: CPMParams, time: np.ndarray, n_cadences: int) -> str | None:
+    """Why ``n_cadences`` good cadences cannot be split into the :func:`requested_k` sections (some
+    section would be empty: ``k`` is never silently reduced), or None."""
+    k = requested_k(params, time)
+    if n_cadences >= k:
+        return None
+    how = f"cpm.k={params.k} scaled to the cadence" if k != params.k else f"cpm.k={params.k}"
+    kmax = max(2, int(n_cadences * params.k / k))
+    return (
+        f"only {n_cadences} good cadences for k={k} train-and-test sections ({how}), every section needs at least "
+        f"1 cadence: set cpm.k <= {kmax} or use a longer cube"
+    )
 
 
 def section_index(n: int, k: int) -> np.ndarray:
@@ -225,6 +267,13 @@ def preprocess(flux, quality, time, params: CPMParams, *, mission: str = "TESS",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med0 = np.nanmedian(f, axis=0)
+        spread = np.nanmax(f[:, valid], axis=0) - np.nanmin(f[:, valid], axis=0)
+    if not (spread > 0).any():
+        what = "zero" if np.all(med0[valid] == 0) else "constant"
+        raise CubeError(
+            f"{name}: the flux is {what} over the {nkeep} kept cadences at every pixel; there is nothing to de-trend "
+            "(check the download / the cube's flux column)"
+        )
     bg = np.zeros(nkeep)
     if params.background_subtract:
         vidx = np.flatnonzero(valid)
@@ -424,7 +473,7 @@ def cpm_detrend_pixels(
         gramT = prep.ystar.T @ T
     preds, counts = select_predictors(rows, cols, prep.median, prep.valid, targets, params, ystar=prep.ystar, gram=gram)
     prep.ystar = None  # the padded transposed copy is all the solver needs
-    _warn_few_predictors(counts, targets.size, params, name)
+    _check_modelable(section_problem(params, prep.time, n), counts, targets.size, npix, params, name)
     log.info(
         "CPM: %d pixels, %d cadences kept of %d, k=%d sections, L=%d, lambda_L=%g, lambda_P=%g, poly=%d, %s",
         targets.size,
@@ -477,8 +526,22 @@ def _padded_layout(ystar, T, sec):
     return real, ystarT, Tt
 
 
-def _warn_few_predictors(counts, n_targets: int, params: CPMParams, name: str) -> None:
-    """Warn (log and :class:`CPMWarning`) when pixels have fewer than L candidate predictors."""
+def _check_modelable(k_problem, counts, n_targets: int, npix: int, params: CPMParams, name: str) -> None:
+    """Refuse (:class:`CubeError`, one line naming every problem) too few cadences for the k sections
+    and pixels with fewer than :func:`min_predictors` candidate predictors; warn (log and
+    :class:`CPMWarning`) when pixels have fewer than L."""
+    problems = [k_problem] if k_problem else []
+    need = min_predictors(params.n_predictors)
+    few = counts < need
+    if few.any():
+        problems.append(
+            f"{int(few.sum())} of {n_targets} pixels have fewer than {need} candidate predictor pixels "
+            f"(min {int(counts.min())}) outside the {params.exclusion_size}x{params.exclusion_size} exclusion square "
+            f"in this {npix}-pixel cube, at least min(L, max({MIN_PREDICTORS_FLOOR}, L/4)) = {need} are needed for "
+            f"L={params.n_predictors}: use a larger cutout or lower cpm.exclusion_size / cpm.n_predictors"
+        )
+    if problems:
+        raise CubeError(f"{name}: the CPM cannot model this cube: " + "; ".join(problems))
     short = counts < params.n_predictors
     if short.any():
         msg = (
