@@ -71,5 +71,5 @@ def test_results_root_itself_may_be_a_symlink(in_tmp, tmp_path_factory):
 
 
 def test_custom_key_names(in_tmp):
-    with pytest.raises(ValueError, match=r"^config fields\.x/y=\.\."):
+    with pytest.raises(ValueError, match=r"^config fields\.x/y='\.\.'"):
         results_path("run", "..", keys=("run", "fields.x/y"))
