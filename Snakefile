@@ -5,6 +5,8 @@
 #   3-6 LFD             edge model -> PRF model -> motion model -> per-cadence flux solve   (Hedges & Martinez-Palomera 2021)
 #   7 CPM               causal pixel model de-trending of every pixel, aperture light curves (Hattori et al. 2022)
 #   8 report            static HTML pages with embedded Bokeh, an index page
+#   survey mode         whole CCDs from FFIs (config `ccds`): ingest -> tiles -> steps 2-8 per tile ->
+#                       merged per-CCD light curves + overview page (rules/survey.smk, docs/SURVEY.md)
 #
 # Run:  snakemake --cores 2            (default config: two synthetic TESS cutouts)
 from snakemake.utils import min_version
@@ -18,6 +20,7 @@ include: "rules/gaia.smk"
 include: "rules/lfd.smk"
 include: "rules/cpm.smk"
 include: "rules/report.smk"
+include: "rules/survey.smk"
 
 
 # light or network work runs where snakemake runs (login node), not as cluster jobs
@@ -25,6 +28,8 @@ localrules:
     all,
     download_mast,
     report_index,
+    tile_grid,
+    survey_table,
 
 
 rule all:
@@ -33,4 +38,5 @@ rule all:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
         lfd_outputs(),
         cpm_outputs(),
-        f"{RESULTS}/report/index.html",
+        [f"{RESULTS}/report/index.html"] if FIELDS else [],
+        survey_outputs(),

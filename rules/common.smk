@@ -14,10 +14,54 @@ from workflow_lib.core.settings import SCHEMA_PATH
 configfile: "config/config.yaml"
 
 
+if not (config.get("fields") or config.get("ccds")):
+    raise ValueError(
+        "config: no `fields` (cutouts) and no `ccds` (survey mode) given: a run needs at least one of"
+        " them (docs/CONFIG.md; examples: config/config.yaml, config/survey.yaml)"
+    )
 validate(config, schema=str(SCHEMA_PATH))
 
 RESULTS = f"results/{config['run']}"
-FIELDS = list(config["fields"])
+FIELDS = list(config.get("fields") or {})
+CCDS = list(config.get("ccds") or {})
+_both = sorted(set(FIELDS) & set(CCDS))
+if _both:
+    raise ValueError(f"config: {_both} named both in `fields` and in `ccds`; names must differ")
+
+# Survey mode (rules/survey.smk): a tile of a CCD is processed like a field whose name is
+# "<ccd>/tiles/<tile id>" (results/<run>/<ccd>/tiles/<tile>/...), so the LFD, CPM and field-page rules
+# run on tiles unchanged. The `field` wildcard is limited to fields, CCDs and their tiles.
+TILE_ID_REGEX = r"r[0-9]+c[0-9]+"
+
+
+def _names_regex(names):
+    return "|".join(names) if names else "^$"
+
+
+wildcard_constraints:
+    field=rf"(?:{_names_regex(FIELDS + CCDS)})(?:/tiles/{TILE_ID_REGEX})?",
+    ccd=_names_regex(CCDS),
+    tile=TILE_ID_REGEX,
+
+
+def tile_ccd(field):
+    """The CCD of a tile "field" ("<ccd>/tiles/<tile>"), None for an ordinary field or a CCD."""
+    parts = field.split("/")
+    return parts[0] if len(parts) == 3 and parts[1] == "tiles" else None
+
+
+def tile_group(wildcards):
+    """`group:` of the per-field rules: "tile" for a survey tile (its cut, catalog, LFD, CPM and page
+    run as one cluster job per tile, docs/CLUSTER.md), none for an ordinary field."""
+    return "tile" if tile_ccd(wildcards.field) else None
+
+
+def field_spec(field):
+    """The config entry of a field, a CCD, or (for a tile) its CCD."""
+    name = tile_ccd(field) or field
+    if name in (config.get("ccds") or {}):
+        return config["ccds"][name]
+    return config["fields"][name]
 
 
 def _cpm_paramsets():
@@ -33,7 +77,7 @@ CPM_STITCH = dict(config["cpm"].get("stitch", {}))
 
 def fields_from(source):
     """Names of the fields whose download `source` is synthetic / mast / local."""
-    return [f for f, spec in config["fields"].items() if spec["source"] == source]
+    return [f for f, spec in (config.get("fields") or {}).items() if spec["source"] == source]
 
 
 def field_regex(source):
@@ -43,9 +87,10 @@ def field_regex(source):
 
 
 def field_params(field, section):
-    """The `section` settings of one field: run-wide defaults overridden by the field's own."""
+    """The `section` settings of one field: run-wide defaults overridden by the field's own (a CCD's
+    for the CCD and its tiles)."""
     merged = dict(config.get(section, {}))
-    merged.update(config["fields"][field].get(section, {}) or {})
+    merged.update(field_spec(field).get(section, {}) or {})
     return merged
 
 
@@ -98,8 +143,8 @@ def rule_benchmark(name):
 def catalog_input(wildcards):
     """The synthetic sector hands the crossmatch its own Gaia-like catalog; others use a local
     catalog file when configured, else the Gaia archive."""
-    spec = config["fields"][wildcards.field]
-    if spec["source"] == "synthetic":
+    spec = field_spec(wildcards.field)
+    if spec["source"] in ("synthetic", "synthetic_ffi"):
         return {"catalog": f"{RESULTS}/{wildcards.field}/input_catalog.ecsv"}
     local = (spec.get("gaia") or {}).get("catalog") or (spec.get("local") or {}).get(
         "catalog"

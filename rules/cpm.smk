@@ -30,6 +30,8 @@ rule cpm_detrend:
         f"{RESULTS}/benchmarks/cpm_detrend/{{field}}_{{paramset}}.tsv"
     wildcard_constraints:
         paramset=r"default|lambda_L_[0-9.eE+-]+",
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 2
@@ -40,7 +42,7 @@ rule cpm_detrend:
         cpm=json_arg(config["cpm"]),
         cdpp_hours=json_arg(cdpp_hours()),
         target_aperture=lambda w: json_arg(
-            config["fields"][w.field].get("target_aperture") or {}
+            field_spec(w.field).get("target_aperture") or {}
         ),
     shell:
         "python -m workflow_lib.steps cpm-detrend --field {wildcards.field}"

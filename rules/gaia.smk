@@ -1,4 +1,6 @@
 # Stage 2: Gaia crossmatch. Sources propagated by proper motion to the cube's mid-time, in pixels.
+# Runs on fields and, in survey mode, once per CCD (the CCD cube: one Gaia query per CCD); a tile's
+# catalog is the CCD catalog's subset (rule split_catalog, rules/survey.smk).
 
 
 rule gaia_crossmatch:
@@ -11,6 +13,8 @@ rule gaia_crossmatch:
         rule_log("gaia_crossmatch"),
     benchmark:
         rule_benchmark("gaia_crossmatch")
+    wildcard_constraints:
+        field=_names_regex(FIELDS + CCDS),
     conda:
         "../envs/pipeline.yaml"
     threads: 1

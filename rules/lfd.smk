@@ -15,6 +15,8 @@ rule edge_model:
         rule_log("edge_model"),
     benchmark:
         rule_benchmark("edge_model")
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -42,6 +44,8 @@ rule prf_model:
         rule_log("prf_model"),
     benchmark:
         rule_benchmark("prf_model")
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -68,6 +72,8 @@ rule motion_model:
         rule_log("motion_model"),
     benchmark:
         rule_benchmark("motion_model")
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -98,6 +104,8 @@ rule flux_solve:
         rule_log("flux_solve"),
     benchmark:
         rule_benchmark("flux_solve")
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 2

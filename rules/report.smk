@@ -23,6 +23,8 @@ rule report_field:
         rule_log("report_field"),
     benchmark:
         rule_benchmark("report_field")
+    group:
+        tile_group
     conda:
         "../envs/pipeline.yaml"
     threads: 1

@@ -19,6 +19,7 @@ SCHEMA = SCHEMA_PATH
 SECTIONS = [
     ("run", "Run name"),
     ("fields", "Fields"),
+    ("ccds", "CCDs (`ccds`): survey mode, whole CCDs from FFIs"),
     ("synthetic", "Synthetic sector (`synthetic`, or per field `fields.<name>.synthetic`)"),
     ("mast_client", "MAST client (`mast_client`; what to download: per field `fields.<name>.mast`)"),
     ("gaia", "Gaia crossmatch (`gaia`, per field `fields.<name>.gaia`)"),

@@ -39,6 +39,14 @@ STEPS = {
     "cpm-stitch": ("workflow_lib.steps.cpm", "run_cpm_stitch", "stitch CPM light curves of several sectors"),
     "report-field": ("workflow_lib.report.page", "write_field_report", "HTML inspection page of one field"),
     "report-index": ("workflow_lib.report.page", "write_index_report", "HTML index page of a run"),
+    "survey-synthetic": ("workflow_lib.steps.survey", "write_synthetic_ccd", "synthetic CCD written as SPOC FFIs"),
+    "survey-ingest": ("workflow_lib.steps.survey", "ingest_ccd", "FFIs of one CCD -> one cube"),
+    "survey-tiles": ("workflow_lib.steps.survey", "write_tile_grid", "tile grid (cores + halos) of a CCD cube"),
+    "survey-cut-tile": ("workflow_lib.steps.survey", "cut_tile_step", "one tile's cube from the CCD cube"),
+    "survey-split-catalog": ("workflow_lib.steps.survey", "split_catalog_step", "one tile's catalog"),
+    "survey-merge": ("workflow_lib.steps.survey", "merge_tiles_step", "merge per-tile light curves of a CCD"),
+    "survey-table": ("workflow_lib.steps.survey", "survey_table_step", "per-CCD source table of every set"),
+    "report-survey": ("workflow_lib.report.survey", "write_survey_report", "HTML overview page of a CCD"),
 }
 
 
@@ -185,6 +193,68 @@ def call_report_index(f, a, p):
     f(a.summaries, a.out, config=p, bench_dir=a.bench_dir, run=a.run)
 
 
+def name_paths(items, option: str) -> dict:
+    """``NAME=PATH`` arguments -> {name: path} (zarr stores given by zarr.json -> the directory)."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"{option} {item}: expected NAME=PATH")
+        out[name] = store(path)
+    return out
+
+
+def call_survey_synthetic(f, a, p):
+    f(a.ffi_dir, a.catalog, store(a.truth), p)
+
+
+def call_survey_ingest(f, a, p):
+    f(a.ffi, store(a.out), p)
+
+
+def call_survey_tiles(f, a, p):
+    check_inputs(cube=store(a.cube))
+    f(store(a.cube), a.out, p.get("tile_size"), p.get("margin"))
+
+
+def call_survey_cut_tile(f, a, p):
+    check_inputs(cube=store(a.cube), grid=a.grid)
+    f(store(a.cube), a.grid, a.tile, store(a.out))
+
+
+def call_survey_split_catalog(f, a, p):
+    check_inputs(catalog=a.catalog, grid=a.grid)
+    f(a.catalog, a.grid, a.tile, a.out, p.get("catalog_reach"))
+
+
+def call_survey_merge(f, a, p):
+    tiles = name_paths(a.tiles, "--tiles")
+    check_inputs(grid=a.grid, catalog=a.catalog, **{f"tiles {k}": v for k, v in tiles.items()})
+    f(tiles, a.grid, a.catalog, store(a.out), a.table, a.set, fits_dir=a.fits_dir, params=p)
+
+
+def call_survey_table(f, a, p):
+    tables = name_paths(a.tables, "--tables")
+    check_inputs(**{f"tables {k}": v for k, v in tables.items()})
+    f(tables, a.out)
+
+
+def call_report_survey(f, a, p):
+    merged = name_paths(a.merged, "--merged")
+    check_inputs(cube=store(a.cube), grid=a.grid, table=a.table, **{f"merged {k}": v for k, v in merged.items()})
+    f(
+        store(a.cube),
+        a.grid,
+        a.table,
+        merged,
+        a.out,
+        ccd=a.ccd,
+        tile_pages=a.tile_pages,
+        tile_summaries=a.tile_summaries or [],
+        params=p,
+    )
+
+
 # ---------------------------------------------------------------- argument parser
 
 
@@ -270,6 +340,41 @@ def build_parser() -> argparse.ArgumentParser:
     req(sp, "--out")
     sp.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory of the run")
     sp.add_argument("--run", default="")
+
+    sp = step("survey-synthetic", "`survey.synthetic` (with the CCD's own `synthetic`)")
+    req(sp, "--ffi-dir", "--catalog", "--truth")
+
+    sp = step("survey-ingest", "`survey.ingest`")
+    sp.add_argument("--ffi", required=True, metavar="DIR|GLOB", help="directory of *_ffic.fits or a glob pattern")
+    req(sp, "--out")
+
+    sp = step("survey-tiles", '{"tile_size": 64, "margin": 8} (survey)')
+    req(sp, "--cube", "--out")
+
+    sp = step("survey-cut-tile", "none")
+    req(sp, "--cube", "--grid", "--out")
+    sp.add_argument("--tile", required=True, help="tile id, e.g. r0000c0064")
+
+    sp = step("survey-split-catalog", '{"catalog_reach": 4} (survey)')
+    req(sp, "--catalog", "--grid", "--out")
+    sp.add_argument("--tile", required=True, help="tile id, e.g. r0000c0064")
+
+    sp = step("survey-merge", "the `survey` settings (cdpp_hours, write_fits)")
+    sp.add_argument("--tiles", nargs="+", required=True, metavar="TILE=PATH", help="each tile's light-curve set")
+    req(sp, "--grid", "--catalog", "--out", "--table")
+    sp.add_argument("--set", required=True, help="set name, the prefix of the table's columns (lfd, cpm_default)")
+    sp.add_argument("--fits-dir", metavar="DIR", help="also write one FITS file per measured source")
+
+    sp = step("survey-table", "none")
+    sp.add_argument("--tables", nargs="+", required=True, metavar="SET=PATH", help="each set's source table")
+    req(sp, "--out")
+
+    sp = step("report-survey", "the `report` settings")
+    req(sp, "--cube", "--grid", "--table", "--out")
+    sp.add_argument("--merged", nargs="*", default=[], metavar="SET=PATH", help="merged light-curve sets")
+    sp.add_argument("--ccd", default="")
+    sp.add_argument("--tile-pages", metavar="DIR", help="directory of the tiles' field pages <tile>.html")
+    sp.add_argument("--tile-summaries", nargs="*", metavar="PATH", help="the tiles' field-page summary JSON files")
     return parser
 
 
