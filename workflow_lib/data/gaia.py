@@ -143,13 +143,31 @@ def _float_values(col) -> np.ndarray:
     return np.array(col, dtype=float)
 
 
+def check_unique_ids(source_id, name: str = "catalog", *, what: str = "catalog") -> None:
+    """:class:`GaiaError` naming ``name`` and the first duplicated ids if ``source_id`` repeats a value.
+
+    Every product is keyed by source_id (light-curve sets, one FITS per source): a repeated id would
+    silently overwrite or mix the light curves of different stars."""
+    ids = np.asarray(source_id, dtype=np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    dup = counts > 1
+    if dup.any():
+        first = ", ".join(f"{int(i)} (x{int(c)})" for i, c in zip(uniq[dup][:5], counts[dup][:5]))
+        more = f" and {int(dup.sum()) - 5} more" if dup.sum() > 5 else ""
+        raise GaiaError(
+            f"{name}: {what} has duplicate source_id values, {int(dup.sum())} id(s) repeated: {first}{more}; "
+            "every source needs its own id (remove or renumber the duplicate rows)"
+        )
+
+
 def normalize_catalog(table: Table, name: str = "catalog") -> Table:
     """A catalog in the standard Gaia column set (``GAIA_COLUMNS``), float64 with NaN for missing.
 
     Column names are matched case-insensitively. ``source_id``, ``ra``, ``dec`` and one of
     ``phot_g_mean_mag`` / ``phot_g_mean_flux`` are required (the other is derived); missing proper
     motions become 0, missing ``parallax``/``bp_rp`` NaN, missing ``ref_epoch`` 2016.0 (with a
-    warning). NaN proper motions are set to 0. ``name`` (a file name) is used in errors.
+    warning). NaN proper motions are set to 0. ``name`` (a file name) is used in errors. Duplicate
+    ``source_id`` values are refused (:func:`check_unique_ids`).
     """
     lower = {}
     for c in table.colnames:
@@ -170,6 +188,7 @@ def normalize_catalog(table: Table, name: str = "catalog") -> Table:
         source_id = np.asarray(sid_col).astype(np.int64)
     except (TypeError, ValueError) as exc:
         raise GaiaError(f"{name}: source_id is not an integer column ({exc})") from exc
+    check_unique_ids(source_id, name)
     out = Table()
     out["source_id"] = source_id
     for c in ("ra", "dec"):
@@ -526,19 +545,26 @@ def sky_to_pixel(table: Table, cube) -> Table:
     return out
 
 
-def crossmatch(cube, catalog_table: Table, margin_pixels: float = 4.0, mag_limit: float | None = None) -> Table:
+def crossmatch(
+    cube, catalog_table: Table, margin_pixels: float = 4.0, mag_limit: float | None = None, *, name: str = "catalog"
+) -> Table:
     """The ``catalog.ecsv`` table of a cube (docs/DATA_MODEL.md).
 
     Sources brighter than ``mag_limit`` in G (None: mission default) are propagated to the cube's
     mid-time, placed on pixels, and kept when on the cutout or within ``margin_pixels`` of it.
     ``expected_flux`` is the a-priori instrument-band flux from G. Sorted by G (then source_id).
-    For pixel tables, sources within the margin of a stamp are assigned to it (``stamp``).
+    For pixel tables, sources within the margin of a stamp are assigned to it (``stamp``). Duplicate
+    ``source_id`` values are refused (:class:`GaiaError` naming ``name``).
     """
     mission = cube.attrs.get("mission", "TESS")
     _mission_key(mission)
     if mag_limit is None:
         mag_limit = DEFAULT_MAG_LIMIT[mission]
-    cat = normalize_catalog(catalog_table) if set(GAIA_COLUMNS) - set(catalog_table.colnames) else catalog_table
+    if set(GAIA_COLUMNS) - set(catalog_table.colnames):
+        cat = normalize_catalog(catalog_table, name)
+    else:
+        cat = catalog_table
+        check_unique_ids(cat["source_id"], name)
     gmag = _float_values(cat["phot_g_mean_mag"])
     bad = ~np.isfinite(gmag)
     if bad.any():
@@ -703,7 +729,7 @@ def crossmatch_field(cube_path, out_catalog, gaia_params: dict, local_catalog: s
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
             source = "header_targets"
-    result = crossmatch(cube, catalog, margin, mag_limit)
+    result = crossmatch(cube, catalog, margin, mag_limit, name=str(local_catalog) if local_catalog else source)
     result.meta["catalog_source"] = source
     result.meta["provenance"] = provenance("gaia_crossmatch", inputs, params, catalog_source=source)
     with atomic_path(out_catalog) as tmp:

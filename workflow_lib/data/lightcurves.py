@@ -144,12 +144,23 @@ def _config_hash(prov: str) -> str:
 
 
 def write_lightcurve_fits(lc: xr.Dataset, outdir: str | Path, prefix: str) -> list[Path]:
-    """One FITS file per source, ``<outdir>/<prefix>_<source_id>.fits``, each written atomically."""
+    """One FITS file per source, ``<outdir>/<prefix>_<source_id>.fits``, each written atomically.
+
+    Two sources that would write the same file (a repeated ``source_id``) are refused with a ValueError
+    naming the directory and the first repeated ids, before anything is written."""
     outdir = Path(outdir)
+    sids = np.asarray(lc["source_id"].values, dtype=np.int64)
+    uniq, counts = np.unique(sids, return_counts=True)
+    if (counts > 1).any():
+        rep = uniq[counts > 1]
+        raise ValueError(
+            f"{outdir}: {int(rep.size)} source_id(s) of the {prefix!r} light curves would write the same FITS file "
+            f"twice (first: {', '.join(f'{prefix}_{int(i)}.fits' for i in rep[:5])}); source ids must be unique"
+        )
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(lc.sizes["source"]):
-        sid = int(lc["source_id"].values[i])
+        sid = int(sids[i])
         path = outdir / f"{prefix}_{sid}.fits"
         with atomic_path(path) as tmp:
             lightcurve_hdulist(lc, i).writeto(tmp, overwrite=True)
