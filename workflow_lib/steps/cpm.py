@@ -7,7 +7,7 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
-from workflow_lib.core.atomic import atomic_path
+from workflow_lib.core.atomic import atomic_dir, atomic_path, remove_stale_tmp
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.quality import HARD_BITMASK
@@ -34,22 +34,11 @@ def _read_catalog(path):
 
 def write_fits_dir(sets, fits_dir) -> Path:
     """Write one FITS per source of each ``(light-curve set, prefix)`` into ``fits_dir``, atomically
-    (a temporary sibling directory renamed into place)."""
-    import shutil
-    import uuid
-
+    (:func:`workflow_lib.core.atomic.atomic_dir`: a temporary sibling directory renamed into place)."""
     fits_dir = Path(fits_dir)
-    tmp = fits_dir.parent / f".{fits_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(fits_dir) as tmp:
         for lc, prefix in sets:
             write_lightcurve_fits(lc, tmp, prefix)
-        tmp.mkdir(parents=True, exist_ok=True)
-        if fits_dir.exists():
-            shutil.rmtree(fits_dir)
-        tmp.rename(fits_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return fits_dir
 
 
@@ -74,6 +63,7 @@ def run_cpm_detrend(
     The light-curve sets carry the CDPP proxy ``cdpp_<h>h`` of every ``cdpp_hours`` (1 h and 6 h always)."""
 
     params = paramset_params(config, paramset)
+    remove_stale_tmp(detrended_path, lightcurves_path, raw_lightcurves_path, fits_dir)  # debris of a killed run
     ap = ApertureParams(**(config.get("aperture") or {}))
     cube = open_cube(cube_path).load()
     catalog = _read_catalog(catalog_path)
@@ -177,6 +167,7 @@ def run_cpm_stitch(
     sector (same source_id, or same user-aperture name) in time order (paper §4.1); with the CDPP
     proxy ``cdpp_<h>h`` of every ``cdpp_hours``."""
 
+    remove_stale_tmp(out_path, fits_dir)  # debris of a killed run
     sets = [xr.open_zarr(p, consolidated=False).load() for p in lightcurve_paths]
     if not sets:
         raise ValueError(f"cpm_stitch {group}: no light-curve sets")

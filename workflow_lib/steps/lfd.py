@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_lib.core.atomic import atomic_path, save_npz_deterministic, write_text_atomic
+from workflow_lib.core.atomic import atomic_dir, atomic_path, save_npz_deterministic, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
@@ -354,7 +354,8 @@ def flux_solve_step(
         diagnostics_npz = Path(out_zarr).parent / "diagnostics.npz"
     write_lfd_diagnostics(diagnostics_npz, f["cube"], cat, f["model"], lc, motion_file)
     if p["write_fits"] and out_fits_dir is not None:
-        paths = write_lightcurve_fits(lc, out_fits_dir, "lfd")
+        with atomic_dir(out_fits_dir) as tmp:  # no partial directory, no files of an earlier run
+            paths = write_lightcurve_fits(lc, tmp, "lfd")
         log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
     return lc
 
