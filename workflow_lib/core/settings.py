@@ -64,3 +64,97 @@ def merge_settings(defaults: dict, given: dict | None, section: str, error: type
             raise error(f"unknown {section} parameter(s): {sorted(unknown)}")
         merged.update(given)
     return merged
+
+
+# ------------------------------------------------------------------------- config errors in one line
+
+
+class ConfigError(ValueError):
+    """A config the pipeline cannot run, explained in one line (the key path and what to write instead)."""
+
+
+#: top-level sections known even if the schema in use does not list them yet
+KNOWN_TOP_LEVEL = ("ccds",)
+
+
+def _closest(word: str, choices, prefix: str = "") -> str:
+    import difflib
+
+    choices = sorted(str(c) for c in choices)
+    near = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if near:
+        return f"did you mean {prefix + near[0]!r}?"
+    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
+    return f"valid: {shown}" if choices else "no keys are allowed here"
+
+
+def _check_keys(value, node: dict, path: str, schema: dict, extra_known=()) -> None:
+    """Unknown keys of ``value`` (a config mapping) against schema ``node``, recursively."""
+    node = _resolve(node, schema)
+    if not isinstance(value, dict):
+        return  # a wrong type: snakemake's validate names it
+    props = node.get("properties") or {}
+    extra = node.get("additionalProperties", True)
+    for key, sub in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in props:
+            _check_keys(sub, props[key], where, schema)
+        elif isinstance(extra, dict):
+            _check_keys(sub, extra, where, schema)
+        elif extra is False and key not in extra_known:
+            known = list(props) + list(extra_known)
+            raise ConfigError(f"config: unknown key {where!r}; {_closest(key, known, f'{path}.' if path else '')}")
+
+
+def _paramset_names(cpm: dict) -> list[str]:
+    """``default`` + ``lambda_L_<v>`` per ``cpm.sweep_lambda_L`` (the rule of ``cpm.model.paramset_names``,
+    repeated here because core imports nothing above it; tests/reliability checks they agree)."""
+    sweep = cpm.get("sweep_lambda_L") if isinstance(cpm, dict) else None
+    names = ["default"]
+    for v in sweep or []:
+        try:
+            names.append(f"lambda_L_{float(v):g}")
+        except (TypeError, ValueError):
+            pass  # a wrong type: snakemake's validate names it
+    return names
+
+
+def check_config(config) -> None:
+    """Refuse, with a one-line :class:`ConfigError`, what the schema check would report as a dump or not at
+    all; run it before ``snakemake.utils.validate``:
+
+    * an unknown key anywhere: its dotted path and the nearest valid spelling at that level;
+    * no ``fields`` (and no ``ccds``) section;
+    * ``report.cpm_paramset`` that is not ``default`` or one of ``lambda_L_<v>`` of ``cpm.sweep_lambda_L``;
+    * a ``cpm.stitch`` group naming a field that is not configured.
+    """
+    schema = load_schema()
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: expected a mapping of sections (run, fields, ...), got {type(config).__name__}")
+    _check_keys(config, schema, "", schema, extra_known=KNOWN_TOP_LEVEL)
+    fields, ccds = config.get("fields"), config.get("ccds")
+    if not fields and not ccds:
+        what = "an empty 'fields' section" if "fields" in config else "no 'fields' section"
+        raise ConfigError(
+            f"config: {what} (and no 'ccds'): add at least one field, e.g. "
+            "fields: {my_field: {source: synthetic}} (or a survey-mode 'ccds' section)"
+        )
+    report = config.get("report")
+    shown = report.get("cpm_paramset") if isinstance(report, dict) else None
+    cpm = config.get("cpm") if isinstance(config.get("cpm"), dict) else {}
+    if shown is not None:
+        valid = _paramset_names(cpm)
+        if shown not in valid:
+            raise ConfigError(
+                f"config: report.cpm_paramset={shown!r} is not a CPM parameter set; valid: {', '.join(valid)} "
+                "(add its lambda_L to cpm.sweep_lambda_L to sweep it)"
+            )
+    stitch = cpm.get("stitch")
+    if isinstance(stitch, dict):
+        names = set(fields if isinstance(fields, dict) else ()) | set(ccds if isinstance(ccds, dict) else ())
+        for group, members in stitch.items():
+            for m in members if isinstance(members, list) else ():
+                if m not in names:
+                    raise ConfigError(
+                        f"config: cpm.stitch.{group} names {m!r}, which is not a configured field; {_closest(m, names)}"
+                    )
