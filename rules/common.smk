@@ -26,7 +26,9 @@ FIELDS = list(config.get("fields") or {})
 CCDS = list(config.get("ccds") or {})
 _both = sorted(set(FIELDS) & set(CCDS))
 if _both:
-    raise ValueError(f"config: {_both} named both in `fields` and in `ccds`; names must differ")
+    raise ValueError(
+        f"config: {_both} named both in `fields` and in `ccds`; names must differ"
+    )
 
 # Survey mode (rules/survey.smk): a tile of a CCD is processed like a field whose name is
 # "<ccd>/tiles/<tile id>" (results/<run>/<ccd>/tiles/<tile>/...), so the LFD, CPM and field-page rules
@@ -77,7 +79,11 @@ CPM_STITCH = dict(config["cpm"].get("stitch", {}))
 
 def fields_from(source):
     """Names of the fields whose download `source` is synthetic / mast / local."""
-    return [f for f, spec in (config.get("fields") or {}).items() if spec["source"] == source]
+    return [
+        f
+        for f, spec in (config.get("fields") or {}).items()
+        if spec["source"] == source
+    ]
 
 
 def field_regex(source):

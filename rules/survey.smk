@@ -16,11 +16,16 @@
 
 def survey_synthetic_params(ccd):
     """`survey.synthetic` overridden by the CCD's own `synthetic`."""
-    return dict(config["survey"].get("synthetic") or {}, **(config["ccds"][ccd].get("synthetic") or {}))
+    return dict(
+        config["survey"].get("synthetic") or {},
+        **(config["ccds"][ccd].get("synthetic") or {}),
+    )
 
 
 def ccds_from(source):
-    return [c for c, spec in (config.get("ccds") or {}).items() if spec["source"] == source]
+    return [
+        c for c, spec in (config.get("ccds") or {}).items() if spec["source"] == source
+    ]
 
 
 def ffi_location(ccd):
@@ -30,7 +35,9 @@ def ffi_location(ccd):
         return f"{RESULTS}/{ccd}/ffi"
     ffi = spec.get("ffi") or {}
     if not (ffi.get("directory") or ffi.get("glob")):
-        raise ValueError(f"config: ccds.{ccd}: `source: ffi` needs ffi.directory or ffi.glob")
+        raise ValueError(
+            f"config: ccds.{ccd}: `source: ffi` needs ffi.directory or ffi.glob"
+        )
     return ffi.get("directory") or ffi["glob"]
 
 
@@ -169,9 +176,7 @@ checkpoint tile_grid:
         mem_mb=mem_mb(1000),
         runtime=runtime_min(10),
     params:
-        grid=json_arg(
-            {k: config["survey"][k] for k in ("tile_size", "margin")}
-        ),
+        grid=json_arg({k: config["survey"][k] for k in ("tile_size", "margin")}),
     shell:
         "python -m workflow_lib.steps survey-tiles --cube {input.cube:q}"
         " --out {output.grid:q} --params {params.grid} --log {log:q}"
@@ -256,7 +261,11 @@ rule merge_tiles:
             for t, p in zip(survey_tile_ids(w.ccd), input.tiles)
         ),
         survey=json_arg(
-            {k: v for k, v in config["survey"].items() if k in ("cdpp_hours", "write_fits")}
+            {
+                k: v
+                for k, v in config["survey"].items()
+                if k in ("cdpp_hours", "write_fits")
+            }
         ),
     shell:
         "python -m workflow_lib.steps survey-merge --tiles {params.tiles}"
@@ -268,7 +277,9 @@ rule merge_tiles:
 rule survey_table:
     """One source table per CCD: every merged set side by side (CDPP, tile, flags, overlap QA)."""
     input:
-        tables=expand(f"{RESULTS}/{{{{ccd}}}}/merged/{{set}}.ecsv", set=list(survey_sets())),
+        tables=expand(
+            f"{RESULTS}/{{{{ccd}}}}/merged/{{set}}.ecsv", set=list(survey_sets())
+        ),
     output:
         table=f"{RESULTS}/{{ccd}}/merged/sources.ecsv",
     log:
@@ -292,7 +303,8 @@ rule survey_table:
 
 rule report_survey:
     """Overview page of a CCD: mean image + tile grid and status, CDPP vs G of every merged source
-    (hover, click -> the tile's field page), search by Gaia id or RA/Dec; links to the tile pages."""
+    (hover, click -> the tile's field page), search by Gaia id or RA/Dec; links to the tile pages.
+    """
     input:
         unpack(tile_pages_input),
         cube=zarr_store(f"{RESULTS}/{{ccd}}/cube.zarr"),

@@ -166,3 +166,52 @@ def test_stage_switches_remove_the_stage_from_the_dag(tmp_path, stage, absent, p
     stats = res.stdout.split("Job stats:")[1]
     jobs = set(re.findall(r"^(\w+)\s+\d+\s*$", stats, flags=re.M))
     assert not (absent & jobs) and present <= jobs, jobs
+
+
+# ---- survey mode: the `ccds` block
+
+
+def test_survey_configs_validate_with_ccds_only():
+    for path in (REPO / "config" / "survey.yaml", REPO / ".test" / "config-survey" / "config.yaml"):
+        cfg = yaml.safe_load(path.read_text())
+        assert "fields" not in cfg and cfg["ccds"], path
+        validate(cfg, schema=SCHEMA)
+        assert cfg["survey"]["tile_size"] == 64 and cfg["survey"]["margin"] == 8
+        assert cfg["survey"]["synthetic"]["n_rows"] >= 8  # defaults filled in
+
+
+def test_ccds_entry_is_checked():
+    ok = {"ccds": {"c1": {"source": "ffi", "ffi": {"directory": "data/ffi"}}}}
+    validate(ok, schema=SCHEMA)
+    with pytest.raises(WorkflowError, match="tape"):
+        validate({"ccds": {"c1": {"source": "tape"}}}, schema=SCHEMA)
+    with pytest.raises(WorkflowError, match="n_rowz"):
+        validate({"ccds": {"c1": {"source": "synthetic_ffi", "synthetic": {"n_rowz": 8}}}}, schema=SCHEMA)
+    with pytest.raises(WorkflowError, match="folder"):
+        validate({"ccds": {"c1": {"source": "ffi", "ffi": {"folder": "x"}}}}, schema=SCHEMA)
+    both = {"fields": {"f": {"source": "synthetic"}}, "ccds": {"c": {"source": "synthetic_ffi"}}}
+    validate(both, schema=SCHEMA)
+
+
+def test_config_needs_fields_or_ccds(tmp_path):
+    with pytest.raises(WorkflowError):
+        validate({"run": "x"}, schema=SCHEMA)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("run: empty\n")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "no `fields` (cutouts) and no `ccds` (survey mode)" in res.stdout + res.stderr
+
+
+def test_survey_dag_before_the_tile_grid(tmp_path):
+    """Before the checkpoint has run, the dry run shows the CCD-level jobs (tiles follow the grid)."""
+    import shutil
+
+    shutil.copytree(REPO / ".test" / "config-survey", tmp_path / "config")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n"]
+    res = subprocess.run(cmd + ["--cores", "2"], capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    for rule in ("synthetic_ccd", "ingest_ccd", "gaia_crossmatch", "tile_grid", "merge_tiles", "report_survey"):
+        assert rule in text, rule
