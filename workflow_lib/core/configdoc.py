@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from workflow_lib.core.settings import SCHEMA_PATH
+from workflow_lib.core.settings import SCHEMA_PATH, _resolve
 
 SCHEMA = SCHEMA_PATH
 
@@ -29,18 +29,6 @@ SECTIONS = [
     ("resources", "Resources (`resources`)"),
     ("survey", "Survey mode (`survey`): whole CCDs from FFIs, tiled and merged"),
 ]
-
-
-def _resolve(node: dict, schema: dict) -> dict:
-    ref = node.get("$ref")
-    if ref:
-        target = schema
-        for part in ref.lstrip("#/").split("/"):
-            target = target[part]
-        merged = dict(target)
-        merged.update({k: v for k, v in node.items() if k != "$ref"})
-        return merged
-    return node
 
 
 def _type(node: dict) -> str:

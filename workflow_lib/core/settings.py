@@ -21,12 +21,16 @@ def load_schema() -> dict:
 
 
 def _resolve(node: dict, schema: dict) -> dict:
+    """``node`` with its ``$ref`` (a ``#/...`` pointer into ``schema``) replaced by the target, the node's own
+    keys (``description``, ``default``) taking precedence over the target's; a node without ``$ref`` as is."""
     ref = node.get("$ref")
     if ref:
         target = schema
         for part in ref.lstrip("#/").split("/"):
             target = target[part]
-        return target
+        merged = dict(target)
+        merged.update({k: v for k, v in node.items() if k != "$ref"})
+        return merged
     return node
 
 

@@ -45,7 +45,6 @@ one zarr write of large chunks run at 110-140.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -69,6 +68,7 @@ from workflow_lib.data.fits_reader import (
     _float_or_none,
     _int_or_none,
     _kw,
+    _sha256,
 )
 
 log = get_logger("ffi")
@@ -845,11 +845,3 @@ def ingest_ffis(
         shutil.rmtree(store, ignore_errors=True)
     log.info("%s: %d frames (%d read now, %d from the frame store)", out, len(frames), st["read"], st["skipped"])
     return {"path": out, "frames": len(frames), "read": st["read"], "skipped": st["skipped"]}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
