@@ -24,6 +24,7 @@ validate(config, schema=str(SCHEMA_PATH))
 RESULTS = f"results/{config['run']}"
 FIELDS = list(config.get("fields") or {})
 CCDS = list(config.get("ccds") or {})
+FIELDS_AND_CCDS = [*FIELDS, *CCDS]
 _both = sorted(set(FIELDS) & set(CCDS))
 if _both:
     raise ValueError(
@@ -41,7 +42,7 @@ def _names_regex(names):
 
 
 wildcard_constraints:
-    field=rf"(?:{_names_regex(FIELDS + CCDS)})(?:/tiles/{TILE_ID_REGEX})?",
+    field=rf"(?:{_names_regex(FIELDS_AND_CCDS)})(?:/tiles/{TILE_ID_REGEX})?",
     ccd=_names_regex(CCDS),
     tile=TILE_ID_REGEX,
 
@@ -67,7 +68,7 @@ def field_spec(field):
 
 
 def _cpm_paramsets():
-    """CPM parameter sets (workflow_lib.cpm.model.paramset_names: 'default' + one per sweep_lambda_L)."""
+    """CPM parameter sets (workflow_lib.cpm.model.paramset_names: 'default' and one per sweep_lambda_L)."""
     from workflow_lib.cpm.model import paramset_names
 
     return list(paramset_names(config["cpm"]))
@@ -295,3 +296,101 @@ def report_field_inputs(wildcards):
             )
         )
     return inputs
+
+
+# ---- helpers of survey mode (rules/survey.smk)
+
+
+def survey_synthetic_params(ccd):
+    """`survey.synthetic` overridden by the CCD's own `synthetic`."""
+    return dict(
+        config["survey"].get("synthetic") or {},
+        **(config["ccds"][ccd].get("synthetic") or {}),
+    )
+
+
+def ccds_from(source):
+    return [
+        c for c, spec in (config.get("ccds") or {}).items() if spec["source"] == source
+    ]
+
+
+def ffi_location(ccd):
+    """Directory or glob of a `source: ffi` CCD's files; the synthetic CCD's own directory."""
+    spec = config["ccds"][ccd]
+    if spec["source"] == "synthetic_ffi":
+        return f"{RESULTS}/{ccd}/ffi"
+    ffi = spec.get("ffi") or {}
+    if not (ffi.get("directory") or ffi.get("glob")):
+        raise ValueError(
+            f"config: ccds.{ccd}: `source: ffi` needs ffi.directory or ffi.glob"
+        )
+    return ffi.get("directory") or ffi["glob"]
+
+
+def ingest_input(wildcards):
+    """The synthetic CCD's FFI directory is a product of this run; real FFIs are not tracked."""
+    if config["ccds"][wildcards.ccd]["source"] == "synthetic_ffi":
+        return {"ffi": f"{RESULTS}/{wildcards.ccd}/ffi"}
+    return {}
+
+
+def survey_tile_ids(ccd):
+    """Tile ids of a CCD, from its checkpoint's tiles.json (evaluated once the grid exists)."""
+    grid = checkpoints.tile_grid.get(ccd=ccd).output.grid
+    with open(grid) as fh:
+        return list(json.load(fh)["tile_ids"])
+
+
+def tile_field(ccd, tile):
+    """The field name of a tile: the LFD / CPM / report rules' `field` wildcard."""
+    return f"{ccd}/tiles/{tile}"
+
+
+#: merged light-curve sets: name -> the per-tile set it merges (relative to the tile directory)
+def survey_sets():
+    sets = {}
+    if report_stage_enabled("lfd"):
+        sets["lfd"] = "lfd/lightcurves.zarr"
+    if report_stage_enabled("cpm"):
+        sets[f"cpm_{report_cpm_shown()}"] = f"cpm/{report_cpm_shown()}/lightcurves.zarr"
+    return sets
+
+
+def merge_inputs(wildcards):
+    tiles = survey_tile_ids(wildcards.ccd)
+    rel = survey_sets()[wildcards.set]
+    return {
+        "tiles": [
+            zarr_store(f"{RESULTS}/{tile_field(wildcards.ccd, t)}/{rel}") for t in tiles
+        ]
+    }
+
+
+def tile_pages_input(wildcards):
+    tiles = survey_tile_ids(wildcards.ccd)
+    return {
+        "pages": [
+            f"{RESULTS}/report/{tile_field(wildcards.ccd, t)}.html" for t in tiles
+        ],
+        "summaries": [
+            f"{RESULTS}/report/{tile_field(wildcards.ccd, t)}.json" for t in tiles
+        ],
+    }
+
+
+def survey_outputs():
+    """Everything survey mode produces for `rule all`."""
+    if not CCDS:
+        return []
+    out = expand(f"{RESULTS}/{{ccd}}/merged/sources.ecsv", ccd=CCDS)
+    out += expand(f"{RESULTS}/report/{{ccd}}/index.html", ccd=CCDS)
+    return out
+
+
+def survey_log(name):
+    return f"{RESULTS}/logs/{name}/{{ccd}}.log"
+
+
+def survey_benchmark(name):
+    return f"{RESULTS}/benchmarks/{name}/{{ccd}}.tsv"

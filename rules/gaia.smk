@@ -14,7 +14,7 @@ rule gaia_crossmatch:
     benchmark:
         rule_benchmark("gaia_crossmatch")
     wildcard_constraints:
-        field=_names_regex(FIELDS + CCDS),
+        field=_names_regex(FIELDS_AND_CCDS),
     conda:
         "../envs/pipeline.yaml"
     threads: 1

@@ -71,7 +71,7 @@ def test_conda_env_matches_pyproject():
 
 def _rule_blocks():
     for smk in sorted((REPO / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=rule )", smk.read_text())[1:]:
+        for block in re.split(r"\n(?=(?:rule|checkpoint) )", smk.read_text())[1:]:
             yield smk, block.split(":")[0].split()[1], block
 
 
@@ -126,7 +126,7 @@ def test_snakemake_lint_passes():
 def test_every_rule_declares_log_benchmark_threads_resources():
     for smk in sorted((REPO / "rules").glob("*.smk")):
         text = smk.read_text()
-        for block in re.split(r"\n(?=rule )", text)[1:]:
+        for block in re.split(r"\n(?=(?:rule|checkpoint) )", text)[1:]:
             name = block.split(":")[0]
             if "\n    run:" not in block and "\n    script:" not in block and "\n    shell:" not in block:
                 continue  # aggregation-only rule
