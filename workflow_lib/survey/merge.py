@@ -147,29 +147,11 @@ def overlap_figure(f1, e1, f2, e2, good=None) -> np.ndarray:
     return np.where(nk >= 2, out, np.nan)
 
 
-def merge_tile_sets(
-    sets: dict[str, xr.Dataset],
-    tiles: list[dict],
-    catalog: Table,
-    *,
-    set_name: str = "",
-    bitmask: int = DEFAULT_CDPP_BITMASK,
-    cdpp_hours=(1.0, 6.0),
-) -> tuple[xr.Dataset, Table, dict]:
-    """Merge per-tile light-curve sets of one CCD (``sets``: tile id -> ``(source, time)`` Dataset).
+def _catalog_rows_of_tiles(sets: dict[str, xr.Dataset], sid: np.ndarray) -> tuple[dict, dict]:
+    """Where each tile set's sources sit in the CCD catalog (``sid``: its source ids).
 
-    ``tiles``: the grid's tiles; ``catalog``: the CCD catalog (``catalog.ecsv`` of the CCD cube: one
-    row per source, ``source_id``, ``ra``, ``dec``, ``column``, ``row``, ``phot_g_mean_mag``).  Returns
-    ``(merged, table, qa)``: the merged set (catalog order; per-source coords of the tile sets taken from
-    the chosen tile, plus ``tile``, ``core_tile``, ``tile_edge_distance``, ``n_tiles``, ``flags``,
-    ``overlap_consistency``), its :func:`source_table`, and the QA dict (``overlap_consistency``: the
-    median, ``n_overlap``, ``n_sources``, ``n_measured``), also in ``merged.attrs`` and the table's meta.
-    Sources of the tile sets that are not in the catalog (user apertures, negative ids) are left out.
-    """
-    if not sets:
-        raise MergeError("no tile light-curve sets to merge")
-    ref = _check_cadences(sets)
-    sid = np.asarray(catalog["source_id"], np.int64)
+    Returns ``(rows_of, measured)``: tile -> (catalog index, row in the tile set) for the sources in the
+    catalog, and tile -> boolean mask over the catalog of the sources that tile measured."""
     if np.unique(sid).size != sid.size:
         raise MergeError("the CCD catalog lists a source_id twice")
     pos = {int(s): i for i, s in enumerate(sid)}
@@ -185,8 +167,16 @@ def merge_tile_sets(
         mk = np.zeros(sid.size, bool)
         mk[ci[known]] = True
         measured[tid] = mk
-    a = assign_tiles(catalog, tiles, measured)
-    n, nt = sid.size, ref.sizes["time"]
+    return rows_of, measured
+
+
+def _gather_tile_light_curves(sets: dict[str, xr.Dataset], rows_of: dict, a: dict, n: int, nt: int) -> dict:
+    """Copy each source's light curve from its chosen tile (``a["best"]``) and, for sources seen by two
+    tiles, from the second tile (``a["second"]``), in sorted tile order.
+
+    Returns a dict: ``flux``/``err`` (n, nt) of the chosen tile; ``f2``/``e2`` of the second tile (one
+    row per source with a second tile, row ``k2[source]``); ``has2``; ``quality`` (OR over tiles); and
+    ``extra``/``extra_attrs``: the per-source coords of the tile sets taken from the chosen tile."""
     flux = np.full((n, nt), np.nan)
     err = np.full((n, nt), np.nan)
     has2 = a["second"] != ""
@@ -223,11 +213,14 @@ def merge_tile_sets(
             except (TypeError, ValueError):  # a dtype clash between tiles: keep it as text
                 extra[name] = extra[name].astype(object)
                 extra[name][ci[sel]] = v[ri[sel]]
-    good = (quality & int(bitmask)) == 0
-    fig = np.full(n, np.nan)
-    if has2.any():
-        idx = np.flatnonzero(has2)
-        fig[idx] = overlap_figure(flux[idx], err[idx], f2[k2[idx]], e2[k2[idx]], good)
+    return dict(
+        flux=flux, err=err, f2=f2, e2=e2, k2=k2, has2=has2, quality=quality, extra=extra, extra_attrs=extra_attrs
+    )
+
+
+def _source_flags(catalog: Table, a: dict, flux: np.ndarray, has2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-source :data:`FLAG_BITS` of a merged set and the ``on_ccd`` mask they were derived from."""
+    n = flux.shape[0]
     flags = np.zeros(n, np.int32)
     on_ccd = np.asarray(catalog["on_cutout"], bool) if "on_cutout" in catalog.colnames else np.ones(n, bool)
     flags[~on_ccd] |= FLAG_OFF_CCD
@@ -235,15 +228,12 @@ def merge_tile_sets(
     flags[(a["best"] != "") & ~np.isfinite(flux).any(axis=1)] |= FLAG_NO_FLUX
     flags[has2] |= FLAG_OVERLAP
     flags[(a["best"] != "") & (a["best"] != a["core_tile"])] |= FLAG_NOT_CORE_TILE
-    ok_fig = np.isfinite(fig)
-    qa = {
-        "set": set_name,
-        "overlap_consistency": float(np.median(fig[ok_fig])) if ok_fig.any() else float("nan"),
-        "n_overlap": int(ok_fig.sum()),
-        "n_sources": int(n),
-        "n_measured": int((a["best"] != "").sum()),
-        "n_tiles": len(sets),
-    }
+    return flags, on_ccd
+
+
+def _merged_coords(ref: xr.Dataset, catalog: Table, sid: np.ndarray, g: dict, a: dict, on_ccd, flags, fig) -> dict:
+    """The coords of the merged set: time axis of ``ref``, catalog columns, the tile sets' per-source
+    coords (``g["extra"]``), and the tile assignment, flags and overlap consistency of every source."""
     cols = {
         "source_id": sid,
         "ra": np.asarray(catalog["ra"], float),
@@ -258,8 +248,8 @@ def merge_tile_sets(
     }
     for k, v in cols.items():
         coords[k] = ("source", v)
-    for k, v in extra.items():
-        coords[k] = ("source", v.astype(str) if v.dtype == object else v, extra_attrs[k])
+    for k, v in g["extra"].items():
+        coords[k] = ("source", v.astype(str) if v.dtype == object else v, g["extra_attrs"][k])
     coords.update(
         on_ccd=("source", on_ccd),
         tile=("source", a["best"]),
@@ -270,13 +260,59 @@ def merge_tile_sets(
         flags=("source", flags, {"flag_bits": str(FLAG_BITS)}),
         overlap_consistency=("source", fig, {"long_name": "rms of (f1 - f2)/sqrt(e1^2 + e2^2) between two tiles"}),
     )
+    return coords
+
+
+def merge_tile_sets(
+    sets: dict[str, xr.Dataset],
+    tiles: list[dict],
+    catalog: Table,
+    *,
+    set_name: str = "",
+    bitmask: int = DEFAULT_CDPP_BITMASK,
+    cdpp_hours=(1.0, 6.0),
+) -> tuple[xr.Dataset, Table, dict]:
+    """Merge per-tile light-curve sets of one CCD (``sets``: tile id -> ``(source, time)`` Dataset).
+
+    ``tiles``: the grid's tiles; ``catalog``: the CCD catalog (``catalog.ecsv`` of the CCD cube: one
+    row per source, ``source_id``, ``ra``, ``dec``, ``column``, ``row``, ``phot_g_mean_mag``).  Returns
+    ``(merged, table, qa)``: the merged set (catalog order; per-source coords of the tile sets taken from
+    the chosen tile, plus ``tile``, ``core_tile``, ``tile_edge_distance``, ``n_tiles``, ``flags``,
+    ``overlap_consistency``), its :func:`source_table`, and the QA dict (``overlap_consistency``: the
+    median, ``n_overlap``, ``n_sources``, ``n_measured``), also in ``merged.attrs`` and the table's meta.
+    Sources of the tile sets that are not in the catalog (user apertures, negative ids) are left out.
+    """
+    if not sets:
+        raise MergeError("no tile light-curve sets to merge")
+    ref = _check_cadences(sets)
+    sid = np.asarray(catalog["source_id"], np.int64)
+    rows_of, measured = _catalog_rows_of_tiles(sets, sid)
+    a = assign_tiles(catalog, tiles, measured)
+    n, nt = sid.size, ref.sizes["time"]
+    g = _gather_tile_light_curves(sets, rows_of, a, n, nt)
+    flux, err, f2, e2, k2, has2 = g["flux"], g["err"], g["f2"], g["e2"], g["k2"], g["has2"]
+    good = (g["quality"] & int(bitmask)) == 0
+    fig = np.full(n, np.nan)
+    if has2.any():
+        idx = np.flatnonzero(has2)
+        fig[idx] = overlap_figure(flux[idx], err[idx], f2[k2[idx]], e2[k2[idx]], good)
+    flags, on_ccd = _source_flags(catalog, a, flux, has2)
+    ok_fig = np.isfinite(fig)
+    qa = {
+        "set": set_name,
+        "overlap_consistency": float(np.median(fig[ok_fig])) if ok_fig.any() else float("nan"),
+        "n_overlap": int(ok_fig.sum()),
+        "n_sources": int(n),
+        "n_measured": int((a["best"] != "").sum()),
+        "n_tiles": len(sets),
+    }
     merged = xr.Dataset(
         {
             "flux": (("source", "time"), flux, {"units": "electron / s"}),
             "flux_err": (("source", "time"), err, {"units": "electron / s"}),
-            "quality": (("time",), quality.astype(np.int32)),
+            "quality": (("time",), g["quality"].astype(np.int32)),
         },
-        coords=coords,
+        coords=_merged_coords(ref, catalog, sid, g, a, on_ccd, flags, fig),
     )
     merged.attrs = {k: v for k, v in ref.attrs.items() if k not in ("provenance", "tile_id", "tile", "tile_core")}
     merged.attrs.update(
