@@ -219,6 +219,100 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     )
 
 
+def _flux_priors(f: dict, table, B, p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian priors (mean, sigma) of the LFD solve (§4.4): sources at their mean-frame PRF-step flux,
+    background terms at the PRF step's polynomial with a flat (1e6) prior; sources blended with a brighter
+    neighbour get a narrow prior (App. B)."""
+    idx = f["idx"]
+    mu_src = f["mean_flux"][idx]
+    bk0 = np.zeros(B.shape[1])
+    if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
+        bk0 = np.asarray(f["model"].background, float)
+    prior_mu = np.concatenate([mu_src, bk0])
+    # width: factor x |mean flux|, at least factor x the single-cadence error of that flux (faint
+    # sources whose mean-frame flux is near zero keep a usable prior)
+    n_good = max(int((np.asarray(table["quality"].values) == 0).sum()), 1)
+    merr = f["model"].source_flux_err
+    e1 = np.sqrt(n_good) * np.asarray(merr, float)[idx] if merr is not None else np.zeros(idx.size)
+    e1 = np.where(np.isfinite(e1), e1, 0.0)
+    sigma_src = p["prior_sigma_factor"] * np.maximum(np.maximum(np.abs(mu_src), e1), 1e-3)
+    # App. B: narrow priors on sources the data cannot separate from a brighter neighbour
+    blend = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
+    sigma_src = np.where(blend, p["blend_prior_fraction"] * np.maximum(np.abs(mu_src), 1e-3), sigma_src)
+    if blend.any():
+        log.info(
+            "%d sources within %.2f px of a brighter one: prior sigma %.3g x their mean flux (App. B)",
+            blend.sum(),
+            p["blend_radius"],
+            p["blend_prior_fraction"],
+        )
+    prior_sigma = np.concatenate([sigma_src, np.full(B.shape[1], 1e6)])
+    return prior_mu, prior_sigma
+
+
+def _decorrelate_scene_offset(time, sflux, table, mm: MotionModel, deg: int, p: dict) -> np.ndarray:
+    """Light curves decorrelated against the motion model's measured scene offset (§4.5 shift model):
+    a degree-``deg`` polynomial in the offsets, fitted to the high-passed good cadences."""
+    cx, cy = np.full(time.size, np.nan), np.full(time.size, np.nan)
+    known = np.isin(time, mm.reg_time)
+    cx[known], cy[known] = mm.offsets(time[known])
+    good = np.asarray(table["quality"].values) == 0
+    sflux, _ = decorrelate_offsets(time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"])
+    log.info(
+        "light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)",
+        deg,
+        p["offset_decorrelation_window"],
+    )
+    return sflux
+
+
+def _source_columns(f: dict, S, mu_src) -> dict:
+    """Per-source columns of the LFD light-curve set: catalog values, contamination ratio and number of
+    pixels of each modelled source (NaN / 0 for sources not in the model), ``in_model``, ``mean_flux``."""
+    idx, cat = f["idx"], f["catalog"]
+    nsrc = len(cat)
+    contam = np.full(nsrc, np.nan)
+    npx = np.zeros(nsrc, dtype=np.int64)
+    contam[idx], npx[idx] = contamination_ratio(S, np.clip(mu_src, 0, None))
+    cols = {
+        "source_id": np.asarray(cat["source_id"], np.int64),
+        "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
+        "column": f["sc"],
+        "row": f["sr"],
+        "contamination": contam,
+        "n_pixels": npx,
+        "in_model": f["active"],
+        "mean_flux": f["mean_flux"],
+    }
+    if "on_cutout" in cat.colnames:
+        cols["on_cutout"] = np.asarray(cat["on_cutout"], bool)
+    return cols
+
+
+def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p: dict, cdpp_hours):
+    """The LFD light-curve set of every catalog source (NaN for sources not in the model): the solved
+    fluxes ``sflux`` and errors of :func:`workflow_lib.lfd.solve.source_flux`, the per-source columns
+    (:func:`_source_columns`), the background terms and the CDPP proxy of every ``cdpp_hours``."""
+    idx = f["idx"]
+    nsrc = len(f["catalog"])
+    flux = np.full((nsrc, time.size), np.nan)
+    err = np.full((nsrc, time.size), np.nan)
+    flux[idx] = sflux
+    err[idx] = res["flux_err"]
+    cols = _source_columns(f, S, mu_src)
+    lc = lightcurve_set(
+        flux,
+        err,
+        f["cube"],
+        cols,
+        method="LFD",
+        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
+    )
+    lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
+    # CDPP proxy (1 h / 6 h and the report's hours), stored with the light curves (comparable with RAW and CPM)
+    return add_cdpp(lc, hours=tuple(cdpp_hours))
+
+
 def flux_solve_step(
     cube_path,
     catalog_path,
@@ -247,28 +341,7 @@ def flux_solve_step(
     border = f["model"].background_order if p["background_order"] is None else p["background_order"]
     B = background_design(f["pc"], f["pr"], border)
     mu_src = f["mean_flux"][idx]
-    bk0 = np.zeros(B.shape[1])
-    if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
-        bk0 = np.asarray(f["model"].background, float)
-    prior_mu = np.concatenate([mu_src, bk0])
-    # width: factor x |mean flux|, at least factor x the single-cadence error of that flux (faint
-    # sources whose mean-frame flux is near zero keep a usable prior)
-    n_good = max(int((np.asarray(table["quality"].values) == 0).sum()), 1)
-    merr = f["model"].source_flux_err
-    e1 = np.sqrt(n_good) * np.asarray(merr, float)[idx] if merr is not None else np.zeros(idx.size)
-    e1 = np.where(np.isfinite(e1), e1, 0.0)
-    sigma_src = p["prior_sigma_factor"] * np.maximum(np.maximum(np.abs(mu_src), e1), 1e-3)
-    # App. B: narrow priors on sources the data cannot separate from a brighter neighbour
-    blend = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
-    sigma_src = np.where(blend, p["blend_prior_fraction"] * np.maximum(np.abs(mu_src), 1e-3), sigma_src)
-    if blend.any():
-        log.info(
-            "%d sources within %.2f px of a brighter one: prior sigma %.3g x their mean flux (App. B)",
-            blend.sum(),
-            p["blend_radius"],
-            p["blend_prior_fraction"],
-        )
-    prior_sigma = np.concatenate([sigma_src, np.full(B.shape[1], 1e6)])
+    prior_mu, prior_sigma = _flux_priors(f, table, B, p)
     time = np.asarray(table["time"].values, float)
     basis = tb = None
     if p["use_motion"]:
@@ -298,56 +371,16 @@ def flux_solve_step(
     sflux = res["flux"]
     deg = int(p["offset_decorrelation_degree"])
     if p["use_motion"] and deg > 0 and mm.time_model == "shift":
-        cx, cy = np.full(time.size, np.nan), np.full(time.size, np.nan)
-        known = np.isin(time, mm.reg_time)
-        cx[known], cy[known] = mm.offsets(time[known])
-        good = np.asarray(table["quality"].values) == 0
-        sflux, _ = decorrelate_offsets(
-            time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"]
-        )
-        log.info(
-            "light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)",
-            deg,
-            p["offset_decorrelation_window"],
-        )
+        sflux = _decorrelate_scene_offset(time, sflux, table, mm, deg, p)
     nsrc = len(f["catalog"])
-    flux = np.full((nsrc, time.size), np.nan)
-    err = np.full((nsrc, time.size), np.nan)
-    flux[idx] = sflux
-    err[idx] = res["flux_err"]
-    contam = np.full(nsrc, np.nan)
-    npx = np.zeros(nsrc, dtype=np.int64)
-    contam[idx], npx[idx] = contamination_ratio(S, np.clip(mu_src, 0, None))
     cat = f["catalog"]
-    cols = {
-        "source_id": np.asarray(cat["source_id"], np.int64),
-        "phot_g_mean_mag": np.asarray(cat["phot_g_mean_mag"], float),
-        "column": f["sc"],
-        "row": f["sr"],
-        "contamination": contam,
-        "n_pixels": npx,
-        "in_model": f["active"],
-        "mean_flux": f["mean_flux"],
-    }
-    if "on_cutout" in cat.colnames:
-        cols["on_cutout"] = np.asarray(cat["on_cutout"], bool)
     prov = provenance_json(
         "lfd_flux_solve",
         inputs=[cube_path, catalog_path, prf_npz] + ([motion_file] if p["use_motion"] else []),
         config=p,
         method=res["method"],
     )
-    lc = lightcurve_set(
-        flux,
-        err,
-        f["cube"],
-        cols,
-        method="LFD",
-        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
-    )
-    lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
-    # CDPP proxy (1 h / 6 h and the report's hours), stored with the light curves (comparable with RAW and CPM)
-    lc = add_cdpp(lc, hours=tuple(cdpp_hours))
+    lc = _lfd_lightcurve_set(f, S, mu_src, sflux, res, time, prov, p, cdpp_hours)
     write_zarr_atomic(lc, out_zarr)
     log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
     if diagnostics_npz is None:
