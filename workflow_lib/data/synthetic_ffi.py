@@ -175,6 +175,128 @@ def write_ffi_file(
     return Path(path)
 
 
+def _star_scene(srow, scol, tflux, n_rows, n_cols, prf_across_ccd, drift_px, jitter_px, fine) -> SceneRenderer:
+    """The star scene of a synthetic CCD: every star rendered with the TESS PRF of its CCD position
+    (with ``prf_across_ccd`` the position scaled to a full CCD), padded for the pointing drift."""
+    ccd_row = srow + 1.0
+    ccd_col = scol + LEFT_COLLATERAL + 1.0
+    if prf_across_ccd:  # PRF of the position scaled to a full CCD
+        prf_row = 1.0 + (srow + 0.5) * SCIENCE_SIZE / n_rows
+        prf_col = LEFT_COLLATERAL + 1.0 + (scol + 0.5) * SCIENCE_SIZE / n_cols
+    else:
+        prf_row, prf_col = ccd_row, ccd_col
+    pad = int(np.ceil(drift_px + 10 * jitter_px)) + 3
+    scene = SceneRenderer(n_rows, n_cols, pad=pad, fine=fine)
+    for k in range(srow.size):
+        coef = tess_prf.prf_coefficients_at(float(np.clip(prf_row[k], 1, 2048)), float(np.clip(prf_col[k], 45, 2092)))
+        scene.add_star(None, srow[k], scol[k], tflux[k], prf_coef=coef)
+    return scene
+
+
+def _pointing_background_flags(rng, n_cadences, cadence_minutes, drift_px, jitter_px, background, n_flagged):
+    """Time line, pointing (linear drift + jitter, px), background (e-/s, decaying scattered light) and
+    quality flags of a synthetic sector. Draws from ``rng`` in this order: drift angle, row jitter,
+    column jitter, flagged cadences. Returns ``(tstart, tstop, tmid, drow, dcol, bkg, quality)``."""
+    dt = cadence_minutes / 1440.0
+    tstart = T_START + np.arange(n_cadences) * dt
+    tstop = tstart + dt
+    tmid = 0.5 * (tstart + tstop)
+    u = np.linspace(-0.5, 0.5, n_cadences)
+    theta = rng.uniform(0, 2 * np.pi)
+    drow = drift_px * u * np.sin(theta) + jitter_px * rng.normal(size=n_cadences)
+    dcol = drift_px * u * np.cos(theta) + jitter_px * rng.normal(size=n_cadences)
+    bkg = background * (1 + 0.5 * np.exp(-(tmid - tmid[0]) / 0.5))
+    quality = np.zeros(n_cadences, np.int32)
+    flagged = rng.choice(np.arange(1, n_cadences - 1), min(n_flagged, max(n_cadences - 2, 0)), replace=False)
+    for j, k in enumerate(sorted(flagged)):
+        quality[k] = Q_DESAT if j % 2 == 0 else Q_COARSE_POINT
+    return tstart, tstop, tmid, drow, dcol, bkg, quality
+
+
+def _write_input_catalog(catalog: Path, source_id, ra_s, dec_s, gmag, bp_rp, seed) -> Path:
+    """Write the Gaia-like ``input_catalog.ecsv`` of a synthetic CCD (atomically), brightest first;
+    positions at the reference epoch (no proper motion)."""
+    n = source_id.size
+    order = np.argsort(gmag, kind="stable")
+    cat = Table()
+    cat["source_id"] = source_id[order]
+    cat["ra"] = ra_s[order]
+    cat["dec"] = dec_s[order]
+    cat["pmra"] = np.zeros(n)
+    cat["pmdec"] = np.zeros(n)
+    cat["parallax"] = np.full(n, 0.5)
+    cat["phot_g_mean_flux"] = gaia_flux(gmag[order])
+    cat["phot_g_mean_mag"] = gmag[order]
+    cat["bp_rp"] = bp_rp[order]
+    cat["ref_epoch"] = np.full(n, REF_EPOCH)
+    for col, unit in dict(
+        ra="deg", dec="deg", pmra="mas/yr", pmdec="mas/yr", parallax="mas", phot_g_mean_flux="electron/s"
+    ).items():
+        cat[col].unit = unit
+    cat.meta.update(description="Gaia-like catalog of a synthetic TESS CCD (FFIs)", seed=seed, ref_epoch=REF_EPOCH)
+    with atomic_path(catalog) as tmp:
+        cat.write(tmp, format="ascii.ecsv", overwrite=True)
+    return catalog
+
+
+def _write_ffi_frames(
+    out_dir,
+    scene,
+    rng,
+    n_rows,
+    n_cols,
+    cadence_minutes,
+    tstart,
+    tstop,
+    drow,
+    dcol,
+    bkg,
+    quality,
+    wcs_header,
+    *,
+    sector,
+    camera,
+    ccd,
+):
+    """Render and write one FFI per cadence: the scene at that cadence's pointing offset plus the
+    background (with a column gradient), Poisson + read noise drawn from ``rng`` cadence by cadence,
+    inside the bias-level collateral frame. Returns ``(flux_all, err_all, files)`` of the science area."""
+    n_cadences = tstart.size
+    exptime = cadence_minutes * 60.0 * EXPOSURE_FRACTION
+    nread = cadence_minutes * 60.0 / FRAME_SECONDS
+    grad = 1 + 0.1 * np.linspace(-1, 1, n_cols)[None, :]
+    full_shape = (n_rows + TOP_COLLATERAL, n_cols + LEFT_COLLATERAL + RIGHT_COLLATERAL)
+    sci = (slice(0, n_rows), slice(LEFT_COLLATERAL, LEFT_COLLATERAL + n_cols))
+    flux_all = np.empty((n_cadences, n_rows, n_cols), np.float32)
+    err_all = np.empty_like(flux_all)
+    files = []
+    for k in range(n_cadences):
+        model = scene.image(drow[k], dcol[k]) + bkg[k] * grad
+        var = (np.clip(model, 0, None) * exptime + nread * READ_NOISE**2) / exptime**2
+        err = np.sqrt(var)
+        img = model + err * rng.normal(size=model.shape)
+        full = np.full(full_shape, BIAS_LEVEL, np.float32)
+        ferr = np.full(full_shape, 1.0, np.float32)
+        full[sci], ferr[sci] = img, err
+        flux_all[k], err_all[k] = full[sci], ferr[sci]
+        path = out_dir / _file_name(tstart[k], sector, camera, ccd)
+        write_ffi_file(
+            path,
+            full,
+            ferr,
+            sector=sector,
+            camera=camera,
+            ccd=ccd,
+            tstart=float(tstart[k]),
+            tstop=float(tstop[k]),
+            quality=int(quality[k]),
+            ffiindex=1000 + k,
+            wcs_header=None if quality[k] & Q_COARSE_POINT else wcs_header,
+        )
+        files.append(path)
+    return flux_all, err_all, files
+
+
 def write_synthetic_ffis(
     out_dir,
     *,
@@ -212,86 +334,33 @@ def write_synthetic_ffis(
     tflux = tess_flux(tess_mag_from_gaia(gmag, bp_rp))
     ccd_row = srow + 1.0
     ccd_col = scol + LEFT_COLLATERAL + 1.0
-    if prf_across_ccd:  # PRF of the position scaled to a full CCD
-        prf_row = 1.0 + (srow + 0.5) * SCIENCE_SIZE / n_rows
-        prf_col = LEFT_COLLATERAL + 1.0 + (scol + 0.5) * SCIENCE_SIZE / n_cols
-    else:
-        prf_row, prf_col = ccd_row, ccd_col
-    pad = int(np.ceil(drift_px + 10 * jitter_px)) + 3
-    scene = SceneRenderer(n_rows, n_cols, pad=pad, fine=fine)
-    for k in range(n):
-        coef = tess_prf.prf_coefficients_at(float(np.clip(prf_row[k], 1, 2048)), float(np.clip(prf_col[k], 45, 2092)))
-        scene.add_star(None, srow[k], scol[k], tflux[k], prf_coef=coef)
+    scene = _star_scene(srow, scol, tflux, n_rows, n_cols, prf_across_ccd, drift_px, jitter_px, fine)
     wcs, wcs_header = _wcs(n_rows, n_cols, ra, dec, rng)
-    # time line, pointing, background, flags
-    dt = cadence_minutes / 1440.0
-    tstart = T_START + np.arange(n_cadences) * dt
-    tstop = tstart + dt
-    tmid = 0.5 * (tstart + tstop)
-    u = np.linspace(-0.5, 0.5, n_cadences)
-    theta = rng.uniform(0, 2 * np.pi)
-    drow = drift_px * u * np.sin(theta) + jitter_px * rng.normal(size=n_cadences)
-    dcol = drift_px * u * np.cos(theta) + jitter_px * rng.normal(size=n_cadences)
-    bkg = background * (1 + 0.5 * np.exp(-(tmid - tmid[0]) / 0.5))
-    quality = np.zeros(n_cadences, np.int32)
-    flagged = rng.choice(np.arange(1, n_cadences - 1), min(n_flagged, max(n_cadences - 2, 0)), replace=False)
-    for j, k in enumerate(sorted(flagged)):
-        quality[k] = Q_DESAT if j % 2 == 0 else Q_COARSE_POINT
-    exptime = cadence_minutes * 60.0 * EXPOSURE_FRACTION
-    nread = cadence_minutes * 60.0 / FRAME_SECONDS
-    grad = 1 + 0.1 * np.linspace(-1, 1, n_cols)[None, :]
-    full_shape = (n_rows + TOP_COLLATERAL, n_cols + LEFT_COLLATERAL + RIGHT_COLLATERAL)
-    sci = (slice(0, n_rows), slice(LEFT_COLLATERAL, LEFT_COLLATERAL + n_cols))
-    flux_all = np.empty((n_cadences, n_rows, n_cols), np.float32)
-    err_all = np.empty_like(flux_all)
-    files = []
-    for k in range(n_cadences):
-        model = scene.image(drow[k], dcol[k]) + bkg[k] * grad
-        var = (np.clip(model, 0, None) * exptime + nread * READ_NOISE**2) / exptime**2
-        err = np.sqrt(var)
-        img = model + err * rng.normal(size=model.shape)
-        full = np.full(full_shape, BIAS_LEVEL, np.float32)
-        ferr = np.full(full_shape, 1.0, np.float32)
-        full[sci], ferr[sci] = img, err
-        flux_all[k], err_all[k] = full[sci], ferr[sci]
-        path = out_dir / _file_name(tstart[k], sector, camera, ccd)
-        write_ffi_file(
-            path,
-            full,
-            ferr,
-            sector=sector,
-            camera=camera,
-            ccd=ccd,
-            tstart=float(tstart[k]),
-            tstop=float(tstop[k]),
-            quality=int(quality[k]),
-            ffiindex=1000 + k,
-            wcs_header=None if quality[k] & Q_COARSE_POINT else wcs_header,
-        )
-        files.append(path)
+    tstart, tstop, tmid, drow, dcol, bkg, quality = _pointing_background_flags(
+        rng, n_cadences, cadence_minutes, drift_px, jitter_px, background, n_flagged
+    )
+    flux_all, err_all, files = _write_ffi_frames(
+        out_dir,
+        scene,
+        rng,
+        n_rows,
+        n_cols,
+        cadence_minutes,
+        tstart,
+        tstop,
+        drow,
+        dcol,
+        bkg,
+        quality,
+        wcs_header,
+        sector=sector,
+        camera=camera,
+        ccd=ccd,
+    )
     # catalog (positions at mid-sector = ref epoch: no proper motion) and truth
     ra_s, dec_s = wcs.all_pix2world(scol + LEFT_COLLATERAL, srow, 0)
     source_id = SOURCE_ID_BASE + seed * 100_000 + np.arange(n)
-    order = np.argsort(gmag, kind="stable")
-    cat = Table()
-    cat["source_id"] = source_id[order]
-    cat["ra"] = ra_s[order]
-    cat["dec"] = dec_s[order]
-    cat["pmra"] = np.zeros(n)
-    cat["pmdec"] = np.zeros(n)
-    cat["parallax"] = np.full(n, 0.5)
-    cat["phot_g_mean_flux"] = gaia_flux(gmag[order])
-    cat["phot_g_mean_mag"] = gmag[order]
-    cat["bp_rp"] = bp_rp[order]
-    cat["ref_epoch"] = np.full(n, REF_EPOCH)
-    for col, unit in dict(
-        ra="deg", dec="deg", pmra="mas/yr", pmdec="mas/yr", parallax="mas", phot_g_mean_flux="electron/s"
-    ).items():
-        cat[col].unit = unit
-    cat.meta.update(description="Gaia-like catalog of a synthetic TESS CCD (FFIs)", seed=seed, ref_epoch=REF_EPOCH)
-    catalog = out_dir / "input_catalog.ecsv"
-    with atomic_path(catalog) as tmp:
-        cat.write(tmp, format="ascii.ecsv", overwrite=True)
+    catalog = _write_input_catalog(out_dir / "input_catalog.ecsv", source_id, ra_s, dec_s, gmag, bp_rp, seed)
     truth = xr.Dataset(
         {
             "flux": (("source", "time"), np.repeat(tflux[:, None], n_cadences, axis=1)),
