@@ -54,7 +54,7 @@ def test_products_of_every_stage(survey_run):
     ccd = out / CCD
     grid = json.loads((ccd / "tiles.json").read_text())
     assert len(grid["tile_ids"]) >= 4
-    assert len(list((ccd / "ffi").glob("*_ffic.fits"))) == 120
+    assert len(list((ccd / "ffi").glob("*_ffic.fits"))) == 100
     for tile in grid["tile_ids"]:
         tdir = ccd / "tiles" / tile
         for rel in ("cube.zarr", "catalog.ecsv", "lfd/lightcurves.zarr", "cpm/default/lightcurves.zarr"):
@@ -167,6 +167,12 @@ def test_overview_page_in_chromium(survey_run):
         page.click("#survey-search-go")
         page.wait_for_timeout(200)
         assert page.evaluate("SURVEY.src.data.sid[SURVEY.src.selected.indices[0]]") == sid
+        # a click on a source opens its tile's field page with the source selected
+        opened = page.evaluate(
+            """(() => { const urls = []; window.open = (u) => urls.push(u);
+                 SURVEY.openSource(SURVEY.src.selected.indices[0]); return urls; })()"""
+        )
+        assert len(opened) == 1 and opened[0].endswith(f".html#source={sid}"), opened
         # every tile is done and linked
         assert page.locator("#survey-tiles .st-done").count() == len(
             json.loads((out / CCD / "tiles.json").read_text())["tile_ids"]
