@@ -423,56 +423,65 @@ def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int
     return cx, cy, ok, use_pix, bk, half, cov
 
 
-def _shift_model_correction(
-    flux,
-    flux_err,
-    S,
-    F,
-    T,
-    mono,
-    bk,
-    background,
-    good,
-    ok,
-    use_pix,
-    half,
-    pixel_col,
-    pixel_row,
-    source_col,
-    source_row,
-    p,
-    name,
-):
+@dataclasses.dataclass(frozen=True)
+class ShiftField:
+    """The arrays of one field the shift model is fitted to: ``flux``/``flux_err`` (ntime, npixel), the
+    scene ``S`` (npixel x nsource) with source fluxes ``F`` (clipped at 0), the background design
+    ``background`` (npixel, nterm), the good cadences ``good``, and the pixel and source positions."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    S: sp.spmatrix
+    F: np.ndarray
+    background: np.ndarray
+    good: np.ndarray
+    pixel_col: np.ndarray
+    pixel_row: np.ndarray
+    source_col: np.ndarray
+    source_row: np.ndarray
+
+
+def _correction_pixels(field: ShiftField, use_pix, p: dict):
+    """The bright, pure pixels the shift-model correction is fitted to: one source gives >=
+    ``min_purity`` of the scene (§4.2), its per-cadence SNR is >= ``min_snr`` and the offset
+    measurement used the pixel. Returns ``(pix, owner, own_val, perr)`` (owner/own_val/perr of every pixel)."""
+    owner, purity = dominant_source(field.S, field.F)  # F clipped at 0
+    own_val = np.asarray(field.S.multiply(field.F[None, :]).max(axis=1).todense()).ravel()
+    ferr = np.asarray(field.flux_err, float)
+    with np.errstate(invalid="ignore"):
+        perr = np.sqrt(np.nanmean(ferr[field.good] ** 2, axis=0))
+    snr = own_val / perr
+    pix = np.flatnonzero(
+        (purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix & np.isfinite(perr)
+    )
+    return pix, owner, own_val, perr
+
+
+def _shift_model_correction(field: ShiftField, T, mono, bk, ok, use_pix, half, p, name):
     """The data-driven correction of the shift model (:func:`fit_shift_correction`) on the bright,
-    pure pixels of the field. Returns ``(weights (ncomp, n_terms), knots, summary entries)``; no
-    correction (empty weights) when ``correction_degree`` < 1 or fewer than 10 pixels qualify."""
+    pure pixels of the field (:func:`_correction_pixels`). Returns ``(weights (ncomp, n_terms), knots,
+    summary entries)``; no correction (empty weights) when ``correction_degree`` < 1 or fewer than 10
+    pixels qualify."""
     weights = np.zeros((0, mono.shape[1]))
     knots = np.zeros(2)
     summary = {}
     kdeg = int(p["correction_degree"])
     if kdeg < 1:
         return weights, knots, summary
-    owner, purity = dominant_source(S, F)  # F clipped at 0
-    pc = np.asarray(pixel_col, float)
-    pr = np.asarray(pixel_row, float)
-    own_val = np.asarray(S.multiply(F[None, :]).max(axis=1).todense()).ravel()
-    ferr = np.asarray(flux_err, float)
-    with np.errstate(invalid="ignore"):
-        perr = np.sqrt(np.nanmean(ferr[good] ** 2, axis=0))
-    snr = own_val / perr
-    pix = np.flatnonzero(
-        (purity >= p["min_purity"]) & (owner >= 0) & (snr >= p["min_snr"]) & use_pix & np.isfinite(perr)
-    )
+    good = field.good
+    pc = np.asarray(field.pixel_col, float)
+    pr = np.asarray(field.pixel_row, float)
+    pix, owner, own_val, perr = _correction_pixels(field, use_pix, p)
     nk = n_terms(kdeg)
     if pix.size < 10:
         return weights, knots, summary
-    model = mono[:, :] @ T[pix].T + bk @ np.asarray(background, float)[pix].T
-    fl = np.asarray(flux, float)[:, pix]
+    model = mono[:, :] @ T[pix].T + bk @ np.asarray(field.background, float)[pix].T
+    fl = np.asarray(field.flux, float)[:, pix]
     resid = (fl - model) / own_val[pix][None, :]
     resid[~(good & ok)] = np.nan
     own = owner[pix]
-    pdx = pc[pix] - np.asarray(source_col, float)[own]
-    pdy = pr[pix] - np.asarray(source_row, float)[own]
+    pdx = pc[pix] - np.asarray(field.source_col, float)[own]
+    pdy = pr[pix] - np.asarray(field.source_row, float)[own]
     Rk = float(max(np.abs(pdx).max(), np.abs(pdy).max())) + 0.5
     spacing = float(p["correction_spacing"])
     nkn = max(2, int(np.ceil(2 * Rk / spacing)) + 1)
@@ -546,26 +555,8 @@ def fit_shift_model(
     # the final round's offsets (re-centred) with the final polynomial
     T = terms(half, cov)
     mono = shift_monomials(cx, cy, deg)
-    weights, knots, summary = _shift_model_correction(
-        flux,
-        flux_err,
-        S,
-        F,
-        T,
-        mono,
-        bk,
-        background,
-        good,
-        ok,
-        use_pix,
-        half,
-        pixel_col,
-        pixel_row,
-        source_col,
-        source_row,
-        p,
-        name,
-    )
+    field = ShiftField(flux, flux_err, S, F, background, good, pixel_col, pixel_row, source_col, source_row)
+    weights, knots, summary = _shift_model_correction(field, T, mono, bk, ok, use_pix, half, p, name)
     mm = MotionModel(
         weights,
         knots,
@@ -809,6 +800,57 @@ def _motion_pixels(S, src_flux, norm, total, snr, p: dict, name: str):
     return pix, owner[pix]
 
 
+def _time_bins(time, flux, flux_err, good, bin_size: int, p: dict, name: str):
+    """:func:`bin_frames` of the field (§4.5: the fit uses binned frames); raises :class:`MotionError`
+    when there are fewer bins than the time polynomial has terms. Returns ``(bt, bf, be, bin_index)``."""
+    bt, bf, be, bin_index = bin_frames(time, flux, flux_err, good, bin_size)
+    nb = bt.size
+    if nb < int(p["time_degree"]) + 1:
+        raise MotionError(
+            f"{name}: only {nb} time bins of {bin_size} cadences; the degree-{p['time_degree']} "
+            "time polynomial needs more (lower lfd.motion.bin_size)"
+        )
+    return bt, bf, be, bin_index
+
+
+def _pixel_source_offsets(pixel_col, pixel_row, source_col, source_row, pix, own, p: dict):
+    """Offsets (dx, dy) [px] of the motion pixels ``pix`` from their sources ``own`` and the knots of
+    the eq. 23 spline: ``n_knots`` evenly over +-R, R the largest offset (at least 1 px)."""
+    pc = np.asarray(pixel_col, float)
+    pr = np.asarray(pixel_row, float)
+    dx = pc[pix] - np.asarray(source_col, float)[own]
+    dy = pr[pix] - np.asarray(source_row, float)[own]
+    R = float(max(np.abs(dx).max(), np.abs(dy).max(), 1.0)) + 1e-6
+    knots = np.linspace(-R, R, int(p["n_knots"]))
+    return dx, dy, R, knots
+
+
+def _motion_summary(bt, bin_size, pix, own, dx, dy, y, y_err, model_y, used) -> dict:
+    """The summary of a binned motion fit (saved with the model): bins, pixels, their sources and
+    offsets, the normalised data (eq. 17), the eq. 23 model and the rms residual of the kept pixels."""
+    resid = (y[:, pix] - model_y)[:, used]
+    summary = {
+        "bin_time": bt,
+        "bin_size": np.int64(bin_size),
+        "pixel_index": pix,
+        "pixel_source": own,
+        "dx": dx,
+        "dy": dy,
+        "data": y[:, pix],
+        "data_err": y_err[:, pix],
+        "model": model_y,
+        "used": used,
+        "rms_residual": np.float64(np.sqrt(np.nanmean(resid**2))),
+    }
+    log.info(
+        "motion model: rms residual %.4g, %d of %d sources kept",
+        summary["rms_residual"],
+        np.unique(own[used]).size,
+        np.unique(own).size,
+    )
+    return summary
+
+
 def fit_field_motion(
     time,
     flux,
@@ -858,25 +900,15 @@ def fit_field_motion(
     flux = np.asarray(flux)
     good = (np.asarray(quality) == 0) & np.isfinite(flux).any(axis=1)
     bin_size = int(p["bin_size"] or default_bin_size(mission, time))
-    bt, bf, be, bin_index = bin_frames(time, flux, flux_err, good, bin_size)
+    bt, bf, be, bin_index = _time_bins(time, flux, flux_err, good, bin_size, p, name)
     nb = bt.size
-    if nb < int(p["time_degree"]) + 1:
-        raise MotionError(
-            f"{name}: only {nb} time bins of {bin_size} cadences; the degree-{p['time_degree']} "
-            "time polynomial needs more (lower lfd.motion.bin_size)"
-        )
     nsrc = S.shape[1]
     src_flux = np.asarray(source_flux, float)
     B = background_design(pixel_col, pixel_row, p["background_order"])
     solve_frame = _static_scene_solver(S, B, src_flux, be)
     y, y_err, norm, total, snr = _normalised_bins(bf, be, B, nsrc, solve_frame)
     pix, own = _motion_pixels(S, src_flux, norm, total, snr, p, name)
-    pc = np.asarray(pixel_col, float)
-    pr = np.asarray(pixel_row, float)
-    dx = pc[pix] - np.asarray(source_col, float)[own]
-    dy = pr[pix] - np.asarray(source_row, float)[own]
-    R = float(max(np.abs(dx).max(), np.abs(dy).max(), 1.0)) + 1e-6
-    knots = np.linspace(-R, R, int(p["n_knots"]))
+    dx, dy, R, knots = _pixel_source_offsets(pixel_col, pixel_row, source_col, source_row, pix, own, p)
     t0 = 0.5 * (np.nanmin(time) + np.nanmax(time))
     tscale = max(0.5 * (np.nanmax(time) - np.nanmin(time)), 1e-6)
     template = T_bin = None
@@ -906,24 +938,4 @@ def fit_field_motion(
         bin_time_design=T_bin,
         template=template,
     )
-    resid = (y[:, pix] - model_y)[:, used]
-    summary = {
-        "bin_time": bt,
-        "bin_size": np.int64(bin_size),
-        "pixel_index": pix,
-        "pixel_source": own,
-        "dx": dx,
-        "dy": dy,
-        "data": y[:, pix],
-        "data_err": y_err[:, pix],
-        "model": model_y,
-        "used": used,
-        "rms_residual": np.float64(np.sqrt(np.nanmean(resid**2))),
-    }
-    log.info(
-        "motion model: rms residual %.4g, %d of %d sources kept",
-        summary["rms_residual"],
-        np.unique(own[used]).size,
-        np.unique(own).size,
-    )
-    return mm, summary
+    return mm, _motion_summary(bt, bin_size, pix, own, dx, dy, y, y_err, model_y, used)
