@@ -215,3 +215,23 @@ def test_survey_dag_before_the_tile_grid(tmp_path):
     assert res.returncode == 0, text[-3000:]
     for rule in ("synthetic_ccd", "ingest_ccd", "gaia_crossmatch", "tile_grid", "merge_tiles", "report_survey"):
         assert rule in text, rule
+
+
+def test_real_ffi_ccd_dry_run(tmp_path):
+    """`source: ffi` reads the CCD's FFIs from its directory (not tracked as an input); a missing
+    ffi.directory/glob is named."""
+    import shutil
+
+    (tmp_path / "config").mkdir()
+    cfg = "run: real\nccds:\n  s0001-1-1:\n    source: ffi\n    ffi: {directory: data/ffi/s0001-1-1}\n"
+    (tmp_path / "config" / "config.yaml").write_text(cfg)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
+    res = subprocess.run(cmd + ["-n", "-p", "--cores", "1"], capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    assert "survey-ingest --ffi data/ffi/s0001-1-1" in text
+    assert "synthetic_ccd" not in text
+    (tmp_path / "config" / "config.yaml").write_text(cfg.replace("    ffi: {directory: data/ffi/s0001-1-1}\n", ""))
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+    res = subprocess.run(cmd + ["-n", "-p", "--cores", "1"], capture_output=True, text=True)
+    assert res.returncode != 0 and "needs ffi.directory or ffi.glob" in res.stdout + res.stderr
