@@ -423,6 +423,50 @@ def _with_source_offsets(source_index, Br, A, D2, Dfull):
     return Ar, Af, D2, Dfull, n_off
 
 
+def _log_flux_ratio(dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max: float, n_radial: int, log_error_floor):
+    """The data of the §4.3 eq. 14 shape fit: ``y = ln(pixel_flux / source_flux)`` with error
+    ``sqrt((err/flux)^2 + log_error_floor^2)`` at polar offsets (r, phi), and ``use``: pixels with
+    positive finite flux within ``r_max``. Raises ValueError with fewer than ``n_radial + 5`` of them.
+    Returns ``(r, phi, use, y, sig)``."""
+    dx = np.asarray(dx, float)
+    dy = np.asarray(dy, float)
+    f = np.asarray(pixel_flux, float)
+    e = np.asarray(pixel_flux_err, float)
+    F = np.asarray(source_flux, float)
+    r, phi = polar_coordinates(dx, dy)
+    use = np.isfinite(f) & (f > 0) & (F > 0) & np.isfinite(e) & (r <= r_max)
+    if use.sum() < n_radial + 5:
+        raise ValueError(
+            f"fit_prf_shape: only {use.sum()} usable uncontaminated pixels; need more than {n_radial + 5} "
+            "(too few isolated sources, or edge radii too large for this field)"
+        )
+    y = np.log(np.where(use, f, 1.0) / np.where(use, F, 1.0))
+    sig = np.sqrt((np.where(use, e, 1.0) / np.where(use, f, 1.0)) ** 2 + log_error_floor**2)
+    return r, phi, use, y, sig
+
+
+def _normalised_prf(
+    w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail
+) -> PRFModel:
+    """The :class:`PRFModel` of fitted eq. 14 weights ``w``: with ``tail`` a power-law wing beyond
+    ``r_data`` (:meth:`PRFModel.fit_tail`), then normalised to unit integral (:meth:`PRFModel.normalise`)."""
+    model = PRFModel(
+        weights=w,
+        r_knots=r_knots,
+        n_phi_knots=int(n_phi_knots),
+        inner_radius=float(inner_radius),
+        degree=int(degree),
+        r_max=r_max,
+        r_data=r_data,
+        core_degree=max(int(core_degree), 0),
+        core_radius=float(core_radius),
+    )
+    if tail:
+        model.fit_tail()
+    model.normalise()
+    return model
+
+
 def fit_prf_shape(
     dx,
     dy,
@@ -482,23 +526,12 @@ def fit_prf_shape(
     The keyword arguments that are ``lfd.prf`` settings have no defaults here: pass
     ``**shape_settings(prf_params(...))``.
     """
-    dx = np.asarray(dx, float)
-    dy = np.asarray(dy, float)
-    f = np.asarray(pixel_flux, float)
-    e = np.asarray(pixel_flux_err, float)
-    F = np.asarray(source_flux, float)
     r_knots = np.asarray(r_knots, float)
     r_max = float(r_knots[-1] if r_max is None else r_max)
-    r, phi = polar_coordinates(dx, dy)
-    use = np.isfinite(f) & (f > 0) & (F > 0) & np.isfinite(e) & (r <= r_max)
     n_radial = len(r_knots) + degree - 1
-    if use.sum() < n_radial + 5:
-        raise ValueError(
-            f"fit_prf_shape: only {use.sum()} usable uncontaminated pixels; need more than {n_radial + 5} "
-            "(too few isolated sources, or edge radii too large for this field)"
-        )
-    y = np.log(np.where(use, f, 1.0) / np.where(use, F, 1.0))
-    sig = np.sqrt((np.where(use, e, 1.0) / np.where(use, f, 1.0)) ** 2 + log_error_floor**2)
+    r, phi, use, y, sig = _log_flux_ratio(
+        dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max, n_radial, log_error_floor
+    )
     A = prf_design_matrix(
         r,
         phi,
@@ -533,20 +566,9 @@ def fit_prf_shape(
     )
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
-    model = PRFModel(
-        weights=w,
-        r_knots=r_knots,
-        n_phi_knots=int(n_phi_knots),
-        inner_radius=float(inner_radius),
-        degree=int(degree),
-        r_max=r_max,
-        r_data=r_data,
-        core_degree=max(int(core_degree), 0),
-        core_radius=float(core_radius),
+    model = _normalised_prf(
+        w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail
     )
-    if tail:
-        model.fit_tail()
-    model.normalise()
     model.meta.update(
         n_fit_pixels=int(keep.sum()),
         n_clipped=int(use.sum() - keep.sum()),
@@ -793,6 +815,42 @@ def _pass_summary(it: int, keep, active, n_signal: int, bkg) -> dict:
     }
 
 
+def _shape_pass(
+    edge: EdgeModel, F, active, sc, sr, pc, pr, mean_flux, mean_err, bkg_pix, fit_pix, prev, sky_err, r_knots, p
+):
+    """The shape half of one :func:`fit_prf_model` pass: the uncontaminated pixels with the current
+    fluxes ``F`` (§4.2, updated in §4.4) and the §4.3 eq. 14 fit of the PRF shape to them
+    (:func:`fit_prf_shape`). Returns ``(model, keep, diag)``, ``diag`` the data of the shape fit."""
+    # --- uncontaminated pixels with the current fluxes (§4.2, updated in §4.4)
+    mask, owner = _shape_owners(edge, F, active, sc, sr, pc, pr, prev, p["shape_purity"])
+    pixels = np.flatnonzero(mask & fit_pix & (owner >= 0))
+    pix, s, dx, dy, fsub = _shape_data(edge, pixels, owner, F, active, sc, sr, pc, pr, mean_flux, bkg_pix, prev, p)
+    # error of a shape pixel: its mean-frame noise plus the sky-model uncertainty (the edge step's
+    # sky scatter: unresolved stars, sky structure), which dominates in the faint wings
+    e_shape = np.sqrt(mean_err[pix] ** 2 + sky_err**2)
+    model, keep = fit_prf_shape(
+        dx,
+        dy,
+        fsub,
+        e_shape,
+        F[s],
+        r_knots=r_knots,
+        r_max=p["r_max"],
+        return_mask=True,
+        source_index=s if p["source_offsets"] else None,
+        **shape_settings(p),
+    )
+    diag = {
+        "dx": dx,
+        "dy": dy,
+        "log_ratio": np.log(np.clip(fsub, 1e-30, None) / F[s]),
+        "keep": keep,
+        "flux": fsub,
+        "source_flux": F[s],
+    }
+    return model, keep, diag
+
+
 def fit_prf_model(
     mean_flux,
     mean_err,
@@ -843,33 +901,9 @@ def fit_prf_model(
     history = []
     prev = None  # the scene of the previous pass (none before the first PRF fit)
     for it in range(max(int(p["n_iter"]), 1)):
-        # --- uncontaminated pixels with the current fluxes (§4.2, updated in §4.4)
-        mask, owner = _shape_owners(edge, F, active, sc, sr, pc, pr, prev, p["shape_purity"])
-        pixels = np.flatnonzero(mask & fit_pix & (owner >= 0))
-        pix, s, dx, dy, fsub = _shape_data(edge, pixels, owner, F, active, sc, sr, pc, pr, mean_flux, bkg_pix, prev, p)
-        # error of a shape pixel: its mean-frame noise plus the sky-model uncertainty (the edge step's
-        # sky scatter: unresolved stars, sky structure), which dominates in the faint wings
-        e_shape = np.sqrt(mean_err[pix] ** 2 + sky_err**2)
-        model, keep = fit_prf_shape(
-            dx,
-            dy,
-            fsub,
-            e_shape,
-            F[s],
-            r_knots=r_knots,
-            r_max=p["r_max"],
-            return_mask=True,
-            source_index=s if p["source_offsets"] else None,
-            **shape_settings(p),
+        model, keep, diag = _shape_pass(
+            edge, F, active, sc, sr, pc, pr, mean_flux, mean_err, bkg_pix, fit_pix, prev, sky_err, r_knots, p
         )
-        diag = {
-            "dx": dx,
-            "dy": dy,
-            "log_ratio": np.log(np.clip(fsub, 1e-30, None) / F[s]),
-            "keep": keep,
-            "flux": fsub,
-            "source_flux": F[s],
-        }
         # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
         idx, S, flux, bkg, err = _refit_fluxes(
             model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p
