@@ -60,6 +60,58 @@ def _mean_frame_lu(N0):
     return spla.splu(N0, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
 
+def _design_pattern(S: sp.csr_matrix, B: np.ndarray):
+    """The csr arrays of the design X = [S | B] (eq. 25 in the mean frame): row p holds the S entries of
+    pixel p then its nbk background entries. Returns ``(indptr, indices, data, s_pos, rows, m)``:
+    ``s_pos`` the positions of the S entries (order of ``S.data``), ``rows`` the pixel of every entry,
+    ``m`` the number of entries per row."""
+    npix, nsrc = S.shape
+    nbk = B.shape[1]
+    m_s = np.diff(S.indptr)
+    m = m_s + nbk
+    indptr = np.concatenate([[0], np.cumsum(m)])
+    nnz = int(indptr[-1])
+    rows = np.repeat(np.arange(npix), m)
+    within = np.arange(nnz) - indptr[rows]
+    is_s = within < m_s[rows]
+    indices = np.empty(nnz, dtype=np.int64)
+    data = np.empty(nnz)
+    s_pos = np.flatnonzero(is_s)
+    indices[s_pos] = S.indices
+    data[s_pos] = S.data
+    b_pos = np.flatnonzero(~is_s)
+    kb = within[b_pos] - m_s[rows[b_pos]]
+    indices[b_pos] = nsrc + kb
+    data[b_pos] = B[rows[b_pos], kb]
+    return indptr, indices, data, s_pos, rows, m
+
+
+def _add_normal_pair_map(sys: FluxSystem, m: np.ndarray) -> None:
+    """Set the pair map of ``sys`` for the direct solve: every product x_pa * x_pb of two entries in the
+    same pixel row of X mapped to its entry of the normal matrix N = X^T C^-1 X + prior (App. B), in the
+    csc pattern of the permuted N' = N[perm][:, perm] (``pair_a``/``pair_b``/``pair_n``, ``n_diag_pos``,
+    ``n_indices``/``n_indptr``). ``m``: the number of X entries per pixel row."""
+    indptr, indices, rows, inv_perm, nvar = sys.x_indptr, sys.x_indices, sys.x_rows, sys.inv_perm, sys.nvar
+    nnz = int(indptr[-1])
+    # all products x_pa * x_pb of two entries in the same pixel row, mapped to N entries
+    reps = m[rows]
+    pair_a = np.repeat(np.arange(nnz), reps)
+    first = np.repeat(indptr[rows], reps)
+    start_of_group = np.repeat(np.cumsum(reps) - reps, reps)
+    pair_b = first + (np.arange(pair_a.size) - start_of_group)
+    ca = inv_perm[indices[pair_a]]
+    cb = inv_perm[indices[pair_b]]
+    diag_keys = np.arange(nvar, dtype=np.int64) * (nvar + 1)
+    keys = np.concatenate([cb.astype(np.int64) * nvar + ca, diag_keys])  # column-major (csc)
+    ukeys, inv = np.unique(keys, return_inverse=True)
+    sys.pair_a, sys.pair_b = pair_a, pair_b
+    sys.pair_n = inv[: pair_a.size]
+    sys.n_diag_pos = inv[pair_a.size :]
+    ncol = ukeys // nvar
+    sys.n_indices = (ukeys % nvar).astype(np.int32)
+    sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
+
+
 def build_system(
     scene, background, prior_mu, prior_sigma, mean_flux_err, *, direct: bool = True, pcg: bool = False
 ) -> FluxSystem:
@@ -87,23 +139,7 @@ def build_system(
     if not np.all(prior_sigma > 0):
         raise SolveError("prior sigmas must be positive")
 
-    # X = [S | B] in csr, row p holds S entries then the nbk background entries
-    m_s = np.diff(S.indptr)
-    m = m_s + nbk
-    indptr = np.concatenate([[0], np.cumsum(m)])
-    nnz = int(indptr[-1])
-    rows = np.repeat(np.arange(npix), m)
-    within = np.arange(nnz) - indptr[rows]
-    is_s = within < m_s[rows]
-    indices = np.empty(nnz, dtype=np.int64)
-    data = np.empty(nnz)
-    s_pos = np.flatnonzero(is_s)
-    indices[s_pos] = S.indices
-    data[s_pos] = S.data
-    b_pos = np.flatnonzero(~is_s)
-    kb = within[b_pos] - m_s[rows[b_pos]]
-    indices[b_pos] = nsrc + kb
-    data[b_pos] = B[rows[b_pos], kb]
+    indptr, indices, data, s_pos, rows, m = _design_pattern(S, B)
 
     err = np.asarray(mean_flux_err, float)
     ivar = np.where(np.isfinite(err) & (err > 0), 1.0 / np.where(err > 0, err, 1.0) ** 2, 0.0)
@@ -140,23 +176,7 @@ def build_system(
     )
 
     if direct:
-        # all products x_pa * x_pb of two entries in the same pixel row, mapped to N entries
-        reps = m[rows]
-        pair_a = np.repeat(np.arange(nnz), reps)
-        first = np.repeat(indptr[rows], reps)
-        start_of_group = np.repeat(np.cumsum(reps) - reps, reps)
-        pair_b = first + (np.arange(pair_a.size) - start_of_group)
-        ca = inv_perm[indices[pair_a]]
-        cb = inv_perm[indices[pair_b]]
-        diag_keys = np.arange(nvar, dtype=np.int64) * (nvar + 1)
-        keys = np.concatenate([cb.astype(np.int64) * nvar + ca, diag_keys])  # column-major (csc)
-        ukeys, inv = np.unique(keys, return_inverse=True)
-        sys.pair_a, sys.pair_b = pair_a, pair_b
-        sys.pair_n = inv[: pair_a.size]
-        sys.n_diag_pos = inv[pair_a.size :]
-        ncol = ukeys // nvar
-        sys.n_indices = (ukeys % nvar).astype(np.int32)
-        sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
+        _add_normal_pair_map(sys, m)
     if pcg:
         sys.mean_lu = lu0
         sys.mean_n = N0
