@@ -153,21 +153,7 @@ def source_flux(
     t_start = _time.perf_counter()
     ntime, npix = flux.shape
     S = sp.csr_matrix(scene)
-    if S.shape[0] != npix:
-        raise SolveError(f"scene matrix has {S.shape[0]} pixels but the data have {npix}")
-    if method == "auto":
-        method = "direct" if S.shape[1] <= direct_max_sources else "pcg"
-    if method not in ("direct", "pcg"):
-        raise SolveError(f"unknown solve method {method!r}; expected direct, pcg or auto")
-    if (motion_basis is None) != (motion_time is None):
-        raise SolveError("motion_basis and motion_time go together")
-    if motion_basis is not None:
-        S.sum_duplicates()
-        if motion_basis.shape[0] != S.nnz or motion_time.shape[0] != ntime:
-            raise SolveError(
-                f"motion model shapes {motion_basis.shape}, {motion_time.shape} do not match "
-                f"scene nnz {S.nnz} / {ntime} cadences"
-            )
+    method = _solve_method(S, ntime, npix, method, direct_max_sources, motion_basis, motion_time)
     mean_err = np.sqrt(np.nanmean(np.asarray(flux_err[: min(ntime, 256)], dtype=float) ** 2, axis=0))
     sys = build_system(
         S, background, prior_mu, prior_sigma, mean_err, direct=(method == "direct"), pcg=(method == "pcg")
@@ -200,6 +186,34 @@ def source_flux(
             exact_errors=exact_errors,
         ),
     )
+    return _gather_chunks(results, sys, method, t_start, t_setup)
+
+
+def _solve_method(S, ntime: int, npix: int, method: str, direct_max_sources: int, motion_basis, motion_time) -> str:
+    """Check the scene ``S`` and the motion model (eq. 24: one factor per canonical S entry, one time row
+    per cadence) against the data shape and resolve ``method`` ('auto': direct up to ``direct_max_sources``).
+    With a motion model ``S`` is made canonical in place (duplicates summed)."""
+    if S.shape[0] != npix:
+        raise SolveError(f"scene matrix has {S.shape[0]} pixels but the data have {npix}")
+    if method == "auto":
+        method = "direct" if S.shape[1] <= direct_max_sources else "pcg"
+    if method not in ("direct", "pcg"):
+        raise SolveError(f"unknown solve method {method!r}; expected direct, pcg or auto")
+    if (motion_basis is None) != (motion_time is None):
+        raise SolveError("motion_basis and motion_time go together")
+    if motion_basis is not None:
+        S.sum_duplicates()
+        if motion_basis.shape[0] != S.nnz or motion_time.shape[0] != ntime:
+            raise SolveError(
+                f"motion model shapes {motion_basis.shape}, {motion_time.shape} do not match "
+                f"scene nnz {S.nnz} / {ntime} cadences"
+            )
+    return method
+
+
+def _gather_chunks(results, sys, method: str, t_start: float, t_setup: float) -> dict:
+    """The per-chunk solutions of :func:`_solve_chunk` joined in time and split into source fluxes and
+    background terms (the result dict of :func:`source_flux`)."""
     sol = np.concatenate([r[0] for r in results], axis=0).T
     err = np.concatenate([r[1] for r in results], axis=0).T
     iters = int(sum(r[2] for r in results))
