@@ -8,20 +8,22 @@ import shlex
 
 from snakemake.utils import validate
 
-from workflow_lib.core.settings import SCHEMA_PATH
+from workflow_lib.core.paths import results_path
+from workflow_lib.core.settings import SCHEMA_PATH, check_config
 
 
 configfile: "config/config.yaml"
 
 
-if not (config.get("fields") or config.get("ccds")):
-    raise ValueError(
-        "config: no `fields` (cutouts) and no `ccds` (survey mode) given: a run needs at least one of"
-        " them (docs/CONFIG.md; examples: config/config.yaml, config/survey.yaml)"
-    )
+# one-line errors for unknown keys (with the nearest valid spelling), a config without fields or ccds,
+# unknown CPM parameter sets or stitch fields; then types and defaults from the schema
+check_config(config)
 validate(config, schema=str(SCHEMA_PATH))
 
-RESULTS = f"results/{config['run']}"
+# every output lies under results/<run>/: run and field names that would resolve elsewhere are refused
+RESULTS = results_path(config["run"])
+for _name in [*(config.get("fields") or {}), *(config.get("ccds") or {})]:
+    results_path(config["run"], _name)
 FIELDS = list(config.get("fields") or {})
 CCDS = list(config.get("ccds") or {})
 FIELDS_AND_CCDS = [*FIELDS, *CCDS]
