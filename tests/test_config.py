@@ -201,7 +201,7 @@ def test_config_needs_fields_or_ccds(tmp_path):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode != 0
-    assert "no `fields` (cutouts) and no `ccds` (survey mode)" in res.stdout + res.stderr
+    assert "config: no 'fields' section (and no 'ccds')" in res.stdout + res.stderr
 
 
 def test_survey_dag_before_the_tile_grid(tmp_path):
