@@ -1,12 +1,12 @@
 """Duplicate source_ids are refused instead of silently losing light curves."""
 
-import numpy as np
 import pytest
 from astropy.table import vstack
+from helpers.lightcurves import tiny_lightcurve_set
 
 from workflow_lib.data import gaia
-from workflow_lib.data.cube import make_cube, write_zarr_atomic
-from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
+from workflow_lib.data.cube import write_zarr_atomic
+from workflow_lib.data.lightcurves import write_lightcurve_fits
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +69,7 @@ def test_unique_catalog_still_crossmatches(sector, tmp_path):
 
 
 def _lcs(ids):
-    nt = 5
-    cube = make_cube(
-        np.ones((nt, 2, 2)),
-        np.ones((nt, 2, 2)),
-        np.zeros(nt, dtype=np.int32),
-        1325.0 + np.arange(nt) / 48,
-        np.arange(nt),
-        np.arange(2),
-        np.arange(2),
-        mission="TESS",
-    )
-    n = len(ids)
-    return lightcurve_set(
-        np.ones((n, nt)), np.ones((n, nt)), cube, {"source_id": np.array(ids, dtype=np.int64)}, method="LFD"
-    )
+    return tiny_lightcurve_set(ids, "LFD")
 
 
 def test_write_lightcurve_fits_refuses_two_files_with_one_name(tmp_path):

@@ -1,29 +1,14 @@
 """Multi-file outputs: no partial directory and no .tmp-* debris after a failure; stale debris cleaned."""
 
-import numpy as np
 import pytest
+from helpers.lightcurves import tiny_lightcurve_set
 
 from workflow_lib.core.atomic import atomic_dir, remove_stale_tmp
-from workflow_lib.data.cube import make_cube
-from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
+from workflow_lib.data.lightcurves import write_lightcurve_fits
 
 
 def _lcs(ids):
-    nt = 5
-    cube = make_cube(
-        np.ones((nt, 2, 2)),
-        np.ones((nt, 2, 2)),
-        np.zeros(nt, dtype=np.int32),
-        1325.0 + np.arange(nt) / 48,
-        np.arange(nt),
-        np.arange(2),
-        np.arange(2),
-        mission="TESS",
-    )
-    n = len(ids)
-    return lightcurve_set(
-        np.ones((n, nt)), np.ones((n, nt)), cube, {"source_id": np.array(ids, dtype=np.int64)}, method="CPM"
-    )
+    return tiny_lightcurve_set(ids, "CPM")
 
 
 def _names(d):

@@ -18,19 +18,10 @@ from pathlib import Path
 import numpy as np
 from astropy.wcs import WCS
 
+from workflow_lib.data.gaia import GAIA_COLUMNS
+
 HERE = Path(__file__).parent
-COLUMNS = (
-    "source_id",
-    "ra",
-    "dec",
-    "pmra",
-    "pmdec",
-    "parallax",
-    "phot_g_mean_flux",
-    "phot_g_mean_mag",
-    "bp_rp",
-    "ref_epoch",
-)
+COLUMNS = GAIA_COLUMNS
 
 #: TAN WCS of the test cutout (0-based array indices); 21 arcsec pixels rotated by 30 deg
 FIELD_WCS = dict(crval=(150.0, 30.0), crpix0=(5.5, 4.5), scale_deg=21.0 / 3600, rot_deg=30.0)
