@@ -1,6 +1,6 @@
 """Logging for pipeline steps: progress messages to the rule's ``log:`` file (and stderr when there is none).
 
-``logged`` / ``run_step`` wrap one step. ``main_step`` is what the command line
+``logged`` wraps one step. ``main_step`` is what the command line
 (``python -m workflow_lib.steps <step> ...``, the rules' ``shell:`` commands) uses: the full traceback
 of a failure goes to the log file, stderr gets one line ``error: <message>`` and the process exits 1.
 """
@@ -81,18 +81,8 @@ def logged(logfile: str | None, step: str = "step", *, echo: bool = True, warnin
             h.close()
 
 
-def run_step(log, func, *args, **kwargs):
-    """Run one pipeline step ``func(*args, **kwargs)`` with its progress going to the rule's log file.
-
-    ``log``: a Snakemake ``log`` object (its first entry is used), a path, or None.
-    """
-    logfile = log if isinstance(log, str) or log is None else (log[0] if log else None)
-    with logged(logfile, func.__name__):
-        return func(*args, **kwargs)
-
-
 def main_step(logfile: str | None, step: str, func, *args, **kwargs) -> int:
-    """Command-line form of :func:`run_step`; returns the process exit status.
+    """Run one step ``func(*args, **kwargs)`` for the command line; returns the process exit status.
 
     With ``logfile``: progress, warnings and, on failure, the full traceback go to the file only;
     stderr gets a single line ``error: <message> (traceback in <logfile>)``. Without a log file,
