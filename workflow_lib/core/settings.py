@@ -110,6 +110,36 @@ def _check_keys(value, node: dict, path: str, schema: dict, extra_known=()) -> N
             raise ConfigError(f"config: unknown key {where!r}; {_closest(key, known, f'{path}.' if path else '')}")
 
 
+def _check_channel_field(name: str, spec: dict) -> None:
+    """One-line errors for a Kepler/K2 channel field (``fields.<name>.mast.channel`` or ``.local.channel``)."""
+    source = spec.get("source")
+    section = spec.get(source) if source in ("mast", "local") else None
+    if not isinstance(section, dict) or section.get("channel") is None:
+        return
+    where = f"config: fields.{name}.{source}"
+    ch = section["channel"]
+    if isinstance(ch, bool) or not isinstance(ch, int) or not 1 <= ch <= 84:
+        raise ConfigError(f"{where}.channel={ch!r}: a Kepler/K2 CCD channel is an integer from 1 to 84")
+    quarter, campaign = section.get("quarter"), section.get("campaign")
+    if quarter is not None and campaign is not None:
+        raise ConfigError(f"{where}: give quarter (Kepler) or campaign (K2) with channel, not both")
+    if source == "local":
+        if not (section.get("files") or section.get("directory") or section.get("glob")):
+            raise ConfigError(f"{where}: a channel field needs local.directory, local.glob or local.files")
+        return
+    mission = section.get("mission", "TESS")
+    if mission not in ("Kepler", "K2"):
+        raise ConfigError(f"{where}.channel is for Kepler and K2 fields: set mast.mission to Kepler or K2")
+    if section.get("target"):
+        raise ConfigError(
+            f"{where}: give target (the TPFs around a star) or channel (every TPF of the channel), not both"
+        )
+    if mission == "Kepler" and quarter is None:
+        raise ConfigError(f"{where}: a Kepler channel field needs mast.quarter (one field = one quarter's channel)")
+    if mission == "K2" and campaign is None:
+        raise ConfigError(f"{where}: a K2 channel field needs mast.campaign (one field = one campaign's channel)")
+
+
 def _paramset_names(cpm: dict) -> list[str]:
     """``default`` + ``lambda_L_<v>`` per ``cpm.sweep_lambda_L`` (the rule of ``cpm.model.paramset_names``,
     repeated here because core imports nothing above it; tests/reliability checks they agree)."""
@@ -130,7 +160,8 @@ def check_config(config) -> None:
     * an unknown key anywhere: its dotted path and the nearest valid spelling at that level;
     * no ``fields`` (and no ``ccds``) section;
     * ``report.cpm_paramset`` that is not ``default`` or one of ``lambda_L_<v>`` of ``cpm.sweep_lambda_L``;
-    * a ``cpm.stitch`` group naming a field that is not configured.
+    * a ``cpm.stitch`` group naming a field that is not configured;
+    * a Kepler/K2 channel field (``mast.channel`` / ``local.channel``) that lacks what it needs.
     """
     schema = load_schema()
     if not isinstance(config, dict):
@@ -153,6 +184,9 @@ def check_config(config) -> None:
                 f"config: report.cpm_paramset={shown!r} is not a CPM parameter set; valid: {', '.join(valid)} "
                 "(add its lambda_L to cpm.sweep_lambda_L to sweep it)"
             )
+    for name, spec in (fields if isinstance(fields, dict) else {}).items():
+        if isinstance(spec, dict):
+            _check_channel_field(name, spec)
     stitch = cpm.get("stitch")
     if isinstance(stitch, dict):
         names = set(fields if isinstance(fields, dict) else ()) | set(ccds if isinstance(ccds, dict) else ())

@@ -15,7 +15,7 @@ are CCD coordinates of pixel centres (``2CRV5P``/``1CRV5P`` of the pixel table, 
 celestial WCS header string that maps 0-based (column index, row index) to the sky.
 
 Public API: :func:`read_fits_cube`, :func:`read_field`, :func:`validate_for_modelling`,
-:func:`local_files`, :func:`write_local_field`.
+:func:`local_files`, :func:`select_channel_files`, :func:`write_local_field`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ log = get_logger("fitsio")
 #: minimum sizes a cube needs before a scene model (LFD) or CPM can be fit to it
 MIN_PIXELS = 4
 MIN_CADENCES = 2
+
+#: log reading progress every this many files (a Kepler channel field has ~1000-2000 TPFs)
+PROGRESS_EVERY = 100
+#: how many skipped file names one log line spells out
+NAMES_SHOWN = 20
 
 #: per-target attributes of a single stamp; in a joined pixel table they live in attrs['stamps']
 TARGET_ATTRS = ("target_id", "object", "ra_obj", "dec_obj", "target_mag", "aperture_npix", "source_file", "product")
@@ -547,7 +552,11 @@ def read_field(files) -> xr.Dataset:
         raise CubeError("read_field: no input files")
     if len(files) == 1:
         return read_fits_cube(files[0])
-    stamps = [read_fits_cube(f) for f in files]
+    stamps = []
+    for k, f in enumerate(files, 1):
+        stamps.append(read_fits_cube(f))  # a file that cannot be read is an error naming it
+        if len(files) >= PROGRESS_EVERY and (k % PROGRESS_EVERY == 0 or k == len(files)):
+            log.info("read %d of %d files", k, len(files))
     for f, st in zip(files, stamps):
         if st.attrs.get("product") in ("kepler_ffi", "tesscut"):
             raise CubeError(
@@ -588,9 +597,92 @@ def read_field(files) -> xr.Dataset:
     return out
 
 
+def tpf_channel_key(path) -> dict:
+    """Mission, quarter (Kepler) or campaign (K2) and CHANNEL of a FITS file, from its primary header only
+    (no pixel data is read: cheap for the ~2000 TPFs of a channel). Missing keywords are None."""
+    path = Path(path)
+    try:
+        h = fits.getheader(path, 0)
+    except Exception as exc:  # OSError, TypeError, ... for non-FITS / truncated files
+        raise CubeError(f"{path}: not a readable FITS file ({exc})") from exc
+    quarter, campaign = _int_or_none(h.get("QUARTER")), _int_or_none(h.get("CAMPAIGN"))
+    mission = "K2" if campaign is not None else ("Kepler" if quarter is not None else h.get("TELESCOP"))
+    return {"mission": mission, "quarter": quarter, "campaign": campaign, "channel": _int_or_none(h.get("CHANNEL"))}
+
+
+def _describe_names(paths) -> str:
+    names = [Path(p).name for p in paths]
+    more = len(names) - NAMES_SHOWN
+    return ", ".join(names[:NAMES_SHOWN]) + (f" ... and {more} more" if more > 0 else "")
+
+
+def select_channel_files(files, *, channel: int, quarter=None, campaign=None, what: str = "field") -> list[Path]:
+    """The Kepler/K2 TPFs among ``files`` that lie on ``channel`` (and ``quarter`` / ``campaign`` when given).
+
+    A channel field may point at a directory that also holds other files (a whole quarter's download,
+    FFIs): TPFs of other channels or quarters/campaigns, and readable FITS files that are not Kepler/K2
+    TPFs (no CHANNEL keyword in the primary header), are skipped, each kind with one warning naming
+    the files. A file that is not readable FITS, and a selection that keeps no file, are errors naming them.
+    """
+    if quarter is not None and campaign is not None:
+        raise CubeError(f"{what}: give quarter (Kepler) or campaign (K2), not both")
+    want = f"channel {int(channel)}"
+    if quarter is not None:
+        want = f"Kepler quarter {int(quarter)} {want}"
+    elif campaign is not None:
+        want = f"K2 campaign {int(campaign)} {want}"
+    keep, other, not_tpf, found = [], [], [], {}
+    for f in files:
+        key = tpf_channel_key(f)  # an unreadable file raises, naming it
+        if key["channel"] is None or (key["quarter"] is None and key["campaign"] is None):
+            not_tpf.append(Path(f))
+            continue
+        ok = key["channel"] == int(channel)
+        if quarter is not None:
+            ok = ok and key["quarter"] == int(quarter)
+        if campaign is not None:
+            ok = ok and key["campaign"] == int(campaign)
+        period = f"Q{key['quarter']}" if key["campaign"] is None else f"C{key['campaign']}"
+        found[f"{period} ch{key['channel']}"] = found.get(f"{period} ch{key['channel']}", 0) + 1
+        (keep if ok else other).append(Path(f))
+    n = len(keep) + len(other) + len(not_tpf)
+    if other:
+        log.warning(
+            "%s is %s: skipping %d of %d files, TPFs of other channels or quarters/campaigns: %s",
+            what,
+            want,
+            len(other),
+            n,
+            _describe_names(other),
+        )
+    if not_tpf:
+        log.warning(
+            "%s is %s: skipping %d of %d files, not Kepler/K2 target pixel files (no CHANNEL/QUARTER/CAMPAIGN): %s",
+            what,
+            want,
+            len(not_tpf),
+            n,
+            _describe_names(not_tpf),
+        )
+    if not keep:
+        summary = ", ".join(f"{k} x{c}" for k, c in sorted(found.items())) or "no Kepler/K2 TPF"
+        raise CubeError(f"{what}: no target pixel file of {want} among {n} file(s) (found: {summary})")
+    log.info("%s: %d TPFs of %s", what, len(keep), want)
+    return keep
+
+
 def local_files(local_params: dict) -> list[Path]:
-    """The FITS files of a ``source: local`` field (``files`` and/or all ``*.fits[.gz]`` of ``directory``)."""
+    """The FITS files of a ``source: local`` field (``files``, all ``*.fits[.gz]`` of ``directory``, and/or
+    the files matching ``glob``)."""
+    import glob as _glob
+
     files = [Path(f) for f in (local_params.get("files") or [])]
+    pattern = local_params.get("glob")
+    if pattern:
+        found = sorted(Path(p) for p in _glob.glob(str(pattern)) if Path(p).is_file())
+        if not found:
+            raise CubeError(f"{pattern}: local.glob matches no file")
+        files.extend(found)
     directory = local_params.get("directory")
     if directory:
         d = Path(directory)
@@ -601,7 +693,7 @@ def local_files(local_params: dict) -> list[Path]:
             raise CubeError(f"{d}: no *.fits files in local.directory")
         files.extend(found)
     if not files:
-        raise CubeError("local field: give `files` or `directory`")
+        raise CubeError("local field: give `files`, `directory` or `glob`")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise CubeError(f"local field: no such file(s): {', '.join(missing)}")
@@ -645,6 +737,14 @@ def write_cube_with_provenance(ds: xr.Dataset, files, out_cube, *, field: str, s
 def write_local_field(local_params: dict, out_cube, field: str) -> Path:
     """``download_local``: read the field's FITS files and write the cube store ``out_cube``."""
     files = local_files(local_params)
+    if local_params.get("channel") is not None:  # a Kepler/K2 channel field: only that channel's TPFs
+        files = select_channel_files(
+            files,
+            channel=local_params["channel"],
+            quarter=local_params.get("quarter"),
+            campaign=local_params.get("campaign"),
+            what=f"field {field}",
+        )
     log.info("field %s: reading %d local file(s)", field, len(files))
     ds = read_field(files)
     return write_cube_with_provenance(

@@ -8,7 +8,10 @@
    ``astroquery.mast.Tesscut.download_cutouts``; Kepler/K2: finds the target pixel files within
    ``radius_arcmin`` with ``Observations.query_criteria``, keeps the ``*lpd-targ.fits*`` products of
    the requested quarter/campaign (nearest first, at most ``max_tpfs``) and downloads them with
-   ``Observations.download_products``,
+   ``Observations.download_products``; a **channel field** (``channel`` with ``quarter`` / ``campaign``,
+   no target) lists every long-cadence TPF of that CCD channel with ONE query of MAST's Kepler/K2
+   mission data search (which has the ``sci_channel`` column that CAOM lacks) and downloads them with
+   ``Observations.download_products`` in batches (:func:`download_channel_tpfs`),
 3. reads the files with :func:`workflow_lib.data.fits_reader.read_field` and writes the cube atomically.
 
 Downloads land in ``cache_dir``; a request whose files are already there (recorded in a small
@@ -35,8 +38,15 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from workflow_lib.core.logs import get_logger
+from workflow_lib.core.settings import schema_defaults
 from workflow_lib.data.cube import CubeError
-from workflow_lib.data.fits_reader import read_field, read_fits_cube, write_cube_with_provenance
+from workflow_lib.data.fits_reader import (
+    read_field,
+    read_fits_cube,
+    select_channel_files,
+    tpf_channel_key,
+    write_cube_with_provenance,
+)
 
 log = get_logger("mast")
 
@@ -213,8 +223,12 @@ def request_key(mast_params: dict) -> str:
         k: mast_params.get(k)
         for k in ("mission", "target", "sector", "quarter", "campaign", "size", "radius_arcmin", "max_tpfs")
     }
+    if mast_params.get("channel") is not None:  # a channel field (absent from older keys: their cache stays valid)
+        keep = {k: mast_params.get(k) for k in ("mission", "quarter", "campaign", "channel")}
     digest = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9]+", "_", str(mast_params.get("target", "")))[:40].strip("_")
+    if mast_params.get("channel") is not None:
+        slug = f"channel{int(mast_params['channel'])}"
     return f"{mast_params.get('mission', 'TESS').lower()}_{slug}_{digest}"
 
 
@@ -465,17 +479,239 @@ def _download_products(client, todo, tpf_dir: Path, *, retries: int, backoff_s: 
 
 def _same_channel(files: list[Path]) -> list[Path]:
     """Keep the TPFs on the channel (and quarter/campaign) of the first (nearest) one."""
-    from astropy.io import fits
+    k0 = tpf_channel_key(files[0])
+    return select_channel_files(
+        files,
+        channel=k0["channel"],
+        quarter=k0["quarter"],
+        campaign=k0["campaign"],
+        what=f"the channel of the nearest target ({files[0].name})",
+    )
 
-    def key(f):
-        h = fits.getheader(f, 0)
-        return (h.get("CHANNEL"), h.get("QUARTER"), h.get("CAMPAIGN"))
 
-    k0 = key(files[0])
-    keep = [f for f in files if key(f) == k0]
-    if len(keep) < len(files):
-        log.info("keeping %d of %d TPFs: those on channel %s of the nearest target", len(keep), len(files), k0[0])
-    return keep
+# ------------------------------------------------------------------ Kepler / K2: a whole channel
+
+#: MAST's Kepler and K2 mission data searches: one row per target pixel file with its quarter or
+#: campaign and CCD channel (``sci_channel``); astroquery's ``Observations`` (CAOM) has no channel column
+CHANNEL_SEARCH_URL = {
+    "Kepler": "https://archive.stsci.edu/kepler/data_search/search.php",
+    "K2": "https://archive.stsci.edu/k2/data_search/search.php",
+}
+#: the columns asked of the channel search (their labels key the JSON rows MAST returns)
+CHANNEL_SEARCH_COLUMNS = {
+    "Kepler": "sci_data_set_name,sci_kepler_id,sci_data_quarter,sci_channel,sci_ra,sci_dec",
+    "K2": "sci_data_set_name,ktc_k2_id,sci_campaign,sci_channel,sci_ra,sci_dec",
+}
+#: TPFs downloaded per astroquery call: each batch lands in the cache before the next starts, so an
+#: interrupted channel download resumes where it stopped
+DOWNLOAD_BATCH = 50
+
+_KEPLER_DATASET = re.compile(r"^KPLR(\d{9})-(\d{13})$", re.IGNORECASE)
+_K2_DATASET = re.compile(r"^KTWO(\d{9})-C(\d{2,3})$", re.IGNORECASE)
+
+
+def channel_search_params(mission: str, *, channel: int, quarter=None, campaign=None, max_records: int) -> dict:
+    """Query parameters of the one MAST search that lists the long-cadence TPFs of a channel."""
+    if mission not in CHANNEL_SEARCH_URL:
+        raise MastError(f"mast.channel is for Kepler and K2 fields, not {mission!r}")
+    params = {
+        "action": "Search",
+        "outputformat": "JSON",
+        "ktc_target_type": "LC",
+        "sci_channel": int(channel),
+        "max_records": int(max_records),
+        "selectedColumnsCsv": CHANNEL_SEARCH_COLUMNS[mission],
+    }
+    if mission == "Kepler":
+        if quarter is None:
+            raise MastError("mast.quarter is required for a Kepler channel field (one field = one quarter)")
+        params["sci_data_quarter"] = int(quarter)
+    else:
+        if campaign is None:
+            raise MastError("mast.campaign is required for a K2 channel field (one field = one campaign)")
+        params["sci_campaign"] = int(campaign)
+    return params
+
+
+def tpf_product(dataset_name: str, mission: str) -> dict:
+    """File name and MAST data URI of the long-cadence TPF of a data set (``KPLR012644769-2012088054726``,
+    ``KTWO210994964-C04``), laid out as MAST's Kepler/K2 archives store them."""
+    name = str(dataset_name).strip()
+    if mission == "Kepler":
+        m = _KEPLER_DATASET.match(name)
+        if not m:
+            raise MastError(
+                f"MAST channel search: {name!r} is not a Kepler data set name (KPLRnnnnnnnnn-yyyydddhhmmss)"
+            )
+        kic = m.group(1)
+        fname = f"kplr{kic}-{m.group(2)}_lpd-targ.fits.gz"
+        uri = f"mast:KEPLER/url/missions/kepler/target_pixel_files/{kic[:4]}/{kic}/{fname}"
+        return {"productFilename": fname, "dataURI": uri, "target_id": int(kic), "obs_id": f"kplr{kic}"}
+    m = _K2_DATASET.match(name)
+    if not m:
+        raise MastError(f"MAST channel search: {name!r} is not a K2 data set name (KTWOnnnnnnnnn-Cnn)")
+    epic, camp = m.group(1), m.group(2)
+    fname = f"ktwo{epic}-c{camp}_lpd-targ.fits.gz"
+    uri = f"mast:K2/url/missions/k2/target_pixel_files/c{int(camp)}/{epic[:4]}00000/{epic[4:6]}000/{fname}"
+    return {"productFilename": fname, "dataURI": uri, "target_id": int(epic), "obs_id": f"ktwo{epic}"}
+
+
+def _row_value(row: dict, *labels):
+    """The value of the first of ``labels`` present in a search row (MAST keys rows by column label)."""
+    for lab in labels:
+        if lab in row and row[lab] not in (None, ""):
+            return row[lab]
+    return None
+
+
+def parse_channel_search(rows, mission: str, *, channel: int, quarter=None, campaign=None):
+    """The products table (``productFilename``, ``dataURI``, ``obs_collection``, ``obs_id``, ``target_id``)
+    of the rows of a channel search, one per TPF, sorted by file name. Rows whose own channel or
+    quarter/campaign column disagrees with the request are dropped with a warning naming them."""
+    from astropy.table import Table
+
+    if isinstance(rows, dict):  # an error object instead of the list of rows
+        raise MastError(f"MAST channel search returned an error: {rows}")
+    products, wrong = {}, []
+    period_labels = (
+        ("Quarter", "Data Quarter", "sci_data_quarter")
+        if mission == "Kepler"
+        else (
+            "Campaign",
+            "K2 Campaign",
+            "sci_campaign",
+        )
+    )
+    period_wanted = quarter if mission == "Kepler" else campaign
+    for row in rows:
+        name = _row_value(row, "Dataset Name", "Data Set Name", "sci_data_set_name")
+        if name is None:
+            raise MastError(f"MAST channel search: a row without a data set name: {row}")
+        ch = _row_value(row, "Channel", "sci_channel")
+        per = _row_value(row, *period_labels)
+        if (ch is not None and int(ch) != int(channel)) or (per is not None and int(per) != int(period_wanted)):
+            wrong.append(str(name))
+            continue
+        prod = tpf_product(name, mission)
+        products.setdefault(prod["productFilename"], prod)
+    if wrong:
+        log.warning(
+            "MAST channel search: dropping %d row(s) not on channel %s of %s %s: %s",
+            len(wrong),
+            channel,
+            "quarter" if mission == "Kepler" else "campaign",
+            period_wanted,
+            ", ".join(wrong[:20]) + (f" ... and {len(wrong) - 20} more" if len(wrong) > 20 else ""),
+        )
+    names = sorted(products)
+    table = Table(
+        {
+            "productFilename": names,
+            "dataURI": [products[n]["dataURI"] for n in names],
+            "obs_collection": [mission] * len(names),
+            "obs_id": [products[n]["obs_id"] for n in names],
+            "target_id": np.array([products[n]["target_id"] for n in names], dtype=np.int64),
+        }
+    )
+    return table
+
+
+def search_channel_tpfs(
+    client,
+    mission: str,
+    *,
+    channel: int,
+    quarter=None,
+    campaign=None,
+    max_records: int,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+):
+    """One MAST query: the long-cadence TPFs of a Kepler quarter's / K2 campaign's channel (a products table)."""
+    params = channel_search_params(
+        mission, channel=channel, quarter=quarter, campaign=campaign, max_records=max_records
+    )
+    what = f"MAST {mission} channel search (channel {channel}, " + (
+        f"quarter {quarter})" if mission == "Kepler" else f"campaign {campaign})"
+    )
+
+    def _query():
+        resp = client._request("GET", CHANNEL_SEARCH_URL[mission], params=params, timeout=timeout_s, cache=False)
+        resp.raise_for_status()
+        return resp.text
+
+    text = with_retries(_query, what, retries=retries, backoff_s=backoff_s)
+    try:
+        rows = json.loads(text)
+    except ValueError:  # the search answers "no rows found" (plain text) when nothing matches
+        snippet = " ".join(str(text).split())[:120]
+        raise MastError(f"{what} found no target pixel files ({snippet!r})") from None
+    table = parse_channel_search(rows, mission, channel=channel, quarter=quarter, campaign=campaign)
+    if len(table) == 0:
+        raise MastError(f"{what} found no target pixel files")
+    log.info("%s: %d TPFs", what, len(table))
+    return table
+
+
+def download_channel_tpfs(
+    mast_params: dict, cache_dir, *, retries: int = 3, timeout_s: float = 600, backoff_s: float = 5.0
+) -> list[Path]:
+    """Every long-cadence TPF of one Kepler quarter's / K2 campaign's CCD channel, from one MAST query,
+    downloaded in batches of :data:`DOWNLOAD_BATCH` into ``cache_dir/tpf/<mission>/`` (files already
+    there are not fetched again). More than ``max_channel_tpfs`` TPFs is an error, never a silent cut."""
+    from astroquery.mast import ObservationsClass
+
+    params = {**schema_defaults("$defs.mast"), **{k: v for k, v in mast_params.items() if v is not None}}
+    mission, channel = params.get("mission"), params["channel"]
+    if mission not in ("Kepler", "K2"):
+        raise MastError(f"mast.channel is for Kepler and K2 fields, not mission {mission!r}")
+    if params.get("target"):
+        raise MastError("mast: give `target` (TPFs around a star) or `channel` (every TPF of a channel), not both")
+    limit = int(params["max_channel_tpfs"])
+    cache_dir = Path(cache_dir)
+    client = _with_timeout(ObservationsClass(), timeout_s)
+    table = search_channel_tpfs(
+        client,
+        mission,
+        channel=channel,
+        quarter=params.get("quarter"),
+        campaign=params.get("campaign"),
+        max_records=limit + 1,
+        retries=retries,
+        backoff_s=backoff_s,
+        timeout_s=timeout_s,
+    )
+    if len(table) > limit:
+        raise MastError(
+            f"MAST lists more than {limit} TPFs on channel {channel}: raise mast.max_channel_tpfs "
+            f"(memory grows with the channel's pixels, docs/SURVEY.md)"
+        )
+    tpf_dir = cache_dir / "tpf" / mission.lower()
+    tpf_dir.mkdir(parents=True, exist_ok=True)
+    wanted = [tpf_dir / str(n) for n in table["productFilename"]]
+    missing = np.array([not (p.is_file() and p.stat().st_size > 0) for p in wanted], dtype=bool)
+    todo = table[missing]
+    log.info(
+        "channel %s: %d TPFs, %d already in the cache, %d to download",
+        channel,
+        len(table),
+        int((~missing).sum()),
+        len(todo),
+    )
+    for start in range(0, len(todo), DOWNLOAD_BATCH):
+        batch = todo[start : start + DOWNLOAD_BATCH]
+        _download_products(client, batch, tpf_dir, retries=retries, backoff_s=backoff_s)
+        log.info("downloaded %d of %d TPFs", min(start + DOWNLOAD_BATCH, len(todo)), len(todo))
+    for p in wanted:
+        _check_file(p)
+    return select_channel_files(
+        wanted,
+        channel=channel,
+        quarter=params.get("quarter") if mission == "Kepler" else None,
+        campaign=params.get("campaign") if mission == "K2" else None,
+        what=f"MAST {mission} channel {channel}",
+    )
 
 
 # ------------------------------------------------------------------ entry point
@@ -492,6 +728,8 @@ def fetch_files(
         return cached
     if mission == "TESS":
         files = download_tesscut(mast_params, cache_dir, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s)
+    elif mission in ("Kepler", "K2") and mast_params.get("channel") is not None:
+        files = download_channel_tpfs(mast_params, cache_dir, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s)
     elif mission in ("Kepler", "K2"):
         files = download_kepler_tpfs(mast_params, cache_dir, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s)
         files = _same_channel(files)
