@@ -34,9 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_benchmarks(run_dir: Path) -> list[dict]:
-    """One row per benchmark TSV under <run_dir>/results/*/benchmarks/<rule>/<name>.tsv."""
+    """One row per benchmark TSV under <run_dir>/results/*/benchmarks/<rule>/<name>.tsv.
+
+    ``<name>`` may hold slashes (survey tiles are fields named ``<ccd>/tiles/<tile>``); ``max_rss`` is
+    the job's peak resident memory in MB as Snakemake records it.
+    """
     rows = []
-    for tsv in sorted(run_dir.glob("results/*/benchmarks/*/*.tsv")):
+    for tsv in sorted(run_dir.glob("results/*/benchmarks/*/**/*.tsv")):
+        rel = tsv.relative_to(next(p for p in tsv.parents if p.name == "benchmarks"))
         with tsv.open() as fh:
             for rec in csv.DictReader(fh, delimiter="\t"):
 
@@ -46,7 +51,15 @@ def read_benchmarks(run_dir: Path) -> list[dict]:
                     except ValueError:
                         return float("nan")
 
-                rows.append({"rule": tsv.parent.name, "job": tsv.stem, "s": num("s"), "cpu": num("cpu_time")})
+                rows.append(
+                    {
+                        "rule": rel.parts[0],
+                        "job": str(rel.relative_to(rel.parts[0]).with_suffix("")),
+                        "s": num("s"),
+                        "cpu": num("cpu_time"),
+                        "max_rss": num("max_rss"),
+                    }
+                )
     return rows
 
 
