@@ -359,25 +359,47 @@ def survey_sets():
     return sets
 
 
+def survey_tiles_with(ccd, product):
+    """The tiles of a CCD whose `product(tile)` the merge / overview page take: all of them; with
+    survey.allow_missing_tiles, not those that were started (their directory exists) and lack it: failed
+    tiles, left out and not rerun (docs/SURVEY.md, "A failed tile")."""
+    tiles = survey_tile_ids(ccd)
+    if not config["survey"]["allow_missing_tiles"]:
+        return tiles
+    return [
+        t
+        for t in tiles
+        if os.path.exists(product(t))
+        or not os.path.isdir(f"{RESULTS}/{tile_field(ccd, t)}")
+    ]
+
+
+def merged_tile_ids(ccd, set_name):
+    """The tiles whose light-curve set `set_name` the CCD's merge takes."""
+    rel = survey_sets()[set_name]
+    return survey_tiles_with(
+        ccd, lambda t: zarr_store(f"{RESULTS}/{tile_field(ccd, t)}/{rel}")
+    )
+
+
 def merge_inputs(wildcards):
-    tiles = survey_tile_ids(wildcards.ccd)
     rel = survey_sets()[wildcards.set]
     return {
         "tiles": [
-            zarr_store(f"{RESULTS}/{tile_field(wildcards.ccd, t)}/{rel}") for t in tiles
+            zarr_store(f"{RESULTS}/{tile_field(wildcards.ccd, t)}/{rel}")
+            for t in merged_tile_ids(wildcards.ccd, wildcards.set)
         ]
     }
 
 
 def tile_pages_input(wildcards):
-    tiles = survey_tile_ids(wildcards.ccd)
+    ccd = wildcards.ccd
+    tiles = survey_tiles_with(
+        ccd, lambda t: f"{RESULTS}/report/{tile_field(ccd, t)}.json"
+    )
     return {
-        "pages": [
-            f"{RESULTS}/report/{tile_field(wildcards.ccd, t)}.html" for t in tiles
-        ],
-        "summaries": [
-            f"{RESULTS}/report/{tile_field(wildcards.ccd, t)}.json" for t in tiles
-        ],
+        "pages": [f"{RESULTS}/report/{tile_field(ccd, t)}.html" for t in tiles],
+        "summaries": [f"{RESULTS}/report/{tile_field(ccd, t)}.json" for t in tiles],
     }
 
 

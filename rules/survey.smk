@@ -164,13 +164,13 @@ rule merge_tiles:
     params:
         tiles=lambda w, input: " ".join(
             shlex.quote(f"{t}={p}")
-            for t, p in zip(survey_tile_ids(w.ccd), input.tiles)
+            for t, p in zip(merged_tile_ids(w.ccd, w.set), input.tiles)
         ),
         survey=json_arg(
             {
                 k: v
                 for k, v in config["survey"].items()
-                if k in ("cdpp_hours", "write_fits")
+                if k in ("cdpp_hours", "write_fits", "allow_missing_tiles")
             }
         ),
     shell:

@@ -279,3 +279,57 @@ def test_end_to_end_tiles_reproduce_the_whole_ccd(ccd, tmp_path):
     np.testing.assert_array_equal(m["aperture_npix"].values[k], whole["aperture_npix"].values)
     # the same pixels in both tiles: sources whose apertures are whole in both agree exactly
     assert qa["n_overlap"] > 50 and qa["overlap_consistency"] == 0.0
+
+
+def test_merge_without_a_failed_tile(ccd, tmp_path):
+    """A failed tile (its light-curve set absent): refused by default; with survey.allow_missing_tiles the
+    other tiles are merged, the missing tile is listed in the merged attrs and the table meta, its core
+    sources come from neighbours' halos or are NaN rows, and the overview page shows it as missing."""
+    from workflow_lib.report.survey import tile_status, write_survey_report
+
+    sets = _truth_sets(ccd, seed=2)
+    paths = {}
+    for tid, s in sets.items():
+        paths[tid] = tmp_path / tid / "lightcurves.zarr"
+        s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    failed = "r0064c0000"
+    del paths[failed]
+    out = tmp_path / "merged"
+    args = (paths, ccd / "tiles.json", ccd / "catalog.ecsv", out / "lfd.zarr", out / "lfd.ecsv", "lfd")
+    with pytest.raises(MergeError, match=f"{failed}.*allow_missing_tiles"):
+        merge_tiles_step(*args)
+    assert not (out / "lfd.zarr").exists()
+    qa = merge_tiles_step(*args, params={"allow_missing_tiles": True})
+    assert qa["missing_tiles"] == [failed] and qa["n_tiles"] == 3
+    m = xr.open_zarr(out / "lfd.zarr")
+    assert list(m.attrs["missing_tiles"]) == [failed]
+    lost = m["core_tile"].values == failed
+    assert lost.any() and not (m["tile"].values == failed).any()
+    taken = lost & (m["tile"].values != "")
+    assert ((m["flags"].values[taken] & FLAG_NOT_CORE_TILE) > 0).all()
+    assert np.isnan(m["flux"].values[lost & ~taken]).all()
+    assert qa["n_measured"] == int((m["tile"].values != "").sum()) < m.sizes["source"]
+    # the per-CCD table keeps the list per set
+    table = survey_table_step({"lfd": out / "lfd.ecsv"}, out / "sources.ecsv")
+    assert Table.read(out / "sources.ecsv").meta["missing_tiles"] == {"lfd": [failed]}
+    # overview page: the tile's status is "missing" (its field page may exist or not)
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for tid in IDS:
+        (pages / f"{tid}.html").write_text("<html></html>")
+    grid = json.loads((ccd / "tiles.json").read_text())
+    status = {t["id"]: t for t in tile_status(grid, table, pages, [], {"lfd": [failed]})}
+    assert status[failed]["status"] == "missing" and status[failed]["missing_from"] == ["lfd"]
+    assert {status[t]["status"] for t in IDS if t != failed} == {"done"}
+    (pages / "r0000c0000.html").unlink()
+    assert tile_status(grid, table, pages, [], {"lfd": [failed]})[0]["status"] == "failed"
+    html = write_survey_report(
+        ccd / "cube.zarr",
+        ccd / "tiles.json",
+        out / "sources.ecsv",
+        {"lfd": out / "lfd.zarr"},
+        tmp_path / "index.html",
+        ccd="ccd",
+        tile_pages=pages,
+    ).read_text()
+    assert '<td class="l st-missing">missing (lfd)</td>' in html

@@ -3,7 +3,8 @@
 What it shows:
 
 * the CCD's mean image (binned to at most ``MAX_IMAGE_SIDE`` px per side) with the tile grid: each tile
-  core outlined and coloured by status (done: its field page exists; failed: it does not), hover
+  core outlined and coloured by status (done: its field page exists; failed: it does not; missing: left
+  out of a merged set, ``survey.allow_missing_tiles``), hover
   gives the tile id, status and number of sources taken from it;
 * every merged source on the image and in a CDPP vs G plot (one series per merged light-curve set);
   hover shows Gaia id, G, tile and CDPP; a click opens the tile's field page with the source selected
@@ -76,9 +77,16 @@ def _finite_or_none(values) -> list:
     return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
 
 
-def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list) -> list[dict]:
-    """Per tile: id, core bounds, status (``done``: its field page exists, else ``failed``), the number
-    of catalog sources whose core tile it is and the number of merged sources taken from it per set."""
+#: tile colours on the CCD image, by status
+STATUS_COLORS = {"done": "#2ca02c", "missing": "#ff7f0e", "failed": "#d62728"}
+
+
+def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list, missing=None) -> list[dict]:
+    """Per tile: id, core bounds, status (``missing``: listed in ``missing`` (set -> tile ids left out of
+    that merged set, ``survey.allow_missing_tiles``), else ``done``: its field page exists, else ``failed``),
+    the sets it is missing from, the number of catalog sources whose core tile it is and the number of
+    merged sources taken from it per set."""
+    missing = missing or {}
     summaries = {}
     for path in tile_summaries:
         try:
@@ -92,13 +100,16 @@ def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list) -> list
         tid = t["id"]
         page = Path(tile_pages_dir) / f"{tid}.html" if tile_pages_dir else None
         done = bool(page is not None and page.exists()) or tid in summaries
+        missing_from = sorted(s for s, ids in missing.items() if tid in ids)
         core = np.asarray(table["core_tile"]).astype(str) == tid
         out.append(
             {
                 "id": tid,
                 "core_row": list(t["core_row"]),
                 "core_column": list(t["core_column"]),
-                "status": "done" if done else "failed",
+                "status": "missing" if missing_from else ("done" if done else "failed"),
+                "missing_from": missing_from,
+                "has_page": done,
                 "page": f"tiles/{tid}.html",
                 "n_core_sources": int(core.sum()),
                 "n_tile_sources": (summaries.get(tid) or {}).get("n_sources"),
@@ -134,7 +145,7 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
     aspect = extent["dh"] / extent["dw"] if extent["dw"] else 1.0
     fimg = figure(
         name="ccd_image",
-        title="mean image, tile grid (green: done, red: failed)",
+        title="mean image, tile grid (green: done, orange: missing from the merge, red: failed)",
         width=side,
         height=int(side * aspect) + 40,
         x_range=(extent["x"], extent["x"] + extent["dw"]),
@@ -157,7 +168,7 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
             "status": [t["status"] for t in tiles],
             "n": [t["n_core_sources"] for t in tiles],
             "page": [t["page"] for t in tiles],
-            "color": ["#2ca02c" if t["status"] == "done" else "#d62728" for t in tiles],
+            "color": [STATUS_COLORS[t["status"]] for t in tiles],
         },
         name="survey_tiles",
     )
@@ -323,14 +334,15 @@ def write_survey_report(
 
     grid = json.loads(Path(grid_json).read_text())
     table = Table.read(str(table_path), format="ascii.ecsv")
-    attrs = {}
+    attrs, missing = {}, {}
     for name, path in (merged or {}).items():
         try:
             ds = open_cube(path, validate=False)
             attrs[name] = {"n_sources": int(ds.sizes.get("source", 0))}
+            missing[name] = [str(x) for x in np.atleast_1d(ds.attrs.get("missing_tiles", []))]
         except Exception as exc:  # noqa: BLE001 - the page still shows what it has
             log.warning("merged set %s (%s) not readable: %s", name, path, exc)
-    tiles = tile_status(grid, table, tile_pages, list(tile_summaries))
+    tiles = tile_status(grid, table, tile_pages, list(tile_summaries), missing)
     html = build_survey_page(cube_path, grid, table, attrs, ccd=ccd, tiles=tiles, params=params)
     log.info("survey page %s: %d sources, %d tiles -> %s", ccd, len(table), len(tiles), out_html)
     return write_text_atomic(html, out_html)

@@ -26,7 +26,7 @@ from workflow_lib.data.ffi import ingest_ffis
 from workflow_lib.data.lightcurves import write_lightcurve_fits
 from workflow_lib.data.synthetic_ffi import write_synthetic_ffis
 from workflow_lib.data.tiles import cut_tile, find_tile, grid_for_cube, split_catalog
-from workflow_lib.survey.merge import combine_source_tables, merge_tile_sets
+from workflow_lib.survey.merge import MergeError, combine_source_tables, merge_tile_sets, missing_tiles
 
 log = get_logger("survey")
 
@@ -174,10 +174,18 @@ def merge_tiles_step(
     merged ``(source, time)`` set, every catalog source once), ``out_table`` (ECSV source table; overlap QA
     in its meta) and, with ``fits_dir`` (or ``survey.write_fits``: then ``<out_zarr's dir>/fits``), one
     lightkurve-readable FITS per measured source named ``<set_name>_<source_id>.fits``.  Returns the QA dict
-    (``overlap_consistency``, ``n_overlap``, ``n_sources``, ``n_measured``, ``n_tiles``, ``set``).
+    (``overlap_consistency``, ``n_overlap``, ``n_sources``, ``n_measured``, ``n_tiles``, ``missing_tiles``,
+    ``set``).  A grid tile without a path is refused unless ``survey.allow_missing_tiles`` (then it is
+    listed in the merged attrs and table meta ``missing_tiles``; docs/SURVEY.md, "A failed tile").
     """
     p = survey_params(params)
     grid = read_grid(grid_json)
+    missing = missing_tiles(lightcurve_paths, grid["tiles"])
+    if missing and not p["allow_missing_tiles"]:
+        raise MergeError(
+            f"{len(missing)} tiles of {grid_json} have no light curves ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); set survey.allow_missing_tiles to merge without them"
+        )
     catalog = Table.read(str(catalog_path), format="ascii.ecsv")
     sets = {}
     for tid, path in sorted(lightcurve_paths.items()):

@@ -12,6 +12,10 @@ border is measured in two (or, at a corner, four) tiles.  :func:`merge_tile_sets
 * **a source table** (:func:`source_table`): Gaia id, ra/dec, CCD column/row, G, the core tile and the
   tile the light curve came from, flags, the CDPP and overlap figure of the set.
   :func:`combine_source_tables` joins the tables of several sets (the CDPP of every set side by side).
+* **missing tiles**: grid tiles without a set (a failed tile, merged anyway with
+  ``survey.allow_missing_tiles``) are listed in ``merged.attrs["missing_tiles"]`` and the table's meta;
+  their core sources come from a neighbour's halo when it holds them (``FLAG_NOT_CORE_TILE``), else they
+  are NaN rows (``FLAG_NOT_MEASURED``).
 * **overlap QA**: for each source measured in two or more tiles, the two tiles it lies deepest in
   give ``z = (f1 - f2) / sqrt(e1^2 + e2^2)`` over the cadences both have (finite, positive errors, no
   ``bitmask`` QUALITY flags); the per-source figure is ``rms(z)``, the set's figure its median over
@@ -279,7 +283,8 @@ def merge_tile_sets(
     ``(merged, table, qa)``: the merged set (catalog order; per-source coords of the tile sets taken from
     the chosen tile, plus ``tile``, ``core_tile``, ``tile_edge_distance``, ``n_tiles``, ``flags``,
     ``overlap_consistency``), its :func:`source_table`, and the QA dict (``overlap_consistency``: the
-    median, ``n_overlap``, ``n_sources``, ``n_measured``), also in ``merged.attrs`` and the table's meta.
+    median, ``n_overlap``, ``n_sources``, ``n_measured``, ``missing_tiles``: grid tiles without a set),
+    also in ``merged.attrs`` and the table's meta.
     Sources of the tile sets that are not in the catalog (user apertures, negative ids) are left out.
     """
     if not sets:
@@ -305,6 +310,7 @@ def merge_tile_sets(
         "n_sources": int(n),
         "n_measured": int((a["best"] != "").sum()),
         "n_tiles": len(sets),
+        "missing_tiles": missing_tiles(sets, tiles),
     }
     merged = xr.Dataset(
         {
@@ -320,6 +326,7 @@ def merge_tile_sets(
         merged_tiles=len(sets),
         overlap_consistency=qa["overlap_consistency"],
         n_overlap=qa["n_overlap"],
+        missing_tiles=qa["missing_tiles"],
     )
     if not any(k.startswith("cdpp_") for k in merged.coords):
         merged = add_cdpp(merged, hours=tuple(cdpp_hours), bitmask=bitmask)
@@ -333,7 +340,14 @@ def merge_tile_sets(
         qa["overlap_consistency"],
         qa["n_overlap"],
     )
+    if qa["missing_tiles"]:
+        log.warning("%s: %d tiles missing: %s", set_name or "merge", len(qa["missing_tiles"]), qa["missing_tiles"])
     return merged, table, qa
+
+
+def missing_tiles(sets: dict, tiles: list[dict]) -> list[str]:
+    """Ids of the grid's tiles that have no light-curve set in ``sets`` (sorted)."""
+    return sorted({t["id"] for t in tiles} - set(sets))
 
 
 #: source-table columns that describe the source and its place in the grid, not one light-curve set
@@ -343,7 +357,7 @@ BASE_COLUMNS = ("source_id", "ra", "dec", "column", "row", "phot_g_mean_mag", "o
 def source_table(merged: xr.Dataset, set_name: str) -> Table:
     """The source table of a merged set: base columns (:data:`BASE_COLUMNS`) and, prefixed with
     ``<set_name>_``, ``tile``, ``tile_edge_distance``, ``n_tiles``, ``flags``, ``overlap_consistency`` and
-    every ``cdpp_*`` coord.  Meta: ``overlap_consistency`` / ``n_overlap`` / ``flag_bits`` per set."""
+    every ``cdpp_*`` coord.  Meta: ``overlap_consistency`` / ``n_overlap`` / ``missing_tiles`` per set, ``flag_bits``."""
     p = f"{set_name}_" if set_name else ""
     t = Table()
     for c in BASE_COLUMNS:
@@ -359,6 +373,7 @@ def source_table(merged: xr.Dataset, set_name: str) -> Table:
         "flag_bits": dict(FLAG_BITS),
         "overlap_consistency": {set_name: float(merged.attrs.get("overlap_consistency", np.nan))},
         "n_overlap": {set_name: int(merged.attrs.get("n_overlap", 0))},
+        "missing_tiles": {set_name: [str(x) for x in merged.attrs.get("missing_tiles", [])]},
         "overlap_definition": "median over sources of rms over shared cadences of (f1 - f2)/sqrt(e1^2 + e2^2)",
     }
     return t
@@ -366,7 +381,8 @@ def source_table(merged: xr.Dataset, set_name: str) -> Table:
 
 def combine_source_tables(tables: dict[str, Table]) -> Table:
     """One table of several sets' source tables (same catalog): the base columns once, every set's columns
-    side by side (CDPP of every set); meta ``overlap_consistency`` / ``n_overlap``: set -> value."""
+    side by side (CDPP of every set); meta ``overlap_consistency`` / ``n_overlap`` / ``missing_tiles``:
+    set -> value."""
     if not tables:
         raise MergeError("no source tables to combine")
     names = list(tables)
@@ -378,6 +394,6 @@ def combine_source_tables(tables: dict[str, Table]) -> Table:
         for c in t.colnames:
             if c not in BASE_COLUMNS:
                 out[c] = t[c]
-        for key in ("overlap_consistency", "n_overlap"):
+        for key in ("overlap_consistency", "n_overlap", "missing_tiles"):
             out.meta.setdefault(key, {}).update(t.meta.get(key, {}))
     return out
