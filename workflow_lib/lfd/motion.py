@@ -332,6 +332,20 @@ def measure_scene_offsets(
     return cx, cy, ok, use_pix, bk
 
 
+def clip_sources(chi2, count, owner, used_src, have, sigma_clip: float, what: str) -> np.ndarray:
+    """One §4.5 source-masking step of the motion fits: per source, chi^2 per point (``chi2`` and
+    ``count`` per pixel, summed over the pixels it owns, ``owner``); sources whose chi^2 per point
+    exceeds the median of the kept ones by ``sigma_clip`` robust sigma leave the fit. Sources
+    without pixels (``~have``) stay flagged as used (they have nothing to clip). Returns the new
+    ``used_src`` mask; ``what`` names the step in the log line."""
+    n = used_src.size
+    chi = np.bincount(owner, weights=chi2, minlength=n) / np.maximum(np.bincount(owner, weights=count, minlength=n), 1)
+    below, med, _ = clip_mask(chi, have & used_src, sigma_clip, floor=1e-12, side="upper")
+    new = ~have | below
+    log.info("%s: median chi2/pt %.2f, %d of %d sources kept", what, med, (new & have).sum(), have.sum())
+    return new
+
+
 def fit_shift_correction(
     resid, weight, owner, dx, dy, mono, *, knots, degree: int, prior_sigma: float, n_iter: int, sigma_clip: float
 ):
@@ -374,19 +388,8 @@ def fit_shift_correction(
         model = (A @ Wc) @ Mc.T  # (npix, ntime)
         chi = ((Rc.T - model) ** 2 * fin.T).sum(axis=1) * weight
         cnt = fin.sum(axis=0)
-        cs = np.bincount(owner, weights=chi, minlength=used_src.size) / np.maximum(
-            np.bincount(owner, weights=cnt, minlength=used_src.size), 1
-        )
         have = np.bincount(owner, minlength=used_src.size) > 0
-        below, med, _ = clip_mask(cs, have & used_src, sigma_clip, floor=1e-12, side="upper")
-        new = ~have | below
-        log.info(
-            "shift correction iteration %d: median chi2/pt %.2f, %d of %d sources kept",
-            it,
-            med,
-            (new & have).sum(),
-            have.sum(),
-        )
+        new = clip_sources(chi, cnt, owner, used_src, have, sigma_clip, f"shift correction iteration {it}")
         if np.array_equal(new, used_src):
             break
         used_src = new
@@ -651,19 +654,8 @@ def fit_motion_model(
         r2 = np.where(finite, ((yv - model) / np.where(finite, ev, 1.0)) ** 2, 0.0)
         r2 = r2.reshape(nb, npix).sum(axis=0)
         cnt = finite.reshape(nb, npix).sum(axis=0)
-        chi = np.bincount(owner, weights=r2, minlength=used_src.size) / np.maximum(
-            np.bincount(owner, weights=cnt, minlength=used_src.size), 1
-        )
         have = np.bincount(owner, weights=cnt, minlength=used_src.size) > 0
-        below, med, _ = clip_mask(chi, have & used_src, p["sigma_clip"], floor=1e-12, side="upper")
-        new = ~have | below
-        log.info(
-            "motion fit iteration %d: median chi2/pt %.2f, %d of %d sources kept",
-            it,
-            med,
-            (new & have).sum(),
-            have.sum(),
-        )
+        new = clip_sources(r2, cnt, owner, used_src, have, p["sigma_clip"], f"motion fit iteration {it}")
         if np.array_equal(new, used_src):
             break
         used_src = new
