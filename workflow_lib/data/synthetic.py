@@ -699,12 +699,13 @@ def _inject_signals(t, dt, src: SimpleNamespace, targets: SimpleNamespace, rng):
 # ------------------------------------------------------------------ rendering, noise
 
 
-def _render(p: dict, stars, src: SimpleNamespace, kinds, flux_true, tl: SimpleNamespace):
+def _render(p: dict, stars, src: SimpleNamespace, kinds, flux_true, tl: SimpleNamespace, grid=None):
     """Noiseless model cube (time, row, column): every star through the SPOC PRF at its CCD position,
-    shifted by the pointing offsets, plus sky and scattered light. Returns ``(model, prf_grid)``."""
+    shifted by the pointing offsets, plus sky and scattered light. Returns ``(model, prf_grid)``.
+    ``grid``: the SPOC PRF grid (:class:`tess_prf.PRFGrid`; default the packaged 3x3 grid)."""
     nr, nc = p["n_rows"], p["n_cols"]
     drow, dcol = tl.drow, tl.dcol
-    grid = tess_prf.load_prf_grid()
+    grid = tess_prf.load_prf_grid() if grid is None else grid
     pad = int(np.ceil(max(np.abs(drow).max(), np.abs(dcol).max()))) + 2
     # constant stars: bright ones on a 1/36-px scene grid, faint ones on a 1/18-px grid (the
     # re-interpolation error, ~1e-5 / 1.4e-4 of a star's peak, stays well below its photon noise)
