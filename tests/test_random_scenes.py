@@ -1,0 +1,211 @@
+"""The randomized scene sampler (workflow_lib.data.random_scenes) and the metric code of
+benchmarks/randomized_scenes.py, against known answers."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflow_lib.data import random_scenes as rs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import randomized_scenes as bench  # noqa: E402
+
+SEEDS = range(300)
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return [rs.sample_scene(s) for s in SEEDS]
+
+
+def test_sampler_is_deterministic_per_seed():
+    assert json.dumps(rs.sample_scene(5)) == json.dumps(rs.sample_scene(5))
+    assert json.dumps(rs.sample_scene(5)) != json.dumps(rs.sample_scene(6))
+
+
+def _span(vals, lo, hi, frac=0.1):
+    """All values in [lo, hi] and both ends of the range reached to within ``frac`` of its width."""
+    v = np.asarray(vals, float)
+    w = hi - lo
+    return v.min() >= lo and v.max() <= hi and v.min() <= lo + frac * w and v.max() >= hi - frac * w
+
+
+def test_sampler_covers_the_ranges(specs):
+    syn = [s["synthetic"] for s in specs]
+    R = rs.RANGES
+    for key in ("drift_px", "jitter_px", "stars_per_sq_pixel", "background_level", "scattered_light_amplitude"):
+        assert _span([x[key] for x in syn], *R[key][:2]), key
+    assert _span([x["n_rows"] for x in syn] + [x["n_cols"] for x in syn], *R["side"])
+    for key in ("pos_err_mas", "missing_fraction", "colour_scatter"):
+        assert _span([s["catalog"][key] for s in specs], *R[key][:2]), key
+    pairs = [p for s in specs for p in s["pairs"]]
+    for key, rk in (("sep_px", "pair_sep_px"), ("dmag", "pair_dmag"), ("depth", "pair_depth")):
+        assert _span([p[key] for p in pairs], *R[rk]), key
+    assert {p["eclipsing"] for p in pairs} == {"faint", "bright"}
+    assert {len(s["pairs"]) for s in specs} == {1, 2, 3, 4}
+    assert {x["n_planets"] for x in syn} == {1, 2, 3, 4}
+    assert {x["transient"] for x in syn} == {True, False}
+    # the cutout's CCD position (hence its PRF) ranges over the whole 5x5 SPOC grid
+    rows = np.array([x["corner_row"] for x in syn])
+    cols = np.array([x["corner_col"] for x in syn])
+    assert rows.min() < 200 and rows.max() > 1850 and cols.min() < 250 and cols.max() > 1900
+    assert (rows + np.array([x["n_rows"] for x in syn]) - 1 <= 2048).all() and (cols >= 45).all()
+    # pairs lie inside the cutout
+    for s in specs:
+        for p in s["pairs"]:
+            assert 0 <= p["row"] <= s["synthetic"]["n_rows"] - 1 and 0 <= p["col"] <= s["synthetic"]["n_cols"] - 1
+
+
+@pytest.fixture(scope="module")
+def tiny_scene():
+    spec = rs.sample_scene(3)
+    spec["synthetic"].update(n_rows=32, n_cols=32, stars_per_sq_pixel=0.05)
+    spec["catalog"].update(missing_fraction=0.5, missing_gmin=17.0, pos_err_mas=30.0)
+    return spec, rs.simulate_scene(spec, n_cadences=60, field="tiny")
+
+
+def test_tiny_scene_records_its_truth(tiny_scene):
+    spec, (cube, truth, cat) = tiny_scene
+    assert cube["flux"].shape == (60, 32, 32)
+    assert truth["flux"].shape == (truth.sizes["source"], 60)
+    assert json.loads(truth.attrs["scene"])["seed"] == 3
+    # the catalog holds exactly the sources flagged in_catalog; ~half the faint constant stars are missing
+    sid = set(np.asarray(cat["source_id"]).tolist())
+    inc = np.asarray(truth["in_catalog"].values)
+    assert sid == set(np.asarray(truth["source_id"].values)[inc].tolist())
+    g = np.asarray(truth["phot_g_mean_mag"].values)
+    kind = np.array([str(k) for k in truth["kind"].values])
+    faint = (g > 17.0) & (kind == "constant") & (np.asarray(truth["pair"].values) < 0)
+    assert 0.3 < 1 - inc[faint].mean() < 0.7
+    # pairs: both members present, separation and magnitude difference as specified, one eclipses
+    pairs = json.loads(truth.attrs["pairs"])
+    assert len(pairs) == len(spec["pairs"])
+    pos = {int(s): i for i, s in enumerate(truth["source_id"].values)}
+    for pm, ps in zip(pairs, spec["pairs"]):
+        ib, ifn, ie = pos[pm["bright"]], pos[pm["faint"]], pos[pm["eclipsing"]]
+        sep = np.hypot(
+            *(
+                truth["row"].values[ib] - truth["row"].values[ifn],
+                truth["column"].values[ib] - truth["column"].values[ifn],
+            )
+        )
+        assert sep == pytest.approx(ps["sep_px"], abs=1e-9)
+        assert g[ifn] - g[ib] == pytest.approx(ps["dmag"])
+        assert kind[ie] == "eclipsing_binary"
+        f = truth["flux"].values[ie]
+        assert f.min() <= f.max() * (1 - 0.5 * ps["depth"]) or f.min() == f.max()  # an eclipse, if one falls in
+    # cutout fraction: 1 well inside, 0 far outside, in between at the edge
+    frac = np.asarray(truth["cutout_fraction"].values)
+    r, c = truth["row"].values - cube["row"].values[0], truth["column"].values - cube["column"].values[0]
+    inside = (r > 6) & (r < 25) & (c > 6) & (c < 25)
+    np.testing.assert_allclose(frac[inside], 1, atol=2e-3)
+    assert (frac[(r < -6.6) | (c < -6.6)] < 0.01).all()
+    assert frac.min() > -1e-3 and frac.max() < 1 + 1e-3
+
+
+def test_tiny_scene_uses_the_full_prf_grid(shared_data, tiny_scene):
+    *_, (cube, truth, cat) = tiny_scene
+    assert truth.attrs["prf_grid"].endswith("5x5 positions")
+
+
+# ----------------------------------------------------------------------------- metric code
+
+
+def _time(n=1200):
+    return 1325.3 + np.arange(n) / 48.0
+
+
+@pytest.mark.parametrize("which", ["lightkurve", "workflow_lib"])
+def test_cdpp_of_white_noise(which):
+    """1-h (2-cadence) CDPP of white noise of relative rms s: s / sqrt(2) (the 2-d filter removes ~1 %)."""
+    est = bench.cdpp_estimator()[0] if which == "lightkurve" else (lambda t, f: bench.wl_cdpp(t, f, 2))
+    rng = np.random.default_rng(1)
+    t = _time()
+    f = 1000.0 * (1 + 1e-3 * rng.standard_normal(t.size))
+    assert est(t, f) == pytest.approx(1e3 / np.sqrt(2), rel=0.05)
+
+
+def test_cdpp_normalisations_of_a_scaled_curve():
+    """A curve on 0.65x the true scale: the own-median CDPP is the white-noise value, the true-flux one 0.65x it."""
+    est = bench.cdpp_estimator()[0]
+    rng = np.random.default_rng(2)
+    t = _time()
+    true = 5000.0
+    f = 0.65 * (true + 5.0 * rng.standard_normal(t.size))
+    own, tru = bench.cdpp_pair(est, t, f, true)
+    assert own == pytest.approx(1e6 * 1e-3 / np.sqrt(2), rel=0.06)
+    assert tru / own == pytest.approx(0.65 * np.median(f / 0.65) / true, rel=1e-9)
+    assert np.isnan(bench.cdpp_pair(est, t, -f, true)[0])  # negative median: no CDPP
+    white = bench.white_cdpp(est, t, np.full(t.size, 5.0), true, rng)
+    assert white == pytest.approx(own, rel=0.08)
+
+
+def test_flux_error_and_p2p():
+    rng = np.random.default_rng(3)
+    true = np.full(2000, 1000.0)
+    assert bench.abs_flux_error(1.02 * true, true) == pytest.approx(0.02)
+    assert bench.abs_flux_error(0.97 * true, true) == pytest.approx(0.03)
+    err = np.full(true.size, 4.0)
+    f = true + err * rng.standard_normal(true.size)
+    assert bench.p2p_over_err(f, true, err) == pytest.approx(1.0, abs=0.05)
+    assert bench.p2p_over_err(f, true, err / 2) == pytest.approx(2.0, abs=0.1)
+
+
+def test_template_snr_recovers_a_box_dip():
+    rng = np.random.default_rng(4)
+    t = _time(1000)
+    tmpl = np.where((t % 3.0) < 0.1, -0.01, 0.0)
+    noise = 1e-3
+    y = 0.8 * tmpl + noise * rng.standard_normal(t.size)
+    wins = bench.signal_windows(t, tmpl, 0.25)
+    c, s = bench.template_snr(t, y, tmpl, wins)
+    n_in = (tmpl != 0).sum()
+    assert s == pytest.approx(noise / (0.01 * np.sqrt(n_in)), rel=0.3)
+    assert abs(c - 0.8) < 4 * s
+    c0, s0 = bench.template_snr(t, noise * rng.standard_normal(t.size), tmpl, wins)
+    assert abs(c0 / s0) < 4
+
+
+def test_aperture3x3_and_contamination():
+    nt, n = 5, 20
+    cube = np.full((nt, n, n), 10.0)
+    star = np.zeros((n, n))
+    star[7:10, 11:14] = [[1, 2, 1], [2, 8, 2], [1, 2, 1]]
+    cube += star * np.arange(1, nt + 1)[:, None, None]
+    f, e = bench.aperture3x3(cube, np.ones_like(cube), [8.2, 0.0], [11.8, 5.0])
+    np.testing.assert_allclose(f[0], 20.0 * np.arange(1, nt + 1))  # sky 10/px removed exactly
+    np.testing.assert_allclose(e[0], 3.0)
+    assert np.isnan(f[1]).all()  # too close to the edge
+    cont = bench.aperture_contamination(
+        np.array([5.0, 5.0, 30.0]), np.array([5.0, 5.0, 30.0]), np.array([1.0, 2.0, 1.0])
+    )
+    np.testing.assert_allclose(cont, [2.0, 0.5, 0.0])
+
+
+def test_summary_and_targets_on_constructed_scenes():
+    """Two constructed scenes: per-scene medians, their median over scenes, ratios and a PASS/FAIL."""
+    scenes = []
+    for k, (lfd, ap3) in enumerate(((100.0, 150.0), (200.0, 220.0))):
+        stars = [
+            {
+                "G": 14.0,
+                "lfd_cdpp_own": lfd,
+                "lfd_cdpp_true": lfd,
+                "lfd_white_cdpp": lfd,
+                "lfd_p2p": 1.0,
+                "lfd_abs_err": 0.005,
+                "ap3_cdpp_own": ap3,
+                "ap3_cdpp_true": ap3,
+                "ap3_p2p": 1.0,
+            }
+        ]
+        scenes.append({"seed": k, "stars": stars, "errors": {}, "counts": {"n_lc": 10}, "n_cadences": 100})
+    s = bench.summarize(scenes)
+    b = s["bins"]["13-15"]
+    assert b["n_stars"] == 2 and b["lfd_cdpp_true"][0] == pytest.approx(150.0)
+    assert b["ap3_over_lfd_true"][0] == pytest.approx(0.5 * (1.5 + 1.1))
+    res = {name[:3].strip(): ok for name, ok, _ in bench.targets(s)}
+    assert res["T1"] == "PASS" and res["T3"] == "PASS" and res["T7"] == "PASS"
