@@ -11,9 +11,11 @@ from conftest import REPO
 PKG = REPO / "workflow_lib"
 
 #: rank of each layer: a module may import modules of a lower or equal rank (equal only inside its own subpackage)
-RANK = {"core": 0, "data": 1, "metrics": 2, "lfd": 3, "cpm": 3, "survey": 4, "report": 5, "steps": 6}
+RANK = {"core": 0, "data": 1, "metrics": 2, "lfd": 3, "cpm": 3, "survey": 4, "deblend": 4, "report": 5, "steps": 6}
+#: deblend (rank 4, beside survey): combines the two methods (LFD neighbour models, CPM de-trending), so it sits
+#: above both and below report, which shows its product; it does not import survey, nor survey it
 #: inside lfd: the order of the LFD stages (a module imports only those before it)
-LFD_ORDER = ["bspline", "geometry", "linsys", "edge", "prf", "motion", "solve", "io", "diagnostics", "plots"]
+LFD_ORDER = ["bspline", "geometry", "linsys", "edge", "prf", "motion", "solve", "io", "scene", "diagnostics", "plots"]
 
 
 def layer(module: str) -> str:

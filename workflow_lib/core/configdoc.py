@@ -25,6 +25,7 @@ SECTIONS = [
     ("gaia", "Gaia crossmatch (`gaia`, per field `fields.<name>.gaia`)"),
     ("lfd", "Linearized Field Deblending (`lfd`): Hedges & Martínez-Palomera 2021"),
     ("cpm", "Causal Pixel Model (`cpm`): Hattori et al. 2022"),
+    ("deblend", "Deblended, de-trended light curves (`deblend`): LFD neighbour subtraction + CPM"),
     ("report", "Reports (`report`)"),
     ("resources", "Resources (`resources`)"),
     ("survey", "Survey mode (`survey`): whole CCDs from FFIs, tiled and merged"),

@@ -410,6 +410,208 @@ def _heldout(Xt, L, y, k, lam, *, G=None, b=None):
     return m_sys.ravel(), m_poly.ravel(), m_off.ravel()
 
 
+def _heldout_multi(Xt, L, Y, k, lam, *, G=None):
+    """:func:`_heldout` for several target series of one pixel that share its design matrix: ``Y``
+    (k*n_max, r) in the section-padded layout.  Returns ``(m_sys, m_poly)``, each (k*n_max, r).
+
+    Everything that depends on the design only is computed once and shared by the r right-hand
+    sides: the Cholesky factor ``A = X*^T X* + Λ = C C^T`` (eqs. 7-8), ``Q = X* C^-T``, the blocks
+    ``H_jj = Q_j Q_j^T``, ``D = E_T^T A^-1 X*^T`` and one LU factorisation of each ``I - H_jj``.  Per
+    right-hand side y the cost is that of a ridge solve: ``w = A^-1 X*^T y``, ``r = y - X* w`` and the
+    Woodbury update of the module doc, column by column::
+
+        m_sys,j  = X_j^L w^L - (H_jj - T_j D_j) (I - H_jj)^-1 r_j
+        m_poly,j = T_j^P (w^P - D_j^P (I - H_jj)^-1 r_j)
+
+    The held-out prediction is linear in y for fixed predictors, so this equals r separate runs of
+    :func:`_heldout` (``tests/test_deblend_detrend.py``)."""
+    m, N = Xt.shape
+    n_max = N // k
+    q = m - L
+    Y = np.asarray(Y, dtype=np.float64).reshape(N, -1)
+    r_ = Y.shape[1]
+    if G is None:
+        G = Xt @ Xt.T
+    A = G + np.diag(lam)
+    try:
+        C = np.linalg.cholesky(A)
+    except np.linalg.LinAlgError as exc:
+        raise np.linalg.LinAlgError(
+            "CPM normal matrix X^T X + Λ is not positive definite (collinear predictors with lambda_L = 0?); "
+            "use lambda_L > 0"
+        ) from exc
+    W = sla.cho_solve((C, True), Xt @ Y, check_finite=False)  # (m, r) full-data coefficients, eq. 7
+    R = Y - Xt.T @ W  # full-data residuals (0 at the pads)
+    Q = dtrsm(1.0, C, Xt.T, side=1, lower=1, trans_a=1)
+    Qt3 = Q.T.reshape(m, k, n_max)
+    H = np.matmul(Qt3.transpose(1, 2, 0), Qt3.transpose(1, 0, 2))  # (k, n_max, n_max)
+    Et = np.zeros((m, q))
+    Et[L:, :] = np.eye(q)
+    D3 = (sla.cho_solve((C, True), Et, check_finite=False).T @ Xt).reshape(q, k, n_max)
+    M = np.eye(n_max)[None] - H
+    Z = np.linalg.solve(M, R.reshape(k, n_max, r_))  # (I - H_jj)^-1 r_j, one LU per section for all r
+    dW = np.einsum("qki,kir->kqr", D3, Z)  # w_T - w_T(-j) per section and right-hand side
+    Tk = Xt[L:].reshape(q, k, n_max)
+    sys_full = (Xt[:L].T @ W[:L]).reshape(k, n_max, r_)
+    m_sys = sys_full - H @ Z + np.einsum("qki,kqr->kir", Tk, dW)
+    poly_full = (Xt[L:-1].T @ W[L:-1]).reshape(k, n_max, r_)
+    m_poly = poly_full - np.einsum("qki,kqr->kir", Tk[:-1], dW[:, :-1])
+    return m_sys.reshape(N, r_), m_poly.reshape(N, r_)
+
+
+def _design(p, idx, ystarT, Tt, params, gram, gramT, TT):
+    """Transposed design ``[X_L | T]^T`` of target pixel ``p`` with predictors ``idx`` in the padded
+    layout, the diagonal of Λ and (with the shared Gram products) ``X^T X``, else None."""
+    L = idx.size
+    q = Tt.shape[0]
+    lam = regularisation_diag(L, params.poly_degree, params.lambda_L, params.lambda_P)
+    Xt = np.empty((L + q, ystarT.shape[1]))
+    np.take(ystarT, idx, axis=0, out=Xt[:L])
+    Xt[L:] = Tt
+    G = None
+    if gram is not None:
+        G = np.empty((L + q, L + q))
+        G[:L, :L] = gram[np.ix_(idx, idx)]
+        G[:L, L:] = gramT[idx]
+        G[L:, :L] = gramT[idx].T
+        G[L:, L:] = TT
+    return Xt, lam, G
+
+
+def _subtracted_chunk(targets, preds, counts, groups, ystarT, subT, Tt, k, params, gram, gramT, TT):
+    """Held-out CPM components of the model-subtracted series of a chunk of target pixels.
+
+    ``groups[i]`` are the columns of ``subT`` (series, padded time: the subtracted models divided
+    by the pixel's normalisation scale) that belong to pixel ``targets[i]``; each right-hand side
+    is ``y*_p - subT[j]``.  Returns (m_sys, m_poly), each (k*n_max, n columns of the chunk) in the
+    order of the concatenated groups."""
+    ncol = sum(len(g) for g in groups)
+    out_sys = np.empty((ystarT.shape[1], ncol))
+    out_poly = np.empty((ystarT.shape[1], ncol))
+    c0 = 0
+    for i, p in enumerate(targets):
+        cols = groups[i]
+        Xt, lam, G = _design(p, preds[i, : counts[i]], ystarT, Tt, params, gram, gramT, TT)
+        Y = ystarT[p][:, None] - subT[cols].T
+        s_, p_ = _heldout_multi(Xt, counts[i], Y, k, lam, G=G)
+        out_sys[:, c0 : c0 + len(cols)] = s_
+        out_poly[:, c0 : c0 + len(cols)] = p_
+        c0 += len(cols)
+    return out_sys, out_poly
+
+
+def cpm_detrend_subtracted(
+    flux,
+    quality,
+    time,
+    rows,
+    cols,
+    params: CPMParams,
+    subtract,
+    pixel,
+    *,
+    mission="TESS",
+    threads: int = 1,
+    name="cube",
+):
+    """CPM de-trending of pixels from which a model series was subtracted, several series per pixel.
+
+    Column ``j`` of ``subtract`` (ntime, nseries) [e-/s] is subtracted from pixel ``pixel[j]`` of
+    ``flux`` (ntime, npix) and the result is de-trended with the CPM of :func:`cpm_detrend_pixels`
+    whose pre-processing (QUALITY mask, background, median, normalisation scale s) and predictor
+    pixels (§3.3.2) come from the *unmodified* cube.  With ``y*_j = (f_p - b - median_p - g_j) / s_p``
+    (``g_j`` = column j), every series of pixel p shares the design matrix ``X*`` of p (eq. 7), so
+    its Cholesky factor and the Woodbury blocks are computed once per pixel (:func:`_heldout_multi`).
+    The result follows the flux convention of the module doc for the subtracted pixel::
+
+        F_j = f_p - g_j - b - s_p m_sys(y*_j)      [- s_p m_poly(y*_j) if remove_poly]
+
+    Since the held-out prediction is linear in the target series, ``F_j = F_cpm,p - g_j +
+    s_p m_sys(g_j / s_p)``: the CPM of the subtracted pixel is the CPM of the pixel minus the
+    de-trended model.  The intercept is not regularised (Λ_00 = 0, eq. 8), so a constant in y* is
+    fitted exactly by it and ``s_p`` / the median drop out of F_j: the normalisation of the
+    unmodified pixel is exact, not an approximation.
+
+    Returns a dict: ``flux``, ``systematics``, ``polynomial`` (ntime, nseries) [e-/s] (NaN at
+    dropped cadences, at cadences where the pixel is NaN, and for pixels the CPM does not model),
+    ``keep``, ``valid`` (per pixel), ``k``.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    subtract = np.asarray(subtract, dtype=np.float64)
+    pixel = np.asarray(pixel, dtype=np.int64)
+    ntime, npix = flux.shape
+    if subtract.shape != (ntime, pixel.size):
+        raise ValueError(f"{name}: subtract must be (ntime, nseries) = ({ntime}, {pixel.size}), got {subtract.shape}")
+    if pixel.size and (pixel.min() < 0 or pixel.max() >= npix):
+        raise ValueError(f"{name}: series pixel indices must lie in [0, {npix})")
+    if ntime < 2:
+        raise CubeError(f"{name}: has {ntime} cadence(s); CPM train-and-test needs at least 2")
+    prep = preprocess(flux, quality, time, params, mission=mission, name=name)
+    n = prep.ystar.shape[0]
+    k = effective_k(params, prep.time, n)
+    sec = section_index(n, k)
+    T = poly_basis(prep.time, params.poly_degree)
+    real, ystarT, Tt = _padded_layout(prep.ystar, T, sec)
+    sub = np.nan_to_num(subtract[prep.keep]) / prep.scale[pixel][None, :]
+    subT = np.zeros((pixel.size, sec.size))
+    subT[:, real] = sub.T
+    gram = gramT = None
+    TT = T.T @ T
+    if npix <= params.gram_max_pixels:
+        gram = ystarT @ ystarT.T
+        gramT = prep.ystar.T @ T
+    # the pixels to model: those of the series that the CPM models (valid), in pixel order
+    modelled = prep.valid[pixel]
+    targets = np.unique(pixel[modelled])
+    preds_all, counts_all = select_predictors(
+        rows, cols, prep.median, prep.valid, targets, params, ystar=prep.ystar, gram=gram
+    )
+    prep.ystar = None
+    if targets.size:
+        _check_modelable(section_problem(params, prep.time, n), counts_all, targets.size, npix, params, name)
+    order = np.argsort(pixel, kind="stable")
+    order = order[modelled[order]]
+    bounds = np.searchsorted(pixel[order], targets, side="left"), np.searchsorted(pixel[order], targets, "right")
+    groups = [order[a:b] for a, b in zip(*bounds)]
+    chunk = max(1, params.chunk_pixels)
+    chunks = [np.arange(s, min(s + chunk, targets.size)) for s in range(0, targets.size, chunk)]
+    log.info(
+        "CPM of model-subtracted pixels: %d series on %d pixels, %d cadences kept of %d, k=%d",
+        int(modelled.sum()),
+        targets.size,
+        n,
+        ntime,
+        k,
+    )
+    results = dask_map(
+        _subtracted_chunk,
+        [(targets[c], preds_all[c], counts_all[c], [groups[i] for i in c]) for c in chunks],
+        threads=threads,
+        scheduler=params.dask_scheduler,
+        shared=dict(ystarT=ystarT, subT=subT, Tt=Tt, k=k, params=params, gram=gram, gramT=gramT, TT=TT),
+    )
+    m_sys = np.full((n, pixel.size), np.nan)
+    m_poly = np.full((n, pixel.size), np.nan)
+    for c, (s_, p_) in zip(chunks, results):
+        colidx = np.concatenate([groups[i] for i in c])
+        m_sys[:, colidx] = s_[real]
+        m_poly[:, colidx] = p_[real]
+    scale = prep.scale[pixel]
+    sys_flux = m_sys * scale
+    poly_flux = m_poly * scale
+    det = flux[prep.keep][:, pixel] - np.nan_to_num(subtract[prep.keep]) - prep.background[:, None] - sys_flux
+    if params.remove_poly:
+        det = det - poly_flux
+    det[~prep.finite[:, pixel]] = np.nan
+    det[:, ~modelled] = np.nan
+    out = {"keep": prep.keep, "valid": prep.valid, "k": k}
+    for key, arr in (("flux", det), ("systematics", sys_flux), ("polynomial", poly_flux)):
+        full = np.full((ntime, pixel.size), np.nan)
+        full[prep.keep] = arr
+        out[key] = full
+    return out
+
+
 def _detrend_chunk(targets, preds, counts, ystarT, Tt, k, params, gram, gramT, TT):
     """CPM components for a chunk of target pixels, section-padded layout (see :func:`_heldout`).
 

@@ -11,7 +11,8 @@ A light-curve set (LFD, CPM aperture, raw aperture) is stored as zarr with::
     attrs     method, mission, sector/quarter, camera/ccd/channel, time_system, provenance
 
 ``write_lightcurve_fits`` writes one FITS file per source that ``lightkurve.read`` opens
-(TIME/FLUX/FLUX_ERR/QUALITY columns with units, TELESCOP/MISSION/OBJECT keywords).
+(TIME/FLUX/FLUX_ERR/QUALITY columns with units, TELESCOP/MISSION/OBJECT keywords; any further
+``(source, time)`` variable of the set as one more column, e.g. LFD_FLUX of the deblended product).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
         fits.Column(name="FLUX_ERR", format="E", unit="e-/s", array=lc["flux_err"].values[index].astype(np.float32)),
         fits.Column(name="QUALITY", format="J", array=lc["quality"].values.astype(np.int32)),
     ]
+    cols += _extra_columns(lc, index)
     table = fits.BinTableHDU.from_columns(cols, name="LIGHTCURVE")
     th = table.header
     th["TIMEREF"] = ("SOLARSYSTEM", "barycentric correction applied to times")
@@ -134,6 +136,20 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     th["TELAPSE"] = float(np.nanmax(lc["time"].values) - np.nanmin(lc["time"].values)) if lc.sizes["time"] else 0.0
     th["OBJECT"] = h["OBJECT"]
     return fits.HDUList([primary, table])
+
+
+def _extra_columns(lc: xr.Dataset, index: int) -> list:
+    """Further ``(source, time)`` variables of the set (e.g. the reference sets of the deblended product,
+    ``lfd_flux``), one FITS column each, named in upper case (``LFD_FLUX``), units from their attrs."""
+    out = []
+    for name in lc.data_vars:
+        v = lc[name]
+        if name in ("flux", "flux_err") or set(v.dims) != {"source", "time"}:
+            continue
+        arr = np.asarray(v.transpose("source", "time").values[index], dtype=np.float32)
+        unit = "e-/s" if v.attrs.get("units") == "electron / s" else v.attrs.get("units")
+        out.append(fits.Column(name=str(name).upper(), format="E", unit=unit, array=arr))
+    return out
 
 
 def _config_hash(prov: str) -> str:

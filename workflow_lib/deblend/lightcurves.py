@@ -1,0 +1,178 @@
+"""Deblended, de-trended light curves: LFD neighbour subtraction + CPM de-trending of the target's aperture.
+
+Neither method alone gives both: LFD (Hedges & Martinez-Palomera 2021) deblends every source but is
+not de-trended, and the CPM aperture light curves (Hattori et al. 2022) are de-trended but sum the
+light of every star in the aperture. This product combines them per target source k (the idea of
+TGLC's calibrated aperture flux, Han & Brandt 2023, with the CPM as the de-trending):
+
+1. **Neighbour model** (LFD eq. 25, :func:`workflow_lib.lfd.scene.source_pixel_model`): at every pixel
+   p of k's aperture and every cadence, the LFD model of every *other* source,
+
+       n_pk(t) = sum_{s != k} S_ps M_ps(t) w_s(t) = total_p(t) - m_pk(t) ,
+
+   with the LFD light curves w_s(t) as written by the flux solve; the LFD sky terms are not
+   subtracted (the CPM models the background, §3.2).
+2. **CPM of the neighbour-subtracted pixels** (Hattori et al. §2-3, eqs. 7-8, train-and-test §2.3):
+   every pixel ``f_p - n_pk`` is de-trended with the CPM whose predictors, QUALITY mask,
+   background, median and scale come from the raw cube (:func:`workflow_lib.cpm.model.cpm_detrend_subtracted`).
+   The held-out prediction is linear in the target series, so
+   ``CPM(f_p - n_pk) = CPM(f_p) - n_pk + s_p m_sys(n_pk / s_p)``: all the series of a pixel (one per
+   target whose aperture holds it) share one factorisation of ``X^T X + Λ`` and the Woodbury blocks.
+3. **Aperture sum** over k's aperture (the CPM set's apertures, :func:`workflow_lib.cpm.apertures.source_apertures`):
+
+       F_k(t) = sum_{p in A_k} CPM(f_p - n_pk)(t) ,    sigma_k(t) = sqrt(sum_{p in A_k} sigma_p(t)^2) .
+
+   The error is the pixels' (as for the CPM aperture); the noise of the subtracted LFD fluxes is
+   not propagated.
+
+Apertures that are not catalog sources (user ``target_aperture``, source_id < 0) have no own LFD
+model: every source's model is subtracted from them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import xarray as xr
+
+from workflow_lib.core.logs import get_logger
+from workflow_lib.cpm.apertures import ApertureParams, source_apertures
+from workflow_lib.cpm.model import CPMParams, cpm_detrend_subtracted
+from workflow_lib.data.cube import as_pixel_table
+from workflow_lib.data.lightcurves import lightcurve_set
+from workflow_lib.lfd.scene import source_pixel_model
+
+log = get_logger("deblend")
+
+#: the ``method`` attribute (and FITS METHOD keyword) of the product
+METHOD = "LFD+CPM"
+#: light-curve sets carried along as extra (source, time) variables ``<name>_flux``, ``<name>_flux_err``
+REFERENCE_SETS = ("lfd", "cpm", "raw")
+
+
+def aperture_pairs(apertures, target_column):
+    """Flatten the apertures into (pixel, target) pairs: ``pixel``, ``aperture`` (index of the
+    aperture) and ``source`` (the target's column of the LFD scene matrix, -1 without one)."""
+    sizes = np.array([a.size for a in apertures], dtype=np.int64)
+    pixel = np.concatenate(apertures).astype(np.int64) if apertures else np.zeros(0, np.int64)
+    aperture = np.repeat(np.arange(len(apertures)), sizes)
+    source = np.asarray(target_column, np.int64)[aperture] if apertures else np.zeros(0, np.int64)
+    return pixel, aperture, source
+
+
+def neighbour_models(S, lfd_flux, pixel, source, *, motion_basis=None, motion_time=None):
+    """``n_pk(t)`` (ntime, npair): the LFD model of every source but ``source[j]`` at ``pixel[j]``
+    (step 1 of the module doc); ``source[j] = -1`` subtracts every source."""
+    total, own = source_pixel_model(
+        S, lfd_flux, motion_basis=motion_basis, motion_time=motion_time, pair_pixel=pixel, pair_source=source
+    )
+    return total[:, pixel] - own
+
+
+def deblended_lightcurves(
+    cube: xr.Dataset,
+    catalog,
+    S,
+    lfd_flux,
+    lfd_column_of_source: dict,
+    params: CPMParams,
+    ap: ApertureParams,
+    *,
+    motion_basis=None,
+    motion_time=None,
+    user_apertures=None,
+    threads: int = 1,
+    name: str = "cube",
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """The deblended, de-trended light-curve set (module doc) of every aperture of the CPM set.
+
+    ``S`` (npixel of ``as_pixel_table(cube, drop_nan=False)``, nsource) is the LFD scene matrix,
+    ``lfd_flux`` (nsource, ntime) the LFD fluxes of its columns, ``lfd_column_of_source`` maps a
+    Gaia source_id to its column of ``S``; ``motion_basis``/``motion_time`` the eq. 24 factors of
+    the LFD solve. Per-source extra coords: ``neighbour_flux`` (median over the kept cadences of the
+    subtracted neighbour light in the aperture [e-/s]) and ``neighbour_fraction`` (that over the
+    median of the deblended flux)."""
+    tab = as_pixel_table(cube, drop_nan=False)
+    flux = np.asarray(tab["flux"].transpose("time", "pixel").values, dtype=np.float64)
+    ferr = np.asarray(tab["flux_err"].transpose("time", "pixel").values, dtype=np.float64)
+    rows, cols = tab["row"].values, tab["column"].values
+    apertures, meta = source_apertures(catalog, rows, cols, ap, user_apertures=user_apertures, name=name)
+    target_col = [lfd_column_of_source.get(int(s), -1) if s >= 0 else -1 for s in meta["source_id"]]
+    pixel, aperture, source = aperture_pairs(apertures, target_col)
+    nb = neighbour_models(S, lfd_flux, pixel, source, motion_basis=motion_basis, motion_time=motion_time)
+    res = cpm_detrend_subtracted(
+        flux,
+        tab["quality"].values,
+        tab["time"].values,
+        rows,
+        cols,
+        params,
+        nb,
+        pixel,
+        mission=cube.attrs.get("mission", "TESS"),
+        threads=threads,
+        name=name,
+    )
+    ntime = flux.shape[0]
+    nap = len(apertures)
+    out = np.full((nap, ntime), np.nan)
+    err = np.full((nap, ntime), np.nan)
+    nbf = np.full(nap, np.nan)
+    valid = res["valid"][pixel]
+    keep = res["keep"]
+    for i in range(nap):
+        j = np.flatnonzero((aperture == i) & valid)
+        if j.size == 0:
+            continue
+        out[i] = res["flux"][:, j].sum(axis=1)
+        err[i] = np.sqrt((ferr[:, pixel[j]] ** 2).sum(axis=1))
+        nbf[i] = float(np.median(nb[keep][:, j].sum(axis=1))) if keep.any() else np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = nbf / np.nanmedian(np.where(keep[None, :], out, np.nan), axis=1) if ntime else nbf
+    meta = dict(meta)
+    meta["neighbour_flux"] = nbf
+    meta["neighbour_fraction"] = frac
+    a = {"aperture": json.dumps(asdict(ap)), "cpm_params": json.dumps(asdict(params), sort_keys=True)}
+    a.update(attrs or {})
+    log.info(
+        "deblended, de-trended light curves: %d apertures, %d (pixel, target) series, median neighbour fraction %.3f",
+        nap,
+        pixel.size,
+        float(np.nanmedian(frac)) if np.isfinite(frac).any() else np.nan,
+    )
+    return lightcurve_set(out, err, cube, meta, method=METHOD, attrs=a)
+
+
+def with_reference_sets(lc: xr.Dataset, sets: dict) -> xr.Dataset:
+    """``lc`` with the light curves of the same sources in other sets as extra variables
+    ``<name>_flux`` / ``<name>_flux_err`` (source, time), matched by source_id (user apertures by
+    name); NaN where a set lacks the source or a cadence. ``sets``: name -> light-curve set or None."""
+    out = lc.copy()
+    sids = np.asarray(lc["source_id"].values, np.int64)
+    names = lc["aperture_name"].values if "aperture_name" in lc.coords else sids.astype(str)
+    keys = [str(n) if s < 0 else str(s) for s, n in zip(sids, names)]
+    cad = np.asarray(lc["cadenceno"].values, np.int64)
+    for name, ref in sets.items():
+        if ref is None:
+            continue
+        rs = np.asarray(ref["source_id"].values, np.int64)
+        rn = ref["aperture_name"].values if "aperture_name" in ref.coords else rs.astype(str)
+        rpos = {(str(n) if s < 0 else str(s)): i for i, (s, n) in enumerate(zip(rs, rn))}
+        rcad = {int(c): i for i, c in enumerate(np.asarray(ref["cadenceno"].values, np.int64))}
+        ti = np.array([rcad.get(int(c), -1) for c in cad])
+        for var in ("flux", "flux_err"):
+            vals = np.asarray(ref[var].transpose("source", "time").values, np.float64)
+            arr = np.full((sids.size, cad.size), np.nan)
+            for i, k in enumerate(keys):
+                r = rpos.get(k)
+                if r is not None:
+                    arr[i, ti >= 0] = vals[r, ti[ti >= 0]]
+            out[f"{name}_{var}"] = (
+                ("source", "time"),
+                arr,
+                {"units": "electron / s", "long_name": f"{ref.attrs.get('method', name)} {var.replace('_', ' ')}"},
+            )
+    return out
