@@ -38,5 +38,5 @@ rule all:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
         lfd_outputs(),
         cpm_outputs(),
-        [f"{RESULTS}/report/index.html"] if FIELDS else [],
+        f"{RESULTS}/report/index.html",
         survey_outputs(),

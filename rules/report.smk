@@ -50,10 +50,13 @@ rule report_field:
 
 
 rule report_index:
-    """Run index: every field (thumbnail, counts, median CDPP), config, versions, rule benchmarks."""
+    """Run index: every field (thumbnail, counts, median CDPP) and survey CCD (link to its overview page,
+    counts, overlap figures, missing tiles), config, versions, rule benchmarks."""
     input:
         summaries=expand(f"{RESULTS}/report/{{field}}.json", field=FIELDS),
         pages=expand(f"{RESULTS}/report/{{field}}.html", field=FIELDS),
+        ccd_tables=expand(f"{RESULTS}/{{ccd}}/merged/sources.ecsv", ccd=CCDS),
+        ccd_pages=expand(f"{RESULTS}/report/{{ccd}}/index.html", ccd=CCDS),
     output:
         html=report(
             f"{RESULTS}/report/index.html",
@@ -74,7 +77,10 @@ rule report_index:
         config=json_arg(config),
         run=config["run"],
         bench_dir=f"{RESULTS}/benchmarks",
+        ccds=lambda w, input: " ".join(
+            shlex.quote(f"{c}={p}") for c, p in zip(CCDS, input.ccd_tables)
+        ),
     shell:
         "python -m workflow_lib.steps report-index --run {params.run:q}"
-        " --summaries {input.summaries:q} --out {output.html:q}"
+        " --summaries {input.summaries:q} --ccds {params.ccds} --out {output.html:q}"
         " --bench-dir {params.bench_dir:q} --params {params.config} --log {log:q}"

@@ -333,3 +333,33 @@ def test_merge_without_a_failed_tile(ccd, tmp_path):
         tile_pages=pages,
     ).read_text()
     assert '<td class="l st-missing">missing (lfd)</td>' in html
+
+
+def test_index_page_links_the_ccd_overview(ccd, tmp_path):
+    """report-index: a survey CCD's row links its overview page (<ccd>/index.html beside the index) with
+    its source count, measured sources per set and missing tiles (from merged/sources.ecsv)."""
+    from workflow_lib.report.page import write_index_report
+
+    sets = _truth_sets(ccd, seed=3, drop=("r0064c0064",))
+    paths = {}
+    for tid, s in sets.items():
+        paths[tid] = tmp_path / tid / "lightcurves.zarr"
+        s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    out = tmp_path / "s0001-4-2" / "merged"
+    merge_tiles_step(
+        paths,
+        ccd / "tiles.json",
+        ccd / "catalog.ecsv",
+        out / "lfd.zarr",
+        out / "lfd.ecsv",
+        "lfd",
+        params={"allow_missing_tiles": True},
+    )
+    table = survey_table_step({"lfd": out / "lfd.ecsv"}, out / "sources.ecsv")
+    html = write_index_report(
+        [], tmp_path / "report" / "index.html", run="x", ccds={"s0001-4-2": out / "sources.ecsv"}
+    ).read_text()
+    assert '<a class="ccd-page" href="s0001-4-2/index.html">s0001-4-2</a>' in html
+    n_measured = int((np.asarray(table["lfd_tile"]).astype(str) != "").sum())
+    assert f"<td>{len(table)}</td>" in html and f"lfd: {n_measured}" in html
+    assert "missing r0064c0064" in html and "1 survey CCD(s)" in html

@@ -663,8 +663,10 @@ def write_field_report(
     return summary
 
 
-def build_index_page(summaries: list[dict], config: dict | None, benchmarks: list[dict], run: str) -> str:
-    """HTML of the run's index page."""
+def build_index_page(
+    summaries: list[dict], config: dict | None, benchmarks: list[dict], run: str, ccds: list[dict] | None = None
+) -> str:
+    """HTML of the run's index page (``ccds``: :func:`ccd_summary` of every survey CCD)."""
     cfg_text = yaml.safe_dump(json.loads(json.dumps(config or {}, default=str)), sort_keys=True)
     total = sum(b["s"] or 0 for b in benchmarks)
     versions = dict(provenance.software_versions())
@@ -676,6 +678,7 @@ def build_index_page(summaries: list[dict], config: dict | None, benchmarks: lis
         .render(
             run=run,
             fields=sorted(summaries, key=lambda s: s["field"]),
+            ccds=sorted(ccds or [], key=lambda c: c["ccd"]),
             config_text=cfg_text,
             config_hash=provenance.config_hash(config or {}),
             versions=versions,
@@ -686,12 +689,42 @@ def build_index_page(summaries: list[dict], config: dict | None, benchmarks: lis
     )
 
 
-def write_index_report(summary_paths, out_html, *, config: dict | None = None, bench_dir=None, run: str = "") -> Path:
-    """Snakemake entry point: the index page from the field summaries and the benchmarks."""
+def ccd_summary(ccd: str, table_path) -> dict:
+    """One survey CCD on the index page: the link to its overview page (``<ccd>/index.html`` beside the
+    index, rules/survey.smk) and, from its per-CCD source table (``merged/sources.ecsv``), the number of
+    sources, per merged set the measured sources, overlap figure and missing tiles."""
+    from astropy.table import Table
+
+    t = Table.read(str(table_path), format="ascii.ecsv")
+    sets = [c[: -len("_tile")] for c in t.colnames if c.endswith("_tile") and c != "core_tile"]
+    meta = t.meta or {}
+    return {
+        "ccd": ccd,
+        "page": f"{ccd}/index.html",
+        "n_sources": len(t),
+        "n_tiles": int(np.unique(np.asarray(t["core_tile"]).astype(str)).size) if "core_tile" in t.colnames else None,
+        "sets": [
+            {
+                "name": s,
+                "n_measured": int((np.asarray(t[f"{s}_tile"]).astype(str) != "").sum()),
+                "overlap": (meta.get("overlap_consistency") or {}).get(s),
+                "missing_tiles": list((meta.get("missing_tiles") or {}).get(s) or []),
+            }
+            for s in sets
+        ],
+    }
+
+
+def write_index_report(
+    summary_paths, out_html, *, config: dict | None = None, bench_dir=None, run: str = "", ccds: dict | None = None
+) -> Path:
+    """Snakemake entry point: the index page from the field summaries, the survey CCDs' source tables
+    (``ccds``: CCD name -> ``merged/sources.ecsv``; each links its overview page) and the benchmarks."""
     summaries = [json.loads(Path(s).read_text()) for s in summary_paths]
+    ccd_rows = [ccd_summary(name, path) for name, path in (ccds or {}).items()]
     bench = read_benchmarks(bench_dir) if bench_dir and Path(bench_dir).is_dir() else []
-    log.info("index: %d fields, %d benchmark files", len(summaries), len(bench))
-    return write_text_atomic(build_index_page(summaries, config, bench, run), out_html)
+    log.info("index: %d fields, %d CCDs, %d benchmark files", len(summaries), len(ccd_rows), len(bench))
+    return write_text_atomic(build_index_page(summaries, config, bench, run, ccd_rows), out_html)
 
 
 # ------------------------------------------------------------------ reading pages back

@@ -189,8 +189,11 @@ def call_report_field(f, a, p):
 
 
 def call_report_index(f, a, p):
-    check_inputs(**{f"summaries {i}": x for i, x in enumerate(a.summaries)})
-    f(a.summaries, a.out, config=p, bench_dir=a.bench_dir, run=a.run)
+    ccds = name_paths(a.ccds, "--ccds")
+    check_inputs(
+        **{f"summaries {i}": x for i, x in enumerate(a.summaries)}, **{f"ccds {k}": v for k, v in ccds.items()}
+    )
+    f(a.summaries, a.out, config=p, bench_dir=a.bench_dir, run=a.run, ccds=ccds)
 
 
 def name_paths(items, option: str) -> dict:
@@ -336,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--field")
 
     sp = step("report-index", "the run's config (shown on the page)")
-    sp.add_argument("--summaries", nargs="+", required=True, metavar="PATH", help="field summary JSON files")
+    sp.add_argument("--summaries", nargs="*", default=[], metavar="PATH", help="field summary JSON files")
+    sp.add_argument(
+        "--ccds", nargs="*", default=[], metavar="CCD=TABLE", help="survey CCDs: each one's merged/sources.ecsv"
+    )
     req(sp, "--out")
     sp.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory of the run")
     sp.add_argument("--run", default="")
@@ -359,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     req(sp, "--catalog", "--grid", "--out")
     sp.add_argument("--tile", required=True, help="tile id, e.g. r0000c0064")
 
-    sp = step("survey-merge", "the `survey` settings (cdpp_hours, write_fits)")
+    sp = step("survey-merge", "the `survey` settings (cdpp_hours, write_fits, allow_missing_tiles)")
     sp.add_argument("--tiles", nargs="+", required=True, metavar="TILE=PATH", help="each tile's light-curve set")
     req(sp, "--grid", "--catalog", "--out", "--table")
     sp.add_argument("--set", required=True, help="set name, the prefix of the table's columns (lfd, cpm_default)")
