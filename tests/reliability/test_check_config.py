@@ -85,8 +85,19 @@ def test_ccds_is_a_known_section():
     check_config({"ccds": {"ccd1": {"source": "synthetic_ffi"}}})  # survey mode: no fields needed
 
 
-def test_wrong_types_are_left_to_the_schema_validation():
-    check_config({"fields": {"a": "not a mapping"}, "cpm": "nope"})
+@pytest.mark.parametrize(
+    "config, line",
+    [
+        ({"fields": {"a": "not a mapping"}}, r"^config: fields\.a: 'not a mapping' is not of type 'object'$"),
+        ({"fields": {"a": {"source": "synthetic"}}, "cpm": {"k": "many"}}, r"^config: cpm\.k: 'many' is not of type"),
+        ({"fields": {"a": {"source": "synthetic"}}, "cpm": {"k": 1}}, r"^config: cpm\.k: 1 is less than the minimum"),
+        ({"fields": {"a": {"source": "nowhere"}}}, r"^config: fields\.a\.source: 'nowhere' is not one of"),
+        ({"fields": {"a": {}}}, r"^config: fields\.a: 'source' is a required property$"),
+    ],
+)
+def test_wrong_types_name_the_key_in_one_line(config, line):
+    with pytest.raises(ConfigError, match=line):
+        check_config(config)
 
 
 def test_paramset_names_agree_with_cpm():

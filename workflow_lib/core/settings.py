@@ -34,21 +34,25 @@ def _resolve(node: dict, schema: dict) -> dict:
     return node
 
 
+def section_schema(section: str) -> dict:
+    """The schema node of one section by dotted path (``"cpm"``, ``"lfd.prf"``, ``"$defs.synthetic"``), resolved."""
+    schema = load_schema()
+    node = schema
+    parts = section.split(".")
+    if parts[0] == "$defs":
+        node, parts = schema["$defs"][parts[1]], parts[2:]
+    for part in parts:
+        node = _resolve(node, schema)
+        node = node["properties"][part]
+    return _resolve(node, schema)
+
+
 def schema_defaults(section: str) -> dict:
     """The defaults of one object of the schema, by dotted path: ``"lfd.edge"``, ``"cpm"``, ``"report"``,
     or a nested object as ``"cpm.aperture"``, or a ``$defs`` entry as ``"$defs.synthetic"``. Nested objects are not expanded (a key whose schema is an
     object without a default is left out). The schema is the only place a default is written down."""
     schema = load_schema()
-    node = schema
-    parts = section.split(".")
-    if parts[0] == "$defs":
-        node, parts = schema["$defs"], parts[1:]
-        node = node[parts[0]]
-        parts = parts[1:]
-    for part in parts:
-        node = _resolve(node, schema)
-        node = node["properties"][part]
-    node = _resolve(node, schema)
+    node = section_schema(section)
     props = node.get("properties", {})
     resolved = {k: _resolve(v, schema) for k, v in props.items()}
     # a deep copy: callers may change a list default without touching the cached schema
@@ -92,8 +96,9 @@ def _closest(word: str, choices, prefix: str = "") -> str:
     return f"valid: {shown}" if choices else "no keys are allowed here"
 
 
-def _check_keys(value, node: dict, path: str, schema: dict, extra_known=()) -> None:
-    """Unknown keys of ``value`` (a config mapping) against schema ``node``, recursively."""
+def _check_keys(value, node: dict, path: str, schema: dict, extra_known=(), what: str = "config") -> None:
+    """Unknown keys of ``value`` (a config mapping) against schema ``node``, recursively; the
+    :class:`ConfigError` starts with ``what`` (where the settings came from)."""
     node = _resolve(node, schema)
     if not isinstance(value, dict):
         return  # a wrong type: snakemake's validate names it
@@ -102,12 +107,12 @@ def _check_keys(value, node: dict, path: str, schema: dict, extra_known=()) -> N
     for key, sub in value.items():
         where = f"{path}.{key}" if path else str(key)
         if key in props:
-            _check_keys(sub, props[key], where, schema)
+            _check_keys(sub, props[key], where, schema, what=what)
         elif isinstance(extra, dict):
-            _check_keys(sub, extra, where, schema)
+            _check_keys(sub, extra, where, schema, what=what)
         elif extra is False and key not in extra_known:
             known = list(props) + list(extra_known)
-            raise ConfigError(f"config: unknown key {where!r}; {_closest(key, known, f'{path}.' if path else '')}")
+            raise ConfigError(f"{what}: unknown key {where!r}; {_closest(key, known, f'{path}.' if path else '')}")
 
 
 def _check_channel_field(name: str, spec: dict) -> None:
@@ -161,7 +166,8 @@ def check_config(config) -> None:
     * no ``fields`` (and no ``ccds``) section;
     * ``report.cpm_paramset`` that is not ``default`` or one of ``lambda_L_<v>`` of ``cpm.sweep_lambda_L``;
     * a ``cpm.stitch`` group naming a field that is not configured;
-    * a Kepler/K2 channel field (``mast.channel`` / ``local.channel``) that lacks what it needs.
+    * a Kepler/K2 channel field (``mast.channel`` / ``local.channel``) that lacks what it needs;
+    * a value of the wrong type, out of range or not matching its pattern (the dotted key and the value).
     """
     schema = load_schema()
     if not isinstance(config, dict):
@@ -196,3 +202,31 @@ def check_config(config) -> None:
                     raise ConfigError(
                         f"config: cpm.stitch.{group} names {m!r}, which is not a configured field; {_closest(m, names)}"
                     )
+    _check_values(config, schema, "config")  # types, ranges, patterns: the dotted key in one line
+
+
+def _check_values(value, node: dict, what: str, section: str = "") -> None:
+    """The schema's type / range / pattern error of ``value`` nearest the root, as one :class:`ConfigError`
+    line naming the dotted key and the value (unknown keys are :func:`_check_keys`' job)."""
+    import jsonschema
+
+    schema = load_schema()
+    node = {k: v for k, v in node.items() if k not in ("required", "additionalProperties", "default")}
+    validator = jsonschema.Draft202012Validator({**node, "$defs": schema["$defs"]})
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is not None:
+        where = ".".join([p for p in (section, *(str(x) for x in error.absolute_path)) if p])
+        raise ConfigError(f"{what}: {where or 'top level'}: {error.message}")
+
+
+def check_section(params, section: str, what: str = "--params", extra_known=()) -> None:
+    """Refuse, in one line, settings of one schema section (a step's ``--params``) that the schema
+    rejects: an unknown key (with its nearest valid spelling) or a wrong type / out-of-range value
+    (the dotted key, the value and the rule it breaks). ``extra_known`` are keys accepted besides the
+    section's own (a field's keys merged over the run-wide ones)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{what}: the {section} settings must be a mapping, got {type(params).__name__}")
+    schema = load_schema()
+    node = section_schema(section)
+    _check_keys(params, node, section, schema, extra_known=extra_known, what=what)
+    _check_values(params, node, what, section)

@@ -239,6 +239,25 @@ _FORMATS = {
 }
 
 
+def read_field_catalog(path, required=("source_id", "column", "row")) -> Table:
+    """A field's crossmatched ``catalog.ecsv`` (written by :func:`crossmatch_field`, docs/DATA_MODEL.md), or a
+    :class:`GaiaError` naming the file: not found, not ECSV, or lacking a ``required`` column."""
+    path = Path(path)
+    if not path.is_file():
+        raise GaiaError(f"{path}: catalog file not found")
+    try:
+        table = Table.read(path, format="ascii.ecsv")
+    except Exception as exc:  # astropy raises many kinds
+        raise GaiaError(
+            f"{path}: not a readable ECSV catalog ({type(exc).__name__}: {exc}); expected the catalog.ecsv "
+            "written by the gaia-crossmatch step"
+        ) from exc
+    missing = [c for c in required if c not in table.colnames]
+    if missing:
+        raise GaiaError(f"{path}: catalog lacks column(s) {missing}; expected the gaia-crossmatch step's catalog.ecsv")
+    return table
+
+
 def read_catalog(path) -> Table:
     """Read a local catalog (ECSV, CSV, FITS or VOTable, Gaia DR3 column names) and normalise it.
 
@@ -569,10 +588,17 @@ def crossmatch(
     bad = ~np.isfinite(gmag)
     if bad.any():
         log.warning("%d catalog source(s) without a G magnitude dropped", int(bad.sum()))
+    n_read = len(cat)
     cat = cat[~bad & (gmag <= mag_limit)]
     tmid = cube_mid_time(cube)
     cat = propagate_to_epoch(cat, tmid)
     cat = sky_to_pixel(cat, cube)
+    if not np.any(np.asarray(cat["on_cutout"], dtype=bool)):
+        raise GaiaError(
+            f"{name}: none of its {n_read} sources ({len(cat)} with G <= {mag_limit:g}) falls on the cube's pixels: "
+            "a catalog of another part of the sky, or a cube whose WCS is wrong (check RA/Dec against the cube's "
+            "header)"
+        )
     keep = _float_values(cat["edge_distance"]) <= margin_pixels
     cat = cat[keep]
     cat["expected_flux"] = mag_to_flux(_float_values(cat["phot_g_mean_mag"]), mission) * u.electron / u.s

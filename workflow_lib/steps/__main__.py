@@ -50,6 +50,27 @@ STEPS = {
 }
 
 
+#: the schema section a step's ``--params`` are checked against (unknown keys, types, ranges), and keys
+#: it accepts besides that section's own: a field's keys merged over the run-wide ones (rules/common.smk
+#: field_params). Steps not listed take small ad-hoc settings checked by the step itself.
+PARAM_SECTIONS = {
+    "download-synthetic": ("$defs.synthetic", ()),
+    "download-local": ("$defs.local", ()),
+    "download-mast": ("$defs.mast", ()),
+    "gaia-crossmatch": ("gaia", ("catalog",)),
+    "edge-model": ("lfd.edge", ()),
+    "prf-model": ("lfd.prf", ()),
+    "motion-model": ("lfd.motion", ()),
+    "flux-solve": ("lfd.solve", ()),
+    "cpm-detrend": ("cpm", ()),
+    "report-field": ("report", ()),
+    "survey-synthetic": ("survey.synthetic", ()),
+    "survey-ingest": ("survey.ingest", ()),
+    "survey-tiles": ("survey", ()),
+    "survey-split-catalog": ("survey", ()),
+}
+
+
 def store(path: str | None) -> str | None:
     """A zarr store given as its directory or as its ``zarr.json`` -> the directory."""
     if path is None:
@@ -77,6 +98,11 @@ def load_params(args) -> dict:
         params.update(json_arg(args.params, "--params"))
     if not isinstance(params, dict):
         raise ValueError("--params: a JSON object is expected")
+    if args.step in PARAM_SECTIONS:
+        from workflow_lib.core.settings import check_section
+
+        section, extra = PARAM_SECTIONS[args.step]
+        check_section(params, section, "--params-file/--params" if args.params_file else "--params", extra)
     return params
 
 

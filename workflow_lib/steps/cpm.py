@@ -14,7 +14,7 @@ from workflow_lib.core.quality import HARD_BITMASK
 from workflow_lib.cpm.apertures import ApertureParams, aperture_lightcurves
 from workflow_lib.cpm.model import CPMWarning, cpm_detrend_cube, paramset_params
 from workflow_lib.cpm.stitch import stitch_sectors
-from workflow_lib.data.cube import CubeError, open_cube, write_zarr_atomic
+from workflow_lib.data.cube import open_cube, write_zarr_atomic
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
 from workflow_lib.metrics import add_cdpp
 
@@ -22,14 +22,9 @@ log = get_logger("cpm")
 
 
 def _read_catalog(path):
-    from astropy.table import Table
+    from workflow_lib.data.gaia import read_field_catalog
 
-    if path is None:
-        return None
-    try:
-        return Table.read(path, format="ascii.ecsv")
-    except Exception as exc:  # astropy raises many kinds
-        raise CubeError(f"{path}: not a readable ECSV catalog ({exc})") from exc
+    return None if path is None else read_field_catalog(path)
 
 
 def write_fits_dir(sets, fits_dir) -> Path:

@@ -13,6 +13,7 @@ from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
 from workflow_lib.data.fits_reader import validate_for_modelling
+from workflow_lib.data.gaia import read_field_catalog
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
 from workflow_lib.lfd.diagnostics import lfd_diagnostics, pack_diagnostics
 from workflow_lib.lfd.edge import a_priori_flux, edge_params, fit_edge_to_frame, mean_frame
@@ -42,13 +43,12 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     the per-source ``source_id``/``edge_radius``, a ``summary`` (numbers of pixels, sources,
     uncontaminated pixels) and ``provenance``.
     """
-    from astropy.table import Table
 
     p = edge_params(params)
     cube = open_cube(cube_path)
     validate_for_modelling(cube, str(cube_path))
     table = as_pixel_table(cube.load())
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    catalog = read_field_catalog(catalog_path)
     if len(catalog) == 0:
         raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
     mean_flux, _ = mean_frame(table)
@@ -105,12 +105,11 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
 
 def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params: dict | None = None) -> PRFModel:
     """Snakemake step: fit the §4.3-4.4 PRF model of a field; write the model (.npz) and a picture (.png) atomically."""
-    from astropy.table import Table
 
     p = prf_params(params)
     cube = open_cube(cube_path)
     table = as_pixel_table(cube.load())
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    catalog = read_field_catalog(catalog_path)
     if len(catalog) == 0:
         raise ValueError(f"{catalog_path}: catalog has no sources; LFD needs at least one")
     edge = load_edge_model(edge_json)
@@ -176,12 +175,11 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     Sources are those of the catalog; the ones the PRF step removed (negative mean flux, §4.4)
     are left out of the model (``active`` False). Returns a dict.
     """
-    from astropy.table import Table
 
     cube = open_cube(cube_path)
     table = as_pixel_table(cube, drop_nan=False)
     try:
-        catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+        catalog = read_field_catalog(catalog_path)
     except Exception as exc:
         raise SolveError(f"{catalog_path}: cannot read the catalog ({exc})") from exc
     try:

@@ -23,6 +23,7 @@ from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.data.cube import CubeError, open_cube, write_zarr_atomic
 from workflow_lib.data.ffi import ingest_ffis
+from workflow_lib.data.gaia import read_field_catalog
 from workflow_lib.data.lightcurves import write_lightcurve_fits
 from workflow_lib.data.synthetic_ffi import write_synthetic_ffis
 from workflow_lib.data.tiles import cut_tile, find_tile, grid_for_cube, split_catalog
@@ -144,7 +145,7 @@ def split_catalog_step(catalog_path, grid_json, tile_id: str, out_catalog, reach
     -> ``out_catalog`` (ECSV, atomic): the ``catalog.ecsv`` of a field.  ``reach``: ``survey.catalog_reach``."""
     grid = read_grid(grid_json)
     tile = find_tile(grid, tile_id)
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    catalog = read_field_catalog(catalog_path)
     out = split_catalog(catalog, tile, reach)
     out.meta["provenance"] = provenance("survey_tile_catalog", [str(catalog_path), str(grid_json)], {"tile": tile_id})
     _write_table(out, out_catalog)
@@ -186,7 +187,7 @@ def merge_tiles_step(
             f"{len(missing)} tiles of {grid_json} have no light curves ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}); set survey.allow_missing_tiles to merge without them"
         )
-    catalog = Table.read(str(catalog_path), format="ascii.ecsv")
+    catalog = read_field_catalog(catalog_path)
     sets = {}
     for tid, path in sorted(lightcurve_paths.items()):
         try:
