@@ -25,6 +25,19 @@ TGLC's calibrated aperture flux, Han & Brandt 2023, with the CPM as the de-trend
    The error is the pixels' (as for the CPM aperture); the noise of the subtracted LFD fluxes is
    not propagated.
 
+Two choices beyond that, both switchable (``deblend`` config section):
+
+* **sky** (``subtract_background``): the LFD sky ``B b_t`` (eq. 25's background terms,
+  :func:`workflow_lib.lfd.scene.sky_pixel_model`) is subtracted with the neighbours, so that the aperture
+  holds the target's light only and relative signals (transit depths, amplitudes) are not diluted by the
+  sky level (the CPM removes the sky's *variations*, not its level, and its aperture keeps it);
+* **faint neighbours** (``faint_neighbour_snr``, ``faint_neighbour_window_days``): subtracting a
+  neighbour's per-cadence LFD flux adds that flux's estimation noise to the target (a faint star half
+  inside the target's aperture makes the split of their summed light noisy). A neighbour whose median
+  per-cadence S/N ``median |w_s| / median sigma_s`` is below the threshold enters with its running
+  median over the window instead (:func:`denoised_neighbour_flux`): its slow variability is still
+  removed, its white noise (reduced by the square root of the window's cadences) is not added.
+
 Apertures that are not catalog sources (user ``target_aperture``, source_id < 0) have no own LFD
 model: every source's model is subtracted from them.
 """
@@ -32,6 +45,7 @@ model: every source's model is subtracted from them.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -62,6 +76,32 @@ def aperture_pairs(apertures, target_column):
     return pixel, aperture, source
 
 
+def denoised_neighbour_flux(time, flux, flux_err, *, min_snr: float, window_days: float):
+    """LFD fluxes (nsource, ntime) as the neighbour model uses them: sources whose median per-cadence
+    S/N ``median |w| / median sigma`` is below ``min_snr`` are replaced by their running median over
+    ``window_days`` (NaN-aware, in cadence order); the others are returned as they are. Returns
+    ``(flux, replaced)``."""
+    from scipy.ndimage import median_filter
+
+    flux = np.array(flux, dtype=np.float64)
+    err = np.asarray(flux_err, dtype=np.float64)
+    time = np.asarray(time, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snr = np.nanmedian(np.abs(flux), axis=1) / np.nanmedian(err, axis=1)
+    replaced = ~(snr >= min_snr) & np.isfinite(flux).any(axis=1) if min_snr > 0 else np.zeros(len(flux), bool)
+    if replaced.any():
+        dt = np.nanmedian(np.diff(time)) if time.size > 1 else 1.0
+        win = max(1, int(round(window_days / dt)) if np.isfinite(dt) and dt > 0 else 1) | 1
+        sub = flux[replaced]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(sub, axis=1, keepdims=True)
+        filled = np.where(np.isfinite(sub), sub, np.nan_to_num(med))
+        flux[replaced] = np.where(np.isfinite(sub), median_filter(filled, size=(1, win), mode="nearest"), np.nan)
+    return flux, replaced
+
+
 def neighbour_models(S, lfd_flux, pixel, source, *, motion_basis=None, motion_time=None):
     """``n_pk(t)`` (ntime, npair): the LFD model of every source but ``source[j]`` at ``pixel[j]``
     (step 1 of the module doc); ``source[j] = -1`` subtracts every source."""
@@ -82,6 +122,7 @@ def deblended_lightcurves(
     *,
     motion_basis=None,
     motion_time=None,
+    sky=None,
     user_apertures=None,
     threads: int = 1,
     name: str = "cube",
@@ -92,9 +133,9 @@ def deblended_lightcurves(
     ``S`` (npixel of ``as_pixel_table(cube, drop_nan=False)``, nsource) is the LFD scene matrix,
     ``lfd_flux`` (nsource, ntime) the LFD fluxes of its columns, ``lfd_column_of_source`` maps a
     Gaia source_id to its column of ``S``; ``motion_basis``/``motion_time`` the eq. 24 factors of
-    the LFD solve. Per-source extra coords: ``neighbour_flux`` (median over the kept cadences of the
-    subtracted neighbour light in the aperture [e-/s]) and ``neighbour_fraction`` (that over the
-    median of the deblended flux)."""
+    the LFD solve; ``sky`` (ntime, npixel) an optional sky model subtracted too (module doc). Per-source
+    extra coords: ``neighbour_flux`` (median over the kept cadences of the subtracted neighbour light in
+    the aperture [e-/s]) and ``neighbour_fraction`` (that over the median of the deblended flux)."""
     tab = as_pixel_table(cube, drop_nan=False)
     flux = np.asarray(tab["flux"].transpose("time", "pixel").values, dtype=np.float64)
     ferr = np.asarray(tab["flux_err"].transpose("time", "pixel").values, dtype=np.float64)
@@ -103,6 +144,7 @@ def deblended_lightcurves(
     target_col = [lfd_column_of_source.get(int(s), -1) if s >= 0 else -1 for s in meta["source_id"]]
     pixel, aperture, source = aperture_pairs(apertures, target_col)
     nb = neighbour_models(S, lfd_flux, pixel, source, motion_basis=motion_basis, motion_time=motion_time)
+    subtract = nb if sky is None else nb + np.asarray(sky, dtype=np.float64)[:, pixel]
     res = cpm_detrend_subtracted(
         flux,
         tab["quality"].values,
@@ -110,7 +152,7 @@ def deblended_lightcurves(
         rows,
         cols,
         params,
-        nb,
+        subtract,
         pixel,
         mission=cube.attrs.get("mission", "TESS"),
         threads=threads,
@@ -130,7 +172,8 @@ def deblended_lightcurves(
         out[i] = res["flux"][:, j].sum(axis=1)
         err[i] = np.sqrt((ferr[:, pixel[j]] ** 2).sum(axis=1))
         nbf[i] = float(np.median(nb[keep][:, j].sum(axis=1))) if keep.any() else np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: apertures without a modelled pixel
         frac = nbf / np.nanmedian(np.where(keep[None, :], out, np.nan), axis=1) if ntime else nbf
     meta = dict(meta)
     meta["neighbour_flux"] = nbf

@@ -12,7 +12,7 @@ LFD models the pixels of cadence t as (eq. 25, :mod:`workflow_lib.lfd.solve`)
     m_ps(t) = S_ps M_ps(t) w_s(t) ,
 
 and the sources' part of the model of pixel p is ``sum_s m_ps(t)`` (the background ``B b_t`` is not
-a source and is left out). :func:`source_pixel_model` evaluates both: the total over sources at
+a source and is left out; :func:`sky_pixel_model` evaluates it). :func:`source_pixel_model` evaluates both: the total over sources at
 every pixel and the single contributions at requested (pixel, source) pairs, from which the model
 of *every other* source at a pixel follows as ``total_p - m_ps`` (the neighbour model that the
 deblended, de-trended light curves subtract, :mod:`workflow_lib.deblend`).
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+from workflow_lib.lfd.geometry import background_design
 
 
 def pair_entries(S: sp.csr_matrix, pixel, source) -> np.ndarray:
@@ -103,3 +105,25 @@ def source_pixel_model(
         if want_pairs:
             pairs[t0:t1, has] = vals[ent[has]].T
     return total, (pairs if want_pairs else None)
+
+
+def background_order_of(n_terms: int) -> int:
+    """The polynomial order of a background design with ``n_terms`` columns ((o+1)(o+2)/2; 0 terms: -1)."""
+    for order in range(-1, 8):
+        if (order + 1) * (order + 2) // 2 == int(n_terms):
+            return order
+    raise ValueError(f"a background of {n_terms} terms is not a polynomial of any order")
+
+
+def sky_pixel_model(pixel_col, pixel_row, coefficients) -> np.ndarray:
+    """The LFD sky of every pixel at every cadence, ``B b_t`` of eq. 25 (ntime, npixel) [e-/s].
+
+    ``coefficients`` (nterm, ntime) are the per-cadence background weights of the flux solve (the
+    ``background`` variable of the LFD light-curve set), ``B`` the polynomial design in (column, row) of
+    :func:`workflow_lib.lfd.geometry.background_design` whose order follows from the number of terms.
+    Cadences without a solution (NaN) get no sky (0)."""
+    coef = np.nan_to_num(np.asarray(coefficients, dtype=np.float64))
+    B = background_design(
+        np.asarray(pixel_col, float), np.asarray(pixel_row, float), background_order_of(coef.shape[0])
+    )
+    return (B @ coef).T

@@ -18,10 +18,11 @@ from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.cpm.apertures import aperture_params
 from workflow_lib.cpm.model import paramset_params
 from workflow_lib.data.cube import write_zarr_atomic
-from workflow_lib.deblend.lightcurves import deblended_lightcurves, with_reference_sets
+from workflow_lib.deblend.lightcurves import deblended_lightcurves, denoised_neighbour_flux, with_reference_sets
 from workflow_lib.lfd.geometry import scene_offsets
 from workflow_lib.lfd.io import load_motion_model
 from workflow_lib.lfd.motion import motion_factors
+from workflow_lib.lfd.scene import sky_pixel_model
 from workflow_lib.lfd.solve import SolveError
 from workflow_lib.metrics import add_cdpp
 from workflow_lib.steps.cpm import write_fits_dir
@@ -65,7 +66,8 @@ def deblend_detrend_step(
     ``config``: ``{"cpm": <cpm settings>, "deblend": <deblend settings>}``. The LFD scene is the
     flux solve's (:func:`workflow_lib.steps.lfd.load_field_scene`: the PRF model at the catalog
     positions, the motion model's eq. 24 factors when the LFD light curves were solved with it),
-    the neighbour fluxes are the LFD light curves ``lfd_path``; the apertures and CPM settings
+    the neighbour fluxes are the LFD light curves ``lfd_path`` (faint ones as their running median), the
+    sky the LFD background terms of that set (``deblend.subtract_background``); the apertures and CPM settings
     those of the CPM parameter set ``paramset``. ``cpm_path`` / ``raw_path``: that set's CPM and
     RAW aperture light curves, carried as extra columns with the LFD ones (``deblend.reference_sets``).
     The set carries the CDPP proxy ``cdpp_<h>h`` of every ``cdpp_hours``."""
@@ -83,9 +85,24 @@ def deblend_detrend_step(
     missing = [int(s) for s in sid if int(s) not in lpos]
     if missing:
         raise SolveError(f"{lfd_path}: no LFD light curve of modelled source(s) {missing[:5]}; rerun the flux solve")
-    lflux = np.asarray(lfd["flux"].transpose("source", "time").values, float)[[lpos[int(s)] for s in sid]]
+    rows_ = [lpos[int(s)] for s in sid]
+    lflux = np.asarray(lfd["flux"].transpose("source", "time").values, float)[rows_]
     if lflux.shape[1] != cube.sizes["time"]:
         raise SolveError(f"{lfd_path}: {lflux.shape[1]} cadences, the cube {cube.sizes['time']}; rerun the flux solve")
+    time = np.asarray(cube["time"].values, float)
+    lflux, faint = denoised_neighbour_flux(
+        time,
+        lflux,
+        np.asarray(lfd["flux_err"].transpose("source", "time").values, float)[rows_],
+        min_snr=float(p["faint_neighbour_snr"]),
+        window_days=float(p["faint_neighbour_window_days"]),
+    )
+    log.info("%d of %d LFD sources enter the neighbour model with their running median (S/N below %g)",
+             int(faint.sum()), faint.size, p["faint_neighbour_snr"])  # fmt: skip
+    sky = None
+    if p["subtract_background"] and "background" in lfd and lfd["background"].ndim == 2:
+        bdim = [x for x in lfd["background"].dims if x != "time"][0]
+        sky = sky_pixel_model(f["pc"], f["pr"], lfd["background"].transpose(bdim, "time").values)
     basis = tb = None
     use_motion = bool(int(lfd.attrs.get("use_motion", 0)))
     if use_motion:
@@ -93,7 +110,7 @@ def deblend_detrend_step(
             raise SolveError(f"{lfd_path} was solved with the motion model: give its motion-model file")
         mm = load_motion_model(motion_file)
         dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
-        basis, tb = motion_factors(mm, dx, dy, np.asarray(cube["time"].values, float), prf=f["model"])
+        basis, tb = motion_factors(mm, dx, dy, time, prf=f["model"])
     inputs = [cube_path, catalog_path, prf_npz, lfd_path] + ([motion_file] if use_motion else [])
     prov_cfg = {"cpm": asdict(params), "aperture": asdict(ap), "deblend": p, "paramset": paramset, "field": field}
     prov = provenance_json("deblend_detrend", inputs=inputs, config=prov_cfg)
@@ -107,10 +124,17 @@ def deblend_detrend_step(
         ap,
         motion_basis=basis,
         motion_time=tb,
+        sky=sky,
         user_apertures=target_aperture,
         threads=threads,
         name=str(cube_path),
-        attrs={"provenance": prov, "paramset": paramset, "use_motion": int(use_motion)},
+        attrs={
+            "provenance": prov,
+            "paramset": paramset,
+            "use_motion": int(use_motion),
+            "sky_subtracted": int(sky is not None),
+            "n_faint_neighbours_smoothed": int(faint.sum()),
+        },
     )
     if p["reference_sets"]:
         lc = with_reference_sets(lc, {"lfd": lfd, "cpm": _open_set(cpm_path), "raw": _open_set(raw_path)})
