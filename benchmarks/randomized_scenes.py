@@ -74,7 +74,7 @@ TARGETS = (
     "T3  LFD p2p/flux_err in [0.8, 1.5], every G bin",
     "T4  LFD absolute flux error < 1 % for G<15, < 2 % for G 15-17 (no rescale)",
     "T5  rotator amplitude >= 0.95; transit depth within 5 % for G<14 (LFD)",
-    "T6  pair eclipse >= 3 sigma wherever white-noise S/N >= 6; other member's false dip < 1 sigma (median)",
+    "T6  pair eclipse >= 3 sigma wherever white-noise S/N >= 6; other member's |false dip| < 1 sigma (median)",
     "T7  no all-NaN LFD light curve for a source with >= 20 % of its flux on the cutout",
     "T8  no negative median LFD flux for a source with true flux > 5x the per-pixel noise",
 )
@@ -456,7 +456,8 @@ def summarize(scenes: list) -> dict:
             "ecl_sigma": spread([p.get(f"{m}_ecl_sigma", np.nan) for p in elig]),
             "ecl_depth_ratio": spread([p.get(f"{m}_ecl_ratio", np.nan) for p in elig]),
             "false_dip_sigma": spread([p.get(f"{m}_other_sigma", np.nan) for p in elig]),
-            "false_dip_lt1": int(sum(p.get(f"{m}_other_sigma", np.nan) < 1 for p in elig)),
+            "false_dip_abs_sigma": spread([abs(p.get(f"{m}_other_sigma", np.nan)) for p in elig]),
+            "false_dip_lt1": int(sum(abs(p.get(f"{m}_other_sigma", np.nan)) < 1 for p in elig)),
         }
     cnt = [sc.get("counts", {}) for sc in scenes]
     summary["counts"] = {
@@ -504,13 +505,13 @@ def targets(s: dict) -> list[tuple[str, str, str]]:
     res.append((TARGETS[5], rot >= 0.95 and abs(tra - 1) <= 0.05, f"rotator {rot:.3f}, transit depth {tra:.3f}"))
     p = s["pairs"]
     pl = p["lfd"]
-    ok6 = p["n_snr6"] > 0 and pl["detected_3sigma"] == p["n_snr6"] and pl["false_dip_sigma"][0] < 1
+    ok6 = p["n_snr6"] > 0 and pl["detected_3sigma"] == p["n_snr6"] and pl["false_dip_abs_sigma"][0] < 1
     res.append(
         (
             TARGETS[6],
             ok6,
-            f"{pl['detected_3sigma']}/{p['n_snr6']} detected, false dip median {pl['false_dip_sigma'][0]:.2f} sigma "
-            f"({pl['false_dip_lt1']}/{p['n_snr6']} < 1)",
+            f"{pl['detected_3sigma']}/{p['n_snr6']} detected, |false dip| median {pl['false_dip_abs_sigma'][0]:.2f} "
+            f"sigma ({pl['false_dip_lt1']}/{p['n_snr6']} < 1)",
         )
     )
     c = s["counts"]
@@ -586,7 +587,7 @@ def print_report(s: dict, head: str):
         print(
             f"    {m}: eclipse >= 3 sigma {q['detected_3sigma']}/{p['n_snr6']}, S/N {_ms(q['ecl_sigma'], '{:.1f}')}, "
             f"depth ratio {_ms(q['ecl_depth_ratio'], '{:.2f}')}; other member's false dip {_ms(q['false_dip_sigma'], '{:.2f}')} "
-            f"sigma, < 1 sigma in {q['false_dip_lt1']}/{p['n_snr6']}"
+            f"sigma (+ = dip), |dip| {_ms(q['false_dip_abs_sigma'], '{:.2f}')}, |dip| < 1 sigma in {q['false_dip_lt1']}/{p['n_snr6']}"
         )
     c = s["counts"]
     print(
