@@ -55,10 +55,12 @@ def tile_ccd(field):
     return parts[0] if len(parts) == 3 and parts[1] == "tiles" else None
 
 
-def tile_group(wildcards):
-    """`group:` of the per-field rules: "tile" for a survey tile (its cut, catalog, LFD, CPM and page
-    run as one cluster job per tile, docs/CLUSTER.md), none for an ordinary field."""
-    return "tile" if tile_ccd(wildcards.field) else None
+def field_group(group=None):
+    """`group:` of the per-field rules (cluster runs only, docs/CLUSTER.md): "tile" for a survey tile (its
+    cut, catalog, LFD, CPM and page form one component; the profile's group-components puts many tiles
+    in one job), `group` (prep / lfd / report: the cutout grouping) for an ordinary field.
+    """
+    return lambda wildcards: "tile" if tile_ccd(wildcards.field) else group
 
 
 def field_spec(field):

@@ -31,7 +31,7 @@ rule cpm_detrend:
     wildcard_constraints:
         paramset=r"default|lambda_L_[0-9.eE+-]+",
     group:
-        tile_group
+        field_group()
     conda:
         "../envs/pipeline.yaml"
     threads: 2

@@ -16,7 +16,7 @@ rule edge_model:
     benchmark:
         rule_benchmark("edge_model")
     group:
-        tile_group
+        field_group("prep")
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -45,7 +45,7 @@ rule prf_model:
     benchmark:
         rule_benchmark("prf_model")
     group:
-        tile_group
+        field_group("lfd")
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -73,7 +73,7 @@ rule motion_model:
     benchmark:
         rule_benchmark("motion_model")
     group:
-        tile_group
+        field_group("lfd")
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -105,7 +105,7 @@ rule flux_solve:
     benchmark:
         rule_benchmark("flux_solve")
     group:
-        tile_group
+        field_group("lfd")
     conda:
         "../envs/pipeline.yaml"
     threads: 2

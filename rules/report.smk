@@ -24,7 +24,7 @@ rule report_field:
     benchmark:
         rule_benchmark("report_field")
     group:
-        tile_group
+        field_group("report")
     conda:
         "../envs/pipeline.yaml"
     threads: 1

@@ -10,6 +10,10 @@ own account/partition with SLURM_TEST_ACCOUNT / SLURM_TEST_PARTITION.
   with more memory (`attempt` scaling) and then succeeds.
 * `test_pipeline_on_slurm_*`: the tiny config (`.test/config`) through the real Snakefile with the
   profile (`-j 4`); every job is a SLURM job (sacct), and every result equals a `--cores 2` run's.
+* `test_survey_on_slurm_*`: the CI survey config (`.test/config-survey`: a 128 x 128 CCD, 4 tiles) through
+  the profile: the tiles' steps share one SLURM job (group `tile`, `group-components: tile: 16`), and the
+  merged per-CCD products (and every other result) equal the local run's, which is the session's survey
+  e2e run (`survey_ci_run`, tests/conftest.py): CI pays for one extra survey run, on SLURM.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def test_profile(cluster, dest: Path) -> Path:
         if "mem_mb" in rule_res:
             rule_res["mem_mb"] = cap(rule_res["mem_mb"])
     cfg["set-threads"] = {r: min(int(t), cluster["cpus"]) for r, t in (cfg.get("set-threads") or {}).items()}
+    cfg["cores"] = min(int(cfg.get("cores") or cluster["cpus"]), cluster["cpus"])  # widest group job: one node
     cfg["slurm-init-seconds-before-status-checks"] = 2
     cfg["slurm-keep-successful-logs"] = True  # the plugin deletes them by default; the tests look at them
     cfg["latency-wait"] = 10
@@ -370,3 +375,89 @@ def test_pipeline_on_slurm_equals_local_run(slurm_run, local_run):
             diffs[rel] = "content differs"
     assert not diffs, json.dumps(diffs, indent=1, default=str)
     print(f"compared {len(a)} results: {sorted(a)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. survey mode, the CI CCD: tiles grouped into SLURM jobs; SLURM run == local run
+# ---------------------------------------------------------------------------------------------------------
+#: the rules of one tile (rules/common.smk field_group, rules/survey.smk): one component of the group "tile"
+TILE_RULES = (
+    "cut_tile",
+    "split_catalog",
+    "edge_model",
+    "prf_model",
+    "motion_model",
+    "flux_solve",
+    "cpm_detrend",
+    "report_field",
+)
+
+
+@pytest.fixture(scope="module")
+def slurm_survey_run(cluster, tmp_path_factory):
+    from helpers.survey_run import snakemake, survey_workdir
+
+    work = survey_workdir(tmp_path_factory, "slurm_survey")
+    profile = test_profile(cluster, tmp_path_factory.mktemp("profile_survey"))
+    res = snakemake(work, "--executor", "slurm", "--profile", str(profile), "-j", "4", cores=None, timeout=TIMEOUT_S)
+    assert res.returncode == 0, "the SLURM survey run failed:\n" + (res.stdout + res.stderr)[-6000:]
+    return work, res
+
+
+def _group_jobs(log: str) -> list[list[tuple[str, str]]]:
+    """The group jobs snakemake submitted: per group job 'Group job tile ...', its (rule, wildcards) list."""
+    jobs, cur, rule = [], None, None
+    for line in log.splitlines():
+        if "Group job tile" in line:
+            cur = []
+            jobs.append(cur)
+        elif cur is not None and re.match(r"^\s+(local)?rule (\w+):", line):
+            rule = re.match(r"^\s+(?:local)?rule (\w+):", line).group(1)
+        elif cur is not None and rule and line.strip().startswith("wildcards:"):
+            cur.append((rule, line.strip()[len("wildcards:") :].strip()))
+            rule = None
+        elif re.match(r"^(local)?(rule|checkpoint) \w+:", line):  # a job outside any group (column 0)
+            cur = None
+    return jobs
+
+
+def test_survey_on_slurm_tiles_share_a_job(slurm_survey_run):
+    """Every step of every tile ran inside SLURM group jobs of `group-components: tile` tiles each (the CI
+    CCD's 4 tiles: one job), next to the CCD-level jobs."""
+    from helpers.survey_run import CCD, RUN
+
+    work, res = slurm_survey_run
+    ids, rows = slurm_jobs_of(res)
+    assert all(r["State"] == "COMPLETED" for r in rows), rows
+    tiles = json.loads((work / "results" / RUN / CCD / "tiles.json").read_text())["tile_ids"]
+    per_job = int(yaml.safe_load((PROFILE / "config.yaml").read_text())["group-components"]["tile"])
+    groups = _group_jobs(res.stdout + res.stderr)
+    assert len(groups) == -(-len(tiles) // per_job), groups
+    for rule in TILE_RULES:
+        for tile in tiles:
+            assert any(r == rule and tile in w for g in groups for r, w in g), (rule, tile)
+    tile_jobs = [r for r in rows if r["Comment"].startswith("rule_tile_")]
+    assert len(tile_jobs) == len(groups), rows
+    ccd_rules = {"synthetic_ccd", "ingest_ccd", "gaia_crossmatch", "merge_tiles", "report_survey"}
+    seen = " ".join(r["Comment"] for r in rows)
+    assert all(f"rule_{r}" in seen or f"_{r}" in seen for r in ccd_rules), rows
+    print(f"{len(ids)} SLURM jobs; {len(tile_jobs)} tile job(s) for {len(tiles)} tiles: {tile_jobs}")
+
+
+def test_survey_on_slurm_equals_local_run(slurm_survey_run, survey_ci_run):
+    """The merged per-CCD sets, the source table and every other result of the SLURM run equal the local run's."""
+    from helpers.survey_run import CCD, RUN, SETS
+
+    work, _ = slurm_survey_run
+    a, b = _result_entries(survey_ci_run / "results"), _result_entries(work / "results")
+    merged = [f"{RUN}/{CCD}/merged/{s}.zarr" for s in SETS] + [f"{RUN}/{CCD}/merged/sources.ecsv"]
+    assert all(m in a and m in b for m in merged), (sorted(a), sorted(b))
+    assert sorted(a) == sorted(b), f"only local {sorted(set(a) - set(b))}, only SLURM {sorted(set(b) - set(a))}"
+    diffs = {}
+    for rel, pa in a.items():
+        pb = b[rel]
+        d = _compare_zarr(pa, pb) if rel.endswith(".zarr") else ([] if _same_file(pa, pb) else "content differs")
+        if d:
+            diffs[rel] = d
+    assert not diffs, json.dumps(diffs, indent=1, default=str)
+    print(f"compared {len(a)} results, among them {merged}")

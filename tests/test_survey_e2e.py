@@ -1,48 +1,26 @@
 """Survey mode end to end under Snakemake: `.test/config-survey/config.yaml` (a synthetic 128 x 128 CCD of
 SPOC FFIs, 4 tiles of 64 px + 8 px halos) from FFI files to the merged per-CCD sets and the overview page.
 
-The run happens in a copy of the config dir (like tests/test_pipeline_e2e.py). BLAS runs single-threaded
-(OPENBLAS_NUM_THREADS=1, passed on to every step): the per-pixel CPM solves are small matrices, on which a
-multi-threaded OpenBLAS is ~30x slower on a loaded 2-core machine (docs/SURVEY.md).
+The run (`survey_ci_run`, tests/conftest.py and tests/helpers/survey_run.py) happens once per session in a
+copy of the config dir (like tests/test_pipeline_e2e.py), with single-threaded BLAS; tests/test_slurm.py
+compares a SLURM run of the same config with it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers.survey_run import CCD, RUN, SETS, snakemake
 
 pytestmark = pytest.mark.slow
 
-RUN = "ci-survey"
-CCD = "s0001-4-2"
-SETS = ("lfd", "cpm_default")
-
-
-def snakemake(workdir, *args):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
-    cmd += ["--cores", "2", *args]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
-
 
 @pytest.fixture(scope="module")
-def survey_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("survey_e2e")
-    shutil.copytree(REPO / ".test" / "config-survey", workdir / "config")
-    t0 = time.monotonic()
-    res = snakemake(workdir)
-    wall = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    print(f"survey e2e run: {wall:.0f} s wall")
-    return workdir
+def survey_run(survey_ci_run):
+    return survey_ci_run
 
 
 def out_dir(workdir):
@@ -119,6 +97,33 @@ def test_dry_run_shows_the_tile_jobs(survey_run):
         assert f"tile={tile}" in text, tile
     for rule in ("cut_tile", "edge_model", "flux_solve", "cpm_detrend", "merge_tiles", "report_survey"):
         assert rule in text, rule
+
+
+def test_dry_run_merges_without_a_failed_tile(survey_run):
+    """A tile whose LFD light curves are missing (its flux solve failed) while its directory exists: by
+    default the run retries that tile before the merge; with config/allow_missing_tiles.yaml the merge of
+    the LFD set goes ahead without it (the CPM merge keeps all tiles) and the tile's jobs are not requested."""
+    ccd = out_dir(survey_run) / CCD
+    tile = json.loads((ccd / "tiles.json").read_text())["tile_ids"][-1]
+    lc = ccd / "tiles" / tile / "lfd" / "lightcurves.zarr"
+    aside = [(lc, lc.with_name("aside.zarr")), (ccd / "merged", ccd / "merged-aside")]
+    for a, b in aside:
+        a.rename(b)
+    try:
+        default = snakemake(survey_run, "-n")
+        cfg = [str(survey_run / "config" / "config.yaml"), str(REPO / "config" / "allow_missing_tiles.yaml")]
+        allow = snakemake(survey_run, "-n", "--configfile", *cfg)
+    finally:
+        for a, b in aside:
+            b.rename(a)
+    text = default.stdout + default.stderr
+    assert default.returncode == 0, text[-3000:]
+    assert "rule flux_solve:" in text and f"field={CCD}/tiles/{tile}" in text
+    text = allow.stdout + allow.stderr
+    assert allow.returncode == 0, text[-3000:]
+    assert "flux_solve" not in text and "merge_tiles" in text
+    lfd_merge = text[text.index("set=lfd") - 3000 : text.index("set=lfd")]
+    assert f"tiles/{tile}/lfd/lightcurves.zarr" not in lfd_merge.split("rule merge_tiles:")[-1]
 
 
 @pytest.mark.browser
