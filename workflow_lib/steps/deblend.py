@@ -18,7 +18,12 @@ from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.cpm.apertures import aperture_params
 from workflow_lib.cpm.model import paramset_params
 from workflow_lib.data.cube import write_zarr_atomic
-from workflow_lib.deblend.lightcurves import deblended_lightcurves, denoised_neighbour_flux, with_reference_sets
+from workflow_lib.deblend.lightcurves import (
+    deblended_lightcurves,
+    denoised_neighbour_flux,
+    sky_level,
+    with_reference_sets,
+)
 from workflow_lib.lfd.geometry import scene_offsets
 from workflow_lib.lfd.io import load_motion_model
 from workflow_lib.lfd.motion import motion_factors
@@ -67,7 +72,7 @@ def deblend_detrend_step(
     flux solve's (:func:`workflow_lib.steps.lfd.load_field_scene`: the PRF model at the catalog
     positions, the motion model's eq. 24 factors when the LFD light curves were solved with it),
     the neighbour fluxes are the LFD light curves ``lfd_path`` (faint ones as their running median), the
-    sky the LFD background terms of that set (``deblend.subtract_background``); the apertures and CPM settings
+    sky level the median of that set's LFD background terms per pixel (``deblend.subtract_background``); the apertures and CPM settings
     those of the CPM parameter set ``paramset``. ``cpm_path`` / ``raw_path``: that set's CPM and
     RAW aperture light curves, carried as extra columns with the LFD ones (``deblend.reference_sets``).
     The set carries the CDPP proxy ``cdpp_<h>h`` of every ``cdpp_hours``."""
@@ -75,7 +80,7 @@ def deblend_detrend_step(
     p = deblend_params(config.get("deblend"))
     params = paramset_params(cpm_cfg, paramset)
     ap = aperture_params(cpm_cfg.get("aperture"))
-    remove_stale_tmp(out_zarr, fits_dir)
+    remove_stale_tmp(*(x for x in (out_zarr, fits_dir) if x is not None))
     f = load_field_scene(cube_path, catalog_path, prf_npz)
     cube = f["cube"].load()
     S, idx = f["S"], f["idx"]
@@ -102,7 +107,8 @@ def deblend_detrend_step(
     sky = None
     if p["subtract_background"] and "background" in lfd and lfd["background"].ndim == 2:
         bdim = [x for x in lfd["background"].dims if x != "time"][0]
-        sky = sky_pixel_model(f["pc"], f["pr"], lfd["background"].transpose(bdim, "time").values)
+        sky_t = sky_pixel_model(f["pc"], f["pr"], lfd["background"].transpose(bdim, "time").values)
+        sky = sky_level(sky_t, np.asarray(cube["quality"].values) == 0)
     basis = tb = None
     use_motion = bool(int(lfd.attrs.get("use_motion", 0)))
     if use_motion:
