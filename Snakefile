@@ -4,6 +4,7 @@
 #   2 gaia_crossmatch   sources propagated to the observation epoch, in pixel coordinates
 #   3-6 LFD             edge model -> PRF model -> motion model -> per-cadence flux solve   (Hedges & Martinez-Palomera 2021)
 #   7 CPM               causal pixel model de-trending of every pixel, aperture light curves (Hattori et al. 2022)
+#   7b deblend          LFD model of the neighbours subtracted, CPM-de-trended aperture light curves (rules/deblend.smk)
 #   8 report            static HTML pages with embedded Bokeh, an index page
 #   survey mode         whole CCDs from FFIs (config `ccds`): ingest -> tiles -> steps 2-8 per tile ->
 #                       merged per-CCD light curves + overview page (rules/survey.smk, docs/SURVEY.md)
@@ -19,6 +20,7 @@ include: "rules/download.smk"
 include: "rules/gaia.smk"
 include: "rules/lfd.smk"
 include: "rules/cpm.smk"
+include: "rules/deblend.smk"
 include: "rules/report.smk"
 include: "rules/survey.smk"
 
@@ -38,5 +40,6 @@ rule all:
         expand(f"{RESULTS}/{{field}}/catalog.ecsv", field=FIELDS),
         lfd_outputs(),
         cpm_outputs(),
+        deblend_outputs(),
         f"{RESULTS}/report/index.html",
         survey_outputs(),

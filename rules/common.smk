@@ -255,6 +255,28 @@ def cpm_outputs():
     return out
 
 
+# ---- helpers of the deblended, de-trended light curves (rules/deblend.smk)
+
+
+def deblend_enabled():
+    """`deblend.enabled`, and both the LFD and the CPM stage on (the product needs both)."""
+    return (
+        bool((config.get("deblend") or {}).get("enabled", True))
+        and report_stage_enabled("lfd")
+        and report_stage_enabled("cpm")
+    )
+
+
+def deblend_store(field):
+    """The deblended, de-trended light-curve set of a field (for the CPM set the field page shows)."""
+    return zarr_store(f"{RESULTS}/{field}/cpm/{report_cpm_shown()}/deblended.zarr")
+
+
+def deblend_outputs():
+    """Everything the deblend stage produces for `rule all` (nothing when it is off)."""
+    return [deblend_store(f) for f in FIELDS] if deblend_enabled() else []
+
+
 # ---- helpers of the reports (rules/report.smk) stage
 
 
@@ -299,6 +321,8 @@ def report_field_inputs(wildcards):
                 results=RESULTS, field=wildcards.field, paramset=report_cpm_shown()
             )
         )
+    if deblend_enabled() and not tile_ccd(wildcards.field):
+        inputs["deblended"] = deblend_store(wildcards.field)
     return inputs
 
 

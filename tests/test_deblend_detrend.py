@@ -576,3 +576,28 @@ def test_transit_depths_within_5_percent(scene_metrics):
     for rec in scene_metrics["depth"]:
         if rec["G"] < 14 or rec["kind"] == "eclipsing_binary":
             assert abs(rec["dbl"] - 1) < 0.05, rec
+
+
+# ----------------------------------------------------------------------------- the field page shows the set
+
+
+def test_field_page_shows_the_deblended_set(tmp_path):
+    """cpm/<paramset>/deblended.zarr is read with the CPM set; the page embeds it (light-curve panel, CDPP
+    column) and its median CDPP enters the field summary over the common source set."""
+    from test_report import make_field
+
+    from workflow_lib.data.cube import write_zarr_atomic
+    from workflow_lib.report import page as R
+    from workflow_lib.report import products as P
+
+    fdir = make_field(tmp_path)
+    cpm_lc = xr.open_zarr(fdir / "cpm" / "default" / "lightcurves.zarr", consolidated=False).load()
+    dbl = cpm_lc.assign_coords(cdpp_1h=("source", [50.0, 60.0, 70.0, 80.0])).assign_attrs(method="LFD+CPM")
+    write_zarr_atomic(dbl, fdir / "cpm" / "default" / P.DEBLENDED)
+    fp = P.load_field_products(fdir)
+    assert fp.deblended is not None and fp.deblended.attrs["method"] == "LFD+CPM"
+    html, summary = R.build_field_page(fp)
+    assert "dbl" in summary["cdpp_set"]["sets"] and summary["median_cdpp"]["dbl"] == 55.0
+    docs = json.dumps(R.embedded_documents(html))
+    assert "srcfig_dbl" in docs and "CDPP1h LFD+CPM [ppm]" in docs
+    assert "dbl" in R.embedded_sources(html)["lcsets"]

@@ -319,7 +319,7 @@ def test_missing_stages_are_skipped(tmp_path):
     html, summary = R.build_field_page(fp)
     src = R.embedded_sources(html)
     assert "cube_cpm" not in src and set(src["lcsets"]) == {"none"}
-    assert summary["median_cdpp"] == {"raw": None, "lfd": None, "cpm": None}
+    assert summary["median_cdpp"] == {"raw": None, "lfd": None, "cpm": None, "dbl": None}
     assert "LFD PRF model" not in html
     # a half-written LFD set is reported, not fatal
     (fdir / "lfd" / "lightcurves.zarr").mkdir(parents=True)

@@ -20,7 +20,9 @@ import numpy as np
 from workflow_lib.report.display import DisplayCube
 
 #: light-curve sets of a field page, in display order
-LC_SETS = ("raw", "lfd", "cpm")
+LC_SETS = ("raw", "lfd", "cpm", "dbl")
+#: marker colour of each set's light-curve panel (dbl: the deblended, de-trended light curves)
+SET_COLORS = {"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728", "dbl": "#2ca02c"}
 
 
 def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
@@ -157,7 +159,7 @@ def lightcurve_figure(lc, qtable: dict, tsys: str, t_now: float):
 
 
 def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: float):
-    """One figure per light-curve set (raw, LFD, CPM) of the selected source, sharing ``x_range``;
+    """One figure per light-curve set (raw, LFD, CPM, deblended + de-trended) of the selected source, sharing ``x_range``;
     returns ``(figures, spans)``."""
     from bokeh.models import CustomJS, Span
     from bokeh.plotting import figure
@@ -173,7 +175,7 @@ def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: f
             name=f"srcfig_{k}",
             visible=(k == "raw" or k in shown),
         )
-        f.scatter("time", k, source=srclc, size=2, color={"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728"}[k])
+        f.scatter("time", k, source=srclc, size=2, color=SET_COLORS[k])
         s = Span(location=float(t_now), dimension="height", line_color="red", line_width=1, name=f"span_{k}")
         f.add_layout(s)
         f.js_on_event("tap", CustomJS(code="window.RPT && RPT.seek(cb_obj.x);"))
@@ -198,6 +200,7 @@ def source_table(src, hours: float):
         TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
         TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
         TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),
+        TableColumn(field="cdpp_dbl", title=f"CDPP{hours:g}h LFD+CPM [ppm]", formatter=cdppf, width=130),
         TableColumn(
             field="cdpp_common",
             title="in median",

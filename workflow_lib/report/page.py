@@ -242,14 +242,14 @@ def _catalog_sources(cat) -> dict:
 
 def source_metrics(fp: FieldProducts, sids: np.ndarray, hours: float) -> dict:
     """Per-source columns of the source table, as the light-curve sets carry them: LFD
-    contamination and pixel count, the ``hours`` CDPP of the RAW, LFD and CPM sets."""
-    labels = {"raw": "RAW", "lfd": "LFD", "cpm": "CPM"}
+    contamination and pixel count, the ``hours`` CDPP of the RAW, LFD, CPM and deblended (LFD+CPM) sets."""
+    labels = {"raw": "RAW", "lfd": "LFD", "cpm": "CPM", "dbl": "LFD+CPM"}
     return {
         "contamination": source_values(fp.lfd, sids, "contamination"),
         "n_pixels": source_values(fp.lfd, sids, "n_pixels"),
         **{
             f"cdpp_{k}": cdpp_values(lc, sids, hours, labels[k], fp.notes)
-            for k, lc in (("raw", fp.cpm_raw), ("lfd", fp.lfd), ("cpm", fp.cpm))
+            for k, lc in (("raw", fp.cpm_raw), ("lfd", fp.lfd), ("cpm", fp.cpm), ("dbl", fp.deblended))
         },
     }
 
@@ -262,7 +262,9 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
     tgt, stamp, centre, nr, nc = _display_grid(fp, p)
     srcs = _catalog_sources(fp.catalog)
     sids = srcs["source_id"]
-    sets = {k: v for k, v in {"raw": fp.cpm_raw, "lfd": fp.lfd, "cpm": fp.cpm}.items() if v is not None}
+    sets = {
+        k: v for k, v in {"raw": fp.cpm_raw, "lfd": fp.lfd, "cpm": fp.cpm, "dbl": fp.deblended}.items() if v is not None
+    }
     n_cubes = 1 + (fp.detrended is not None)
     plan = plan_display(
         cube.sizes["time"], nr, nc, n_cubes=n_cubes, extra_bytes_per_cadence=4 * sids.size * len(sets), params=p
@@ -476,6 +478,7 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
         "raw": "raw aperture (CPM stage)" if fp.cpm_raw is not None else "aperture sum of the selected pixels",
         "lfd": "LFD",
         "cpm": f"CPM ({fp.cpm_paramset})" if fp.cpm_paramset else "CPM",
+        "dbl": "LFD+CPM: neighbours' LFD model subtracted, CPM de-trended",
     }
     sfigs, _ = figures.source_lightcurve_figures(ds["srclc"], labels, set(v.sets), lcf.x_range, t_now)
     src_title = Div(
@@ -603,13 +606,11 @@ def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, p
         "cpm_paramset": fp.cpm_paramset,
         "cdpp_hours": float(p["cdpp_hours"]),
         # medians over one common source set (cdpp_common_set), so the three numbers are comparable
-        "median_cdpp": {k: med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) for k in ("raw", "lfd", "cpm")},
+        "median_cdpp": {k: med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) for k in figures.LC_SETS},
         "cdpp_set": {
             "n_sources": int(common.sum()),
             "mag_limit": float(p["cdpp_mag_limit"]),
-            "sets": [
-                k for k in ("raw", "lfd", "cpm") if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None
-            ],
+            "sets": [k for k in figures.LC_SETS if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None],
         },
         "target_source_id": str(int(cat["source_id"][target])) if target is not None else None,
         "display": {

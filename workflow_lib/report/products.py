@@ -3,7 +3,8 @@
 :func:`load_field_products` reads a field directory tolerantly (absent or unreadable stages are
 notes): the cube and catalog, the LFD light curves, PRF picture, edge model and diagnostics
 (``lfd/diagnostics.npz``: mean-frame residual and motion summary, written by the LFD step), and
-the CPM light curves and de-trended cube. Per-source values (contamination, CDPP) are read from
+the CPM light curves and de-trended cube, and the deblended, de-trended light curves
+(``cpm/<paramset>/deblended.zarr``, LFD neighbours subtracted before the CPM). Per-source values (contamination, CDPP) are read from
 the coordinates the science steps store on each light-curve set (:func:`source_values`,
 :func:`cdpp_values`).
 """
@@ -28,6 +29,8 @@ log = get_logger("report")
 
 #: the LFD step's diagnostics product, in ``<field>/lfd/``
 LFD_DIAGNOSTICS = "diagnostics.npz"
+#: the deblended, de-trended light curves (rules/deblend.smk), in ``<field>/cpm/<paramset>/``
+DEBLENDED = "deblended.zarr"
 
 
 @dataclass
@@ -40,6 +43,7 @@ class FieldProducts:
     lfd: xr.Dataset | None = None
     cpm: xr.Dataset | None = None
     cpm_raw: xr.Dataset | None = None
+    deblended: xr.Dataset | None = None  # deblended, de-trended light curves (cpm/<paramset>/deblended.zarr)
     detrended: xr.Dataset | None = None
     cpm_paramset: str | None = None
     prf_png: bytes | None = None
@@ -121,6 +125,7 @@ def _load_cpm(fp: FieldProducts, field_dir: Path, cpm_paramset: str | None) -> N
     fp.cpm_paramset = cdir.name
     fp.cpm = _open_lcset(cdir / "lightcurves.zarr", fp.notes)
     fp.cpm_raw = _open_lcset(cdir / "raw_lightcurves.zarr", fp.notes)
+    fp.deblended = _open_lcset(cdir / DEBLENDED, fp.notes)
     det = cdir / "detrended.zarr"
     if det.exists():
         try:

@@ -37,6 +37,11 @@ STEPS = {
     "cpm-detrend": ("workflow_lib.steps.cpm", "run_cpm_detrend", "CPM de-trending + aperture light curves"),
     "cpm-sweep-summary": ("workflow_lib.steps.cpm", "sweep_summary", "median CDPP of every CPM parameter set"),
     "cpm-stitch": ("workflow_lib.steps.cpm", "run_cpm_stitch", "stitch CPM light curves of several sectors"),
+    "deblend-detrend": (
+        "workflow_lib.steps.deblend",
+        "deblend_detrend_step",
+        "deblended, de-trended light curves (LFD neighbours subtracted, CPM)",
+    ),
     "report-field": ("workflow_lib.report.page", "write_field_report", "HTML inspection page of one field"),
     "report-index": ("workflow_lib.report.page", "write_index_report", "HTML index page of a run"),
     "survey-synthetic": ("workflow_lib.steps.survey", "write_synthetic_ccd", "synthetic CCD written as SPOC FFIs"),
@@ -209,6 +214,30 @@ def call_cpm_stitch(f, a, p):
     f(paths, store(a.out), a.fits_dir, group=a.group, **kw, **cdpp_hours_kw(a))
 
 
+def call_deblend_detrend(f, a, p):
+    check_inputs(
+        cube=store(a.cube), catalog=a.catalog, prf=a.prf, motion=a.motion, lfd=store(a.lfd), cpm=store(a.cpm),
+        raw=store(a.raw),
+    )  # fmt: skip
+    f(
+        store(a.cube),
+        a.catalog,
+        a.prf,
+        a.motion,
+        store(a.lfd),
+        store(a.out),
+        a.fits_dir,
+        p,
+        cpm_path=store(a.cpm),
+        raw_path=store(a.raw),
+        paramset=a.paramset,
+        target_aperture=json_arg(a.target_aperture, "--target-aperture") if a.target_aperture else {},
+        threads=a.threads,
+        field=a.field,
+        **cdpp_hours_kw(a),
+    )
+
+
 def call_report_field(f, a, p):
     check_inputs(field_dir=a.field_dir)
     f(a.field_dir, a.out, a.summary, p, field=a.field)
@@ -358,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lightcurves", nargs="+", required=True, metavar="PATH", help="one light-curve set per sector")
     req(sp, "--out", "--fits-dir")
     sp.add_argument("--group", default="")
+    sp.add_argument("--cdpp-hours", metavar="JSON", help="CDPP durations [h] stored on the light curves, e.g. [1, 6]")
+
+    sp = step("deblend-detrend", '{"cpm": <the `cpm` settings>, "deblend": <the `deblend` settings>}')
+    req(sp, "--cube", "--catalog", "--prf", "--lfd", "--out", "--fits-dir")
+    sp.add_argument("--motion", metavar="PATH", help="LFD motion model (needed when the LFD solve used it)")
+    sp.add_argument("--cpm", metavar="PATH", help="CPM aperture light curves (extra columns CPM_FLUX)")
+    sp.add_argument("--raw", metavar="PATH", help="RAW aperture light curves (extra columns RAW_FLUX)")
+    sp.add_argument("--paramset", default="default", help="CPM parameter set: default or lambda_L_<value>")
+    sp.add_argument("--target-aperture", metavar="JSON", help="named apertures: {name: [[row, col], ...]}")
+    sp.add_argument("--field", default="")
+    sp.add_argument("--threads", type=int, default=1)
     sp.add_argument("--cdpp-hours", metavar="JSON", help="CDPP durations [h] stored on the light curves, e.g. [1, 6]")
 
     sp = step("report-field", "the `report` settings")

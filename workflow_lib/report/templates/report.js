@@ -1,6 +1,6 @@
 // Field inspection page logic (offline; runs on the Bokeh models embedded in the page).
 // The pixel cube is the Float32Array `cube_raw.data.flux` (pixel-major: flux[p * n_time + t]);
-// light-curve sets are `lcsets.data.<raw|lfd|cpm>` (source-major: flux[s * n_time + t]).
+// light-curve sets are `lcsets.data.<raw|lfd|cpm|dbl>` (dbl: deblended + de-trended) (source-major: flux[s * n_time + t]).
 (function () {
   "use strict";
   const RPT = (window.RPT = window.RPT || {});
@@ -8,8 +8,8 @@
   RPT.errors = [];
   const NAMES = ["cube_raw", "cube_cpm", "pixels", "lc", "lcsets", "sources", "srclc", "cadence_slider",
     "stretch_slider", "stretch_mode", "image_mode", "tap_mode", "lc_mode", "play_toggle", "status", "span_main",
-    "span_raw", "span_lfd", "span_cpm", "mapper_log", "mapper_lin", "pixel_renderer", "colorbar", "lc_fig",
-    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm", "auto_stretch"];
+    "span_raw", "span_lfd", "span_cpm", "span_dbl", "mapper_log", "mapper_lin", "pixel_renderer", "colorbar", "lc_fig",
+    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm", "srcfig_dbl", "auto_stretch"];
 
   function setColumns(source, cols) {
     const d = Object.assign({}, source.data);
@@ -98,7 +98,7 @@
     setColumns(m.pixels, { flux: RPT.frame(t) });
     if (m.auto_stretch && m.auto_stretch.active) RPT.autoStretch();
     const time = m.lc.data.time[t];
-    for (const n of ["span_main", "span_raw", "span_lfd", "span_cpm"]) if (m[n]) m[n].location = time;
+    for (const n of ["span_main", "span_raw", "span_lfd", "span_cpm", "span_dbl"]) if (m[n]) m[n].location = time;
     RPT.updateStatus();
   };
 
@@ -137,7 +137,7 @@
     const sel = m.sources ? m.sources.selected.indices : [];
     RPT.src = sel.length ? sel[0] : null;
     const cols = {};
-    for (const k of ["raw", "lfd", "cpm"]) {
+    for (const k of ["raw", "lfd", "cpm", "dbl"]) {
       const s = RPT.sourceSeries(k, RPT.src);
       if (s) cols[k] = s;
       else if (k !== "raw") cols[k] = RPT.nanArray();
