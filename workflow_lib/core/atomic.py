@@ -12,6 +12,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -21,6 +22,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike):
     """Context manager yielding a temporary sibling path that is renamed to ``path`` on success.
 
+    Temporary siblings a killed earlier run left for ``path`` are removed first.
     Use for writers that take a filename (astropy ``Table.write``, ``HDUList.writeto``,
     ``fig.savefig``)::
 
@@ -33,6 +35,7 @@ def atomic_path(path: str | os.PathLike):
     def _cm():
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(p)  # debris of a killed earlier run writing this output
         tmp = p.parent / f".tmp-{uuid.uuid4().hex[:8]}-{p.name}"
         try:
             yield tmp

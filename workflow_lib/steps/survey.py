@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from workflow_lib.core.atomic import atomic_path, write_text_atomic
+from workflow_lib.core.atomic import atomic_path, remove_stale_tmp, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.settings import merge_settings, schema_defaults
@@ -67,15 +67,17 @@ def write_synthetic_ccd(out_dir_of_ffis, out_catalog, out_truth, params: dict | 
     """
     p = merge_settings(schema_defaults("survey.synthetic"), params, "survey.synthetic")
     out_dir = Path(out_dir_of_ffis)
-    work = out_dir.parent / f".tmp-{uuid.uuid4().hex[:8]}-{out_dir.name}"
+    remove_stale_tmp(out_dir)  # a killed earlier run's work directory
+    work = out_dir.parent / f".tmp-{uuid.uuid4().hex[:8]}-{out_dir.name}"  # a temporary sibling of out_dir
     try:
         res = write_synthetic_ffis(work / "ffi", **p)
         with atomic_path(out_catalog) as tmp:
             shutil.move(str(res.catalog), tmp)
         with atomic_path(out_truth) as tmp:
             shutil.move(str(res.truth), tmp)
-        with atomic_path(out_dir) as tmp:
-            (work / "ffi").rename(tmp)
+        if out_dir.is_dir():  # replaced whole (not atomic_path: it would clean `work` as stale debris)
+            shutil.rmtree(out_dir)
+        (work / "ffi").rename(out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("synthetic CCD: %d FFIs in %s, catalog %s, truth %s", len(res.files), out_dir, out_catalog, out_truth)
