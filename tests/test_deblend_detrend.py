@@ -581,19 +581,28 @@ def test_transit_depths_within_5_percent(scene_metrics):
 # ----------------------------------------------------------------------------- the field page shows the set
 
 
-def test_field_page_shows_the_deblended_set(tmp_path):
-    """cpm/<paramset>/deblended.zarr is read with the CPM set; the page embeds it (light-curve panel, CDPP
-    column) and its median CDPP enters the field summary over the common source set."""
+def _field_with_deblended_set(tmp_path):
+    """A report test field (tests/test_report.py) with a deblended set beside its CPM set."""
     from test_report import make_field
 
     from workflow_lib.data.cube import write_zarr_atomic
-    from workflow_lib.report import page as R
     from workflow_lib.report import products as P
 
     fdir = make_field(tmp_path)
     cpm_lc = xr.open_zarr(fdir / "cpm" / "default" / "lightcurves.zarr", consolidated=False).load()
     dbl = cpm_lc.assign_coords(cdpp_1h=("source", [50.0, 60.0, 70.0, 80.0])).assign_attrs(method="LFD+CPM")
+    dbl["flux"] = dbl["flux"] * 0.5 + 7.0
     write_zarr_atomic(dbl, fdir / "cpm" / "default" / P.DEBLENDED)
+    return fdir, dbl
+
+
+def test_field_page_shows_the_deblended_set(tmp_path):
+    """cpm/<paramset>/deblended.zarr is read with the CPM set; the page embeds it (light-curve panel, CDPP
+    column) and its median CDPP enters the field summary over the common source set."""
+    from workflow_lib.report import page as R
+    from workflow_lib.report import products as P
+
+    fdir, _ = _field_with_deblended_set(tmp_path)
     fp = P.load_field_products(fdir)
     assert fp.deblended is not None and fp.deblended.attrs["method"] == "LFD+CPM"
     html, summary = R.build_field_page(fp)
@@ -601,3 +610,34 @@ def test_field_page_shows_the_deblended_set(tmp_path):
     docs = json.dumps(R.embedded_documents(html))
     assert "srcfig_dbl" in docs and "CDPP1h LFD+CPM [ppm]" in docs
     assert "dbl" in R.embedded_sources(html)["lcsets"]
+
+
+@pytest.mark.browser
+def test_field_page_deblended_panel_in_chromium(tmp_path):
+    """In headless Chromium (offline, file://): selecting a source fills its LFD+CPM panel with the set's
+    light curve, without JavaScript errors."""
+    from test_report_browser import ARGS, CHROMIUM, sync_playwright
+
+    from workflow_lib.report import page as R
+
+    if sync_playwright is None or CHROMIUM is None:
+        pytest.skip("playwright and Debian chromium are needed")
+    fdir, dbl = _field_with_deblended_set(tmp_path)
+    html = tmp_path / "report" / "fieldA.html"
+    R.write_field_report(fdir, html, tmp_path / "report" / "fieldA.json", {}, field="fieldA")
+    sid = int(dbl["source_id"].values[1])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(html.as_uri())
+        page.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
+        page.evaluate(f"window.location.hash = '#source={sid}'")
+        page.wait_for_function("RPT.src === 1")
+        shown = np.array(page.evaluate("Array.from(RPT.m.srclc.data.dbl)"), dtype=float)
+        visible = page.evaluate("RPT.doc.get_model_by_name('srcfig_dbl').visible")
+        rpt_errors = page.evaluate("RPT.errors")
+        browser.close()
+    np.testing.assert_allclose(shown, dbl["flux"].values[1], rtol=1e-6)  # float32 embedding
+    assert visible and errors == [] and rpt_errors == []
