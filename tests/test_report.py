@@ -238,7 +238,7 @@ def test_embedded_cube_round_trips_exactly(page):
     np.testing.assert_array_equal(src["lc"]["cadenceno"], 1000 + np.arange(NT))
     np.testing.assert_array_equal(src["lc"]["quality"], _quality())
     # the image shown first is the middle cadence
-    np.testing.assert_array_equal(pix["flux"], cube[NT // 2, r, c])
+    np.testing.assert_array_equal(pix["flux"], cube[meta["initial_cadence"], r, c])  # the frame shown first
 
 
 def test_detrended_cube_and_lightcurve_sets_embedded(page):
@@ -563,7 +563,7 @@ def test_initial_stretch_from_the_frame_shown(tmp_path):
     fp.cube["flux"][NT // 2 :] = fp.cube["flux"][NT // 2 :] * 10
     html, _ = R.build_field_page(fp)
     meta = R.embedded_meta(html)
-    frame = fp.cube["flux"].values[NT // 2].ravel()
+    frame = fp.cube["flux"].values[meta["initial_cadence"]].ravel()
     lo, hi = np.percentile(frame[np.isfinite(frame)], [1, 95])
     st = meta["stretch"]["raw"]
     assert st["lo"] == pytest.approx(lo, rel=1e-5) and st["hi"] == pytest.approx(hi, rel=1e-5)
@@ -589,3 +589,29 @@ def test_index_versions_fall_back_to_the_package_version(monkeypatch):
     html = R.build_index_page([], {"run": "x"}, [], "x")
     assert f'<td class="l">workflow_lib</td><td class="l">{workflow_lib.__version__} (source checkout)</td>' in html
     assert "not installed" not in html
+
+
+def test_initial_cadence_is_a_typical_quality_zero_frame():
+    """The page opens on a QUALITY == 0 frame at the typical background, not on a flagged scattered-light
+    peak in the middle of the series (issue: a nearly black first image)."""
+    nt, npix = 41, 9
+    rng = np.random.default_rng(3)
+    level = 100.0 + np.linspace(0, 4, nt)  # slow background drift
+    level[15:26] += 5000.0  # a scattered-light peak around the middle ...
+    quality = np.zeros(nt, np.int64)
+    quality[15:26] = 4096  # ... flagged (straylight)
+    quality[7] = 1  # a flagged cadence at the typical level is not chosen either
+    flux = (level[None, :] + rng.normal(0, 0.01, (npix, nt))).astype(np.float32)
+    flux[:, 3] = np.nan  # an empty frame
+    disp = D.DisplayCube(
+        flux=flux, rows=np.arange(npix), cols=np.zeros(npix), time=np.arange(nt, dtype=float),
+        cadenceno=np.arange(nt), quality=quality, bin_factor=1, source_index=np.arange(npix), cropped=False,
+        n_time_full=nt,
+    )  # fmt: skip
+    t0 = D.initial_cadence(disp)
+    assert quality[t0] == 0 and np.isfinite(flux[:, t0]).all()
+    good = np.flatnonzero((quality == 0) & np.isfinite(flux).all(axis=0))
+    assert abs(np.median(flux[:, t0]) - np.median(np.median(flux[:, good], axis=0))) < 0.1  # the typical level
+    # every cadence flagged: the middle one
+    disp.quality = np.ones(nt, np.int64)
+    assert D.initial_cadence(disp) == nt // 2

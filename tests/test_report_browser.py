@@ -126,14 +126,15 @@ def test_loads_offline_without_errors(page):
 
 def test_cadence_slider_keys_and_image(site, page):
     t0 = js(page, "RPT.m.cadence_slider.value")
-    assert t0 == NT // 2
+    assert t0 == js(page, "RPT.meta.initial_cadence")  # a quality-0 frame at the typical background
     np.testing.assert_allclose(shown_frame(page), frame_of(site, t0, page)[0], equal_nan=True)
     page.mouse.click(5, 5)  # focus the page body
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
-    assert js(page, "RPT.m.cadence_slider.value") == t0 + 2
+    t2 = min(t0 + 2, NT - 1)
+    assert js(page, "RPT.m.cadence_slider.value") == t2
     page.keyboard.press("ArrowLeft")
-    assert js(page, "RPT.m.cadence_slider.value") == t0 + 1
+    assert js(page, "RPT.m.cadence_slider.value") == t2 - 1
     # drag along the slider track with the mouse: to 3/4 of its length
     box = js(
         page,
@@ -152,6 +153,28 @@ def test_cadence_slider_keys_and_image(site, page):
     np.testing.assert_allclose(new, frame_of(site, t1, page)[0], equal_nan=True)
     assert not np.allclose(new, frame_of(site, t0, page)[0], equal_nan=True)
     assert js(page, "RPT.m.span_main.location") == pytest.approx(site["time"][t1])
+
+
+def test_arrow_keys_step_one_cadence_whatever_has_focus(page):
+    """One arrow press is one cadence with the page or the cadence slider focused; with the stretch slider
+    focused the arrows move the stretch only."""
+
+    def focus(model):
+        js(page, f"Bokeh.index.get_one(RPT.m.{model}).shadow_el.querySelector('.noUi-handle').focus()")
+
+    page.mouse.click(5, 5)
+    js(page, "RPT.m.cadence_slider.value = 10")
+    t = js(page, "RPT.m.cadence_slider.value")
+    focus("cadence_slider")
+    page.keyboard.press("ArrowRight")
+    assert js(page, "RPT.m.cadence_slider.value") == t + 1
+    page.keyboard.press("ArrowLeft")
+    assert js(page, "RPT.m.cadence_slider.value") == t
+    focus("stretch_slider")
+    before = js(page, "JSON.stringify(RPT.m.stretch_slider.value)")
+    page.keyboard.press("ArrowRight")
+    assert js(page, "RPT.m.cadence_slider.value") == t
+    assert js(page, "JSON.stringify(RPT.m.stretch_slider.value)") != before
 
 
 def test_click_light_curve_seeks(site, page):

@@ -265,6 +265,25 @@ def default_aperture(
     return sel
 
 
+def initial_cadence(disp: DisplayCube) -> int:
+    """The displayed cadence a page opens on: a typical frame, not a flagged scattered-light peak.
+
+    Among cadences with QUALITY == 0 (every flag, not only the hard ones) and at least one finite pixel, the
+    one whose median pixel flux (a background proxy) is closest to the median of those medians; ties go
+    to the cadence nearest the middle. Without such a cadence: the middle one."""
+    nt = disp.flux.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = np.nanmedian(disp.flux, axis=0) if disp.flux.size else np.full(nt, np.nan)
+    good = (np.asarray(disp.quality) == 0) & np.isfinite(level)
+    if not good.any():
+        return nt // 2
+    idx = np.flatnonzero(good)
+    dist = np.abs(level[idx] - np.median(level[idx]))
+    order = np.lexsort((np.abs(idx - nt // 2), dist))
+    return int(idx[order[0]])
+
+
 def screen_stretch(values: np.ndarray, percentiles, frame: np.ndarray | None = None) -> dict:
     """Screen-stretch limits: slider range (0.2/99.8 % of the whole cube, widened to contain the
     initial limits), initial limits ``lo``/``hi`` (``percentiles`` of ``frame``, the frame shown

@@ -75,6 +75,7 @@ from workflow_lib.report.display import (
     choose_target,
     default_aperture,
     display_cube,
+    initial_cadence,
     mean_image,
     plan_display,
     screen_stretch,
@@ -270,7 +271,6 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
         cube.sizes["time"], nr, nc, n_cubes=n_cubes, extra_bytes_per_cadence=4 * sids.size * len(sets), params=p
     )
     disp = display_cube(cube, plan, centre=centre, stamp=stamp)
-    nt = disp.flux.shape[1]
     det = align_cube(fp.detrended, disp, cube) if fp.detrended is not None else None
     metrics = source_metrics(fp, sids, float(p["cdpp_hours"]))
     set_arrays = {k: align_lcset(v, sids, cube, disp.bin_factor).ravel() for k, v in sets.items()}
@@ -280,7 +280,7 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
     metrics["cdpp_common"] = common.astype(np.float64)
     # initial state
     sel0 = default_aperture(disp, cube, centre, float(p["aperture_radius"]))
-    t0 = nt // 2
+    t0 = initial_cadence(disp)  # a quality-0 frame at the typical background: the stretch is taken from it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lc0 = np.where(

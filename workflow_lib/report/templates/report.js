@@ -309,11 +309,17 @@
     RPT.download(RPT.meta.field + "_lightcurve.csv", RPT.lcCsv(), "text/csv");
   };
 
-  // keyboard: left/right arrows step one cadence (not while typing in an input)
+  // keyboard: left/right arrows step one cadence (not while typing in an input). A focused slider keeps its
+  // own keys (the cadence slider steps one cadence itself; the stretch slider moves only the stretch): the
+  // event is looked up along its composed path, since Bokeh's widgets live in shadow roots.
   document.addEventListener("keydown", function (e) {
     if (!RPT.ready) return;
     const tag = (e.target && e.target.tagName) || "";
     if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") return;
+    const path = e.composedPath ? e.composedPath() : [];
+    for (const el of path) {
+      if (el && el.getAttribute && (el.getAttribute("role") === "slider" || el.tagName === "INPUT")) return;
+    }
     if (e.key === "ArrowRight") { RPT.step(1); e.preventDefault(); }
     else if (e.key === "ArrowLeft") { RPT.step(-1); e.preventDefault(); }
   });
