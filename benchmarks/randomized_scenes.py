@@ -155,24 +155,8 @@ def signal_windows(time, template, pad):
 
 def template_snr(time, flux_rel, template, windows):
     """Amplitude c of ``template`` in ``flux_rel`` (straight baseline per window) and its error from
-    the residual scatter: returns (c, sigma_c)."""
-    ok = np.isfinite(flux_rel)
-    cols, sel_all = [], np.zeros(time.size, bool)
-    for lo, hi in windows:
-        sel = ok & (time >= lo) & (time <= hi)
-        if sel.sum() < 5:
-            continue
-        sel_all |= sel
-        cols += [sel.astype(float), sel * (time - 0.5 * (lo + hi))]
-    if not cols:
-        return np.nan, np.nan
-    A = np.column_stack(cols + [template])[sel_all]
-    y = flux_rel[sel_all]
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    dof = max(A.shape[0] - A.shape[1], 1)
-    s2 = float(np.sum((y - A @ coef) ** 2) / dof)
-    cov = s2 * np.linalg.pinv(A.T @ A)
-    return float(coef[-1]), float(np.sqrt(cov[-1, -1]))
+    the residual scatter: returns (c, sigma_c) (``workflow_lib.metrics.template_amplitude``)."""
+    return template_amplitude(time, flux_rel, template, windows, return_error=True)
 
 
 def aperture3x3(cube_flux, cube_err, rows, cols):

@@ -138,13 +138,14 @@ def white_noise_cdpp(time, flux, flux_err, hours: float, *, seed: int = 0) -> fl
     return cdpp_hours(time[ok], sim, hours)
 
 
-def template_amplitude(time, flux, template, windows, *, good=None) -> float:
+def template_amplitude(time, flux, template, windows, *, good=None, return_error: bool = False):
     """Amplitude ``c`` of a known signal shape in a light curve, fitted locally.
 
     In the time ``windows`` [(t_lo, t_hi), ...] the light curve is modelled as
     ``a_w + b_w (t - t_w) + c * template`` (a straight baseline per window, one common ``c``).
     With ``template`` the injected signal in e-/s (e.g. host flux minus its out-of-transit level),
     ``c`` is the fraction of it the light curve holds (the aperture's PRF fraction if undistorted).
+    ``return_error``: ``(c, sigma_c)``, the error from the residual scatter of the fit.
     """
     time = np.asarray(time, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
@@ -158,7 +159,11 @@ def template_amplitude(time, flux, template, windows, *, good=None) -> float:
         tc = 0.5 * (lo + hi)
         cols += [sel.astype(float), sel * (time - tc)]
     if not cols:
-        return float("nan")
+        return (float("nan"), float("nan")) if return_error else float("nan")
     A = np.column_stack(cols + [np.asarray(template, dtype=np.float64)])[sel_all]
-    coef, *_ = np.linalg.lstsq(A, flux[sel_all], rcond=None)
-    return float(coef[-1])
+    y = flux[sel_all]
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    if not return_error:
+        return float(coef[-1])
+    s2 = float(np.sum((y - A @ coef) ** 2) / max(A.shape[0] - A.shape[1], 1))
+    return float(coef[-1]), float(np.sqrt(s2 * np.linalg.pinv(A.T @ A)[-1, -1]))
