@@ -44,7 +44,6 @@ from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.data import synthetic as syn
 from workflow_lib.data import tess_prf
-from workflow_lib.data.cube import make_cube, wcs_to_header_string
 
 log = get_logger("random_scenes")
 
@@ -277,26 +276,7 @@ def simulate_scene(spec: dict, *, n_cadences: int | None = None, field: str = "s
         config={"spec": spec, "params": p},
         field=field,
     )
-    common = dict(
-        sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov, synthetic=1
-    )
-    wcs_hdr = wcs_to_header_string(src.wcs)
-    cube = make_cube(
-        flux,
-        flux_err,
-        tl.quality,
-        t,
-        tl.cadno,
-        p["corner_row"] + np.arange(nr),
-        p["corner_col"] + np.arange(nc),
-        mission="TESS",
-        wcs_header=wcs_hdr,
-        attrs=dict(
-            common,
-            exposure_s=t_exp,
-            bad_pixels=json.dumps([[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)]),
-        ),
-    )
+    cube, common, wcs_hdr = syn._cube_of(p, flux, flux_err, tl, src, bad_rc, t_exp, field, prov)
     catalog, in_cat = syn._gaia_catalog(stars, src, kinds, r_cat, field, seed)
     catalog, in_cat = _catalog_errors(catalog, in_cat, src, stars, kinds, pair_of >= 0, spec["catalog"], r_extra)
     coords = syn._truth_coords(stars, src, kinds, in_cat, tl, dict(cube["time"].attrs))

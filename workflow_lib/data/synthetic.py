@@ -886,6 +886,33 @@ def _truth_attrs(p: dict, tl: SimpleNamespace, src: SimpleNamespace, koi, signal
 # ------------------------------------------------------------------ the sector
 
 
+def _cube_of(p: dict, flux, flux_err, tl, src, bad_rc, t_exp: float, field: str, prov: str):
+    """The rendered, noisy scene as a TESS cube (``make_cube``), with the attrs every synthetic cube carries.
+
+    Returns ``(cube, common, wcs_header)``: ``common`` are the attrs the truth dataset shares."""
+    common = dict(
+        sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov, synthetic=1
+    )
+    wcs_hdr = wcs_to_header_string(src.wcs)
+    cube = make_cube(
+        flux,
+        flux_err,
+        tl.quality,
+        tl.t,
+        tl.cadno,
+        p["corner_row"] + np.arange(p["n_rows"]),
+        p["corner_col"] + np.arange(p["n_cols"]),
+        mission="TESS",
+        wcs_header=wcs_hdr,
+        attrs=dict(
+            common,
+            exposure_s=t_exp,
+            bad_pixels=json.dumps([[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)]),
+        ),
+    )
+    return cube, common, wcs_hdr
+
+
 def simulate_sector(params: dict | None = None, field: str = "synth", *, return_model: bool = False):
     """Simulate one TESS FFI cutout sector.
 
@@ -916,26 +943,7 @@ def simulate_sector(params: dict | None = None, field: str = "synth", *, return_
     prov = provenance_json(
         "download_synthetic", inputs=[f"workflow_lib/data/tess_prf/{s}" for s in grid.sources], config=p, field=field
     )
-    common = dict(
-        sector=int(p["sector"]), camera=int(p["camera"]), ccd=int(p["ccd"]), field=field, provenance=prov, synthetic=1
-    )
-    wcs_hdr = wcs_to_header_string(src.wcs)
-    cube = make_cube(
-        flux,
-        flux_err,
-        tl.quality,
-        t,
-        tl.cadno,
-        p["corner_row"] + np.arange(nr),
-        p["corner_col"] + np.arange(nc),
-        mission="TESS",
-        wcs_header=wcs_hdr,
-        attrs=dict(
-            common,
-            exposure_s=t_exp,
-            bad_pixels=json.dumps([[int(p["corner_row"] + r), int(p["corner_col"] + c)] for r, c in zip(*bad_rc)]),
-        ),
-    )
+    cube, common, wcs_hdr = _cube_of(p, flux, flux_err, tl, src, bad_rc, t_exp, field, prov)
     catalog, in_cat = _gaia_catalog(stars, src, kinds, r_cat, field, seed)
     coords = _truth_coords(stars, src, kinds, in_cat, tl, dict(cube["time"].attrs))
     truth = _truth_dataset(p, coords, flux_true, tl)
