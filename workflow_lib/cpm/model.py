@@ -368,6 +368,17 @@ def cpm_heldout_pixel(Xl, T, y, sec, lam, *, G=None, b=None):
     return tuple(res)
 
 
+def _normal_cholesky(G: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor C of the regularised normal matrix ``A = X^T X + Λ = C C^T`` (eq. 7-8)."""
+    try:
+        return np.linalg.cholesky(G + np.diag(lam))
+    except np.linalg.LinAlgError as exc:
+        raise np.linalg.LinAlgError(
+            "CPM normal matrix X^T X + Λ is not positive definite (collinear predictors with lambda_L = 0?); "
+            "use lambda_L > 0"
+        ) from exc
+
+
 def _heldout(Xt, L, y, k, lam, *, G=None, b=None):
     """Core of :func:`cpm_heldout_pixel` in the *section-padded layout*: ``Xt`` (m, k*n_max) is
     the transposed design matrix whose columns are the cadences of section 0, 1, ... each padded
@@ -380,14 +391,7 @@ def _heldout(Xt, L, y, k, lam, *, G=None, b=None):
     if G is None:
         G = Xt @ Xt.T
         b = Xt @ y
-    A = G + np.diag(lam)
-    try:
-        C = np.linalg.cholesky(A)
-    except np.linalg.LinAlgError as exc:
-        raise np.linalg.LinAlgError(
-            "CPM normal matrix X^T X + Λ is not positive definite (collinear predictors with lambda_L = 0?); "
-            "use lambda_L > 0"
-        ) from exc
+    C = _normal_cholesky(G, lam)
     w = sla.cho_solve((C, True), b, check_finite=False)
     r = y - Xt.T @ w  # full-data residual (0 at the pads)
     # Q = X C^-T (one BLAS trsm from the right, no copies); H_jj = Q_j Q_j^T = X_j A^-1 X_j^T
@@ -432,14 +436,7 @@ def _heldout_multi(Xt, L, Y, k, lam, *, G=None):
     r_ = Y.shape[1]
     if G is None:
         G = Xt @ Xt.T
-    A = G + np.diag(lam)
-    try:
-        C = np.linalg.cholesky(A)
-    except np.linalg.LinAlgError as exc:
-        raise np.linalg.LinAlgError(
-            "CPM normal matrix X^T X + Λ is not positive definite (collinear predictors with lambda_L = 0?); "
-            "use lambda_L > 0"
-        ) from exc
+    C = _normal_cholesky(G, lam)
     W = sla.cho_solve((C, True), Xt @ Y, check_finite=False)  # (m, r) full-data coefficients, eq. 7
     R = Y - Xt.T @ W  # full-data residuals (0 at the pads)
     Q = dtrsm(1.0, C, Xt.T, side=1, lower=1, trans_a=1)
