@@ -26,7 +26,7 @@ from helpers.manifest import compare, manifest
 from helpers.tally import TALLY
 
 REPO = Path(__file__).resolve().parents[2]
-FIELD = {"seed": 11, "n_rows": 20, "n_cols": 20, "n_cadences": 160, "stars_per_sq_pixel": 0.12}
+FIELD = {"seed": 11, "n_rows": 16, "n_cols": 16, "n_cadences": 100, "stars_per_sq_pixel": 0.15}
 CPM = {"k": 8, "n_predictors": 64, "sweep_lambda_L": []}
 SEED = 20261130
 
