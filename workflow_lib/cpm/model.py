@@ -616,26 +616,13 @@ def _detrend_chunk(targets, preds, counts, ystarT, Tt, k, params, gram, gramT, T
     polynomial columns in that layout.  Returns (m_sys, m_poly), each (k*n_max, ntarget).
     """
     N = ystarT.shape[1]
-    q = Tt.shape[0]
     out_sys = np.empty((N, len(targets)))
     out_poly = np.empty((N, len(targets)))
     for i, p in enumerate(targets):
         idx = preds[i, : counts[i]]
-        L = idx.size
-        lam = regularisation_diag(L, params.poly_degree, params.lambda_L, params.lambda_P)
-        Xt = np.empty((L + q, N))
-        np.take(ystarT, idx, axis=0, out=Xt[:L])
-        Xt[L:] = Tt
-        y = ystarT[p]
-        G = b = None
-        if gram is not None:
-            G = np.empty((L + q, L + q))
-            G[:L, :L] = gram[np.ix_(idx, idx)]
-            G[:L, L:] = gramT[idx]
-            G[L:, :L] = gramT[idx].T
-            G[L:, L:] = TT
-            b = np.concatenate([gram[idx, p], gramT[p]])
-        m_sys, m_poly, _ = _heldout(Xt, L, y, k, lam, G=G, b=b)
+        Xt, lam, G = _design(p, idx, ystarT, Tt, params, gram, gramT, TT)
+        b = None if gram is None else np.concatenate([gram[idx, p], gramT[p]])
+        m_sys, m_poly, _ = _heldout(Xt, idx.size, ystarT[p], k, lam, G=G, b=b)
         out_sys[:, i] = m_sys
         out_poly[:, i] = m_poly
     return out_sys, out_poly
