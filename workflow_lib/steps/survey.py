@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 
-from workflow_lib.core.atomic import atomic_path, remove_stale_tmp, write_text_atomic
+from workflow_lib.core.atomic import atomic_dir, atomic_path, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.settings import merge_settings, schema_defaults
@@ -67,19 +66,12 @@ def write_synthetic_ccd(out_dir_of_ffis, out_catalog, out_truth, params: dict | 
     """
     p = merge_settings(schema_defaults("survey.synthetic"), params, "survey.synthetic")
     out_dir = Path(out_dir_of_ffis)
-    remove_stale_tmp(out_dir)  # a killed earlier run's work directory
-    work = out_dir.parent / f".tmp-{uuid.uuid4().hex[:8]}-{out_dir.name}"  # a temporary sibling of out_dir
-    try:
-        res = write_synthetic_ffis(work / "ffi", **p)
+    with atomic_dir(out_dir) as work:  # the FFIs appear at out_dir all at once, or not at all
+        res = write_synthetic_ffis(work, **p)
         with atomic_path(out_catalog) as tmp:
             shutil.move(str(res.catalog), tmp)
         with atomic_path(out_truth) as tmp:
             shutil.move(str(res.truth), tmp)
-        if out_dir.is_dir():  # replaced whole (not atomic_path: it would clean `work` as stale debris)
-            shutil.rmtree(out_dir)
-        (work / "ffi").rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("synthetic CCD: %d FFIs in %s, catalog %s, truth %s", len(res.files), out_dir, out_catalog, out_truth)
     return {"ffi_dir": out_dir, "catalog": Path(out_catalog), "truth": Path(out_truth), "n_files": len(res.files)}
 
