@@ -67,15 +67,24 @@ def page_digest(path: Path) -> str:
     return _digest(path.read_bytes())
 
 
+def _temporary(path: Path, root: Path) -> bool:
+    """A write in progress (``atomic_path``'s ``.tmp-*`` siblings and directories): never a product."""
+    return any(".tmp-" in part for part in path.relative_to(root).parts)
+
+
+def _products(results: Path, pattern: str) -> list[Path]:
+    return [p for p in sorted(results.rglob(pattern)) if not _temporary(p, results)]
+
+
 def manifest(results: Path) -> dict[str, str]:
     results = Path(results)
     out: dict[str, str] = {}
-    for store in sorted(results.rglob("*.zarr")):
+    for store in _products(results, "*.zarr"):
         if (store / "zarr.json").is_file() and not any(p.suffix == ".zarr" for p in store.parents):
             out.update(zarr_digests(store, results))
-    for path in sorted(results.rglob("*.fits")):
+    for path in _products(results, "*.fits"):
         out.update(fits_digests(path, results))
-    for path in sorted(results.rglob("*.npz")):
+    for path in _products(results, "*.npz"):
         with np.load(path, allow_pickle=False) as npz:
             for key in sorted(npz.files):
                 if not VOLATILE.search(key):

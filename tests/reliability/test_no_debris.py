@@ -86,3 +86,19 @@ def test_cpm_write_fits_dir_is_atomic(tmp_path, monkeypatch):
         step.write_fits_dir([(_lcs([3]), "cpm"), (_lcs([4, 4]), "raw")], out)
     assert _names(tmp_path / "cpm") == ["fits"]
     assert _names(out) == ["cpm_1.fits", "cpm_2.fits", "raw_1.fits", "raw_2.fits"]
+
+
+def test_manifest_ignores_writes_in_progress(tmp_path):
+    """A kill leaves a half-written FITS inside a ``.tmp-*`` directory; the product manifest skips it."""
+    from helpers.manifest import manifest
+
+    out = tmp_path / "fits"
+    with atomic_dir(out) as tmp:
+        write_lightcurve_fits(_lcs([1, 2]), tmp, "cpm")
+    complete = manifest(tmp_path)
+    partial = tmp_path / ".fits.tmp-dead0001"
+    partial.mkdir()
+    (partial / "lc_1.fits").write_bytes(b"")  # truncated by the kill: not a FITS file
+    (tmp_path / ".tmp-dead0002-lc_2.fits").write_bytes(b"SIMPLE")
+    assert manifest(tmp_path) == complete
+    assert len(complete) >= 2
