@@ -44,15 +44,26 @@ sys.path.insert(0, str(REPO))
 CI_CONFIG = REPO / ".test" / "config-survey"
 
 
+#: the CCD measured in docs/SURVEY.md: the CI survey config at 128 x 128 px in 4 tiles of 64 px (CI itself
+#: runs a 96 x 96 CCD in 4 tiles of 48 px to save time)
+CCD_SIZE = {"n_rows": 128, "n_cols": 128}
+TILE_SIZE = 64
+
+
 def run_ci_survey(workdir: Path) -> Path:
-    """The CI survey config under snakemake in ``workdir``; returns its CCD directory."""
+    """The CI survey config at ``CCD_SIZE`` under snakemake in ``workdir``; returns its CCD directory."""
+    import yaml
+
     shutil.copytree(CI_CONFIG, workdir / "config")
+    path = workdir / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for ccd in cfg["ccds"].values():
+        ccd["synthetic"].update(CCD_SIZE)
+    cfg["survey"]["tile_size"] = TILE_SIZE
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
     subprocess.run([*cmd, "--cores", "2", "--quiet"], check=True, env=env)
-    import yaml
-
-    cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     return workdir / "results" / cfg["run"] / next(iter(cfg["ccds"]))
 
 

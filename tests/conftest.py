@@ -41,6 +41,48 @@ def survey_ci_run(tmp_path_factory) -> Path:
     return work
 
 
+#: test files that must share one pytest-xdist worker (`-n 2`, pyproject.toml): the session's one CI survey
+#: run (`survey_ci_run`) is used by the survey end-to-end and the SLURM tests, and the single-node test
+#: cluster runs one SLURM test at a time (a dask worker job would queue behind the survey's tile job)
+SHARED_WORKER = {
+    "tests/test_survey_e2e.py": "survey-and-slurm",
+    "tests/test_slurm.py": "survey-and-slurm",
+    "tests/test_dask_distributed.py": "survey-and-slurm",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that the files of SHARED_WORKER go to one worker together."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedWorkerScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_WORKER.get(path, path)
+
+    return SharedWorkerScheduling(config, log)
+
+
+def pytest_sessionfinish(session):
+    """On an xdist worker: hand this worker's reliability tally to the controller."""
+    from helpers.tally import TALLY
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["tally"] = dict(TALLY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the xdist controller: add up the workers' tallies."""
+    from helpers.tally import TALLY
+
+    TALLY.update(getattr(node, "workeroutput", {}).get("tally", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
     """The reliability tally (tests/reliability: bad inputs tried and refused, faults injected, data lost)."""
     from helpers.tally import TALLY
