@@ -28,27 +28,59 @@ def test_output() -> Path:
 @pytest.fixture(scope="session")
 def survey_ci_run(tmp_path_factory) -> Path:
     """The CI survey config (`.test/config-survey`) run locally with `--cores 2`, once per session
-    (tests/test_survey_e2e.py checks it, tests/test_slurm.py compares a SLURM run with it)."""
+    (tests/test_survey_e2e.py checks it, tests/test_slurm.py compares a SLURM run with it).
+
+    Under pytest-xdist the run directory is shared by the session's workers: the first worker to ask
+    makes it (holding a lock), a second one waits for it; tests must not change it (copy it first)."""
+    import fcntl
+    import shutil
     import time
 
-    from helpers.survey_run import snakemake, survey_workdir
+    from helpers.survey_run import CONFIG_DIR, snakemake
 
-    work = survey_workdir(tmp_path_factory, "survey_e2e")
-    t0 = time.monotonic()
-    res = snakemake(work)
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    print(f"survey e2e run: {time.monotonic() - t0:.0f} s wall")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above the workers' own
+    work, done = root / "survey_ci_run", root / "survey_ci_run.done"
+    with open(root / "survey_ci_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            shutil.copytree(CONFIG_DIR, work / "config")
+            t0 = time.monotonic()
+            res = snakemake(work)
+            assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+            done.write_text(f"{time.monotonic() - t0:.0f} s wall\n")
+        print(f"survey e2e run: {done.read_text().strip()}")
     return work
 
 
-#: test files that must share one pytest-xdist worker (`-n 2`, pyproject.toml): the session's one CI survey
-#: run (`survey_ci_run`) is used by the survey end-to-end and the SLURM tests, and the single-node test
+#: test files that must share one pytest-xdist worker (`-n 2`, pyproject.toml): the single-node test
 #: cluster runs one SLURM test at a time (a dask worker job would queue behind the survey's tile job)
 SHARED_WORKER = {
-    "tests/test_survey_e2e.py": "survey-and-slurm",
-    "tests/test_slurm.py": "survey-and-slurm",
-    "tests/test_dask_distributed.py": "survey-and-slurm",
+    "tests/test_slurm.py": "slurm",
+    "tests/test_dask_distributed.py": "slurm",
 }
+
+
+#: the longest test files (minutes each: pipeline runs), handed out first so that the two workers share
+#: them instead of one worker finishing them alone at the end (`--no-loadscope-reorder`, pyproject.toml)
+LONGEST_FIRST = (
+    "tests/test_slurm.py",
+    "tests/test_lfd_synthetic.py",
+    "tests/test_survey_e2e.py",
+    "tests/test_pipeline_e2e.py",
+    "tests/reliability/test_fault_injection.py",
+    "tests/test_deblend_detrend.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Collection order: LONGEST_FIRST, then the rest as collected (a stable sort; the order within a file
+    is kept)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True)

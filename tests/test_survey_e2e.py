@@ -9,6 +9,8 @@ compares a SLURM run of the same config with it.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,10 +101,19 @@ def test_dry_run_shows_the_tile_jobs(survey_run):
         assert rule in text, rule
 
 
-def test_dry_run_merges_without_a_failed_tile(survey_run):
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run directory with its file times and snakemake metadata (a dry run there sees the
+    same state)."""
+    dest = tmp_path / "run"
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_dry_run_merges_without_a_failed_tile(survey_run, tmp_path):
     """A tile whose LFD light curves are missing (its flux solve failed) while its directory exists: by
     default the run retries that tile before the merge; with config/allow_missing_tiles.yaml the merge of
     the LFD set goes ahead without it (the CPM merge keeps all tiles) and the tile's jobs are not requested."""
+    survey_run = _copy_of(survey_run, tmp_path)  # the shared run stays as it is (tests/conftest.py)
     ccd = out_dir(survey_run) / CCD
     tile = json.loads((ccd / "tiles.json").read_text())["tile_ids"][-1]
     lc = ccd / "tiles" / tile / "lfd" / "lightcurves.zarr"
