@@ -6,6 +6,7 @@ pipeline steps (edge -> fitted PRF -> shift motion model -> solve, and the solve
 """
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,27 @@ def test_flux_solve_step_files(tmp_path):
     t = truth["flux"].values[list(truth["source_id"].values).index(sid)]
     f = lc["flux"].values[list(lc["source_id"].values).index(sid)]
     assert abs(np.nanmedian(f / t) - 1) < 0.05  # brightest star: total flux recovered
+    # the fraction of each source's PRF on the 48 x 48 pixels, from its position: ~1 well inside, small
+    # beyond the edge (OFF_PIXELS, no FITS file); flagged sources keep their row in the zarr set
+    from workflow_lib.core.quality import LfdSourceFlag
+
+    cube = xr.open_zarr(d / "cube.zarr")
+    c0, r0 = float(cube["column"].values.min()), float(cube["row"].values.min())
+    col, row = back["column"].values, back["row"].values
+    inside = np.minimum.reduce([col - c0, row - r0, c0 + 47 - col, r0 + 47 - row])  # px from the edge
+    frac, flag = back["flux_fraction"].values, back["lfd_flag"].values
+    deep, far = inside >= 2.5, inside <= -3.0
+    assert deep.sum() > 20 and far.sum() > 0
+    assert np.all((frac[deep] > 0.9) & (frac[deep] < 1.05)), np.sort(frac[deep])[:5]
+    assert np.all(frac[far] < 0.2) and np.all(flag[far] & LfdSourceFlag.OFF_PIXELS)
+    assert not np.any(flag[deep] & LfdSourceFlag.OFF_PIXELS)
+    good = back["quality"].values == 0
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        med = np.nanmedian(back["flux"].values[:, good], axis=1)
+    assert np.all((flag != 0) == (~back["in_model"].values | (frac < 0.2) | (med <= 0)))
     fits_files = sorted((d / "fits").glob("lfd_*.fits"))
-    assert len(fits_files) == lc.sizes["source"]
+    assert len(fits_files) == int((flag == 0).sum()) < lc.sizes["source"]
+    assert {f.name for f in fits_files} == {f"lfd_{s}.fits" for s in back["source_id"].values[flag == 0]}
     lk = lightkurve.read(str(d / "fits" / f"lfd_{sid}.fits"))
     np.testing.assert_allclose(lk.flux.value, f.astype(np.float32), rtol=1e-6)

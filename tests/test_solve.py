@@ -239,3 +239,22 @@ def test_decorrelate_offsets_degree_zero_is_identity():
     t, cx, cy, flux, *_ = _jittered_lightcurves(ntime=200)
     out, coef = solve.decorrelate_offsets(t, flux, cx, cy, np.ones(t.size, bool), degree=0, window_days=1.0)
     assert np.array_equal(out, flux) and coef.size == 0
+
+
+def test_source_flags_name_what_the_data_do_not_constrain():
+    """lfd_flag bits (core.quality.LfdSourceFlag): removed by the PRF step, mostly off the pixels, median
+    flux <= 0 over good cadences; a dip on flagged-bad cadences only does not count."""
+    from workflow_lib.core.quality import LfdSourceFlag as F
+
+    ntime = 20
+    good = np.ones(ntime, bool)
+    good[:5] = False
+    flux = np.full((5, ntime), 100.0)
+    flux[1] = np.nan  # removed by the PRF step: no light curve
+    flux[3, 5:] = -3.0  # no measurable flux
+    flux[4, :5] = -1e4  # negative only on bad cadences: fine
+    in_model = np.array([True, False, True, True, True])
+    frac = np.array([0.97, 0.9, 0.05, 0.6, 0.2])
+    flag = solve.source_flags(in_model, frac, flux, good, 0.2)
+    assert flag.tolist() == [0, int(F.NOT_IN_MODEL), int(F.OFF_PIXELS), int(F.NONPOSITIVE), 0]
+    assert solve.source_flags(in_model, frac, flux, good, 0.0).tolist()[2] == 0

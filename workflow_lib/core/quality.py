@@ -7,7 +7,10 @@ bitmasks the pipeline uses, each built from the named bits (no bit value is writ
   ``KeplerQualityFlags.HARD_BITMASK``): cadences the CPM step and the aperture light curves drop;
 * :data:`DEFAULT_CDPP_BITMASK` - cadences left out of the CDPP: the pointing / exclusion bits of
   lightkurve's TESS default bitmask (without its Argabrightening, ImpulsiveOutlier and
-  BadCalibrationExclude bits).
+  BadCalibrationExclude bits);
+* :class:`LfdSourceFlag` - per-*source* flags of an LFD light-curve set (``lfd_flag``): why the data
+  cannot constrain a source's flux; a flagged source stays in the zarr set and is left out of the
+  default products (its FITS file).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ __all__ = [
     "decode_quality",
     "HARD_BITMASK",
     "DEFAULT_CDPP_BITMASK",
+    "LfdSourceFlag",
+    "LFD_SOURCE_FLAGS",
 ]
 
 
@@ -155,3 +160,22 @@ HARD_BITMASK = {"TESS": TESS_HARD_BITMASK, "Kepler": KEPLER_HARD_BITMASK, "K2": 
 DEFAULT_CDPP_BITMASK = int(
     _T.ATTITUDE_TWEAK | _T.SAFE_MODE | _T.COARSE_POINT | _T.EARTH_POINT | _T.DESAT | _T.MANUAL_EXCLUDE
 )
+
+
+class LfdSourceFlag(enum.IntFlag):
+    """Per-source flags of an LFD light-curve set (``lfd_flag``): the data do not constrain the flux.
+
+    ``NOT_IN_MODEL``: the PRF step removed the source because its mean-frame flux was significantly
+    negative (§4.4: the catalog or the model is wrong there); its light curve is all NaN.
+    ``OFF_PIXELS``: less than ``lfd.solve.min_flux_fraction`` of its PRF falls on the pixels (a star
+    centred beyond the edge): its total flux is an extrapolation from its wings.
+    ``NONPOSITIVE``: the median of its flux over good cadences is <= 0: no measurable flux.
+    """
+
+    NOT_IN_MODEL = 1 << 0
+    OFF_PIXELS = 1 << 1
+    NONPOSITIVE = 1 << 2
+
+
+#: LFD source flag bit -> display name
+LFD_SOURCE_FLAGS = _table(LfdSourceFlag)

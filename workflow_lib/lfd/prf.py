@@ -597,6 +597,14 @@ def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, 
     return sp.csr_matrix((vals, (pix, src)), shape=(npix, nsrc))
 
 
+def fraction_on_pixels(model: PRFModel, source_col, source_row, pixel_col, pixel_row) -> np.ndarray:
+    """Per source, the fraction of its PRF (normalised to a total of 1, eq. 15) that falls on the given
+    pixels: the column sums of :func:`scene_matrix`. ~1 for a star well inside a cutout, ~0.5 for one
+    centred on its edge, -> 0 beyond it."""
+    S = scene_matrix(model, source_col, source_row, pixel_col, pixel_row)
+    return np.asarray(S.sum(axis=0), float).ravel()
+
+
 def source_flux(
     S,
     data,

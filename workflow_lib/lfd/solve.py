@@ -59,6 +59,7 @@ from scipy.spatial import cKDTree
 from workflow_lib.core.linalg import robust_sigma
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map
+from workflow_lib.core.quality import LfdSourceFlag
 from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.geometry import n_terms, shift_monomials
 from workflow_lib.lfd.linsys import SolveError, build_system, solve_direct, solve_pcg
@@ -315,6 +316,29 @@ def decorrelate_offsets(
     Mc = np.where(have[:, None], M - M[iu].mean(axis=0), 0.0)
     out = flux - coef @ Mc.T
     return out, coef
+
+
+def source_flags(in_model, flux_fraction, flux, good, min_flux_fraction: float) -> np.ndarray:
+    """Per source, why the data do not constrain its flux (:class:`workflow_lib.core.quality.LfdSourceFlag`).
+
+    ``in_model`` (nsource,) bool: False where the PRF step removed the source (its mean-frame flux was
+    significantly negative, §4.4); ``flux_fraction`` (nsource,): fraction of its PRF on the pixels
+    (:func:`workflow_lib.lfd.prf.fraction_on_pixels`); ``flux`` (nsource, ntime) its light curve and
+    ``good`` (ntime,) the cadences to judge it on. Returns the ``lfd_flag`` bitmask (nsource,) int32.
+    """
+    in_model = np.asarray(in_model, bool)
+    flux = np.asarray(flux, float)
+    good = np.asarray(good, bool)
+    flag = np.zeros(in_model.size, np.int32)
+    flag[~in_model] |= int(LfdSourceFlag.NOT_IN_MODEL)
+    flag[~(np.asarray(flux_fraction, float) >= float(min_flux_fraction))] |= int(LfdSourceFlag.OFF_PIXELS)
+    sub = flux[:, good] if good.any() else flux
+    fin = np.isfinite(sub).any(axis=1)
+    med = np.full(in_model.size, np.nan)
+    if fin.any():
+        med[fin] = np.nanmedian(sub[fin], axis=1)
+    flag[fin & (med <= 0)] |= int(LfdSourceFlag.NONPOSITIVE)
+    return flag
 
 
 def contamination_ratio(S, flux):

@@ -11,6 +11,7 @@ import numpy as np
 from workflow_lib.core.atomic import atomic_dir, atomic_path, save_npz_deterministic, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
+from workflow_lib.core.quality import LFD_SOURCE_FLAGS
 from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
 from workflow_lib.data.fits_reader import validate_for_modelling
 from workflow_lib.data.gaia import read_field_catalog
@@ -21,13 +22,14 @@ from workflow_lib.lfd.geometry import background_design, scene_offsets
 from workflow_lib.lfd.io import load_edge_model, load_motion_model, save_motion_model
 from workflow_lib.lfd.motion import MotionModel, fit_field_motion, motion_factors, motion_params
 from workflow_lib.lfd.plots import plot_prf_model
-from workflow_lib.lfd.prf import PRFModel, fit_prf_model, prf_params, scene_matrix
+from workflow_lib.lfd.prf import PRFModel, fit_prf_model, fraction_on_pixels, prf_params, scene_matrix
 from workflow_lib.lfd.solve import (
     SolveError,
     blended_sources,
     contamination_ratio,
     decorrelate_offsets,
     solve_params,
+    source_flags,
     source_flux,
 )
 from workflow_lib.metrics import add_cdpp
@@ -298,6 +300,15 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p
     flux[idx] = sflux
     err[idx] = res["flux_err"]
     cols = _source_columns(f, S, mu_src)
+    # which sources the data do not constrain (lfd_flag): left out of the default products (FITS files)
+    frac = np.full(nsrc, np.nan)
+    frac[idx] = np.asarray(S.sum(axis=0), float).ravel()
+    out = ~f["active"]
+    if out.any():
+        frac[out] = fraction_on_pixels(f["model"], f["sc"][out], f["sr"][out], f["pc"], f["pr"])
+    good = np.asarray(f["table"]["quality"].values) == 0
+    cols["flux_fraction"] = frac
+    cols["lfd_flag"] = source_flags(f["active"], frac, flux, good, p["min_flux_fraction"])
     lc = lightcurve_set(
         flux,
         err,
@@ -384,9 +395,21 @@ def flux_solve_step(
     if diagnostics_npz is None:
         diagnostics_npz = Path(out_zarr).parent / "diagnostics.npz"
     write_lfd_diagnostics(diagnostics_npz, f["cube"], cat, f["model"], lc, motion_file)
+    flagged = np.asarray(lc["lfd_flag"].values) != 0
+    if flagged.any():
+        log.info(
+            "%d of %d sources flagged as not constrained by the data (lfd_flag: %s)%s",
+            flagged.sum(),
+            nsrc,
+            ", ".join(
+                f"{name} {int(((lc['lfd_flag'].values & bit) != 0).sum())}" for bit, name in LFD_SOURCE_FLAGS.items()
+            ),
+            "" if p["write_flagged_fits"] else "; no FITS files for them (lfd.solve.write_flagged_fits)",
+        )
     if p["write_fits"] and out_fits_dir is not None:
+        keep = np.ones(nsrc, bool) if p["write_flagged_fits"] else ~flagged
         with atomic_dir(out_fits_dir) as tmp:  # no partial directory, no files of an earlier run
-            paths = write_lightcurve_fits(lc, tmp, "lfd")
+            paths = write_lightcurve_fits(lc.isel(source=np.flatnonzero(keep)), tmp, "lfd")
         log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
     return lc
 
