@@ -1,4 +1,11 @@
-"""Provenance recorded in every output: input files, software versions, config hash."""
+"""Provenance recorded in every output: input files and their digests, software versions, config hash.
+
+Every product's provenance lists its inputs with a digest of each (:func:`input_digest`); a zarr store's
+digest is that of its root metadata, which holds the store's own provenance, so a change anywhere upstream
+changes the digests of everything made from it. :func:`stale_inputs` compares a product's recorded digests
+with its inputs as they are now: a product made from an input that has since changed is *stale* (the report
+leaves it out and says so; ``python -m workflow_lib.steps stale <results dir>`` lists them).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 
 from workflow_lib import __version__
 
@@ -34,6 +42,108 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: files larger than this are fingerprinted by their size and first and last MiB (raw FFIs: tens of MB each)
+_WHOLE_FILE_BYTES = 64 * 2**20
+_EDGE_BYTES = 2**20
+
+
+def input_digest(path) -> str | None:
+    """Digest of one input as it is now (None when it does not exist).
+
+    A zarr store (its directory or its ``zarr.json``): SHA-256 of the root ``zarr.json`` (array layout and
+    attrs, among them the store's provenance, so its inputs' digests). A directory of files: of its file
+    names and their digests. A file: SHA-256 of its bytes; above 64 MiB of its size and first and last MiB.
+    """
+    p = Path(path)
+    if p.name == "zarr.json":
+        p = p.parent
+    h = hashlib.sha256()
+    if (p / "zarr.json").is_file():
+        h.update((p / "zarr.json").read_bytes())
+    elif p.is_dir():
+        for f in sorted(q for q in p.iterdir() if q.is_file() and ".tmp-" not in q.name):
+            h.update(f.name.encode() + b"\0" + (input_digest(f) or "").encode())
+    elif p.is_file():
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            if size <= _WHOLE_FILE_BYTES:
+                for block in iter(lambda: fh.read(2**20), b""):
+                    h.update(block)
+            else:
+                h.update(str(size).encode() + fh.read(_EDGE_BYTES))
+                fh.seek(size - _EDGE_BYTES)
+                h.update(fh.read())
+    else:
+        return None
+    return h.hexdigest()[:16]
+
+
+def stale_inputs(prov) -> list[str]:
+    """The inputs of a product (its provenance record, dict or JSON string) that are missing or differ from
+    the digests recorded when it was made; empty for a product that is up to date or recorded no digests.
+    Paths are taken as recorded (relative ones from the current directory, as the rules run)."""
+    rec = json.loads(prov) if isinstance(prov, str) else dict(prov or {})
+    digests = rec.get("input_digests") or {}
+    return [path for path, want in digests.items() if want is not None and input_digest(path) != want]
+
+
+def _recorded_provenance(path: Path):
+    """The provenance a product records (zarr attrs, npz key, JSON key, ECSV meta), or None."""
+    try:
+        if path.name == "zarr.json":
+            return (json.loads(path.read_text()).get("attributes") or {}).get("provenance")
+        if path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as z:
+                return str(z["provenance"]) if "provenance" in z.files else None
+        if path.suffix == ".json":
+            rec = json.loads(path.read_text())
+            return rec.get("provenance") if isinstance(rec, dict) else None
+        if path.suffix == ".ecsv":
+            from astropy.table import Table
+
+            return Table.read(path, format="ascii.ecsv").meta.get("provenance")
+    except Exception:  # noqa: BLE001 - an unreadable product is not this check's business
+        return None
+    return None
+
+
+def stale_products(root) -> list[tuple[str, list[str]]]:
+    """Every product under ``root`` (zarr stores, npz, JSON and ECSV files with a provenance record) made
+    from inputs that are missing or have changed since, with those inputs: ``[(product, [inputs])]``.
+    Paths recorded relative are resolved from the current directory (run it where snakemake ran)."""
+    root = Path(root)
+    out = []
+    for path in sorted(root.rglob("*")):
+        if ".tmp-" in str(path) or not path.is_file():
+            continue
+        if path.name == "zarr.json" and any(q.suffix == ".zarr" for q in path.parents if q != path.parent):
+            continue  # an array of a store, not the store
+        if path.name != "zarr.json" and path.suffix not in (".npz", ".json", ".ecsv"):
+            continue
+        rec = _recorded_provenance(path)
+        stale = stale_inputs(rec) if rec else []
+        if stale:
+            out.append((str(path.parent if path.name == "zarr.json" else path), stale))
+    return out
+
+
+def report_stale(root) -> list[tuple[str, list[str]]]:
+    """Command ``stale``: print every stale product under ``root`` (:func:`stale_products`) with the inputs
+    that changed, and a one-line summary on stderr when there is one; returns them."""
+    import sys
+
+    found = stale_products(root)
+    for product, inputs in found:
+        print(f"stale: {product} (made from an earlier {', '.join(inputs)})")
+    if found:
+        sys.stderr.write(f"{len(found)} stale product(s) under {root}: rerun snakemake there to remake them\n")
+    else:
+        print(f"no stale products under {root}")
+    return found
+
+
 def provenance(step: str, inputs=(), config: dict | None = None, **extra) -> dict:
     """A provenance record for one pipeline step.
 
@@ -42,6 +152,7 @@ def provenance(step: str, inputs=(), config: dict | None = None, **extra) -> dic
     rec = {
         "step": step,
         "inputs": [str(p) for p in inputs],
+        "input_digests": {str(p): input_digest(p) for p in inputs},
         "software": software_versions(),
         "config_hash": config_hash(config or {}),
         "config": config or {},

@@ -22,6 +22,7 @@ import xarray as xr
 from astropy.table import Table
 
 from workflow_lib.core.logs import get_logger
+from workflow_lib.core.provenance import stale_inputs
 from workflow_lib.data.cube import CubeError, open_cube
 from workflow_lib.lfd.diagnostics import unpack_diagnostics
 
@@ -54,6 +55,17 @@ class FieldProducts:
     notes: list = dc_field(default_factory=list)
 
 
+def is_stale(path: Path, ds, notes: list) -> bool:
+    """True when the product ``ds`` at ``path`` was made from inputs that have changed since (its provenance's
+    input digests, :func:`workflow_lib.core.provenance.stale_inputs`): it is left out of the page, with a
+    note naming the inputs, so products of different inputs are never shown side by side as one run."""
+    stale = stale_inputs(ds.attrs.get("provenance"))
+    if stale:
+        notes.append(f"{path}: stale, made from an earlier {', '.join(stale)}; left out (rerun its rule)")
+        log.warning("%s: stale (inputs changed since: %s); left out", path, ", ".join(stale))
+    return bool(stale)
+
+
 def _open_lcset(path: Path, notes: list) -> xr.Dataset | None:
     if not path.exists():
         return None
@@ -62,11 +74,11 @@ def _open_lcset(path: Path, notes: list) -> xr.Dataset | None:
         for v in ("flux", "source_id"):
             if v not in ds:
                 raise ValueError(f"missing {v!r}")
-        return ds
     except Exception as exc:  # a half-finished stage must not break the report
         notes.append(f"{path}: unreadable light-curve set ({exc}); section skipped")
         log.warning("%s: unreadable light-curve set (%s); skipped", path, exc)
         return None
+    return None if is_stale(path, ds, notes) else ds
 
 
 def find_cpm_dir(field_dir: Path, paramset: str | None = None) -> Path | None:
@@ -132,6 +144,8 @@ def _load_cpm(fp: FieldProducts, field_dir: Path, cpm_paramset: str | None) -> N
             fp.detrended = open_cube(det, validate=False)
             if "flux" not in fp.detrended:
                 raise CubeError("no flux variable")
+            if is_stale(det, fp.detrended, fp.notes):
+                fp.detrended = None
         except Exception as exc:
             fp.detrended = None
             fp.notes.append(f"{det}: unreadable de-trended cube ({exc})")

@@ -52,6 +52,11 @@ STEPS = {
     "survey-merge": ("workflow_lib.steps.survey", "merge_tiles_step", "merge per-tile light curves of a CCD"),
     "survey-table": ("workflow_lib.steps.survey", "survey_table_step", "per-CCD source table of every set"),
     "report-survey": ("workflow_lib.report.survey", "write_survey_report", "HTML overview page of a CCD"),
+    "stale": (
+        "workflow_lib.core.provenance",
+        "report_stale",
+        "list products made from inputs that changed since (exit 1 if any)",
+    ),
 }
 
 
@@ -251,6 +256,12 @@ def call_report_index(f, a, p):
     f(a.summaries, a.out, config=p, bench_dir=a.bench_dir, run=a.run, ccds=ccds)
 
 
+def call_stale(f, a, p):
+    check_inputs(results=a.results)
+    if f(a.results):
+        raise SystemExit(1)  # stale products found (listed on stdout): exit status 1, no traceback
+
+
 def name_paths(items, option: str) -> dict:
     """``NAME=PATH`` arguments -> {name: path} (zarr stores given by zarr.json -> the directory)."""
     out = {}
@@ -404,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     req(sp, "--field-dir", "--out", "--summary")
     sp.add_argument("--field")
 
+    sp = step("stale", "none")
+    sp.add_argument("results", metavar="DIR", help="a results directory (run from where snakemake ran)")
     sp = step("report-index", "the run's config (shown on the page)")
     sp.add_argument("--summaries", nargs="*", default=[], metavar="PATH", help="field summary JSON files")
     sp.add_argument(
