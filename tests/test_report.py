@@ -615,3 +615,19 @@ def test_initial_cadence_is_a_typical_quality_zero_frame():
     # every cadence flagged: the middle one
     disp.quality = np.ones(nt, np.int64)
     assert D.initial_cadence(disp) == nt // 2
+
+
+def test_flagged_sources_are_marked_and_have_no_lfd_cdpp(field):
+    """A source the data do not constrain (the LFD set's lfd_flag, core.quality.LfdSourceFlag) is marked in
+    the source table and shows no LFD CDPP (an off-cutout source's frozen flux would top the CDPP sort)."""
+    from workflow_lib.core.quality import LfdSourceFlag
+
+    fp = P.load_field_products(field)
+    flag = np.array([0, int(LfdSourceFlag.OFF_PIXELS | LfdSourceFlag.NONPOSITIVE), 0], np.int32)
+    fp.lfd = fp.lfd.assign_coords(lfd_flag=("source", flag))
+    html, _ = R.build_field_page(fp)
+    s = R.embedded_sources(html)["sources"]
+    np.testing.assert_array_equal(np.asarray(s["lfd_flag"], float)[:3], flag)
+    assert np.isnan(s["lfd_flag"][3])  # not in the LFD set
+    assert np.isnan(s["cdpp_lfd"][1]) and np.isfinite(s["cdpp_lfd"][[0, 2]]).all()
+    assert "LFD flag" in json.dumps(R.embedded_documents(html))

@@ -185,7 +185,8 @@ def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: f
 
 
 def source_table(src, hours: float):
-    """Sortable table of the sources: Gaia id (link), G, position, contamination, CDPPs."""
+    """Sortable table of the sources: Gaia id (link), G, position, contamination, LFD flag (why the data do not
+    constrain the source's flux: core.quality.LfdSourceFlag; such a source has no LFD CDPP), CDPPs."""
     from bokeh.models import DataTable, HTMLTemplateFormatter, NumberFormatter, TableColumn
 
     num = NumberFormatter(format="0.000", nan_format="—")
@@ -197,6 +198,15 @@ def source_table(src, hours: float):
         TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=70),
         TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=70),
         TableColumn(field="contamination", title="contamination", formatter=num, width=90),
+        TableColumn(
+            field="lfd_flag",
+            title="LFD flag",
+            width=120,
+            formatter=HTMLTemplateFormatter(
+                template="<%= (value & 1 ? 'not in model ' : '') + (value & 2 ? 'off pixels ' : '') + "
+                "(value & 4 ? 'flux <= 0' : '') %>"
+            ),
+        ),
         TableColumn(field="cdpp_raw", title=f"CDPP{hours:g}h raw [ppm]", formatter=cdppf, width=110),
         TableColumn(field="cdpp_lfd", title=f"CDPP{hours:g}h LFD [ppm]", formatter=cdppf, width=110),
         TableColumn(field="cdpp_cpm", title=f"CDPP{hours:g}h CPM [ppm]", formatter=cdppf, width=110),

@@ -245,14 +245,19 @@ def source_metrics(fp: FieldProducts, sids: np.ndarray, hours: float) -> dict:
     """Per-source columns of the source table, as the light-curve sets carry them: LFD
     contamination and pixel count, the ``hours`` CDPP of the RAW, LFD, CPM and deblended (LFD+CPM) sets."""
     labels = {"raw": "RAW", "lfd": "LFD", "cpm": "CPM", "dbl": "LFD+CPM"}
-    return {
+    out = {
         "contamination": source_values(fp.lfd, sids, "contamination"),
         "n_pixels": source_values(fp.lfd, sids, "n_pixels"),
+        "lfd_flag": source_values(fp.lfd, sids, "lfd_flag"),
         **{
             f"cdpp_{k}": cdpp_values(lc, sids, hours, labels[k], fp.notes)
             for k, lc in (("raw", fp.cpm_raw), ("lfd", fp.lfd), ("cpm", fp.cpm), ("dbl", fp.deblended))
         },
     }
+    # a source whose flux the data do not constrain (lfd_flag: core.quality.LfdSourceFlag) has no LFD CDPP to
+    # show or to sort by (a frozen off-cutout flux would top the sort with a few ppm)
+    out["cdpp_lfd"] = np.where(out["lfd_flag"] > 0, np.nan, out["cdpp_lfd"])
+    return out
 
 
 def field_view(fp: FieldProducts, p: dict) -> FieldView:
