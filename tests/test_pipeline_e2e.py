@@ -172,3 +172,31 @@ def test_rules_run_the_step_command_line(tiny_run):
     for log in logs:
         text = log.read_text()
         assert " INFO workflow_lib: start " in text and " INFO workflow_lib: done " in text, log
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width, height", [(1366, 768), (1920, 1080)])
+def test_field_page_screenshots(tiny_run, test_output, width, height):
+    """The pipeline's own field page in headless Chromium at two common screen sizes, offline: it becomes
+    interactive without errors and without requests beyond the folder; the screenshots are saved for
+    docs/REPORTS.md (tests/output/report_tiny_<w>x<h>.png)."""
+    from test_report_browser import ARGS, CHROMIUM, sync_playwright
+
+    if sync_playwright is None or CHROMIUM is None:
+        pytest.skip("playwright or Debian chromium missing")
+    html = tiny_run / "results" / "ci-tiny" / "report" / "tiny.html"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+        errors, requests = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(html.as_uri())
+        page.wait_for_selector("body[data-rpt-ready='1']", timeout=60_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(test_output / f"report_tiny_{width}x{height}.png"))
+        assert page.evaluate("RPT.errors") == [] and errors == [], errors
+        browser.close()
+    assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in requests), requests
+    assert (test_output / f"report_tiny_{width}x{height}.png").stat().st_size > 10_000
