@@ -5,11 +5,12 @@
 import json
 import os
 import shlex
+import sys
 
 from snakemake.utils import validate
 
 from workflow_lib.core.paths import results_path
-from workflow_lib.core.settings import SCHEMA_PATH, check_config
+from workflow_lib.core.settings import SCHEMA_PATH, ConfigError, check_config
 
 
 configfile: "config/config.yaml"
@@ -17,7 +18,12 @@ configfile: "config/config.yaml"
 
 # one-line errors for unknown keys (with the nearest valid spelling), a config without fields or ccds,
 # unknown CPM parameter sets or stitch fields; then types and defaults from the schema
-check_config(config)
+# (one line on stderr and exit status 1, no traceback: the message names the key and the fix)
+try:
+    check_config(config)
+except ConfigError as exc:
+    sys.stderr.write(f"error: {exc}\n")
+    sys.exit(1)
 validate(config, schema=str(SCHEMA_PATH))
 
 # every output lies under results/<run>/: run and field names that would resolve elsewhere are refused

@@ -106,3 +106,26 @@ def test_paramset_names_agree_with_cpm():
 
     for cpm in ({}, {"sweep_lambda_L": [1.0, 0.1, 100, 1e-3]}):
         assert _paramset_names(cpm) == paramset_names(cpm)
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("lfd: {solv: {}}", "error: config: unknown key 'lfd.solv'; did you mean 'lfd.solve'?"),
+        ("cpm: {k: many}", "error: config: cpm.k: 'many' is not of type 'integer'"),
+    ],
+)
+def test_snakemake_prints_one_line_for_a_bad_config(tmp_path, override, line):
+    """Through Snakemake itself (not only check_config): exit status 1 and one line on stderr, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "bad.yaml").write_text(f"run: bad_config_test\n{override}\n")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "-n"]
+    cmd += ["--configfile", str(repo / "config" / "config.yaml"), str(tmp_path / "bad.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [line], res.stderr
+    assert not (tmp_path / "results").exists()

@@ -60,6 +60,10 @@ STEPS = {
 }
 
 
+#: commands for people, which no rule runs
+TOOLS = ("stale",)
+
+
 #: the schema section a step's ``--params`` are checked against (unknown keys, types, ranges), and keys
 #: it accepts besides that section's own: a field's keys merged over the run-wide ones (rules/common.smk
 #: field_params). Steps not listed take small ad-hoc settings checked by the step itself.
