@@ -271,6 +271,15 @@ CASES = {
         _download_local(_spoiled_fits(edit=lambda h: [_set(i, "TELESCOP", "HUBBLE")(h) for i in (0, 1)])),
         "6x6_astrocut",
     ),
+    # position keywords that contradict themselves (the S1 file: WCS 5.4 deg off, first row -856)
+    "fits-wcs-far-from-target": (
+        _download_local(_spoiled_fits(edit=lambda h: _set(2, "CRVAL2", h[2].header["CRVAL2"] + 5.4)(h))),
+        "6x6_astrocut",
+    ),
+    "fits-negative-ccd-row": (  # the row of every column (FLUX is column 5 of this astrocut table)
+        _download_local(_spoiled_fits(edit=lambda h: [_set(1, f"2CRV{i}P", -856)(h) for i in range(4, 10)])),
+        "6x6_astrocut",
+    ),
     "fits-missing-file": (
         lambda t, g, s: _local_argv({"files": [str(t / "nowhere.fits")]}),
         "nowhere.fits",

@@ -349,6 +349,44 @@ def _tpf_ccd_position(theader, fcol: int, ap_header, table_name: str, nrow: int,
     return row, column
 
 
+#: a header target this many pixels outside its own stamp means the WCS or the target keywords are wrong
+MAX_TARGET_OFFSET_PX = 10.0
+
+
+def _check_stamp_position(row, column, wcs: str, attrs: dict, keys: str, path: Path) -> None:
+    """Refuse a stamp whose position keywords contradict themselves: CCD rows or columns below 0 (no detector
+    pixel; ``keys`` name the keywords), or a header target (RA_OBJ/DEC_OBJ) that the stamp's own WCS puts
+    more than ``MAX_TARGET_OFFSET_PX`` pixels outside the stamp (a cutout is centred on its target)."""
+    if row.min() < 0 or column.min() < 0:
+        raise CubeError(
+            f"{path}: the stamp's first CCD row / column is {int(row.min())} / {int(column.min())} ({keys}): "
+            "no detector has negative pixel coordinates; the file's position keywords are wrong"
+        )
+    if not wcs or "ra_obj" not in attrs or min(row.size, column.size) < 2:
+        return  # (astrocut fits a 1-pixel stamp's WCS from that pixel alone: degenerate, not checkable)
+    import warnings
+
+    from astropy.coordinates import SkyCoord
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = WCS(fits.Header.fromstring(wcs, sep="\n"))
+        target = SkyCoord(attrs["ra_obj"], attrs["dec_obj"], unit="deg")
+        x, y = (float(v) for v in w.world_to_pixel(target))
+        centre = w.pixel_to_world((column.size - 1) / 2, (row.size - 1) / 2)
+    if not (np.isfinite(x) and np.isfinite(y)):
+        return
+    dx = max(0.0, -0.5 - x, x - (column.size - 0.5))
+    dy = max(0.0, -0.5 - y, y - (row.size - 0.5))
+    off = float(np.hypot(dx, dy))
+    if off > MAX_TARGET_OFFSET_PX:
+        raise CubeError(
+            f"{path}: its WCS puts the header target (RA_OBJ, DEC_OBJ = {attrs['ra_obj']:.5f}, {attrs['dec_obj']:.5f}) "
+            f"{off:.0f} px outside the {row.size} x {column.size} stamp, {centre.separation(target).deg:.2f} deg from "
+            "its centre: the WCS or the target keywords are wrong"
+        )
+
+
 def _tpf_aperture(ap_hdu, nrow: int, ncol: int, path: Path):
     """The pipeline aperture bits (zeros when the file has no APERTURE image)."""
     if ap_hdu is not None and ap_hdu.data is not None:
@@ -418,6 +456,7 @@ def _read_tpf(hdul, table: fits.BinTableHDU, path: Path) -> xr.Dataset:
     aperture = _tpf_aperture(ap_hdu, nrow, ncol, path)
     arrays = _drop_nan_times(arrays, path)
     attrs = _tpf_attrs(primary, theader, table, mission, aperture, path)
+    _check_stamp_position(row, column, wcs, attrs, f"2CRV{fcol}P/1CRV{fcol}P", path)
     ds = make_cube(
         arrays["flux"],
         arrays["flux_err"],
