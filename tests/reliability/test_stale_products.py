@@ -62,3 +62,34 @@ def test_stale_set_left_out_of_the_page_and_listed_by_the_cli(tmp_path, capsys):
     cap = capsys.readouterr()
     assert f"stale: {lfd} (made from an earlier {cat})" in cap.out
     assert "1 stale product(s)" in cap.err.strip().splitlines()[-1]  # after the progress lines
+
+
+def test_index_marks_a_field_page_built_from_products_changed_since(tmp_path):
+    """The field summary records the products its page was built from; the index marks the page stale
+    when one of them has changed since (issue 14: no products of different inputs presented as one run)."""
+    import shutil
+    from pathlib import Path
+
+    from test_report import make_field
+
+    from workflow_lib.report import page as R
+
+    field = make_field(tmp_path / "f")
+    out = tmp_path / "report"
+    summary = R.write_field_report(field, out / "fieldA.html", out / "fieldA.json", {}, field="fieldA")
+    shown = summary["provenance"]["inputs"]
+    assert str(field / "lfd" / "lightcurves.zarr") in shown and str(field / "cube.zarr") in shown
+    R.write_index_report([out / "fieldA.json"], out / "index.html", config={}, run="t")
+    assert "stale" not in (out / "index.html").read_text()
+
+    # the LFD set remade after the page, with another config (its provenance, hence its digest, changes: a
+    # store's digest is that of its metadata, so a store rewritten with the same provenance is not "changed")
+    lfd = Path(field) / "lfd" / "lightcurves.zarr"
+    ds = xr.open_zarr(lfd).load()
+    ds["flux"] = ds["flux"] * 1.01
+    ds.attrs["provenance"] = provenance_json("lfd_flux_solve", inputs=[], config={"prior_sigma_factor": 5.0})
+    shutil.rmtree(lfd)
+    write_zarr_atomic(ds, lfd)
+    R.write_index_report([out / "fieldA.json"], out / "index.html", config={}, run="t")
+    idx = (out / "index.html").read_text()
+    assert "stale: this page was built from products that have changed since" in idx and str(lfd) in idx

@@ -2,7 +2,8 @@
 
 Every product's provenance lists its inputs with a digest of each (:func:`input_digest`); a zarr store's
 digest is that of its root metadata, which holds the store's own provenance, so a change anywhere upstream
-changes the digests of everything made from it. :func:`stale_inputs` compares a product's recorded digests
+changes the digests of everything made from it (a store rewritten by the same code from the same inputs
+and config is, rightly, not seen as changed: it holds the same values). :func:`stale_inputs` compares a product's recorded digests
 with its inputs as they are now: a product made from an input that has since changed is *stale* (the report
 leaves it out and says so; ``python -m workflow_lib.steps stale <results dir>`` lists them).
 """

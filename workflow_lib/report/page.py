@@ -81,6 +81,7 @@ from workflow_lib.report.display import (
     screen_stretch,
 )
 from workflow_lib.report.products import (
+    DEBLENDED,
     FieldProducts,
     cdpp_common_set,
     cdpp_values,
@@ -637,6 +638,16 @@ def _jsonable(v):
     return v
 
 
+def _shown_products(field_dir, fp: FieldProducts) -> list[Path]:
+    """The products of ``field_dir`` a field page is built from (those that exist)."""
+    field_dir = Path(field_dir)
+    paths = [field_dir / n for n in ("cube.zarr", "catalog.ecsv", "lfd/lightcurves.zarr", "lfd/diagnostics.npz")]
+    if fp.cpm_paramset:
+        cdir = field_dir / "cpm" / fp.cpm_paramset
+        paths += [cdir / n for n in ("lightcurves.zarr", "raw_lightcurves.zarr", DEBLENDED, "detrended.zarr")]
+    return [x for x in paths if x.exists()]
+
+
 def write_field_report(
     field_dir, out_html, out_summary, params: dict | None = None, *, field: str | None = None
 ) -> dict:
@@ -654,6 +665,8 @@ def write_field_report(
         fp.detrended is not None,
     )
     html, summary = build_field_page(fp, p)
+    # what the page was built from, with digests: the index says when one of them has changed since
+    summary["provenance"] = provenance.provenance("report_field", inputs=_shown_products(field_dir, fp), config=p)
     write_text_atomic(html, out_html)
     write_text_atomic(json.dumps(summary, indent=1, sort_keys=True), out_summary)
     d = summary["display"]
@@ -727,6 +740,14 @@ def write_index_report(
     """Snakemake entry point: the index page from the field summaries, the survey CCDs' source tables
     (``ccds``: CCD name -> ``merged/sources.ecsv``; each links its overview page) and the benchmarks."""
     summaries = [json.loads(Path(s).read_text()) for s in summary_paths]
+    for summary in summaries:  # a page built from products that have changed since is marked stale
+        stale = provenance.stale_inputs(summary.get("provenance"))
+        if stale:
+            summary.setdefault("notes", []).append(
+                f"stale: this page was built from products that have changed since ({', '.join(stale)}); "
+                "rerun snakemake to rebuild it"
+            )
+            log.warning("index: the page of %s is stale (%s changed)", summary.get("field"), ", ".join(stale))
     ccd_rows = [ccd_summary(name, path) for name, path in (ccds or {}).items()]
     bench = read_benchmarks(bench_dir) if bench_dir and Path(bench_dir).is_dir() else []
     log.info("index: %d fields, %d CCDs, %d benchmark files", len(summaries), len(ccd_rows), len(bench))
