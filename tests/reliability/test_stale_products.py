@@ -93,3 +93,30 @@ def test_index_marks_a_field_page_built_from_products_changed_since(tmp_path):
     R.write_index_report([out / "fieldA.json"], out / "index.html", config={}, run="t")
     idx = (out / "index.html").read_text()
     assert "stale: this page was built from products that have changed since" in idx and str(lfd) in idx
+
+
+def test_fits_headers_carry_the_config_and_inputs_hashes(tmp_path):
+    """A light curve's FITS file names what it was made from: CFGHASH (the step's config) and INPHASH (the
+    digests of its inputs), which changes when an input changes."""
+    from astropy.io import fits
+
+    from workflow_lib.data.lightcurves import write_lightcurve_fits
+
+    cat = tmp_path / "catalog.ecsv"
+    heads = []
+    for text in ("1\n", "2\n"):
+        cat.write_text("# %ECSV 1.0\nsource_id\n" + text)
+        lc = xr.Dataset(
+            {"flux": (("source", "time"), np.ones((1, 3))), "flux_err": (("source", "time"), np.ones((1, 3)))},
+            coords={
+                "source_id": ("source", np.array([7], np.int64)),
+                "time": np.arange(3.0) + 1500.0,
+                "cadenceno": ("time", np.arange(3)),
+                "quality": ("time", np.zeros(3, np.int32)),
+            },
+            attrs={"method": "LFD", "provenance": provenance_json("s", inputs=[str(cat)], config={"a": 1})},
+        )
+        (path,) = write_lightcurve_fits(lc, tmp_path / text.strip(), "lfd")
+        heads.append(fits.getheader(path, 0))
+    assert heads[0]["CFGHASH"] == heads[1]["CFGHASH"] == provenance("s", config={"a": 1})["config_hash"]
+    assert len(heads[0]["INPHASH"]) == 16 and heads[0]["INPHASH"] != heads[1]["INPHASH"]

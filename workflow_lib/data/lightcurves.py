@@ -116,6 +116,9 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
         except (TypeError, ValueError):
             pass
         h["CFGHASH"] = (_config_hash(prov), "pipeline config hash")
+        inputs = _inputs_hash(prov)
+        if inputs:
+            h["INPHASH"] = (inputs, "hash of the input digests (provenance)")
     tsys = lc.attrs.get("time_system", "BTJD")
     offset = float(lc.attrs.get("time_offset", 2457000.0))
     cols = [
@@ -150,6 +153,19 @@ def _extra_columns(lc: xr.Dataset, index: int) -> list:
         unit = "e-/s" if v.attrs.get("units") == "electron / s" else v.attrs.get("units")
         out.append(fits.Column(name=str(name).upper(), format="E", unit=unit, array=arr))
     return out
+
+
+def _inputs_hash(prov: str) -> str:
+    """A short hash of the input digests a product's provenance records ('' when it records none)."""
+    import hashlib
+
+    try:
+        digests = json.loads(prov).get("input_digests")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    if not digests:
+        return ""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _config_hash(prov: str) -> str:
