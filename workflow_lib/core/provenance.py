@@ -48,6 +48,24 @@ _WHOLE_FILE_BYTES = 64 * 2**20
 _EDGE_BYTES = 2**20
 
 
+_SHA256: dict = {}
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1-MiB blocks. Remembered per (path, size, mtime) for the
+    life of the process, so a step that records a file's checksum and its digest reads the file once."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(2**20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
 def input_digest(path) -> str | None:
     """Digest of one input as it is now (None when it does not exist).
 
@@ -66,14 +84,12 @@ def input_digest(path) -> str | None:
             h.update(f.name.encode() + b"\0" + (input_digest(f) or "").encode())
     elif p.is_file():
         size = p.stat().st_size
+        if size <= _WHOLE_FILE_BYTES:
+            return file_sha256(p)[:16]
         with open(p, "rb") as fh:
-            if size <= _WHOLE_FILE_BYTES:
-                for block in iter(lambda: fh.read(2**20), b""):
-                    h.update(block)
-            else:
-                h.update(str(size).encode() + fh.read(_EDGE_BYTES))
-                fh.seek(size - _EDGE_BYTES)
-                h.update(fh.read())
+            h.update(str(size).encode() + fh.read(_EDGE_BYTES))
+            fh.seek(size - _EDGE_BYTES)
+            h.update(fh.read())
     else:
         return None
     return h.hexdigest()[:16]

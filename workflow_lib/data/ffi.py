@@ -60,7 +60,7 @@ from astropy.io import fits
 from workflow_lib.core.atomic import atomic_path, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.parallel import dask_map
-from workflow_lib.core.provenance import provenance_json
+from workflow_lib.core.provenance import file_sha256, provenance_json
 from workflow_lib.data.cube import CubeError, make_cube
 from workflow_lib.data.fits_reader import (
     _celestial_wcs_string,
@@ -68,7 +68,6 @@ from workflow_lib.data.fits_reader import (
     _float_or_none,
     _int_or_none,
     _kw,
-    _sha256,
 )
 
 log = get_logger("ffi")
@@ -825,7 +824,7 @@ def ingest_ffis(
     )
     extra = {"input_sizes": {f.name: f.size for f in frames}}
     if checksums:
-        extra["input_sha256"] = {f.name: _sha256(Path(f.path)) for f in frames}
+        extra["input_sha256"] = {f.name: file_sha256(f.path) for f in frames}
     prov = provenance_json(
         "ingest_ffi",
         inputs=[Path(f.path) for f in frames],

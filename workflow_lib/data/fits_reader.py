@@ -20,7 +20,6 @@ Public API: :func:`read_fits_cube`, :func:`read_field`, :func:`validate_for_mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from workflow_lib.core.logs import get_logger
-from workflow_lib.core.provenance import provenance_json
+from workflow_lib.core.provenance import file_sha256, provenance_json
 from workflow_lib.data.cube import (
     TIME_SYSTEMS,
     CubeError,
@@ -745,14 +744,6 @@ def local_files(local_params: dict) -> list[Path]:
     return unique
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_cube_with_provenance(ds: xr.Dataset, files, out_cube, *, field: str, step: str, config: dict) -> Path:
     """Add field name and provenance (inputs with checksums, versions, config) to attrs; write atomically."""
     files = [Path(f) for f in files]
@@ -762,7 +753,7 @@ def write_cube_with_provenance(ds: xr.Dataset, files, out_cube, *, field: str, s
         inputs=files,
         config=config,
         field=field,
-        input_sha256={str(f): _sha256(f) for f in files},
+        input_sha256={str(f): file_sha256(f) for f in files},
     )
     try:
         validate_for_modelling(ds, field)
