@@ -17,6 +17,7 @@ A light-curve set (LFD, CPM aperture, raw aperture) is stored as zarr with::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -110,14 +111,13 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
                 h[key] = (v, name)
     prov = lc.attrs.get("provenance")
     if prov:
-        try:
-            sw = json.loads(prov).get("software", {})
-            h["PIPEVER"] = (str(sw.get("workflow_lib")), "pipeline version")
-        except (TypeError, ValueError):
-            pass
-        h["CFGHASH"] = (_config_hash(prov), "pipeline config hash")
-        inputs = _inputs_hash(prov)
-        if inputs:
+        rec = _provenance_record(prov)  # parsed once, not once per keyword
+        if rec is not None:
+            h["PIPEVER"] = (str(rec.get("software", {}).get("workflow_lib")), "pipeline version")
+        h["CFGHASH"] = (str((rec or {}).get("config_hash", "")), "pipeline config hash")
+        digests = (rec or {}).get("input_digests")
+        if digests:
+            inputs = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
             h["INPHASH"] = (inputs, "hash of the input digests (provenance)")
     tsys = lc.attrs.get("time_system", "BTJD")
     offset = float(lc.attrs.get("time_offset", 2457000.0))
@@ -155,24 +155,13 @@ def _extra_columns(lc: xr.Dataset, index: int) -> list:
     return out
 
 
-def _inputs_hash(prov: str) -> str:
-    """A short hash of the input digests a product's provenance records ('' when it records none)."""
-    import hashlib
-
+def _provenance_record(prov: str) -> dict | None:
+    """A product's provenance record (the JSON string of its attrs), or None when it is not a JSON object."""
     try:
-        digests = json.loads(prov).get("input_digests")
-    except (TypeError, ValueError, AttributeError):
-        return ""
-    if not digests:
-        return ""
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _config_hash(prov: str) -> str:
-    try:
-        return str(json.loads(prov).get("config_hash", ""))
+        rec = json.loads(prov)
     except (TypeError, ValueError):
-        return ""
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def write_lightcurve_fits(lc: xr.Dataset, outdir: str | Path, prefix: str) -> list[Path]:
