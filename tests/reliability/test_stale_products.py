@@ -8,7 +8,7 @@ import xarray as xr
 
 from workflow_lib.core.provenance import input_digest, provenance, provenance_json, stale_inputs, stale_products
 from workflow_lib.data.cube import write_zarr_atomic
-from workflow_lib.report.products import _open_lcset
+from workflow_lib.report.products import FieldProducts, _open_lcset
 from workflow_lib.steps.__main__ import main as steps_main
 
 
@@ -48,13 +48,14 @@ def test_stale_set_left_out_of_the_page_and_listed_by_the_cli(tmp_path, capsys):
     cat.write_text("# %ECSV 1.0\nsource_id\n1\n")
     lfd = tmp_path / "lfd" / "lightcurves.zarr"
     _lcset(lfd, [cat])
-    notes = []
-    assert _open_lcset(lfd, notes) is not None and notes == []
+    fp = FieldProducts(field="f", cube=None)
+    notes = fp.notes
+    assert _open_lcset(lfd, fp) is not None and notes == []
     assert steps_main(["stale", str(tmp_path)]) == 0
     assert "no stale products" in capsys.readouterr().out
 
     cat.write_text("# %ECSV 1.0\nsource_id\n3\n")
-    assert _open_lcset(lfd, notes) is None
+    assert _open_lcset(lfd, fp) is None
     assert len(notes) == 1 and "stale" in notes[0] and str(cat) in notes[0] and "left out" in notes[0]
     with pytest.raises(SystemExit) as exit_:
         steps_main(["stale", str(tmp_path)])

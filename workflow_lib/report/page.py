@@ -81,7 +81,6 @@ from workflow_lib.report.display import (
     screen_stretch,
 )
 from workflow_lib.report.products import (
-    DEBLENDED,
     FieldProducts,
     cdpp_common_set,
     cdpp_values,
@@ -638,16 +637,6 @@ def _jsonable(v):
     return v
 
 
-def _shown_products(field_dir, fp: FieldProducts) -> list[Path]:
-    """The products of ``field_dir`` a field page is built from (those that exist)."""
-    field_dir = Path(field_dir)
-    paths = [field_dir / n for n in ("cube.zarr", "catalog.ecsv", "lfd/lightcurves.zarr", "lfd/diagnostics.npz")]
-    if fp.cpm_paramset:
-        cdir = field_dir / "cpm" / fp.cpm_paramset
-        paths += [cdir / n for n in ("lightcurves.zarr", "raw_lightcurves.zarr", DEBLENDED, "detrended.zarr")]
-    return [x for x in paths if x.exists()]
-
-
 def write_field_report(
     field_dir, out_html, out_summary, params: dict | None = None, *, field: str | None = None
 ) -> dict:
@@ -666,7 +655,7 @@ def write_field_report(
     )
     html, summary = build_field_page(fp, p)
     # what the page was built from, with digests: the index says when one of them has changed since
-    summary["provenance"] = provenance.provenance("report_field", inputs=_shown_products(field_dir, fp), config=p)
+    summary["provenance"] = provenance.provenance("report_field", inputs=fp.inputs, config=p)
     write_text_atomic(html, out_html)
     write_text_atomic(json.dumps(summary, indent=1, sort_keys=True), out_summary)
     d = summary["display"]

@@ -53,6 +53,7 @@ class FieldProducts:
     motion_summary: dict | None = None  # per-cadence motion-model arrays (workflow_lib.lfd.diagnostics.motion_summary)
     motion_notes: list = dc_field(default_factory=list)  # why the motion panel is not shown
     notes: list = dc_field(default_factory=list)
+    inputs: list = dc_field(default_factory=list)  # the products read (paths): the page's provenance
 
 
 def is_stale(path: Path, ds, notes: list) -> bool:
@@ -66,9 +67,11 @@ def is_stale(path: Path, ds, notes: list) -> bool:
     return bool(stale)
 
 
-def _open_lcset(path: Path, notes: list) -> xr.Dataset | None:
+def _open_lcset(path: Path, fp: FieldProducts) -> xr.Dataset | None:
     if not path.exists():
         return None
+    fp.inputs.append(path)
+    notes = fp.notes
     try:
         ds = xr.open_zarr(path, consolidated=False).load()
         for v in ("flux", "source_id"):
@@ -102,7 +105,7 @@ def read_lfd_diagnostics(path: Path) -> dict:
 
 def _load_lfd(fp: FieldProducts, lfd: Path) -> None:
     """The LFD products of ``fp``: light curves, PRF picture, edge model, diagnostics."""
-    fp.lfd = _open_lcset(lfd / "lightcurves.zarr", fp.notes)
+    fp.lfd = _open_lcset(lfd / "lightcurves.zarr", fp)
     png = lfd / "prf_model.png"
     if png.exists():
         fp.prf_png = png.read_bytes()
@@ -116,6 +119,7 @@ def _load_lfd(fp: FieldProducts, lfd: Path) -> None:
     if not diag.exists():
         fp.notes.append(f"mean-frame residual and motion panels skipped: LFD output missing ({LFD_DIAGNOSTICS})")
         return
+    fp.inputs.append(diag)
     try:
         d = read_lfd_diagnostics(diag)
     except Exception as exc:  # a report must not fail on a half-compatible LFD output
@@ -135,11 +139,12 @@ def _load_cpm(fp: FieldProducts, field_dir: Path, cpm_paramset: str | None) -> N
             fp.notes.append(f"CPM parameter set {cpm_paramset!r} has no outputs yet")
         return
     fp.cpm_paramset = cdir.name
-    fp.cpm = _open_lcset(cdir / "lightcurves.zarr", fp.notes)
-    fp.cpm_raw = _open_lcset(cdir / "raw_lightcurves.zarr", fp.notes)
-    fp.deblended = _open_lcset(cdir / DEBLENDED, fp.notes)
+    fp.cpm = _open_lcset(cdir / "lightcurves.zarr", fp)
+    fp.cpm_raw = _open_lcset(cdir / "raw_lightcurves.zarr", fp)
+    fp.deblended = _open_lcset(cdir / DEBLENDED, fp)
     det = cdir / "detrended.zarr"
     if det.exists():
+        fp.inputs.append(det)
         try:
             fp.detrended = open_cube(det, validate=False)
             if "flux" not in fp.detrended:
@@ -156,9 +161,10 @@ def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: st
     field_dir = Path(field_dir)
     field = field or field_dir.name
     cube = open_cube(field_dir / "cube.zarr")
-    fp = FieldProducts(field=field, cube=cube)
+    fp = FieldProducts(field=field, cube=cube, inputs=[field_dir / "cube.zarr"])
     cat = field_dir / "catalog.ecsv"
     if cat.exists():
+        fp.inputs.append(cat)
         fp.catalog = Table.read(cat, format="ascii.ecsv")
     else:
         fp.notes.append("catalog.ecsv absent: no Gaia sources shown")
