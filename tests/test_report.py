@@ -14,6 +14,7 @@ from workflow_lib.core import quality  # noqa: E402
 from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, open_cube, write_zarr_atomic
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.metrics import add_cdpp
+from workflow_lib.report import datafiles as DF
 from workflow_lib.report import display as D
 from workflow_lib.report import figures as F
 from workflow_lib.report import page as R
@@ -135,6 +136,8 @@ def make_field(
             "row": [s[1] for s in STARS],
             "column": [s[2] for s in STARS],
             "phot_g_mean_mag": [s[3] for s in STARS],
+            "ra": [30.0 + 0.001 * k for k in range(len(STARS))],
+            "dec": [-60.0 - 0.001 * k for k in range(len(STARS))],
             "on_cutout": [True, True, True, False],
         }
     )
@@ -203,10 +206,20 @@ def field(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(field):
+def page(field, tmp_path_factory):
     fp = P.load_field_products(field)
-    html, summary = R.build_field_page(fp)
-    return html, summary, fp
+    out = tmp_path_factory.mktemp("rptpage") / "fieldA.html"
+    html, summary = R.build_field_page(fp, data_dir=out.parent / "fieldA_data")
+    out.write_text(html)
+    return html, summary, fp, R.read_page_data(out)
+
+
+def page_data(tmp_path, fp, params=None):
+    """(html, summary, arrays of the data folder) of a page built in ``tmp_path``."""
+    out = tmp_path / f"{fp.field}.html"
+    html, summary = R.build_field_page(fp, params, data_dir=out.parent / f"{fp.field}_data")
+    out.write_text(html)
+    return html, summary, R.read_page_data(out)
 
 
 def test_quality_decoding():
@@ -220,12 +233,13 @@ def test_quality_decoding():
         quality.quality_flags("Hubble")
 
 
-def test_embedded_cube_round_trips_exactly(page):
-    html, summary, fp = page
+def test_cube_round_trips_exactly_through_the_data_folder(page):
+    html, summary, fp, data = page
     src = R.embedded_sources(html)
     meta = R.embedded_meta(html)
     assert meta["n_time"] == NT and meta["n_pix"] == NR * NC and meta["bin_factor"] == 1
-    flux = src["cube_raw"]["flux"]
+    assert "cube_raw" not in src and "lcsets" not in src  # the arrays are in the data folder, not the HTML
+    flux = data["cubes"]["raw"]
     assert flux.dtype == np.float32 and flux.size == NR * NC * NT
     cube = fp.cube["flux"].values  # (time, row, column)
     pix = src["pixels"]
@@ -239,21 +253,44 @@ def test_embedded_cube_round_trips_exactly(page):
     np.testing.assert_array_equal(src["lc"]["quality"], _quality())
     # the image shown first is the middle cadence
     np.testing.assert_array_equal(pix["flux"], cube[meta["initial_cadence"], r, c])  # the frame shown first
+    np.testing.assert_array_equal(data["cubes"]["err"], fp.cube["flux_err"].values[:, r, c].T)
 
 
-def test_detrended_cube_and_lightcurve_sets_embedded(page):
-    html, _, fp = page
+def test_data_folder_blocks_split_pixels_and_time(tmp_path):
+    """Several pixel groups and time chunks reassemble exactly; every file is one RPT.chunk line."""
+    fdir = make_field(tmp_path, lfd=True, cpm=True)
+    fp = P.load_field_products(fdir)
+    html, _, data = page_data(tmp_path, fp, {"tile": 4, "frame_mb": 0.01})
+    d = R.embedded_meta(html)["data"]
+    assert len(d["group_size"]) > 4 and d["n_chunks"] > 4 and d["chunk"] * (d["n_chunks"] - 1) < NT
+    pix = R.embedded_sources(html)["pixels"]
+    r, c = np.asarray(pix["row"]) - ROW0, np.asarray(pix["column"]) - COL0
+    np.testing.assert_array_equal(data["cubes"]["raw"], fp.cube["flux"].values[:, r, c].T)
+    np.testing.assert_array_equal(data["cubes"]["cpm"], fp.detrended["flux"].values[:, r, c].T.astype(np.float32))
+    assert np.all(np.asarray(pix["group"]) < len(d["group_size"]))
+    files = sorted((tmp_path / "fieldA_data").iterdir())
+    assert all(f.suffix == ".js" for f in files) and not list(tmp_path.glob(".*tmp*"))
+    key, vals = DF.read_chunk_file(files[0])
+    assert files[0].stem == key and vals.dtype == np.float32
+    (tmp_path / "bad.js").write_text("alert(1)")
+    with pytest.raises(ValueError, match="bad.js: not a report data file"):
+        DF.read_chunk_file(tmp_path / "bad.js")
+
+
+def test_detrended_cube_and_lightcurve_sets_in_the_data_folder(page):
+    html, _, fp, data = page
     src = R.embedded_sources(html)
     pix = src["pixels"]
     r, c = np.asarray(pix["row"]) - ROW0, np.asarray(pix["column"]) - COL0
     det = fp.detrended["flux"].values
-    np.testing.assert_array_equal(src["cube_cpm"]["flux"].reshape(-1, NT), det[:, r, c].T.astype(np.float32))
-    sets = src["lcsets"]
+    np.testing.assert_array_equal(data["cubes"]["cpm"], det[:, r, c].T.astype(np.float32))
+    sets = data["sets"]
     assert set(sets) == {"raw", "lfd", "cpm"}
-    lfd = sets["lfd"].reshape(len(STARS), NT)
+    lfd, lfd_err = sets["lfd"]
     np.testing.assert_array_equal(lfd[:3], fp.lfd["flux"].values.astype(np.float32))
+    np.testing.assert_array_equal(lfd_err[:3], fp.lfd["flux_err"].values.astype(np.float32))
     assert np.isnan(lfd[3]).all()  # the off-cutout source has no LFD light curve
-    np.testing.assert_array_equal(sets["cpm"].reshape(len(STARS), NT), fp.cpm["flux"].values.astype(np.float32))
+    np.testing.assert_array_equal(sets["cpm"][0], fp.cpm["flux"].values.astype(np.float32))
     s = src["sources"]
     assert s["source_id"] == [str(x[0]) for x in STARS]  # strings: exact beyond 2**53
     np.testing.assert_array_equal(s["contamination"][:3], [0.01, 0.2, 0.5])
@@ -264,10 +301,15 @@ def test_detrended_cube_and_lightcurve_sets_embedded(page):
     np.testing.assert_array_equal(s["cdpp_lfd"][:3], fp.lfd["cdpp_1h"].values)
     np.testing.assert_allclose(s["cdpp_lfd"][:3], 1e3 / np.sqrt(2), rtol=0.15)
     assert np.isnan(s["cdpp_lfd"][3])
+    # what the page says about a missing light curve: source 3 is off the pixels, in no LFD set
+    np.testing.assert_array_equal(s["has_lfd"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(s["on_cutout"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(s["ra"], 30.0 + 0.001 * np.arange(len(STARS)))
+    np.testing.assert_array_equal(s["dec"], -60.0 - 0.001 * np.arange(len(STARS)))
 
 
 def test_default_aperture_around_target_and_initial_lightcurve(page):
-    html, summary, fp = page
+    html, summary, fp, data = page
     src = R.embedded_sources(html)
     meta = R.embedded_meta(html)
     assert meta["target"] == 0 and summary["target_source_id"] == str(STARS[0][0])
@@ -278,7 +320,7 @@ def test_default_aperture_around_target_and_initial_lightcurve(page):
     assert expect.size >= 5
     sel = _selected_indices(R.embedded_documents(html), "pixels")
     assert sel == expect.tolist()
-    cube = src["cube_raw"]["flux"].reshape(-1, NT).astype(np.float64)
+    cube = data["cubes"]["raw"].astype(np.float64)
     np.testing.assert_allclose(src["lc"]["flux"], np.nansum(cube[expect], axis=0), rtol=1e-12)
     assert "rpt-fieldA-" in docs
 
@@ -316,9 +358,8 @@ def test_missing_stages_are_skipped(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False)
     fp = P.load_field_products(fdir)
     assert fp.lfd is None and fp.cpm is None and fp.detrended is None and fp.prf_png is None
-    html, summary = R.build_field_page(fp)
-    src = R.embedded_sources(html)
-    assert "cube_cpm" not in src and set(src["lcsets"]) == {"none"}
+    html, summary, data = page_data(tmp_path, fp)
+    assert set(data["cubes"]) == {"raw", "err"} and data["sets"] == {}
     assert summary["median_cdpp"] == {"raw": None, "lfd": None, "cpm": None, "dbl": None}
     assert "LFD PRF model" not in html
     # a half-written LFD set is reported, not fatal
@@ -329,9 +370,15 @@ def test_missing_stages_are_skipped(tmp_path):
     assert "unreadable light-curve set" in html
 
 
-def test_pages_are_deterministic(field, page):
-    html2, _ = R.build_field_page(P.load_field_products(field))
-    assert html2 == page[0]
+def test_pages_are_deterministic(field, tmp_path):
+    fp = P.load_field_products(field)
+    html, _, _ = page_data(tmp_path / "a", fp)
+    html2, _, _ = page_data(tmp_path / "b", fp)
+    assert html2 == html
+    files = sorted(p.name for p in (tmp_path / "a" / "fieldA_data").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b" / "fieldA_data").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / "fieldA_data" / name).read_bytes() == (tmp_path / "b" / "fieldA_data" / name).read_bytes()
     assert "PRF model" in html2 and "data:image/png;base64," in html2 and "edge_model.json" in html2
 
 
@@ -339,29 +386,33 @@ def test_pixel_table_shows_the_target_stamp(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=False, pixel_table=True)
     fp = P.load_field_products(fdir)
     assert "pixel" in fp.cube.dims
-    html, summary = R.build_field_page(fp)
+    html, summary, data = page_data(tmp_path, fp)
     src = R.embedded_sources(html)
     rows = np.asarray(src["pixels"]["row"])
     assert rows.size == NR * NC and rows.min() == ROW0 and rows.max() == ROW0 + NR - 1
     table = as_pixel_table(fp.cube, drop_nan=False)
     idx = np.flatnonzero((table["stamp"].values == 1))
-    np.testing.assert_array_equal(src["cube_raw"]["flux"].reshape(-1, NT), table["flux"].values[:, idx].T)
+    np.testing.assert_array_equal(data["cubes"]["raw"], table["flux"].values[:, idx].T)
 
 
 def test_plan_display_budget():
     p = R.report_params({})
-    assert D.embed_budget_bytes(50) == 33_000_000
+    assert D.data_budget_bytes(6000) == 4_500_000_000
+    # the issue's goal: 128 x 128 pixels x 20,000 cadences with raw, flux_err and CPM cubes at full resolution
+    full = D.plan_display(20000, 128, 128, n_cubes=3, extra_bytes_per_cadence=8 * 600 * 4, params=p)
+    assert (full["side_rows"], full["side_cols"], full["bin"]) == (128, 128, 1)
+    p = R.report_params({"max_data_mb": 44})  # 33 MB of raw float32
     one = D.plan_display(1300, 64, 64, n_cubes=1, params=p)
     assert (one["side_rows"], one["side_cols"], one["bin"]) == (64, 64, 1) and one["bytes"] == 64 * 64 * 1300 * 4
     two = D.plan_display(1300, 64, 64, n_cubes=2, params=p)
     assert two["bin"] == 1 and two["side_rows"] < 64 and two["bytes"] <= two["budget"]
     assert 1300 * (two["side_rows"] + 1) ** 2 * 8 > two["budget"]  # largest square that fits
-    binned = D.plan_display(1300, 64, 64, n_cubes=2, params=R.report_params({"reduce": "bin"}))
+    binned = D.plan_display(1300, 64, 64, n_cubes=2, params=R.report_params({"reduce": "bin", "max_data_mb": 44}))
     assert binned["side_rows"] == 64 and binned["bin"] == 2
     long = D.plan_display(40000, 20, 20, params=p)
     assert long["bin"] == 2 and long["side_rows"] == 20
-    big = D.plan_display(1300, 200, 300, params=p)
-    assert (big["side_rows"], big["side_cols"]) == (64, 64)
+    big = D.plan_display(1300, 200, 300, params=R.report_params({}))
+    assert (big["side_rows"], big["side_cols"]) == (128, 128)
 
 
 def test_binning_numbers():
@@ -385,18 +436,23 @@ def test_cdpp_is_read_from_the_light_curve_sets(field):
 def test_binned_display_of_a_long_series(tmp_path):
     fdir = make_field(tmp_path, lfd=False, cpm=True)
     fp = P.load_field_products(fdir)
-    html, summary = R.build_field_page(fp, {"max_display_cadences": 60})
+    html, summary, data = page_data(tmp_path, fp, {"max_display_cadences": 60})
     src = R.embedded_sources(html)
     meta = R.embedded_meta(html)
     assert meta["bin_factor"] == 4 and meta["n_time"] == 50 and summary["display"]["bin_factor"] == 4
-    flux = src["cube_raw"]["flux"].reshape(-1, 50)
+    flux = data["cubes"]["raw"]
     full = fp.cube["flux"].values[:, 0, 0].astype(np.float64)
     np.testing.assert_allclose(flux[0], full.reshape(50, 4).mean(axis=1), rtol=1e-6)
     np.testing.assert_array_equal(src["lc"]["cadenceno"], 1000 + 4 * np.arange(50))
     q = _quality().reshape(50, 4)
     np.testing.assert_array_equal(src["lc"]["quality"], np.bitwise_or.reduce(q, axis=1))
-    cpm = src["lcsets"]["cpm"].reshape(len(STARS), 50)
+    cpm, cpm_err = data["sets"]["cpm"]
     np.testing.assert_allclose(cpm, fp.cpm["flux"].values.reshape(len(STARS), 50, 4).mean(axis=2), rtol=1e-5, atol=1e-5)
+    # the error of a mean of 4 cadences: sqrt(sum err**2) / 4
+    e4 = fp.cpm["flux_err"].values.reshape(len(STARS), 50, 4)
+    np.testing.assert_allclose(cpm_err, np.sqrt((e4**2).sum(axis=2)) / 4, rtol=1e-5)
+    ecube = fp.cube["flux_err"].values[:, 0, 0].astype(np.float64).reshape(50, 4)
+    np.testing.assert_allclose(data["cubes"]["err"][0], np.sqrt((ecube**2).sum(axis=1)) / 4, rtol=1e-5)
 
 
 def test_cropped_display_is_centred_on_the_target(tmp_path):
@@ -483,7 +539,7 @@ def _mean_model_expected(fp, use_motion: bool):
 
 
 def test_mean_frame_residual_is_data_minus_model(page):
-    html, _, fp = page
+    html, _, fp, _ = page
     res = fp.mean_residual
     assert res is not None and res["label"] == "with the motion model" and res["n_sources"] == 3
     assert res["n_cadences"] == int((_quality() == 0).sum())
@@ -516,7 +572,7 @@ def test_mean_frame_residual_static_scene_and_missing_prf(tmp_path):
 
 
 def test_motion_panel_polynomial_model(page):
-    html, _, fp = page
+    html, _, fp, _ = page
     mp = fp.motion_summary  # as the LFD step wrote it
     t = fp.cube["time"].values
     tau = (t - 0.5 * (t.min() + t.max())) / (0.5 * (t.max() - t.min()))

@@ -1,4 +1,4 @@
-"""What a field page embeds: the crop and time binning that keep a page within its size budget
+"""What a field page shows: the crop and time binning that keep a page's data within its size budget
 (:func:`plan_display`, :func:`display_cube`), other cubes and light-curve sets on the displayed
 pixels and cadences (:func:`align_cube`, :func:`align_lcset`), the target, the initial aperture
 and the screen stretch. See :mod:`workflow_lib.report.page` for the page-size budget.
@@ -15,14 +15,15 @@ import xarray as xr
 from workflow_lib.data.cube import as_pixel_table
 
 
-def embed_budget_bytes(max_page_mb: float) -> int:
-    """Raw bytes of embedded arrays allowed for a page of ``max_page_mb`` (see module doc)."""
-    return int(max(1.0, (float(max_page_mb) - 6.0)) * 0.75 * 1e6)
+def data_budget_bytes(max_data_mb: float) -> int:
+    """Raw float32 bytes allowed in a page's data folder of ``max_data_mb`` (base64 adds 4/3:
+    :mod:`workflow_lib.report.datafiles`)."""
+    return int(float(max_data_mb) * 0.75 * 1e6)
 
 
 @dataclass
 class DisplayCube:
-    """The pixels and cadences embedded in a page."""
+    """The pixels and cadences a page shows."""
 
     flux: np.ndarray  # (npix, ntime_display) float32, pixel-major
     rows: np.ndarray  # (npix,) CCD rows
@@ -53,6 +54,18 @@ def bin_series(a: np.ndarray, factor: int, axis: int = -1) -> np.ndarray:
     return np.moveaxis(out, -1, axis)
 
 
+def bin_errors(err: np.ndarray, factor: int, axis: int = -1) -> np.ndarray:
+    """1-sigma error of the nanmean of ``factor`` samples (:func:`bin_series`) from the samples'
+    errors: sqrt(sum err**2) / n over the finite ones."""
+    if factor <= 1:
+        return np.asarray(err, dtype=np.float64)
+    e = np.asarray(err, dtype=np.float64)
+    n = bin_series(np.isfinite(e).astype(float), factor, axis) * factor  # finite samples per bin (short last bin
+    # counts its padding as missing)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt(bin_series(e**2, factor, axis) * factor) / n
+
+
 def bin_quality(q: np.ndarray, factor: int) -> np.ndarray:
     """Bitwise OR of QUALITY over consecutive groups of ``factor`` cadences."""
     q = np.asarray(q, dtype=np.int64)
@@ -77,10 +90,11 @@ def plan_display(
 
     Returns ``{"side_rows", "side_cols", "bin", "bytes", "budget"}``; ``extra_bytes_per_cadence``
     accounts for the light-curve sets (4 bytes x sources x sets). ``params`` is the whole
-    ``report`` block (:func:`workflow_lib.report.page.report_params`).
+    ``report`` block (:func:`workflow_lib.report.page.report_params`); ``n_cubes`` counts the cubes in the
+    page's data folder (raw, flux_err and CPM de-trended pixels).
     """
     p = params
-    budget = embed_budget_bytes(p["max_page_mb"])
+    budget = data_budget_bytes(p["max_data_mb"])
     sr, sc = min(n_rows, p["max_side"]), min(n_cols, p["max_side"])
     b = max(1, -(-n_time // int(p["max_display_cadences"])))
 
@@ -155,7 +169,8 @@ def display_cube(
         index = (ir * cc.size + ic).ravel()
         cropped = (nr, nc) != (rr.size, cc.size)
     b = int(plan["bin"])
-    flux = np.ascontiguousarray(bin_series(flux, b, axis=1).astype(np.float32) if b > 1 else flux)
+    binned = bin_errors if variable == "flux_err" else bin_series
+    flux = np.ascontiguousarray(binned(flux, b, axis=1).astype(np.float32) if b > 1 else flux)
     time = bin_series(ds["time"].values, b)
     cad = (
         np.asarray(ds["cadenceno"].values, dtype=np.int64)[::b] if "cadenceno" in ds.coords else np.arange(0, n_time, b)
@@ -197,21 +212,25 @@ def align_cube(other: xr.Dataset, disp: DisplayCube, ref: xr.Dataset, variable: 
     return np.ascontiguousarray(full)
 
 
-def align_lcset(lc: xr.Dataset, source_ids: np.ndarray, cube: xr.Dataset, bin_factor: int) -> np.ndarray:
-    """(nsource, ntime_display) float32 flux of a light-curve set in the order of ``source_ids``
-    and on the cube's (binned) cadences; sources or cadences missing from the set are NaN."""
+def align_lcset(
+    lc: xr.Dataset, source_ids: np.ndarray, cube: xr.Dataset, bin_factor: int, variable: str = "flux"
+) -> np.ndarray:
+    """(nsource, ntime_display) float32 ``variable`` (flux or flux_err) of a light-curve set in the order of
+    ``source_ids`` and on the cube's (binned) cadences; sources or cadences missing from the set are NaN."""
     ref_cad = np.asarray(cube["cadenceno"].values, dtype=np.int64)
     lc_cad = np.asarray(lc["cadenceno"].values, dtype=np.int64) if "cadenceno" in lc.coords else ref_cad
     pos = {int(c): i for i, c in enumerate(lc_cad)}
     tidx = np.array([pos.get(int(c), -1) for c in ref_cad])
     spos = {int(s): i for i, s in enumerate(np.asarray(lc["source_id"].values, dtype=np.int64))}
     sidx = np.array([spos.get(int(s), -1) for s in source_ids], dtype=np.int64)
-    flux = np.asarray(lc["flux"].transpose("source", "time").values, dtype=np.float64)
+    if variable not in lc:
+        return np.full((source_ids.size, -(-ref_cad.size // max(bin_factor, 1))), np.nan, np.float32)
+    flux = np.asarray(lc[variable].transpose("source", "time").values, dtype=np.float64)
     out = np.full((source_ids.size, ref_cad.size), np.nan)
     oks, okt = sidx >= 0, tidx >= 0
     out[np.ix_(oks, okt)] = flux[np.ix_(sidx[oks], tidx[okt])]
     if bin_factor > 1:
-        out = bin_series(out, bin_factor, axis=1)
+        out = (bin_errors if variable == "flux_err" else bin_series)(out, bin_factor, axis=1)
     return np.ascontiguousarray(out.astype(np.float32))
 
 

@@ -18,17 +18,16 @@ Modules: :mod:`~workflow_lib.report.products` (reading), :mod:`~workflow_lib.rep
 (crop, binning, alignment, stretch), :mod:`~workflow_lib.report.figures` (one builder per panel),
 this module (assembling the field and index pages).
 
-Data are embedded as Bokeh ``ColumnDataSource`` columns of numpy ``float32`` arrays, which Bokeh
-serialises as (gzip-compressed, base64) binary buffers and BokehJS decodes into ``Float32Array``.
-The pixel cube is stored pixel-major, ``flux[p * n_time + t]``.
+The page's HTML holds the figures, the first frame, the initial light curve and the source table; the
+pixel cubes (raw, flux_err, CPM de-trended) and the light-curve sets are loaded on demand from the data
+folder beside the page (``<page stem>_data/``, :mod:`workflow_lib.report.datafiles`), block by block:
+a frame loads its time chunk, a pixel's light curve its pixel group, a source its light-curve file.
 
-Page size budget
+Data size budget
 ----------------
-A 64x64 pixel x 1300 cadence cube is 21.3 MB of float32. Embedded arrays are counted at their raw
-size; base64 adds 4/3 in the worst case (Bokeh also gzips, which helps little on noisy floats), and
-the inline BokehJS adds ~4 MB. The embedded budget is therefore
-``(report.max_page_mb - 6) * 3/4`` MB (33 MB for the default 50 MB page). When the cubes (raw +
-CPM de-trended) and light-curve sets do not fit, the display is reduced (``report.reduce``):
+A 64x64 pixel x 1300 cadence cube is 21.3 MB of float32; base64 adds 4/3. The data folder is kept within
+``report.max_data_mb`` (6,000 MB: 128x128 pixels x 20,000 cadences with flux_err and a CPM cube fit).
+When the cubes and light-curve sets do not fit, the display is reduced (``report.reduce``):
 
 * ``crop`` (default): the image is cropped to a square around the target until it fits, then
   cadences are binned if even the smallest crop (``report.min_side``) does not fit;
@@ -68,6 +67,7 @@ from workflow_lib.core.logs import get_logger
 from workflow_lib.core.quality import TESS_QUALITY_FLAGS, quality_flags
 from workflow_lib.core.settings import schema_defaults
 from workflow_lib.report import figures
+from workflow_lib.report.datafiles import BlockLayout, block_layout, data_dir_for, read_chunk_file, write_page_data
 from workflow_lib.report.display import (
     DisplayCube,
     align_cube,
@@ -190,11 +190,14 @@ class FieldView:
     stamp: int | None  # pixel-table stamp shown
     plan: dict  # plan_display
     disp: DisplayCube
+    err: np.ndarray  # the pixels' flux_err on the display grid
     det: np.ndarray | None  # CPM de-trended pixels on the display grid
-    sources: dict  # source_id, row, column, gmag (catalog order)
+    sources: dict  # source_id, row, column, gmag, ra, dec, on_cutout (catalog order)
     sets: dict  # available light-curve sets {"raw" | "lfd" | "cpm": Dataset}
     metrics: dict  # per-source columns of the source table
-    set_arrays: dict  # {set: (nsource * ntime_display,) float32}
+    set_arrays: dict  # {set: (nsource, ntime_display) float32}
+    set_errs: dict  # {set: (nsource, ntime_display) float32 flux_err}
+    layout: BlockLayout  # how the data folder cuts the cubes and sets into files
     sel0: np.ndarray  # initial aperture (bool per displayed pixel)
     t0: int  # initial display cadence
     lc0: np.ndarray  # initial aperture light curve
@@ -226,9 +229,14 @@ def _display_grid(fp: FieldProducts, p: dict) -> tuple:
 
 
 def _catalog_sources(cat) -> dict:
-    """source_id, row, column, G of the catalog (empty arrays without one)."""
+    """source_id, row, column, G, RA, Dec [deg] and on-the-pixels flag of the catalog (empty arrays without one)."""
     if cat is None or not len(cat):
-        return {"source_id": np.zeros(0, np.int64), "row": np.zeros(0), "column": np.zeros(0), "gmag": np.zeros(0)}
+        z = np.zeros(0)
+        return {"source_id": np.zeros(0, np.int64), "row": z, "column": z, "gmag": z, "ra": z, "dec": z, "on_cutout": z}
+
+    def col(name):
+        return np.asarray(cat[name], float) if name in cat.colnames else np.full(len(cat), np.nan)
+
     return {
         "source_id": np.asarray(cat["source_id"], dtype=np.int64),
         "row": np.asarray(cat["row"], float),
@@ -237,6 +245,11 @@ def _catalog_sources(cat) -> dict:
             np.asarray(cat["phot_g_mean_mag"], float)
             if "phot_g_mean_mag" in cat.colnames
             else np.full(len(cat), np.nan)
+        ),
+        "ra": col("ra"),
+        "dec": col("dec"),
+        "on_cutout": (
+            np.asarray(cat["on_cutout"], bool).astype(float) if "on_cutout" in cat.colnames else np.ones(len(cat))
         ),
     }
 
@@ -271,14 +284,19 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
     sets = {
         k: v for k, v in {"raw": fp.cpm_raw, "lfd": fp.lfd, "cpm": fp.cpm, "dbl": fp.deblended}.items() if v is not None
     }
-    n_cubes = 1 + (fp.detrended is not None)
+    n_cubes = 2 + (fp.detrended is not None)  # raw, flux_err, CPM de-trended
     plan = plan_display(
-        cube.sizes["time"], nr, nc, n_cubes=n_cubes, extra_bytes_per_cadence=4 * sids.size * len(sets), params=p
+        cube.sizes["time"], nr, nc, n_cubes=n_cubes, extra_bytes_per_cadence=8 * sids.size * len(sets), params=p
     )
     disp = display_cube(cube, plan, centre=centre, stamp=stamp)
+    err = display_cube(cube, plan, centre=centre, stamp=stamp, variable="flux_err").flux
     det = align_cube(fp.detrended, disp, cube) if fp.detrended is not None else None
     metrics = source_metrics(fp, sids, float(p["cdpp_hours"]))
-    set_arrays = {k: align_lcset(v, sids, cube, disp.bin_factor).ravel() for k, v in sets.items()}
+    set_arrays = {k: align_lcset(v, sids, cube, disp.bin_factor) for k, v in sets.items()}
+    set_errs = {k: align_lcset(v, sids, cube, disp.bin_factor, "flux_err") for k, v in sets.items()}
+    for k in figures.LC_SETS:  # which sources have a light curve in each set (the page says why not)
+        has = np.isfinite(set_arrays[k]).any(axis=1) if k in set_arrays else np.zeros(sids.size, bool)
+        metrics[f"has_{k}"] = has.astype(np.float64)
     common = cdpp_common_set(
         metrics, fp.catalog, srcs["gmag"], [k for k in figures.LC_SETS if k in sets], p["cdpp_mag_limit"]
     )
@@ -302,11 +320,14 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
         stamp=stamp,
         plan=plan,
         disp=disp,
+        err=err,
         det=det,
         sources=srcs,
         sets=sets,
         metrics=metrics,
         set_arrays=set_arrays,
+        set_errs=set_errs,
+        layout=block_layout(disp.rows, disp.cols, disp.flux.shape[1], tile=int(p["tile"]), frame_mb=p["frame_mb"]),
         sel0=sel0,
         t0=t0,
         lc0=lc0,
@@ -318,13 +339,13 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
 
 
 def _data_sources(v: FieldView) -> dict:
-    """The page's named ColumnDataSources (binary typed arrays): cubes, pixels, light curves, sources."""
+    """The page's named ColumnDataSources (binary typed arrays): the pixels (first frame; each pixel's
+    group and slot in the data folder), the light curves shown first, the sources. The cubes and light-curve
+    sets are in the data folder (:mod:`~workflow_lib.report.datafiles`)."""
     from bokeh.models import ColumnDataSource
 
     disp, nt, s = v.disp, v.disp.flux.shape[1], v.sources
-    ds = {"cube_raw": ColumnDataSource({"flux": disp.flux.ravel()}, name="cube_raw")}
-    if v.det is not None:
-        ds["cube_cpm"] = ColumnDataSource({"flux": v.det.ravel()}, name="cube_cpm")
+    ds = {}
     pix = ColumnDataSource(
         {
             "x": disp.cols.astype(np.float64),
@@ -332,6 +353,8 @@ def _data_sources(v: FieldView) -> dict:
             "flux": disp.flux[:, v.t0].copy(),
             "row": disp.rows.astype(np.int32),
             "column": disp.cols.astype(np.int32),
+            "group": v.layout.group,
+            "slot": v.layout.slot,
         },
         name="pixels",
     )
@@ -347,9 +370,6 @@ def _data_sources(v: FieldView) -> dict:
         },
         name="lc",
     )
-    ds["lcsets"] = ColumnDataSource(
-        {k: a for k, a in v.set_arrays.items()} or {"none": np.zeros(0, np.float32)}, name="lcsets"
-    )
     sids = s["source_id"]
     size = np.clip(16.0 - 0.9 * (np.nan_to_num(s["gmag"], nan=19.0) - 8.0), 3.0, 16.0)
     src = ColumnDataSource(
@@ -361,6 +381,9 @@ def _data_sources(v: FieldView) -> dict:
             "gmag": s["gmag"],
             "column": s["column"],
             "row": s["row"],
+            "ra": s["ra"],
+            "dec": s["dec"],
+            "on_cutout": s["on_cutout"],
             **v.metrics,
         },
         name="sources",
@@ -370,7 +393,7 @@ def _data_sources(v: FieldView) -> dict:
     ds["sources"] = src
     init = {
         k: (
-            v.set_arrays[k].reshape(sids.size, nt)[v.target]
+            v.set_arrays[k][v.target]
             if k in v.set_arrays and v.target is not None
             else np.full(nt, np.nan)
         )
@@ -399,9 +422,7 @@ def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict
         disabled=nt < 2,
     )
     # models only JavaScript uses are passed as args so that they are part of the document
-    held = {"cube_raw": ds["cube_raw"], "lcsets": ds["lcsets"], "mapper_log": mappers[0], "mapper_lin": mappers[1]}
-    if v.det is not None:
-        held["cube_cpm"] = ds["cube_cpm"]
+    held = {"mapper_log": mappers[0], "mapper_lin": mappers[1]}
     w["slider"].js_on_change("value", CustomJS(args=held, code="window.RPT && RPT.onCadence();"))
     w["prev"] = Button(label="◀", width=40, name="prev_button")
     w["prev"].js_on_event("button_click", CustomJS(code="RPT.step(-1);"))
@@ -519,8 +540,16 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
 # ------------------------------------------------------------------ the field page
 
 
-def _page_meta(fp: FieldProducts, v: FieldView, p: dict) -> dict:
-    """The page's ``rpt-meta`` JSON block (sizes, grid, stretch, flags) report.js reads."""
+def _page_cubes(v: FieldView) -> tuple[dict, dict]:
+    """The cubes and light-curve sets of the page's data folder."""
+    cubes = {"raw": v.disp.flux, "err": v.err}
+    if v.det is not None:
+        cubes["cpm"] = v.det
+    return cubes, {k: (v.set_arrays[k], v.set_errs[k]) for k in v.set_arrays}
+
+
+def _page_meta(fp: FieldProducts, v: FieldView, p: dict, data_name: str) -> dict:
+    """The page's ``rpt-meta`` JSON block (sizes, grid, stretch, flags, data folder) report.js reads."""
     disp = v.disp
     npix, nt = disp.flux.shape
     return {
@@ -543,19 +572,34 @@ def _page_meta(fp: FieldProducts, v: FieldView, p: dict) -> dict:
         "initial_cadence": v.t0,
         "stamp": v.stamp,
         "percentiles": [float(x) for x in p["percentiles"]],
+        "data": {
+            "dir": data_name,
+            "cubes": sorted(_page_cubes(v)[0]),
+            "sets": sorted(v.set_arrays),
+            "cache_mb": float(p["cache_mb"]),
+            **v.layout.meta(),
+        },
     }
 
 
-def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str, dict]:
-    """The HTML of one field page and its summary (for the index page)."""
+def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=None) -> tuple[str, dict]:
+    """The HTML of one field page and its summary (for the index page); with ``data_dir``, the page's data
+    folder is written there (atomically; its name must be ``<page stem>_data``, beside the page)."""
     from bokeh.resources import INLINE
 
     p = report_params(params)
     v = field_view(fp, p)
+    data_name = Path(data_dir).name if data_dir is not None else f"{fp.field}_data"
+    written = None
+    if data_dir is not None:
+        written = write_page_data(data_dir, *_page_cubes(v), v.layout)
     with deterministic_ids(f"rpt-{fp.field}"):
         script, div = _field_document(fp, v, p)
-    meta = _page_meta(fp, v, p)
+    meta = _page_meta(fp, v, p, data_name)
     summary = field_summary(fp, v.disp, v.metrics, v.target, v.plan, p)
+    if written is not None:
+        summary["display"]["data_mb"] = round(written["bytes"] / 1e6, 2)
+        summary["display"]["data_files"] = written["files"]
     html = (
         _jinja_env()
         .get_template("field.html.j2")
@@ -575,6 +619,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None) -> tuple[str
             if fp.edge is not None
             else None,
             notes=fp.notes,
+            data_dir=data_name,
             meta_percentiles=[float(x) for x in p["percentiles"]],
         )
     )
@@ -623,7 +668,7 @@ def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, p
             "n_time": int(disp.time.size),
             "bin_factor": int(disp.bin_factor),
             "cropped": bool(disp.cropped),
-            "embedded_mb": round(plan["bytes"] / 1e6, 2),
+            "data_raw_mb": round(plan["bytes"] / 1e6, 2),
             "budget_mb": round(plan["budget"] / 1e6, 2),
         },
         "thumbnail_png": base64.b64encode(figures.thumbnail_png(mean_image(disp), int(p["thumbnail_px"]))).decode(),
@@ -653,16 +698,19 @@ def write_field_report(
         fp.cpm_paramset,
         fp.detrended is not None,
     )
-    html, summary = build_field_page(fp, p)
+    # the data folder first: a page never points at data that are not there yet
+    html, summary = build_field_page(fp, p, data_dir=data_dir_for(out_html))
     # what the page was built from, with digests: the index says when one of them has changed since
     summary["provenance"] = provenance.provenance("report_field", inputs=fp.inputs, config=p)
     write_text_atomic(html, out_html)
     write_text_atomic(json.dumps(summary, indent=1, sort_keys=True), out_summary)
     d = summary["display"]
     log.info(
-        "wrote %s (%.1f MB; %d pixels x %d cadences shown, bin %d, cropped %s)",
+        "wrote %s (%.1f MB; data %.1f MB in %d files; %d pixels x %d cadences shown, bin %d, cropped %s)",
         out_html,
         len(html) / 1e6,
+        d.get("data_mb", 0.0),
+        d.get("data_files", 0),
         d["n_pix"],
         d["n_time"],
         d["bin_factor"],
@@ -800,3 +848,37 @@ def embedded_meta(html: str) -> dict:
     if not m:
         raise ValueError("no rpt-meta block in the page")
     return json.loads(m.group(1))
+
+
+def read_page_data(html_path) -> dict:
+    """Every array of a page's data folder, reassembled: ``{"cubes": {name: (npix, n_time)}, "sets":
+    {name: (flux, flux_err) (nsource, n_time)}}`` in the page's display order (pixels as its ``pixels``
+    source, sources as its source table); the inverse of :func:`~workflow_lib.report.datafiles.write_page_data`."""
+    html = Path(html_path).read_text()
+    meta = embedded_meta(html)
+    pix = embedded_sources(html)["pixels"]
+    d = meta["data"]
+    nt, C = meta["n_time"], d["chunk"]
+    group, slot = np.asarray(pix["group"]), np.asarray(pix["slot"])
+    ddir = Path(html_path).parent / d["dir"]
+    cubes = {}
+    for name in d["cubes"]:
+        out = np.full((group.size, nt), np.nan, np.float32)
+        for g, n in enumerate(d["group_size"]):
+            pix_g = np.flatnonzero(group == g)
+            for c in range(d["n_chunks"]):
+                t0, t1 = c * C, min((c + 1) * C, nt)
+                _, vals = read_chunk_file(ddir / f"{name}_g{g}_c{c}.js")
+                out[pix_g, t0:t1] = vals.reshape(n, t1 - t0)[slot[pix_g]]
+        cubes[name] = out
+    sets = {}
+    ns, per = meta["n_sources"], d["per_file"]
+    for name in d["sets"]:
+        flux, err = np.full((ns, nt), np.nan, np.float32), np.full((ns, nt), np.nan, np.float32)
+        for k in range(-(-ns // per)):
+            s0, s1 = k * per, min((k + 1) * per, ns)
+            _, vals = read_chunk_file(ddir / f"lc_{name}_s{k}.js")
+            half = vals.size // 2
+            flux[s0:s1], err[s0:s1] = vals[:half].reshape(s1 - s0, nt), vals[half:].reshape(s1 - s0, nt)
+        sets[name] = (flux, err)
+    return {"cubes": cubes, "sets": sets}

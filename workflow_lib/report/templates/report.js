@@ -1,15 +1,24 @@
 // Field inspection page logic (offline; runs on the Bokeh models embedded in the page).
-// The pixel cube is the Float32Array `cube_raw.data.flux` (pixel-major: flux[p * n_time + t]);
-// light-curve sets are `lcsets.data.<raw|lfd|cpm|dbl>` (dbl: deblended + de-trended) (source-major: flux[s * n_time + t]).
+// The cubes (raw, err = flux_err, cpm = CPM de-trended) and the light-curve sets (raw, lfd, cpm, dbl) are loaded on
+// demand from the data folder beside the page (workflow_lib/report/datafiles.py): each file is a script calling
+// RPT.chunk(key, base64 float32). Cube block "<cube>_g<g>_c<c>": pixel group g (the pixels' `group` column), time
+// chunk c (meta.data.chunk cadences), pixel-major by the pixels' `slot`. Set file "lc_<set>_s<k>": sources
+// k*per_file.., their flux then their flux_err, source-major. Loaded blocks are kept up to meta.data.cache_mb.
 (function () {
   "use strict";
   const RPT = (window.RPT = window.RPT || {});
   RPT.ready = false;
   RPT.errors = [];
-  const NAMES = ["cube_raw", "cube_cpm", "pixels", "lc", "lcsets", "sources", "srclc", "cadence_slider",
+  RPT.cache = new Map(); // key -> Float32Array, least recently used first
+  RPT.cacheBytes = 0;
+  RPT.waiting = new Map(); // key -> {promise, resolve, reject, el}
+  RPT.pinned = new Map(); // key -> number of operations that need it now
+  RPT.pending = 0; // operations waiting for data
+  const NAMES = ["pixels", "lc", "sources", "srclc", "cadence_slider",
     "stretch_slider", "stretch_mode", "image_mode", "tap_mode", "lc_mode", "play_toggle", "status", "span_main",
     "span_raw", "span_lfd", "span_cpm", "span_dbl", "mapper_log", "mapper_lin", "pixel_renderer", "colorbar", "lc_fig",
-    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm", "srcfig_dbl", "auto_stretch"];
+    "source_title", "srcfig_raw", "srcfig_lfd", "srcfig_cpm", "srcfig_dbl", "auto_stretch", "lc_renderer"];
+  const SET_LABELS = { raw: "RAW aperture", lfd: "LFD", cpm: "CPM", dbl: "LFD+CPM" };
 
   function setColumns(source, cols) {
     const d = Object.assign({}, source.data);
@@ -20,85 +29,270 @@
   RPT.init = function (doc) {
     RPT.doc = doc;
     RPT.meta = JSON.parse(document.getElementById("rpt-meta").textContent);
+    RPT.D = RPT.meta.data;
     const m = (RPT.m = {});
     for (const n of NAMES) m[n] = doc.get_model_by_name(n);
     RPT.nt = RPT.meta.n_time;
     RPT.np = RPT.meta.n_pix;
     RPT.cube = "raw";
+    RPT.setTitles = {};
+    for (const k of ["raw", "lfd", "cpm", "dbl"]) RPT.setTitles[k] = m["srcfig_" + k] ? m["srcfig_" + k].title.text : k;
     RPT.pixIndex = new Map();
     const x = m.pixels.data.x, y = m.pixels.data.y;
     for (let i = 0; i < x.length; i++) RPT.pixIndex.set(x[i] + "," + y[i], i);
+    const h = window.location.hash;
+    if (h.startsWith("#source=")) RPT.selectSourceId(decodeURIComponent(h.slice(8)));
+    // a small page loads all its pixels and light curves at once (everything answers at once afterwards);
+    // a large one loads what is shown first, and the rest on demand
+    if (RPT.dataBytes() <= RPT.PRELOAD_MB * 1e6) RPT.need(RPT.allKeys(), function () {});
     RPT.onSource();
     RPT.onMask();
     RPT.onCadence();
-    RPT.ready = true;
-    document.body.setAttribute("data-rpt-ready", "1");
-    const h = window.location.hash;
-    if (h.startsWith("#source=")) RPT.selectSourceId(h.slice(8));
+    RPT.whenIdle(function () {
+      RPT.ready = true;
+      document.body.setAttribute("data-rpt-ready", "1");
+      RPT.updateStatus();
+    });
   };
 
-  RPT.cubeArray = function () {
-    const c = RPT.m["cube_" + RPT.cube];
-    return c ? c.data.flux : RPT.m.cube_raw.data.flux;
+  // ---------------------------------------------------------------- data blocks (the page's data folder)
+  RPT.PRELOAD_MB = 48;
+
+  RPT.dataBytes = function () {
+    const D = RPT.D, cubes = D.cubes.filter((c) => c !== "err").length;
+    return 4 * RPT.nt * (RPT.np * cubes + 2 * RPT.meta.n_sources * D.sets.length);
   };
 
-  RPT.frame = function (t) {
-    const cube = RPT.cubeArray(), nt = RPT.nt, out = new Float32Array(RPT.np);
-    for (let p = 0; p < RPT.np; p++) out[p] = cube[p * nt + t];
+  RPT.allKeys = function () {
+    const D = RPT.D, keys = [];
+    for (const cube of D.cubes) {
+      if (cube === "err") continue;
+      for (let c = 0; c < D.n_chunks; c++) for (let g = 0; g < D.group_size.length; g++) keys.push(cube + "_g" + g + "_c" + c);
+    }
+    for (const set of D.sets) for (let k = 0; k * D.per_file < RPT.meta.n_sources; k++) keys.push("lc_" + set + "_s" + k);
+    return keys;
+  };
+
+  // called by every data file: decode the block and hand it to whoever waits for it
+  RPT.chunk = function (key, b64) {
+    const bin = atob(b64), n = bin.length, u8 = new Uint8Array(n);
+    for (let i = 0; i < n; i++) u8[i] = bin.charCodeAt(i);
+    const arr = new Float32Array(u8.buffer);
+    RPT.put(key, arr);
+    const w = RPT.waiting.get(key);
+    if (w) { RPT.waiting.delete(key); w.el.remove(); w.resolve(arr); }
+  };
+
+  RPT.put = function (key, arr) {
+    if (RPT.cache.has(key)) { RPT.cacheBytes -= RPT.cache.get(key).byteLength; RPT.cache.delete(key); }
+    RPT.cache.set(key, arr);
+    RPT.cacheBytes += arr.byteLength;
+    const cap = (RPT.D.cache_mb || 160) * 1e6;
+    for (const k of RPT.cache.keys()) { // drop the least recently used blocks no operation needs now
+      if (RPT.cacheBytes <= cap) break;
+      if (RPT.pinned.has(k)) continue;
+      RPT.cacheBytes -= RPT.cache.get(k).byteLength;
+      RPT.cache.delete(k);
+    }
+  };
+
+  RPT.get = function (key) {
+    const a = RPT.cache.get(key);
+    if (a) { RPT.cache.delete(key); RPT.cache.set(key, a); }
+    return a;
+  };
+
+  RPT.load = function (key) {
+    if (RPT.cache.has(key)) return Promise.resolve(RPT.get(key));
+    if (RPT.waiting.has(key)) return RPT.waiting.get(key).promise;
+    const w = {};
+    w.promise = new Promise(function (resolve, reject) { w.resolve = resolve; w.reject = reject; });
+    const src = RPT.D.dir + "/" + key + ".js";
+    w.el = document.createElement("script");
+    w.el.src = src;
+    w.el.onerror = function () {
+      RPT.waiting.delete(key);
+      w.el.remove();
+      w.reject(new Error("could not load " + src + ": keep the folder " + RPT.D.dir + "/ beside the page"));
+    };
+    RPT.waiting.set(key, w);
+    document.head.appendChild(w.el);
+    return w.promise;
+  };
+
+  // run fn once every block of `keys` is loaded: at once when they are, else after loading them
+  RPT.need = function (keys, fn) {
+    for (const k of keys) RPT.pinned.set(k, (RPT.pinned.get(k) || 0) + 1);
+    const unpin = function () {
+      for (const k of keys) { const n = RPT.pinned.get(k) - 1; if (n > 0) RPT.pinned.set(k, n); else RPT.pinned.delete(k); }
+    };
+    const missing = keys.filter((k) => !RPT.cache.has(k));
+    if (!missing.length) { try { fn(); } finally { unpin(); } return; }
+    RPT.pending += 1;
+    RPT.updateStatus();
+    Promise.all(missing.map(RPT.load)).then(function () { fn(); }).catch(function (err) {
+      RPT.errors.push(String(err && err.message ? err.message : err));
+      RPT.loadError = String(err && err.message ? err.message : err);
+    }).finally(function () {
+      unpin();
+      RPT.pending -= 1;
+      RPT.updateStatus();
+      if (RPT.pending === 0) { const q = RPT.idleQueue || []; RPT.idleQueue = []; for (const f of q) f(); }
+    });
+  };
+
+  RPT.whenIdle = function (fn) {
+    if (RPT.pending === 0) fn(); else (RPT.idleQueue = RPT.idleQueue || []).push(fn);
+  };
+
+  RPT.chunkOf = function (t) { return Math.floor(t / RPT.D.chunk); };
+
+  RPT.frameKeys = function (t, cube) {
+    const c = RPT.chunkOf(t);
+    return RPT.D.group_size.map((_, g) => cube + "_g" + g + "_c" + c);
+  };
+
+  // blocks of every time chunk of the pixel groups of `indices`
+  RPT.seriesKeys = function (indices, cube) {
+    const grp = RPT.m.pixels.data.group, gs = new Set(), keys = [];
+    for (const p of indices) gs.add(grp[p]);
+    for (const g of gs) for (let c = 0; c < RPT.D.n_chunks; c++) keys.push(cube + "_g" + g + "_c" + c);
+    return keys;
+  };
+
+  RPT.setKey = function (set, s) { return "lc_" + set + "_s" + Math.floor(s / RPT.D.per_file); };
+
+  RPT.sourceKeys = function (s) {
+    return s == null || s < 0 ? [] : RPT.D.sets.map((set) => RPT.setKey(set, s));
+  };
+
+  // one frame of a cube (its blocks loaded)
+  RPT.frame = function (t, cube) {
+    const D = RPT.D, c = RPT.chunkOf(t), k = t - c * D.chunk, n = Math.min(D.chunk, RPT.nt - c * D.chunk);
+    const blocks = D.group_size.map((_, g) => RPT.get((cube || RPT.cube) + "_g" + g + "_c" + c));
+    const grp = RPT.m.pixels.data.group, slot = RPT.m.pixels.data.slot, out = new Float32Array(RPT.np);
+    for (let p = 0; p < RPT.np; p++) out[p] = blocks[grp[p]][slot[p] * n + k];
     return out;
   };
 
-  // Sum of the selected pixels' series (NaN-skipping; NaN where every selected pixel is NaN).
-  RPT.pixelSum = function (indices) {
-    const cube = RPT.cubeArray(), nt = RPT.nt;
-    const out = new Float64Array(nt), n = new Int32Array(nt);
+  // Sum of the selected pixels' series (NaN-skipping; NaN where every selected pixel is NaN); `squares`: the sum
+  // of squares (for flux_err). The blocks of seriesKeys(indices, cube) must be loaded.
+  RPT.pixelSum = function (indices, cube, squares) {
+    const D = RPT.D, nt = RPT.nt, out = new Float64Array(nt), cnt = new Int32Array(nt);
+    const grp = RPT.m.pixels.data.group, slot = RPT.m.pixels.data.slot;
     const idx = Array.from(indices).sort((a, b) => a - b);
-    for (const p of idx) {
-      const o = p * nt;
-      for (let t = 0; t < nt; t++) {
-        const v = cube[o + t];
-        if (v === v) { out[t] += v; n[t] += 1; }
+    cube = cube || RPT.cube;
+    for (let c = 0; c < D.n_chunks; c++) {
+      const t0 = c * D.chunk, n = Math.min(D.chunk, nt - t0);
+      for (const p of idx) {
+        const b = RPT.get(cube + "_g" + grp[p] + "_c" + c), o = slot[p] * n;
+        for (let k = 0; k < n; k++) {
+          const v = b[o + k];
+          if (v === v) { out[t0 + k] += squares ? v * v : v; cnt[t0 + k] += 1; }
+        }
       }
     }
-    for (let t = 0; t < nt; t++) if (n[t] === 0) out[t] = NaN;
+    for (let t = 0; t < nt; t++) if (cnt[t] === 0) out[t] = NaN;
     return out;
   };
 
-  RPT.sourceSeries = function (set, s) {
-    const col = RPT.m.lcsets.data[set];
-    if (!col || s == null || s < 0) return null;
-    // (copy: typed-array views of BokehJS NDArrays do not honour offsets)
-    const nt = RPT.nt, out = new Float64Array(nt), o = s * nt;
-    for (let t = 0; t < nt; t++) out[t] = col[o + t];
+  // flux (or, with err, flux_err) of source s in a light-curve set; null when the page has no such set
+  RPT.sourceSeries = function (set, s, err) {
+    const D = RPT.D;
+    if (s == null || s < 0 || D.sets.indexOf(set) < 0) return null;
+    const arr = RPT.get(RPT.setKey(set, s));
+    if (!arr) return null;
+    const k = Math.floor(s / D.per_file), n = Math.min(D.per_file, RPT.meta.n_sources - k * D.per_file);
+    const nt = RPT.nt, out = new Float64Array(nt), o = ((err ? n : 0) + (s - k * D.per_file)) * nt;
+    for (let t = 0; t < nt; t++) out[t] = arr[o + t];
     return out;
   };
 
   RPT.nanArray = function () { return new Float64Array(RPT.nt).fill(NaN); };
 
+  // ---------------------------------------------------------------- what is shown
+
+  RPT.lcMode = function () { return ["pixels", "lfd", "cpm"][RPT.m.lc_mode.active]; };
+
+  // keys the light curve shown needs
+  RPT.lcKeys = function () {
+    const mode = RPT.lcMode();
+    if (mode === "pixels") return RPT.seriesKeys(RPT.m.pixels.selected.indices, RPT.cube);
+    return RPT.src == null || RPT.D.sets.indexOf(mode) < 0 ? [] : [RPT.setKey(mode, RPT.src)];
+  };
+
   RPT.currentLc = function () {
-    const mode = ["pixels", "lfd", "cpm"][RPT.m.lc_mode.active];
-    if (mode === "pixels") return { mode: mode, flux: RPT.pixelSum(RPT.m.pixels.selected.indices) };
+    const mode = RPT.lcMode();
+    if (mode === "pixels") return { mode: mode, flux: RPT.pixelSum(RPT.m.pixels.selected.indices, RPT.cube) };
     const s = RPT.sourceSeries(mode, RPT.src);
     return { mode: mode, flux: s ? s : RPT.nanArray() };
   };
 
+  // why the light curve shown is empty ("" when it is not)
+  RPT.lcEmptyReason = function (mode) {
+    if (mode === "pixels") return RPT.m.pixels.selected.indices.length ? "" : "no pixel selected: tap a pixel or drag a box";
+    if (RPT.src == null) return "no source selected: tap a source (switch the tap mode) or a table row";
+    return RPT.sourceEmptyReason(mode === "lfd" ? "lfd" : "cpm", RPT.src);
+  };
+
+  // why source s has no light curve in a set ("" when it has one)
+  RPT.sourceEmptyReason = function (set, s) {
+    const d = RPT.m.sources.data, label = SET_LABELS[set] || set;
+    if (RPT.D.sets.indexOf(set) < 0) return "no " + label + " light curves: that stage was not run or is stale (see the notes above)";
+    const has = d["has_" + set];
+    if (has && has[s]) return "";
+    if (d.on_cutout && !d.on_cutout[s]) return "no " + label + " light curve: the source is off the pixels";
+    const f = d.lfd_flag ? d.lfd_flag[s] | 0 : 0;
+    if (f) return "no " + label + " light curve: " + RPT.flagText(f);
+    return "no " + label + " light curve for this source";
+  };
+
+  RPT.flagText = function (f) {
+    const out = [];
+    if (f & 1) out.push("not in the LFD model (too little of its light on the pixels)");
+    if (f & 2) out.push("off the pixels");
+    if (f & 4) out.push("LFD flux <= 0");
+    return out.join(", ");
+  };
+
   RPT.updateLc = function () {
-    const lc = RPT.currentLc();
-    RPT.lcFlux = lc.flux;
-    setColumns(RPT.m.lc, { flux: lc.flux });
-    const title = { pixels: "light curve: aperture sum of the selected pixels" + (RPT.cube === "cpm" ? " (CPM de-trended cube)" : ""),
-      lfd: "light curve: LFD flux of the selected source", cpm: "light curve: CPM flux of the selected source" }[lc.mode];
-    if (RPT.m.lc_fig && RPT.m.lc_fig.title) RPT.m.lc_fig.title.text = title;
-    if (!RPT.m.lcsets.data.raw) setColumns(RPT.m.srclc, { raw: RPT.pixelSum(RPT.m.pixels.selected.indices) });
+    const gen = (RPT.lcGen = (RPT.lcGen || 0) + 1), cube = RPT.cube;
+    RPT.need(RPT.lcKeys(), function () {
+      if (gen !== RPT.lcGen) return; // a newer selection took over
+      const lc = RPT.currentLc();
+      RPT.lcFlux = lc.flux;
+      setColumns(RPT.m.lc, { flux: lc.flux });
+      const why = RPT.lcEmptyReason(lc.mode);
+      const title = why ? "light curve: " + why : {
+        pixels: "light curve: aperture sum of the selected pixels" + (cube === "cpm" ? " (CPM de-trended cube)" : "") + " [e-/s]",
+        lfd: "light curve: LFD flux of the selected source [e-/s]",
+        cpm: "light curve: CPM flux of the selected source [e-/s]" }[lc.mode];
+      if (RPT.m.lc_fig && RPT.m.lc_fig.title) RPT.m.lc_fig.title.text = title;
+      if (RPT.D.sets.indexOf("raw") < 0 && lc.mode === "pixels") setColumns(RPT.m.srclc, { raw: lc.flux });
+      RPT.updateStatus();
+    });
+    if (RPT.D.sets.indexOf("raw") < 0 && RPT.lcMode() !== "pixels") {
+      const sel = RPT.m.pixels.selected.indices;
+      RPT.need(RPT.seriesKeys(sel, RPT.cube), function () {
+        if (gen === RPT.lcGen) setColumns(RPT.m.srclc, { raw: RPT.pixelSum(sel, cube) });
+      });
+    }
   };
 
   RPT.onCadence = function () {
-    const m = RPT.m, t = m.cadence_slider.value | 0;
+    const m = RPT.m, t = m.cadence_slider.value | 0, cube = RPT.cube;
     RPT.t = t;
-    setColumns(m.pixels, { flux: RPT.frame(t) });
-    if (m.auto_stretch && m.auto_stretch.active) RPT.autoStretch();
     const time = m.lc.data.time[t];
     for (const n of ["span_main", "span_raw", "span_lfd", "span_cpm", "span_dbl"]) if (m[n]) m[n].location = time;
+    RPT.need(RPT.frameKeys(t, cube), function () {
+      if (RPT.t !== t || RPT.cube !== cube) return; // the slider moved on meanwhile
+      setColumns(m.pixels, { flux: RPT.frame(t, cube) });
+      if (m.auto_stretch && m.auto_stretch.active) RPT.autoStretch();
+      RPT.updateStatus();
+    });
+    // playing or stepping towards the next time chunk: fetch it ahead
+    const c = RPT.chunkOf(t);
+    if (c + 1 < RPT.D.n_chunks && t + 32 >= (c + 1) * RPT.D.chunk) for (const k of RPT.frameKeys((c + 1) * RPT.D.chunk, cube)) RPT.load(k).catch(function () {});
     RPT.updateStatus();
   };
 
@@ -135,27 +329,42 @@
   RPT.onSource = function () {
     const m = RPT.m;
     const sel = m.sources ? m.sources.selected.indices : [];
-    RPT.src = sel.length ? sel[0] : null;
-    const cols = {};
-    for (const k of ["raw", "lfd", "cpm", "dbl"]) {
-      const s = RPT.sourceSeries(k, RPT.src);
-      if (s) cols[k] = s;
-      else if (k !== "raw") cols[k] = RPT.nanArray();
-    }
-    if (!m.lcsets.data.raw) cols.raw = RPT.pixelSum(m.pixels.selected.indices);
-    setColumns(m.srclc, cols);
+    const src = (RPT.src = sel.length ? sel[0] : null);
+    const gen = (RPT.srcGen = (RPT.srcGen || 0) + 1);
     if (m.source_title) {
-      if (RPT.src == null) m.source_title.text = "<b>Selected source</b>: none (tap a source or a table row)";
+      if (src == null) m.source_title.text = "<b>Selected source</b>: none (tap a source or a table row)";
       else {
-        const d = m.sources.data, i = RPT.src;
-        const g = d.gmag[i], c = d.contamination[i];
+        const d = m.sources.data, i = src;
+        const g = d.gmag[i], c = d.contamination[i], ra = d.ra ? d.ra[i] : NaN, dec = d.dec ? d.dec[i] : NaN;
         m.source_title.text = "<b>Gaia DR3 " + d.source_id[i] + "</b> G=" + (g === g ? g.toFixed(2) : "?") +
           " at column " + d.column[i].toFixed(2) + ", row " + d.row[i].toFixed(2) +
-          (c === c ? ", contamination " + c.toFixed(3) : "");
+          (ra === ra ? " (RA " + ra.toFixed(5) + "°, Dec " + dec.toFixed(5) + "°)" : "") +
+          (c === c ? ", contamination " + RPT.contaminationText(c) : "") +
+          (d.on_cutout && !d.on_cutout[i] ? " &middot; <b>off the pixels</b>" : "");
       }
     }
-    if (m.lc_mode && m.lc_mode.active !== 0) RPT.updateLc();
+    RPT.need(RPT.sourceKeys(src), function () {
+      if (gen !== RPT.srcGen) return;
+      const cols = {};
+      for (const k of ["raw", "lfd", "cpm", "dbl"]) {
+        const s = RPT.sourceSeries(k, src);
+        if (s) cols[k] = s;
+        else if (k !== "raw") cols[k] = RPT.nanArray();
+        const f = m["srcfig_" + k];
+        if (f && f.title && !(k === "raw" && RPT.D.sets.indexOf("raw") < 0)) {
+          const why = src == null ? "no source selected" : RPT.sourceEmptyReason(k, src);
+          f.title.text = RPT.setTitles[k] + (why ? " — " + why : "");
+        }
+      }
+      setColumns(m.srclc, cols);
+    });
+    if (RPT.D.sets.indexOf("raw") < 0 || (m.lc_mode && m.lc_mode.active !== 0)) RPT.updateLc();
     RPT.updateStatus();
+  };
+
+  // contamination: the fraction of the flux in the source's LFD pixels that the model gives to other sources
+  RPT.contaminationText = function (c) {
+    return c > 10 ? "> 10 (neighbours outshine it)" : c.toFixed(3);
   };
 
   RPT.selectSourceId = function (id) {
@@ -167,14 +376,18 @@
 
   RPT.updateStatus = function () {
     const m = RPT.m;
-    if (!m.status) return;
+    if (!m || !m.status) return;
     const t = RPT.t | 0, d = m.lc.data;
     const nsel = m.pixels.selected.indices.length;
     const f = RPT.lcFlux ? RPT.lcFlux[t] : NaN;
+    const what = { pixels: "aperture sum", lfd: "LFD flux", cpm: "CPM flux" }[RPT.lcMode()];
     m.status.text = "cadence index <b>" + t + "</b> (cadenceno " + d.cadenceno[t] + "), time " +
-      d.time[t].toFixed(5) + " " + RPT.meta.time_system + ", flux " + (f === f ? f.toFixed(2) : "NaN") +
-      " e-/s &middot; <span id='rpt-npix'>" + nsel + "</span> pixel(s) selected" +
-      (RPT.meta.bin_factor > 1 ? " &middot; display bins of " + RPT.meta.bin_factor + " cadences" : "");
+      d.time[t].toFixed(5) + " " + RPT.meta.time_system + ", " + what + " " + (f === f ? f.toFixed(2) + " e-/s" : "— (none)") +
+      " &middot; image: " + (RPT.cube === "cpm" ? "CPM de-trended" : "raw") +
+      " &middot; <span id='rpt-npix'>" + nsel + "</span> pixel(s) selected" +
+      (RPT.meta.bin_factor > 1 ? " &middot; display bins of " + RPT.meta.bin_factor + " cadences" : "") +
+      (RPT.pending > 0 ? " &middot; <i>loading data…</i>" : "") +
+      (RPT.loadError ? " &middot; <b style='color:#b00'>" + RPT.loadError + "</b>" : "");
   };
 
   RPT.step = function (k) {
@@ -231,7 +444,7 @@
 
   RPT.onImageMode = function () {
     const m = RPT.m;
-    RPT.cube = m.image_mode.active === 1 && m.cube_cpm ? "cpm" : "raw";
+    RPT.cube = m.image_mode.active === 1 && RPT.D.cubes.indexOf("cpm") >= 0 ? "cpm" : "raw";
     const st = RPT.meta.stretch[RPT.cube];
     const s = m.stretch_slider;
     s.start = st.vlo; s.end = st.vhi; s.step = (st.vhi - st.vlo) / 500; s.value = [st.lo, st.hi];
@@ -291,22 +504,43 @@
     RPT.download(RPT.meta.field + "_mask.json", JSON.stringify(RPT.maskObject(), null, 1), "application/json");
   };
 
-  RPT.lcCsv = function () {
-    const d = RPT.m.lc.data, lc = RPT.currentLc();
-    const src = RPT.src != null ? RPT.m.sources.data.source_id[RPT.src] : "";
-    const lines = ["# field " + RPT.meta.field + "; light curve: " + lc.mode +
-      (lc.mode === "pixels" ? " (" + RPT.cube + " cube, " + RPT.m.pixels.selected.indices.length + " pixels)" : " (Gaia DR3 " + src + ")") +
-      "; time " + RPT.meta.time_system + "; flux e-/s" + (RPT.meta.bin_factor > 1 ? "; bins of " + RPT.meta.bin_factor + " cadences" : ""),
-      "cadenceno,time,flux,quality"];
+  // the light curve shown with its 1-sigma errors: for pixels the root sum of squares of the pixels' flux_err
+  // (also for the CPM de-trended cube: the CPM prediction's own error is not included); then fn(lc)
+  RPT.withErrors = function (fn) {
+    const mode = RPT.lcMode(), sel = Array.from(RPT.m.pixels.selected.indices), cube = RPT.cube, src = RPT.src;
+    const keys = mode === "pixels" ? RPT.seriesKeys(sel, cube).concat(RPT.seriesKeys(sel, "err")) : RPT.lcKeys();
+    RPT.need(keys, function () {
+      let flux, err;
+      if (mode === "pixels") {
+        flux = RPT.pixelSum(sel, cube);
+        err = RPT.pixelSum(sel, "err", true).map(Math.sqrt);
+      } else {
+        flux = RPT.sourceSeries(mode, src) || RPT.nanArray();
+        err = RPT.sourceSeries(mode, src, true) || RPT.nanArray();
+      }
+      const sid = src != null ? RPT.m.sources.data.source_id[src] : null;
+      const what = mode === "pixels" ? "aperture sum of " + sel.length + " pixels of the " +
+        (cube === "cpm" ? "CPM de-trended" : "raw") + " cube" : (mode === "lfd" ? "LFD" : "CPM") + " light curve of Gaia DR3 " + sid;
+      fn({ mode: mode, flux: flux, err: err, sourceId: mode === "pixels" ? null : sid, what: what });
+    });
+  };
+
+  RPT.lcCsv = function (lc) {
+    const d = RPT.m.lc.data;
+    const lines = ["# field " + RPT.meta.field + "; " + lc.what +
+      "; time " + RPT.meta.time_system + " [d]; flux and flux_err [e-/s]" +
+      (lc.mode === "pixels" ? "; flux_err: root sum of squares of the pixels' flux_err" : "") +
+      (RPT.meta.bin_factor > 1 ? "; bins of " + RPT.meta.bin_factor + " cadences (cadenceno: the first of each bin)" : ""),
+      "time,flux,flux_err,quality,cadenceno"];
     for (let t = 0; t < RPT.nt; t++) {
-      const f = lc.flux[t];
-      lines.push(d.cadenceno[t] + "," + d.time[t] + "," + (f === f ? f : "nan") + "," + d.quality[t]);
+      const f = lc.flux[t], e = lc.err[t];
+      lines.push(d.time[t] + "," + (f === f ? f : "nan") + "," + (e === e ? e : "nan") + "," + d.quality[t] + "," + d.cadenceno[t]);
     }
     return lines.join("\n") + "\n";
   };
 
   RPT.exportLc = function () {
-    RPT.download(RPT.meta.field + "_lightcurve.csv", RPT.lcCsv(), "text/csv");
+    RPT.withErrors(function (lc) { RPT.download(RPT.meta.field + "_lightcurve.csv", RPT.lcCsv(lc), "text/csv"); });
   };
 
   // keyboard: left/right arrows step one cadence (not while typing in an input). A focused slider keeps its
