@@ -36,7 +36,7 @@
     if (typeof v === "object" && "real" in v) return fmtReal(v.real).padStart(20);
     if (typeof v === "number") return (Number.isSafeInteger(v) ? String(v) : fmtReal(v)).padStart(20);
     if (typeof v === "string") {
-      const q = "'" + ascii(v).padEnd(8) + "'";
+      const q = "'" + ascii(v).replace(/'/g, "''").padEnd(8) + "'";
       if (q.length > 70) throw new Error("FITS string value too long (max 68 characters): " + v);
       return q.padEnd(20);
     }
