@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from astropy.table import Table
+from astropy.wcs import WCS
 
 from workflow_lib.core import quality  # noqa: E402
 from workflow_lib.data.cube import as_pixel_table, concat_stamps, make_cube, open_cube, write_zarr_atomic
@@ -112,15 +113,19 @@ def make_field(
         flux += amp * var[:, None, None] * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 2.0)[None] / (2 * np.pi)
     flux += rng.normal(0, 3.0, flux.shape)
     flux[5, 3, 4] = np.nan
+    w = WCS(naxis=2)  # a TESS-like tangent plane, 21 arcsec pixels, rotated
+    w.wcs.ctype, w.wcs.crval, w.wcs.crpix = ["RA---TAN", "DEC--TAN"], [30.0, -60.0], [12.5, 11.0]
+    w.wcs.cd = np.array([[-0.0058, 0.0006], [0.0006, 0.0058]])
     cube = make_cube(
         flux,
-        np.full_like(flux, 3.0),
+        3.0 + 0.1 * (np.arange(NT) % 7)[:, None, None] + np.zeros_like(flux),  # flux_err varies with time
         _quality(),
         time,
         1000 + np.arange(NT),
         rows,
         cols,
         mission="TESS",
+        wcs_header=w.to_header().tostring(sep="\n"),
         attrs={"sector": 1, "camera": 4, "ccd": 2},
     )
     if aperture is not None:
@@ -628,8 +633,6 @@ def test_initial_stretch_from_the_frame_shown(tmp_path):
 
 
 def test_cdpp_common_set():
-    from astropy.table import Table
-
     cat = Table({"on_cutout": [True, True, False, True, True]})
     g = np.array([10.0, 14.9, 11.0, 15.0, 12.0])
     m = {"cdpp_raw": np.array([1, 2, 3, 4, np.nan]), "cdpp_lfd": np.ones(5), "cdpp_cpm": np.ones(5)}

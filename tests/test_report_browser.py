@@ -6,12 +6,16 @@ import csv
 import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
 from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 
+from workflow_lib.data.cube import cube_wcs
 from workflow_lib.report import page as R
 from workflow_lib.report import products as P
 
@@ -48,6 +52,7 @@ def site(tmp_path_factory):
     return {
         "html": out / "fieldA.html",
         "cube": fp.cube["flux"].values.astype(np.float64),
+        "err": fp.cube["flux_err"].values.astype(np.float64),
         "det": fp.detrended["flux"].values.astype(np.float64),
         "lfd": fp.lfd["flux"].values,
         "time": fp.cube["time"].values,
@@ -213,10 +218,38 @@ def test_tap_and_shift_tap_pixels_resum_light_curve(site, page, test_output):
     with page.expect_download() as dl:
         page.get_by_role("button", name="light curve (CSV)").click()
     rows = [r for r in csv.reader(io.StringIO(Path(dl.value.path()).read_text())) if r and not r[0].startswith("#")]
-    assert rows[0] == ["cadenceno", "time", "flux", "quality"] and len(rows) == NT + 1
-    flux = np.array([float(r[2]) for r in rows[1:]])
+    assert rows[0] == ["time", "flux", "flux_err", "quality", "cadenceno"] and len(rows) == NT + 1
+    flux = np.array([float(r[1]) for r in rows[1:]])
     np.testing.assert_allclose(flux, cube[:, r1 - ROW0, c1 - COL0] + cube[:, r2 - ROW0, c2 - COL0], rtol=1e-12)
+    err = site["err"]  # the root sum of squares of the two pixels' flux_err
+    expect_err = np.hypot(err[:, r1 - ROW0, c1 - COL0], err[:, r2 - ROW0, c2 - COL0])
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], expect_err, rtol=1e-6)
     assert [int(r[3]) for r in rows[1:]][77] == 129
+    np.testing.assert_allclose([float(r[0]) for r in rows[1:]], site["time"], rtol=0, atol=1e-12)
+    # the mask as a FITS image (APERTURE extension with the cutout's WCS) and the light curve as FITS
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="mask (FITS)").click()
+    assert dl.value.suggested_filename == "fieldA_mask.fits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with fits.open(dl.value.path()) as hdul:
+            hdul.verify("exception")
+            ap = hdul["APERTURE"]
+            np.testing.assert_array_equal(ap.data.astype(bool), expect)
+            assert ap.header["CRVAL1P"] == COL0 and ap.header["CRVAL2P"] == ROW0 and hdul[0].header["NPIXSEL"] == 2
+            mask_wcs = WCS(ap.header)
+    cube_w = cube_wcs(P.load_field_products(site["html"].parent.parent / "fieldA").cube)
+    sky = mask_wcs.pixel_to_world(c1 - COL0, r1 - ROW0)
+    assert sky.separation(cube_w.pixel_to_world(c1 - COL0, r1 - ROW0)).arcsec < 1e-6
+    shutil.copy(dl.value.path(), test_output / "report_mask.fits")
+    lk = pytest.importorskip("lightkurve")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="light curve (FITS)").click()
+    lcf = lk.read(dl.value.path())
+    np.testing.assert_allclose(lcf.flux.value, cube[:, r1 - ROW0, c1 - COL0] + cube[:, r2 - ROW0, c2 - COL0], rtol=1e-6)
+    np.testing.assert_allclose(lcf.flux_err.value, expect_err, rtol=1e-6)
+    np.testing.assert_allclose(lcf.time.value, site["time"], rtol=0, atol=1e-9)
+    assert lcf.quality.value[77] == 129
     # shift-tap the first pixel again: removed
     x, y = data_to_page(page, "image_fig", c1, r1)
     tap(page, x, y, 1, shift=True)

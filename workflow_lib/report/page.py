@@ -461,10 +461,14 @@ def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict
         labels=["pixels (sum)", "LFD", "CPM"], active=0, name="lc_mode", disabled=fp.lfd is None and fp.cpm is None
     )
     w["lmode"].js_on_change("active", CustomJS(code="RPT.onLcMode();"))
-    w["mask"] = Button(label="⬇ mask (JSON)", width=130, name="export_mask")
+    w["mask"] = Button(label="⬇ mask (JSON)", width=120, name="export_mask")
     w["mask"].js_on_event("button_click", CustomJS(code="RPT.exportMask();"))
+    w["maskfits"] = Button(label="⬇ mask (FITS)", width=120, name="export_mask_fits")
+    w["maskfits"].js_on_event("button_click", CustomJS(code="RPT.exportMaskFits();"))
     w["csv"] = Button(label="⬇ light curve (CSV)", width=150, name="export_lc")
     w["csv"].js_on_event("button_click", CustomJS(code="RPT.exportLc();"))
+    w["lcfits"] = Button(label="⬇ light curve (FITS)", width=150, name="export_lc_fits")
+    w["lcfits"].js_on_event("button_click", CustomJS(code="RPT.exportLcFits();"))
     w["status"] = Div(text="", width=620, name="status")
     ds["pixels"].selected.js_on_change("indices", CustomJS(code="window.RPT && RPT.onMask();"))
     ds["sources"].selected.js_on_change("indices", CustomJS(code="window.RPT && RPT.onSource();"))
@@ -516,7 +520,10 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
     table = figures.source_table(ds["sources"], float(p["cdpp_hours"])) if v.sources["source_id"].size else None
     controls_img = column(row(w["srange"]), row(w["smode"], w["autost"]), row(w["imode"], w["tmode"]))
     controls_lc = column(
-        row(w["prev"], w["play"], w["next"], w["slider"]), row(w["lmode"], w["mask"], w["csv"]), w["status"]
+        row(w["prev"], w["play"], w["next"], w["slider"]),
+        w["lmode"],
+        row(w["maskfits"], w["mask"], w["lcfits"], w["csv"]),
+        w["status"],
     )
     top = row(column(img, controls_img), column(lcf, controls_lc))
     mid = row(column(src_title, *sfigs), column(*extras)) if extras else column(src_title, *sfigs)
@@ -548,6 +555,41 @@ def _page_cubes(v: FieldView) -> tuple[dict, dict]:
     return cubes, {k: (v.set_arrays[k], v.set_errs[k]) for k in v.set_arrays}
 
 
+def mask_wcs_cards(cube, v: FieldView) -> list:
+    """FITS cards of the WCS of the page's pixel grid (``grid_rows`` x ``grid_columns``), for the exported
+    aperture mask: the cube's (or the stamp's) celestial WCS shifted to the grid's first pixel, plus the
+    physical CCD-pixel WCS ``P`` of TESS / Kepler APERTURE images (RAWX = column, RAWY = row). Floats are
+    ``{"real": v}`` for fits.js. No celestial cards without a WCS."""
+    from workflow_lib.data.cube import cube_wcs
+
+    rows, cols = np.unique(v.disp.rows), np.unique(v.disp.cols)
+    cards = []
+    w = cube_wcs(cube, stamp=v.stamp) if "pixel" in cube.dims else cube_wcs(cube)
+    if w is not None and w.naxis == 2:
+        if "pixel" in cube.dims:
+            st = cube["stamp"].values if "stamp" in cube.coords else np.zeros(cube.sizes["pixel"], int)
+            m = st == (v.stamp or 0)
+            r_first, c_first = int(cube["row"].values[m].min()), int(cube["column"].values[m].min())
+        else:
+            r_first, c_first = int(cube["row"].values[0]), int(cube["column"].values[0])
+        w = w.deepcopy()
+        w.wcs.crpix = [w.wcs.crpix[0] - (cols[0] - c_first), w.wcs.crpix[1] - (rows[0] - r_first)]
+        for card in w.to_header(relax=True).cards:
+            if card.keyword in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREF", "MJDREFI", "MJDREFF"):
+                continue
+            val = card.value
+            cards.append([card.keyword, {"real": float(val)} if isinstance(val, float) else val, card.comment])
+    for axis, name, first in ((1, "RAWX", int(cols[0])), (2, "RAWY", int(rows[0]))):
+        cards += [
+            [f"CTYPE{axis}P", name, "physical CCD pixel axis"],
+            [f"CUNIT{axis}P", "PIXEL", ""],
+            [f"CRPIX{axis}P", {"real": 1.0}, "reference pixel of the mask"],
+            [f"CRVAL{axis}P", {"real": float(first)}, "its CCD " + ("column" if axis == 1 else "row")],
+            [f"CDELT{axis}P", {"real": 1.0}, ""],
+        ]
+    return [["WCSNAMEP", "PHYSICAL", ""]] + cards
+
+
 def _page_meta(fp: FieldProducts, v: FieldView, p: dict, data_name: str) -> dict:
     """The page's ``rpt-meta`` JSON block (sizes, grid, stretch, flags, data folder) report.js reads."""
     disp = v.disp
@@ -572,6 +614,10 @@ def _page_meta(fp: FieldProducts, v: FieldView, p: dict, data_name: str) -> dict
         "initial_cadence": v.t0,
         "stamp": v.stamp,
         "percentiles": [float(x) for x in p["percentiles"]],
+        "time_offset": float(
+            fp.cube.attrs.get("time_offset", 2454833.0 if v.mission in ("Kepler", "K2") else 2457000.0)
+        ),
+        "wcs_cards": mask_wcs_cards(fp.cube, v),
         "data": {
             "dir": data_name,
             "cubes": sorted(_page_cubes(v)[0]),
@@ -613,6 +659,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=Non
             script=script,
             div=div,
             report_js=_js("report.js"),
+            fits_js=_js("fits.js"),
             report_css=_js("report.css"),
             prf_png=figures.prf_picture(fp.prf_png),
             edge_json=json.dumps(fp.edge, indent=1, sort_keys=True, default=str)[:20000]

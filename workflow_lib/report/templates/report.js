@@ -500,6 +500,35 @@
       note: "mask[i][j] is true when CCD pixel (rows[i], columns[j]) is selected" };
   };
 
+  // the selection as a FITS image: an int16 0/1 APERTURE extension on the page's pixel grid (rows x columns),
+  // with the cutout's WCS shifted to the grid and the physical CCD-pixel WCS (fits.js)
+  RPT.maskFits = function () {
+    const meta = RPT.meta, rows = meta.grid_rows, cols = meta.grid_cols, nr = rows.length, nc = cols.length;
+    const mask = new Uint8Array(nr * nc), d = RPT.m.pixels.data;
+    const sel = RPT.m.pixels.selected.indices;
+    for (const p of sel) mask[rows.indexOf(d.row[p]) * nc + cols.indexOf(d.column[p])] = 1;
+    return RPTFITS.apertureMask({ mask: mask, nrows: nr, ncols: nc, wcsCards: meta.wcs_cards || [],
+      extraCards: [["FIELD", String(meta.field), "field of the report page"], ["MISSION", String(meta.mission), ""],
+        ["NPIXSEL", sel.length, "pixels selected"]] });
+  };
+
+  RPT.exportMaskFits = function () {
+    RPT.download(RPT.meta.field + "_mask.fits", RPT.maskFits(), "application/fits");
+  };
+
+  RPT.lcFits = function (lc) {
+    const d = RPT.m.lc.data, meta = RPT.meta;
+    return RPTFITS.lightcurve({ mission: meta.mission, sourceId: lc.sourceId, object: meta.field + " " + lc.what,
+      method: lc.mode === "pixels" ? "APERTURE" : lc.mode.toUpperCase(), timeSystem: meta.time_system,
+      timeOffset: meta.time_offset, time: Float64Array.from(d.time), cadenceno: Int32Array.from(d.cadenceno),
+      flux: Float32Array.from(lc.flux), flux_err: Float32Array.from(lc.err), quality: Int32Array.from(d.quality),
+      extraCards: [["FIELD", String(meta.field), "field of the report page"], ["BINFACT", meta.bin_factor, "cadences per display bin"]] });
+  };
+
+  RPT.exportLcFits = function () {
+    RPT.withErrors(function (lc) { RPT.download(RPT.meta.field + "_lightcurve.fits", RPT.lcFits(lc), "application/fits"); });
+  };
+
   RPT.exportMask = function () {
     RPT.download(RPT.meta.field + "_mask.json", JSON.stringify(RPT.maskObject(), null, 1), "application/json");
   };
