@@ -686,7 +686,10 @@ def test_flagged_sources_are_marked_and_have_no_lfd_cdpp(field):
     fp.lfd = fp.lfd.assign_coords(lfd_flag=("source", flag))
     html, _ = R.build_field_page(fp)
     s = R.embedded_sources(html)["sources"]
-    np.testing.assert_array_equal(np.asarray(s["lfd_flag"], float)[:3], flag)
+    # the page's order: on the pixels and unflagged (0, 2: by G), flagged (1), off the pixels (3)
+    assert s["source_id"] == [str(STARS[k][0]) for k in (0, 2, 1, 3)]
+    np.testing.assert_array_equal(np.asarray(s["lfd_flag"], float)[:3], flag[[0, 2, 1]])
     assert np.isnan(s["lfd_flag"][3])  # not in the LFD set
-    assert np.isnan(s["cdpp_lfd"][1]) and np.isfinite(s["cdpp_lfd"][[0, 2]]).all()
+    assert np.isnan(s["cdpp_lfd"][2]) and np.isfinite(s["cdpp_lfd"][[0, 1]]).all()
+    np.testing.assert_array_equal(s["on_cutout"], [1, 1, 1, 0])
     assert "LFD flag" in json.dumps(R.embedded_documents(html))

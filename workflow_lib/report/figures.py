@@ -21,6 +21,8 @@ from workflow_lib.report.display import DisplayCube
 
 #: light-curve sets of a field page, in display order
 LC_SETS = ("raw", "lfd", "cpm", "dbl")
+#: the pixel image's longer side [screen px]
+IMAGE_FRAME_PX = 560
 #: marker colour of each set's light-curve panel (dbl: the deblended, de-trended light curves)
 SET_COLORS = {"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728", "dbl": "#2ca02c"}
 
@@ -45,11 +47,13 @@ def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
     )
     mapper = mlog if mode == "log" else mlin
     pad = 0.5
+    # square pixels: the frame's sides in proportion to the grid's (the ranges are fixed, so match_aspect cannot)
+    nr, nc = np.unique(disp.rows).size, np.unique(disp.cols).size
+    side = IMAGE_FRAME_PX / max(nr, nc)
     img = figure(
-        width=520,
-        height=480,
-        title=f"{field}: pixels",
-        match_aspect=True,
+        frame_width=max(int(round(side * nc)), 120),
+        frame_height=max(int(round(side * nr)), 120),
+        title=f"{field}: pixels [e-/s]",
         x_range=(disp.cols.min() - pad, disp.cols.max() + pad),
         y_range=(disp.rows.min() - pad, disp.rows.max() + pad),
         tools="pan,wheel_zoom,reset,save",
@@ -66,6 +70,7 @@ def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
         source=pix,
         fill_color=fc,
         line_color=None,
+        dilate=True,  # no seams between neighbouring pixels
         name="pixel_renderer",
         selection_fill_color=fc,
         selection_line_color="white",
@@ -81,7 +86,7 @@ def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
     img.add_tools(
         HoverTool(renderers=[pr], tooltips=[("row", "@row"), ("column", "@column"), ("flux", "@flux{0.00} e-/s")])
     )
-    img.add_layout(ColorBar(color_mapper=mapper, width=10, name="colorbar"), "right")
+    img.add_layout(ColorBar(color_mapper=mapper, width=10, title="flux [e-/s]", name="colorbar"), "right")
     return img, pr, mlog, mlin
 
 
@@ -131,8 +136,9 @@ def lightcurve_figure(lc, qtable: dict, tsys: str, t_now: float):
         "return out.join(', ');"
     )
     lcf = figure(
-        width=620,
-        height=480,
+        height=IMAGE_FRAME_PX,
+        min_width=560,
+        sizing_mode="stretch_width",
         title="light curve: aperture sum of the selected pixels",
         tools="pan,wheel_zoom,box_zoom,reset,save",
         x_axis_label=f"time [{tsys}]",
@@ -167,14 +173,17 @@ def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: f
     spans, sfigs = [], []
     for k in LC_SETS:
         f = figure(
-            width=560,
-            height=170,
+            height=190,
+            min_width=500,
+            sizing_mode="stretch_width",
             title=labels[k],
             tools="pan,wheel_zoom,box_zoom,reset",
             x_range=x_range,
+            y_axis_label="flux [e-/s]",
             name=f"srcfig_{k}",
             visible=(k == "raw" or k in shown),
         )
+        f.yaxis.axis_label_text_font_size = "9pt"
         f.scatter("time", k, source=srclc, size=2, color=SET_COLORS[k])
         s = Span(location=float(t_now), dimension="height", line_color="red", line_width=1, name=f"span_{k}")
         f.add_layout(s)
@@ -184,20 +193,43 @@ def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: f
     return sfigs, spans
 
 
+#: what the source table's contamination column means (its cells' tooltip, and the note under the table)
+CONTAMINATION_HELP = (
+    "contamination: the fraction of the light in the source's LFD pixels that the LFD model gives to other "
+    "sources (0: alone; 1: as much light from neighbours as from the source); above 10 the neighbours outshine it "
+    "and the table shows > 10"
+)
+
+
 def source_table(src, hours: float):
-    """Sortable table of the sources: Gaia id (link), G, position, contamination, LFD flag (why the data do not
-    constrain the source's flux: core.quality.LfdSourceFlag; such a source has no LFD CDPP), CDPPs."""
+    """Sortable table of the sources: Gaia id (link), G, position (pixels and RA/Dec), whether the source is on
+    the pixels, contamination (capped at display, defined in a tooltip), LFD flag (why the data do not constrain the
+    source's flux: core.quality.LfdSourceFlag; such a source has no LFD CDPP), CDPPs. The rows come in the
+    page's source order: on the pixels and unflagged first (page.field_view)."""
     from bokeh.models import DataTable, HTMLTemplateFormatter, NumberFormatter, TableColumn
 
-    num = NumberFormatter(format="0.000", nan_format="—")
     cdppf = NumberFormatter(format="0", nan_format="—")
     link = HTMLTemplateFormatter(template='<a href="#source=<%= value %>"><%= value %></a>')
+    contamination = HTMLTemplateFormatter(
+        template='<span title="'
+        + CONTAMINATION_HELP
+        + "\"><%= value === value && value !== null ? (value > 10 ? '&gt; 10' : value.toFixed(3)) : '—' %></span>"
+    )
+    deg = NumberFormatter(format="0.00000", nan_format="—")
     cols = [
         TableColumn(field="source_id", title="Gaia DR3 source_id", formatter=link, width=170),
-        TableColumn(field="gmag", title="G", formatter=NumberFormatter(format="0.00", nan_format="—"), width=60),
-        TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=70),
-        TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=70),
-        TableColumn(field="contamination", title="contamination", formatter=num, width=90),
+        TableColumn(field="gmag", title="G", formatter=NumberFormatter(format="0.00", nan_format="—"), width=55),
+        TableColumn(field="ra", title="RA [deg]", formatter=deg, width=85),
+        TableColumn(field="dec", title="Dec [deg]", formatter=deg, width=85),
+        TableColumn(field="column", title="column", formatter=NumberFormatter(format="0.00"), width=65),
+        TableColumn(field="row", title="row", formatter=NumberFormatter(format="0.00"), width=65),
+        TableColumn(
+            field="on_cutout",
+            title="on pixels",
+            width=65,
+            formatter=HTMLTemplateFormatter(template="<%= value ? '✓' : 'off' %>"),
+        ),
+        TableColumn(field="contamination", title="contamination ⓘ", formatter=contamination, width=100),
         TableColumn(
             field="lfd_flag",
             title="LFD flag",
@@ -221,8 +253,9 @@ def source_table(src, hours: float):
     return DataTable(
         source=src,
         columns=cols,
-        width=900,
-        height=300,
+        min_width=900,
+        sizing_mode="stretch_width",
+        height=320,
         sortable=True,
         selectable=True,
         index_position=None,
@@ -242,7 +275,8 @@ def quality_figure(disp: DisplayCube, qtable: dict, tsys: str, x_range):
         return None
     names = [qtable.get(b, f"Bit{b.bit_length()}") for b in bits]
     f = figure(
-        width=560,
+        min_width=400,
+        sizing_mode="stretch_width",
         height=60 + 22 * len(names),
         y_range=names[::-1],
         x_range=x_range,
@@ -271,8 +305,9 @@ def motion_figures(mp: dict | None, tsys: str, x_range):
     }
     src = ColumnDataSource(cols, name="motion")
     f1 = figure(
-        width=560,
-        height=200,
+        height=260,
+        min_width=500,
+        sizing_mode="stretch_width",
         title=f"LFD motion model: {mp['offset_label']}",
         tools="xpan,xwheel_zoom,box_zoom,reset",
         x_range=x_range,
@@ -288,8 +323,9 @@ def motion_figures(mp: dict | None, tsys: str, x_range):
     figs = [f1]
     if "change_mean" in cols:
         f2 = figure(
-            width=560,
-            height=200,
+            height=260,
+            min_width=500,
+            sizing_mode="stretch_width",
             title="LFD motion model: PRF factor − 1 (eq. 24); pixels of the brightest source",
             tools="xpan,xwheel_zoom,box_zoom,reset",
             x_range=x_range,
@@ -308,14 +344,14 @@ def motion_figures(mp: dict | None, tsys: str, x_range):
             if k in cols:
                 f2.line("time", k, source=src, color=c, legend_label=lab)
         figs.append(f2)
-    for f in figs:
-        f.legend.click_policy = "hide"
-        f.legend.label_text_font_size = "8pt"
-        f.legend.background_fill_alpha = 0.6
-        f.legend.location = "top_left"
-        f.legend.orientation = "horizontal"
-        f.legend.padding = 2
-        f.legend.spacing = 4
+    for f in figs:  # the legend below the plot, off the curves
+        leg = f.legend[0]
+        leg.click_policy = "hide"
+        leg.label_text_font_size = "8pt"
+        leg.orientation = "horizontal"
+        leg.padding = 2
+        leg.spacing = 4
+        f.add_layout(leg, "below")
     return figs
 
 
@@ -352,21 +388,24 @@ def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
     pad = 0.5
     xr_ = (float(disp.cols.min()) - pad, float(disp.cols.max()) + pad)
     yr_ = (float(disp.rows.min()) - pad, float(disp.rows.max()) + pad)
+    nr, nc = np.unique(disp.rows).size, np.unique(disp.cols).size
+    side = 300 / max(nr, nc)  # square pixels
     figs = []
     titles = {"data": "mean frame: data", "model": "mean frame: LFD model", "residual": "residual: data − LFD model"}
     for k in ("data", "model", "residual"):
         kw = {} if not figs else {"x_range": figs[0].x_range, "y_range": figs[0].y_range}
         f = figure(
-            width=330,
-            height=310,
+            frame_width=max(int(round(side * nc)), 80),
+            frame_height=max(int(round(side * nr)), 80),
             title=titles[k],
-            match_aspect=True,
             tools="pan,wheel_zoom,reset",
             name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
             **({"x_range": xr_, "y_range": yr_} if not figs else kw),
         )
         m = mdiv if k == "residual" else mlog
-        rr = f.rect("x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None)
+        rr = f.rect(
+            "x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None, dilate=True
+        )
         f.add_tools(
             HoverTool(
                 renderers=[rr],
@@ -379,7 +418,7 @@ def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
                 ],
             )
         )
-        f.add_layout(ColorBar(color_mapper=m, width=8), "right")
+        f.add_layout(ColorBar(color_mapper=m, width=8, title="e-/s"), "right")
         figs.append(f)
     return figs
 

@@ -189,6 +189,7 @@ class FieldView:
     target: int | None  # catalog row of the target
     stamp: int | None  # pixel-table stamp shown
     plan: dict  # plan_display
+    catalog: object | None  # the catalog in the page's source order (source_order)
     disp: DisplayCube
     err: np.ndarray  # the pixels' flux_err on the display grid
     det: np.ndarray | None  # CPM de-trended pixels on the display grid
@@ -254,6 +255,20 @@ def _catalog_sources(cat) -> dict:
     }
 
 
+def source_order(fp: FieldProducts) -> np.ndarray:
+    """The page's order of the catalog's sources: on the pixels with an LFD light curve the data constrain first,
+    then flagged ones (``lfd_flag`` > 0), then those off the pixels; by G within each group (catalog order for
+    ties). The source table starts with them, and a sort by CDPP never puts a frozen off-cutout flux on top."""
+    cat = fp.catalog
+    if cat is None or not len(cat):
+        return np.zeros(0, np.int64)
+    srcs = _catalog_sources(cat)
+    flag = np.nan_to_num(source_values(fp.lfd, srcs["source_id"], "lfd_flag"), nan=0.0)
+    group = np.where(srcs["on_cutout"] > 0, np.where(flag > 0, 1, 0), 2)
+    g = np.nan_to_num(srcs["gmag"], nan=99.0)
+    return np.lexsort((np.arange(len(cat)), g, group))
+
+
 def source_metrics(fp: FieldProducts, sids: np.ndarray, hours: float) -> dict:
     """Per-source columns of the source table, as the light-curve sets carry them: LFD
     contamination and pixel count, the ``hours`` CDPP of the RAW, LFD, CPM and deblended (LFD+CPM) sets."""
@@ -279,7 +294,11 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
     mission = str(cube.attrs.get("mission", "TESS"))
     qtable = quality_flags(mission) if mission in ("TESS", "Kepler", "K2") else TESS_QUALITY_FLAGS
     tgt, stamp, centre, nr, nc = _display_grid(fp, p)
-    srcs = _catalog_sources(fp.catalog)
+    order = source_order(fp)
+    catalog = fp.catalog[order] if order.size else fp.catalog
+    if tgt is not None:
+        tgt = int(np.flatnonzero(order == tgt)[0])
+    srcs = _catalog_sources(catalog)
     sids = srcs["source_id"]
     sets = {
         k: v for k, v in {"raw": fp.cpm_raw, "lfd": fp.lfd, "cpm": fp.cpm, "dbl": fp.deblended}.items() if v is not None
@@ -298,7 +317,7 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
         has = np.isfinite(set_arrays[k]).any(axis=1) if k in set_arrays else np.zeros(sids.size, bool)
         metrics[f"has_{k}"] = has.astype(np.float64)
     common = cdpp_common_set(
-        metrics, fp.catalog, srcs["gmag"], [k for k in figures.LC_SETS if k in sets], p["cdpp_mag_limit"]
+        metrics, catalog, srcs["gmag"], [k for k in figures.LC_SETS if k in sets], p["cdpp_mag_limit"]
     )
     metrics["cdpp_common"] = common.astype(np.float64)
     # initial state
@@ -319,6 +338,7 @@ def field_view(fp: FieldProducts, p: dict) -> FieldView:
         target=tgt,
         stamp=stamp,
         plan=plan,
+        catalog=catalog,
         disp=disp,
         err=err,
         det=det,
@@ -417,7 +437,8 @@ def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict
         value=v.t0,
         step=1,
         title="cadence index",
-        width=520,
+        min_width=200,
+        sizing_mode="stretch_width",
         name="cadence_slider",
         disabled=nt < 2,
     )
@@ -469,7 +490,7 @@ def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict
     w["csv"].js_on_event("button_click", CustomJS(code="RPT.exportLc();"))
     w["lcfits"] = Button(label="⬇ light curve (FITS)", width=150, name="export_lc_fits")
     w["lcfits"].js_on_event("button_click", CustomJS(code="RPT.exportLcFits();"))
-    w["status"] = Div(text="", width=620, name="status")
+    w["status"] = Div(text="", min_width=400, sizing_mode="stretch_width", name="status")
     ds["pixels"].selected.js_on_change("indices", CustomJS(code="window.RPT && RPT.onMask();"))
     ds["sources"].selected.js_on_change("indices", CustomJS(code="window.RPT && RPT.onSource();"))
     return w
@@ -496,6 +517,7 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
     from bokeh.models import CustomJS, Div
 
     ds = _data_sources(v)
+    wide = {"sizing_mode": "stretch_width"}
     t_now = float(v.disp.time[v.t0])
     img, _, mlog, mlin = figures.image_figure(fp.field, v.disp, ds["pixels"], v.stretch["raw"], p["stretch"])
     if v.sources["source_id"].size:
@@ -517,16 +539,30 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
         name="source_title",
     )
     extras, res_figs = _lfd_panels(fp, v, lcf.x_range)
-    table = figures.source_table(ds["sources"], float(p["cdpp_hours"])) if v.sources["source_id"].size else None
+    table = None
+    if v.sources["source_id"].size:
+        table = column(
+            Div(
+                text="<b>Sources</b>: on the pixels with a constrained LFD flux first, then flagged ones, then those "
+                "off the pixels (by G within each); click a header to sort, a row or an id to show the source. "
+                f"ⓘ {figures.CONTAMINATION_HELP}.",
+                sizing_mode="stretch_width",
+                name="table_title",
+            ),
+            figures.source_table(ds["sources"], float(p["cdpp_hours"])),
+            **wide,
+        )
     controls_img = column(row(w["srange"]), row(w["smode"], w["autost"]), row(w["imode"], w["tmode"]))
     controls_lc = column(
-        row(w["prev"], w["play"], w["next"], w["slider"]),
+        row(w["prev"], w["play"], w["next"], w["slider"], sizing_mode="stretch_width"),
         w["lmode"],
         row(w["maskfits"], w["mask"], w["lcfits"], w["csv"]),
         w["status"],
     )
-    top = row(column(img, controls_img), column(lcf, controls_lc))
-    mid = row(column(src_title, *sfigs), column(*extras)) if extras else column(src_title, *sfigs)
+    # the image keeps its size; the light curves take the rest of the screen's width
+    top = row(column(img, controls_img), column(lcf, controls_lc, **wide), **wide)
+    left = column(src_title, *sfigs, **wide)
+    mid = row(left, column(*extras, **wide), **wide) if extras else left
     parts = [top, mid]
     if res_figs:
         res = fp.mean_residual
@@ -541,7 +577,7 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
         )
         parts += [rtitle, row(*res_figs)]
     parts += [table] if table is not None else []
-    return components(column(*parts))
+    return components(column(*parts, **wide))
 
 
 # ------------------------------------------------------------------ the field page
@@ -642,7 +678,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=Non
     with deterministic_ids(f"rpt-{fp.field}"):
         script, div = _field_document(fp, v, p)
     meta = _page_meta(fp, v, p, data_name)
-    summary = field_summary(fp, v.disp, v.metrics, v.target, v.plan, p)
+    summary = field_summary(fp, v, p)
     if written is not None:
         summary["display"]["data_mb"] = round(written["bytes"] / 1e6, 2)
         summary["display"]["data_files"] = written["files"]
@@ -676,9 +712,9 @@ def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=Non
 # ------------------------------------------------------------------ summaries, index
 
 
-def field_summary(fp: FieldProducts, disp: DisplayCube, metrics: dict, target, plan: dict, p: dict) -> dict:
+def field_summary(fp: FieldProducts, v: FieldView, p: dict) -> dict:
     """The numbers the index page shows for one field (JSON-serialisable)."""
-    cat = fp.catalog
+    cat, disp, metrics, target, plan = v.catalog, v.disp, v.metrics, v.target, v.plan
     n_src = int(len(cat)) if cat is not None else 0
     on = int(np.sum(np.asarray(cat["on_cutout"], bool))) if cat is not None and "on_cutout" in cat.colnames else n_src
 
