@@ -250,6 +250,20 @@ def test_tap_and_shift_tap_pixels_resum_light_curve(site, page, test_output):
     np.testing.assert_allclose(lcf.flux_err.value, expect_err, rtol=1e-6)
     np.testing.assert_allclose(lcf.time.value, site["time"], rtol=0, atol=1e-9)
     assert lcf.quality.value[77] == 129
+    # a person clicking fast: shift-clicks 120 ms apart each count (Bokeh reports every second one as a double tap)
+    pts = [data_to_page(page, "image_fig", 202 + k, 112) for k in range(5)]
+    page.keyboard.down("Shift")
+    for x_, y_ in pts:
+        page.mouse.click(x_, y_)
+        page.wait_for_timeout(120)
+    page.keyboard.up("Shift")
+    page.wait_for_function("RPT.m.pixels.selected.indices.length === 7", timeout=5000)
+    for x_, y_ in pts:  # and off again
+        page.keyboard.down("Shift")
+        page.mouse.click(x_, y_)
+        page.keyboard.up("Shift")
+        page.wait_for_timeout(120)
+    page.wait_for_function("RPT.m.pixels.selected.indices.length === 2", timeout=5000)
     # shift-tap the first pixel again: removed
     x, y = data_to_page(page, "image_fig", c1, r1)
     tap(page, x, y, 1, shift=True)
@@ -288,9 +302,12 @@ def test_sources_lightcurve_modes_and_cpm_image(site, page, test_output):
     assert js(page, "RPT.m.stretch_mode.active") == 1  # linear stretch for the de-trended cube
     page.get_by_role("button", name="raw image").click()
     page.get_by_role("button", name="log", exact=True).click()
-    # select the target from the table link, back to a sensible view for the screenshot
+    # select the target from the table link, back to a sensible view for the screenshot; the page scrolls to its panels
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
     page.get_by_role("link", name=str(STARS[0][0])).click()
     page.wait_for_function("RPT.src === 0")
+    top = js(page, "Bokeh.index.get_one(RPT.m.source_title).el.getBoundingClientRect().top")
+    assert 0 <= top < 100, top  # the source's panels at the top of the window
     page.evaluate("window.scrollTo(0, 0)")  # the table sits below the mean-frame panels
     page.wait_for_timeout(200)
     x, y = data_to_page(page, "image_fig", 208, 107)

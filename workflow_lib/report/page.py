@@ -525,6 +525,8 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
     lcf, _ = figures.lightcurve_figure(ds["lc"], v.qtable, v.tsys, t_now)
     lcf.js_on_event("tap", CustomJS(code="window.RPT && RPT.seek(cb_obj.x);"))
     img.js_on_event("tap", CustomJS(code="window.RPT && RPT.tapImage(cb_obj);"))
+    # Bokeh reports the second of two quick clicks as a double tap, not a tap: a person clicking pixels fast
+    img.js_on_event("doubletap", CustomJS(code="window.RPT && RPT.tapImage(cb_obj);"))
     w = _controls(fp, v, ds, (mlog, mlin), p)
     labels = {
         "raw": "raw aperture (CPM stage)" if fp.cpm_raw is not None else "aperture sum of the selected pixels",

@@ -360,6 +360,13 @@
     });
     if (RPT.D.sets.indexOf("raw") < 0 || (m.lc_mode && m.lc_mode.active !== 0)) RPT.updateLc();
     RPT.updateStatus();
+    // chosen in the table (a row or an id link) or by the URL: bring the source's panels into view
+    if (RPT.ready && src != null && !RPT.fromImage && m.source_title) RPT.scrollToSource();
+  };
+
+  RPT.scrollToSource = function () {
+    const v = Bokeh.index.get_one ? Bokeh.index.get_one(RPT.m.source_title) : null;
+    if (v && v.el && v.el.scrollIntoView) { v.el.scrollIntoView({ block: "start" }); RPT.scrolled = (RPT.scrolled || 0) + 1; }
   };
 
   // contamination: the fraction of the flux in the source's LFD pixels that the model gives to other sources
@@ -427,7 +434,10 @@
         const dd = Math.hypot(d.x[i] - ev.x, d.y[i] - ev.y);
         if (dd < bd) { bd = dd; best = i; }
       }
-      if (best >= 0) m.sources.selected.indices = [best];
+      if (best >= 0) {
+        RPT.fromImage = true; // picked on the image: the page stays where it is
+        try { m.sources.selected.indices = [best]; } finally { RPT.fromImage = false; }
+      }
       return;
     }
     const key = Math.round(ev.x) + "," + Math.round(ev.y);
