@@ -605,11 +605,16 @@ def test_field_page_shows_the_deblended_set(tmp_path):
     fdir, _ = _field_with_deblended_set(tmp_path)
     fp = P.load_field_products(fdir)
     assert fp.deblended is not None and fp.deblended.attrs["method"] == "LFD+CPM"
-    html, summary = R.build_field_page(fp)
+    out = tmp_path / "report" / "fieldA.html"
+    html, summary = R.build_field_page(fp, data_dir=out.parent / "fieldA_data")
+    out.write_text(html)
     assert "dbl" in summary["cdpp_set"]["sets"] and summary["median_cdpp"]["dbl"] == 55.0
     docs = json.dumps(R.embedded_documents(html))
     assert "srcfig_dbl" in docs and "CDPP1h LFD+CPM [ppm]" in docs
-    assert "dbl" in R.embedded_sources(html)["lcsets"]
+    order = [int(s) for s in R.embedded_sources(html)["sources"]["source_id"]]
+    dbl = R.read_page_data(out)["sets"]["dbl"][0]
+    for k, sid in enumerate(fp.deblended["source_id"].values):
+        np.testing.assert_array_equal(dbl[order.index(int(sid))], fp.deblended["flux"].values[k].astype(np.float32))
 
 
 @pytest.mark.browser
@@ -634,7 +639,8 @@ def test_field_page_deblended_panel_in_chromium(tmp_path):
         page.goto(html.as_uri())
         page.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
         page.evaluate(f"window.location.hash = '#source={sid}'")
-        page.wait_for_function("RPT.src === 1")
+        page.wait_for_function(f"RPT.src !== null && RPT.m.sources.data.source_id[RPT.src] === '{sid}'")
+        page.wait_for_function("RPT.pending === 0")
         shown = np.array(page.evaluate("Array.from(RPT.m.srclc.data.dbl)"), dtype=float)
         visible = page.evaluate("RPT.doc.get_model_by_name('srcfig_dbl').visible")
         rpt_errors = page.evaluate("RPT.errors")

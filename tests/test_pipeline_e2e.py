@@ -194,6 +194,7 @@ def test_field_page_screenshots(tiny_run, test_output, width, height):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(html.as_uri())
         page.wait_for_selector("body[data-rpt-ready='1']", timeout=60_000)
+        page.wait_for_selector("body[data-rpt-loaded='1']", timeout=60_000)
         page.wait_for_timeout(500)
         page.screenshot(path=str(test_output / f"report_tiny_{width}x{height}.png"))
         assert page.evaluate("RPT.errors") == [] and errors == [], errors

@@ -61,22 +61,31 @@ def site(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(site):
+def browser():
+    if sync_playwright is None or CHROMIUM is None:
+        pytest.skip("playwright / chromium not available")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        ctx = browser.new_context(viewport={"width": 1300, "height": 1400}, accept_downloads=True)
-        pg = ctx.new_page()
-        errors = []
-        pg.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        pg.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        requests = []
-        pg.on("request", lambda r: requests.append(r.url))
-        pg.goto(site["html"].as_uri())
-        pg.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
-        pg.wait_for_timeout(300)
-        pg.errors, pg.requests = errors, requests
-        yield pg
-        browser.close()
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(site, browser):
+    ctx = browser.new_context(viewport={"width": 1300, "height": 1400}, accept_downloads=True)
+    pg = ctx.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    pg.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+    requests = []
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.goto(site["html"].as_uri())
+    pg.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
+    pg.wait_for_selector("body[data-rpt-loaded='1']", timeout=30_000)  # a small page loads all its data
+    pg.wait_for_timeout(300)
+    pg.errors, pg.requests = errors, requests
+    yield pg
+    ctx.close()
 
 
 def js(page, code):
@@ -354,12 +363,121 @@ def test_auto_stretch_per_frame(site, page):
         js(page, f"RPT.m.cadence_slider.value = {t}")
         frame = shown_frame(page)
         lo, hi = np.percentile(frame[np.isfinite(frame)], [1, 95])
-        v = js(page, "RPT.m.stretch_slider.value")
+        v = js(page, "RPT.stretchLimits()")
         assert v[0] == pytest.approx(lo, rel=1e-5) and v[1] == pytest.approx(hi, rel=1e-5)
         assert js(page, "RPT.m.mapper_lin.high") == pytest.approx(hi, rel=1e-5)
+        assert js(page, "RPT.m.mapper_log.high") == pytest.approx(hi, rel=1e-5)
     page.get_by_role("button", name="auto stretch per frame").click()
     page.wait_for_function("RPT.m.auto_stretch.active === false")
     v = js(page, "RPT.m.stretch_slider.value")
     js(page, "RPT.m.cadence_slider.value = 20")
     assert js(page, "RPT.m.stretch_slider.value") == v  # manual again: the stretch stays
     assert page.errors == [] and js(page, "RPT.errors") == []
+
+
+def test_log_stretch_slider(site, page):
+    """With the log stretch the slider moves in log10(flux) over the cube's 0.2-99.8 % range (labels in e-/s);
+    switching to linear keeps the limits; the initial limits are the frame's 1-95 % percentiles."""
+    js(page, "RPT.m.image_mode.active = 0; RPT.m.stretch_mode.active = 0; RPT.m.auto_stretch.active = false")
+    st = js(page, "RPT.meta.stretch.raw")
+    js(page, f"RPT.setStretch({st['lo']}, {st['hi']})")
+    s = js(page, "[RPT.m.stretch_slider.start, RPT.m.stretch_slider.end, RPT.m.stretch_slider.value]")
+    assert s[0] == pytest.approx(np.log10(max(st["vlo"], st["pos"])), rel=1e-6)
+    assert s[1] == pytest.approx(np.log10(st["vhi"]), rel=1e-6)
+    assert s[2][1] == pytest.approx(np.log10(st["hi"]), rel=1e-6)
+    assert (s[2][1] - s[2][0]) / (s[1] - s[0]) > 0.3  # the limits span a usable part of the track
+    assert "log scale" in js(page, "RPT.m.stretch_slider.title")
+    js(page, "RPT.m.stretch_mode.active = 1")  # linear: same limits, on a linear track
+    lim = js(page, "RPT.stretchLimits()")
+    assert lim[0] == pytest.approx(max(st["lo"], st["pos"]), rel=1e-6) and lim[1] == pytest.approx(st["hi"], rel=1e-6)
+    assert js(page, "RPT.m.stretch_slider.value")[1] == pytest.approx(st["hi"], rel=1e-6)
+    assert js(page, "RPT.m.colorbar.color_mapper.type || RPT.m.colorbar.color_mapper.constructor.name").startswith(
+        "Linear"
+    )
+    js(page, "RPT.m.stretch_mode.active = 0")
+    assert page.errors == [] and js(page, "RPT.errors") == []
+
+
+# ------------------------------------------------------------------ a whole sector: 64 x 64 pixels x 20,000 cadences
+
+LONG_NT, LONG_SIDE = 20_000, 64
+
+
+def make_long_field(tmp: Path) -> Path:
+    """A cube-only field of a sector's length: 64 x 64 pixels x 20,000 cadences (float32), a scattered-light
+    ramp flagged at the start and the middle, one star; values derived from (t, row, column) so that a test
+    can recompute any number."""
+    from workflow_lib.data.cube import make_cube, write_zarr_atomic
+
+    t = np.arange(LONG_NT)
+    rr, cc = np.meshgrid(np.arange(LONG_SIDE), np.arange(LONG_SIDE), indexing="ij")
+    star = 5000.0 * np.exp(-((rr - 30.2) ** 2 + (cc - 33.7) ** 2) / 3.0)
+    ramp = np.where((t < 300) | ((t > 9_000) & (t < 10_500)), 400.0, 0.0)  # flagged scattered light
+    flux = (50.0 + ramp[:, None, None] + 0.001 * t[:, None, None] + star[None] + 0.01 * (rr + cc)[None]).astype(
+        np.float32
+    )
+    quality = np.where(ramp > 0, 4096, 0)
+    cube = make_cube(
+        flux,
+        np.sqrt(flux) / 10,
+        quality,
+        1400.0 + t / 720.0,
+        t,
+        500 + np.arange(LONG_SIDE),
+        700 + np.arange(LONG_SIDE),
+        mission="TESS",
+        attrs={"sector": 70},
+    )
+    fdir = tmp / "long"
+    write_zarr_atomic(cube, fdir / "cube.zarr")
+    return fdir
+
+
+def test_whole_sector_page_without_crop_loads_on_demand(tmp_path, browser):
+    """64 x 64 x 20,000 cadences at full resolution (no crop, no binning); the page opens on a quality-0
+    frame, loads far frames and whole-sector pixel light curves on demand, exactly; no console errors."""
+    fdir = make_long_field(tmp_path)
+    out = tmp_path / "report"
+    summary = R.write_field_report(fdir, out / "long.html", out / "long.json", {}, field="long")
+    d = summary["display"]
+    assert (d["n_pix"], d["n_time"], d["bin_factor"], d["cropped"]) == (LONG_SIDE**2, LONG_NT, 1, False)
+    assert (out / "long.html").stat().st_size < 8e6  # the cube is not in the HTML
+    assert d["data_mb"] > 2 * LONG_SIDE**2 * LONG_NT * 4 / 1e6  # raw + flux_err, base64
+    cube = np.asarray(P.load_field_products(fdir).cube["flux"].values)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.goto((out / "long.html").as_uri())
+    pg.wait_for_selector("body[data-rpt-ready='1']", timeout=60_000)
+    meta = js(pg, "RPT.meta")
+    assert meta["n_time"] == LONG_NT and meta["data"]["n_chunks"] > 10
+    t0 = meta["initial_cadence"]
+    assert meta["n_time"] > t0 >= 300 and not (9_000 < t0 < 10_500)  # a quality-0 frame, not the ramp
+    rows = np.asarray(js(pg, "Array.from(RPT.m.pixels.data.row)")) - 500
+    cols = np.asarray(js(pg, "Array.from(RPT.m.pixels.data.column)")) - 700
+    np.testing.assert_array_equal(shown_frame(pg), cube[t0, rows, cols])
+    for t in (19_990, 9_500, 0):  # frames of other time chunks, loaded when asked for
+        js(pg, f"RPT.m.cadence_slider.value = {t}")
+        pg.wait_for_function("RPT.pending === 0", timeout=60_000)
+        np.testing.assert_array_equal(shown_frame(pg), cube[t, rows, cols])
+    # one pixel, then a 2 x 2 box: their light curves over the whole sector
+    p = int(np.flatnonzero((rows == 30) & (cols == 33))[0])
+    js(pg, f"RPT.m.pixels.selected.indices = [{p}]")
+    pg.wait_for_function("RPT.pending === 0", timeout=60_000)
+    lc = np.array(js(pg, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_array_equal(lc, cube[:, 30, 33])
+    box = [int(np.flatnonzero((rows == r) & (cols == c))[0]) for r in (15, 16) for c in (15, 16)]  # two groups
+    js(pg, f"RPT.m.pixels.selected.indices = {box}")
+    pg.wait_for_function("RPT.pending === 0", timeout=60_000)
+    lc = np.array(js(pg, "Array.from(RPT.m.lc.data.flux)"), dtype=float)
+    np.testing.assert_allclose(lc, cube[:, 15:17, 15:17].astype(np.float64).sum(axis=(1, 2)), rtol=1e-12)
+    cdp = ctx.new_cdp_session(pg)
+    cdp.send("HeapProfiler.collectGarbage")
+    heap_mb = cdp.send("Runtime.getHeapUsage")["usedSize"] / 1e6
+    cached_mb = js(pg, "RPT.cacheBytes / 1e6")
+    assert cached_mb <= js(pg, "RPT.D.cache_mb") + 1  # the cache keeps report.cache_mb, not the 650 MB of data
+    assert heap_mb < 300, heap_mb  # the issue's goal for the JS heap
+    assert errors == [] and js(pg, "RPT.errors") == []
+    ctx.close()

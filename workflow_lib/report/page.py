@@ -427,7 +427,7 @@ def _data_sources(v: FieldView) -> dict:
 
 def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict) -> dict:
     """Cadence slider, play/step buttons, stretch and mode switches, exports; JavaScript callbacks (report.js)."""
-    from bokeh.models import Button, CustomJS, Div, RadioButtonGroup, RangeSlider, Slider, Toggle
+    from bokeh.models import Button, CustomJS, CustomJSTickFormatter, Div, RadioButtonGroup, RangeSlider, Slider, Toggle
 
     nt, st = v.disp.flux.shape[1], v.stretch["raw"]
     w = {}
@@ -451,15 +451,26 @@ def _controls(fp: FieldProducts, v: FieldView, ds: dict, mappers: tuple, p: dict
     w["next"].js_on_event("button_click", CustomJS(code="RPT.step(1);"))
     w["play"] = Toggle(label="► Play", width=90, name="play_toggle")
     w["play"].js_on_change("active", CustomJS(code="RPT.play(cb_obj.active);"))
+    # log stretch: the slider moves in log10(flux) over the cube's useful range (0.2-99.8 %), its labels in e-/s
+    log = p["stretch"] == "log"
+    lo_pos = max(st["lo"], st["pos"])
+
+    def on_scale(v):
+        return float(np.log10(max(v, st["pos"]))) if log else float(v)
+
     w["srange"] = RangeSlider(
-        start=st["vlo"],
-        end=st["vhi"],
-        value=(st["lo"], st["hi"]),
-        step=(st["vhi"] - st["vlo"]) / 500.0,
-        title="screen stretch [e-/s]",
+        start=on_scale(st["vlo"]),
+        end=max(on_scale(st["vhi"]), on_scale(st["vlo"]) + 1e-6),
+        value=(on_scale(lo_pos if log else st["lo"]), on_scale(st["hi"])),
+        step=(on_scale(st["vhi"]) - on_scale(st["vlo"])) / 500.0 or 1e-6,
+        title="screen stretch [e-/s], log scale" if log else "screen stretch [e-/s]",
         width=480,
         name="stretch_slider",
-        format="0.0",
+        format=CustomJSTickFormatter(
+            code="const v = window.RPT && RPT.isLog && RPT.m && RPT.m.stretch_mode ? (RPT.isLog() ? 10 ** tick : tick) : "
+            + ("10 ** tick" if log else "tick")
+            + "; return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3);"
+        ),
     )
     w["srange"].js_on_change("value", CustomJS(code="RPT.onStretch();"))
     w["autost"] = Toggle(label="auto stretch per frame", active=False, width=170, name="auto_stretch")

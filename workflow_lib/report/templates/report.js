@@ -48,11 +48,12 @@
     RPT.onSource();
     RPT.onMask();
     RPT.onCadence();
-    RPT.whenIdle(function () {
-      RPT.ready = true;
-      document.body.setAttribute("data-rpt-ready", "1");
-      RPT.updateStatus();
-    });
+    // interactive now: the first frame, light curve and source panels are in the page itself; the blocks
+    // loading in the background (RPT.pending) replace them with the same numbers
+    RPT.ready = true;
+    document.body.setAttribute("data-rpt-ready", "1");
+    RPT.updateStatus();
+    RPT.whenIdle(function () { document.body.setAttribute("data-rpt-loaded", "1"); });
   };
 
   // ---------------------------------------------------------------- data blocks (the page's data folder)
@@ -312,9 +313,29 @@
     let hi = RPT.percentile(f, pc[1]);
     if (!(lo === lo && hi === hi)) return;
     if (hi <= lo) hi = lo + 1e-6 * Math.max(1, Math.abs(lo));
-    if (lo < s.start) s.start = lo;
-    if (hi > s.end) s.end = hi;
-    s.value = [lo, hi];
+    const a = RPT.toSlider(lo), b = RPT.toSlider(hi);
+    if (a < s.start) s.start = a;
+    if (b > s.end) s.end = b;
+    s.value = [a, b];
+  };
+
+  // The stretch slider works in log10(flux) with the log stretch (its labels show e-/s) and in flux with the
+  // linear one; its range is the 0.2-99.8 % percentiles of the cube shown (meta.stretch).
+  RPT.isLog = function () { return RPT.m.stretch_mode.active === 0; };
+  RPT.toSlider = function (v) {
+    return RPT.isLog() ? Math.log10(Math.max(v, RPT.meta.stretch[RPT.cube].pos)) : v;
+  };
+  RPT.fromSlider = function (v) { return RPT.isLog() ? Math.pow(10, v) : v; };
+  RPT.stretchLimits = function () {
+    const v = RPT.m.stretch_slider.value;
+    return [RPT.fromSlider(v[0]), RPT.fromSlider(v[1])];
+  };
+  RPT.setStretch = function (lo, hi) { // the slider's range for the cube and mode shown, and its limits
+    const s = RPT.m.stretch_slider, st = RPT.meta.stretch[RPT.cube];
+    const a = RPT.toSlider(Math.min(st.vlo, lo)), b = RPT.toSlider(Math.max(st.vhi, hi));
+    s.start = a; s.end = b > a ? b : a + 1e-6; s.step = (s.end - s.start) / 500;
+    s.value = [RPT.toSlider(lo), RPT.toSlider(hi)];
+    RPT.onStretch();
   };
 
   RPT.onAutoStretch = function () {
@@ -456,30 +477,38 @@
     const m = RPT.m;
     RPT.cube = m.image_mode.active === 1 && RPT.D.cubes.indexOf("cpm") >= 0 ? "cpm" : "raw";
     const st = RPT.meta.stretch[RPT.cube];
-    const s = m.stretch_slider;
-    s.start = st.vlo; s.end = st.vhi; s.step = (st.vhi - st.vlo) / 500; s.value = [st.lo, st.hi];
-    m.stretch_mode.active = RPT.cube === "cpm" ? 1 : 0;
-    RPT.onStretch();
+    RPT.switching = true; // the mode switch below must not carry the other cube's limits over
+    try { m.stretch_mode.active = RPT.cube === "cpm" ? 1 : 0; } finally { RPT.switching = false; }
+    RPT.applyMapper();
+    RPT.setStretch(st.lo, st.hi);
     RPT.onCadence();
     RPT.updateLc();
   };
 
-
   RPT.onStretch = function () {
-    const m = RPT.m, v = m.stretch_slider.value, st = RPT.meta.stretch[RPT.cube];
+    const m = RPT.m, st = RPT.meta.stretch[RPT.cube], v = RPT.stretchLimits();
     const lo = Math.max(v[0], st.pos);
     m.mapper_log.low = lo;
     m.mapper_log.high = Math.max(v[1], lo * 1.0001);
     m.mapper_lin.low = v[0];
     m.mapper_lin.high = v[1];
+    RPT.limits = v;
   };
 
-  RPT.onStretchMode = function () {
+  RPT.applyMapper = function () {
     const m = RPT.m, r = m.pixel_renderer;
-    const mapper = m.stretch_mode.active === 0 ? m.mapper_log : m.mapper_lin;
+    const mapper = RPT.isLog() ? m.mapper_log : m.mapper_lin;
     const spec = { field: "flux", transform: mapper };
     for (const g of [r.glyph, r.selection_glyph, r.nonselection_glyph]) if (g) g.fill_color = spec;
     if (m.colorbar) m.colorbar.color_mapper = mapper;
+    m.stretch_slider.title = RPT.isLog() ? "screen stretch [e-/s], log scale" : "screen stretch [e-/s]";
+  };
+
+  RPT.onStretchMode = function () {
+    if (RPT.switching) return;
+    const lim = RPT.limits || [RPT.meta.stretch[RPT.cube].lo, RPT.meta.stretch[RPT.cube].hi];
+    RPT.applyMapper();
+    RPT.setStretch(lim[0], lim[1]); // the same limits on the new scale
   };
 
   RPT.onLcMode = function () { RPT.updateLc(); RPT.updateStatus(); };
