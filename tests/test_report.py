@@ -383,7 +383,9 @@ def test_pages_are_deterministic(field, tmp_path):
     files = sorted(p.name for p in (tmp_path / "a" / "fieldA_data").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b" / "fieldA_data").iterdir())
     for name in files:
-        assert (tmp_path / "a" / "fieldA_data" / name).read_bytes() == (tmp_path / "b" / "fieldA_data" / name).read_bytes()
+        assert (tmp_path / "a" / "fieldA_data" / name).read_bytes() == (
+            tmp_path / "b" / "fieldA_data" / name
+        ).read_bytes()
     assert "PRF model" in html2 and "data:image/png;base64," in html2 and "edge_model.json" in html2
 
 

@@ -403,9 +403,7 @@ def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
             **({"x_range": xr_, "y_range": yr_} if not figs else kw),
         )
         m = mdiv if k == "residual" else mlog
-        rr = f.rect(
-            "x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None, dilate=True
-        )
+        rr = f.rect("x", "y", 1, 1, source=src, fill_color={"field": k, "transform": m}, line_color=None, dilate=True)
         f.add_tools(
             HoverTool(
                 renderers=[rr],

@@ -412,11 +412,7 @@ def _data_sources(v: FieldView) -> dict:
         src.selected.indices = [v.target]
     ds["sources"] = src
     init = {
-        k: (
-            v.set_arrays[k][v.target]
-            if k in v.set_arrays and v.target is not None
-            else np.full(nt, np.nan)
-        )
+        k: (v.set_arrays[k][v.target] if k in v.set_arrays and v.target is not None else np.full(nt, np.nan))
         for k in figures.LC_SETS
     }
     if "raw" not in v.set_arrays:
