@@ -19,6 +19,7 @@ rule report_field:
             labels={"field": "{field}", "page": "interactive pixels and light curves"},
         ),
         summary=f"{RESULTS}/report/{{field}}.json",
+        data=directory(f"{RESULTS}/report/{{field}}_data"),
     log:
         rule_log("report_field"),
     benchmark:
@@ -44,7 +45,7 @@ rule report_field:
             )
         ),
     shell:
-        "python -m workflow_lib.steps report-field --field {wildcards.field}"
+        "python -m workflow_lib.steps report-field --field {wildcards.field} --link-index"
         " --field-dir {params.field_dir:q} --out {output.html:q}"
         " --summary {output.summary:q} --params {params.report} --log {log:q}"
 

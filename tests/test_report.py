@@ -695,3 +695,20 @@ def test_flagged_sources_are_marked_and_have_no_lfd_cdpp(field):
     assert np.isnan(s["cdpp_lfd"][2]) and np.isfinite(s["cdpp_lfd"][[0, 1]]).all()
     np.testing.assert_array_equal(s["on_cutout"], [1, 1, 1, 0])
     assert "LFD flag" in json.dumps(R.embedded_documents(html))
+
+
+def test_index_links_lead_somewhere(field, tmp_path):
+    """A page built on its own has no run-index link (it would lead nowhere); the workflow's pages link the run
+    index, and a survey tile's page (report/<ccd>/tiles/<tile>.html) also its CCD's overview, by relative paths
+    that resolve to report/index.html and report/<ccd>/index.html."""
+    assert R.index_links("fieldA") == [("run index", "index.html")]
+    tile = R.index_links("ccd1/tiles/t0_0")
+    assert tile == [("run index", "../../index.html"), ("ccd1 overview", "../index.html")]
+    page_dir = tmp_path / "report" / "ccd1" / "tiles"
+    assert (page_dir / tile[0][1]).resolve() == (tmp_path / "report" / "index.html").resolve()
+    alone = R.write_field_report(field, tmp_path / "a" / "fieldA.html", tmp_path / "a" / "fieldA.json", field="fieldA")
+    assert alone["field"] == "fieldA" and 'href="index.html"' not in (tmp_path / "a" / "fieldA.html").read_text()
+    R.write_field_report(
+        field, tmp_path / "b" / "fieldA.html", tmp_path / "b" / "fieldA.json", field="fieldA", link_index=True
+    )
+    assert '<a href="index.html">&larr; run index</a>' in (tmp_path / "b" / "fieldA.html").read_text()

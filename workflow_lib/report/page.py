@@ -673,9 +673,12 @@ def _page_meta(fp: FieldProducts, v: FieldView, p: dict, data_name: str) -> dict
     }
 
 
-def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=None) -> tuple[str, dict]:
+def build_field_page(
+    fp: FieldProducts, params: dict | None = None, data_dir=None, links: list | None = None
+) -> tuple[str, dict]:
     """The HTML of one field page and its summary (for the index page); with ``data_dir``, the page's data
-    folder is written there (atomically; its name must be ``<page stem>_data``, beside the page)."""
+    folder is written there (atomically; its name must be ``<page stem>_data``, beside the page). ``links``:
+    ``(label, relative href)`` of the pages above it (the run index, a survey CCD's overview)."""
     from bokeh.resources import INLINE
 
     p = report_params(params)
@@ -712,6 +715,7 @@ def build_field_page(fp: FieldProducts, params: dict | None = None, data_dir=Non
             else None,
             notes=fp.notes,
             data_dir=data_name,
+            links=links or [],
             meta_percentiles=[float(x) for x in p["percentiles"]],
         )
     )
@@ -774,10 +778,28 @@ def _jsonable(v):
     return v
 
 
+def index_links(field: str) -> list:
+    """``(label, href)`` from a field page up to the run index (``report/index.html``) and, for a survey tile
+    (``<ccd>/tiles/<tile>``, its page in ``report/<ccd>/tiles/``), to its CCD's overview page."""
+    depth = field.count("/")
+    links = [("run index", "../" * depth + "index.html")]
+    if depth == 2 and field.split("/")[1] == "tiles":
+        links.append((f"{field.split('/')[0]} overview", "../index.html"))
+    return links
+
+
 def write_field_report(
-    field_dir, out_html, out_summary, params: dict | None = None, *, field: str | None = None
+    field_dir,
+    out_html,
+    out_summary,
+    params: dict | None = None,
+    *,
+    field: str | None = None,
+    link_index: bool = False,
 ) -> dict:
-    """Snakemake entry point: render ``<field>.html`` and its summary JSON (both atomic)."""
+    """Snakemake entry point: render ``<field>.html``, its data folder and its summary JSON (all atomic).
+    ``link_index``: link the run index (and a tile's CCD overview), which the workflow builds beside the pages;
+    off for a page built on its own, whose link would lead nowhere."""
     p = report_params(params)
     fp = load_field_products(field_dir, field=field, cpm_paramset=p["cpm_paramset"])
     log.info(
@@ -791,7 +813,8 @@ def write_field_report(
         fp.detrended is not None,
     )
     # the data folder first: a page never points at data that are not there yet
-    html, summary = build_field_page(fp, p, data_dir=data_dir_for(out_html))
+    links = index_links(field or fp.field) if link_index else []
+    html, summary = build_field_page(fp, p, data_dir=data_dir_for(out_html), links=links)
     # what the page was built from, with digests: the index says when one of them has changed since
     summary["provenance"] = provenance.provenance("report_field", inputs=fp.inputs, config=p)
     write_text_atomic(html, out_html)

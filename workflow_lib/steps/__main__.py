@@ -249,7 +249,7 @@ def call_deblend_detrend(f, a, p):
 
 def call_report_field(f, a, p):
     check_inputs(field_dir=a.field_dir)
-    f(a.field_dir, a.out, a.summary, p, field=a.field)
+    f(a.field_dir, a.out, a.summary, p, field=a.field, link_index=a.link_index)
 
 
 def call_report_index(f, a, p):
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = step("report-field", "the `report` settings")
     req(sp, "--field-dir", "--out", "--summary")
     sp.add_argument("--field")
+    sp.add_argument(
+        "--link-index", action="store_true", help="link the run index (the workflow builds it beside the pages)"
+    )
 
     sp = step("stale", "none")
     sp.add_argument("results", metavar="DIR", help="a results directory (run from where snakemake ran)")
