@@ -470,6 +470,17 @@ def test_cropped_display_is_centred_on_the_target(tmp_path):
     assert rows.size == 10 and cols.size == 10 and summary["display"]["cropped"]
     assert rows.min() <= 107 <= rows.max() and cols.min() <= 208 <= cols.max()
     assert abs(rows.mean() - 107.3) <= 1 and abs(cols.mean() - 207.8) <= 1
+    # the whole field, coarse, beside the crop: 16 x 16 px in 2 x 2 blocks (max_side 10), median of good frames
+    assert "overview_fig" in json.dumps(R.embedded_documents(html))
+    fp = P.load_field_products(fdir)
+    ov = D.field_overview(fp.cube, max_side=10)
+    assert ov["k"] == 2 and ov["image"].shape == (8, 8) and (ov["row0"], ov["col0"]) == (ROW0, COL0)
+    good = np.flatnonzero(_quality() == 0)
+    assert good.size > 100  # 100 evenly spaced good frames
+    idx = good[np.linspace(0, good.size - 1, 100).round().astype(int)]
+    med = np.nanmedian(fp.cube["flux"].values[idx].astype(np.float64), axis=0)
+    np.testing.assert_allclose(ov["image"][3, 4], med[6:8, 8:10].mean(), rtol=1e-12)
+    assert ov["n_frames"] == 100
 
 
 def test_write_field_and_index(field, tmp_path):

@@ -334,3 +334,34 @@ def mean_image(disp: DisplayCube) -> np.ndarray:
         med = np.nanmedian(disp.flux, axis=1)
     img[np.searchsorted(rows, disp.rows), np.searchsorted(cols, disp.cols)] = med
     return img
+
+
+def field_overview(ds: xr.Dataset, max_side: int = 128, max_frames: int = 100) -> dict | None:
+    """A coarse picture of a whole image-layout cube for a page that shows only part of it: the median of up to
+    ``max_frames`` quality-0 frames (evenly spaced), averaged over k x k pixel blocks so that no side exceeds
+    ``max_side``. Returns ``{"image" (rows, cols), "row0", "col0", "k", "n_frames"}`` (CCD row / column of the
+    first block's corner pixel); None for a pixel table."""
+    if "pixel" in ds.dims:
+        return None
+    q = np.asarray(ds["quality"].values) if "quality" in ds else np.zeros(ds.sizes["time"], int)
+    good = np.flatnonzero(q == 0)
+    if good.size == 0:
+        good = np.arange(ds.sizes["time"])
+    idx = good[np.linspace(0, good.size - 1, min(max_frames, good.size)).round().astype(int)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(np.asarray(ds["flux"].isel(time=np.unique(idx)).values, dtype=np.float64), axis=0)
+    nr, nc = med.shape
+    k = max(1, -(-max(nr, nc) // max_side))
+    pr, pc = -(-nr // k) * k - nr, -(-nc // k) * k - nc
+    padded = np.pad(med, ((0, pr), (0, pc)), constant_values=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        img = np.nanmean(padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k), axis=(1, 3))
+    return {
+        "image": img,
+        "row0": int(ds["row"].values[0]),
+        "col0": int(ds["column"].values[0]),
+        "k": k,
+        "n_frames": int(np.unique(idx).size),
+    }

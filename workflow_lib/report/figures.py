@@ -421,6 +421,48 @@ def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
     return figs
 
 
+def overview_figure(ov: dict, disp: DisplayCube):
+    """The whole field, coarse (:func:`workflow_lib.report.display.field_overview`), with a box around the pixels
+    the page shows at full resolution."""
+    from bokeh.models import ColorBar, LogColorMapper
+    from bokeh.palettes import Viridis256
+    from bokeh.plotting import figure
+
+    img, k = ov["image"], ov["k"]
+    fin = img[np.isfinite(img) & (img > 0)]
+    lo, hi = np.percentile(fin, [1, 99]) if fin.size else (1.0, 10.0)
+    nr, nc = img.shape
+    side = 360 / max(nr, nc)
+    x0, y0 = ov["col0"] - 0.5, ov["row0"] - 0.5
+    f = figure(
+        frame_width=max(int(side * nc), 80),
+        frame_height=max(int(side * nr), 80),
+        title=f"whole field: median of {ov['n_frames']} good frames, {k}x{k}-pixel blocks [e-/s]",
+        x_range=(x0, x0 + nc * k),
+        y_range=(y0, y0 + nr * k),
+        x_axis_label="CCD column",
+        y_axis_label="CCD row",
+        tools="pan,wheel_zoom,reset",
+        name="overview_fig",
+    )
+    mapper = LogColorMapper(palette=Viridis256, low=float(lo), high=float(max(hi, lo * 1.001)), nan_color="#444444")
+    f.image(image=[img.astype(np.float32)], x=x0, y=y0, dw=nc * k, dh=nr * k, color_mapper=mapper)
+    f.quad(
+        left=float(disp.cols.min()) - 0.5,
+        right=float(disp.cols.max()) + 0.5,
+        bottom=float(disp.rows.min()) - 0.5,
+        top=float(disp.rows.max()) + 0.5,
+        fill_alpha=0,
+        line_color="red",
+        line_width=2,
+        legend_label="shown above",
+    )
+    f.legend.location = "top_left"
+    f.legend.background_fill_alpha = 0.6
+    f.add_layout(ColorBar(color_mapper=mapper, width=8, title="e-/s"), "right")
+    return f
+
+
 def prf_picture(png: bytes | None) -> str | None:
     """The PRF step's picture (``prf_model.png``) as base64 for the page, None without one."""
     return base64.b64encode(png).decode() if png else None

@@ -75,6 +75,7 @@ from workflow_lib.report.display import (
     choose_target,
     default_aperture,
     display_cube,
+    field_overview,
     initial_cadence,
     mean_image,
     plan_display,
@@ -573,6 +574,10 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
     left = column(src_title, *sfigs, **wide)
     mid = row(left, column(*extras, **wide), **wide) if extras else left
     parts = [top, mid]
+    if v.disp.cropped:  # the whole field, coarse, with the part shown above outlined
+        ov = field_overview(fp.cube, max_side=int(p["max_side"]))
+        if ov is not None:
+            parts.insert(1, figures.overview_figure(ov, v.disp))
     if res_figs:
         res = fp.mean_residual
         rtitle = Div(
