@@ -19,6 +19,19 @@ import numpy as np
 
 from workflow_lib.report.display import DisplayCube
 
+#: the BokehJS bundles the pages use: no MathJax (1.8 MB) and no WebGL bundle, half the inline JavaScript
+#: a browser parses before a page is interactive
+BOKEH_COMPONENTS = ["bokeh", "bokeh-widgets", "bokeh-tables"]
+
+
+def bokeh_inline() -> tuple[str, str]:
+    """``(css, js)`` of the BokehJS bundles a page embeds (:data:`BOKEH_COMPONENTS`), inline: pages work offline."""
+    from bokeh.resources import Resources
+
+    res = Resources(mode="inline", components=BOKEH_COMPONENTS)
+    return res.render_css(), res.render_js()
+
+
 #: light-curve sets of a field page, in display order
 LC_SETS = ("raw", "lfd", "cpm", "dbl")
 #: the pixel image's longer side [screen px]

@@ -684,7 +684,6 @@ def build_field_page(
     """The HTML of one field page and its summary (for the index page); with ``data_dir``, the page's data
     folder is written there (atomically; its name must be ``<page stem>_data``, beside the page). ``links``:
     ``(label, relative href)`` of the pages above it (the run index, a survey CCD's overview)."""
-    from bokeh.resources import INLINE
 
     p = report_params(params)
     v = field_view(fp, p)
@@ -694,6 +693,7 @@ def build_field_page(
         written = write_page_data(data_dir, *_page_cubes(v), v.layout)
     with deterministic_ids(f"rpt-{fp.field}"):
         script, div = _field_document(fp, v, p)
+    bokeh_css, bokeh_js = figures.bokeh_inline()
     meta = _page_meta(fp, v, p, data_name)
     summary = field_summary(fp, v, p)
     if written is not None:
@@ -707,8 +707,8 @@ def build_field_page(
             field=fp.field,
             summary=summary,
             meta_json=json.dumps(meta, sort_keys=True).replace("</", "<\\/"),
-            bokeh_css=INLINE.render_css(),
-            bokeh_js=INLINE.render_js(),
+            bokeh_css=bokeh_css,
+            bokeh_js=bokeh_js,
             script=script,
             div=div,
             report_js=_js("report.js"),

@@ -28,6 +28,7 @@ import numpy as np
 from workflow_lib.core.atomic import write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.data.cube import open_cube
+from workflow_lib.report import figures
 from workflow_lib.report.page import _jinja_env, _js, deterministic_ids, report_params
 
 log = get_logger("report.survey")
@@ -283,8 +284,8 @@ def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: 
         }
     with deterministic_ids("srv"):
         script, div = _document(img, extent, tiles, table, sets, cdpp_cols, p)
-    from bokeh.resources import INLINE
 
+    bokeh_css, bokeh_js = figures.bokeh_inline()
     meta = {
         "ccd": ccd,
         "n_sources": len(table),
@@ -303,8 +304,8 @@ def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: 
             qa=qa,
             n_sources=len(table),
             n_on_ccd=int(np.asarray(table["on_ccd"], bool).sum()) if "on_ccd" in table.colnames else None,
-            bokeh_css=INLINE.render_css(),
-            bokeh_js=INLINE.render_js(),
+            bokeh_css=bokeh_css,
+            bokeh_js=bokeh_js,
             plot_script=script,
             plot_div=div,
             meta_json=json.dumps(meta),
