@@ -481,3 +481,27 @@ def test_whole_sector_page_without_crop_loads_on_demand(tmp_path, browser):
     assert heap_mb < 300, heap_mb  # the issue's goal for the JS heap
     assert errors == [] and js(pg, "RPT.errors") == []
     ctx.close()
+
+
+def test_report_folder_is_relocatable_and_a_missing_data_folder_is_named(site, browser, tmp_path):
+    """The report folder zipped and unzipped elsewhere works (relative data paths); without its data folder a
+    page still opens on its first frame and its status line names the folder it could not load."""
+    archive = shutil.make_archive(str(tmp_path / "report"), "zip", site["html"].parent)
+    moved = tmp_path / "elsewhere"
+    shutil.unpack_archive(archive, moved)
+    ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
+    pg = ctx.new_page()
+    pg.goto((moved / "fieldA.html").as_uri())
+    pg.wait_for_selector("body[data-rpt-loaded='1']", timeout=30_000)
+    js(pg, "RPT.m.cadence_slider.value = 33")
+    np.testing.assert_allclose(shown_frame(pg), frame_of(site, 33, pg)[0], equal_nan=True)
+    assert js(pg, "RPT.errors") == []
+    shutil.rmtree(moved / "fieldA_data")
+    pg.goto((moved / "fieldA.html").as_uri() + "?again")
+    pg.wait_for_selector("body[data-rpt-ready='1']", timeout=30_000)
+    pg.wait_for_function("RPT.pending === 0", timeout=30_000)
+    t0 = js(pg, "RPT.meta.initial_cadence")
+    np.testing.assert_allclose(shown_frame(pg), frame_of(site, t0, pg)[0], equal_nan=True)  # in the HTML itself
+    status = js(pg, "RPT.m.status.text")
+    assert "could not load fieldA_data/" in status and "keep the folder fieldA_data/ beside the page" in status
+    ctx.close()
