@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,17 +50,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--enable-precise-memory-info",
-]
+from tests.helpers.chromium import ARGS as BASE_ARGS  # noqa: E402
+from tests.helpers.chromium import CHROMIUM  # noqa: E402
+
+ARGS = BASE_ARGS + ["--enable-precise-memory-info"]
 READY = "body[data-rpt-ready='1']"
 #: records performance.now() when report.js marks the page ready (installed before any page script runs)
 READY_OBSERVER = """(() => {

@@ -13,29 +13,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers.chromium import ARGS, CHROMIUM, sync_playwright
 from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 
 from workflow_lib.data.cube import cube_wcs
 from workflow_lib.report import page as R
 from workflow_lib.report import products as P
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
-
 pytestmark = pytest.mark.browser
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ lightkurve: header values, image orientation, table columns, WCS, light curves a
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers.chromium import ARGS, CHROMIUM, PlaywrightError, sync_playwright
 
 import workflow_lib.report as report_pkg
 
@@ -18,24 +18,9 @@ FITS_JS = Path(report_pkg.__file__).parent / "templates" / "fits.js"
 SHARED_DATA = Path("/work/shared/data")
 TABBY = SHARED_DATA / "kepler" / "test-tpf-kplr-tabby-100-cadences.fits"
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 
 pytestmark = pytest.mark.browser
 
-try:
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None
 
 GAIA_ID = "5284186916701857536"  # > 2**53: must survive as an exact integer
 
