@@ -246,7 +246,7 @@ def measure_once(browser, html: Path, steps: int, timeout_s: float) -> dict:
         r: dict = {"errors": errors}
         t0 = time.perf_counter()
         try:
-            page.goto(html.as_uri(), wait_until="commit", timeout=timeout_s * 1e3)
+            page.goto(html.resolve().as_uri(), wait_until="commit", timeout=timeout_s * 1e3)
             page.wait_for_selector(READY, state="attached", timeout=timeout_s * 1e3)
         except Exception as exc:  # noqa: BLE001 - a page that never becomes interactive is a result
             try:

@@ -312,11 +312,13 @@ def test_sources_lightcurve_modes_and_cpm_image(site, page, test_output):
 
 def test_motion_and_residual_panels_render(site, page):
     """The motion (offsets, factor change) and mean-frame (data, model, residual) figures are laid out
-    with a drawn canvas, the embedded numbers reach BokehJS, and nothing raised."""
+    with a drawn canvas, the embedded numbers reach BokehJS, and nothing raised; they are rendered after the
+    page is interactive, and their time axis follows the light curve's."""
+    page.wait_for_selector("body[data-rpt-diag='1']", timeout=30_000)
     for name in ("motion_fig", "motion_change_fig", "residual_data_fig", "residual_model_fig", "residual_fig"):
         size = js(
             page,
-            f"""(() => {{ const m = RPT.doc.get_model_by_name('{name}'); if (!m) return null;
+            f"""(() => {{ const m = RPT.model('{name}'); if (!m) return null;
             const r = Bokeh.index.get_one(m).canvas_view.el.getBoundingClientRect(); return [r.width, r.height]; }})()""",
         )
         assert size is not None and size[0] > 200 and size[1] > 150, (name, size)
@@ -324,7 +326,7 @@ def test_motion_and_residual_panels_render(site, page):
     res = np.array(
         js(
             page,
-            """(() => { const d = RPT.doc.get_model_by_name('residual_fig').renderers[0].data_source.data;
+            """(() => { const d = RPT.model('residual_fig').renderers[0].data_source.data;
         return Array.from(d.residual, v => v === v ? v : null); })()""",
         ),
         dtype=float,
@@ -334,10 +336,13 @@ def test_motion_and_residual_panels_render(site, page):
     np.testing.assert_allclose(res, fp.mean_residual["residual"][rows * NC + cols], rtol=1e-6, atol=1e-4)
     tmin, tmax = js(
         page,
-        """(() => { const t = RPT.doc.get_model_by_name('motion_fig').renderers[0].data_source.data.time;
+        """(() => { const t = RPT.model('motion_fig').renderers[0].data_source.data.time;
         return [Math.min(...t), Math.max(...t)]; })()""",
     )
     assert tmin == pytest.approx(site["time"][0]) and tmax == pytest.approx(site["time"][-1])
+    js(page, "RPT.m.lc_fig.x_range.start = 1326.0; RPT.m.lc_fig.x_range.end = 1327.5")
+    assert js(page, "[RPT.model('motion_fig').x_range.start, RPT.model('motion_fig').x_range.end]") == [1326.0, 1327.5]
+    js(page, "RPT.m.lc_fig.x_range.start = 1325.0; RPT.m.lc_fig.x_range.end = 1329.0")
     assert page.errors == [] and js(page, "RPT.errors") == []
 
 

@@ -518,11 +518,15 @@ def _lfd_panels(fp: FieldProducts, v: FieldView, x_range) -> tuple[list, list]:
     return extras, res_figs
 
 
-def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]:
-    """The Bokeh ``components`` (script, div) of a field page (call inside :func:`deterministic_ids`)."""
+def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, dict, str, dict]:
+    """The Bokeh ``components`` of a field page (call inside :func:`deterministic_ids`): ``(script, divs)`` of
+    the main document (``top``: image and light curve with their controls; ``source``: the selected source's
+    panels; ``table``) and of the diagnostics document (``side``: quality flags and motion model; ``overview``;
+    ``residual``), which report.js renders once the page is interactive (a browser spends about a second on
+    those seven figures; their time axis follows the light curve's, RPT.syncTime)."""
     from bokeh.embed import components
     from bokeh.layouts import column, row
-    from bokeh.models import CustomJS, Div
+    from bokeh.models import CustomJS, Div, Range1d
 
     ds = _data_sources(v)
     wide = {"sizing_mode": "stretch_width"}
@@ -548,7 +552,14 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
         width=560,
         name="source_title",
     )
-    extras, res_figs = _lfd_panels(fp, v, lcf.x_range)
+    t = v.disp.time[np.isfinite(v.disp.time)]
+    pad = 0.02 * float(np.ptp(t)) if t.size else 1.0
+    diag_range = Range1d(
+        start=float(t.min()) - pad if t.size else 0.0, end=float(t.max()) + pad if t.size else 1.0, name="diag_x_range"
+    )
+    for end in ("start", "end"):
+        lcf.x_range.js_on_change(end, CustomJS(code="window.RPT && RPT.syncTime();"))
+    extras, res_figs = _lfd_panels(fp, v, diag_range)
     table = None
     if v.sources["source_id"].size:
         table = column(
@@ -571,13 +582,16 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
     )
     # the image keeps its size; the light curves take the rest of the screen's width
     top = row(column(img, controls_img), column(lcf, controls_lc, **wide), **wide)
-    left = column(src_title, *sfigs, **wide)
-    mid = row(left, column(*extras, **wide), **wide) if extras else left
-    parts = [top, mid]
+    main = {"top": top, "source": column(src_title, *sfigs, **wide)}
+    if table is not None:
+        main["table"] = table
+    diag = {}
+    if extras:
+        diag["side"] = column(*extras, **wide)
     if v.disp.cropped:  # the whole field, coarse, with the part shown above outlined
         ov = field_overview(fp.cube, max_side=int(p["max_side"]))
         if ov is not None:
-            parts.insert(1, figures.overview_figure(ov, v.disp))
+            diag["overview"] = figures.overview_figure(ov, v.disp)
     if res_figs:
         res = fp.mean_residual
         rtitle = Div(
@@ -589,9 +603,10 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, str]
             width=1000,
             name="residual_title",
         )
-        parts += [rtitle, row(*res_figs)]
-    parts += [table] if table is not None else []
-    return components(column(*parts, **wide))
+        diag["residual"] = column(rtitle, row(*res_figs))
+    script, divs = components(main)
+    dscript, ddivs = components(diag) if diag else ("", {})
+    return script, divs, dscript, ddivs
 
 
 # ------------------------------------------------------------------ the field page
@@ -692,7 +707,12 @@ def build_field_page(
     if data_dir is not None:
         written = write_page_data(data_dir, *_page_cubes(v), v.layout)
     with deterministic_ids(f"rpt-{fp.field}"):
-        script, div = _field_document(fp, v, p)
+        script, divs, dscript, ddivs = _field_document(fp, v, p)
+    # the diagnostics document is rendered by report.js once the page is interactive
+    if dscript:
+        if not dscript.startswith("<script>"):
+            raise RuntimeError(f"unexpected Bokeh components() script: {dscript[:40]!r}")
+        dscript = '<script type="text/x-rpt-deferred" id="rpt-diag">' + dscript[len("<script>") :]
     bokeh_css, bokeh_js = figures.bokeh_inline()
     meta = _page_meta(fp, v, p, data_name)
     summary = field_summary(fp, v, p)
@@ -710,7 +730,9 @@ def build_field_page(
             bokeh_css=bokeh_css,
             bokeh_js=bokeh_js,
             script=script,
-            div=div,
+            divs=divs,
+            diag_script=dscript,
+            diag_divs=ddivs,
             report_js=_js("report.js"),
             fits_js=_js("fits.js"),
             report_css=_js("report.css"),
@@ -917,12 +939,17 @@ _DOCS_RE = re.compile(r"const docs_json = '(.*?)';\n", re.S)
 
 
 def embedded_documents(html: str) -> dict:
-    """The Bokeh documents JSON embedded in a page (as written by :func:`build_field_page`)."""
-    m = _DOCS_RE.search(html)
-    if not m:
+    """The Bokeh documents JSON embedded in a page (as written by :func:`build_field_page`: its main and
+    diagnostics documents), ``{document id: document}``."""
+    out = {}
+    for m in _DOCS_RE.finditer(html):
+        text = m.group(1)
+        if "\\u" in text or "\\'" in text:
+            text = text.encode().decode("unicode_escape")
+        out.update(json.loads(text))
+    if not out:
         raise ValueError("no Bokeh document found in the page")
-    text = m.group(1).encode().decode("unicode_escape") if "\\u" in m.group(1) or "\\'" in m.group(1) else m.group(1)
-    return json.loads(text)
+    return out
 
 
 def _decode(value):

@@ -9,6 +9,7 @@
   const RPT = (window.RPT = window.RPT || {});
   RPT.ready = false;
   RPT.errors = [];
+  RPT.timing = { script: performance.now() }; // ms since navigation: this script ran, init began, page interactive
   RPT.cache = new Map(); // key -> Float32Array, least recently used first
   RPT.cacheBytes = 0;
   RPT.waiting = new Map(); // key -> {promise, resolve, reject, el}
@@ -27,6 +28,7 @@
   }
 
   RPT.init = function (doc) {
+    RPT.timing.init = performance.now();
     RPT.doc = doc;
     RPT.meta = JSON.parse(document.getElementById("rpt-meta").textContent);
     RPT.D = RPT.meta.data;
@@ -51,9 +53,42 @@
     // interactive now: the first frame, light curve and source panels are in the page itself; the blocks
     // loading in the background (RPT.pending) replace them with the same numbers
     RPT.ready = true;
+    RPT.timing.ready = performance.now();
     document.body.setAttribute("data-rpt-ready", "1");
     RPT.updateStatus();
     RPT.whenIdle(function () { document.body.setAttribute("data-rpt-loaded", "1"); });
+    setTimeout(RPT.renderDiagnostics, 0);
+  };
+
+  // the diagnostics document (quality flags, motion model, overview, mean-frame residual): rendered after the
+  // page is interactive, its time axis kept to the light curve's
+  RPT.renderDiagnostics = function () {
+    const src = document.getElementById("rpt-diag");
+    if (!src) { document.body.setAttribute("data-rpt-diag", "1"); return; }
+    const n = Bokeh.documents.length, el = document.createElement("script");
+    el.text = src.textContent;
+    document.body.appendChild(el);
+    (function wait() {
+      if (Bokeh.documents.length > n) {
+        RPT.diag = Bokeh.documents[Bokeh.documents.length - 1];
+        RPT.diagRange = RPT.diag.get_model_by_name("diag_x_range");
+        RPT.syncTime();
+        document.body.setAttribute("data-rpt-diag", "1");
+      } else setTimeout(wait, 20);
+    })();
+  };
+
+  RPT.syncTime = function () {
+    const r = RPT.diagRange, x = RPT.m && RPT.m.lc_fig ? RPT.m.lc_fig.x_range : null;
+    if (!r || !x || !(x.start === x.start && x.end === x.end)) return;
+    if (r.start !== x.start) r.start = x.start;
+    if (r.end !== x.end) r.end = x.end;
+  };
+
+  // a model of either document by name
+  RPT.model = function (name) {
+    for (const d of Bokeh.documents) { const m = d.get_model_by_name(name); if (m) return m; }
+    return null;
   };
 
   // ---------------------------------------------------------------- data blocks (the page's data folder)
