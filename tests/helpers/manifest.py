@@ -92,6 +92,8 @@ def manifest(results: Path) -> dict[str, str]:
     for path in sorted((results / "report").glob("*.html")):
         if path.name != "index.html":
             out[str(path.relative_to(results))] = page_digest(path)
+    for path in _products(results / "report", "*_data/*.js"):  # the pages' data folders (report.datafiles)
+        out[str(path.relative_to(results))] = page_digest(path)
     return out
 
 
