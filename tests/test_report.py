@@ -723,3 +723,27 @@ def test_index_links_lead_somewhere(field, tmp_path):
         field, tmp_path / "b" / "fieldA.html", tmp_path / "b" / "fieldA.json", field="fieldA", link_index=True
     )
     assert '<a href="index.html">&larr; run index</a>' in (tmp_path / "b" / "fieldA.html").read_text()
+
+
+def test_contamination_is_capped_and_defined(page):
+    """The contamination column shows '> 10' above 10 (values reach thousands and Infinity for faint sources
+    next to bright ones) and defines itself in the cells' tooltip and above the table."""
+    import html as htmllib
+
+    texts = []  # every string in the documents, unescaped (Bokeh escapes their HTML)
+
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            texts.append(htmllib.unescape(node))
+
+    walk(R.embedded_documents(page[0]))
+    template = next(t for t in texts if "value > 10" in t)
+    assert template.startswith(f'<span title="{F.CONTAMINATION_HELP}">')  # the tooltip
+    assert "(value > 10 ? '&gt; 10' : value.toFixed(3))" in template  # the cap
+    assert any(F.CONTAMINATION_HELP in t and "<b>Sources</b>" in t for t in texts)  # the note above the table

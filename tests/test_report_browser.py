@@ -495,3 +495,39 @@ def test_report_folder_is_relocatable_and_a_missing_data_folder_is_named(site, b
     status = js(pg, "RPT.m.status.text")
     assert "could not load fieldA_data/" in status and "keep the folder fieldA_data/ beside the page" in status
     ctx.close()
+
+
+def test_layout_units_and_empty_states(site, page):
+    """Square pixels; units on the colour bar and on every flux axis; the light curves use the window's width;
+    the motion legends sit below the curves; the PRF picture is shown at its own size; a panel without a
+    light curve, and an empty pixel selection, say why."""
+    page.wait_for_selector("body[data-rpt-diag='1']", timeout=30_000)
+    x0, y0 = data_to_page(page, "image_fig", 204, 104)
+    x1, y1 = data_to_page(page, "image_fig", 214, 114)
+    assert abs(abs(x1 - x0) - abs(y1 - y0)) <= 1.0  # 10 columns as wide as 10 rows are tall
+    assert js(page, "RPT.m.colorbar.title") == "flux [e-/s]"
+    for k in ("raw", "lfd", "cpm"):
+        assert js(page, f"RPT.m.srcfig_{k}.left[0].axis_label") == "flux [e-/s]"
+    assert js(page, "RPT.m.lc_fig.left[0].axis_label") == "flux [e-/s]"
+    right = js(page, "Bokeh.index.get_one(RPT.m.lc_fig).el.getBoundingClientRect().right")
+    assert right > 0.9 * js(page, "document.documentElement.clientWidth")  # the screen's width is used
+    below = js(page, "RPT.model('motion_fig').below.map(m => m.type || m.constructor.name)")
+    assert any("Legend" in str(b) for b in below)  # the legend is below the plot, not over the curves
+    natural, shown = js(
+        page, "(() => { const i = document.querySelector('.prf img'); return [i.naturalWidth, i.clientWidth]; })()"
+    )
+    assert shown >= min(natural, 0.9 * js(page, "document.documentElement.clientWidth")) - 2
+    # source 3 is off the pixels: its LFD panel says so; no pixel selected: the light curve says so
+    js(page, "RPT.m.sources.selected.indices = [3]")
+    page.wait_for_function("RPT.pending === 0")
+    assert "off the pixels" in js(page, "RPT.m.srcfig_lfd.title.text")
+    assert "off the pixels" in js(page, "RPT.m.source_title.text")
+    sel = js(page, "Array.from(RPT.m.pixels.selected.indices)")
+    js(page, "RPT.m.pixels.selected.indices = []")
+    page.wait_for_function("RPT.pending === 0")
+    assert "no pixel selected" in js(page, "RPT.m.lc_fig.title.text")
+    assert "— (none)" in js(page, "RPT.m.status.text")
+    js(page, f"RPT.m.pixels.selected.indices = {sel}; RPT.m.sources.selected.indices = [0]")
+    page.wait_for_function("RPT.pending === 0")
+    assert "no pixel selected" not in js(page, "RPT.m.lc_fig.title.text")
+    assert page.errors == [] and js(page, "RPT.errors") == []

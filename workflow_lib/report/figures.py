@@ -35,7 +35,7 @@ def bokeh_inline() -> tuple[str, str]:
 #: light-curve sets of a field page, in display order
 LC_SETS = ("raw", "lfd", "cpm", "dbl")
 #: the pixel image's longer side [screen px]
-IMAGE_FRAME_PX = 560
+IMAGE_FRAME_PX = 480
 #: marker colour of each set's light-curve panel (dbl: the deblended, de-trended light curves)
 SET_COLORS = {"raw": "black", "lfd": "#1f77b4", "cpm": "#d62728", "dbl": "#2ca02c"}
 
