@@ -303,11 +303,19 @@ def initial_cadence(disp: DisplayCube) -> int:
     return int(idx[order[0]])
 
 
+#: at most this many values of a cube enter the stretch slider's range (screen_stretch)
+STRETCH_SAMPLE = 2_000_000
+
+
 def screen_stretch(values: np.ndarray, percentiles, frame: np.ndarray | None = None) -> dict:
-    """Screen-stretch limits: slider range (0.2/99.8 % of the whole cube, widened to contain the
+    """Screen-stretch limits: slider range (0.2/99.8 % of the whole cube -- of an evenly strided sample of
+    :data:`STRETCH_SAMPLE` values for a larger one --, widened to contain the
     initial limits), initial limits ``lo``/``hi`` (``percentiles`` of ``frame``, the frame shown
     first -- a whole-cube percentile would saturate frames in scattered-light ramps -- or of
     ``values`` without a frame) and the smallest positive value (the floor of the log mapper)."""
+    values = np.asarray(values).ravel()
+    if values.size > STRETCH_SAMPLE:  # the slider's range from an evenly strided sample (a sector's cube: 10^8)
+        values = values[:: -(-values.size // STRETCH_SAMPLE)]
     v = values[np.isfinite(values)]
     if v.size == 0:
         return {"vlo": 0.0, "lo": 0.0, "hi": 1.0, "vhi": 1.0, "pos": 1e-3}
