@@ -82,8 +82,9 @@ def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
         1,
         source=pix,
         fill_color=fc,
-        line_color=None,
-        dilate=True,  # no seams between neighbouring pixels
+        line_color=fc,  # an outline in the fill's colour, and dilate: no seams between neighbouring pixels
+        line_width=0.6,
+        dilate=True,
         name="pixel_renderer",
         selection_fill_color=fc,
         selection_line_color="white",
@@ -91,7 +92,9 @@ def image_figure(field: str, disp: DisplayCube, pix, stretch: dict, mode: str):
         selection_fill_alpha=1.0,
         nonselection_fill_color=fc,
         nonselection_fill_alpha=1.0,
-        nonselection_line_color=None,
+        nonselection_line_color=fc,
+        nonselection_line_alpha=1.0,
+        nonselection_line_width=0.6,
     )
     box = BoxSelectTool(renderers=[pr])
     img.add_tools(box)

@@ -535,6 +535,7 @@
     const mapper = RPT.isLog() ? m.mapper_log : m.mapper_lin;
     const spec = { field: "flux", transform: mapper };
     for (const g of [r.glyph, r.selection_glyph, r.nonselection_glyph]) if (g) g.fill_color = spec;
+    for (const g of [r.glyph, r.nonselection_glyph]) if (g) g.line_color = spec; // the seam-hiding outline
     if (m.colorbar) m.colorbar.color_mapper = mapper;
     m.stretch_slider.title = RPT.isLog() ? "screen stretch [e-/s], log scale" : "screen stretch [e-/s]";
   };
