@@ -25,6 +25,18 @@ pytestmark = pytest.mark.browser
 GAIA_ID = "5284186916701857536"  # > 2**53: must survive as an exact integer
 
 
+def js_series(time, cadenceno, flux, err, quality) -> dict:
+    """The light-curve arrays as page.evaluate arguments (JSON: NaN as a float)."""
+    return {
+        "sid": GAIA_ID,
+        "time": time.tolist(),
+        "cad": cadenceno.tolist(),
+        "flux": [float(v) for v in flux],
+        "err": [float(v) for v in err],
+        "q": quality.tolist(),
+    }
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     if sync_playwright is None:
@@ -354,15 +366,7 @@ def test_lightcurve_read_by_astropy_and_lightkurve(page, tmp_path, mission):
         path,
         """RPTFITS.lightcurve({mission: a.mission, sourceId: a.sid, method: 'LFD', time: a.time,
             cadenceno: a.cad, flux: a.flux, flux_err: a.err, quality: a.q, extraCards: [['SECTOR', 1, 'sector']]})""",
-        {
-            "mission": mission,
-            "sid": GAIA_ID,
-            "time": time.tolist(),
-            "cad": cadenceno.tolist(),
-            "flux": [float(v) for v in flux],
-            "err": [float(v) for v in err],
-            "q": quality.tolist(),
-        },
+        {"mission": mission, **js_series(time, cadenceno, flux, err, quality)},
     )
     hdul = open_strict(path)
     h0, t = hdul[0].header, hdul["LIGHTCURVE"]
@@ -418,14 +422,7 @@ def test_lightcurve_matches_the_pipeline_layout(page, tmp_path):
         path,
         """RPTFITS.lightcurve({mission: 'TESS', sourceId: a.sid, method: 'LFD', timeSystem: 'BTJD',
             timeOffset: 2457000, time: a.time, cadenceno: a.cad, flux: a.flux, flux_err: a.err, quality: a.q})""",
-        {
-            "sid": GAIA_ID,
-            "time": time.tolist(),
-            "cad": cadenceno.tolist(),
-            "flux": [float(v) for v in flux],
-            "err": [float(v) for v in err],
-            "q": quality.tolist(),
-        },
+        js_series(time, cadenceno, flux, err, quality),
     )
     got = open_strict(path)
     assert [h.name for h in got] == [h.name for h in want]
