@@ -180,7 +180,7 @@ def lightcurve_figure(lc, qtable: dict, tsys: str, t_now: float):
     return lcf, span
 
 
-def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: float):
+def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: float, tsys: str = "BTJD"):
     """One figure per light-curve set (raw, LFD, CPM, deblended + de-trended) of the selected source, sharing ``x_range``;
     returns ``(figures, spans)``."""
     from bokeh.models import CustomJS, Span
@@ -195,11 +195,12 @@ def source_lightcurve_figures(srclc, labels: dict, shown: set, x_range, t_now: f
             title=labels[k],
             tools="pan,wheel_zoom,box_zoom,reset",
             x_range=x_range,
+            x_axis_label=f"time [{tsys}]",
             y_axis_label="flux [e-/s]",
             name=f"srcfig_{k}",
             visible=(k == "raw" or k in shown),
         )
-        f.yaxis.axis_label_text_font_size = "9pt"
+        f.xaxis.axis_label_text_font_size = f.yaxis.axis_label_text_font_size = "9pt"
         f.scatter("time", k, source=srclc, size=2, color=SET_COLORS[k])
         s = Span(location=float(t_now), dimension="height", line_color="red", line_width=1, name=f"span_{k}")
         f.add_layout(s)
@@ -414,6 +415,8 @@ def residual_figures(res: dict | None, disp: DisplayCube, palette=None):
             frame_width=max(int(round(side * nc)), 80),
             frame_height=max(int(round(side * nr)), 80),
             title=titles[k],
+            x_axis_label="CCD column",
+            y_axis_label="CCD row",
             tools="pan,wheel_zoom,reset",
             name=f"residual_{k}_fig" if k != "residual" else "residual_fig",
             **({"x_range": xr_, "y_range": yr_} if not figs else kw),

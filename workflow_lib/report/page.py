@@ -540,13 +540,18 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, dict
     # Bokeh reports the second of two quick clicks as a double tap, not a tap: a person clicking pixels fast
     img.js_on_event("doubletap", CustomJS(code="window.RPT && RPT.tapImage(cb_obj);"))
     w = _controls(fp, v, ds, (mlog, mlin), p)
+    # every panel in e-/s; the levels differ because of what each set includes (docs/DATA_MODEL.md)
     labels = {
-        "raw": "raw aperture (CPM stage)" if fp.cpm_raw is not None else "aperture sum of the selected pixels",
-        "lfd": "LFD",
-        "cpm": f"CPM ({fp.cpm_paramset})" if fp.cpm_paramset else "CPM",
-        "dbl": "LFD+CPM: neighbours' LFD model subtracted, CPM de-trended",
+        "raw": (
+            "RAW aperture sum (CPM stage's aperture; sky and neighbours included)"
+            if fp.cpm_raw is not None
+            else "aperture sum of the selected pixels (sky included)"
+        ),
+        "lfd": "LFD: the source's PRF-fit flux (sky and neighbours modelled out)",
+        "cpm": f"CPM{f' ({fp.cpm_paramset})' if fp.cpm_paramset else ''}: de-trended aperture flux (sky subtracted)",
+        "dbl": "LFD+CPM: neighbours' LFD model and sky subtracted, CPM de-trended",
     }
-    sfigs, _ = figures.source_lightcurve_figures(ds["srclc"], labels, set(v.sets), lcf.x_range, t_now)
+    sfigs, _ = figures.source_lightcurve_figures(ds["srclc"], labels, set(v.sets), lcf.x_range, t_now, v.tsys)
     src_title = Div(
         text="<b>Selected source</b>: tap a source (switch the tap mode) or a row of the table",
         width=560,
