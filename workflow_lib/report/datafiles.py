@@ -20,8 +20,9 @@ Layout (:func:`block_layout`)
 * **Light-curve sets** (``raw``, ``lfd``, ``cpm``, ``dbl``): groups of ``per_file`` sources, all cadences;
   the file holds the group's flux (source-major) followed by its flux_err. File ``lc_<set>_s<k>.js``.
 
-:func:`workflow_lib.report.page.read_page_data` reassembles every array from the files (for tests, and for
-anyone who wants the numbers a page shows).
+:func:`read_page_data_folder` (through :func:`workflow_lib.report.page.read_page_data`, which reads the
+layout from the page) reassembles every array from the files (for tests, and for anyone who wants the numbers
+a page shows).
 """
 
 from __future__ import annotations
@@ -98,20 +99,41 @@ def _script(key: str, values: np.ndarray) -> str:
     return f'RPT.chunk("{key}", "{base64.b64encode(data).decode()}");\n'
 
 
+def cube_key(name: str, g: int, c: int) -> str:
+    """The key (and file stem) of block (pixel group ``g``, time chunk ``c``) of cube ``name``."""
+    return f"{name}_g{g}_c{c}"
+
+
+def set_key(name: str, k: int) -> str:
+    """The key (and file stem) of file ``k`` of light-curve set ``name``."""
+    return f"lc_{name}_s{k}"
+
+
+def cube_block_index(layout: BlockLayout):
+    """``(g, c, pixels, t0, t1)`` of every cube block: the displayed pixels of group ``g`` (in display order,
+    which is slot order) and the cadences ``t0:t1`` of chunk ``c``."""
+    for g in range(len(layout.group_size)):
+        pix = np.flatnonzero(layout.group == g)
+        for c in range(layout.n_chunks):
+            yield g, c, pix, c * layout.chunk, min((c + 1) * layout.chunk, layout.n_time)
+
+
+def set_file_index(layout: BlockLayout, n_sources: int):
+    """``(k, s0, s1)`` of every light-curve file: sources ``s0:s1``."""
+    for k in range(-(-n_sources // layout.per_file)):
+        yield k, k * layout.per_file, min((k + 1) * layout.per_file, n_sources)
+
+
 def cube_blocks(name: str, cube: np.ndarray, layout: BlockLayout):
     """``(key, values)`` of every block of a ``(npix, n_time)`` cube."""
-    for g in range(len(layout.group_size)):
-        pix = np.flatnonzero(layout.group == g)  # in display order, which is slot order
-        for c in range(layout.n_chunks):
-            t0, t1 = c * layout.chunk, min((c + 1) * layout.chunk, layout.n_time)
-            yield f"{name}_g{g}_c{c}", cube[pix, t0:t1]
+    for g, c, pix, t0, t1 in cube_block_index(layout):
+        yield cube_key(name, g, c), cube[pix, t0:t1]
 
 
 def set_blocks(name: str, flux: np.ndarray, err: np.ndarray, layout: BlockLayout):
     """``(key, values)`` of every file of a light-curve set: a group's flux then its flux_err."""
-    for k in range(-(-flux.shape[0] // layout.per_file)):
-        s0, s1 = k * layout.per_file, min((k + 1) * layout.per_file, flux.shape[0])
-        yield f"lc_{name}_s{k}", np.concatenate([flux[s0:s1].ravel(), err[s0:s1].ravel()])
+    for k, s0, s1 in set_file_index(layout, flux.shape[0]):
+        yield set_key(name, k), np.concatenate([flux[s0:s1].ravel(), err[s0:s1].ravel()])
 
 
 def write_page_data(data_dir, cubes: dict, sets: dict, layout: BlockLayout) -> dict:
@@ -137,3 +159,24 @@ def read_chunk_file(path) -> tuple[str, np.ndarray]:
     if not m:
         raise ValueError(f"{path}: not a report data file (expected one RPT.chunk(key, base64) line)")
     return m.group(1), np.frombuffer(base64.b64decode(m.group(2)), dtype="<f4")
+
+
+def read_page_data_folder(data_dir, layout: BlockLayout, cubes, sets, n_sources: int) -> dict:
+    """The arrays of a data folder written by :func:`write_page_data` with ``layout``: ``{"cubes": {name:
+    (npix, n_time) float32}, "sets": {name: (flux, flux_err)}}`` for the cube and set names given."""
+    ddir, nt = Path(data_dir), layout.n_time
+    out = {"cubes": {}, "sets": {}}
+    for name in cubes:
+        arr = np.full((layout.group.size, nt), np.nan, np.float32)
+        for g, c, pix, t0, t1 in cube_block_index(layout):
+            _, vals = read_chunk_file(ddir / f"{cube_key(name, g, c)}.js")
+            arr[pix, t0:t1] = vals.reshape(pix.size, t1 - t0)
+        out["cubes"][name] = arr
+    for name in sets:
+        flux, err = np.full((n_sources, nt), np.nan, np.float32), np.full((n_sources, nt), np.nan, np.float32)
+        for k, s0, s1 in set_file_index(layout, n_sources):
+            _, vals = read_chunk_file(ddir / f"{set_key(name, k)}.js")
+            half = vals.size // 2
+            flux[s0:s1], err[s0:s1] = vals[:half].reshape(s1 - s0, nt), vals[half:].reshape(s1 - s0, nt)
+        out["sets"][name] = (flux, err)
+    return out

@@ -67,7 +67,13 @@ from workflow_lib.core.logs import get_logger
 from workflow_lib.core.quality import TESS_QUALITY_FLAGS, quality_flags
 from workflow_lib.core.settings import schema_defaults
 from workflow_lib.report import figures
-from workflow_lib.report.datafiles import BlockLayout, block_layout, data_dir_for, read_chunk_file, write_page_data
+from workflow_lib.report.datafiles import (
+    BlockLayout,
+    block_layout,
+    data_dir_for,
+    read_page_data_folder,
+    write_page_data,
+)
 from workflow_lib.report.display import (
     DisplayCube,
     align_cube,
@@ -1010,27 +1016,14 @@ def read_page_data(html_path) -> dict:
     meta = embedded_meta(html)
     pix = embedded_sources(html)["pixels"]
     d = meta["data"]
-    nt, C = meta["n_time"], d["chunk"]
-    group, slot = np.asarray(pix["group"]), np.asarray(pix["slot"])
-    ddir = Path(html_path).parent / d["dir"]
-    cubes = {}
-    for name in d["cubes"]:
-        out = np.full((group.size, nt), np.nan, np.float32)
-        for g, n in enumerate(d["group_size"]):
-            pix_g = np.flatnonzero(group == g)
-            for c in range(d["n_chunks"]):
-                t0, t1 = c * C, min((c + 1) * C, nt)
-                _, vals = read_chunk_file(ddir / f"{name}_g{g}_c{c}.js")
-                out[pix_g, t0:t1] = vals.reshape(n, t1 - t0)[slot[pix_g]]
-        cubes[name] = out
-    sets = {}
-    ns, per = meta["n_sources"], d["per_file"]
-    for name in d["sets"]:
-        flux, err = np.full((ns, nt), np.nan, np.float32), np.full((ns, nt), np.nan, np.float32)
-        for k in range(-(-ns // per)):
-            s0, s1 = k * per, min((k + 1) * per, ns)
-            _, vals = read_chunk_file(ddir / f"lc_{name}_s{k}.js")
-            half = vals.size // 2
-            flux[s0:s1], err[s0:s1] = vals[:half].reshape(s1 - s0, nt), vals[half:].reshape(s1 - s0, nt)
-        sets[name] = (flux, err)
-    return {"cubes": cubes, "sets": sets}
+    layout = BlockLayout(
+        tile=d["tile"],
+        chunk=d["chunk"],
+        group=np.asarray(pix["group"]),
+        slot=np.asarray(pix["slot"]),
+        group_size=np.asarray(d["group_size"]),
+        n_time=meta["n_time"],
+        per_file=d["per_file"],
+    )
+    folder = Path(html_path).parent / d["dir"]
+    return read_page_data_folder(folder, layout, d["cubes"], d["sets"], meta["n_sources"])
