@@ -621,12 +621,11 @@ def test_field_page_shows_the_deblended_set(tmp_path):
 def test_field_page_deblended_panel_in_chromium(tmp_path):
     """In headless Chromium (offline, file://): selecting a source fills its LFD+CPM panel with the set's
     light curve, without JavaScript errors."""
-    from test_report_browser import ARGS, CHROMIUM, sync_playwright
+    from helpers.chromium import ARGS, CHROMIUM, skip_without_chromium, sync_playwright
 
     from workflow_lib.report import page as R
 
-    if sync_playwright is None or CHROMIUM is None:
-        pytest.skip("playwright and Debian chromium are needed")
+    skip_without_chromium()
     fdir, dbl = _field_with_deblended_set(tmp_path)
     html = tmp_path / "report" / "fieldA.html"
     R.write_field_report(fdir, html, tmp_path / "report" / "fieldA.json", {}, field="fieldA")

@@ -180,10 +180,9 @@ def test_field_page_screenshots(tiny_run, test_output, width, height):
     """The pipeline's own field page in headless Chromium at two common screen sizes, offline: it becomes
     interactive without errors and without requests beyond the folder; the screenshots are saved for
     docs/REPORTS.md (tests/output/report_tiny_<w>x<h>.png)."""
-    from test_report_browser import ARGS, CHROMIUM, sync_playwright
+    from helpers.chromium import ARGS, CHROMIUM, skip_without_chromium, sync_playwright
 
-    if sync_playwright is None or CHROMIUM is None:
-        pytest.skip("playwright or Debian chromium missing")
+    skip_without_chromium()
     html = tiny_run / "results" / "ci-tiny" / "report" / "tiny.html"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from helpers.chromium import ARGS, CHROMIUM, sync_playwright
+from helpers.chromium import ARGS, CHROMIUM, skip_without_chromium, sync_playwright
 from test_report import COL0, NC, NR, NT, ROW0, STARS, make_field
 
 from workflow_lib.data.cube import cube_wcs
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    if sync_playwright is None:
-        pytest.skip("python playwright is not installed (pip install playwright; never `playwright install`)")
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium not found (apt-get install chromium)")
+    skip_without_chromium()
     tmp = tmp_path_factory.mktemp("rptb")
     fdir = make_field(tmp)
     out = tmp / "report"
@@ -47,8 +44,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None or CHROMIUM is None:
-        pytest.skip("playwright / chromium not available")
+    skip_without_chromium()
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from helpers.chromium import ARGS, CHROMIUM, PlaywrightError, sync_playwright
+from helpers.chromium import ARGS, CHROMIUM, PlaywrightError, skip_without_chromium, sync_playwright
 
 import workflow_lib.report as report_pkg
 
@@ -39,10 +39,7 @@ def js_series(time, cadenceno, flux, err, quality) -> dict:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    if sync_playwright is None:
-        pytest.skip("python playwright is not installed (pip install playwright; never `playwright install`)")
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium not found (apt-get install chromium)")
+    skip_without_chromium()
     html = tmp_path_factory.mktemp("fitsjs") / "fits.html"
     html.write_text(f"<!doctype html><html><head><script>\n{FITS_JS.read_text()}\n</script></head><body></body></html>")
     with sync_playwright() as pw:

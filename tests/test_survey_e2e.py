@@ -139,14 +139,9 @@ def test_dry_run_merges_without_a_failed_tile(survey_run, tmp_path):
 
 @pytest.mark.browser
 def test_overview_page_in_chromium(survey_run):
-    from test_report_browser import ARGS, CHROMIUM
+    from helpers.chromium import ARGS, CHROMIUM, skip_without_chromium, sync_playwright
 
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:  # pragma: no cover - depends on the machine
-        pytest.skip("python playwright is not installed")
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium not found")
+    skip_without_chromium()
     from astropy.table import Table
 
     out = out_dir(survey_run)

@@ -26,3 +26,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     PlaywrightError = Exception
     sync_playwright = None
+
+
+def skip_without_chromium() -> None:
+    """Skip the calling test when playwright or the Debian chromium is missing, saying which."""
+    import pytest
+
+    if sync_playwright is None:
+        pytest.skip("python playwright is not installed (pip install playwright; never `playwright install`)")
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium not found (apt-get install chromium)")
