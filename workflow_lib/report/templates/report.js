@@ -103,9 +103,9 @@
     const D = RPT.D, keys = [];
     for (const cube of D.cubes) {
       if (cube === "err") continue;
-      for (let c = 0; c < D.n_chunks; c++) for (let g = 0; g < D.group_size.length; g++) keys.push(cube + "_g" + g + "_c" + c);
+      for (let c = 0; c < D.n_chunks; c++) for (let g = 0; g < D.group_size.length; g++) keys.push(RPT.cubeKey(cube, g, c));
     }
-    for (const set of D.sets) for (let k = 0; k * D.per_file < RPT.meta.n_sources; k++) keys.push("lc_" + set + "_s" + k);
+    for (const set of D.sets) for (let k = 0; k * D.per_file < RPT.meta.n_sources; k++) keys.push(RPT.fileKey(set, k));
     return keys;
   };
 
@@ -185,18 +185,21 @@
 
   RPT.frameKeys = function (t, cube) {
     const c = RPT.chunkOf(t);
-    return RPT.D.group_size.map((_, g) => cube + "_g" + g + "_c" + c);
+    return RPT.D.group_size.map((_, g) => RPT.cubeKey(cube, g, c));
   };
 
   // blocks of every time chunk of the pixel groups of `indices`
   RPT.seriesKeys = function (indices, cube) {
     const grp = RPT.m.pixels.data.group, gs = new Set(), keys = [];
     for (const p of indices) gs.add(grp[p]);
-    for (const g of gs) for (let c = 0; c < RPT.D.n_chunks; c++) keys.push(cube + "_g" + g + "_c" + c);
+    for (const g of gs) for (let c = 0; c < RPT.D.n_chunks; c++) keys.push(RPT.cubeKey(cube, g, c));
     return keys;
   };
 
-  RPT.setKey = function (set, s) { return "lc_" + set + "_s" + Math.floor(s / RPT.D.per_file); };
+  // block and file names, as workflow_lib/report/datafiles.py writes them (cube_key, set_key)
+  RPT.cubeKey = function (cube, g, c) { return cube + "_g" + g + "_c" + c; };
+  RPT.fileKey = function (set, k) { return "lc_" + set + "_s" + k; };
+  RPT.setKey = function (set, s) { return RPT.fileKey(set, Math.floor(s / RPT.D.per_file)); };
 
   RPT.sourceKeys = function (s) {
     return s == null || s < 0 ? [] : RPT.D.sets.map((set) => RPT.setKey(set, s));
@@ -205,7 +208,7 @@
   // one frame of a cube (its blocks loaded)
   RPT.frame = function (t, cube) {
     const D = RPT.D, c = RPT.chunkOf(t), k = t - c * D.chunk, n = Math.min(D.chunk, RPT.nt - c * D.chunk);
-    const blocks = D.group_size.map((_, g) => RPT.get((cube || RPT.cube) + "_g" + g + "_c" + c));
+    const blocks = D.group_size.map((_, g) => RPT.get(RPT.cubeKey(cube || RPT.cube, g, c)));
     const grp = RPT.m.pixels.data.group, slot = RPT.m.pixels.data.slot, out = new Float32Array(RPT.np);
     for (let p = 0; p < RPT.np; p++) out[p] = blocks[grp[p]][slot[p] * n + k];
     return out;
@@ -221,7 +224,7 @@
     for (let c = 0; c < D.n_chunks; c++) {
       const t0 = c * D.chunk, n = Math.min(D.chunk, nt - t0);
       for (const p of idx) {
-        const b = RPT.get(cube + "_g" + grp[p] + "_c" + c), o = slot[p] * n;
+        const b = RPT.get(RPT.cubeKey(cube, grp[p], c)), o = slot[p] * n;
         for (let k = 0; k < n; k++) {
           const v = b[o + k];
           if (v === v) { out[t0 + k] += squares ? v * v : v; cnt[t0 + k] += 1; }
