@@ -213,9 +213,25 @@ def runtime_min(base, per_gb=0):
 # ---- helpers of the LFD (rules/lfd.smk) stage
 
 
+def tile_without_fits(field):
+    """A survey tile writes no per-source FITS unless survey.tile_fits (the merge writes them)."""
+    return bool(tile_ccd(field)) and not config["survey"]["tile_fits"]
+
+
 def lfd_params(field, part):
     """The `lfd.<part>` settings of one field (run-wide defaults, field overrides if any)."""
-    return dict(field_params(field, "lfd").get(part) or {})
+    params = dict(field_params(field, "lfd").get(part) or {})
+    if part == "solve" and tile_without_fits(field):
+        params["write_fits"] = False
+    return params
+
+
+def cpm_params(field):
+    """The `cpm` settings of one field's cpm_detrend job (a tile's FITS switch: survey.tile_fits)."""
+    params = dict(config["cpm"])
+    if tile_without_fits(field):
+        params["write_fits"] = False
+    return params
 
 
 def lfd_motion_input(wildcards):

@@ -39,7 +39,7 @@ rule cpm_detrend:
         mem_mb=mem_mb(8000, 12),
         runtime=runtime_min(30, 180),
     params:
-        cpm=json_arg(config["cpm"]),
+        cpm=lambda w: json_arg(cpm_params(w.field)),
         cdpp_hours=json_arg(cdpp_hours()),
         target_aperture=lambda w: json_arg(
             field_spec(w.field).get("target_aperture") or {}

@@ -716,3 +716,15 @@ def test_run_cpm_stitch(tmp_path):
     np.testing.assert_allclose(f[500:] - (1000 + 3 * out["time"].values[500:]), 0, atol=1.5)
     assert len(list((tmp_path / "fits").glob("*.fits"))) == 1
     assert xr.open_zarr(tmp_path / "st.zarr", consolidated=False).sizes["time"] == 1000
+
+
+def test_write_fits_dir_switched_off_leaves_an_empty_directory(tmp_path):
+    """cpm.write_fits / survey.tile_fits false: the rule's declared FITS directory exists and is empty (files
+    of an earlier run with FITS on are gone: the directory is replaced atomically)."""
+    from workflow_lib.steps.cpm import write_fits_dir
+
+    out = tmp_path / "fits"
+    out.mkdir()
+    (out / "cpm_1.fits").write_bytes(b"stale")
+    assert write_fits_dir([(None, "cpm")], out, enabled=False) == out
+    assert out.is_dir() and not any(out.iterdir())

@@ -39,6 +39,9 @@ def test_products_of_every_stage(survey_run):
         tdir = ccd / "tiles" / tile
         for rel in ("cube.zarr", "catalog.ecsv", "lfd/lightcurves.zarr", "cpm/default/lightcurves.zarr"):
             assert (tdir / rel).exists(), (tile, rel)
+        # survey.tile_fits false (the default): the tiles' FITS directories exist (declared outputs) and are empty
+        for rel in ("lfd/fits", "cpm/default/fits"):
+            assert (tdir / rel).is_dir() and not any((tdir / rel).glob("*.fits")), (tile, rel)
         assert (out / "report" / CCD / "tiles" / f"{tile}.html").is_file()
     for s in SETS:
         assert (ccd / "merged" / f"{s}.zarr" / "zarr.json").is_file()

@@ -27,12 +27,13 @@ def _read_catalog(path):
     return None if path is None else read_field_catalog(path)
 
 
-def write_fits_dir(sets, fits_dir) -> Path:
+def write_fits_dir(sets, fits_dir, enabled: bool = True) -> Path:
     """Write one FITS per source of each ``(light-curve set, prefix)`` into ``fits_dir``, atomically
-    (:func:`workflow_lib.core.atomic.atomic_dir`: a temporary sibling directory renamed into place)."""
+    (:func:`workflow_lib.core.atomic.atomic_dir`: a temporary sibling directory renamed into place).
+    With ``enabled`` false the directory is made empty (the rule's declared output, FITS switched off)."""
     fits_dir = Path(fits_dir)
     with atomic_dir(fits_dir) as tmp:
-        for lc, prefix in sets:
+        for lc, prefix in sets if enabled else ():
             write_lightcurve_fits(lc, tmp, prefix)
     return fits_dir
 
@@ -88,7 +89,7 @@ def run_cpm_detrend(
     raw_lc.attrs["paramset"] = paramset
     write_zarr_atomic(cpm_lc, lightcurves_path)
     write_zarr_atomic(raw_lc, raw_lightcurves_path)
-    write_fits_dir([(cpm_lc, "cpm"), (raw_lc, "raw")], fits_dir)
+    write_fits_dir([(cpm_lc, "cpm"), (raw_lc, "raw")], fits_dir, enabled=config.get("write_fits", True))
     summary = {
         "n_sources": int(cpm_lc.sizes["source"]),
         "median_cdpp_1h_cpm": float(np.nanmedian(cpm_lc["cdpp_1h"].values)) if cpm_lc.sizes["source"] else float("nan"),

@@ -406,10 +406,10 @@ def flux_solve_step(
             ),
             "" if p["write_flagged_fits"] else "; no FITS files for them (lfd.solve.write_flagged_fits)",
         )
-    if p["write_fits"] and out_fits_dir is not None:
+    if out_fits_dir is not None:  # the rule's declared output: empty with write_fits false
         keep = np.ones(nsrc, bool) if p["write_flagged_fits"] else ~flagged
         with atomic_dir(out_fits_dir) as tmp:  # no partial directory, no files of an earlier run
-            paths = write_lightcurve_fits(lc.isel(source=np.flatnonzero(keep)), tmp, "lfd")
+            paths = write_lightcurve_fits(lc.isel(source=np.flatnonzero(keep)), tmp, "lfd") if p["write_fits"] else []
         log.info("wrote %d FITS light curves to %s", len(paths), out_fits_dir)
     return lc
 
