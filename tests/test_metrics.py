@@ -95,3 +95,19 @@ def test_template_amplitude_recovers_scaled_signal():
     f = 2000 + 5 * t + 0.7 * template + rng.normal(0, 1, t.size)
     windows = [(c - 0.4, c + 0.5) for c in np.arange(0, t[-1], 3.0)]
     assert metrics.template_amplitude(t, f, template, windows) == pytest.approx(0.7, abs=0.02)
+
+
+def test_cdpp_durations_equal_one_cdpp_call_per_duration():
+    """add_cdpp flattens a light curve once for all its durations: each value must equal cdpp()'s,
+    including a duration too long for the light curve (NaN) beside valid ones."""
+    from workflow_lib.metrics import cdpp, cdpp_durations
+
+    rng = np.random.default_rng(5)
+    t = np.arange(400) * 0.02
+    f = 1000 + 3 * np.sin(t) + rng.normal(0, 1, t.size)
+    f[[10, 200]] = np.nan
+    durations = [2, 12, 500]
+    got = cdpp_durations(t, f, durations, savgol_window=51)
+    want = [cdpp(t, f, d, savgol_window=51) for d in durations]
+    assert got[:2] == want[:2] and np.isfinite(got[:2]).all()
+    assert np.isnan(got[2]) and np.isnan(want[2])

@@ -75,20 +75,33 @@ def cdpp(
 
     NaN samples are removed first; returns NaN if fewer than ``transit_duration + 2`` remain.
     """
+    return cdpp_durations(
+        time, flux, [transit_duration], savgol_window=savgol_window, savgol_polyorder=savgol_polyorder, sigma=sigma
+    )[0]
+
+
+def cdpp_durations(
+    time, flux, transit_durations, *, savgol_window: int = 101, savgol_polyorder: int = 2, sigma: float = 5.0
+) -> list[float]:
+    """:func:`cdpp` for several transit durations [cadences] of one light curve: the flattening and
+    clipping (steps 1-3, independent of the duration) are done once; each value equals :func:`cdpp`'s."""
     time = np.asarray(time, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
     ok = np.isfinite(time) & np.isfinite(flux)
     time, flux = time[ok], flux[ok]
-    if flux.size < transit_duration + 2:
-        return float("nan")
+    out = [float("nan")] * len(transit_durations)
+    todo = [i for i, d in enumerate(transit_durations) if flux.size >= d + 2]
+    if not todo:
+        return out
     flat = _flatten(time, flux, savgol_window, savgol_polyorder)
     keep = _sigma_clip_mask(flat, sigma)
     f = flat[keep]
     f = f / np.median(f) * 1e6
-    w = min(int(transit_duration), f.size)
     c = np.cumsum(np.concatenate([[0.0], f]))
-    mean = (c[w:] - c[:-w]) / w
-    return float(np.std(mean))
+    for i in todo:
+        w = min(int(transit_durations[i]), f.size)
+        out[i] = float(np.std((c[w:] - c[:-w]) / w))
+    return out
 
 
 def cadences_for(time, hours: float) -> int:
@@ -117,11 +130,19 @@ def add_cdpp(lc: xr.Dataset, *, hours=(1.0, 6.0), bitmask: int = DEFAULT_CDPP_BI
     good = (lc["quality"].values.astype(np.int64) & bitmask) == 0
     flux = lc["flux"].values
     out = lc
-    for h in hours:
-        vals = np.array([cdpp_hours(time[good], flux[i, good], h) for i in range(lc.sizes["source"])])
+    hours = list(hours)
+    if not hours:
+        return out
+    t = time[good]
+    durations = [cadences_for(t, h) for h in hours]
+    window = savgol_window_for(t)
+    vals = np.array(
+        [cdpp_durations(t, flux[i, good], durations, savgol_window=window) for i in range(lc.sizes["source"])]
+    ).reshape(lc.sizes["source"], len(hours))
+    for j, h in enumerate(hours):
         name = f"cdpp_{h:g}h"
         out = out.assign_coords(
-            {name: ("source", vals, {"units": "ppm", "long_name": f"{h:g}-hour CDPP proxy (Savitzky-Golay)"})}
+            {name: ("source", vals[:, j], {"units": "ppm", "long_name": f"{h:g}-hour CDPP proxy (Savitzky-Golay)"})}
         )
     return out
 
