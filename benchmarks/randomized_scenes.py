@@ -28,7 +28,10 @@ in its 3x3 aperture < 5 % of its own, with a sigma = 0.9 px Gaussian PRF for tha
 medians per scene, then the median and 16-84 % range over scenes (and the pooled count of stars).
 Baselines on the same scenes, as ratios to LFD: ``ap3`` = sum of the raw 3x3 pixels around the catalog
 position minus 9 x the per-cadence median of the square annulus 3-5 px out (flux_err: the pixels'
-errors in quadrature); ``cpm`` = the pipeline's CPM aperture light curves (``cpm/lightcurves.zarr``).
+errors in quadrature); ``cpm`` = the pipeline's CPM aperture light curves (``cpm/lightcurves.zarr``);
+``deb`` = the deblended, de-trended product (issue 12 item 3, ``workflow_lib.deblend``: the LFD model of every
+other source subtracted from the target's CPM aperture pixels, CPM-de-trended, summed; stage ``deblend``,
+run on kept scenes that lack it), compared with the CPM aperture as ``deb / cpm``.
 Variables (every catalogued one on the cutout): rotator amplitude ratio and transit depth ratio (G < 14)
 = the amplitude ``c`` of the true relative signal in the relative light curve (window baselines,
 ``workflow_lib.metrics.template_amplitude``); pairs: the eclipsing member's eclipse S/N (c / sigma_c,
@@ -37,7 +40,10 @@ member's false dip in sigma (same template). Counts (LFD): all-NaN light curves,
 with >= 20 % of their flux on the cutout, negative median flux, negative median of sources whose true
 flux exceeds 5x the median per-pixel noise. CPU seconds per cadence per method (process time of the
 steps: LFD = edge + prf + motion + flux solve, CPM = cpm_detrend, ap3 = the aperture sums).
-PASS/FAIL against the targets of issue 12 item 2 (:data:`TARGETS`). psfmachine is not run.
+Leak (item 3): for pairs whose non-eclipsing member is 1-2 mag fainter than the eclipsing one and
+within 1.5 px, the fraction of the neighbour's eclipse (in e-/s) that appears in the fainter member's light
+curve = its relative false dip x its true flux / the eclipsing member's.
+PASS/FAIL against the targets of issue 12 items 2 and 3 (:data:`TARGETS`). psfmachine is not run.
 """
 
 from __future__ import annotations
@@ -64,7 +70,11 @@ from workflow_lib.metrics import template_amplitude  # noqa: E402
 
 G_BINS = ((-np.inf, 13.0, "G<13"), (13.0, 15.0, "13-15"), (15.0, 17.0, "15-17"), (17.0, 19.0, "17-19"))
 LFD_STAGES = ("edge", "prf", "motion", "flux_solve")
-METHODS = ("lfd", "ap3", "cpm")
+#: stages added after the first runs: run on kept scenes (``--workdir``) that lack them, before scoring
+LATE_STAGES = ("deblend",)
+#: lfd = LFD light curves, ap3 = sky-subtracted 3x3 aperture, cpm = CPM aperture light curves,
+#: deb = the deblended, de-trended product (LFD neighbours subtracted, CPM de-trended, summed; issue 12 item 3)
+METHODS = ("lfd", "ap3", "cpm", "deb")
 
 #: issue 12 item 2, as checked here (medians over scenes, isolated constant stars)
 TARGETS = (
@@ -77,6 +87,9 @@ TARGETS = (
     "T6  pair eclipse >= 3 sigma wherever white-noise S/N >= 6; other member's |false dip| < 1 sigma (median)",
     "T7  no all-NaN LFD light curve in the products for a source with >= 20 % of its flux on the cutout",
     "T8  no negative median LFD flux in the products for a source with true flux > 5x the per-pixel noise",
+    "D1  deblended + de-trended CDPP <= the CPM aperture's in every G bin (true-flux norm.; own-median shown)",
+    "D2  target with a neighbour 1-2 mag brighter within 1.5 px: < 5 % of the neighbour's variability leaks (median)",
+    "D3  deblended + de-trended transit depth within 5 % for G<14",
 )
 
 
@@ -211,6 +224,7 @@ def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, l
     if (d / "run.json").exists():  # steps done before (--workdir kept): score again only
         out = json.loads((d / "run.json").read_text())
         if "gaia" not in out["errors"]:
+            run_late_stages(d, out, cfg, threads, log)
             out.update(scene_metrics(d, out))
         return out
     (d / "config.json").write_text(json.dumps(cfg, default=str))
@@ -219,8 +233,10 @@ def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, l
     c0 = time.process_time()
     rs.write_scene(d, spec, n_cadences=n_cadences, field=f"scene{seed}")
     out["cpu_s"]["download"] = time.process_time() - c0
-    for stage in ("gaia", *LFD_STAGES, "cpm"):
+    for stage in ("gaia", *LFD_STAGES, "cpm", *LATE_STAGES):
         if stage in LFD_STAGES and any(s in out["errors"] for s in LFD_STAGES):
+            continue
+        if stage in LATE_STAGES and not _late_stage_ready(out):
             continue
         c0 = time.process_time()
         try:
@@ -235,6 +251,32 @@ def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, l
     (d / "run.json").write_text(json.dumps(out, default=_jsonable))
     out.update(scene_metrics(d, out))
     return out
+
+
+def _late_stage_ready(out: dict) -> bool:
+    """The deblended product needs the LFD and the CPM stages."""
+    return not any(s in out["errors"] for s in (*LFD_STAGES, "cpm"))
+
+
+def run_late_stages(d: Path, out: dict, cfg: dict, threads: int, log=print) -> None:
+    """Run the :data:`LATE_STAGES` a kept scene lacks (with this run's settings of that stage) and
+    record them in its ``run.json``; the earlier stages and their files are left as they are."""
+    todo = [s for s in LATE_STAGES if s not in out["cpu_s"] and s not in out["errors"]]
+    if not todo or not _late_stage_ready(out):
+        return
+    scene_cfg = json.loads((d / "config.json").read_text())
+    scene_cfg["deblend"] = cfg.get("deblend", {})
+    (d / "config.json").write_text(json.dumps(scene_cfg, default=str))
+    for stage in todo:
+        c0 = time.process_time()
+        try:
+            scaling.run_stage(stage, d, 0, 0, int(out["seed"]), threads)
+        except Exception as exc:  # noqa: BLE001  (a failed step is a benchmark result)
+            out["errors"][stage] = f"{type(exc).__name__}: {exc}"
+            log(f"  scene {out['seed']}: {stage} failed: {exc}")
+            (d / f"{stage}.traceback").write_text(traceback.format_exc())
+        out["cpu_s"][stage] = time.process_time() - c0
+    (d / "run.json").write_text(json.dumps(out, default=_jsonable))
 
 
 def lfd_flags(d: Path, cat, cube) -> np.ndarray:
@@ -314,16 +356,17 @@ def scene_metrics(d: Path, out: dict) -> dict:
     )
     out["cpu_s"]["ap3"] = time.process_time() - c_ap
     lcs["ap3"] = (F3, E3)
-    if (d / "cpm_lc.zarr").exists():
-        cl = xr.open_zarr(d / "cpm_lc.zarr").load()
-        pos = {int(s): i for i, s in enumerate(np.asarray(cl["source_id"].values))}
-        F = np.full((sid.size, nt), np.nan)
-        E = np.full((sid.size, nt), np.nan)
-        for k, s in enumerate(sid):
-            if int(s) in pos:
-                F[k] = cl["flux"].values[pos[int(s)]]
-                E[k] = cl["flux_err"].values[pos[int(s)]]
-        lcs["cpm"] = (F, E)
+    for m, name in (("cpm", "cpm_lc.zarr"), ("deb", "deb_lc.zarr")):
+        if (d / name).exists():
+            cl = xr.open_zarr(d / name).load()
+            pos = {int(s): i for i, s in enumerate(np.asarray(cl["source_id"].values))}
+            F = np.full((sid.size, nt), np.nan)
+            E = np.full((sid.size, nt), np.nan)
+            for k, s in enumerate(sid):
+                if int(s) in pos:
+                    F[k] = cl["flux"].transpose("source", "time").values[pos[int(s)]]
+                    E[k] = cl["flux_err"].transpose("source", "time").values[pos[int(s)]]
+            lcs[m] = (F, E)
     for m in lcs:
         lcs[m][0][:, ~good_t] = np.nan
 
@@ -379,7 +422,16 @@ def scene_metrics(d: Path, out: dict) -> dict:
         n_in = int(((tmpl < -1e-4) & good_t).sum())
         if n_in < 2:
             continue
-        rec = {"sep_px": pm["sep_px"], "dmag": pm["dmag"], "depth": pm["depth"], "G_ecl": float(g_cat[ke])}
+        rec = {
+            "sep_px": pm["sep_px"],
+            "dmag": pm["dmag"],
+            "depth": pm["depth"],
+            "G_ecl": float(g_cat[ke]),
+            "G_other": float(g_cat[ko]),
+            # true flux of the other member over the eclipsing one's: turns the other member's relative
+            # false dip into the fraction of the eclipsing neighbour's variability that leaks into it
+            "flux_ratio_other": float(np.mean(T[ti[ko]][good_t]) / np.mean(Te[good_t])),
+        }
         if "lfd" in lcs:
             E = lcs["lfd"][1][ke, good_t]
             sig_rel = np.nanmedian(E) / np.mean(Te[good_t]) if np.isfinite(E).any() else np.nan
@@ -444,6 +496,12 @@ def spread(vals):
     return (float(np.median(v)), float(np.percentile(v, 16)), float(np.percentile(v, 84)), int(v.size))
 
 
+def leak_pairs(pairs: list) -> list:
+    """Pairs whose non-eclipsing member is 1-2 mag fainter than the eclipsing one and within 1.5 px
+    (issue 12 item 3's leak test; older scored scenes without ``G_other`` are left out)."""
+    return [p for p in pairs if "G_other" in p and 1.0 <= p["G_other"] - p["G_ecl"] <= 2.0 and p["sep_px"] <= 1.5]
+
+
 def summarize(scenes: list) -> dict:
     """Per G bin: per-scene medians of every star metric, then median / 16 / 84 % over scenes; ratios
     of the baselines to LFD per scene; pooled variable and pair figures; summed counts."""
@@ -451,7 +509,8 @@ def summarize(scenes: list) -> dict:
     summary = {"bins": {}}
     for _, _, b in G_BINS:
         per = {k: [] for k in keys}
-        per.update({f"{m}_over_lfd_{n}": [] for m in ("ap3", "cpm") for n in ("own", "true")})
+        per.update({f"{m}_over_lfd_{n}": [] for m in ("ap3", "cpm", "deb") for n in ("own", "true")})
+        per.update({f"deb_over_cpm_{n}": [] for n in ("own", "true")})
         per["lfd_over_white"] = []
         n_stars = 0
         for sc in scenes:
@@ -464,9 +523,11 @@ def summarize(scenes: list) -> dict:
                 med = {k: np.nanmedian([r.get(k, np.nan) for r in rows]) for k in keys}
             for k in keys:
                 per[k].append(med[k])
-            for m in ("ap3", "cpm"):
+            for m in ("ap3", "cpm", "deb"):
                 for n in ("own", "true"):
                     per[f"{m}_over_lfd_{n}"].append(med[f"{m}_cdpp_{n}"] / med[f"lfd_cdpp_{n}"])
+            for n in ("own", "true"):
+                per[f"deb_over_cpm_{n}"].append(med[f"deb_cdpp_{n}"] / med[f"cpm_cdpp_{n}"])
             per["lfd_over_white"].append(med["lfd_cdpp_true"] / med["lfd_white_cdpp"])
         summary["bins"][b] = {k: spread(v) for k, v in per.items()} | {"n_stars": n_stars}
     var = [v for sc in scenes for v in sc.get("variables", [])]
@@ -486,11 +547,15 @@ def summarize(scenes: list) -> dict:
             "false_dip_sigma": spread([p.get(f"{m}_other_sigma", np.nan) for p in elig]),
             "false_dip_abs_sigma": spread([abs(p.get(f"{m}_other_sigma", np.nan)) for p in elig]),
             "false_dip_lt1": int(sum(abs(p.get(f"{m}_other_sigma", np.nan)) < 1 for p in elig)),
+            # issue 12 item 3: targets 1-2 mag fainter than an eclipsing neighbour within 1.5 px
+            "leak_fraction": spread(
+                [p.get(f"{m}_other_ratio", np.nan) * p["flux_ratio_other"] for p in leak_pairs(prs)]
+            ),
         }
     cnt = [sc.get("counts", {}) for sc in scenes]
     keys = {"n_lc", "all_nan", "all_nan_frac20", "negative_median", "negative_median_bright"}
     summary["counts"] = {k: int(sum(c.get(k, 0) for c in cnt)) for k in sorted(keys | {k for c in cnt for k in c})}
-    cpu = {"lfd": [], "cpm": [], "ap3": []}
+    cpu = {"lfd": [], "cpm": [], "ap3": [], "deb": []}
     for sc in scenes:
         n = sc.get("n_cadences")
         c = sc.get("cpu_s", {})
@@ -502,6 +567,8 @@ def summarize(scenes: list) -> dict:
             cpu["cpm"].append(c["cpm"] / n)
         if "ap3" in c:
             cpu["ap3"].append(c["ap3"] / n)
+        if "deblend" in c and "deblend" not in sc["errors"]:
+            cpu["deb"].append(c["deblend"] / n)
     summary["cpu_per_cadence"] = {m: spread(v) for m, v in cpu.items()}
     summary["failed_scenes"] = {sc["seed"]: sc["errors"] for sc in scenes if sc.get("errors")}
     return summary
@@ -560,6 +627,21 @@ def targets(s: dict) -> list[tuple[str, str, str]]:
             f"{c['negative_median_bright']} in the products (flags ignored: {c.get('negative_median_bright_any', '?')})",
         )
     )
+    rd = {n: (med(n, "deb_over_cpm_true"), med(n, "deb_over_cpm_own")) for n in names}
+    fin = [v[0] for v in rd.values() if np.isfinite(v[0])]
+    res.append(
+        (
+            TARGETS[9],
+            (all(v <= 1 for v in fin) if fin else None),
+            " ".join(f"{n}: {a:.2f}/{o:.2f}" for n, (a, o) in rd.items()) + " (deblended/CPM, true/own)",
+        )
+    )
+    lk = p["deb"]["leak_fraction"]
+    res.append(
+        (TARGETS[10], (lk[0] < 0.05 if lk[3] else None), f"median {lk[0]:.3f} [{lk[1]:.3f}, {lk[2]:.3f}], N={lk[3]}")
+    )
+    dt = s["transit_G14"]["deb"]
+    res.append((TARGETS[11], (abs(dt[0] - 1) <= 0.05 if dt[3] else None), f"depth ratio {_ms(dt, '{:.3f}')} N={dt[3]}"))
     return [(n, "n.a." if ok is None else ("PASS" if ok else "FAIL"), m) for n, ok, m in res]
 
 
@@ -589,14 +671,20 @@ def print_report(s: dict, head: str):
         ("ratio 3x3 / LFD (own norm.)", "ap3_over_lfd_own"),
         ("ratio CPM / LFD (true norm.)", "cpm_over_lfd_true"),
         ("ratio CPM / LFD (own norm.)", "cpm_over_lfd_own"),
+        ("deblended+de-trended CDPP (true norm.)", "deb_cdpp_true"),
+        ("deblended+de-trended CDPP (own norm.)", "deb_cdpp_own"),
+        ("ratio deblended / CPM (true norm.)", "deb_over_cpm_true"),
+        ("ratio deblended / CPM (own norm.)", "deb_over_cpm_own"),
+        ("ratio deblended / LFD (true norm.)", "deb_over_lfd_true"),
         ("LFD p2p / flux_err", "lfd_p2p"),
         ("3x3 p2p / flux_err", "ap3_p2p"),
         ("CPM p2p / flux_err", "cpm_p2p"),
+        ("deblended p2p / flux_err", "deb_p2p"),
         ("LFD abs. flux error [%]", "lfd_abs_err"),
     ]
     names = [x[2] for x in G_BINS]
-    print(f"| {'metric':34s} | " + " | ".join(f"{n:>22s}" for n in names) + " |")
-    print(f"|{'-' * 36}|" + "|".join("-" * 24 for _ in names) + "|")
+    print(f"| {'metric':38s} | " + " | ".join(f"{n:>22s}" for n in names) + " |")
+    print(f"|{'-' * 40}|" + "|".join("-" * 24 for _ in names) + "|")
     for label, k in rows:
         if k is None:
             cells = [f"{s['bins'][n]['n_stars']:>22d}" for n in names]
@@ -607,7 +695,7 @@ def print_report(s: dict, head: str):
             for n in names:
                 m, lo, hi, c = s["bins"][n][k]
                 cells.append(f"{_ms((m * scale, lo * scale, hi * scale, c), fmt):>22s}")
-        print(f"| {label:34s} | " + " | ".join(cells) + " |")
+        print(f"| {label:38s} | " + " | ".join(cells) + " |")
     print("\nvariables (pooled over scenes: median [16 %, 84 %], N)")
     for name, key in (
         ("rotator amplitude ratio", "rotator"),
@@ -622,7 +710,8 @@ def print_report(s: dict, head: str):
         print(
             f"    {m}: eclipse >= 3 sigma {q['detected_3sigma']}/{p['n_snr6']}, S/N {_ms(q['ecl_sigma'], '{:.1f}')}, "
             f"depth ratio {_ms(q['ecl_depth_ratio'], '{:.2f}')}; other member's false dip {_ms(q['false_dip_sigma'], '{:.2f}')} "
-            f"sigma (+ = dip), |dip| {_ms(q['false_dip_abs_sigma'], '{:.2f}')}, |dip| < 1 sigma in {q['false_dip_lt1']}/{p['n_snr6']}"
+            f"sigma (+ = dip), |dip| {_ms(q['false_dip_abs_sigma'], '{:.2f}')}, |dip| < 1 sigma in {q['false_dip_lt1']}/{p['n_snr6']}; "
+            f"leak into a target 1-2 mag fainter within 1.5 px {_ms(q['leak_fraction'], '{:.3f}')} N={q['leak_fraction'][3]}"
         )
     c = s["counts"]
     print(
@@ -642,7 +731,7 @@ def print_report(s: dict, head: str):
     )
     if s["failed_scenes"]:
         print(f"failed steps: {json.dumps(s['failed_scenes'])}")
-    print("\ntargets of issue 12 item 2:")
+    print("\ntargets of issue 12 items 2 (T) and 3 (D):")
     for n, ok, m in targets(s):
         print(f"  {ok:5s} {n}\n        measured: {m}")
 

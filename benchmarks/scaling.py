@@ -123,6 +123,21 @@ def run_stage(stage: str, d: Path, side: int, ncad: int, seed: int, threads: int
             config=cfg.get("cpm", {}),
             threads=threads,
         )
+    elif stage == "deblend":
+        from workflow_lib.steps.deblend import deblend_detrend_step
+
+        use_motion = lfd.get("solve", {}).get("use_motion", True)
+        deblend_detrend_step(
+            d / "cube.zarr",
+            d / "catalog.ecsv",
+            d / "prf.npz",
+            d / "motion.npz" if use_motion else None,
+            d / "lfd.zarr",
+            d / "deb_lc.zarr",
+            None,
+            {"cpm": cfg.get("cpm", {}), "deblend": dict(cfg.get("deblend", {}), reference_sets=False)},
+            threads=threads,
+        )
     else:
         raise ValueError(stage)
     return time.perf_counter() - t0
