@@ -245,7 +245,7 @@ def ccd_motion_step(offsets: dict, out_npz, out_json, params: dict | None = None
     """
     from workflow_lib.survey.motion import fit_ccd_motion, load_tile_offsets, qa_summary
 
-    p = survey_params({"ccd_motion": params or {}})["ccd_motion"]
+    p = merge_settings(schema_defaults("survey.ccd_motion"), params, "survey.ccd_motion")
     tiles = {str(t): load_tile_offsets(path) for t, path in sorted(offsets.items())}
     model = fit_ccd_motion(
         tiles,
