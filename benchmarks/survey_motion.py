@@ -11,7 +11,7 @@ model and flux solve with the CCD model at its centre). For every tile this prin
   same cadences, its gain and its rms difference from the mean of the other tiles;
 * the same for the CCD consensus (the plain mean of all tiles' offsets) and for the CCD-level fit at the
   tile centre (``motion/ccd_motion.npz``: robust, error-weighted, flagged tiles out; also refitted here
-  without the differential term, "rigid"), with the fit's per-tile gains and flags;
+  with the differential term forced on three or more tiles, "diff3"), with the fit's per-tile gains and flags;
 * the flux consequence on the tile's core stars (G < --gmax, no neighbour within 2 px brighter than 10 %
   of it): median over stars of rms((F - a T) / err) (T the true flux, a a per-star scale) for the
   per-tile motion model (refitted here with the tile's own offsets: ``survey.motion: tile``), the CCD mean
@@ -84,15 +84,16 @@ def tile_offsets(ccd: Path, tile: str):
 
 
 def ccd_fit_offsets(ccd: Path, tiles: list[str]):
-    """The CCD-level fit at each tile centre: the pipeline's (motion/ccd_motion.npz) and a rigid refit
-    (no differential term) of the same tile offsets; plus the pipeline fit's per-tile gains and flags."""
+    """The CCD-level fit at each tile centre: the pipeline's (motion/ccd_motion.npz) and a refit of the same
+    tile offsets with the differential term fitted from 3 tiles on; plus the pipeline fit's gains and flags."""
     from workflow_lib.survey.motion import fit_ccd_motion, load_ccd_motion, load_tile_offsets
 
     m = load_ccd_motion(ccd / "motion" / "ccd_motion.npz")
     ids = [str(t) for t in m["tile_ids"]]
     fit = {t: (m["model_column"][ids.index(t)], m["model_row"][ids.index(t)]) for t in tiles}
     rig = fit_ccd_motion(
-        {t: load_tile_offsets(ccd / "tiles" / t / "lfd" / "scene_offsets.npz") for t in tiles}, differential=False
+        {t: load_tile_offsets(ccd / "tiles" / t / "lfd" / "scene_offsets.npz") for t in tiles},
+        min_tiles_differential=3,
     )
     rigid = {t: (rig["model_column"][k], rig["model_row"][k]) for k, t in enumerate(tiles)}
     qa = {t: dict(gain=m["gain"][ids.index(t)].tolist(), flagged=bool(m["flagged"][ids.index(t)])) for t in tiles}
@@ -144,7 +145,7 @@ def offsets_table(ccd: Path, tiles: list[str], truth, quality):
     rows.append(row("CCD mean", *cons))
     rows.append(row("CCD median", *med))
     fit, rigid, qa, differential = ccd_fit_offsets(ccd, tiles)
-    for name, offs in (("fit", fit), ("rigid", rigid)):
+    for name, offs in (("fit", fit), ("diff3", rigid)):
         for t in tiles:
             rows.append(row(f"{name}@{t}", *(centred(np.nan_to_num(v)) for v in offs[t])))
     ctx = dict(
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
         print(f"  {t}: CCD-fit gain {q['gain'][0]:.3f} / {q['gain'][1]:.3f}" + ("  FLAGGED" if q["flagged"] else ""))
     print("\nscene offset per cadence vs the injected drift (both re-centred): rms [mpx] (2-d; column, row),")
     print("gain (offset = gain x drift, per axis), rms after the gain [mpx], rms vs the mean of the other tiles [mpx]")
-    print("(fit@<tile>: the CCD-level fit at the tile centre; rigid@<tile>: the same without the differential term)")
+    print("(fit@<tile>: the CCD-level fit at the tile centre; diff3@<tile>: with the differential term on 3+ tiles)")
     print(
         f"{'tile':>17} {'vs truth':>9} {'column':>7} {'row':>7} {'gain col':>8} {'gain row':>8}"
         f" {'after gain':>10} {'vs other tiles':>15}"

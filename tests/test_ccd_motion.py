@@ -109,11 +109,21 @@ def test_a_bad_tile_of_four_rigid_ccd():
         assert np.sqrt(np.mean((m["model_column"][k] - want[tid][0]) ** 2)) < 2.5e-3
 
 
+def test_too_few_tiles_give_a_rigid_model():
+    """3 tiles fit the plane exactly: below min_tiles_differential the model stays rigid (E = 0)."""
+    tiles, _, c = make_tiles(E=np.zeros((2, 2)), grid=2, differential_centre=(68.0, 68.0))
+    m = fit_ccd_motion(tiles)  # 4 tiles < 8
+    assert not bool(m["differential"])
+    np.testing.assert_array_equal(m["E"], 0.0)
+    m4 = fit_ccd_motion(tiles, min_tiles_differential=4)
+    assert bool(m4["differential"]) and np.all(np.abs(m4["E"]) < 4 * m4["E_err"])
+
+
 def test_two_tiles_cannot_constrain_the_differential_term():
     tiles, _, _ = make_tiles(E=np.zeros((2, 2)), grid=1)
     tiles2, _, _ = make_tiles(E=np.zeros((2, 2)), grid=2)
     two = {k: tiles2[k] for k in list(tiles2)[:2]}
-    m = fit_ccd_motion(two)
+    m = fit_ccd_motion(two, min_tiles_differential=3)
     assert not bool(m["differential"])
     np.testing.assert_array_equal(m["E"], 0.0)
     m1 = fit_ccd_motion(tiles)  # one tile: the model is its own offsets

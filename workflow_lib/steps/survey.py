@@ -252,6 +252,7 @@ def ccd_motion_step(offsets: dict, out_npz, out_json, params: dict | None = None
         gain_tolerance=float(p["gain_tolerance"]),
         clip=float(p["clip"]),
         differential=bool(p["differential"]),
+        min_tiles_differential=int(p["min_tiles_differential"]),
     )
     qa = qa_summary(model, float(p["gain_tolerance"]))
     prov = provenance_json("survey_ccd_motion", inputs=[offsets[t] for t in sorted(offsets)], config=p)

@@ -13,9 +13,13 @@ tile centres, a_k a per-tile constant (each tile's offsets are relative to its o
 common offset per cadence and D_t the 2 x 2 differential term (differential velocity aberration: a
 slow stretch / rotation of the scene across the CCD), linear in time. D_0 (x_k - x0) is constant per
 tile, i.e. indistinguishable from a_k, and tiles re-centre their offsets anyway: only E (2 x 2, the
-change of D over the half-span t_half) is fitted. E is fitted only when the tiles in the fit have centres
-spanning two dimensions (``differential``: else, or when switched off, D_t = 0: a rigid model, c_t per
-axis). Weighted least squares of eq. 1 with weights w_kt = 1 / (s_k sigma_kt)^2 on the good cadences
+change of D over the half-span t_half) is fitted. E is fitted only when at least ``min_tiles_differential``
+(default 8) tiles are in the fit and their centres span two dimensions; else, or when switched off
+(``differential``), D_t = 0: a rigid model, c_t per axis. Why a minimum: the plane (x, y) -> E (x, y)
+tau_t has 3 parameters per axis with the common drift, so three tiles fit it exactly and a tile's
+own scale error (gain) becomes "differential motion" that moves the model at every other tile (measured on
+the 4-tile CI CCD, docs/SURVEY.md); with many tiles per CCD (a whole TESS CCD: 1024 tiles of 64 px) the
+gains average out and a real differential drift is measured. Weighted least squares of eq. 1 with weights w_kt = 1 / (s_k sigma_kt)^2 on the good cadences
 (sparse normal equations; gauge sum_k a_k = 0).
 
 Robustness (iterated until the tile selection and the clipped points no longer change):
@@ -152,6 +156,7 @@ def fit_ccd_motion(
     gain_tolerance: float = 0.05,
     clip: float = 5.0,
     differential: bool = True,
+    min_tiles_differential: int = 8,
     max_iter: int = 10,
 ) -> dict:
     """Fit eq. 1 (module docstring) to the scene offsets of a CCD's tiles.
@@ -192,7 +197,7 @@ def fit_ccd_motion(
     clipped = np.zeros((K, nt), bool)
     in_fit = np.ones(K, bool)
     for it in range(int(max_iter) + 2 * K):
-        use_diff = bool(differential) and _spans_plane(delta[in_fit])
+        use_diff = bool(differential) and in_fit.sum() >= int(min_tiles_differential) and _spans_plane(delta[in_fit])
         fits, model, gains, gerr = [], [], [], []
         for a in range(2):
             w = np.where(M & ~clipped & in_fit[:, None], 1.0 / (scale[:, [a]] * S[a]) ** 2, 0.0)
