@@ -336,7 +336,7 @@ def main(argv=None) -> int:
                 f" {m['fit']['z_rms']:7.3f} {m['truth']['z_rms']:6.3f} | {m['tile']['rel_ppm']:13.0f}"
                 f" {m['fit']['rel_ppm']:7.0f} {m['truth']['rel_ppm']:6.0f} | {dc:13.3f} {dt:15.3f} {df:14.3f}"
             )
-            result["flux"].append({"tile": t, **m, "diff_fit": dc, "diff_truth": dt, "diff_fit_truth": df})
+            result["flux"].append({"tile_id": t, **m, "diff_fit": dc, "diff_truth": dt, "diff_fit_truth": df})
         med = {k: float(np.median([f[k]["z_rms"] for f in result["flux"]])) for k in ("tile", "mean", "fit", "truth")}
         result["median_z_rms"] = med
         print(f"{'median':>12}     | {med['tile']:15.3f} {med['mean']:8.3f} {med['fit']:7.3f} {med['truth']:6.3f}")
