@@ -2,24 +2,24 @@
 
 Velocity aberration and pointing jitter move the whole CCD almost rigidly, so one motion fit per CCD
 from all tiles could replace the per-tile fits. The synthetic CCD (workflow_lib/data/synthetic_ffi.py)
-moves rigidly by a known drift + jitter (``truth.zarr``: ``drift_column``/``drift_row``). For every tile
-this prints:
+moves rigidly by a known drift + jitter (``truth.zarr``: ``drift_column``/``drift_row``). The run uses
+``survey.motion: ccd`` (each tile's ``scene_offsets``, the CCD's ``ccd_motion`` fit, every tile's motion
+model and flux solve with the CCD model at its centre). For every tile this prints:
 
-* the rms error [px] of its measured scene offset per cadence (``scene_offset_column/row`` of
-  ``lfd/motion_model.npz``, the shift motion model's c_t) against the injected drift, both re-centred
-  on the same cadences; and its rms difference from the mean of the other tiles;
-* the same for the CCD consensus (the mean of all tiles' offsets: what a rigid CCD-level fit would
-  measure, its noise ~ 1/sqrt(n_tiles) of a tile's);
-* the flux consequence: the tile's flux solve redone with the consensus offsets and with the true drift
-  in its motion model (same PRF, correction spline and solve settings), compared with the pipeline's
-  per-tile light curves on the tile's core stars (G < --gmax, no neighbour within 2 px brighter than
-  10 % of it): median over stars of rms((F - a T) / err) (T the true flux, a a per-star scale), the
-  median relative rms of F / (a T) - 1 [ppm], and the rms of (F_tile - F_other) / err between the
-  per-tile and the consensus / truth solutions (in units of the noise). Control: the tile's own offsets
-  re-solved here must reproduce the pipeline's light curves (last column ~0).
+* the rms error [px] of its own measured scene offset per cadence (``lfd/scene_offsets.npz``: the same
+  Gauss-Newton c_t a per-tile motion model measures) against the injected drift, both re-centred on the
+  same cadences, its gain and its rms difference from the mean of the other tiles;
+* the same for the CCD consensus (the plain mean of all tiles' offsets) and for the CCD-level fit at the
+  tile centre (``motion/ccd_motion.npz``: robust, error-weighted, flagged tiles out; also refitted here
+  with the differential term forced on three or more tiles, "diff3"), with the fit's per-tile gains and flags;
+* the flux consequence on the tile's core stars (G < --gmax, no neighbour within 2 px brighter than 10 %
+  of it): median over stars of rms((F - a T) / err) (T the true flux, a a per-star scale) for the
+  per-tile motion model (refitted here with the tile's own offsets: ``survey.motion: tile``), the CCD mean
+  and the true drift put into that per-tile model, and the pipeline's CCD-fit light curves; and the rms of
+  (F_tile - F_other) / err between the per-tile and the other solutions (in units of the noise).
 
-    python benchmarks/survey_motion.py                       # runs the CI survey config (~5 min on 2 cores)
-    python benchmarks/survey_motion.py --read results/ci-survey/s0001-4-2   # a finished run's CCD directory
+    python benchmarks/survey_motion.py --seed 3              # runs the CI survey config (~10 min on 2 cores)
+    python benchmarks/survey_motion.py --read results/ci-survey/s0001-4-2   # a finished ccd-mode run's CCD directory
     python benchmarks/survey_motion.py --read ... --no-solve # offsets only (no flux re-solves)
 
 Numbers and the conclusion: docs/SURVEY.md, "Motion: per tile or per CCD".
@@ -50,26 +50,54 @@ CCD_SIZE = {"n_rows": 128, "n_cols": 128}
 TILE_SIZE = 64
 
 
-def run_ci_survey(workdir: Path) -> Path:
-    """The CI survey config at ``CCD_SIZE`` under snakemake in ``workdir``; returns its CCD directory."""
+def tile_ids() -> list[str]:
+    n = CCD_SIZE["n_rows"] // TILE_SIZE
+    return [f"r{TILE_SIZE * i:04d}c{TILE_SIZE * j:04d}" for i in range(n) for j in range(n)]
+
+
+def run_ci_survey(workdir: Path, seed: int) -> Path:
+    """The CI survey config at ``CCD_SIZE`` with ``survey.motion: ccd`` under snakemake in ``workdir``, up to
+    the tiles' LFD light curves (no CPM, merge or pages); returns its CCD directory."""
     import yaml
 
     shutil.copytree(CI_CONFIG, workdir / "config")
     path = workdir / "config" / "config.yaml"
     cfg = yaml.safe_load(path.read_text())
     for ccd in cfg["ccds"].values():
-        ccd["synthetic"].update(CCD_SIZE)
-    cfg["survey"]["tile_size"] = TILE_SIZE
+        ccd["synthetic"].update(CCD_SIZE, seed=seed)
+    cfg["survey"].update(tile_size=TILE_SIZE, motion="ccd")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ccd = Path("results") / cfg["run"] / next(iter(cfg["ccds"]))
+    targets = [str(ccd / "tiles" / t / "lfd" / "lightcurves.zarr" / "zarr.json") for t in tile_ids()]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
-    subprocess.run([*cmd, "--cores", "2", "--quiet"], check=True, env=env)
-    return workdir / "results" / cfg["run"] / next(iter(cfg["ccds"]))
+    subprocess.run(
+        [*cmd, "--configfile", str(path), "--cores", "2", "--quiet", "all", "--", *targets], check=True, env=env
+    )
+    return workdir / ccd
 
 
 def tile_offsets(ccd: Path, tile: str):
-    with np.load(ccd / "tiles" / tile / "lfd" / "motion_model.npz") as z:
-        return np.asarray(z["scene_offset_column"], float), np.asarray(z["scene_offset_row"], float)
+    """The tile's own measured scene offsets (the scene_offsets step: what its per-tile motion model measures)."""
+    with np.load(ccd / "tiles" / tile / "lfd" / "scene_offsets.npz") as z:
+        return np.asarray(z["column"], float), np.asarray(z["row"], float)
+
+
+def ccd_fit_offsets(ccd: Path, tiles: list[str]):
+    """The CCD-level fit at each tile centre: the pipeline's (motion/ccd_motion.npz) and a refit of the same
+    tile offsets with the differential term fitted from 3 tiles on; plus the pipeline fit's gains and flags."""
+    from workflow_lib.survey.motion import fit_ccd_motion, load_ccd_motion, load_tile_offsets
+
+    m = load_ccd_motion(ccd / "motion" / "ccd_motion.npz")
+    ids = [str(t) for t in m["tile_ids"]]
+    fit = {t: (m["model_column"][ids.index(t)], m["model_row"][ids.index(t)]) for t in tiles}
+    rig = fit_ccd_motion(
+        {t: load_tile_offsets(ccd / "tiles" / t / "lfd" / "scene_offsets.npz") for t in tiles},
+        min_tiles_differential=3,
+    )
+    rigid = {t: (rig["model_column"][k], rig["model_row"][k]) for k, t in enumerate(tiles)}
+    qa = {t: dict(gain=m["gain"][ids.index(t)].tolist(), flagged=bool(m["flagged"][ids.index(t)])) for t in tiles}
+    return fit, rigid, qa, bool(m["differential"])
 
 
 def rms2(dc, dr) -> float:
@@ -116,10 +144,16 @@ def offsets_table(ccd: Path, tiles: list[str], truth, quality):
         rows.append(row(t, *cen[t], ox, oy))
     rows.append(row("CCD mean", *cons))
     rows.append(row("CCD median", *med))
+    fit, rigid, qa, differential = ccd_fit_offsets(ccd, tiles)
+    for name, offs in (("fit", fit), ("diff3", rigid)):
+        for t in tiles:
+            rows.append(row(f"{name}@{t}", *(centred(np.nan_to_num(v)) for v in offs[t])))
     ctx = dict(
         n_good=int(good.sum()),
         drift_range=float(np.hypot(np.ptp(tc[good]), np.ptp(tr[good]))),
         jitter_rms=float(np.sqrt(np.mean(np.diff(tc[good]) ** 2 + np.diff(tr[good]) ** 2) / 2)),
+        ccd_fit_qa=qa,
+        differential=differential,
     )
     return rows, ctx, cen, cons, (tc, tr), good
 
@@ -215,9 +249,21 @@ def resolve(ccd: Path, tile: str, motion_file: Path, out: Path, params: dict):
     return xr.open_zarr(out / "lightcurves.zarr").load()
 
 
+def tile_mode_motion(ccd: Path, tile: str, out: Path) -> Path:
+    """The tile's per-tile motion model (``survey.motion: tile``: its own offsets), with the run's settings."""
+    from workflow_lib.steps.lfd import motion_model_step
+
+    tdir = ccd / "tiles" / tile
+    with np.load(tdir / "lfd" / "motion_model.npz") as z:
+        params = dict(json.loads(str(z["provenance"])).get("config") or {})
+    motion_model_step(tdir / "cube.zarr", tdir / "catalog.ecsv", tdir / "lfd" / "prf_model.npz", out, params)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--read", type=Path, help="a finished run's CCD directory (results/<run>/<ccd>)")
+    ap.add_argument("--read", type=Path, help="a finished survey.motion=ccd run's CCD directory (results/<run>/<ccd>)")
+    ap.add_argument("--seed", type=int, default=3, help="seed of the synthetic CCD (without --read)")
     ap.add_argument("--no-solve", action="store_true", help="offsets only, no flux re-solves")
     ap.add_argument("--gmax", type=float, default=15.0, help="core stars brighter than this G for the flux metrics")
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
@@ -229,7 +275,9 @@ def main(argv=None) -> int:
 
     logging.getLogger("workflow_lib").setLevel(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="survey_motion_"))
-    ccd = a.read if a.read else run_ci_survey(tmp / "run")
+    ccd = a.read if a.read else run_ci_survey(tmp / "run", a.seed)
+    if not (ccd / "motion" / "ccd_motion.npz").is_file():
+        raise SystemExit(f"{ccd}: no motion/ccd_motion.npz: run the survey with survey.motion: ccd")
     truth = xr.open_zarr(ccd / "truth.zarr").load()
     tiles = json.loads((ccd / "tiles.json").read_text())["tile_ids"]
     quality = np.asarray(truth["quality"].values)
@@ -238,15 +286,19 @@ def main(argv=None) -> int:
         f"{ccd}: {len(tiles)} tiles, {ctx['n_good']} good cadences; injected drift spans {ctx['drift_range']:.3f} px,"
         f" cadence-to-cadence jitter {1000 * ctx['jitter_rms']:.1f} mpx rms per axis"
     )
+    print("CCD fit: differential term " + ("fitted" if ctx["differential"] else "off"))
+    for t, q in ctx["ccd_fit_qa"].items():
+        print(f"  {t}: CCD-fit gain {q['gain'][0]:.3f} / {q['gain'][1]:.3f}" + ("  FLAGGED" if q["flagged"] else ""))
     print("\nscene offset per cadence vs the injected drift (both re-centred): rms [mpx] (2-d; column, row),")
     print("gain (offset = gain x drift, per axis), rms after the gain [mpx], rms vs the mean of the other tiles [mpx]")
+    print("(fit@<tile>: the CCD-level fit at the tile centre; diff3@<tile>: with the differential term on 3+ tiles)")
     print(
-        f"{'tile':>12} {'vs truth':>9} {'column':>7} {'row':>7} {'gain col':>8} {'gain row':>8}"
+        f"{'tile':>17} {'vs truth':>9} {'column':>7} {'row':>7} {'gain col':>8} {'gain row':>8}"
         f" {'after gain':>10} {'vs other tiles':>15}"
     )
     for r in rows:
         print(
-            f"{r['tile']:>12} {1000 * r['rms_truth']:9.2f} {1000 * r['rms_truth_col']:7.2f}"
+            f"{r['tile']:>17} {1000 * r['rms_truth']:9.2f} {1000 * r['rms_truth_col']:7.2f}"
             f" {1000 * r['rms_truth_row']:7.2f} {r['gain_col']:8.3f} {r['gain_row']:8.3f}"
             f" {1000 * r['rms_after_gain']:10.2f} {1000 * r['rms_others']:15.2f}"
         )
@@ -256,32 +308,38 @@ def main(argv=None) -> int:
             f"\nflux consequence (core stars G < {a.gmax:g} without bright neighbours within 2 px): median over stars"
         )
         print(
-            f"{'tile':>12} {'n':>3} | {'rms z: per tile':>15} {'CCD mean':>8} {'truth':>6} |"
-            f" {'ppm: per tile':>13} {'CCD mean':>8} {'truth':>6} | {'tile-CCD /err':>13} {'tile-truth /err':>15}"
-            f" {'control':>8}"
+            f"{'tile':>12} {'n':>3} | {'rms z: per tile':>15} {'CCD mean':>8} {'CCD fit':>7} {'truth':>6} |"
+            f" {'ppm: per tile':>13} {'CCD fit':>7} {'truth':>6} | {'tile-fit /err':>13} {'tile-truth /err':>15}"
+            f" {'fit-truth /err':>14}"
         )
         result["flux"] = []
         for t in tiles:
             src = ccd / "tiles" / t / "lfd"
             params = solve_params(src / "lightcurves.zarr")
-            sets = {"tile": xr.open_zarr(src / "lightcurves.zarr").load()}
-            own = tile_offsets(ccd, t)  # control: the tile's own offsets re-solved here = the pipeline's
-            for name, (cx, cy) in (("own", own), ("ccd", cons), ("truth", tr)):
+            sets = {"fit": xr.open_zarr(src / "lightcurves.zarr").load()}  # the pipeline's: survey.motion ccd
+            d = tmp / t / "tile"
+            d.mkdir(parents=True, exist_ok=True)
+            own = tile_mode_motion(ccd, t, d / "motion_model.npz")
+            sets["tile"] = resolve(ccd, t, own, d, params)
+            for name, (cx, cy) in (("mean", cons), ("truth", tr)):
                 d = tmp / t / name
                 d.mkdir(parents=True, exist_ok=True)
-                mf = motion_with_offsets(src / "motion_model.npz", d / "motion_model.npz", cx, cy)
+                mf = motion_with_offsets(own, d / "motion_model.npz", cx, cy)
                 sets[name] = resolve(ccd, t, mf, d, params)
             sids = core_stars(ccd, t, truth, a.gmax)
             m = {k: flux_metrics(v, truth, sids, good) for k, v in sets.items()}
-            do = flux_metrics(sets["tile"], truth, sids, good, ref=sets["own"])["diff_rms"]
-            dc = flux_metrics(sets["tile"], truth, sids, good, ref=sets["ccd"])["diff_rms"]
+            dc = flux_metrics(sets["tile"], truth, sids, good, ref=sets["fit"])["diff_rms"]
             dt = flux_metrics(sets["tile"], truth, sids, good, ref=sets["truth"])["diff_rms"]
+            df = flux_metrics(sets["fit"], truth, sids, good, ref=sets["truth"])["diff_rms"]
             print(
-                f"{t:>12} {m['tile']['n']:3d} | {m['tile']['z_rms']:15.3f} {m['ccd']['z_rms']:8.3f}"
-                f" {m['truth']['z_rms']:6.3f} | {m['tile']['rel_ppm']:13.0f} {m['ccd']['rel_ppm']:8.0f}"
-                f" {m['truth']['rel_ppm']:6.0f} | {dc:13.3f} {dt:15.3f} {do:8.2g}"
+                f"{t:>12} {m['tile']['n']:3d} | {m['tile']['z_rms']:15.3f} {m['mean']['z_rms']:8.3f}"
+                f" {m['fit']['z_rms']:7.3f} {m['truth']['z_rms']:6.3f} | {m['tile']['rel_ppm']:13.0f}"
+                f" {m['fit']['rel_ppm']:7.0f} {m['truth']['rel_ppm']:6.0f} | {dc:13.3f} {dt:15.3f} {df:14.3f}"
             )
-            result["flux"].append({"tile": t, **m, "diff_ccd": dc, "diff_truth": dt, "diff_own_resolved": do})
+            result["flux"].append({"tile_id": t, **m, "diff_fit": dc, "diff_truth": dt, "diff_fit_truth": df})
+        med = {k: float(np.median([f[k]["z_rms"] for f in result["flux"]])) for k in ("tile", "mean", "fit", "truth")}
+        result["median_z_rms"] = med
+        print(f"{'median':>12}     | {med['tile']:15.3f} {med['mean']:8.3f} {med['fit']:7.3f} {med['truth']:6.3f}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)

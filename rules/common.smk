@@ -61,12 +61,25 @@ def tile_ccd(field):
     return parts[0] if len(parts) == 3 and parts[1] == "tiles" else None
 
 
-def field_group(group=None):
+def field_group(group=None, after_ccd_motion=False):
     """`group:` of the per-field rules (cluster runs only, docs/CLUSTER.md): "tile" for a survey tile (its
     cut, catalog, LFD, CPM and page form one component; the profile's group-components puts many tiles
-    in one job), `group` (prep / lfd / report: the cutout grouping) for an ordinary field.
+    in one job), `group` (prep / lfd / report: the cutout grouping) for an ordinary field. With
+    survey.motion ccd the rules after the CCD's ccd_motion job (`after_ccd_motion`) form a second
+    component per tile, "tile_solve" (one group cannot run both before and after the CCD job).
     """
-    return lambda wildcards: "tile" if tile_ccd(wildcards.field) else group
+
+    def name(wildcards):
+        if not tile_ccd(wildcards.field):
+            return group
+        return "tile_solve" if after_ccd_motion and ccd_motion_on() else "tile"
+
+    return name
+
+
+def ccd_motion_on():
+    """survey.motion ccd: tiles take their scene offsets from the CCD-level fit (rules/survey.smk)."""
+    return config["survey"]["motion"] == "ccd"
 
 
 def field_spec(field):
@@ -238,6 +251,14 @@ def lfd_motion_input(wildcards):
     """flux_solve needs the motion model only when lfd.solve.use_motion is on."""
     if lfd_params(wildcards.field, "solve").get("use_motion", True):
         return {"motion": f"{RESULTS}/{wildcards.field}/lfd/motion_model.npz"}
+    return {}
+
+
+def ccd_motion_input(wildcards):
+    """A tile's motion_model takes its CCD's motion model when survey.motion is ccd."""
+    ccd = tile_ccd(wildcards.field)
+    if ccd and ccd_motion_on():
+        return {"ccd_motion": f"{RESULTS}/{ccd}/motion/ccd_motion.npz"}
     return {}
 
 
@@ -428,6 +449,22 @@ def merged_tile_ids(ccd, set_name):
     return survey_tiles_with(
         ccd, lambda t: zarr_store(f"{RESULTS}/{tile_field(ccd, t)}/{rel}")
     )
+
+
+def scene_offsets_tile_ids(ccd):
+    """The tiles whose scene offsets the CCD's motion fit takes (all; survey.allow_missing_tiles: not failed ones)."""
+    return survey_tiles_with(
+        ccd, lambda t: f"{RESULTS}/{tile_field(ccd, t)}/lfd/scene_offsets.npz"
+    )
+
+
+def scene_offsets_input(wildcards):
+    return {
+        "offsets": [
+            f"{RESULTS}/{tile_field(wildcards.ccd, t)}/lfd/scene_offsets.npz"
+            for t in scene_offsets_tile_ids(wildcards.ccd)
+        ]
+    }
 
 
 def merge_inputs(wildcards):

@@ -1,5 +1,6 @@
 # Stage 3: Linearized Field Deblending (Hedges & Martinez-Palomera 2021, §4).
 #   edge_model (§4.2) -> prf_model (§4.3-4.4, mean frame) -> motion_model (§4.5) -> flux_solve (§4.4-4.5, every cadence)
+#   survey.motion ccd: a tile's motion_model takes the scene offsets of its CCD's ccd_motion (rules/survey.smk)
 # Settings: config["lfd"] sub-objects edge / prf / motion / solve (workflow_lib/schema.yaml).
 # Each rule runs `python -m workflow_lib.steps <step>` (docs/CLI.md).
 
@@ -63,6 +64,7 @@ rule prf_model:
 rule motion_model:
     """§4.5: per-cadence motion of the scene as a multiplicative change of the mean PRF."""
     input:
+        unpack(ccd_motion_input),
         cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
         catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
         prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
@@ -73,7 +75,7 @@ rule motion_model:
     benchmark:
         rule_benchmark("motion_model")
     group:
-        field_group("lfd")
+        field_group("lfd", after_ccd_motion=True)
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -82,10 +84,15 @@ rule motion_model:
         runtime=runtime_min(20, 60),
     params:
         motion=lambda w: json_arg(lfd_params(w.field, "motion")),
+        ccd_motion=lambda w, input: (
+            f"--ccd-motion {shlex.quote(input.ccd_motion)}"
+            if "ccd_motion" in input.keys()
+            else ""
+        ),
     shell:
         "python -m workflow_lib.steps motion-model --cube {input.cube:q}"
-        " --catalog {input.catalog:q} --prf {input.prf:q} --out {output.motion:q}"
-        " --params {params.motion} --log {log:q}"
+        " --catalog {input.catalog:q} --prf {input.prf:q} {params.ccd_motion}"
+        " --out {output.motion:q} --params {params.motion} --log {log:q}"
 
 
 rule flux_solve:
@@ -105,7 +112,7 @@ rule flux_solve:
     benchmark:
         rule_benchmark("flux_solve")
     group:
-        field_group("lfd")
+        field_group("lfd", after_ccd_motion=True)
     conda:
         "../envs/pipeline.yaml"
     threads: 2

@@ -25,7 +25,7 @@ rule report_field:
     benchmark:
         rule_benchmark("report_field")
     group:
-        field_group("report")
+        field_group("report", after_ccd_motion=True)
     conda:
         "../envs/pipeline.yaml"
     threads: 1

@@ -12,6 +12,8 @@
 # A tile is a field named "<ccd>/tiles/<tile>" (rules/common.smk: field_spec, TILE_ID_REGEX), so
 # rules/lfd.smk, rules/cpm.smk and rules/report.smk run on it unchanged; field_params() gives a tile its
 # CCD's settings over the run-wide ones. Per-tile jobs share the group "tile" (docs/CLUSTER.md).
+# survey.motion ccd: per tile scene_offsets -> per CCD ccd_motion -> each tile's motion_model uses the CCD
+# model at its centre; the tile's steps after ccd_motion form the group "tile_solve".
 # Helpers (input functions, tile ids from the checkpoint): rules/common.smk, survey section.
 
 
@@ -138,6 +140,65 @@ rule split_catalog:
         "python -m workflow_lib.steps survey-split-catalog --catalog {input.catalog:q}"
         " --grid {input.grid:q} --tile {wildcards.tile} --out {output.catalog:q}"
         " --params {params.split} --log {log:q}"
+
+
+rule scene_offsets:
+    """survey.motion ccd: a tile's per-cadence scene offsets with errors and its centre, for ccd_motion."""
+    input:
+        cube=zarr_store(f"{RESULTS}/{{field}}/cube.zarr"),
+        catalog=f"{RESULTS}/{{field}}/catalog.ecsv",
+        prf=f"{RESULTS}/{{field}}/lfd/prf_model.npz",
+    output:
+        offsets=f"{RESULTS}/{{field}}/lfd/scene_offsets.npz",
+    log:
+        rule_log("scene_offsets"),
+    benchmark:
+        rule_benchmark("scene_offsets")
+    wildcard_constraints:
+        field=rf"(?:{_names_regex(CCDS)})/tiles/{TILE_ID_REGEX}",
+    group:
+        "tile"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(4000, 8),
+        runtime=runtime_min(20, 60),
+    params:
+        motion=lambda w: json_arg(lfd_params(w.field, "motion")),
+    shell:
+        "python -m workflow_lib.steps scene-offsets --cube {input.cube:q}"
+        " --catalog {input.catalog:q} --prf {input.prf:q} --out {output.offsets:q}"
+        " --params {params.motion} --log {log:q}"
+
+
+rule ccd_motion:
+    """survey.motion ccd: one motion model per CCD fitted to every tile's scene offsets; per-tile gains."""
+    input:
+        unpack(scene_offsets_input),
+    output:
+        model=f"{RESULTS}/{{ccd}}/motion/ccd_motion.npz",
+        qa=f"{RESULTS}/{{ccd}}/motion/ccd_motion.json",
+    log:
+        survey_log("ccd_motion"),
+    benchmark:
+        survey_benchmark("ccd_motion")
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=runtime_min(20),
+    params:
+        offsets=lambda w, input: " ".join(
+            shlex.quote(f"{t}={p}")
+            for t, p in zip(scene_offsets_tile_ids(w.ccd), input.offsets)
+        ),
+        ccd_motion=json_arg(config["survey"]["ccd_motion"]),
+    shell:
+        "python -m workflow_lib.steps survey-ccd-motion --offsets {params.offsets}"
+        " --out {output.model:q} --qa {output.qa:q} --params {params.ccd_motion}"
+        " --log {log:q}"
 
 
 rule merge_tiles:

@@ -269,3 +269,32 @@ def test_shift_monomial_derivatives():
     assert abs(dfx - (f(x + h, y) - f(x - h, y)) / (2 * h)) < 1e-6
     num = (f(x + h, y + h) - f(x + h, y - h) - f(x - h, y + h) + f(x - h, y - h)) / (4 * h * h)
     assert abs(dxy - num) < 1e-4
+
+
+def test_field_offsets_errors_and_given_offsets():
+    """Survey mode's scene_offsets: the offsets' errors match their scatter about the truth; a shift model
+    fitted with given offsets (survey.motion ccd) keeps exactly those offsets (re-centred)."""
+    d = shifted_field(ntime=60)
+    prf = GaussPRF(0.8)
+    mx, my = d["cx"].mean(), d["cy"].mean()
+    S = gaussian_scene(d["sc"] + mx, d["sr"] + my, d["pc"], d["pr"], radius=4.0).tocsr()
+    S.sort_indices()
+    q = np.zeros(d["tt"].size, int)
+    args = (d["tt"], d["data"], d["err"], q, S, d["F"], d["pc"], d["pr"], d["sc"] + mx, d["sr"] + my)
+    p = {"deconvolve": False, "correction_degree": 0}
+    off = motion.measure_field_offsets(*args, prf, p)
+    assert off["good"].all()
+    for ax, true in (("column", d["cx"] - mx), ("row", d["cy"] - my)):
+        z = (off[ax] - true) / off[f"{ax}_err"]
+        assert 0.6 < np.sqrt(np.mean(z**2)) < 1.6, ax  # honest errors (~2 mpx here)
+        assert 1e-3 < np.median(off[f"{ax}_err"]) < 4e-3
+    # the same offsets as the shift model's own measurement
+    mm, summ = motion.fit_field_motion(*args, p, prf=prf)
+    np.testing.assert_allclose(off["column"], summ["scene_offset_column"], atol=1e-12)
+    # given (true) offsets: kept, re-centred on the good cadences
+    given = (d["cx"] + 0.1, d["cy"] - 0.2)
+    mm2, summ2 = motion.fit_field_motion(*args, p, prf=prf, offsets=given)
+    np.testing.assert_allclose(summ2["scene_offset_column"], d["cx"] - d["cx"].mean(), atol=1e-12)
+    np.testing.assert_allclose(mm2.reg_y, d["cy"] - d["cy"].mean(), atol=1e-12)
+    with pytest.raises(motion.MotionError, match="59 cadences, the field 60"):
+        motion.fit_field_motion(*args, p, prf=prf, offsets=(d["cx"][1:], d["cy"][1:]))

@@ -265,6 +265,8 @@ def measure_scene_offsets(
     clip: float = 5.0,
     good=None,
     chunk: int = 128,
+    init=None,
+    errors: bool = False,
 ):
     """Common scene offset (cx, cy) [px] of every cadence by Gauss-Newton on the whole scene.
 
@@ -275,6 +277,12 @@ def measure_scene_offsets(
     whose chi^2 per cadence exceeds the median by ``clip`` robust sigma (variable stars, the
     transient, bad pixels) are left out after the first pass. Returns ``(cx, cy, ok, pixel_used,
     background_coefficients (ntime, nbk))``.
+
+    ``init``: starting offsets ``(cx, cy)`` (default 0); with ``n_iter=0`` they are kept and only the
+    background coefficients and the pixel clipping are computed at them. ``errors``: also return the
+    1-sigma errors ``(ex, ey)`` of the offsets from the last pass's normal matrix N_t (the Gauss-Newton
+    covariance ``inv(N_t)`` of (cx, cy, b) scaled by that cadence's reduced chi^2,
+    ``sigma^2 = [inv(N_t)]_jj chi^2_t / (n_t - 2 - n_bk)``), appended to the tuple.
     """
     flux = np.asarray(flux)
     ferr = np.asarray(flux_err)
@@ -285,9 +293,11 @@ def measure_scene_offsets(
     Dx = _monomial_derivative(degree, 1, 0)
     Dy = _monomial_derivative(degree, 0, 1)
     TDx, TDy = T @ Dx, T @ Dy  # d/dcx, d/dcy of the model image, per monomial
-    cx = np.zeros(nt)
-    cy = np.zeros(nt)
+    cx = np.zeros(nt) if init is None else np.where(np.isfinite(init[0]), init[0], 0.0).astype(float)
+    cy = np.zeros(nt) if init is None else np.where(np.isfinite(init[1]), init[1], 0.0).astype(float)
     bk = np.zeros((nt, nb))
+    ex = np.full(nt, np.nan)
+    ey = np.full(nt, np.nan)
     ok = np.isfinite(flux).any(axis=1)
     use_pix = np.ones(npix, bool)
     good = ok if good is None else (np.asarray(good, bool) & ok)
@@ -319,6 +329,11 @@ def measure_scene_offsets(
                 cy[i0:i1] += np.clip(step[:, 1], -0.5, 0.5)
             bk[i0:i1] = sol[:, 2:]
             res = r - np.einsum("tpi,ti->tp", J, sol)
+            if errors and it == int(n_iter):
+                dof = np.maximum(fin.sum(axis=1) - 2 - nb, 1)
+                chi_t = (res**2 * w).sum(axis=1) / dof
+                var = np.linalg.inv(N)[:, [0, 1], [0, 1]] * chi_t[:, None]
+                ex[i0:i1], ey[i0:i1] = np.sqrt(var[:, 0]), np.sqrt(var[:, 1])
             g = good[i0:i1, None] & fin
             chi_pix += np.where(g, res**2 * w, 0.0).sum(axis=0)
             n_pix += g.sum(axis=0)
@@ -329,6 +344,8 @@ def measure_scene_offsets(
             below, med, _ = clip_mask(chi, have, clip, floor=1e-12, side="upper")
             use_pix = have & below
             log.info("scene offsets: median chi2/pt %.2f, %d of %d pixels kept", med, use_pix.sum(), have.sum())
+    if errors:
+        return cx, cy, ok, use_pix, bk, np.where(ok, ex, np.nan), np.where(ok, ey, np.nan)
     return cx, cy, ok, use_pix, bk
 
 
@@ -403,17 +420,27 @@ def _scene_shift_terms(prf, rows, cols, dx, dy, F, npix: int, degree: int, half:
     return np.stack([np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1)
 
 
-def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int, name: str):
+def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int, name: str, errors: bool = False):
     """Two rounds of :func:`measure_scene_offsets`, the second with the stencil range and (``deconvolve``)
     offset covariance of the first. Returns ``(cx, cy, ok, pixel_used, background coefficients, half, cov)``
-    with the offsets relative to their mean over good cadences (the mean-frame PRF sits there)."""
+    with the offsets relative to their mean over good cadences (the mean-frame PRF sits there); with
+    ``errors`` also the offsets' 1-sigma errors ``(ex, ey)`` of the last round."""
     half = 0.5
     cov = None
     for rnd in range(2):
         T = terms(half, cov)
-        cx, cy, ok, use_pix, bk = measure_scene_offsets(
-            flux, flux_err, T, background, degree, n_iter=int(p["shift_iter"]), clip=float(p["shift_clip"]), good=good
+        out = measure_scene_offsets(
+            flux,
+            flux_err,
+            T,
+            background,
+            degree,
+            n_iter=int(p["shift_iter"]),
+            clip=float(p["shift_clip"]),
+            good=good,
+            errors=errors,
         )
+        cx, cy, ok, use_pix, bk = out[:5]
         g = good & ok
         # offsets relative to the mean frame: the mean-frame PRF sits at the mean offset
         cx = cx - cx[g].mean()
@@ -423,7 +450,81 @@ def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int
         log.info(
             "%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half
         )
+    if errors:
+        return cx, cy, ok, use_pix, bk, half, cov, out[5], out[6]
     return cx, cy, ok, use_pix, bk, half, cov
+
+
+def _given_offsets(flux, flux_err, background, good, terms, p: dict, degree: int, offsets):
+    """:func:`_shift_offsets` for offsets given from outside (survey mode's CCD-level model): re-centred on
+    the good cadences, stencil range and covariance from them, background and pixel clipping at them."""
+    cx, cy = (np.asarray(a, float) for a in offsets)
+    nt = np.shape(flux)[0]
+    if cx.shape != (nt,) or cy.shape != (nt,):
+        raise MotionError(f"given scene offsets have {cx.shape[0]} cadences, the field {nt}")
+    have = np.isfinite(cx) & np.isfinite(cy)
+    g = good & have
+    if g.sum() < 2:
+        raise MotionError("given scene offsets: fewer than 2 good cadences")
+    cx = cx - cx[g].mean()
+    cy = cy - cy[g].mean()
+    half = float(max(np.abs(cx[have]).max(), np.abs(cy[have]).max(), 0.02)) * 1.05
+    cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
+    _, _, ok, use_pix, bk = measure_scene_offsets(
+        flux, flux_err, terms(half, cov), background, degree, n_iter=0, clip=float(p["shift_clip"]), good=good,
+        init=(cx, cy),
+    )  # fmt: skip
+    return cx, cy, ok & have, use_pix, bk, half, cov
+
+
+def measure_field_offsets(
+    time,
+    flux,
+    flux_err,
+    quality,
+    S,
+    source_flux,
+    pixel_col,
+    pixel_row,
+    source_col,
+    source_row,
+    prf,
+    params: dict | None = None,
+    *,
+    name: str = "field",
+) -> dict:
+    """The shift model's per-cadence scene offsets c_t of one field with their errors, nothing else.
+
+    The same two rounds of Gauss-Newton as :func:`fit_shift_model` (:func:`measure_scene_offsets`: the
+    mean-frame model's spatial derivatives fitted to each frame), offsets relative to their mean over the
+    good cadences; errors from the last round's normal matrix scaled by the cadence's reduced chi^2.
+    Returns ``{time, column, row, column_err, row_err, good}`` (NaN where a cadence has no offset).
+    Survey mode's ``scene_offsets`` step; the CCD-level fit is :mod:`workflow_lib.survey.motion`.
+    """
+    p = motion_params(params)
+    deg = int(p["shift_degree"])
+    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
+    F = np.clip(np.asarray(source_flux, float), 0.0, None)
+    npix = S.shape[0]
+    good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
+    B = background_design(pixel_col, pixel_row, p["background_order"])
+
+    def terms(half, cov):
+        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, deg, half, cov)
+
+    cx, cy, ok, _, _, _, _, ex, ey = _shift_offsets(flux, flux_err, B, good, terms, p, deg, name, errors=True)
+
+    def nan_out(a):
+        return np.where(ok, a, np.nan)
+
+    return dict(
+        time=np.asarray(time, float),
+        column=nan_out(cx),
+        row=nan_out(cy),
+        column_err=nan_out(ex),
+        row_err=nan_out(ey),
+        good=good & ok,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,10 +639,17 @@ def fit_shift_model(
     params: dict | None = None,
     *,
     name: str = "field",
+    offsets=None,
 ):
     """The shift motion model: measure the common scene offset of every cadence
     (:func:`measure_scene_offsets`) and return a ``time_model='shift'`` :class:`MotionModel`
-    (factor of pair k at cadence t = ``P(d_k - c_t) / P(d_k)`` as a polynomial in c_t) and a summary."""
+    (factor of pair k at cadence t = ``P(d_k - c_t) / P(d_k)`` as a polynomial in c_t) and a summary.
+
+    ``offsets``: given per-cadence offsets ``(cx, cy)`` [px] (NaN: none at that cadence; survey mode's
+    CCD-level model at the tile centre, :mod:`workflow_lib.survey.motion`) used instead of measuring them:
+    re-centred on their mean over the good cadences like measured ones; the background coefficients and
+    the pixel clipping are computed at them (:func:`measure_scene_offsets` with ``init`` and ``n_iter=0``),
+    then the correction spline is fitted as usual."""
     p = motion_params(params)
     deg = int(p["shift_degree"])
     time = np.asarray(time, float)
@@ -554,7 +662,10 @@ def fit_shift_model(
     def terms(half, cov):
         return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, deg, half, cov)
 
-    cx, cy, ok, use_pix, bk, half, cov = _shift_offsets(flux, flux_err, background, good, terms, p, deg, name)
+    if offsets is None:
+        cx, cy, ok, use_pix, bk, half, cov = _shift_offsets(flux, flux_err, background, good, terms, p, deg, name)
+    else:
+        cx, cy, ok, use_pix, bk, half, cov = _given_offsets(flux, flux_err, background, good, terms, p, deg, offsets)
     # the final round's offsets (re-centred) with the final polynomial
     T = terms(half, cov)
     mono = shift_monomials(cx, cy, deg)
@@ -859,12 +970,14 @@ def fit_field_motion(
     mission: str = "TESS",
     name: str = "field",
     prf=None,
+    offsets=None,
 ):
     """The whole §4.5 fit for one field, from arrays.
 
     ``flux``/``flux_err`` (ntime, npixel); ``S`` the mean scene (npixel x nsource) of the sources
     with mean-frame fluxes ``source_flux`` at ``source_col/row``. Returns ``(MotionModel, summary)``.
-    ``time_model: shift`` needs ``prf`` (the PRF model S was built from).
+    ``time_model: shift`` needs ``prf`` (the PRF model S was built from); ``offsets`` (shift only): given
+    per-cadence scene offsets instead of measured ones (:func:`fit_shift_model`).
     """
 
     p = motion_params(params)
@@ -887,7 +1000,10 @@ def fit_field_motion(
             B,
             p,
             name=name,
+            offsets=offsets,
         )
+    if offsets is not None:
+        raise MotionError(f"{name}: given scene offsets need time_model 'shift', not {p['time_model']!r}")
     time = np.asarray(time, float)
     flux = np.asarray(flux)
     good = (np.asarray(quality) == 0) & np.isfinite(flux).any(axis=1)

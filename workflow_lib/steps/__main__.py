@@ -33,6 +33,7 @@ STEPS = {
     "edge-model": ("workflow_lib.steps.lfd", "edge_model_step", "LFD §4.2 PRF edge model"),
     "prf-model": ("workflow_lib.steps.lfd", "prf_model_step", "LFD §4.3-4.4 PRF shape + mean-frame fluxes"),
     "motion-model": ("workflow_lib.steps.lfd", "motion_model_step", "LFD §4.5 scene motion model"),
+    "scene-offsets": ("workflow_lib.steps.lfd", "scene_offsets_step", "per-cadence scene offsets of a tile + errors"),
     "flux-solve": ("workflow_lib.steps.lfd", "flux_solve_step", "LFD §4.4-4.5 per-cadence fluxes"),
     "cpm-detrend": ("workflow_lib.steps.cpm", "run_cpm_detrend", "CPM de-trending + aperture light curves"),
     "cpm-sweep-summary": ("workflow_lib.steps.cpm", "sweep_summary", "median CDPP of every CPM parameter set"),
@@ -49,6 +50,7 @@ STEPS = {
     "survey-tiles": ("workflow_lib.steps.survey", "write_tile_grid", "tile grid (cores + halos) of a CCD cube"),
     "survey-cut-tile": ("workflow_lib.steps.survey", "cut_tile_step", "one tile's cube from the CCD cube"),
     "survey-split-catalog": ("workflow_lib.steps.survey", "split_catalog_step", "one tile's catalog"),
+    "survey-ccd-motion": ("workflow_lib.steps.survey", "ccd_motion_step", "CCD-level scene motion from all tiles"),
     "survey-merge": ("workflow_lib.steps.survey", "merge_tiles_step", "merge per-tile light curves of a CCD"),
     "survey-table": ("workflow_lib.steps.survey", "survey_table_step", "per-CCD source table of every set"),
     "report-survey": ("workflow_lib.report.survey", "write_survey_report", "HTML overview page of a CCD"),
@@ -75,6 +77,8 @@ PARAM_SECTIONS = {
     "edge-model": ("lfd.edge", ()),
     "prf-model": ("lfd.prf", ()),
     "motion-model": ("lfd.motion", ()),
+    "scene-offsets": ("lfd.motion", ()),
+    "survey-ccd-motion": ("survey.ccd_motion", ()),
     "flux-solve": ("lfd.solve", ()),
     "cpm-detrend": ("cpm", ()),
     "report-field": ("report", ()),
@@ -159,8 +163,19 @@ def call_prf_model(f, a, p):
 
 
 def call_motion_model(f, a, p):
+    check_inputs(cube=store(a.cube), catalog=a.catalog, prf=a.prf, ccd_motion=a.ccd_motion)
+    f(store(a.cube), a.catalog, a.prf, a.out, p, ccd_motion=a.ccd_motion)
+
+
+def call_scene_offsets(f, a, p):
     check_inputs(cube=store(a.cube), catalog=a.catalog, prf=a.prf)
     f(store(a.cube), a.catalog, a.prf, a.out, p)
+
+
+def call_survey_ccd_motion(f, a, p):
+    offsets = name_paths(a.offsets, "--offsets")
+    check_inputs(**{f"offsets {k}": v for k, v in offsets.items()})
+    f(offsets, a.out, a.qa, p)
 
 
 def call_flux_solve(f, a, p):
@@ -375,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = step("motion-model", "`lfd.motion`")
     req(sp, "--cube", "--catalog", "--prf", "--out")
+    sp.add_argument(
+        "--ccd-motion", metavar="PATH", help="survey mode: the CCD-level motion model (offsets at the tile centre)"
+    )
+
+    sp = step("scene-offsets", "`lfd.motion`")
+    req(sp, "--cube", "--catalog", "--prf", "--out")
 
     sp = step("flux-solve", "`lfd.solve`")
     req(sp, "--cube", "--catalog", "--prf", "--out", "--fits-dir")
@@ -450,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = step("survey-split-catalog", '{"catalog_reach": 4} (survey)')
     req(sp, "--catalog", "--grid", "--out")
     sp.add_argument("--tile", required=True, help="tile id, e.g. r0000c0064")
+
+    sp = step("survey-ccd-motion", "`survey.ccd_motion`")
+    sp.add_argument("--offsets", nargs="+", required=True, metavar="TILE=PATH", help="each tile's scene_offsets.npz")
+    req(sp, "--out", "--qa")
 
     sp = step("survey-merge", "the `survey` settings (cdpp_hours, write_fits, allow_missing_tiles)")
     sp.add_argument("--tiles", nargs="+", required=True, metavar="TILE=PATH", help="each tile's light-curve set")

@@ -134,8 +134,15 @@ def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params:
     return model
 
 
-def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | None = None) -> MotionModel:
+def motion_model_step(
+    cube_path, catalog_path, prf_npz, out_npz, params: dict | None = None, ccd_motion=None
+) -> MotionModel:
     """Snakemake step: fit the §4.5 motion model of a field and save it (``motion_model.npz``).
+
+    ``ccd_motion`` (survey mode, ``survey.motion: ccd``): the CCD-level motion model of the tile's CCD
+    (``ccd_motion`` step, :mod:`workflow_lib.survey.motion`); the shift model then takes its offsets at the
+    tile centre, c_t + tau_t E (x_k - x0, y_k - y0) (eq. 1 there), instead of measuring its own, and fits
+    only the correction spline to them. The tile is found by the cube's ``tile_id`` attribute.
 
     Uncontaminated pixels (§4.2: "contributions from a single source") are those where one source
     gives at least ``min_purity`` of the modelled source flux, with the fitted PRF and the
@@ -147,6 +154,9 @@ def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | 
     p = motion_params(params)
     f = load_field_scene(cube_path, catalog_path, prf_npz)
     table, idx = f["table"], f["idx"]
+    offsets = None
+    if ccd_motion is not None:
+        offsets = ccd_offsets_of_tile(ccd_motion, f["cube"], table["time"].values)
     mm, summary = fit_field_motion(
         table["time"].values,
         table["flux"].values,
@@ -162,13 +172,67 @@ def motion_model_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | 
         mission=f["cube"].attrs.get("mission", "TESS"),
         name=str(cube_path),
         prf=f["model"],
+        offsets=offsets,
     )
     if "pixel_source" in summary:
         summary["pixel_source"] = idx[summary["pixel_source"]]
-    prov = provenance_json("lfd_motion_model", inputs=[cube_path, catalog_path, prf_npz], config=p)
+    inputs = [cube_path, catalog_path, prf_npz] + ([ccd_motion] if ccd_motion is not None else [])
+    prov = provenance_json("lfd_motion_model", inputs=inputs, config=p)
+    if ccd_motion is not None:
+        summary["offsets_from"] = np.str_("ccd")
     save_motion_model(out_npz, mm, summary, prov)
     log.info("motion model saved to %s", out_npz)
     return mm
+
+
+def ccd_offsets_of_tile(ccd_motion, cube, time):
+    """The CCD-level motion model's scene offsets (column, row) [px] at the centre of the tile ``cube``
+    (its ``tile_id`` attribute), at its cadences (:func:`workflow_lib.survey.motion.model_at`)."""
+    from workflow_lib.survey.motion import CCDMotionError, load_ccd_motion, model_at
+
+    tid = cube.attrs.get("tile_id")
+    model = load_ccd_motion(ccd_motion)
+    ids = [str(t) for t in model["tile_ids"]]
+    if tid not in ids:
+        raise CCDMotionError(f"{ccd_motion}: no tile {tid!r} (the cube is not one of its tiles: {', '.join(ids)})")
+    x, y = model["center"][ids.index(tid)]
+    return model_at(model, x, y, time)
+
+
+def scene_offsets_step(cube_path, catalog_path, prf_npz, out_npz, params: dict | None = None) -> dict:
+    """Snakemake step (survey mode, ``survey.motion: ccd``): the shift model's per-cadence scene offsets
+    of a tile with their errors (:func:`workflow_lib.lfd.motion.measure_field_offsets`) and the tile centre
+    (mean CCD column / row of its pixels), for the CCD-level fit (``ccd_motion``). Writes ``scene_offsets.npz``.
+    """
+    from workflow_lib.lfd.motion import measure_field_offsets
+
+    p = motion_params(params)
+    f = load_field_scene(cube_path, catalog_path, prf_npz)
+    table, idx = f["table"], f["idx"]
+    out = measure_field_offsets(
+        table["time"].values,
+        table["flux"].values,
+        table["flux_err"].values,
+        table["quality"].values,
+        f["S"],
+        f["mean_flux"][idx],
+        f["pc"],
+        f["pr"],
+        f["sc"][idx],
+        f["sr"][idx],
+        f["model"],
+        p,
+        name=str(cube_path),
+    )
+    out["center"] = np.array([np.mean(np.unique(f["pc"])), np.mean(np.unique(f["pr"]))])
+    out["tile_id"] = np.str_(f["cube"].attrs.get("tile_id", ""))
+    out["provenance"] = np.str_(
+        provenance_json("lfd_scene_offsets", inputs=[cube_path, catalog_path, prf_npz], config=p)
+    )
+    with atomic_path(out_npz) as tmp:
+        save_npz_deterministic(tmp, out)
+    log.info("scene offsets of %d cadences saved to %s", int(out["good"].sum()), out_npz)
+    return out
 
 
 def load_field_scene(cube_path, catalog_path, prf_npz):

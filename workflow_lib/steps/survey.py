@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from workflow_lib.core.atomic import atomic_dir, atomic_path, write_text_atomic
+from workflow_lib.core.atomic import atomic_dir, atomic_path, save_npz_deterministic, write_text_atomic
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.settings import merge_settings, schema_defaults
@@ -232,3 +232,39 @@ def survey_table_step(tables: dict, out_table) -> Table:
     out.meta["provenance"] = provenance("survey_table", [str(tables[k]) for k in tables], {"sets": list(tables)})
     _write_table(out, out_table)
     return out
+
+
+def ccd_motion_step(offsets: dict, out_npz, out_json, params: dict | None = None) -> dict:
+    """The CCD-level scene motion from every tile's scene offsets (survey mode, ``survey.motion: ccd``).
+
+    ``offsets``: {tile id: its ``scene_offsets.npz``}. Fits eq. 1 of :mod:`workflow_lib.survey.motion`,
+    y_kt = a_k + c_t + D_t (x_k - x0, y_k - y0), D_t = D_0 + tau_t E, robustly over the tiles (gains outside
+    1 +- ``survey.ccd_motion.gain_tolerance`` flagged and left out); writes the model (``ccd_motion.npz``,
+    which each tile's motion_model evaluates at its centre) and the per-tile QA (``ccd_motion.json``).
+    Returns the QA dict.
+    """
+    from workflow_lib.survey.motion import fit_ccd_motion, load_tile_offsets, qa_summary
+
+    p = merge_settings(schema_defaults("survey.ccd_motion"), params, "survey.ccd_motion")
+    tiles = {str(t): load_tile_offsets(path) for t, path in sorted(offsets.items())}
+    model = fit_ccd_motion(
+        tiles,
+        gain_tolerance=float(p["gain_tolerance"]),
+        clip=float(p["clip"]),
+        differential=bool(p["differential"]),
+        min_tiles_differential=int(p["min_tiles_differential"]),
+    )
+    qa = qa_summary(model, float(p["gain_tolerance"]))
+    prov = provenance_json("survey_ccd_motion", inputs=[offsets[t] for t in sorted(offsets)], config=p)
+    model["provenance"] = np.str_(prov)
+    with atomic_path(out_npz) as tmp:
+        save_npz_deterministic(tmp, model)
+    write_text_atomic(json.dumps(qa, indent=1) + "\n", out_json)
+    log.info(
+        "CCD motion from %d tiles: %d flagged (%s), differential term %s",
+        qa["n_tiles"],
+        qa["n_flagged"],
+        ", ".join(qa["flagged"]) or "none",
+        "fitted" if qa["differential"] else "off",
+    )
+    return qa
