@@ -390,16 +390,19 @@ def test_pipeline_on_slurm_equals_local_run(slurm_run, local_run):
 # 3. survey mode, the CI CCD: tiles grouped into SLURM jobs; SLURM run == local run
 # ---------------------------------------------------------------------------------------------------------
 #: the rules of one tile (rules/common.smk field_group, rules/survey.smk): one component of the group "tile"
+#: and, with survey.motion ccd (the default), the rules after the CCD's ccd_motion job one of "tile_solve"
 TILE_RULES = (
     "cut_tile",
     "split_catalog",
     "edge_model",
     "prf_model",
+    "scene_offsets",
     "motion_model",
     "flux_solve",
     "cpm_detrend",
     "report_field",
 )
+TILE_GROUPS = ("tile", "tile_solve")
 
 
 @pytest.fixture(scope="module")
@@ -413,13 +416,15 @@ def slurm_survey_run(cluster, tmp_path_factory):
     return work, res
 
 
-def _group_jobs(log: str) -> list[list[tuple[str, str]]]:
-    """The group jobs snakemake submitted: per group job 'Group job tile ...', its (rule, wildcards) list."""
+def _group_jobs(log: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The tile group jobs snakemake submitted: per 'Group job <tile|tile_solve> ...', the group's name and
+    its (rule, wildcards) list."""
     jobs, cur, rule = [], None, None
     for line in log.splitlines():
-        if "Group job tile" in line:
+        m = re.search(r"Group job (\w+)", line)
+        if m and m.group(1) in TILE_GROUPS:
             cur = []
-            jobs.append(cur)
+            jobs.append((m.group(1), cur))
         elif cur is not None and re.match(r"^\s+(local)?rule (\w+):", line):
             rule = re.match(r"^\s+(?:local)?rule (\w+):", line).group(1)
         elif cur is not None and rule and line.strip().startswith("wildcards:"):
@@ -441,13 +446,16 @@ def test_survey_on_slurm_tiles_share_a_job(slurm_survey_run):
     tiles = json.loads((work / "results" / RUN / CCD / "tiles.json").read_text())["tile_ids"]
     per_job = int(yaml.safe_load((PROFILE / "config.yaml").read_text())["group-components"]["tile"])
     groups = _group_jobs(res.stdout + res.stderr)
-    assert len(groups) == -(-len(tiles) // per_job), groups
+    names = {name for name, _ in groups}
+    assert names == set(TILE_GROUPS), names  # survey.motion ccd: before and after the CCD's ccd_motion job
+    for name in names:
+        assert sum(n == name for n, _ in groups) == -(-len(tiles) // per_job), groups
     for rule in TILE_RULES:
         for tile in tiles:
-            assert any(r == rule and tile in w for g in groups for r, w in g), (rule, tile)
+            assert any(r == rule and tile in w for _, g in groups for r, w in g), (rule, tile)
     tile_jobs = [r for r in rows if r["Comment"].startswith("rule_tile_")]
     assert len(tile_jobs) == len(groups), rows
-    ccd_rules = {"synthetic_ccd", "ingest_ccd", "gaia_crossmatch", "merge_tiles", "report_survey"}
+    ccd_rules = {"synthetic_ccd", "ingest_ccd", "gaia_crossmatch", "ccd_motion", "merge_tiles", "report_survey"}
     seen = " ".join(r["Comment"] for r in rows)
     assert all(f"rule_{r}" in seen or f"_{r}" in seen for r in ccd_rules), rows
     print(f"{len(ids)} SLURM jobs; {len(tile_jobs)} tile job(s) for {len(tiles)} tiles: {tile_jobs}")
