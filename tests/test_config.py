@@ -178,6 +178,12 @@ def test_survey_configs_validate_with_ccds_only():
         validate(cfg, schema=SCHEMA)
         assert cfg["survey"]["tile_size"] in (48, 64) and cfg["survey"]["margin"] == 8
         assert cfg["survey"]["synthetic"]["n_rows"] >= 8  # defaults filled in
+    # the whole-sector config: its 16 CCDs, the measured tiling and CPM setting (docs/SURVEY.md)
+    cfg = yaml.safe_load((REPO / "config" / "sector.yaml").read_text())
+    validate(cfg, schema=SCHEMA)
+    assert len(cfg["ccds"]) == 16 and all(c["source"] == "ffi" for c in cfg["ccds"].values())
+    assert (cfg["survey"]["tile_size"], cfg["survey"]["margin"], cfg["cpm"]["n_predictors"]) == (128, 8, 64)
+    assert cfg["survey"]["motion"] == "ccd" and cfg["survey"]["tile_fits"] is False  # schema defaults
 
 
 def test_ccds_entry_is_checked():
