@@ -318,9 +318,9 @@ def measure_scene_offsets(
             r = f - model
             # per cadence: [jx, jy, B] least squares for (dcx, dcy, b)
             J = np.concatenate([jx[:, :, None], jy[:, :, None], np.broadcast_to(B, (i1 - i0, npix, nb))], axis=2)
-            JW = J * w[:, :, None]
-            N = np.einsum("tpi,tpj->tij", JW, J)
-            rhs = np.einsum("tpi,tp->ti", JW, r)
+            JWt = (J * w[:, :, None]).transpose(0, 2, 1)  # batched matrix products (BLAS), not einsum loops
+            N = JWt @ J
+            rhs = (JWt @ r[:, :, None])[:, :, 0]
             N[:, np.arange(2 + nb), np.arange(2 + nb)] += 1e-12
             sol = np.linalg.solve(N, rhs[:, :, None])[:, :, 0]
             step = np.where(ok[i0:i1, None], sol[:, :2], 0.0)
@@ -328,7 +328,7 @@ def measure_scene_offsets(
                 cx[i0:i1] += np.clip(step[:, 0], -0.5, 0.5)
                 cy[i0:i1] += np.clip(step[:, 1], -0.5, 0.5)
             bk[i0:i1] = sol[:, 2:]
-            res = r - np.einsum("tpi,ti->tp", J, sol)
+            res = r - (J @ sol[:, :, None])[:, :, 0]
             if errors and it == int(n_iter):
                 dof = np.maximum(fin.sum(axis=1) - 2 - nb, 1)
                 chi_t = (res**2 * w).sum(axis=1) / dof
