@@ -69,6 +69,7 @@ TILE_STAGES = (
     "split_catalog",
     "edge_model",
     "prf_model",
+    "scene_offsets",  # survey.motion ccd: the tile's offsets for the CCD fit
     "motion_model",
     "flux_solve",
     "cpm_detrend",
@@ -79,6 +80,7 @@ CCD_STAGES = (
     "ingest_ccd",
     "gaia_crossmatch",
     "tile_grid",
+    "ccd_motion",
     "merge_tiles",
     "survey_table",
     "report_survey",
@@ -100,7 +102,7 @@ SCALING_PY_B = {
 }
 
 # per-CCD stages: growth with cadences of their work (the crossmatch, grid and table do not read light curves)
-CCD_CADENCE_B = {"ingest_ccd": 1.0, "gaia_crossmatch": 0.0, "tile_grid": 0.0, "merge_tiles": 1.0}
+CCD_CADENCE_B = {"ingest_ccd": 1.0, "gaia_crossmatch": 0.0, "tile_grid": 0.0, "merge_tiles": 1.0, "ccd_motion": 1.0}
 CCD_CADENCE_B.update(survey_table=0.0, report_survey=1.0)
 
 TILE_RE = re.compile(r"(?:tiles/|_)(r\d{4,}c\d{4,})")  # <ccd>/tiles/<tile>[_<set>] or <ccd>_<tile>
