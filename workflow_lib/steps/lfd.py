@@ -153,21 +153,12 @@ def motion_model_step(
 
     p = motion_params(params)
     f = load_field_scene(cube_path, catalog_path, prf_npz)
-    table, idx = f["table"], f["idx"]
+    idx = f["idx"]
     offsets = None
     if ccd_motion is not None:
-        offsets = ccd_offsets_of_tile(ccd_motion, f["cube"], table["time"].values)
+        offsets = ccd_offsets_of_tile(ccd_motion, f["cube"], f["table"]["time"].values)
     mm, summary = fit_field_motion(
-        table["time"].values,
-        table["flux"].values,
-        table["flux_err"].values,
-        table["quality"].values,
-        f["S"],
-        f["mean_flux"][idx],
-        f["pc"],
-        f["pr"],
-        f["sc"][idx],
-        f["sr"][idx],
+        *scene_series(f),
         p,
         mission=f["cube"].attrs.get("mission", "TESS"),
         name=str(cube_path),
@@ -208,18 +199,8 @@ def scene_offsets_step(cube_path, catalog_path, prf_npz, out_npz, params: dict |
 
     p = motion_params(params)
     f = load_field_scene(cube_path, catalog_path, prf_npz)
-    table, idx = f["table"], f["idx"]
     out = measure_field_offsets(
-        table["time"].values,
-        table["flux"].values,
-        table["flux_err"].values,
-        table["quality"].values,
-        f["S"],
-        f["mean_flux"][idx],
-        f["pc"],
-        f["pr"],
-        f["sc"][idx],
-        f["sr"][idx],
+        *scene_series(f),
         f["model"],
         p,
         name=str(cube_path),
@@ -233,6 +214,25 @@ def scene_offsets_step(cube_path, catalog_path, prf_npz, out_npz, params: dict |
         save_npz_deterministic(tmp, out)
     log.info("scene offsets of %d cadences saved to %s", int(out["good"].sum()), out_npz)
     return out
+
+
+def scene_series(f: dict) -> tuple:
+    """The positional inputs of the motion fits from :func:`load_field_scene`'s dict: time, flux, flux_err,
+    quality (per pixel and cadence), the scene matrix S, the modelled sources' mean fluxes, pixel column / row
+    and those sources' column / row."""
+    table, idx = f["table"], f["idx"]
+    return (
+        table["time"].values,
+        table["flux"].values,
+        table["flux_err"].values,
+        table["quality"].values,
+        f["S"],
+        f["mean_flux"][idx],
+        f["pc"],
+        f["pr"],
+        f["sc"][idx],
+        f["sr"][idx],
+    )
 
 
 def load_field_scene(cube_path, catalog_path, prf_npz):
