@@ -451,17 +451,20 @@ def merged_tile_ids(ccd, set_name):
     )
 
 
+def scene_offsets_path(ccd, tile):
+    """A tile's scene_offsets.npz (rules/survey.smk, scene_offsets)."""
+    return f"{RESULTS}/{tile_field(ccd, tile)}/lfd/scene_offsets.npz"
+
+
 def scene_offsets_tile_ids(ccd):
     """The tiles whose scene offsets the CCD's motion fit takes (all; survey.allow_missing_tiles: not failed ones)."""
-    return survey_tiles_with(
-        ccd, lambda t: f"{RESULTS}/{tile_field(ccd, t)}/lfd/scene_offsets.npz"
-    )
+    return survey_tiles_with(ccd, lambda t: scene_offsets_path(ccd, t))
 
 
 def scene_offsets_input(wildcards):
     return {
         "offsets": [
-            f"{RESULTS}/{tile_field(wildcards.ccd, t)}/lfd/scene_offsets.npz"
+            scene_offsets_path(wildcards.ccd, t)
             for t in scene_offsets_tile_ids(wildcards.ccd)
         ]
     }

@@ -420,6 +420,17 @@ def _scene_shift_terms(prf, rows, cols, dx, dy, F, npix: int, degree: int, half:
     return np.stack([np.bincount(rows, weights=a[:, k] * F[cols], minlength=npix) for k in range(a.shape[1])], axis=1)
 
 
+def _recentred(cx, cy, g, have, p: dict):
+    """Offsets relative to their mean over the cadences ``g`` (the mean-frame PRF sits at the mean offset),
+    the stencil range ``half`` of the shift polynomial (5 % beyond the largest offset of the cadences
+    ``have``, at least 0.021 px) and, with ``deconvolve``, the offsets' covariance over ``g``."""
+    cx = cx - cx[g].mean()
+    cy = cy - cy[g].mean()
+    half = float(max(np.abs(cx[have]).max(), np.abs(cy[have]).max(), 0.02)) * 1.05
+    cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
+    return cx, cy, half, cov
+
+
 def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int, name: str, errors: bool = False):
     """Two rounds of :func:`measure_scene_offsets`, the second with the stencil range and (``deconvolve``)
     offset covariance of the first. Returns ``(cx, cy, ok, pixel_used, background coefficients, half, cov)``
@@ -442,11 +453,7 @@ def _shift_offsets(flux, flux_err, background, good, terms, p: dict, degree: int
         )
         cx, cy, ok, use_pix, bk = out[:5]
         g = good & ok
-        # offsets relative to the mean frame: the mean-frame PRF sits at the mean offset
-        cx = cx - cx[g].mean()
-        cy = cy - cy[g].mean()
-        half = float(max(np.abs(cx[ok]).max(), np.abs(cy[ok]).max(), 0.02)) * 1.05
-        cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
+        cx, cy, half, cov = _recentred(cx, cy, g, ok, p)
         log.info(
             "%s: scene offsets round %d: rms %.4f / %.4f px, range +-%.3f px", name, rnd, cx[g].std(), cy[g].std(), half
         )
@@ -466,15 +473,27 @@ def _given_offsets(flux, flux_err, background, good, terms, p: dict, degree: int
     g = good & have
     if g.sum() < 2:
         raise MotionError("given scene offsets: fewer than 2 good cadences")
-    cx = cx - cx[g].mean()
-    cy = cy - cy[g].mean()
-    half = float(max(np.abs(cx[have]).max(), np.abs(cy[have]).max(), 0.02)) * 1.05
-    cov = np.cov(np.vstack([cx[g], cy[g]])) if p["deconvolve"] else None
+    cx, cy, half, cov = _recentred(cx, cy, g, have, p)
     _, _, ok, use_pix, bk = measure_scene_offsets(
         flux, flux_err, terms(half, cov), background, degree, n_iter=0, clip=float(p["shift_clip"]), good=good,
         init=(cx, cy),
     )  # fmt: skip
     return cx, cy, ok & have, use_pix, bk, half, cov
+
+
+def _shift_scene(S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux, quality, degree: int):
+    """What both shift-model fits build first: the (pixel, source) pairs of ``S``, the sources' fluxes
+    (clipped at 0), the good cadences (QUALITY 0 with data) and ``terms(half, cov)``, the scene's shift
+    polynomial terms (:func:`_scene_shift_terms`). Returns ``(S, F, good, terms)``."""
+    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
+    F = np.clip(np.asarray(source_flux, float), 0.0, None)
+    npix = S.shape[0]
+    good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
+
+    def terms(half, cov):
+        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, degree, half, cov)
+
+    return S, F, good, terms
 
 
 def measure_field_offsets(
@@ -503,15 +522,10 @@ def measure_field_offsets(
     """
     p = motion_params(params)
     deg = int(p["shift_degree"])
-    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
-    F = np.clip(np.asarray(source_flux, float), 0.0, None)
-    npix = S.shape[0]
-    good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
+    _, _, good, terms = _shift_scene(
+        S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux, quality, deg
+    )
     B = background_design(pixel_col, pixel_row, p["background_order"])
-
-    def terms(half, cov):
-        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, deg, half, cov)
-
     cx, cy, ok, _, _, _, _, ex, ey = _shift_offsets(flux, flux_err, B, good, terms, p, deg, name, errors=True)
 
     def nan_out(a):
@@ -653,15 +667,9 @@ def fit_shift_model(
     p = motion_params(params)
     deg = int(p["shift_degree"])
     time = np.asarray(time, float)
-
-    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
-    F = np.clip(np.asarray(source_flux, float), 0.0, None)
-    npix = S.shape[0]
-    good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
-
-    def terms(half, cov):
-        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, deg, half, cov)
-
+    S, F, good, terms = _shift_scene(
+        S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux, quality, deg
+    )
     if offsets is None:
         cx, cy, ok, use_pix, bk, half, cov = _shift_offsets(flux, flux_err, background, good, terms, p, deg, name)
     else:
