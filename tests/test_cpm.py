@@ -186,6 +186,28 @@ def test_heldout_pixel_against_direct_solves():
         np.testing.assert_allclose(m_off[s], w[-1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_similar_brightness_window_equals_a_full_sort(ties):
+    """The windowed search returns, per target, exactly the first L of a stable argsort of
+    |median - median[p]| over all candidates (the paper's rule, §3.3.2), ties included."""
+    rng = np.random.default_rng(3)
+    rows, cols = np.meshgrid(np.arange(30), np.arange(24), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    med = rng.lognormal(5, 1.5, rows.size)
+    if ties:  # runs of ~120 equal medians; a target at +0.5 takes its L from the run below it,
+        # where the lowest indices (the winners of a tie) lie farthest from it in the sorted order
+        med = rng.integers(0, 6, rows.size) * 100.0 + 0.5 * (rng.random(rows.size) < 0.2)
+    valid = rng.random(rows.size) > 0.1
+    targets = np.flatnonzero(valid)
+    params = cpm.cpm_params(n_predictors=40, exclusion_size=7)
+    got, counts = cpm.select_predictors(rows, cols, med, valid, targets, params)
+    for i, p in enumerate(targets):
+        cidx = np.flatnonzero(valid & ((np.abs(rows - rows[p]) > 3) | (np.abs(cols - cols[p]) > 3)))
+        want = cidx[np.argsort(np.abs(med[cidx] - med[p]), kind="stable")[:40]]
+        assert counts[i] == want.size
+        np.testing.assert_array_equal(got[i, : counts[i]], want)
+
+
 def test_random_predictors_seeded_and_outside_exclusion():
     rows, cols = np.meshgrid(np.arange(15), np.arange(15), indexing="ij")
     rows, cols = rows.ravel(), cols.ravel()

@@ -23,11 +23,13 @@ Outliers are rejected with the robust standard deviation (1.4826 x the median ab
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-__all__ = ["MAD_TO_SIGMA", "WLS_METHODS", "wls", "robust_sigma", "clip_mask", "clipped_fit"]
+__all__ = ["MAD_TO_SIGMA", "WLS_METHODS", "wls", "robust_sigma", "nanmedian_columns", "clip_mask", "clipped_fit"]
 
 #: standard deviation of a normal distribution per median absolute deviation
 MAD_TO_SIGMA = 1.4826
@@ -144,6 +146,27 @@ def robust_sigma(x, axis=None, keepdims: bool = False):
     """Robust standard deviation: ``1.4826 * median(|x - median(x)|)`` (along ``axis``)."""
     x = np.asarray(x)
     return MAD_TO_SIGMA * np.median(np.abs(x - np.median(x, axis=axis, keepdims=True)), axis=axis, keepdims=keepdims)
+
+
+def nanmedian_columns(a) -> np.ndarray:
+    """``numpy.nanmedian(a, axis=0)`` of a 2-D array, the same numbers, fast when few columns hold NaN.
+
+    numpy falls back to one Python call per column as soon as any column has a NaN (a dead pixel in
+    a cube of 18,000 pixel light curves made the CPM's normalisation take seconds); here the
+    all-finite columns go through ``numpy.median`` in one call and only the others through
+    ``numpy.nanmedian``.  All-NaN columns give NaN without a warning.
+    """
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"nanmedian_columns needs a 2-D array, got shape {a.shape}")
+    bad = ~np.isfinite(a).all(axis=0) if a.shape[0] else np.zeros(a.shape[1], bool)
+    out = np.empty(a.shape[1], dtype=np.result_type(a.dtype, np.float64))
+    out[~bad] = np.median(a[:, ~bad], axis=0) if a.shape[0] else np.nan
+    if bad.any():
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[bad] = np.nanmedian(a[:, bad], axis=0)
+    return out
 
 
 def clip_mask(values, reference, n_sigma: float, *, floor: float, side: str = "both", inclusive: bool = True):
