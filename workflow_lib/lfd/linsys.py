@@ -220,7 +220,8 @@ def solve_direct(
     xd = sys.x_data0.copy()
     if factor is not None:
         xd[sys.s_pos] *= factor
-    vals = w[sys.x_rows[sys.pair_a]] * xd[sys.pair_a] * xd[sys.pair_b]
+    wx = w[sys.x_rows] * xd  # per entry of X (the same products as w[row of a] * x_a, gathered once per entry)
+    vals = wx[sys.pair_a] * xd[sys.pair_b]
     ndata = np.bincount(sys.pair_n, weights=vals, minlength=sys.n_indices.size)
     ndata[sys.n_diag_pos] += sys.prior_ivar[sys.perm]
     N = sp.csc_matrix((ndata, sys.n_indices, sys.n_indptr), shape=(sys.nvar, sys.nvar))

@@ -54,6 +54,7 @@ the scene matrix (eq. 24); :func:`motion_factors` gives the same as the low-rank
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -496,6 +497,39 @@ def _shift_scene(S, source_flux, pixel_col, pixel_row, source_col, source_row, p
     return S, F, good, terms
 
 
+def offset_information_pixels(
+    S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux_err, quality, fraction: float, step=0.05
+) -> np.ndarray:
+    """The pixels that carry ``fraction`` of the scene's information on a common shift, most informative
+    first (returned in pixel order).
+
+    The Fisher information of pixel p on the offset (c_x, c_y) is ``(|dM_p/dc_x|^2 + |dM_p/dc_y|^2) /
+    sigma_p^2``, with ``M_p = sum_s F_s P(d_ps - c)`` the mean-frame scene (its derivatives by central
+    differences of ``step`` px of the PRF model) and ``sigma_p`` the pixel's rms error over the good
+    cadences. Sky pixels far from every star carry almost none: a tile's offsets can be measured on the
+    pixels of its stars' cores and wings only (the background terms are fitted on those pixels too).
+    """
+    S, rows, cols, dx, dy = scene_pairs(S, pixel_col, pixel_row, source_col, source_row)
+    F = np.clip(np.asarray(source_flux, float), 0.0, None)[cols]
+    npix = S.shape[0]
+    h = float(step)
+    grad = [
+        np.bincount(rows, weights=F * (prf.evaluate(dx - h * ex, dy - h * ey) - prf.evaluate(dx + h * ex, dy + h * ey)), minlength=npix)
+        / (2 * h)
+        for ex, ey in ((1.0, 0.0), (0.0, 1.0))
+    ]  # fmt: skip
+    ferr = np.asarray(flux_err, float)
+    good = np.asarray(quality) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var = np.nanmean(ferr[good] ** 2, axis=0) if good.any() else np.nanmean(ferr**2, axis=0)
+    info = np.where(np.isfinite(var) & (var > 0), (grad[0] ** 2 + grad[1] ** 2) / np.where(var > 0, var, 1.0), 0.0)
+    order = np.argsort(-info, kind="stable")
+    cum = np.cumsum(info[order])
+    n = int(np.searchsorted(cum, fraction * cum[-1], side="left")) + 1 if cum[-1] > 0 else npix
+    return np.sort(order[: min(max(n, 1), npix)])
+
+
 def measure_field_offsets(
     time,
     flux,
@@ -522,10 +556,21 @@ def measure_field_offsets(
     """
     p = motion_params(params)
     deg = int(p["shift_degree"])
+    frac = float(p["offset_info_fraction"])
+    B = background_design(pixel_col, pixel_row, p["background_order"])  # on the whole field's pixel box
+    if frac < 1.0:
+        pix = offset_information_pixels(
+            S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux_err, quality, frac
+        )
+        log.info(
+            "%s: scene offsets on %d of %d pixels (%.3g of the shift information)", name, pix.size, B.shape[0], frac
+        )
+        S = sp.csr_matrix(S)[pix]
+        flux, flux_err = np.asarray(flux)[:, pix], np.asarray(flux_err)[:, pix]
+        pixel_col, pixel_row, B = np.asarray(pixel_col)[pix], np.asarray(pixel_row)[pix], B[pix]
     _, _, good, terms = _shift_scene(
         S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux, quality, deg
     )
-    B = background_design(pixel_col, pixel_row, p["background_order"])
     cx, cy, ok, _, _, _, _, ex, ey = _shift_offsets(flux, flux_err, B, good, terms, p, deg, name, errors=True)
 
     def nan_out(a):
@@ -538,6 +583,7 @@ def measure_field_offsets(
         column_err=nan_out(ex),
         row_err=nan_out(ey),
         good=good & ok,
+        n_pixels=np.int64(B.shape[0]),
     )
 
 
