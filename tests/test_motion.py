@@ -298,3 +298,20 @@ def test_field_offsets_errors_and_given_offsets():
     np.testing.assert_allclose(mm2.reg_y, d["cy"] - d["cy"].mean(), atol=1e-12)
     with pytest.raises(motion.MotionError, match="59 cadences, the field 60"):
         motion.fit_field_motion(*args, p, prf=prf, offsets=(d["cx"][1:], d["cy"][1:]))
+
+
+def test_kron_ridge_equals_the_full_kronecker_solve():
+    """The shift correction's separable ridge fit (G W H + lam W = rhs, one Cholesky solve per eigenvalue of
+    the small temporal Gram H) against the dense (G (x) H + lam I) solve, with a singular spatial Gram."""
+    from workflow_lib.lfd.motion import _kron_ridge
+
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(120, 60))
+    G = A.T @ A
+    G[:, 5] = G[5, :] = 0.0  # a spline component without data
+    M = rng.normal(size=(40, 9))
+    H = M.T @ M
+    rhs = rng.normal(size=(60, 9))
+    W = _kron_ridge(G, H, rhs, 0.3)
+    ref = np.linalg.solve(np.kron(G, H) + 0.3 * np.eye(60 * 9), rhs.ravel()).reshape(60, 9)
+    np.testing.assert_allclose(W, ref, rtol=1e-10, atol=1e-12)

@@ -58,6 +58,7 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 from workflow_lib.core.linalg import clip_mask, wls
 from workflow_lib.core.logs import get_logger
@@ -364,6 +365,21 @@ def clip_sources(chi2, count, owner, used_src, have, sigma_clip: float, what: st
     return new
 
 
+def _kron_ridge(G, H, rhs, lam: float) -> np.ndarray:
+    """W solving ``G W H + lam W = rhs`` (the normal equations ``(G (x) H + lam I) vec W = vec rhs`` of a
+    separable ridge fit; G (n, n) sparse or dense and H (K, K) symmetric positive semi-definite, lam > 0).
+
+    In the eigenbasis of the small H = V diag(h) V^T the system splits into K independent n x n systems,
+    ``(h_j G + lam I) w'_j = (rhs V)_j``, each solved by a sparse LU factorisation (G of tensor-product
+    B-splines is banded); W = W' V^T. H's eigenvalues are clipped at 0 (round-off)."""
+    h, V = np.linalg.eigh(H)
+    R = rhs @ V
+    G = sp.csc_matrix(G)
+    eye = sp.identity(G.shape[0], format="csc") * lam
+    Wp = np.column_stack([spla.splu((hj * G + eye).tocsc()).solve(R[:, j]) for j, hj in enumerate(np.clip(h, 0, None))])
+    return Wp @ V.T
+
+
 def fit_shift_correction(
     resid, weight, owner, dx, dy, mono, *, knots, degree: int, prior_sigma: float, n_iter: int, sigma_clip: float
 ):
@@ -377,7 +393,7 @@ def fit_shift_correction(
     profiled out by centring in time). ``db_k`` are tensor-product B-splines with a Gaussian prior
     N(0, (prior_sigma / R^order_k)^2), R = the offset range folded into ``mono`` scaling by the
     caller. With time-constant weights the normal matrix is the Kronecker product G (x) H of the
-    spatial and temporal Gram matrices, solved through their eigen-decompositions.
+    spatial and temporal Gram matrices, solved in the eigenbasis of the small temporal one (:func:`_kron_ridge`).
     Sources whose chi^2 per point exceeds the median by ``sigma_clip`` robust sigma (variable
     stars) are left out and the fit repeated (``n_iter``). Returns ``(W (ncomp, K), mean_mono (K,), used)``.
     """
@@ -394,13 +410,9 @@ def fit_shift_correction(
     Rc = R - (R.sum(axis=0) / np.maximum(fin.sum(axis=0), 1))[None, :] * fin
     for it in range(int(n_iter) + 1):
         w = np.where(used_src[owner], weight, 0.0)
-        G = (A.T @ sp.diags(w) @ A).toarray()
+        G = (A.T @ sp.diags(w) @ A).tocsc()
         rhs = np.asarray(A.T @ (w[:, None] * (Rc.T @ Mc)))  # (ncomp, K)
-        g, U = np.linalg.eigh(G)
-        h, V = np.linalg.eigh(H)
-        lam = 1.0 / prior_sigma**2
-        Z = (U.T @ rhs @ V) / (np.clip(g, 0, None)[:, None] * np.clip(h, 0, None)[None, :] + lam)
-        Wc = U @ Z @ V.T
+        Wc = _kron_ridge(G, H, rhs, 1.0 / prior_sigma**2)
         if it == int(n_iter):
             break
         model = (A @ Wc) @ Mc.T  # (npix, ntime)
@@ -491,8 +503,14 @@ def _shift_scene(S, source_flux, pixel_col, pixel_row, source_col, source_row, p
     npix = S.shape[0]
     good = (np.asarray(quality) == 0) & np.isfinite(np.asarray(flux)).any(axis=1)
 
-    def terms(half, cov):
-        return _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, degree, half, cov)
+    last = {}
+
+    def terms(half, cov):  # the last result kept: given offsets ask twice for the same (half, cov)
+        key = (float(half), None if cov is None else np.asarray(cov, float).tobytes())
+        if key not in last:
+            last.clear()
+            last[key] = _scene_shift_terms(prf, rows, cols, dx, dy, F, npix, degree, half, cov)
+        return last[key]
 
     return S, F, good, terms
 
