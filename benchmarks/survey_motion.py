@@ -44,8 +44,7 @@ sys.path.insert(0, str(REPO))
 CI_CONFIG = REPO / ".test" / "config-survey"
 
 
-#: the CCD measured in docs/SURVEY.md: the CI survey config at 128 x 128 px in 4 tiles of 64 px (CI itself
-#: runs a 96 x 96 CCD in 4 tiles of 48 px to save time)
+#: the CCD measured in docs/SURVEY.md: the CI survey config (128 x 128 px in 4 tiles of 64 px)
 CCD_SIZE = {"n_rows": 128, "n_cols": 128}
 TILE_SIZE = 64
 

@@ -111,3 +111,14 @@ def test_cdpp_durations_equal_one_cdpp_call_per_duration():
     want = [cdpp(t, f, d, savgol_window=51) for d in durations]
     assert got[:2] == want[:2] and np.isfinite(got[:2]).all()
     assert np.isnan(got[2]) and np.isnan(want[2])
+
+
+@pytest.mark.parametrize(("n", "window", "order"), [(1300, 101, 2), (600, 49, 2), (101, 101, 2), (50, 7, 1), (9, 3, 2)])
+def test_savgol_equals_scipy(n, window, order):
+    """The CDPP's Savitzky-Golay trend (fixed edge operators) against scipy.signal.savgol_filter (mode interp)."""
+    from scipy.signal import savgol_filter
+
+    from workflow_lib.metrics import _savgol
+
+    x = np.random.default_rng(n).normal(size=n).cumsum() + 1e4
+    np.testing.assert_allclose(_savgol(x, window, order), savgol_filter(x, window, order), rtol=1e-11, atol=0)

@@ -10,7 +10,7 @@ own account/partition with SLURM_TEST_ACCOUNT / SLURM_TEST_PARTITION.
   with more memory (`attempt` scaling) and then succeeds.
 * `test_pipeline_on_slurm_*` (opt-in, PIPELINE_SLURM_TINY=1): the tiny config (`.test/config`) through the real Snakefile with the
   profile (`-j 4`); every job is a SLURM job (sacct), and every result equals a `--cores 2` run's.
-* `test_survey_on_slurm_*`: the CI survey config (`.test/config-survey`: a 96 x 96 CCD, 4 tiles) through
+* `test_survey_on_slurm_*`: the CI survey config (`.test/config-survey`: a 128 x 128 CCD, 4 tiles) through
   the profile: the tiles' steps share one SLURM job (group `tile`, `group-components: tile: 16`), and the
   merged per-CCD products (and every other result) equal the local run's, which is the session's survey
   e2e run (`survey_ci_run`, tests/conftest.py): CI pays for one extra survey run, on SLURM.

@@ -1,5 +1,5 @@
-"""Survey mode end to end under Snakemake: `.test/config-survey/config.yaml` (a synthetic 96 x 96 CCD of
-SPOC FFIs, 4 tiles of 48 px + 8 px halos) from FFI files to the merged per-CCD sets and the overview page.
+"""Survey mode end to end under Snakemake: `.test/config-survey/config.yaml` (a synthetic 128 x 128 CCD of
+SPOC FFIs, 4 tiles of 64 px + 8 px halos) from FFI files to the merged per-CCD sets and the overview page.
 
 The run (`survey_ci_run`, tests/conftest.py and tests/helpers/survey_run.py) happens once per session in a
 copy of the config dir (like tests/test_pipeline_e2e.py), with single-threaded BLAS; tests/test_slurm.py

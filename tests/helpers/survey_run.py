@@ -1,4 +1,4 @@
-"""The CI survey run (`.test/config-survey`: a synthetic 96 x 96 CCD, 4 tiles) under Snakemake, shared by
+"""The CI survey run (`.test/config-survey`: a synthetic 128 x 128 CCD, 4 tiles) under Snakemake, shared by
 tests/test_survey_e2e.py and tests/test_slurm.py (the local reference of the SLURM run) through the
 session fixture `survey_ci_run` (tests/conftest.py), so one pytest session makes it once.
 
