@@ -40,6 +40,9 @@ Every tile, flagged or not, then takes the CCD model at its centre, c_t + tau_t 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -356,3 +359,20 @@ def load_ccd_motion(path) -> dict:
     if missing:
         raise CCDMotionError(f"{path}: not a CCD motion model (no {', '.join(missing)})")
     return out
+
+
+def load_ccd_motion_qa(path) -> dict:
+    """A ``ccd_motion.json`` written by the ``ccd_motion`` step (:func:`qa_summary`: ``gain_tolerance``, ``tiles``
+    with each tile's ``gain_column``/``gain_row``, ``gain_err``, ``flagged``, ``in_fit``, ...)."""
+    try:
+        qa = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CCDMotionError(f"{path}: unreadable CCD motion QA ({exc})") from exc
+    if not isinstance(qa, dict) or not isinstance(qa.get("tiles"), list) or "gain_tolerance" not in qa:
+        raise CCDMotionError(f"{path}: not a CCD motion QA file (no `tiles` list or `gain_tolerance`)")
+    keys = ("tile", "gain_column", "gain_row", "gain_err", "flagged", "in_fit")
+    for t in qa["tiles"]:
+        missing = [k for k in keys if k not in t]
+        if missing:
+            raise CCDMotionError(f"{path}: a tile record has no {', '.join(missing)}")
+    return qa
