@@ -491,6 +491,13 @@ def tile_pages_input(wildcards):
     }
 
 
+def survey_motion_qa_input(wildcards):
+    """The overview page shows the CCD motion fit's per-tile QA (flagged tiles) when survey.motion is ccd."""
+    if ccd_motion_on():
+        return {"ccd_motion": f"{RESULTS}/{wildcards.ccd}/motion/ccd_motion.json"}
+    return {}
+
+
 def survey_outputs():
     """Everything survey mode produces for `rule all`."""
     if not CCDS:

@@ -13,7 +13,8 @@
 # rules/lfd.smk, rules/cpm.smk and rules/report.smk run on it unchanged; field_params() gives a tile its
 # CCD's settings over the run-wide ones. Per-tile jobs share the group "tile" (docs/CLUSTER.md).
 # survey.motion ccd: per tile scene_offsets -> per CCD ccd_motion -> each tile's motion_model uses the CCD
-# model at its centre; the tile's steps after ccd_motion form the group "tile_solve".
+# model at its centre; the tile's steps after ccd_motion form the group "tile_solve"; report_survey shows the
+# tiles the fit flagged (motion/ccd_motion.json).
 # Helpers (input functions, tile ids from the checkpoint): rules/common.smk, survey section.
 
 
@@ -270,10 +271,12 @@ rule survey_table:
 
 rule report_survey:
     """Overview page of a CCD: mean image + tile grid and status, CDPP vs G of every merged source
-    (hover, click -> the tile's field page), search by Gaia id or RA/Dec; links to the tile pages.
+    (hover, click -> the tile's field page), search by Gaia id or RA/Dec; links to the tile pages;
+    survey.motion ccd: the tiles the CCD motion fit flagged (ccd_motion.json).
     """
     input:
         unpack(tile_pages_input),
+        unpack(survey_motion_qa_input),
         cube=zarr_store(f"{RESULTS}/{{ccd}}/cube.zarr"),
         grid=f"{RESULTS}/{{ccd}}/tiles.json",
         table=f"{RESULTS}/{{ccd}}/merged/sources.ecsv",
@@ -306,9 +309,14 @@ rule report_survey:
             shlex.quote(p) for p in getattr(input, "summaries", [])
         ),
         report=json_arg(config["report"]),
+        ccd_motion=lambda w, input: (
+            f"--ccd-motion {shlex.quote(input.ccd_motion)}"
+            if "ccd_motion" in input.keys()
+            else ""
+        ),
     shell:
         "python -m workflow_lib.steps report-survey --ccd {wildcards.ccd}"
         " --cube {input.cube:q} --grid {input.grid:q} --table {input.table:q}"
         " --merged {params.merged} --tile-pages {params.tile_pages:q}"
-        " --tile-summaries {params.summaries} --out {output.html:q}"
+        " --tile-summaries {params.summaries} {params.ccd_motion} --out {output.html:q}"
         " --params {params.report} --log {log:q}"

@@ -166,3 +166,66 @@ def test_ccd_motion_step_writes_model_and_qa(tmp_path):
     assert m["model_column"].shape == (9, NT)
     rc = main(["survey-ccd-motion", "--offsets", *args, "--out", str(out), "--qa", str(qa), "--params", '{"clip": -1}'])
     assert rc == 1  # the schema refuses a negative clip
+
+
+@pytest.mark.parametrize("differential", [True, False])
+def test_fit_axis_matches_a_dense_constrained_solution(differential):
+    """_fit_axis (one core.linalg.wls solve: gauge as a penalty row, empty parameters pinned by a prior)
+    against an independent reference: the dense weighted least squares of eq. 1 with the constraint
+    sum_k a_k = 0 as a Lagrange multiplier (KKT system), parameters without data removed; E's errors from
+    the inverse of the KKT matrix (the covariance of the constrained solution). A random case with an
+    empty cadence and a tile without data."""
+    from workflow_lib.survey.motion import _fit_axis
+
+    rng = np.random.default_rng(11)
+    K, nt = 7, 15
+    y = 0.1 * rng.standard_normal((K, nt))
+    w = rng.uniform(0.2, 3.0, (K, nt)) * (rng.uniform(size=(K, nt)) > 0.15)
+    w[:, 4] = 0.0  # an empty cadence
+    w[2] = 0.0  # a tile left out of the fit
+    tau = np.linspace(-1.0, 1.0, nt)
+    delta = 40.0 * rng.standard_normal((K, 2))
+    c, a, e, e_err, c_err = _fit_axis(y, w, tau, delta, differential)
+
+    # reference: parameters [c_t (cadences with data), a_k (tiles with data), E (2)], row by row
+    ts = [t for t in range(nt) if w[:, t].sum() > 0]
+    ks = [k for k in range(K) if w[k].sum() > 0]
+    ne = 2 if differential else 0
+    m = len(ts) + len(ks) + ne
+    rows, rhs, wts = [], [], []
+    for k in ks:
+        for t in ts:
+            if w[k, t] > 0:
+                r = np.zeros(m)
+                r[ts.index(t)] = 1.0
+                r[len(ts) + ks.index(k)] = 1.0
+                for j in range(ne):
+                    r[len(ts) + len(ks) + j] = tau[t] * delta[k, j]
+                rows.append(r)
+                rhs.append(y[k, t])
+                wts.append(w[k, t])
+    A, b, W = np.array(rows), np.array(rhs), np.array(wts)
+    g = np.zeros(m)
+    g[len(ts) : len(ts) + len(ks)] = 1.0  # sum_k a_k = 0
+    kkt = np.block([[A.T @ (W[:, None] * A), g[:, None]], [g[None, :], np.zeros((1, 1))]])
+    sol = np.linalg.solve(kkt, np.concatenate([A.T @ (W * b), [0.0]]))
+    c_ref = np.full(nt, np.nan)
+    c_ref[ts] = sol[: len(ts)]
+    a_ref = np.zeros(K)
+    a_ref[ks] = sol[len(ts) : len(ts) + len(ks)]
+
+    np.testing.assert_array_equal(np.isnan(c), np.isnan(c_ref))
+    assert np.isnan(c[4]) and np.isnan(c_err[4]) and a[2] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(c[ts], c_ref[ts], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a, a_ref, rtol=1e-9, atol=1e-12)
+    assert abs(a.sum()) < 1e-12
+    np.testing.assert_allclose(c_err[ts], 1.0 / np.sqrt(w[:, ts].sum(axis=0)), rtol=1e-12)
+    if differential:
+        e_ref = sol[len(ts) + len(ks) : m]
+        cov = np.linalg.inv(kkt)[len(ts) + len(ks) : m, len(ts) + len(ks) : m]
+        np.testing.assert_allclose(e, e_ref, rtol=1e-9)
+        np.testing.assert_allclose(e_err, np.sqrt(np.diag(cov)), rtol=1e-9)
+        assert np.all(e_err > 0)
+    else:
+        np.testing.assert_array_equal(e, 0.0)
+        np.testing.assert_array_equal(e_err, 0.0)

@@ -158,3 +158,20 @@ def test_nanmedian_columns_equals_numpy(shape):
     got = nanmedian_columns(a)
     assert got.shape == (shape[1],)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse", "lstsq"])
+def test_infinite_prior_width_is_no_prior_on_that_weight(problem, method):
+    """prior_sigma inf on some weights: those have no prior (the others keep theirs), in every route."""
+    p = problem
+    ps = p["ps"].copy()
+    free = [0, 3, 5]
+    ps[free] = np.inf
+    got = wls(p["A"], p["y"], sigma=p["sigma"], prior_mu=p["mu"], prior_sigma=ps, penalty=p["D"], method=method)
+    # reference: the prior rows of the free weights left out of the augmented system
+    m = p["A"].shape[1]
+    keep = np.setdiff1d(np.arange(m), free)
+    rows = [p["A"] / p["sigma"][:, None], np.eye(m)[keep] / p["ps"][keep, None], p["D"].toarray()]
+    rhs = [p["y"] / p["sigma"], p["mu"][keep] / p["ps"][keep], np.zeros(m - 2)]
+    want = np.linalg.lstsq(np.vstack(rows), np.concatenate(rhs), rcond=None)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)

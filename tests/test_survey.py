@@ -335,6 +335,84 @@ def test_merge_without_a_failed_tile(ccd, tmp_path):
     assert '<td class="l st-missing">missing (lfd)</td>' in html
 
 
+def test_overview_page_shows_tiles_flagged_by_the_ccd_motion(ccd, tmp_path):
+    """survey.motion ccd: the overview page takes the CCD's ccd_motion.json (the ccd_motion step's QA, here
+    from the synthetic tile offsets of tests/test_ccd_motion.py, one tile with gain 0.85) and shows per tile
+    its status in the fit with its gains (hover text of the tile grid, a column of the tile table), the
+    flagged tile outlined on the image, and a summary line; without the QA (survey.motion tile) none of it."""
+    from test_ccd_motion import make_tiles
+
+    from workflow_lib.core.atomic import save_npz_deterministic
+    from workflow_lib.report.page import embedded_sources
+    from workflow_lib.report.survey import motion_summary, tile_status
+    from workflow_lib.steps.__main__ import main
+    from workflow_lib.steps.survey import ccd_motion_step
+    from workflow_lib.survey.motion import load_ccd_motion_qa
+
+    bad = "r0000c0064"
+    offsets = {}
+    tiles, _, _ = make_tiles({bad: 0.85}, E=np.zeros((2, 2)), grid=2, differential_centre=(68.0, 68.0))
+    assert sorted(tiles) == IDS  # the synthetic tiles carry this CCD's tile ids
+    for tid, d in tiles.items():
+        offsets[tid] = tmp_path / "offsets" / f"{tid}.npz"
+        offsets[tid].parent.mkdir(exist_ok=True)
+        save_npz_deterministic(offsets[tid], d)
+    motion_json = tmp_path / "motion" / "ccd_motion.json"
+    q = ccd_motion_step(offsets, tmp_path / "motion" / "ccd_motion.npz", motion_json)
+    assert q["flagged"] == [bad]
+    rec = next(t for t in q["tiles"] if t["tile"] == bad)
+
+    sets = _truth_sets(ccd, seed=4)
+    paths = {}
+    for tid, s in sets.items():
+        paths[tid] = tmp_path / tid / "lightcurves.zarr"
+        s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    out = tmp_path / "merged"
+    merge_tiles_step(paths, ccd / "tiles.json", ccd / "catalog.ecsv", out / "lfd.zarr", out / "lfd.ecsv", "lfd")
+    table = survey_table_step({"lfd": out / "lfd.ecsv"}, out / "sources.ecsv")
+
+    # the data the page builds: per tile its motion record, and the summary line
+    grid = json.loads((ccd / "tiles.json").read_text())
+    qa = load_ccd_motion_qa(motion_json)
+    status = {t["id"]: t for t in tile_status(grid, table, None, [], None, qa)}
+    m = status[bad]["motion"]
+    assert m["status"] == "flagged" and m["flagged"] and not m["in_fit"]
+    assert m["gain"] == [rec["gain_column"], rec["gain_row"]] and m["gain"][0] == pytest.approx(0.85, abs=0.02)
+    gain_text = (
+        f"gain {rec['gain_column']:.3f} ± {rec['gain_err'][0]:.3f} / {rec['gain_row']:.3f} ± {rec['gain_err'][1]:.3f}"
+    )
+    assert m["text"] == f"flagged; {gain_text} (column / row)"
+    assert {status[t]["motion"]["status"] for t in IDS if t != bad} == {"in fit"}
+    line = (
+        f"CCD motion: 3 of 4 tiles in the fit; flagged: {bad} (gain {rec['gain_column']:.2f} / {rec['gain_row']:.2f})"
+    )
+    assert motion_summary(qa, list(status.values()))["line"] == line
+
+    # the page, through the step's command line as the rule calls it
+    html_path = tmp_path / "report" / "index.html"
+    common = ["--cube", str(ccd / "cube.zarr"), "--grid", str(ccd / "tiles.json"), "--table", str(out / "sources.ecsv")]
+    common += ["--merged", f"lfd={out / 'lfd.zarr'}", "--ccd", "ccd", "--tile-summaries", "--params", "{}"]
+    assert main(["report-survey", *common, "--ccd-motion", str(motion_json), "--out", str(html_path)]) == 0
+    html = html_path.read_text()
+    assert f'<p id="survey-motion">{line} ' in html
+    assert f'<td class="l mo-flagged">flagged; {gain_text} (column / row)</td>' in html
+    assert html.count('class="l mo-flagged"') == 1 and "dashed magenta: tiles flagged by the CCD motion fit" in html
+    assert '<th class="l">CCD motion</th>' in html
+    src = embedded_sources(html)
+    assert list(src["ccd_motion_flagged"]["id"]) == [bad]
+    hover = dict(zip(src["survey_tiles"]["id"], src["survey_tiles"]["motion"]))
+    assert hover[bad] == m["text"] and hover["r0000c0000"].startswith("in fit; gain ")
+    assert json.loads(html.split('id="survey-meta">')[1].split("</script>")[0])["ccd_motion"]["flagged"] == [bad]
+
+    # survey.motion tile: no --ccd-motion, the page as before
+    assert main(["report-survey", *common, "--out", str(html_path)]) == 0
+    html = html_path.read_text()
+    assert 'id="survey-motion"' not in html and 'class="l mo-flagged"' not in html
+    assert '<th class="l">CCD motion</th>' not in html and "flagged by the CCD motion fit" not in html
+    src = embedded_sources(html)
+    assert "ccd_motion_flagged" not in src and "motion" not in src["survey_tiles"]
+
+
 def test_index_page_links_the_ccd_overview(ccd, tmp_path):
     """report-index: a survey CCD's row links its overview page (<ccd>/index.html beside the index) with
     its source count, measured sources per set and missing tiles (from merged/sources.ecsv)."""

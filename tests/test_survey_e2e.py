@@ -48,6 +48,12 @@ def test_products_of_every_stage(survey_run):
         assert (ccd / "merged" / f"{s}.ecsv").is_file()
     assert (ccd / "merged" / "sources.ecsv").is_file()
     assert (out / "report" / CCD / "index.html").is_file()
+    # survey.motion ccd (the default): the overview page shows the CCD motion fit's tile selection
+    qa = json.loads((ccd / "motion" / "ccd_motion.json").read_text())
+    n_in = sum(t["in_fit"] for t in qa["tiles"])
+    html = (out / "report" / CCD / "index.html").read_text()
+    assert f'<p id="survey-motion">CCD motion: {n_in} of {qa["n_tiles"]} tiles in the fit; flagged: ' in html
+    assert html.count('class="l mo-flagged"') == qa["n_flagged"]
 
 
 def test_every_on_ccd_source_exactly_once(survey_run):

@@ -68,7 +68,9 @@ def wls(
     sigma : (n,) data errors (``C = diag(sigma^2)``); or ``weights`` (n,) = the inverse variances
         directly (zero = point left out; ``y`` must then be finite there); neither = unit weights.
     prior_mu, prior_sigma : scalar or (m,) Gaussian prior of the weights; no prior when
-        ``prior_sigma`` is None; ``prior_mu`` None = zero mean.
+        ``prior_sigma`` is None; ``prior_mu`` None = zero mean. An infinite width (``numpy.inf``) is
+        no prior on that weight (it adds 0 to the normal matrix and right-hand side; its mean must be
+        finite), so a prior can be put on some weights only.
     penalty : optional (k, m) matrix D adding the zero-mean prior ``D @ w ~ N(0, 1)``.
     method : ``"dense"``, ``"sparse"`` or ``"lstsq"`` (see the module doc); the routes agree to
         rounding, each reproduces one historical implementation bit for bit.

@@ -5,7 +5,10 @@ What it shows:
 * the CCD's mean image (binned to at most ``MAX_IMAGE_SIDE`` px per side) with the tile grid: each tile
   core outlined and coloured by status (done: its field page exists; failed: it does not; missing: left
   out of a merged set, ``survey.allow_missing_tiles``), hover
-  gives the tile id, status and number of sources taken from it;
+  gives the tile id, status and number of sources taken from it; with ``survey.motion: ccd`` also each
+  tile's status in the CCD motion fit (in the fit / flagged, its gain +- error per axis, from
+  ``motion/ccd_motion.json``, :mod:`workflow_lib.survey.motion`), the flagged tiles outlined dashed in
+  magenta, and a summary line ("CCD motion: N of M tiles in the fit; flagged: ...");
 * every merged source on the image and in a CDPP vs G plot (one series per merged light-curve set);
   hover shows Gaia id, G, tile and CDPP; a click opens the tile's field page with the source selected
   (``tiles/<tile>.html#source=<gaia id>``, which the field page understands);
@@ -14,8 +17,10 @@ What it shows:
 * a table of the tiles with links to their field pages, and the overlap-consistency figure of every set.
 
 Inputs: the CCD cube, ``tiles.json``, the per-CCD source table (``merged/sources.ecsv``,
-:func:`workflow_lib.survey.merge.combine_source_tables`), the merged sets (for their attrs) and the tile
-pages' summaries.  Gaia ids are carried as strings (int64 ids do not fit a JavaScript number).
+:func:`workflow_lib.survey.merge.combine_source_tables`), the merged sets (for their attrs), the tile
+pages' summaries and, with ``survey.motion: ccd``, the CCD motion QA (``ccd_motion.json``,
+:func:`workflow_lib.survey.motion.load_ccd_motion_qa`).  Gaia ids are carried as strings (int64 ids do not
+fit a JavaScript number).
 """
 
 from __future__ import annotations
@@ -80,14 +85,80 @@ def _finite_or_none(values) -> list:
 
 #: tile colours on the CCD image, by status
 STATUS_COLORS = {"done": "#2ca02c", "missing": "#ff7f0e", "failed": "#d62728"}
+#: dashed outline of the tiles the CCD motion fit flagged (gain outside 1 +- gain_tolerance)
+FLAGGED_COLOR = "#e377c2"
+#: the summary line names at most this many flagged tiles (all of them are in the tile table)
+MAX_FLAGGED_NAMED = 20
 
 
-def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list, missing=None) -> list[dict]:
+def _gain_text(gain, err) -> str:
+    """``0.850 ± 0.004`` (a NaN gain: ``—``; a NaN error: the gain alone)."""
+    if gain is None or not np.isfinite(gain):
+        return "—"
+    return f"{gain:.3f} ± {err:.3f}" if err is not None and np.isfinite(err) else f"{gain:.3f}"
+
+
+def tile_motion(qa: dict | None) -> dict:
+    """Per tile id in the CCD motion QA (``ccd_motion.json``, :func:`workflow_lib.survey.motion.qa_summary`):
+    ``status`` (``in fit``; ``flagged``: gain outside 1 +- gain_tolerance, left out of the fit; ``flagged, in
+    fit``: kept because at least half the tiles stay; ``out of fit``), ``flagged``, ``in_fit``, ``gain`` and
+    ``gain_err`` (column, row) and ``text`` (status with gain +- error per axis, for hover and table)."""
+    out = {}
+    for t in (qa or {}).get("tiles", []):
+        flagged, in_fit = bool(t["flagged"]), bool(t["in_fit"])
+        status = ("flagged, in fit" if in_fit else "flagged") if flagged else ("in fit" if in_fit else "out of fit")
+        gain = [float(t["gain_column"]), float(t["gain_row"])]
+        err = [float(v) for v in t["gain_err"]]
+        text = f"{status}; gain {_gain_text(gain[0], err[0])} / {_gain_text(gain[1], err[1])} (column / row)"
+        out[str(t["tile"])] = {
+            "status": status,
+            "flagged": flagged,
+            "in_fit": in_fit,
+            "gain": gain,
+            "gain_err": err,
+            "text": text,
+        }
+    return out
+
+
+def motion_summary(qa: dict | None, tiles: list[dict]) -> dict | None:
+    """The page's CCD motion summary (None without a CCD motion QA): ``n_tiles`` (tiles in the fit's input),
+    ``n_in_fit``, ``flagged`` (tile ids), ``no_offsets`` (grid tiles the fit did not get, e.g. failed ones),
+    ``gain_tolerance``, ``differential`` and ``line``: "CCD motion: N of M tiles in the fit; flagged:
+    r0000c0128 (gain 0.85 / 0.86)" (at most :data:`MAX_FLAGGED_NAMED` named)."""
+    if qa is None:
+        return None
+    rec = tile_motion(qa)
+    flagged = [tid for tid, r in rec.items() if r["flagged"]]
+    named = [
+        f"{tid} (gain {rec[tid]['gain'][0]:.2f} / {rec[tid]['gain'][1]:.2f})" for tid in flagged[:MAX_FLAGGED_NAMED]
+    ]
+    if len(flagged) > MAX_FLAGGED_NAMED:
+        named.append(f"and {len(flagged) - MAX_FLAGGED_NAMED} more")
+    n_in = sum(r["in_fit"] for r in rec.values())
+    line = f"CCD motion: {n_in} of {len(rec)} tiles in the fit; flagged: {', '.join(named) or 'none'}"
+    no_offsets = [t["id"] for t in tiles if t["id"] not in rec]
+    if no_offsets:
+        line += f"; no offsets: {', '.join(no_offsets[:MAX_FLAGGED_NAMED])}"
+    return {
+        "n_tiles": len(rec),
+        "n_in_fit": int(n_in),
+        "flagged": flagged,
+        "no_offsets": no_offsets,
+        "gain_tolerance": float(qa["gain_tolerance"]),
+        "differential": bool(qa.get("differential", False)),
+        "line": line,
+    }
+
+
+def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list, missing=None, motion=None) -> list[dict]:
     """Per tile: id, core bounds, status (``missing``: listed in ``missing`` (set -> tile ids left out of
     that merged set, ``survey.allow_missing_tiles``), else ``done``: its field page exists, else ``failed``),
-    the sets it is missing from, the number of catalog sources whose core tile it is and the number of
-    merged sources taken from it per set."""
+    the sets it is missing from, the number of catalog sources whose core tile it is, the number of
+    merged sources taken from it per set and ``motion``: its record of :func:`tile_motion` from the CCD
+    motion QA ``motion`` (None without one, or for a tile the fit did not get)."""
     missing = missing or {}
+    motion_rec = tile_motion(motion)
     summaries = {}
     for path in tile_summaries:
         try:
@@ -115,12 +186,23 @@ def tile_status(grid: dict, table, tile_pages_dir, tile_summaries: list, missing
                 "n_core_sources": int(core.sum()),
                 "n_tile_sources": (summaries.get(tid) or {}).get("n_sources"),
                 "n_taken": {s: int((np.asarray(table[f"{s}_tile"]).astype(str) == tid).sum()) for s in sets},
+                "motion": motion_rec.get(tid),
             }
         )
     return out
 
 
-def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str, str]:
+def _tile_quads(tiles: list[dict], inset: float = 0.0) -> dict:
+    """Core bounds of ``tiles`` as quad columns (pixel edges), ``inset`` px inside each core."""
+    return {
+        "left": [t["core_column"][0] - 0.5 + inset for t in tiles],
+        "right": [t["core_column"][1] - 0.5 - inset for t in tiles],
+        "bottom": [t["core_row"][0] - 0.5 + inset for t in tiles],
+        "top": [t["core_row"][1] - 0.5 - inset for t in tiles],
+    }
+
+
+def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict, motion: dict | None = None) -> tuple[str, str]:
     from bokeh.embed import components
     from bokeh.layouts import column, row
     from bokeh.models import (
@@ -131,6 +213,7 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
         LinearColorMapper,
         LogColorMapper,
         TapTool,
+        Title,
     )
     from bokeh.palettes import Category10_10, Greys256
     from bokeh.plotting import figure
@@ -159,20 +242,17 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
     fimg.image(image=[img], color_mapper=mapper, **extent)
     fimg.add_layout(ColorBar(color_mapper=mapper, title="e-/s"), "right")
 
-    tsrc = ColumnDataSource(
-        {
-            "left": [t["core_column"][0] - 0.5 for t in tiles],
-            "right": [t["core_column"][1] - 0.5 for t in tiles],
-            "bottom": [t["core_row"][0] - 0.5 for t in tiles],
-            "top": [t["core_row"][1] - 0.5 for t in tiles],
-            "id": [t["id"] for t in tiles],
-            "status": [t["status"] for t in tiles],
-            "n": [t["n_core_sources"] for t in tiles],
-            "page": [t["page"] for t in tiles],
-            "color": [STATUS_COLORS[t["status"]] for t in tiles],
-        },
-        name="survey_tiles",
-    )
+    tdata = {
+        **_tile_quads(tiles),
+        "id": [t["id"] for t in tiles],
+        "status": [t["status"] for t in tiles],
+        "n": [t["n_core_sources"] for t in tiles],
+        "page": [t["page"] for t in tiles],
+        "color": [STATUS_COLORS[t["status"]] for t in tiles],
+    }
+    if motion is not None:
+        tdata["motion"] = [t["motion"]["text"] if t.get("motion") else "no offsets" for t in tiles]
+    tsrc = ColumnDataSource(tdata, name="survey_tiles")
     quads = fimg.quad(
         source=tsrc,
         left="left",
@@ -184,12 +264,31 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
         line_color="color",
         line_width=2,
     )
-    fimg.add_tools(
-        HoverTool(
-            renderers=[quads],
-            tooltips=[("tile", "@id"), ("status", "@status"), ("core sources", "@n")],
+    tile_tips = [("tile", "@id"), ("status", "@status"), ("core sources", "@n")]
+    if motion is not None:
+        tile_tips.append(("CCD motion", "@motion"))
+        # the tiles the CCD motion fit flagged: a dashed outline just inside the status outline
+        flagged = [t for t in tiles if t.get("motion") and t["motion"]["flagged"]]
+        inset = 0.04 * min((t["core_column"][1] - t["core_column"][0] for t in tiles), default=0)
+        fsrc = ColumnDataSource(
+            {**_tile_quads(flagged, inset), "id": [t["id"] for t in flagged]}, name="ccd_motion_flagged"
         )
-    )
+        fimg.add_layout(
+            Title(text="dashed magenta: tiles flagged by the CCD motion fit", text_color=FLAGGED_COLOR), "above"
+        )
+        fimg.quad(
+            source=fsrc,
+            left="left",
+            right="right",
+            bottom="bottom",
+            top="top",
+            fill_alpha=0.0,
+            line_color=FLAGGED_COLOR,
+            line_width=3,
+            line_dash="dashed",
+            name="ccd_motion_flagged",
+        )
+    fimg.add_tools(HoverTool(renderers=[quads], tooltips=tile_tips))
 
     data = {
         "sid": [str(int(s)) for s in np.asarray(table["source_id"], dtype=np.int64)],
@@ -267,9 +366,13 @@ def _document(img, extent, tiles, table, sets, cdpp_cols, p: dict) -> tuple[str,
     return components(row(fimg, column(fcdpp)))
 
 
-def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: str, tiles: list, params=None) -> str:
-    """HTML of the overview page (see the module doc)."""
+def build_survey_page(
+    cube_path, grid: dict, table, merged_attrs: dict, *, ccd: str, tiles: list, params=None, motion_qa=None
+) -> str:
+    """HTML of the overview page (see the module doc); ``motion_qa``: the CCD motion QA (``ccd_motion.json``,
+    ``survey.motion: ccd``), whose per-tile records ``tiles`` carry (:func:`tile_status`)."""
     p = report_params(params)
+    motion = motion_summary(motion_qa, tiles)
     img, extent = mean_image(cube_path)
     sets = _set_names(table)
     hours = float(p["cdpp_hours"])
@@ -283,7 +386,7 @@ def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: 
             "n_measured": int(np.isfinite(np.asarray(table[cdpp_cols[s]], float)).sum()) if cdpp_cols[s] else None,
         }
     with deterministic_ids("srv"):
-        script, div = _document(img, extent, tiles, table, sets, cdpp_cols, p)
+        script, div = _document(img, extent, tiles, table, sets, cdpp_cols, p, motion)
 
     bokeh_css, bokeh_js = figures.bokeh_inline()
     meta = {
@@ -292,6 +395,7 @@ def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: 
         "sets": sets,
         "search_radius_arcsec": SEARCH_RADIUS_ARCSEC,
         "tiles": [t["id"] for t in tiles],
+        "ccd_motion": None if motion is None else {k: v for k, v in motion.items() if k != "line"},
     }
     return (
         _jinja_env()
@@ -302,6 +406,7 @@ def build_survey_page(cube_path, grid: dict, table, merged_attrs: dict, *, ccd: 
             tiles=tiles,
             sets=sets,
             qa=qa,
+            motion=motion,
             n_sources=len(table),
             n_on_ccd=int(np.asarray(table["on_ccd"], bool).sum()) if "on_ccd" in table.colnames else None,
             bokeh_css=bokeh_css,
@@ -326,12 +431,16 @@ def write_survey_report(
     tile_pages=None,
     tile_summaries=(),
     params: dict | None = None,
+    ccd_motion=None,
 ) -> Path:
     """Snakemake entry point (``report-survey``): the overview page of one CCD -> ``out_html`` (atomic).
 
     ``merged``: set name -> merged light-curve zarr (their attrs give the QA counts); ``tile_pages``: the
-    directory holding the tiles' field pages ``<tile>.html`` (linked relative to ``out_html``)."""
+    directory holding the tiles' field pages ``<tile>.html`` (linked relative to ``out_html``);
+    ``ccd_motion``: the ``ccd_motion.json`` of the CCD (``survey.motion: ccd``; None: no motion QA shown)."""
     from astropy.table import Table
+
+    from workflow_lib.survey.motion import load_ccd_motion_qa
 
     grid = json.loads(Path(grid_json).read_text())
     table = Table.read(str(table_path), format="ascii.ecsv")
@@ -343,7 +452,8 @@ def write_survey_report(
             missing[name] = [str(x) for x in np.atleast_1d(ds.attrs.get("missing_tiles", []))]
         except Exception as exc:  # noqa: BLE001 - the page still shows what it has
             log.warning("merged set %s (%s) not readable: %s", name, path, exc)
-    tiles = tile_status(grid, table, tile_pages, list(tile_summaries), missing)
-    html = build_survey_page(cube_path, grid, table, attrs, ccd=ccd, tiles=tiles, params=params)
+    motion_qa = load_ccd_motion_qa(ccd_motion) if ccd_motion else None
+    tiles = tile_status(grid, table, tile_pages, list(tile_summaries), missing, motion_qa)
+    html = build_survey_page(cube_path, grid, table, attrs, ccd=ccd, tiles=tiles, params=params, motion_qa=motion_qa)
     log.info("survey page %s: %d sources, %d tiles -> %s", ccd, len(table), len(tiles), out_html)
     return write_text_atomic(html, out_html)

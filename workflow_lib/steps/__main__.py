@@ -329,7 +329,13 @@ def call_survey_table(f, a, p):
 
 def call_report_survey(f, a, p):
     merged = name_paths(a.merged, "--merged")
-    check_inputs(cube=store(a.cube), grid=a.grid, table=a.table, **{f"merged {k}": v for k, v in merged.items()})
+    check_inputs(
+        cube=store(a.cube),
+        grid=a.grid,
+        table=a.table,
+        ccd_motion=a.ccd_motion,
+        **{f"merged {k}": v for k, v in merged.items()},
+    )
     f(
         store(a.cube),
         a.grid,
@@ -340,6 +346,7 @@ def call_report_survey(f, a, p):
         tile_pages=a.tile_pages,
         tile_summaries=a.tile_summaries or [],
         params=p,
+        ccd_motion=a.ccd_motion,
     )
 
 
@@ -492,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ccd", default="")
     sp.add_argument("--tile-pages", metavar="DIR", help="directory of the tiles' field pages <tile>.html")
     sp.add_argument("--tile-summaries", nargs="*", metavar="PATH", help="the tiles' field-page summary JSON files")
+    sp.add_argument(
+        "--ccd-motion", metavar="PATH", help="survey.motion ccd: the CCD's ccd_motion.json (tiles flagged by the fit)"
+    )
     return parser
 
 

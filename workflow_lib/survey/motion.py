@@ -20,7 +20,7 @@ tau_t has 3 parameters per axis with the common drift, so three tiles fit it exa
 own scale error (gain) becomes "differential motion" that moves the model at every other tile (measured on
 the 4-tile CI CCD, docs/SURVEY.md); with many tiles per CCD (a whole TESS CCD: 1024 tiles of 64 px) the
 gains average out and a real differential drift is measured. Weighted least squares of eq. 1 with weights w_kt = 1 / (s_k sigma_kt)^2 on the good cadences
-(sparse normal equations; gauge sum_k a_k = 0).
+(one :func:`workflow_lib.core.linalg.wls` solve, sparse normal equations; gauge sum_k a_k = 0).
 
 Robustness (iterated until the tile selection and the clipped points no longer change):
 
@@ -40,10 +40,14 @@ Every tile, flagged or not, then takes the CCD model at its centre, c_t + tau_t 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from workflow_lib.core.linalg import wls
 from workflow_lib.core.logs import get_logger
 
 log = get_logger("survey.motion")
@@ -84,7 +88,15 @@ def check_tiles(tiles: dict) -> np.ndarray:
 
 def _fit_axis(y, w, tau, delta, differential: bool):
     """Weighted least squares of eq. 1 on one axis. y, w (ntile, ntime) (w = 0: not used), tau (ntime,),
-    delta (ntile, 2). Returns (c (ntime,), a (ntile,), e (2,), e_err (2,), c_err (ntime,))."""
+    delta (ntile, 2). Returns (c (ntime,), a (ntile,), e (2,), e_err (2,), c_err (ntime,)).
+
+    One :func:`~workflow_lib.core.linalg.wls` solve (sparse normal equations): parameters (c_t, a_k, E)
+    without a prior (infinite width), except those without data (cadences / tiles no point uses), which a
+    zero-mean prior fixes at 0 (c_t reported NaN); the gauge sum_k a_k = 0 (a common constant moves between
+    a_k and c_t) is a penalty row sqrt(s) sum_k a_k (s: the mean data diagonal of the normal matrix, so the
+    matrix stays well scaled; the data do not see this direction, the minimum has sum_k a_k = 0 exactly).
+    e_err from the inverse of the same normal matrix.
+    """
     K, nt = y.shape
     ne = 2 if differential else 0
     k_idx, t_idx = np.nonzero(w > 0)
@@ -98,31 +110,25 @@ def _fit_axis(y, w, tau, delta, differential: bool):
     npar = nt + K + ne
     A = sp.csr_matrix((np.concatenate(vals), (np.tile(rows, len(vals)), np.concatenate(cols))), shape=(n, npar))
     W = w[k_idx, t_idx]
-    AW = A.multiply(W[:, None]).tocsr()
-    N = (A.T @ AW).tolil()
-    rhs = AW.T @ y[k_idx, t_idx]
-    scale = float(np.mean(N.diagonal()[N.diagonal() > 0])) if n else 1.0
-    # gauge: sum_k a_k = 0 (a common constant moves between a_k and c_t)
-    ones = np.zeros(npar)
-    ones[nt : nt + K] = 1.0
-    diag = N.diagonal()
-    empty = np.flatnonzero(diag == 0)  # cadences / tiles without data: fixed at 0 (reported NaN)
-    N = N.tocsr() + scale * sp.csr_matrix(np.outer(ones, ones)) + sp.diags(np.isin(np.arange(npar), empty) * scale)
-    N = N.tocsc()
-    sol = spla.spsolve(N, rhs)
+    diag = np.asarray(A.multiply(A).T @ W).ravel()  # the data part of the normal matrix's diagonal
+    scale = float(np.mean(diag[diag > 0])) if n else 1.0
+    prior_sigma = np.where(diag == 0, 1.0 / np.sqrt(scale), np.inf)
+    gauge = sp.csr_matrix((np.full(K, np.sqrt(scale)), (np.zeros(K, int), nt + np.arange(K))), shape=(1, npar))
+    sol, N = wls(
+        A, y[k_idx, t_idx], weights=W, prior_sigma=prior_sigma, penalty=gauge, method="sparse", return_normal=True
+    )
     c, a, e = sol[:nt], sol[nt : nt + K], sol[nt + K :]
-    e_err = np.zeros(ne)
+    e_err = np.zeros(2)
     if ne:
         unit = np.zeros((npar, ne))
         unit[nt + K + np.arange(ne), np.arange(ne)] = 1.0
-        inv = spla.spsolve(N, sp.csc_matrix(unit))
-        inv = inv.toarray() if sp.issparse(inv) else np.asarray(inv).reshape(npar, ne)
-        e_err = np.sqrt(np.abs(inv[nt + K + np.arange(ne), np.arange(ne)]))
+        cov = np.asarray(spla.spsolve(N, unit)).reshape(npar, ne)  # the columns of N^-1 for E
+        e_err = np.sqrt(np.abs(cov[nt + K + np.arange(ne), np.arange(ne)]))
     Wt = w.sum(axis=0)
     with np.errstate(divide="ignore"):
         c_err = np.where(Wt > 0, 1.0 / np.sqrt(Wt), np.nan)
     c = np.where(Wt > 0, c, np.nan)
-    return c, a, (e if ne else np.zeros(2)), (e_err if ne else np.zeros(2)), c_err
+    return c, a, (e if ne else np.zeros(2)), e_err, c_err
 
 
 def _recentre(v, m):
@@ -353,3 +359,20 @@ def load_ccd_motion(path) -> dict:
     if missing:
         raise CCDMotionError(f"{path}: not a CCD motion model (no {', '.join(missing)})")
     return out
+
+
+def load_ccd_motion_qa(path) -> dict:
+    """A ``ccd_motion.json`` written by the ``ccd_motion`` step (:func:`qa_summary`: ``gain_tolerance``, ``tiles``
+    with each tile's ``gain_column``/``gain_row``, ``gain_err``, ``flagged``, ``in_fit``, ...)."""
+    try:
+        qa = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CCDMotionError(f"{path}: unreadable CCD motion QA ({exc})") from exc
+    if not isinstance(qa, dict) or not isinstance(qa.get("tiles"), list) or "gain_tolerance" not in qa:
+        raise CCDMotionError(f"{path}: not a CCD motion QA file (no `tiles` list or `gain_tolerance`)")
+    keys = ("tile", "gain_column", "gain_row", "gain_err", "flagged", "in_fit")
+    for t in qa["tiles"]:
+        missing = [k for k in keys if k not in t]
+        if missing:
+            raise CCDMotionError(f"{path}: a tile record has no {', '.join(missing)}")
+    return qa
