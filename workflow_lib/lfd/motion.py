@@ -518,8 +518,8 @@ def _shift_scene(S, source_flux, pixel_col, pixel_row, source_col, source_row, p
 def offset_information_pixels(
     S, source_flux, pixel_col, pixel_row, source_col, source_row, prf, flux_err, quality, fraction: float, step=0.05
 ) -> np.ndarray:
-    """The pixels that carry ``fraction`` of the scene's information on a common shift, most informative
-    first (returned in pixel order).
+    """The pixels that carry ``fraction`` of the scene's information on a common shift: taken most
+    informative first until their sum reaches ``fraction`` of the total; returned as sorted pixel indices.
 
     The Fisher information of pixel p on the offset (c_x, c_y) is ``(|dM_p/dc_x|^2 + |dM_p/dc_y|^2) /
     sigma_p^2``, with ``M_p = sum_s F_s P(d_ps - c)`` the mean-frame scene (its derivatives by central
