@@ -43,13 +43,29 @@ steps: LFD = edge + prf + motion + flux solve, CPM = cpm_detrend, ap3 = the aper
 Leak (item 3): for pairs whose non-eclipsing member is 1-2 mag fainter than the eclipsing one and
 within 1.5 px, the fraction of the neighbour's eclipse (in e-/s) that appears in the fainter member's light
 curve = its relative false dip x its true flux / the eclipsing member's.
-PASS/FAIL against the targets of issue 12 items 2 and 3 (:data:`TARGETS`). psfmachine is not run.
+PASS/FAIL against the targets of issue 12 items 2 and 3 (:data:`TARGETS`).
+
+psfmachine 1.1.4 (``psfm``, target T1b) runs only with ``--psfmachine-python PATH``, the interpreter of its
+own virtual environment (its pins conflict with the pipeline's): per scene the cube, the per-pixel sky
+coordinates (the scene's WCS) and the catalog are written to ``psfm_input.npz``
+(:func:`export_psfm_input`), ``benchmarks/psfmachine_runner.py`` runs on it with that interpreter (a
+subprocess, ``--psfmachine-timeout``; how psfmachine is adapted to TESS is in that file's docstring) and
+writes ``psfm.npz``, which is scored like the other baselines (its fluxes on psfmachine's own scale, not
+rescaled: hence both CDPP normalisations; its absolute flux error and median F/T are shown too). psfmachine
+gets the catalog to G = 18 (its default depth), so its ratio to LFD is taken over the stars it has a
+curve for (LFD's median over the same stars; ``N stars with a psfmachine curve``). CPU per
+cadence of psfm = the runner's process time (background subtraction + psfmachine). A scene's
+``psfm.npz`` is reused when it exists (kept ``--workdir`` scenes are re-scored without re-running
+anything); a failure is written to ``psfm.error``, reported with the scene and retried on the next run.
+Without the option nothing of psfmachine is read or run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -75,11 +91,14 @@ LATE_STAGES = ("deblend",)
 #: lfd = LFD light curves, ap3 = sky-subtracted 3x3 aperture, cpm = CPM aperture light curves,
 #: deb = the deblended, de-trended product (LFD neighbours subtracted, CPM de-trended, summed; issue 12 item 3)
 METHODS = ("lfd", "ap3", "cpm", "deb")
+#: psfmachine 1.1.4 (issue 12 T1b): scored only with --psfmachine-python (its own venv)
+PSFM = "psfm"
+PSFM_RUNNER = HERE / "psfmachine_runner.py"
 
 #: issue 12 item 2, as checked here (medians over scenes, isolated constant stars)
 TARGETS = (
     "T1  LFD CDPP <= 3x3 aperture CDPP in every G bin, both normalisations (ratio ap3/LFD >= 1)",
-    "T1b LFD CDPP <= psfmachine 1.1.4 in every G bin (not run here)",
+    "T1b LFD CDPP <= psfmachine 1.1.4 CDPP in every G bin, both normalisations (ratio psfm/LFD >= 1)",
     "T2  LFD CDPP (true-flux norm.) <= 1.2 x white noise of its own flux_err, every G bin",
     "T3  LFD p2p/flux_err in [0.8, 1.5], every G bin",
     "T4  LFD absolute flux error < 1 % for G<15, < 2 % for G 15-17 (no rescale)",
@@ -215,8 +234,18 @@ def aperture_contamination(row, col, flux, sigma=0.9, radius=6.0):
 # ----------------------------------------------------------------------------- one scene
 
 
-def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, log=print) -> dict:
-    """Simulate scene ``seed`` in ``base/scene_<seed>``, run the pipeline steps, return its metrics."""
+def run_scene(
+    seed: int,
+    base: Path,
+    cfg: dict,
+    n_cadences: int,
+    threads: int,
+    log=print,
+    psfm_python: str | None = None,
+    psfm_timeout: float = 7200.0,
+) -> dict:
+    """Simulate scene ``seed`` in ``base/scene_<seed>``, run the pipeline steps, return its metrics.
+    With ``psfm_python`` (psfmachine's venv interpreter), psfmachine runs on the scene too (:func:`run_psfm`)."""
     from workflow_lib.data import random_scenes as rs
 
     d = base / f"scene_{seed:04d}"
@@ -225,7 +254,9 @@ def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, l
         out = json.loads((d / "run.json").read_text())
         if "gaia" not in out["errors"]:
             run_late_stages(d, out, cfg, threads, log)
-            out.update(scene_metrics(d, out))
+            if psfm_python:
+                run_psfm(d, out, psfm_python, psfm_timeout, log)
+            out.update(scene_metrics(d, out, psfm=bool(psfm_python)))
         return out
     (d / "config.json").write_text(json.dumps(cfg, default=str))
     spec = rs.sample_scene(seed)
@@ -249,7 +280,9 @@ def run_scene(seed: int, base: Path, cfg: dict, n_cadences: int, threads: int, l
                 return out
         out["cpu_s"][stage] = time.process_time() - c0
     (d / "run.json").write_text(json.dumps(out, default=_jsonable))
-    out.update(scene_metrics(d, out))
+    if psfm_python:
+        run_psfm(d, out, psfm_python, psfm_timeout, log)
+    out.update(scene_metrics(d, out, psfm=bool(psfm_python)))
     return out
 
 
@@ -277,6 +310,83 @@ def run_late_stages(d: Path, out: dict, cfg: dict, threads: int, log=print) -> N
             (d / f"{stage}.traceback").write_text(traceback.format_exc())
         out["cpu_s"][stage] = time.process_time() - c0
     (d / "run.json").write_text(json.dumps(out, default=_jsonable))
+
+
+def export_psfm_input(d: Path, path: Path) -> None:
+    """The scene's cube, every pixel's sky position (the cube's WCS at the pixel centres) and the catalog,
+    as the ``.npz`` that ``benchmarks/psfmachine_runner.py`` reads (plain arrays: no pickles, so that
+    psfmachine's older numpy reads it)."""
+    import xarray as xr
+    from astropy.table import Table
+
+    from workflow_lib.data.cube import cube_wcs
+
+    cube = xr.open_zarr(d / "cube.zarr").load()
+    cat = Table.read(d / "catalog.ecsv", format="ascii.ecsv")
+    wcs = cube_wcs(cube)
+    if wcs is None:
+        raise ValueError(f"{d.name}: cube has no WCS")
+    nr, nc = cube.sizes["row"], cube.sizes["column"]
+    ii, jj = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
+    sky = wcs.pixel_to_world(jj, ii)  # x = column index, y = row index
+    col = {k: np.asarray(cat[k], float) for k in ("ra", "dec", "phot_g_mean_mag", "phot_g_mean_flux", "row", "column")}
+    expected = np.asarray(cat["expected_flux"], float) if "expected_flux" in cat.colnames else np.full(len(cat), np.nan)
+    np.savez(
+        path,
+        scene=np.str_(d.name),
+        time=np.asarray(cube["time"].values, float),
+        quality=np.asarray(cube["quality"].values, np.int64),
+        flux=np.asarray(cube["flux"].transpose("time", "row", "column").values, np.float32),
+        flux_err=np.asarray(cube["flux_err"].transpose("time", "row", "column").values, np.float32),
+        row=np.asarray(cube["row"].values, float),
+        column=np.asarray(cube["column"].values, float),
+        pix_ra=np.asarray(sky.icrs.ra.deg, float),
+        pix_dec=np.asarray(sky.icrs.dec.deg, float),
+        source_id=np.asarray(cat["source_id"], np.int64),
+        ra=col["ra"],
+        dec=col["dec"],
+        phot_g_mean_mag=col["phot_g_mean_mag"],
+        phot_g_mean_flux=col["phot_g_mean_flux"],
+        expected_flux=expected,
+        src_row=col["row"],
+        src_column=col["column"],
+    )
+
+
+def run_psfm(d: Path, out: dict, python: str, timeout: float, log=print) -> None:
+    """psfmachine on scene ``d`` with the interpreter ``python`` (its venv): ``psfm.npz`` unless it is there
+    already. A failure (exit status, time-out) goes to ``out['errors']['psfm']`` and ``psfm.error`` (the
+    runner's stderr) and is not fatal; nothing is written to ``run.json``."""
+    res, err_file = d / "psfm.npz", d / "psfm.error"
+    out["errors"].pop(PSFM, None)
+    if res.exists():
+        return
+    inp, tmp = d / "psfm_input.npz", d / "psfm.tmp.npz"
+    w0 = time.perf_counter()
+    try:
+        export_psfm_input(d, inp)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the venv's own packages only
+        p = subprocess.run(
+            [python, str(PSFM_RUNNER), str(inp), str(tmp)], capture_output=True, text=True, timeout=timeout, env=env
+        )
+        if p.returncode != 0:
+            err_file.write_text(p.stdout + p.stderr)
+            last = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
+            raise RuntimeError(f"psfmachine runner exited with status {p.returncode}: {last[0]} (see {err_file})")
+        tmp.replace(res)
+        err_file.unlink(missing_ok=True)
+        inp.unlink(missing_ok=True)
+        log(f"  scene {out['seed']}: {p.stdout.strip()} ({time.perf_counter() - w0:.0f} s wall with the export)")
+    except subprocess.TimeoutExpired:
+        out["errors"][PSFM] = f"psfmachine timed out after {timeout:.0f} s on {d.name}"
+    except Exception as exc:  # noqa: BLE001  (a failed baseline is a benchmark result)
+        out["errors"][PSFM] = f"psfmachine failed on {d.name}: {type(exc).__name__}: {exc}"
+    if PSFM in out["errors"]:
+        log(f"  scene {out['seed']}: {out['errors'][PSFM]}")
+        if not err_file.exists():
+            err_file.write_text(out["errors"][PSFM] + "\n")
+        tmp.unlink(missing_ok=True)
 
 
 def lfd_flags(d: Path, cat, cube) -> np.ndarray:
@@ -308,7 +418,8 @@ def lfd_flags(d: Path, cat, cube) -> np.ndarray:
     return np.array([flag[pos[int(s)]] if int(s) in pos else -1 for s in np.asarray(cat["source_id"], np.int64)])
 
 
-def scene_metrics(d: Path, out: dict) -> dict:
+def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
+    """Metrics of the scene's light curves (module docstring); ``psfm``: psfmachine's (``psfm.npz``) too."""
     import xarray as xr
     from astropy.table import Table
 
@@ -367,6 +478,17 @@ def scene_metrics(d: Path, out: dict) -> dict:
                     F[k] = cl["flux"].transpose("source", "time").values[pos[int(s)]]
                     E[k] = cl["flux_err"].transpose("source", "time").values[pos[int(s)]]
             lcs[m] = (F, E)
+    if psfm and (d / "psfm.npz").exists():
+        with np.load(d / "psfm.npz") as z:
+            pos = {int(s): i for i, s in enumerate(z["source_id"])}
+            F = np.full((sid.size, nt), np.nan)
+            E = np.full((sid.size, nt), np.nan)
+            for k, s in enumerate(sid):
+                if int(s) in pos:
+                    F[k] = z["flux"][:, pos[int(s)]]
+                    E[k] = z["flux_err"][:, pos[int(s)]]
+            out["cpu_s"][PSFM] = float(z["cpu_s"])
+        lcs[PSFM] = (F, E)
     for m in lcs:
         lcs[m][0][:, ~good_t] = np.nan
 
@@ -389,6 +511,11 @@ def scene_metrics(d: Path, out: dict) -> dict:
             F, E = lcs["lfd"]
             row["lfd_abs_err"] = abs_flux_error(F[k, good_t], Tk[good_t])
             row["lfd_white_cdpp"] = white_cdpp(est, t[good_t], E[k, good_t], tm, rng)
+        if PSFM in lcs:  # psfmachine's own flux scale: |F/T - 1| and the median F/T
+            F = lcs[PSFM][0][k, good_t]
+            row["psfm_abs_err"] = abs_flux_error(F, Tk[good_t])
+            ok = np.isfinite(F)
+            row["psfm_flux_ratio"] = float(np.median(F[ok] / Tk[good_t][ok])) if ok.any() else np.nan
         stars.append(row)
 
     # ---- variables
@@ -502,44 +629,67 @@ def leak_pairs(pairs: list) -> list:
     return [p for p in pairs if "G_other" in p and 1.0 <= p["G_other"] - p["G_ecl"] <= 2.0 and p["sep_px"] <= 1.5]
 
 
+def scene_methods(scenes: list) -> tuple:
+    """:data:`METHODS`, plus ``psfm`` when psfmachine was run (or tried) on any of the scenes."""
+    tried = any(PSFM in sc.get("cpu_s", {}) or PSFM in sc.get("errors", {}) for sc in scenes)
+    return (*METHODS, PSFM) if tried else METHODS
+
+
 def summarize(scenes: list) -> dict:
     """Per G bin: per-scene medians of every star metric, then median / 16 / 84 % over scenes; ratios
     of the baselines to LFD per scene; pooled variable and pair figures; summed counts."""
-    keys = [f"{m}_{q}" for m in METHODS for q in ("cdpp_own", "cdpp_true", "p2p")] + ["lfd_abs_err", "lfd_white_cdpp"]
-    summary = {"bins": {}}
+    methods = scene_methods(scenes)
+    baselines = tuple(m for m in methods if m != "lfd")
+    keys = [f"{m}_{q}" for m in methods for q in ("cdpp_own", "cdpp_true", "p2p")] + ["lfd_abs_err", "lfd_white_cdpp"]
+    if PSFM in methods:
+        keys += ["psfm_abs_err", "psfm_flux_ratio"]
+    summary = {"bins": {}, "methods": list(methods)}
     for _, _, b in G_BINS:
         per = {k: [] for k in keys}
-        per.update({f"{m}_over_lfd_{n}": [] for m in ("ap3", "cpm", "deb") for n in ("own", "true")})
+        per.update({f"{m}_over_lfd_{n}": [] for m in baselines for n in ("own", "true")})
         per.update({f"deb_over_cpm_{n}": [] for n in ("own", "true")})
         per["lfd_over_white"] = []
-        n_stars = 0
+        n_stars = n_psfm = 0
         for sc in scenes:
             rows = [r for r in sc.get("stars", []) if _bin(r["G"]) == b]
             if not rows:
                 continue
             n_stars += len(rows)
+            n_psfm += sum(np.isfinite(r.get("psfm_cdpp_true", np.nan)) for r in rows)
             with warnings.catch_warnings():  # a method without any curve in this bin: NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 med = {k: np.nanmedian([r.get(k, np.nan) for r in rows]) for k in keys}
             for k in keys:
                 per[k].append(med[k])
-            for m in ("ap3", "cpm", "deb"):
+            for m in baselines:
                 for n in ("own", "true"):
-                    per[f"{m}_over_lfd_{n}"].append(med[f"{m}_cdpp_{n}"] / med[f"lfd_cdpp_{n}"])
+                    if m == PSFM:  # psfmachine leaves stars out (G > 18): LFD over the same stars
+                        pr = [r for r in rows if np.isfinite(r.get(f"psfm_cdpp_{n}", np.nan))]
+                        ratio = (
+                            np.nanmedian([r["psfm_cdpp_" + n] for r in pr])
+                            / np.nanmedian([r.get("lfd_cdpp_" + n, np.nan) for r in pr])
+                            if pr
+                            else np.nan
+                        )
+                        per[f"psfm_over_lfd_{n}"].append(ratio)
+                    else:
+                        per[f"{m}_over_lfd_{n}"].append(med[f"{m}_cdpp_{n}"] / med[f"lfd_cdpp_{n}"])
             for n in ("own", "true"):
                 per[f"deb_over_cpm_{n}"].append(med[f"deb_cdpp_{n}"] / med[f"cpm_cdpp_{n}"])
             per["lfd_over_white"].append(med["lfd_cdpp_true"] / med["lfd_white_cdpp"])
         summary["bins"][b] = {k: spread(v) for k, v in per.items()} | {"n_stars": n_stars}
+        if PSFM in methods:
+            summary["bins"][b]["n_stars_psfm"] = int(n_psfm)
     var = [v for sc in scenes for v in sc.get("variables", [])]
-    summary["rotator"] = {m: spread([v.get(m, np.nan) for v in var if v["kind"] == "rotator"]) for m in METHODS}
+    summary["rotator"] = {m: spread([v.get(m, np.nan) for v in var if v["kind"] == "rotator"]) for m in methods}
     summary["transit_G14"] = {
-        m: spread([v.get(m, np.nan) for v in var if v["kind"] == "planet" and v["G"] < 14]) for m in METHODS
+        m: spread([v.get(m, np.nan) for v in var if v["kind"] == "planet" and v["G"] < 14]) for m in methods
     }
-    summary["transient"] = {m: spread([v.get(m, np.nan) for v in var if v["kind"] == "transient"]) for m in METHODS}
+    summary["transient"] = {m: spread([v.get(m, np.nan) for v in var if v["kind"] == "transient"]) for m in methods}
     prs = [p for sc in scenes for p in sc.get("pairs", [])]
     elig = [p for p in prs if p.get("white_snr", 0) >= 6]
     summary["pairs"] = {"n": len(prs), "n_snr6": len(elig)}
-    for m in METHODS:
+    for m in methods:
         summary["pairs"][m] = {
             "detected_3sigma": int(sum(p.get(f"{m}_ecl_sigma", np.nan) >= 3 for p in elig)),
             "ecl_sigma": spread([p.get(f"{m}_ecl_sigma", np.nan) for p in elig]),
@@ -555,7 +705,7 @@ def summarize(scenes: list) -> dict:
     cnt = [sc.get("counts", {}) for sc in scenes]
     keys = {"n_lc", "all_nan", "all_nan_frac20", "negative_median", "negative_median_bright"}
     summary["counts"] = {k: int(sum(c.get(k, 0) for c in cnt)) for k in sorted(keys | {k for c in cnt for k in c})}
-    cpu = {"lfd": [], "cpm": [], "ap3": [], "deb": []}
+    cpu = {"lfd": [], "cpm": [], "ap3": [], "deb": []} | ({PSFM: []} if PSFM in methods else {})
     for sc in scenes:
         n = sc.get("n_cadences")
         c = sc.get("cpu_s", {})
@@ -569,6 +719,8 @@ def summarize(scenes: list) -> dict:
             cpu["ap3"].append(c["ap3"] / n)
         if "deblend" in c and "deblend" not in sc["errors"]:
             cpu["deb"].append(c["deblend"] / n)
+        if PSFM in cpu and PSFM in c and PSFM not in sc["errors"]:
+            cpu[PSFM].append(c[PSFM] / n)
     summary["cpu_per_cadence"] = {m: spread(v) for m, v in cpu.items()}
     summary["failed_scenes"] = {sc["seed"]: sc["errors"] for sc in scenes if sc.get("errors")}
     return summary
@@ -586,7 +738,21 @@ def targets(s: dict) -> list[tuple[str, str, str]]:
     r1 = {n: (med(n, "ap3_over_lfd_own"), med(n, "ap3_over_lfd_true")) for n in names}
     ok = all(min(v) >= 1 for v in r1.values() if np.isfinite(min(v)))
     res.append((TARGETS[0], ok, " ".join(f"{n}: {a:.2f}/{c:.2f}" for n, (a, c) in r1.items())))
-    res.append((TARGETS[1], None, "psfmachine not run"))
+    if PSFM in s.get("methods", ()):
+        rb = {n: (med(n, "psfm_over_lfd_own"), med(n, "psfm_over_lfd_true")) for n in names}
+        fin = [v for pair in rb.values() for v in pair if np.isfinite(v)]
+        unmeasured = [n for n, pair in rb.items() if not all(np.isfinite(pair))]
+        res.append(
+            (
+                TARGETS[1],
+                (all(v >= 1 for v in fin) if fin else None),
+                " ".join(f"{n}: {a:.2f}/{c:.2f}" for n, (a, c) in rb.items())
+                + " (psfm/LFD, own/true)"
+                + (f"; no psfm ratio in {', '.join(unmeasured)}" if unmeasured else ""),
+            )
+        )
+    else:
+        res.append((TARGETS[1], None, "psfmachine not run (--psfmachine-python)"))
     r2 = {n: med(n, "lfd_over_white") for n in names}
     res.append((TARGETS[2], all(v <= 1.2 for v in r2.values() if np.isfinite(v)), _fmt(r2)))
     r3 = {n: med(n, "lfd_p2p") for n in names}
@@ -682,15 +848,29 @@ def print_report(s: dict, head: str):
         ("deblended p2p / flux_err", "deb_p2p"),
         ("LFD abs. flux error [%]", "lfd_abs_err"),
     ]
+    methods = tuple(s.get("methods", METHODS))
+    if PSFM in methods:
+        rows += [
+            ("N stars with a psfmachine curve", "n_stars_psfm"),
+            ("psfmachine CDPP (true norm.)", "psfm_cdpp_true"),
+            ("psfmachine CDPP (own norm.)", "psfm_cdpp_own"),
+            ("ratio psfm / LFD, same stars (true)", "psfm_over_lfd_true"),
+            ("ratio psfm / LFD, same stars (own)", "psfm_over_lfd_own"),
+            ("psfmachine p2p / flux_err", "psfm_p2p"),
+            ("psfmachine abs. flux error [%]", "psfm_abs_err"),
+            ("psfmachine median F / true F", "psfm_flux_ratio"),
+        ]
     names = [x[2] for x in G_BINS]
     print(f"| {'metric':38s} | " + " | ".join(f"{n:>22s}" for n in names) + " |")
     print(f"|{'-' * 40}|" + "|".join("-" * 24 for _ in names) + "|")
     for label, k in rows:
         if k is None:
             cells = [f"{s['bins'][n]['n_stars']:>22d}" for n in names]
+        elif k == "n_stars_psfm":
+            cells = [f"{s['bins'][n]['n_stars_psfm']:>22d}" for n in names]
         else:
             fmt = "{:.0f}" if "cdpp" in k and "over" not in k else "{:.2f}"
-            scale = 100.0 if k == "lfd_abs_err" else 1.0
+            scale = 100.0 if k.endswith("_abs_err") else 1.0
             cells = []
             for n in names:
                 m, lo, hi, c = s["bins"][n][k]
@@ -702,10 +882,10 @@ def print_report(s: dict, head: str):
         ("transit depth ratio G<14", "transit_G14"),
         ("transient amplitude ratio", "transient"),
     ):
-        print(f"  {name:28s} " + "  ".join(f"{m}: {_ms(s[key][m], '{:.3f}')} N={s[key][m][3]}" for m in METHODS))
+        print(f"  {name:28s} " + "  ".join(f"{m}: {_ms(s[key][m], '{:.3f}')} N={s[key][m][3]}" for m in methods))
     p = s["pairs"]
     print(f"  pairs: {p['n']} measured, {p['n_snr6']} with white-noise S/N >= 6 (LFD flux_err)")
-    for m in METHODS:
+    for m in methods:
         q = p[m]
         print(
             f"    {m}: eclipse >= 3 sigma {q['detected_3sigma']}/{p['n_snr6']}, S/N {_ms(q['ecl_sigma'], '{:.1f}')}, "
@@ -751,10 +931,19 @@ def main(argv=None):
     ap.add_argument(
         "--merge", nargs="+", help="only summarize the scenes of these --json files (runs split over processes)"
     )
+    ap.add_argument(
+        "--psfmachine-python",
+        metavar="PATH",
+        help="python of psfmachine 1.1.4's own venv: run benchmarks/psfmachine_runner.py with it on every scene "
+        "(a scene's psfm.npz is reused) and score it as method psfm (target T1b)",
+    )
+    ap.add_argument("--psfmachine-timeout", type=float, default=7200.0, help="seconds allowed per scene for psfmachine")
     a = ap.parse_args(argv)
     import shutil
     import tempfile
 
+    if a.psfmachine_python and not Path(a.psfmachine_python).exists():
+        ap.error(f"--psfmachine-python {a.psfmachine_python}: no such file")
     if a.merge:
         scenes = [sc for f in a.merge for sc in json.loads(Path(f).read_text())["scenes"]]
         s = summarize(scenes)
@@ -778,7 +967,9 @@ def main(argv=None):
     for k in range(a.scenes):
         seed = a.seed + k
         t0 = time.perf_counter()
-        sc = run_scene(seed, base, cfg, a.cadences, a.threads)
+        sc = run_scene(
+            seed, base, cfg, a.cadences, a.threads, psfm_python=a.psfmachine_python, psfm_timeout=a.psfmachine_timeout
+        )
         scenes.append(sc)
         syn = sc["spec"]["synthetic"]
         print(
