@@ -271,9 +271,9 @@ def test_shift_monomial_derivatives():
     assert abs(dxy - num) < 1e-4
 
 
-def test_field_offsets_errors_and_given_offsets():
-    """Survey mode's scene_offsets: the offsets' errors match their scatter about the truth; a shift model
-    fitted with given offsets (survey.motion ccd) keeps exactly those offsets (re-centred)."""
+def offsets_field():
+    """A 60-cadence shifted field for the offset measurements: (field dict, PRF, mean offsets mx / my, QUALITY,
+    the positional arguments of measure_field_offsets / fit_field_motion up to the PRF)."""
     d = shifted_field(ntime=60)
     prf = GaussPRF(0.8)
     mx, my = d["cx"].mean(), d["cy"].mean()
@@ -281,6 +281,13 @@ def test_field_offsets_errors_and_given_offsets():
     S.sort_indices()
     q = np.zeros(d["tt"].size, int)
     args = (d["tt"], d["data"], d["err"], q, S, d["F"], d["pc"], d["pr"], d["sc"] + mx, d["sr"] + my)
+    return d, prf, mx, my, q, args
+
+
+def test_field_offsets_errors_and_given_offsets():
+    """Survey mode's scene_offsets: the offsets' errors match their scatter about the truth; a shift model
+    fitted with given offsets (survey.motion ccd) keeps exactly those offsets (re-centred)."""
+    d, prf, mx, my, q, args = offsets_field()
     p = {"deconvolve": False, "correction_degree": 0, "offset_info_fraction": 1.0}
     off = motion.measure_field_offsets(*args, prf, p)
     assert off["good"].all()
@@ -322,13 +329,7 @@ def test_field_offsets_on_the_informative_pixels(fraction):
     """lfd.motion.offset_info_fraction: the offsets measured on the pixels holding that fraction of the
     scene's shift information (far fewer pixels: the sky carries none) stay honest about the truth and
     agree with the all-pixel offsets within their errors."""
-    d = shifted_field(ntime=60)
-    prf = GaussPRF(0.8)
-    mx, my = d["cx"].mean(), d["cy"].mean()
-    S = gaussian_scene(d["sc"] + mx, d["sr"] + my, d["pc"], d["pr"], radius=4.0).tocsr()
-    S.sort_indices()
-    q = np.zeros(d["tt"].size, int)
-    args = (d["tt"], d["data"], d["err"], q, S, d["F"], d["pc"], d["pr"], d["sc"] + mx, d["sr"] + my)
+    d, prf, mx, my, q, args = offsets_field()
     pix = motion.offset_information_pixels(*args[4:10], prf, d["err"], q, fraction)
     assert 0 < pix.size < 0.8 * d["pc"].size and np.all(np.diff(pix) > 0)
     p = {"deconvolve": False, "correction_degree": 0}

@@ -196,12 +196,18 @@ def test_merge_missing_tile_and_mismatched_cadences(ccd):
         merge_tile_sets(bad, grid["tiles"], cat)
 
 
-def test_merge_tiles_step_files(ccd, tmp_path):
-    sets = _truth_sets(ccd, seed=1)
+def _written_truth_sets(ccd, seed, tmp_path):
+    """:func:`_truth_sets` written as one light-curve zarr per tile under ``tmp_path``; returns (sets, paths)."""
+    sets = _truth_sets(ccd, seed=seed)
     paths = {}
     for tid, s in sets.items():
         paths[tid] = tmp_path / tid / "lightcurves.zarr"
         s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    return sets, paths
+
+
+def test_merge_tiles_step_files(ccd, tmp_path):
+    sets, paths = _written_truth_sets(ccd, 1, tmp_path)
     sub = tmp_path / "merged"
     qa = merge_tiles_step(paths, ccd / "tiles.json", ccd / "catalog.ecsv", sub / "lc.zarr", sub / "lfd.ecsv", "lfd")
     m = xr.open_zarr(sub / "lc.zarr").load()
@@ -362,11 +368,7 @@ def test_overview_page_shows_tiles_flagged_by_the_ccd_motion(ccd, tmp_path):
     assert q["flagged"] == [bad]
     rec = next(t for t in q["tiles"] if t["tile"] == bad)
 
-    sets = _truth_sets(ccd, seed=4)
-    paths = {}
-    for tid, s in sets.items():
-        paths[tid] = tmp_path / tid / "lightcurves.zarr"
-        s.to_zarr(paths[tid], zarr_format=3, consolidated=False)
+    sets, paths = _written_truth_sets(ccd, 4, tmp_path)
     out = tmp_path / "merged"
     merge_tiles_step(paths, ccd / "tiles.json", ccd / "catalog.ecsv", out / "lfd.zarr", out / "lfd.ecsv", "lfd")
     table = survey_table_step({"lfd": out / "lfd.ecsv"}, out / "sources.ecsv")
