@@ -309,10 +309,10 @@ def select_predictors(rows, cols, median, valid, targets, params: CPMParams, *, 
     cols = np.asarray(cols)
     h = params.exclusion_size // 2
     L = params.n_predictors
-    out = np.full((len(targets), L), -1, dtype=np.int64)
-    counts = np.zeros(len(targets), dtype=np.int64)
     if params.predictor_method == "similar_brightness":
         return _similar_brightness(rows, cols, median, valid, targets, h, L)
+    out = np.full((len(targets), L), -1, dtype=np.int64)
+    counts = np.zeros(len(targets), dtype=np.int64)
     if params.predictor_method == "cosine_similarity":
         if gram is not None:
             norms = np.sqrt(np.maximum(np.diag(gram), 1e-300))
