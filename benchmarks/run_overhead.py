@@ -31,17 +31,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from workflow_lib.core.logs import read_step_usage  # noqa: E402
 
 
 def read_benchmarks(run_dir: Path) -> list[dict]:
     """One row per benchmark TSV under <run_dir>/results/*/benchmarks/<rule>/<name>.tsv.
 
-    ``<name>`` may hold slashes (survey tiles are fields named ``<ccd>/tiles/<tile>``); ``max_rss`` is
-    the job's peak resident memory in MB as Snakemake records it.
+    ``<name>`` may hold slashes (survey tiles are fields named ``<ccd>/tiles/<tile>``). ``cpu`` (s) and
+    ``max_rss`` (MB) come from the job's own log (results/*/logs/<rule>/<name>.log, its ``done`` line:
+    getrusage of the whole process) when it has one, else from Snakemake's TSV (``cpu_time``, ``max_rss``),
+    which samples every 30 s after the first 30 s and so misses the last stretch of a long job
+    (``cpu_source``: ``log`` or ``benchmark``; Snakemake's figures stay in ``cpu_snakemake``,
+    ``max_rss_snakemake``).
     """
     rows = []
     for tsv in sorted(run_dir.glob("results/*/benchmarks/*/**/*.tsv")):
-        rel = tsv.relative_to(next(p for p in tsv.parents if p.name == "benchmarks"))
+        bench_root = next(p for p in tsv.parents if p.name == "benchmarks")
+        rel = tsv.relative_to(bench_root)
+        usage = read_step_usage((bench_root.parent / "logs" / rel).with_suffix(".log"))
         with tsv.open() as fh:
             for rec in csv.DictReader(fh, delimiter="\t"):
 
@@ -56,8 +64,11 @@ def read_benchmarks(run_dir: Path) -> list[dict]:
                         "rule": rel.parts[0],
                         "job": str(rel.relative_to(rel.parts[0]).with_suffix("")),
                         "s": num("s"),
-                        "cpu": num("cpu_time"),
-                        "max_rss": num("max_rss"),
+                        "cpu": usage[0] if usage else num("cpu_time"),
+                        "max_rss": usage[1] if usage else num("max_rss"),
+                        "cpu_source": "log" if usage else "benchmark",
+                        "cpu_snakemake": num("cpu_time"),
+                        "max_rss_snakemake": num("max_rss"),
                     }
                 )
     return rows

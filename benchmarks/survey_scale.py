@@ -14,7 +14,10 @@ this checkout on PYTHONPATH,
     snakemake --cores N --directory <out> --snakefile <repo>/Snakefile --configfile <out>/config/config.yaml \\
         <merged/sources.ecsv> <report/<ccd>/index.html>
 
-and reads the rules' benchmark TSVs (``run_overhead.read_benchmarks``: s, cpu_time, max_rss per job).
+and reads per job the wall seconds of the rules' benchmark TSVs and the CPU seconds and peak memory of the
+job's own log (``run_overhead.read_benchmarks``: the ``done`` line's getrusage figures; Snakemake's TSV
+``cpu_time`` samples every 30 s after the first 30 s and misses a long job's last stretch, e.g. 16 of a
+flux solve's 45 CPU-s; runs made before the logs carried them fall back to the TSV, and say so).
 Printed: per stage the number of jobs, CPU seconds per tile (median, max), peak RSS per job (max); ingest
 MB of FITS per CPU-second; the merge cost; and the extrapolated CPU-hours of a sector (16 CCDs of 2048 x 2048):
 
@@ -355,6 +358,15 @@ def summarise(run_: dict, compare: dict | None = None, cadence_run: dict | None 
             f"{meta['total_cpu_s']:.0f} s; load average before/after "
             f"{' '.join(f'{x:.1f}' for x in meta['load_before'])} / {' '.join(f'{x:.1f}' for x in meta['load_after'])}"
         )
+    src = [r.get("cpu_source", "benchmark") for r in run_["rows"]]
+    o.append(
+        f"CPU, memory     from the jobs' logs (getrusage) for {src.count('log')} of {len(src)} jobs"
+        + (
+            f"; Snakemake's sampled benchmark figures for {src.count('benchmark')} (an underestimate for jobs > 30 s)"
+            if src.count("benchmark")
+            else ""
+        )
+    )
     o.append("")
     hdr = f"{'stage':<16} {'jobs':>5} {'CPU-s/job med':>13} {'max':>8} {'CPU-s sum':>10} {'peak RSS max':>13}"
     hdr += f" {'CPU-us/halo px':>15}"

@@ -1,6 +1,7 @@
 """`python -m workflow_lib.steps`: the command line every rule's shell: command calls (docs/CLI.md)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -187,3 +188,69 @@ def test_step_run_by_hand_equals_the_rules_product(tmp_path):
         return {k: v for k, v in d.items() if k != "provenance"}
 
     assert science(out / "lfd" / "edge_model.json") == science(hand / "edge_model.json")
+
+
+def test_steps_compute_without_looking_for_a_distributed_client():
+    """A step process configures dask's threaded scheduler (prefer_threaded_scheduler), so a compute does
+    not import dask.distributed to look for a client (~0.5 CPU-s per job); the values are the same."""
+    code = (
+        "import os, sys\n"
+        "from workflow_lib.core.parallel import prefer_threaded_scheduler\n"
+        "if sys.argv[1] == 'step': prefer_threaded_scheduler()\n"
+        "import dask.array as da\n"
+        "x = float(da.arange(1000, chunks=100).sum().compute())\n"
+        "print(x, 'distributed' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER"}
+    step = subprocess.run([sys.executable, "-c", code, "step"], capture_output=True, text=True, env=env)
+    assert step.returncode == 0, step.stderr
+    assert step.stdout.split() == ["499500.0", "False"]
+    plain = subprocess.run([sys.executable, "-c", code, "plain"], capture_output=True, text=True, env=env)
+    assert plain.stdout.split()[0] == "499500.0"  # without it dask looks for a client (imports distributed)
+
+
+def test_step_log_ends_with_the_process_cpu_and_peak_memory(tmp_path):
+    """The `done` line holds getrusage's CPU (threads and imports included) and peak memory; the benchmark
+    reader takes them instead of Snakemake's sampled `cpu_time`, which misses a long job's last stretch."""
+    import resource
+    import time
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from run_overhead import read_benchmarks
+
+    from workflow_lib.core.logs import main_step, read_step_usage
+
+    def busy():
+        t0 = time.process_time()
+        a = np.ones(2_000_000)  # 16 MB
+        while time.process_time() - t0 < 0.3:
+            a = a * 1.0000001
+
+    log = tmp_path / "results" / "r" / "logs" / "cpm_detrend" / "f.log"
+
+    def used():  # getrusage's CPU of this process and its waited-for children (earlier tests' subprocesses)
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    before = used()
+    assert main_step(str(log), "busy", busy) == 0
+    cpu, rss = read_step_usage(log)
+    assert before + 0.3 <= cpu <= used() + 0.01
+    assert rss > 16
+    assert read_step_usage(tmp_path / "missing.log") is None
+    failed = tmp_path / "failed.log"
+    assert main_step(str(failed), "bad", lambda: 1 / 0) == 1
+    assert read_step_usage(failed) is None
+    bench = tmp_path / "results" / "r" / "benchmarks" / "cpm_detrend"
+    bench.mkdir(parents=True)
+    for name in ("f", "g"):  # f has a log, g has none
+        (bench / f"{name}.tsv").write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+            "45.0\t0:00:45\t574.0\t1339\t538\t553\t6\t0\t34.3\t15.8\n"
+        )
+    rows = {r["job"]: r for r in read_benchmarks(tmp_path)}
+    assert rows["f"]["cpu"] == cpu and rows["f"]["max_rss"] == rss and rows["f"]["cpu_source"] == "log"
+    assert rows["f"]["cpu_snakemake"] == 15.8
+    assert rows["g"]["cpu"] == 15.8 and rows["g"]["max_rss"] == 574.0 and rows["g"]["cpu_source"] == "benchmark"

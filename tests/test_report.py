@@ -501,6 +501,14 @@ def test_write_field_and_index(field, tmp_path):
     assert rows == [
         {"rule": "cpm_detrend", "target": "fieldA", "s": 12.5, "max_rss": 321.0, "mean_load": 95.0, "cpu_time": 11.0}
     ]
+    logs = tmp_path / "logs" / "cpm_detrend"
+    logs.mkdir(parents=True)
+    (logs / "fieldA.log").write_text(
+        "x INFO workflow_lib: done cpm-detrend in 12.4 s, CPU 13.25 s, peak memory 400 MB\n"
+    )
+    (row,) = P.read_benchmarks(tmp_path / "benchmarks")  # the job's own getrusage figures win
+    assert (row["cpu_time"], row["max_rss"], row["s"]) == (13.25, 400.0, 12.5)
+    (logs / "fieldA.log").unlink()
     R.write_index_report(
         [out / "fieldA.json"],
         out / "index.html",

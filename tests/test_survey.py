@@ -77,6 +77,8 @@ def test_cut_tile_values_and_wcs(ccd):
         ref = cube.sel(row=slice(r0, r1 - 1), column=slice(c0, c1 - 1))
         for v in ("flux", "flux_err"):
             np.testing.assert_array_equal(t[v].values, ref[v].values)
+            # stored as whole-tile chunks in space (every tile step reads the whole tile)
+            assert t[v].encoding["chunks"] == (min(256, t.sizes["time"]), r1 - r0, c1 - c0)
         np.testing.assert_array_equal(t["quality"].values, cube["quality"].values)
         np.testing.assert_array_equal(t["row"].values, np.arange(r0, r1))
         assert t.attrs["tile_id"] == tile["id"]

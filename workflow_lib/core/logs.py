@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 
@@ -37,6 +38,45 @@ def error_line(exc: BaseException) -> str:
         elif type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError)):
             msg = f"{type(exc).__name__}: {msg}"
     return " ".join(msg.split())  # one line
+
+
+def process_usage() -> tuple[float, float] | None:
+    """``(cpu_s, peak_rss_mb)`` of this process so far, its threads and waited-for children included:
+    user + system CPU seconds since the interpreter started (imports too) and the peak resident
+    memory, from ``getrusage``. None where the ``resource`` module does not exist (Windows).
+
+    Logged on every step's last line (``done <step> in W s, CPU C s, peak memory M MB``): the exact
+    figures. Snakemake's ``benchmark:`` files sample the job with psutil every 30 s once it has run for
+    30 s, so they miss the CPU and the memory peak of a long job's last stretch (a 45-s job read
+    16 CPU-s there, docs/SURVEY.md); ``benchmarks/run_overhead.read_benchmarks`` prefers these.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return cpu, max(me.ru_maxrss, kids.ru_maxrss) / 1024.0  # ru_maxrss is in KiB on Linux
+
+
+#: the usage part of a step log's last line (:func:`logged`)
+_DONE_RE = re.compile(r"done \S+ in [\d.]+ s, CPU ([\d.]+) s, peak memory ([\d.]+) MB")
+
+
+def read_step_usage(logfile) -> tuple[float, float] | None:
+    """``(cpu_s, peak_rss_mb)`` of the step that wrote ``logfile`` (its ``done`` line, see
+    :func:`process_usage`), or None: no such file, a failed or unfinished step, or a log without it."""
+    from pathlib import Path
+
+    path = Path(logfile)
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(errors="replace").splitlines():
+        m = _DONE_RE.search(line)
+        if m:
+            found = (float(m.group(1)), float(m.group(2)))
+    return found
 
 
 @contextlib.contextmanager
@@ -71,7 +111,11 @@ def logged(logfile: str | None, step: str = "step", *, echo: bool = True, warnin
         root.exception("%s failed", step)
         raise
     else:
-        root.info("done %s in %.1f s", step, time.perf_counter() - t0)
+        usage = process_usage()
+        if usage is None:  # pragma: no cover - Windows
+            root.info("done %s in %.1f s", step, time.perf_counter() - t0)
+        else:
+            root.info("done %s in %.1f s, CPU %.2f s, peak memory %.0f MB", step, time.perf_counter() - t0, *usage)
     finally:
         if warnings_to_log:
             logging.captureWarnings(False)

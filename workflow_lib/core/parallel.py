@@ -43,6 +43,24 @@ class SchedulerError(ValueError):
     """A ``dask_scheduler`` value that cannot be used (bad syntax, missing package, unreachable)."""
 
 
+def prefer_threaded_scheduler() -> None:
+    """Configure dask's threaded scheduler, as the function ``dask.threaded.get``, as this process's default
+    unless a scheduler is configured already (a ``dask.distributed`` client sets one when it starts).
+
+    Used by every step process (``python -m workflow_lib.steps``). Without it, each ``compute`` (every cube
+    read, every zarr write) imports ``dask.distributed`` to look for a running client: ~0.5 CPU-s per job, a
+    few of a survey tile's (docs/SURVEY.md). A scheduler *name* does not avoid that in dask >= 2025 (it
+    still checks for a client); a callable does. The threaded scheduler is what dask arrays use when there
+    is no client, so results do not change; a step's ``dask_scheduler`` setting still selects a cluster
+    explicitly (:func:`compute_context`).
+    """
+    import dask
+    import dask.threaded
+
+    if dask.config.get("scheduler", None) is None:
+        dask.config.set(scheduler=dask.threaded.get)
+
+
 def describe(threads: int = 1, scheduler: str | None = None) -> str:
     """Short human-readable description of the compute context, for logs."""
     threads = max(1, int(threads or 1))

@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
-from workflow_lib.core.logs import get_logger
+from workflow_lib.core.logs import get_logger, read_step_usage
 from workflow_lib.core.provenance import stale_inputs
 from workflow_lib.data.cube import CubeError, open_cube
 from workflow_lib.lfd.diagnostics import unpack_diagnostics
@@ -227,7 +227,11 @@ def cdpp_common_set(metrics: dict, catalog, gmag: np.ndarray, sets: list[str], m
 
 def read_benchmarks(bench_dir) -> list[dict]:
     """Every Snakemake benchmark TSV under ``bench_dir/<rule>/<name>.tsv`` as rows
-    ``{rule, target, s, max_rss, mean_load, cpu_time}`` (mean over repeats), sorted."""
+    ``{rule, target, s, max_rss, mean_load, cpu_time}`` (mean over repeats), sorted.
+
+    ``cpu_time`` and ``max_rss`` are the job's own figures when its log (``<bench_dir>/../logs/<rule>/<name>.log``)
+    ends with them (:func:`workflow_lib.core.logs.read_step_usage`: getrusage of the whole job); Snakemake
+    samples every 30 s after the first 30 s and misses a long job's last stretch."""
     rows = []
     for f in sorted(Path(bench_dir).glob("*/*.tsv")):
         try:
@@ -248,14 +252,15 @@ def read_benchmarks(bench_dir) -> list[dict]:
             vals = [v for v in vals if np.isfinite(v)]
             return float(np.mean(vals)) if vals else None
 
+        usage = read_step_usage(Path(bench_dir).parent / "logs" / f.parent.name / f"{f.stem}.log")
         rows.append(
             {
                 "rule": f.parent.name,
                 "target": f.stem,
                 "s": mean("s"),
-                "max_rss": mean("max_rss"),
+                "max_rss": usage[1] if usage else mean("max_rss"),
                 "mean_load": mean("mean_load"),
-                "cpu_time": mean("cpu_time"),
+                "cpu_time": usage[0] if usage else mean("cpu_time"),
             }
         )
     return rows

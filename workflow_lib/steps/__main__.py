@@ -527,6 +527,9 @@ def restore_thread_env() -> None:
 
 def main(argv=None) -> int:
     restore_thread_env()
+    from workflow_lib.core.parallel import prefer_threaded_scheduler
+
+    prefer_threaded_scheduler()
     args = build_parser().parse_args(argv)
     from importlib import import_module
 
