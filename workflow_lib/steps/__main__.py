@@ -527,13 +527,13 @@ def restore_thread_env() -> None:
 
 def main(argv=None) -> int:
     restore_thread_env()
-    from workflow_lib.core.parallel import prefer_threaded_scheduler
-
-    prefer_threaded_scheduler()
     args = build_parser().parse_args(argv)
     from importlib import import_module
 
     from workflow_lib.core.logs import main_step
+    from workflow_lib.core.parallel import prefer_threaded_scheduler
+
+    prefer_threaded_scheduler()  # no dask.distributed import per compute (docs/CLI.md)
 
     module, func_name, _ = STEPS[args.step]
     caller = globals()["call_" + args.step.replace("-", "_")]
