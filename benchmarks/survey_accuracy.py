@@ -125,13 +125,7 @@ def summarise(a: dict, b: dict | None = None, names=("this", "other")) -> tuple[
             row += " " + " | ".join(_q(v) for v in f["ratios"].values()) + " |"
         lines.append(row)
         figs[name] = {
-            k: (
-                v
-                if k in ("n", "all_nan")
-                else {kk: _q(vv) for kk, vv in v.items()}
-                if k == "ratios"
-                else _q(v)
-            )
+            k: (v if k in ("n", "all_nan") else {kk: _q(vv) for kk, vv in v.items()} if k == "ratios" else _q(v))
             for k, v in f.items()
         }
     return "\n".join(lines), figs
