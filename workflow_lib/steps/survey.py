@@ -125,7 +125,8 @@ def tile_chunks(tile_cube) -> dict:
 
     Every tile step reads the whole tile, so small spatial chunks only add per-chunk overhead: on a
     144 x 144 x 1,300 tile, whole-tile chunks cost 2.4 instead of 4.2 CPU-s to write and ~0.6 CPU-s
-    less per read (7 reads per tile; ``benchmarks/survey_scale.py``, docs/SURVEY.md). Values are the same."""
+    less per read (7 reads per tile; measured back to back in one process, docs/SURVEY.md, "CPU measured
+    exactly"). Values are the same."""
     return {
         "time": min(256, tile_cube.sizes["time"]),
         "row": tile_cube.sizes["row"],
