@@ -33,9 +33,10 @@ from astropy.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from survey_scale import CCD, RUN  # noqa: E402  (the run directory's layout)
+
 from workflow_lib.metrics import cdpp_hours  # noqa: E402
 
-RUN, CCD = "survey-scale", "s0001-4-2"
 BINS = [(-np.inf, 13.0, "G<13"), (13.0, 15.0, "13-15"), (15.0, 17.0, "15-17"), (17.0, 19.0, "17-19")]
 
 

@@ -11,8 +11,8 @@ tile's products are made afresh there.
 With several ``--checkout NAME=DIR`` the chain runs once per checkout per pair (``--pairs``), the order
 alternating from pair to pair (A B, B A, A B, ...) so that a drift of the machine's speed falls on both, and
 prints every stage's CPU per run, the chain totals and the per-pair ratios of each checkout to the first.
-``--compare`` also checks that the checkouts' products are the same (every array of every zarr store and
-npz file, equal NaNs equal; provenance attributes and entries are skipped).
+``--compare`` also checks that the checkouts' products are the same (``tests/helpers/manifest.py``, the tiny
+manifest's digests: every array of every zarr store, npz file and FITS file of the tile; provenance skipped).
 
     python benchmarks/tile_chain.py /tmp/ss512b --tile r0128c0128 --checkout old=/work/wt_old \\
         --checkout new=/work/main --pairs 3 --work /tmp/tile_chain --compare
@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUN, CCD = "survey-scale", "s0001-4-2"
+sys.path.insert(0, str(REPO))
+from survey_scale import CCD, RUN  # noqa: E402  (the run directory's layout)
+
+from tests.helpers.manifest import compare, manifest  # noqa: E402  (the products' digests, provenance aside)
+
 #: the tile's stages in dependency order (step names of ``python -m workflow_lib.steps``)
 STAGES = (
     "survey-cut-tile",
@@ -112,29 +116,6 @@ def run_chain(cmds: dict, work: Path, checkout: Path) -> dict:
     return out
 
 
-def same_products(a: Path, b: Path) -> list[str]:
-    """Differences between two runs' tile products (arrays of zarr stores and npz files; provenance skipped)."""
-    import numpy as np
-    import xarray as xr
-
-    def equal(x, y):
-        x, y = np.asarray(x), np.asarray(y)
-        if x.shape != y.shape:
-            return False
-        return bool(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"))
-
-    diffs = []
-    for p in sorted(a.rglob("*")):
-        rel, q = p.relative_to(a), b / p.relative_to(a)
-        if p.suffix == ".zarr" and p.is_dir():
-            x, y = xr.open_zarr(p, consolidated=False), xr.open_zarr(q, consolidated=False)
-            diffs += [f"{rel}:{v}" for v in [*x.data_vars, *x.coords] if not equal(x[v].values, y[v].values)]
-        elif p.suffix == ".npz":
-            with np.load(p) as x, np.load(q) as y:
-                diffs += [f"{rel}:{k}" for k in x.files if k != "provenance" and not equal(x[k], y[k])]
-    return diffs
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a finished benchmarks/survey_scale.py run directory")
@@ -172,7 +153,7 @@ def main(argv=None) -> int:
     if a.compare and len(checkouts) > 1:
         tile_dir = Path("results") / RUN / CCD / "tiles" / a.tile
         for name, _ in checkouts[1:]:
-            diffs = same_products(a.work / first / tile_dir, a.work / name / tile_dir)
+            diffs = compare(manifest(a.work / name / tile_dir), manifest(a.work / first / tile_dir))
             print(f"products {name} vs {first}: " + ("identical (provenance aside)" if not diffs else ", ".join(diffs)))
     return 0
 
