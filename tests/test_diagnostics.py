@@ -95,3 +95,44 @@ def test_flux_solve_default_diagnostics_path_is_next_to_the_light_curves():
     sig = inspect.signature(flux_solve_step)
     assert sig.parameters["diagnostics_npz"].default is None  # -> <out_zarr parent>/diagnostics.npz
     assert tuple(sig.parameters["cdpp_hours"].default) == (1.0, 6.0)
+
+
+def test_mean_frame_residual_reuses_the_flux_solves_motion_factors(field, monkeypatch):
+    """Given the flux solve's (S, basis, time_basis), the residual uses them when its scene is that same
+    matrix (no second evaluation of the motion factors) and gives the same numbers bitwise; for another
+    scene it evaluates its own."""
+    import scipy.sparse as sp
+
+    from workflow_lib.data.cube import as_pixel_table
+    from workflow_lib.lfd.motion import motion_factors
+    from workflow_lib.lfd.prf import scene_matrix
+
+    cube, cat, prf, lc, _ = _inputs(field)
+    mm = load_motion_model(field / "lfd" / "motion_model.npz")
+    ref = G.mean_frame_residual(cube, cat, prf, lc, mm)
+    t = as_pixel_table(cube, drop_nan=False)
+    pc, pr = (np.asarray(t[c].values, float) for c in ("column", "row"))
+    use = np.isin(np.asarray(cat["source_id"]), lc["source_id"].values)  # the sources with LFD fluxes
+    sc, sr = (np.asarray(cat[c], float)[use] for c in ("column", "row"))
+    S = sp.csr_matrix(scene_matrix(prf, sc, sr, pc, pr))
+    S.sum_duplicates()
+    S.sort_indices()
+    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
+    basis, tb = motion_factors(mm, pc[rows] - sc[S.indices], pr[rows] - sr[S.indices], cube["time"].values, prf)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return motion_factors(*args, **kwargs)
+
+    monkeypatch.setattr(G, "motion_factors", counted)
+    got = G.mean_frame_residual(cube, cat, prf, lc, mm, factors=(S, basis, tb))
+    assert calls == [] and got["label"] == "with the motion model"
+    for k in G.RESIDUAL_ARRAYS:
+        np.testing.assert_array_equal(got[k], ref[k])
+    other = S.copy()
+    other.data = other.data * 2.0  # not the residual's scene: its own factors are evaluated
+    got = G.mean_frame_residual(cube, cat, prf, lc, mm, factors=(other, basis, tb))
+    assert calls == [1]
+    for k in G.RESIDUAL_ARRAYS:
+        np.testing.assert_array_equal(got[k], ref[k])

@@ -122,3 +122,17 @@ def test_savgol_equals_scipy(n, window, order):
 
     x = np.random.default_rng(n).normal(size=n).cumsum() + 1e4
     np.testing.assert_allclose(_savgol(x, window, order), savgol_filter(x, window, order), rtol=1e-11, atol=0)
+
+
+def test_savgol_weights_are_scipys_savgol_coeffs():
+    """The CDPP's own Savitzky-Golay weights (no scipy.signal import in step processes) are
+    scipy.signal.savgol_coeffs(use="dot") bitwise, at every position of a range of windows and orders."""
+    from scipy.signal import savgol_coeffs
+
+    for window in (3, 5, 11, 49, 97, 101, 301):
+        for polyorder in range(min(4, window)):
+            for pos in range(window // 2 + 1):
+                np.testing.assert_array_equal(
+                    metrics.savgol_weights(window, polyorder, pos),
+                    savgol_coeffs(window, polyorder, pos=pos, use="dot"),
+                )

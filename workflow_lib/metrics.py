@@ -20,15 +20,28 @@ import xarray as xr
 from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK
 
 
+def savgol_weights(window: int, polyorder: int, pos: int) -> np.ndarray:
+    """Savitzky-Golay weights of a ``window``: the dot-product weights that evaluate, at sample ``pos``, the
+    polynomial of degree ``polyorder`` least-squares fitted to the window's samples (Savitzky & Golay 1964).
+
+    The same least-squares problem and solver as ``scipy.signal.savgol_coeffs(window, polyorder, pos=pos,
+    use="dot")``, so the same numbers (``tests/test_metrics.py``), without importing ``scipy.signal`` (~1 CPU-s
+    of start-up in every step process that computes a CDPP)."""
+    import scipy.linalg as sla  # here: most step processes never compute a CDPP
+
+    x = np.arange(-pos, window - pos, dtype=np.float64)
+    A = x ** np.arange(polyorder + 1, dtype=np.float64).reshape(-1, 1)  # rows: powers 0..polyorder
+    e0 = np.zeros(polyorder + 1)
+    e0[0] = 1.0  # the fitted polynomial's value (0th derivative) at x = 0, i.e. at sample pos
+    return sla.lstsq(A, e0, cond=np.finfo(np.float64).eps * max(A.shape))[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _savgol_operators(window: int, polyorder: int):
     """The Savitzky-Golay smoothing coefficients of a ``window`` and the (window // 2, window) matrix that
     evaluates the polynomial fitted to the first ``window`` samples at the first window // 2 positions."""
-    # imported here: scipy.signal costs ~1 s of every step's start-up, and only the CDPP needs it
-    from scipy.signal import savgol_coeffs
-
-    centre = savgol_coeffs(window, polyorder, use="dot")
-    edge = np.array([savgol_coeffs(window, polyorder, pos=i, use="dot") for i in range(window // 2)])
+    centre = savgol_weights(window, polyorder, window // 2)
+    edge = np.array([savgol_weights(window, polyorder, i) for i in range(window // 2)])
     return centre, edge
 
 
@@ -52,9 +65,11 @@ def _savgol(x, window: int, polyorder: int) -> np.ndarray:
 
 def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_tolerance=5.0):
     """flux / trend, the trend a segment-wise Savitzky-Golay filter with iterative outlier masking."""
+    finite = bool(np.isfinite(flux).all())  # the CDPP's case: the NaN-skipping reductions are not needed
+    median, std = (np.median, np.std) if finite else (np.nanmedian, np.nanstd)
     mask = np.isfinite(flux)
-    mask &= np.abs(np.nan_to_num(flux - np.nanmedian(flux))) <= np.nanstd(flux) * sigma
-    trend = np.full(flux.size, np.nanmedian(flux))
+    mask &= np.abs(np.nan_to_num(flux - median(flux))) <= std(flux) * sigma
+    trend = np.full(flux.size, median(flux))
     for _ in range(niters):
         tm, fm = time[mask], flux[mask]
         dt = np.diff(tm)
@@ -68,19 +83,20 @@ def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_toleran
             else:
                 tr[a:b] = _savgol(fm[a:b], window, min(polyorder, window - 1))
         resid = fm - tr
-        good = np.abs(resid) < np.nanstd(resid) * sigma + 1e-14
-        trend = np.interp(time, tm[good], tr[good])
-        # linear extrapolation beyond the ends, as a straight line through the last two points
-        for side in (0, 1):
-            tg, trg = tm[good], tr[good]
-            if tg.size >= 2:
-                sel = time < tg[0] if side == 0 else time > tg[-1]
-                i0, i1 = (0, 1) if side == 0 else (-2, -1)
-                slope = (trg[i1] - trg[i0]) / (tg[i1] - tg[i0])
-                trend[sel] = trg[i0] + slope * (time[sel] - tg[i0])
+        good = np.abs(resid) < std(resid) * sigma + 1e-14
         m = mask.copy()
         m[mask] = good
         mask = m
+    if niters < 1:
+        return flux / trend
+    # the last pass's trend at its unmasked points, interpolated over the masked ones and extrapolated
+    # linearly beyond the ends (a straight line through the last two points)
+    tg, trg = tm[good], tr[good]
+    trend = np.interp(time, tg, trg)
+    if tg.size >= 2:
+        for sel, i0, i1 in ((time < tg[0], 0, 1), (time > tg[-1], -2, -1)):
+            slope = (trg[i1] - trg[i0]) / (tg[i1] - tg[i0])
+            trend[sel] = trg[i0] + slope * (time[sel] - tg[i0])
     return flux / trend
 
 

@@ -52,13 +52,17 @@ def prefer_threaded_scheduler() -> None:
     few of a survey tile's (docs/SURVEY.md). A scheduler *name* does not avoid that in dask >= 2025 (it
     still checks for a client); a callable does. The threaded scheduler is what dask arrays use when there
     is no client, so results do not change; a step's ``dask_scheduler`` setting still selects a cluster
-    explicitly (:func:`compute_context`).
+    explicitly (:func:`compute_context`). Likewise every rechunk (xarray's ``stack`` of a cube into its pixel
+    table, for one) imports ``distributed`` to choose between its task and peer-to-peer methods; without a
+    client it is the task method, which is set here.
     """
     import dask
     import dask.threaded
 
     if dask.config.get("scheduler", None) is None:
         dask.config.set(scheduler=dask.threaded.get)
+        if dask.config.get("array.rechunk.method", None) is None:
+            dask.config.set({"array.rechunk.method": "tasks"})
 
 
 def describe(threads: int = 1, scheduler: str | None = None) -> str:

@@ -39,7 +39,7 @@ def _good_cadences(cube: xr.Dataset, flux: np.ndarray) -> np.ndarray:
     return good_cadences(flux, cube["quality"].values if "quality" in cube else None)
 
 
-def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=None) -> dict:
+def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=None, factors=None) -> dict:
     """Mean frame of the data, of the LFD model, and their difference, from what LFD writes.
 
     Over the good cadences G (:func:`good_cadences`, and present in the LFD set):
@@ -53,6 +53,11 @@ def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=
       the eq. 24 factor ``basis[k] @ time_basis[t]``, so the mean model of pair k is exactly
       ``PRF_k basis[k] @ mean_G(time_basis[t] flux_s(t))``;
     * residual = data - model.
+
+    ``factors``: optionally ``(S, basis, time_basis)``, the motion factors the flux solve has just evaluated
+    (:func:`workflow_lib.lfd.motion.motion_factors` of the pairs of its scene matrix ``S``, ``time_basis`` at
+    every cadence of the cube); used as they are when the scene of the residual is that same matrix (every
+    modelled source has LFD fluxes), instead of evaluating the PRF's shift polynomial at every pair again.
 
     Arrays are per pixel of ``as_pixel_table(cube, drop_nan=False)`` (the report's
     ``source_index`` order). Returns ``{"data", "model", "residual", "label", "n_sources",
@@ -95,7 +100,9 @@ def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=
     model = None
     if motion is not None and int(lfd.attrs.get("use_motion", 0)):
         try:
-            model = _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, np.asarray(cube["time"].values)[gi], fs[use])
+            model = _mean_motion_scene(
+                S, motion, prf, pc, pr, sc, sr, np.asarray(cube["time"].values)[gi], fs[use], _reusable(factors, S, gi)
+            )
             label = "with the motion model"
         except Exception as exc:
             notes.append(
@@ -118,11 +125,29 @@ def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=
     }
 
 
-def _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, time_good, f_use) -> np.ndarray:
-    """Mean over the good cadences of the motion-model scene: sum_k PRF_k basis[k] @ mean_G(time_basis f_s)."""
+def _reusable(factors, S, gi):
+    """``(basis, time_basis[gi])`` of the flux solve's ``factors = (S, basis, time_basis)`` when its scene
+    matrix is ``S`` entry for entry (same pairs in the same order), else None."""
+    if factors is None:
+        return None
+    S0, basis, tb = factors
+    same = (
+        S0.shape == S.shape
+        and np.array_equal(S0.indptr, S.indptr)
+        and np.array_equal(S0.indices, S.indices)
+        and np.array_equal(S0.data, S.data)
+    )
+    return (basis, tb[gi]) if same else None
+
+
+def _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, time_good, f_use, factors=None) -> np.ndarray:
+    """Mean over the good cadences of the motion-model scene: sum_k PRF_k basis[k] @ mean_G(time_basis f_s).
+    ``factors``: ``(basis, time_basis)`` of these pairs and cadences already evaluated (else evaluated here)."""
     rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
     cols = S.indices
-    basis, tb = motion_factors(motion, pc[rows] - sc[cols], pr[rows] - sr[cols], time_good, prf)
+    if factors is None:
+        factors = motion_factors(motion, pc[rows] - sc[cols], pr[rows] - sr[cols], time_good, prf)
+    basis, tb = factors
     ok = np.isfinite(f_use)  # (nsrc, ngood)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -259,16 +284,17 @@ def _centroid_shift(src, n_src: int, dx, dy, p0, fac):
 # ------------------------------------------------------------------ the diagnostics product
 
 
-def lfd_diagnostics(cube: xr.Dataset, catalog, prf, lc: xr.Dataset, motion=None, motion_raw=None) -> dict:
+def lfd_diagnostics(cube: xr.Dataset, catalog, prf, lc: xr.Dataset, motion=None, motion_raw=None, factors=None) -> dict:
     """Mean-frame residual and motion summary of one field, never raising.
 
     ``motion`` is the evaluable motion model (or None), ``motion_raw`` the arrays of its file
-    (None when there is no motion-model file). Returns ``{"mean_residual": dict | None,
+    (None when there is no motion-model file), ``factors`` the flux solve's motion factors
+    (:func:`mean_frame_residual`). Returns ``{"mean_residual": dict | None,
     "motion": dict | None, "residual_notes": [...], "motion_notes": [...]}``.
     """
     out = {"mean_residual": None, "motion": None, "residual_notes": [], "motion_notes": []}
     try:
-        res = mean_frame_residual(cube, catalog, prf, lc, motion)
+        res = mean_frame_residual(cube, catalog, prf, lc, motion, factors)
         out["residual_notes"] = res.pop("notes", [])
         out["mean_residual"] = res
     except Exception as exc:  # diagnostics must not fail the light curves

@@ -458,7 +458,8 @@ def flux_solve_step(
     log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
     if diagnostics_npz is None:
         diagnostics_npz = Path(out_zarr).parent / "diagnostics.npz"
-    write_lfd_diagnostics(diagnostics_npz, f["cube"], cat, f["model"], lc, motion_file)
+    factors = (S, basis, tb) if basis is not None else None
+    write_lfd_diagnostics(diagnostics_npz, f["cube"], cat, f["model"], lc, motion_file, factors)
     flagged = np.asarray(lc["lfd_flag"].values) != 0
     if flagged.any():
         log.info(
@@ -478,13 +479,14 @@ def flux_solve_step(
     return lc
 
 
-def write_lfd_diagnostics(out_npz, cube, catalog, prf, lc, motion_file=None) -> dict:
+def write_lfd_diagnostics(out_npz, cube, catalog, prf, lc, motion_file=None, factors=None) -> dict:
     """Write what the LFD model means, for the report (``lfd/diagnostics.npz``, atomic, deterministic bytes).
 
     The mean frame of the data, of the LFD model of ``lc`` and their residual, and the motion
     model's scene offsets and PRF factor change per cadence (:func:`workflow_lib.lfd.diagnostics.lfd_diagnostics`;
     layout: :func:`workflow_lib.lfd.diagnostics.pack_diagnostics`). ``motion_file`` is the
-    motion-model file (None: no motion panel). Returns the unpacked diagnostics.
+    motion-model file (None: no motion panel); ``factors`` the flux solve's ``(S, basis, time_basis)``
+    (reused by the mean-frame residual when its scene is the same). Returns the unpacked diagnostics.
     """
     motion = raw = None
     notes = []
@@ -499,7 +501,7 @@ def write_lfd_diagnostics(out_npz, cube, catalog, prf, lc, motion_file=None) -> 
                 motion = load_motion_model(motion_file)
             except Exception as exc:
                 notes.append(f"{motion_file}: not a motion model LFD can evaluate ({exc})")
-    diag = lfd_diagnostics(cube, catalog, prf, lc, motion, raw)
+    diag = lfd_diagnostics(cube, catalog, prf, lc, motion, raw, factors)
     diag["motion_notes"] = notes + diag["motion_notes"]
     with atomic_path(out_npz) as tmp:
         save_npz_deterministic(tmp, pack_diagnostics(diag))
