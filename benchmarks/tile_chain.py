@@ -50,6 +50,20 @@ STAGES = (
 RULES = (
     "cut_tile split_catalog edge_model prf_model scene_offsets motion_model flux_solve cpm_detrend report_field"
 ).split()
+#: a fixed CPU workload run before every chain (BLAS matrix products, as the CPM's solves, and interpreted
+#: Python, as the steps' start-up): the VM's speed drifts by up to ~1.5x between sessions (docs/SURVEY.md),
+#: and the chain's CPU over this one's is much steadier than the chain's CPU alone
+CALIBRATION = (
+    "import numpy as np\n"
+    "a = np.random.default_rng(0).standard_normal((500, 500))\n"
+    "for _ in range(200):\n"
+    "    b = a @ a\n"
+    "s = sum(i * i for i in range(8_000_000))\n"
+)
+#: 30-min sector: 16 CCDs of 2048 x 2048 px in 128-px tiles (interior tiles, as the one measured)
+SECTOR_TILES = 16 * (2048 // 128) ** 2
+#: the CCD-level jobs of a sector (ingest, Gaia, tile grid, CCD motion, merge, overview) [CPU-h], docs/SURVEY.md
+SECTOR_CCD_LEVEL_CPU_H = 4.0
 #: CCD-level inputs of a tile's chain (relative to the CCD directory), linked into the scratch run
 CCD_INPUTS = ("cube.zarr", "catalog.ecsv", "tiles.json", "motion")
 
@@ -116,6 +130,16 @@ def run_chain(cmds: dict, work: Path, checkout: Path) -> dict:
     return out
 
 
+def calibration_cpu() -> float:
+    """CPU seconds of :data:`CALIBRATION` in a fresh process (one BLAS thread), from wait4."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", CALIBRATION], env=env)
+    _, status, ru = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit("the calibration workload failed")
+    return ru.ru_utime + ru.ru_stime
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a finished benchmarks/survey_scale.py run directory")
@@ -128,11 +152,13 @@ def main(argv=None) -> int:
     checkouts = [tuple(c.split("=", 1)) for c in a.checkout] or [("this", str(REPO))]
     cmds = tile_commands(a.run.resolve(), a.tile)
     runs = {name: [] for name, _ in checkouts}
+    calib = {name: [] for name, _ in checkouts}
     for i in range(a.pairs):
         order = checkouts if i % 2 == 0 else checkouts[::-1]
         for name, path in order:
             work = scratch_run(a.run, a.work / name)
-            print(f"pair {i + 1}: {name} ({path}) in {work}", flush=True)
+            calib[name].append(calibration_cpu())
+            print(f"pair {i + 1}: {name} ({path}) in {work}; calibration {calib[name][-1]:.2f} CPU-s", flush=True)
             runs[name].append(run_chain(cmds, work, Path(path)))
     first = checkouts[0][0]
     print(f"\ntile {a.tile} of {a.run}: CPU-s per stage (user + system of the job), one job at a time")
@@ -143,6 +169,15 @@ def main(argv=None) -> int:
     print(f"{'chain':<22}" + "".join(f" {t:>10.1f}" for name in runs for t in totals[name]))
     print(f"{'peak memory max [MB]':<22}" + "".join(
         f" {max(s['rss_mb'] for s in r.values()):>10.0f}" for name in runs for r in runs[name]))  # fmt: skip
+    print(f"{'calibration [CPU-s]':<22}" + "".join(f" {c:>10.2f}" for name in runs for c in calib[name]))
+    print(f"{'chain / calibration':<22}" + "".join(
+        f" {t / c:>10.1f}" for name in runs for t, c in zip(totals[name], calib[name])))  # fmt: skip
+    print(f"{'sector [CPU-h]':<22}" + "".join(
+        f" {sector_cpu_h(t):>10.0f}" for name in runs for t in totals[name]))  # fmt: skip
+    print(
+        f"(sector: {SECTOR_TILES:,} interior tiles x the chain + {SECTOR_CCD_LEVEL_CPU_H:g} CPU-h of CCD-level jobs,"
+        " at this run's machine speed)"
+    )
     for name in runs:
         if name != first:
             ratios = [b / a_ for a_, b in zip(totals[first], totals[name])]
@@ -156,6 +191,11 @@ def main(argv=None) -> int:
             diffs = compare(manifest(a.work / name / tile_dir), manifest(a.work / first / tile_dir))
             print(f"products {name} vs {first}: " + ("identical (provenance aside)" if not diffs else ", ".join(diffs)))
     return 0
+
+
+def sector_cpu_h(chain_cpu_s: float) -> float:
+    """A 30-min sector's CPU-hours from one interior tile's chain [CPU-s] (docs/SURVEY.md's extrapolation)."""
+    return SECTOR_TILES * chain_cpu_s / 3600 + SECTOR_CCD_LEVEL_CPU_H
 
 
 if __name__ == "__main__":
