@@ -509,6 +509,27 @@ def test_write_field_and_index(field, tmp_path):
     (row,) = P.read_benchmarks(tmp_path / "benchmarks")  # the job's own getrusage figures win
     assert (row["cpu_time"], row["max_rss"], row["s"]) == (13.25, 400.0, 12.5)
     (logs / "fieldA.log").unlink()
+    tsv = (bench / "fieldA.tsv").read_text()
+    for tile in ("r0000c0000", "r0000c0096"):  # a survey CCD's tile jobs: one row per rule and CCD on the index
+        (bench / "ccd1" / "tiles").mkdir(parents=True, exist_ok=True)
+        (bench / "ccd1" / "tiles" / f"{tile}_default.tsv").write_text(tsv)
+        (tmp_path / "benchmarks" / "cut_tile").mkdir(exist_ok=True)
+        (tmp_path / "benchmarks" / "cut_tile" / f"ccd1_{tile}.tsv").write_text(tsv)
+    rows = P.read_benchmarks(tmp_path / "benchmarks")
+    assert [(r["rule"], r["target"]) for r in rows] == [
+        ("cpm_detrend", "ccd1/tiles/r0000c0000_default"),
+        ("cpm_detrend", "ccd1/tiles/r0000c0096_default"),
+        ("cpm_detrend", "fieldA"),
+        ("cut_tile", "ccd1_r0000c0000"),
+        ("cut_tile", "ccd1_r0000c0096"),
+    ]
+    folded = P.tile_job_totals(rows)
+    assert [(r["rule"], r["target"]) for r in folded] == [
+        ("cpm_detrend", "ccd1: 2 tiles (default)"),
+        ("cpm_detrend", "fieldA"),
+        ("cut_tile", "ccd1: 2 tiles"),
+    ]
+    assert (folded[0]["s"], folded[0]["cpu_time"], folded[0]["max_rss"]) == (25.0, 22.0, 321.0)
     R.write_index_report(
         [out / "fieldA.json"],
         out / "index.html",
@@ -519,6 +540,7 @@ def test_write_field_and_index(field, tmp_path):
     idx = (out / "index.html").read_text()
     assert 'href="fieldA.html"' in idx and '<span class="n-sources">4</span>' in idx
     assert "<td>12.50</td><td>321.0</td>" in idx and "cpm_detrend" in idx
+    assert "ccd1: 2 tiles (default)</td>\n<td>25.00</td><td>321.0</td>\n<td>22.00</td>" in idx
     assert "max_side: 64" in idx and "numpy" in idx and "cpm 150" in idx and "over the same 2 sources" in idx
 
 

@@ -93,6 +93,7 @@ from workflow_lib.report.products import (
     cdpp_values,
     load_field_products,
     read_benchmarks,
+    tile_job_totals,
     source_values,
 )
 
@@ -939,7 +940,7 @@ def write_index_report(
             )
             log.warning("index: the page of %s is stale (%s changed)", summary.get("field"), ", ".join(stale))
     ccd_rows = [ccd_summary(name, path) for name, path in (ccds or {}).items()]
-    bench = read_benchmarks(bench_dir) if bench_dir and Path(bench_dir).is_dir() else []
+    bench = tile_job_totals(read_benchmarks(bench_dir)) if bench_dir and Path(bench_dir).is_dir() else []
     log.info("index: %d fields, %d CCDs, %d benchmark files", len(summaries), len(ccd_rows), len(bench))
     return write_text_atomic(build_index_page(summaries, config, bench, run, ccd_rows), out_html)
 

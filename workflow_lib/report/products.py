@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -24,6 +25,7 @@ from astropy.table import Table
 from workflow_lib.core.logs import get_logger, read_step_usage
 from workflow_lib.core.provenance import stale_inputs
 from workflow_lib.data.cube import CubeError, open_cube
+from workflow_lib.data.tiles import TILE_ID_RE
 from workflow_lib.lfd.diagnostics import unpack_diagnostics
 
 log = get_logger("report")
@@ -226,41 +228,80 @@ def cdpp_common_set(metrics: dict, catalog, gmag: np.ndarray, sets: list[str], m
 
 
 def read_benchmarks(bench_dir) -> list[dict]:
-    """Every Snakemake benchmark TSV under ``bench_dir/<rule>/<name>.tsv`` as rows
-    ``{rule, target, s, max_rss, mean_load, cpu_time}`` (mean over repeats), sorted.
+    """Every Snakemake benchmark TSV under ``bench_dir/<rule>/`` (at any depth: a survey tile's jobs write
+    ``<rule>/<ccd>/tiles/<tile>.tsv``) as rows ``{rule, target, s, max_rss, mean_load, cpu_time}`` (mean over
+    repeats; ``target`` the path below the rule's directory without ``.tsv``), sorted.
 
-    ``cpu_time`` and ``max_rss`` are the job's own figures when its log (``<bench_dir>/../logs/<rule>/<name>.log``)
+    ``cpu_time`` and ``max_rss`` are the job's own figures when its log (``<bench_dir>/../logs/<rule>/<target>.log``)
     ends with them (:func:`workflow_lib.core.logs.read_step_usage`: getrusage of the whole job); Snakemake
     samples every 30 s after the first 30 s and misses a long job's last stretch."""
     rows = []
-    for f in sorted(Path(bench_dir).glob("*/*.tsv")):
-        try:
-            with open(f, newline="") as fh:
-                recs = list(csv.DictReader(fh, delimiter="\t"))
-        except OSError:
-            continue
-        if not recs:
-            continue
+    bench_dir = Path(bench_dir)
+    for rule_dir in sorted(p for p in bench_dir.iterdir() if p.is_dir()) if bench_dir.is_dir() else ():
+        for f in sorted(rule_dir.rglob("*.tsv")):
+            try:
+                with open(f, newline="") as fh:
+                    recs = list(csv.DictReader(fh, delimiter="\t"))
+            except OSError:
+                continue
+            if not recs:
+                continue
 
-        def mean(key):
-            vals = []
-            for r in recs:
-                try:
-                    vals.append(float(r.get(key, "nan")))
-                except (TypeError, ValueError):
-                    pass
-            vals = [v for v in vals if np.isfinite(v)]
-            return float(np.mean(vals)) if vals else None
+            def mean(key):
+                vals = []
+                for r in recs:
+                    try:
+                        vals.append(float(r.get(key, "nan")))
+                    except (TypeError, ValueError):
+                        pass
+                vals = [v for v in vals if np.isfinite(v)]
+                return float(np.mean(vals)) if vals else None
 
-        usage = read_step_usage(Path(bench_dir).parent / "logs" / f.parent.name / f"{f.stem}.log")
-        rows.append(
+            target = f.relative_to(rule_dir).with_suffix("").as_posix()
+            usage = read_step_usage(bench_dir.parent / "logs" / rule_dir.name / f"{target}.log")
+            rows.append(
+                {
+                    "rule": rule_dir.name,
+                    "target": target,
+                    "s": mean("s"),
+                    "max_rss": usage[1] if usage else mean("max_rss"),
+                    "mean_load": mean("mean_load"),
+                    "cpu_time": usage[0] if usage else mean("cpu_time"),
+                }
+            )
+    return rows
+
+
+#: a survey tile's job: ``<ccd>/tiles/<tile>`` (the tile "field"; ``_<paramset>`` after it for the CPM) or
+#: ``<ccd>_<tile>`` (cut_tile, split_catalog)
+_TILE_JOB = re.compile(rf"^(?P<ccd>.+?)(?:/tiles/|_)(?:{TILE_ID_RE.pattern.strip('^$')})(?:_(?P<suffix>[^/]+))?$")
+
+
+def tile_job_totals(rows: list[dict]) -> list[dict]:
+    """:func:`read_benchmarks` rows with the survey tiles' jobs folded into one row per rule and CCD (a CCD
+    has hundreds of tiles): target ``"<ccd>: <n> tiles"``, wall and CPU seconds summed, the largest peak
+    memory, the mean load averaged (a suffix after the tile id, the CPM's parameter set, in brackets). Other rows are kept as they are; the order is (rule, target)."""
+    out, groups = [], {}
+    for r in rows:
+        m = _TILE_JOB.match(r["target"])
+        if m is None:
+            out.append(r)
+        else:
+            groups.setdefault((r["rule"], m["ccd"], m["suffix"]), []).append(r)
+
+    def total(rs, key, how):
+        vals = [r[key] for r in rs if r[key] is not None]
+        return how(vals) if vals else None
+
+    for (rule, ccd, suffix), rs in groups.items():
+        out.append(
             {
-                "rule": f.parent.name,
-                "target": f.stem,
-                "s": mean("s"),
-                "max_rss": usage[1] if usage else mean("max_rss"),
-                "mean_load": mean("mean_load"),
-                "cpu_time": usage[0] if usage else mean("cpu_time"),
+                "rule": rule,
+                "target": f"{ccd}: {len(rs)} tiles" + (f" ({suffix})" if suffix else ""),
+                "s": total(rs, "s", sum),
+                "max_rss": total(rs, "max_rss", max),
+                "mean_load": total(rs, "mean_load", lambda v: float(np.mean(v))),
+                "cpu_time": total(rs, "cpu_time", sum),
             }
         )
-    return rows
+    return sorted(out, key=lambda r: (r["rule"], r["target"]))
