@@ -93,8 +93,8 @@ from workflow_lib.report.products import (
     cdpp_values,
     load_field_products,
     read_benchmarks,
-    tile_job_totals,
     source_values,
+    tile_job_totals,
 )
 
 log = get_logger("report")
