@@ -341,3 +341,25 @@ def test_field_offsets_on_the_informative_pixels(fraction):
         assert 0.6 < np.sqrt(np.mean(z**2)) < 1.6, ax
         dz = (sub[ax] - full[ax]) / full[f"{ax}_err"]
         assert np.sqrt(np.mean(dz**2)) < 0.3, ax  # 0.09 / 0.12 here (0.35 at fraction 0.9, 1 at 0.5)
+
+
+def test_offset_step_is_the_weighted_least_squares_of_the_jacobian():
+    """The scene offsets' Gauss-Newton step, normal matrix by blocks, against a plain weighted least squares
+    of the explicit Jacobian [jx, jy, B] per cadence (numpy lstsq of the sqrt(w)-scaled system)."""
+    from workflow_lib.lfd.motion import _offset_step
+
+    rng = np.random.default_rng(4)
+    k, npix, nb = 7, 300, 3
+    jx, jy = rng.normal(size=(2, k, npix))
+    B = np.column_stack([np.ones(npix), rng.uniform(-1, 1, (npix, nb - 1))])
+    w = rng.uniform(0.5, 2.0, (k, npix))
+    w[:, :20] = 0.0  # masked pixels
+    r = rng.normal(size=(k, npix))
+    BB = (B[:, :, None] * B[:, None, :]).reshape(npix, nb * nb)
+    sol, N = _offset_step(jx, jy, B, BB, w, r)
+    for t in range(k):
+        J = np.column_stack([jx[t], jy[t], B])
+        sw = np.sqrt(w[t])[:, None]
+        ref = np.linalg.lstsq(J * sw, r[t] * sw[:, 0], rcond=None)[0]
+        np.testing.assert_allclose(sol[t], ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(N[t], (J * w[t][:, None]).T @ J + 1e-12 * np.eye(2 + nb), rtol=1e-12)

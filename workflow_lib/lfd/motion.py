@@ -295,6 +295,7 @@ def measure_scene_offsets(
     Dx = _monomial_derivative(degree, 1, 0)
     Dy = _monomial_derivative(degree, 0, 1)
     TDx, TDy = T @ Dx, T @ Dy  # d/dcx, d/dcy of the model image, per monomial
+    BB = (B[:, :, None] * B[:, None, :]).reshape(npix, nb * nb)  # per pixel, the products of background terms
     cx = np.zeros(nt) if init is None else np.where(np.isfinite(init[0]), init[0], 0.0).astype(float)
     cy = np.zeros(nt) if init is None else np.where(np.isfinite(init[1]), init[1], 0.0).astype(float)
     bk = np.zeros((nt, nb))
@@ -318,19 +319,15 @@ def measure_scene_offsets(
             jx = m @ TDx.T
             jy = m @ TDy.T
             r = f - model
-            # per cadence: [jx, jy, B] least squares for (dcx, dcy, b)
-            J = np.concatenate([jx[:, :, None], jy[:, :, None], np.broadcast_to(B, (i1 - i0, npix, nb))], axis=2)
-            JWt = (J * w[:, :, None]).transpose(0, 2, 1)  # batched matrix products (BLAS), not einsum loops
-            N = JWt @ J
-            rhs = (JWt @ r[:, :, None])[:, :, 0]
-            N[:, np.arange(2 + nb), np.arange(2 + nb)] += 1e-12
-            sol = np.linalg.solve(N, rhs[:, :, None])[:, :, 0]
+            # per cadence: [jx, jy, B] least squares for (dcx, dcy, b); the normal matrix block by block
+            # (weighted sums over pixels, BLAS for the background columns) without forming the Jacobian
+            sol, N = _offset_step(jx, jy, B, BB, w, r)
             step = np.where(ok[i0:i1, None], sol[:, :2], 0.0)
             if it < int(n_iter):
                 cx[i0:i1] += np.clip(step[:, 0], -0.5, 0.5)
                 cy[i0:i1] += np.clip(step[:, 1], -0.5, 0.5)
             bk[i0:i1] = sol[:, 2:]
-            res = r - (J @ sol[:, :, None])[:, :, 0]
+            res = r - sol[:, :1] * jx - sol[:, 1:2] * jy - sol[:, 2:] @ B.T
             if errors and it == int(n_iter):
                 dof = np.maximum(fin.sum(axis=1) - 2 - nb, 1)
                 chi_t = (res**2 * w).sum(axis=1) / dof
@@ -349,6 +346,26 @@ def measure_scene_offsets(
     if errors:
         return cx, cy, ok, use_pix, bk, np.where(ok, ex, np.nan), np.where(ok, ey, np.nan)
     return cx, cy, ok, use_pix, bk
+
+
+def _offset_step(jx, jy, B, BB, w, r):
+    """One Gauss-Newton step of :func:`measure_scene_offsets` for a block of cadences: per cadence t the
+    weighted least squares ``r_t ~ dcx jx_t + dcy jy_t + B b_t`` (``jx``, ``jy``, ``w``, ``r`` (k, npix),
+    ``B`` (npix, nb), ``BB`` its per-pixel products (npix, nb^2)). Normal matrix ``N_t = J_t^T W_t J_t`` of
+    ``J_t = [jx_t, jy_t, B]`` by blocks: the offset block as weighted sums over pixels, the mixed and
+    background blocks as matrix products with B. Returns ``(solution (k, 2 + nb), N (k, 2 + nb, 2 + nb))``."""
+    k, nb = jx.shape[0], B.shape[1]
+    wx, wy, wr = w * jx, w * jy, w * r
+    N = np.empty((k, 2 + nb, 2 + nb))
+    N[:, 0, 0] = (wx * jx).sum(axis=1)
+    N[:, 0, 1] = N[:, 1, 0] = (wx * jy).sum(axis=1)
+    N[:, 1, 1] = (wy * jy).sum(axis=1)
+    N[:, 0, 2:] = N[:, 2:, 0] = wx @ B
+    N[:, 1, 2:] = N[:, 2:, 1] = wy @ B
+    N[:, 2:, 2:] = (w @ BB).reshape(k, nb, nb)
+    rhs = np.concatenate([(wx * r).sum(axis=1)[:, None], (wy * r).sum(axis=1)[:, None], wr @ B], axis=1)
+    N[:, np.arange(2 + nb), np.arange(2 + nb)] += 1e-12
+    return np.linalg.solve(N, rhs[:, :, None])[:, :, 0], N
 
 
 def clip_sources(chi2, count, owner, used_src, have, sigma_clip: float, what: str) -> np.ndarray:
