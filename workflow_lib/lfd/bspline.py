@@ -80,7 +80,9 @@ def spline_design_matrix(x, knots, degree: int = 3, *, clip: bool = False) -> sp
         )
     if x.size == 0:
         return sp.csr_matrix((0, t.size - degree - 1))
-    return sp.csr_matrix(BSpline.design_matrix(x, t, degree))
+    # x lies in [t[0], t[-1]] (checked or clipped above): ``extrapolate=True`` only skips scipy's own range
+    # check, which runs Python's min() and max() over the array (~20 % of a PRF evaluation); same matrix
+    return sp.csr_matrix(BSpline.design_matrix(x, t, degree, extrapolate=True))
 
 
 def wrapped_spline_design_matrix(phi, n_knots: int, degree: int = 3) -> sp.csr_matrix:
@@ -106,7 +108,8 @@ def wrapped_spline_design_matrix(phi, n_knots: int, degree: int = 3) -> sp.csr_m
     t = -np.pi + h * np.arange(-degree, n_knots + degree + 1)
     if x.size == 0:
         return sp.csr_matrix((0, n_knots))
-    full = BSpline.design_matrix(x, t, degree).tocoo()  # (n, n_knots + degree) on [t[k], t[-k-1]] = [-pi, pi]
+    # (n, n_knots + degree) on [t[k], t[-k-1]] = [-pi, pi]; x is in range: extrapolate=True skips the range check
+    full = BSpline.design_matrix(x, t, degree, extrapolate=True).tocoo()
     cols = np.mod(full.col, n_knots)
     out = sp.csr_matrix((full.data, (full.row, cols)), shape=(x.size, n_knots))
     out.sum_duplicates()
