@@ -69,3 +69,28 @@ def test_tensor_product_matches_rowwise_kron():
     with pytest.raises(ValueError):
         tensor_product(A, B[:10])
     del rng
+
+
+def test_design_matrices_equal_scipys_range_checked_ones():
+    """spline_design_matrix / wrapped_spline_design_matrix call scipy with extrapolate=True (no Python-level
+    range check) on abscissae already in range: the same matrices as scipy's default, knots and ends included."""
+    from scipy.interpolate import BSpline
+
+    from workflow_lib.lfd.bspline import clamped_knot_vector, spline_design_matrix, wrapped_spline_design_matrix
+
+    rng = np.random.default_rng(0)
+    for degree in (1, 3):
+        knots = np.sqrt(np.linspace(0.0, 25.0, 13))
+        t = clamped_knot_vector(knots, degree)
+        x = np.concatenate([rng.uniform(0.0, 5.0, 2000), knots, [np.nextafter(5.0, 0.0)]])
+        np.testing.assert_array_equal(
+            spline_design_matrix(x, knots, degree).toarray(), BSpline.design_matrix(x, t, degree).toarray()
+        )
+        n = 15
+        h = 2 * np.pi / n
+        tw = -np.pi + h * np.arange(-degree, n + degree + 1)
+        phi = np.concatenate([rng.uniform(-np.pi, np.pi - 1e-9, 2000), tw[degree : degree + n]])
+        full = BSpline.design_matrix(phi, tw, degree).toarray()
+        folded = full[:, :n].copy()
+        folded[:, : full.shape[1] - n] += full[:, n:]
+        np.testing.assert_array_equal(wrapped_spline_design_matrix(phi, n, degree).toarray(), folded)
