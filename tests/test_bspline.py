@@ -94,3 +94,20 @@ def test_design_matrices_equal_scipys_range_checked_ones():
         folded = full[:, :n].copy()
         folded[:, : full.shape[1] - n] += full[:, n:]
         np.testing.assert_array_equal(wrapped_spline_design_matrix(phi, n, degree).toarray(), folded)
+
+
+def test_tensor_product_fast_path_equals_the_general_one():
+    """With a constant count of entries per row of B (a B-spline design) the row-wise Kronecker product takes a
+    shortcut; it gives the same matrix as the general path (B with one entry more in one row)."""
+    rng = np.random.default_rng(2)
+    A = sp.random(300, 12, density=0.3, format="csr", random_state=3)
+    B = wrapped_spline_design_matrix(rng.uniform(-4, 4, 300), 15, 3)
+    fast = tensor_product(A, B)
+    lil = B.tolil()
+    free = next(c for c in range(15) if c not in B[0].indices)
+    lil[0, free] = 1e-300  # one extra stored entry in row 0, where its splines are zero: the general path
+    general = tensor_product(A, lil.tocsr()).toarray()
+    general[0] = (A[0].toarray().T * B[0].toarray()).ravel()  # row 0 without the extra entry
+    np.testing.assert_array_equal(fast.toarray(), general)
+    dense = np.einsum("ia,ib->iab", A.toarray(), B.toarray()).reshape(300, -1)
+    np.testing.assert_array_equal(fast.toarray(), dense)
