@@ -19,10 +19,10 @@ class FluxSystem:
     x_rows: np.ndarray  # pixel of every entry of X
     pair_a: np.ndarray | None  # entry pairs (a, b) in one pixel row -> N entry pair_n
     pair_b: np.ndarray | None
-    pair_n: np.ndarray | None
+    pair_n: np.ndarray | None  # -> entry of the upper triangle of the permuted normal matrix
     n_indptr: np.ndarray | None  # csc pattern of the permuted normal matrix
     n_indices: np.ndarray | None
-    n_diag_pos: np.ndarray | None
+    n_diag_pos: np.ndarray | None  # the diagonal's entries of the upper triangle
     perm: np.ndarray  # fill-reducing ordering: permuted N' = N[perm][:, perm]
     inv_perm: np.ndarray  # position of variable j in the permuted order
     prior_mu: np.ndarray  # (nsource+nbk,)
@@ -31,6 +31,8 @@ class FluxSystem:
     mean_lu: object = None  # SuperLU of the mean-frame normal matrix (original order)
     crowding: np.ndarray | None = None  # diag(Nbar^-1) * diag(Nbar) per variable
     mean_n: object = None  # mean-frame normal matrix (csc): mean_lu is refactorised from it after unpickling
+    n_full: np.ndarray | None = None  # csc entry of the permuted normal matrix -> its upper-triangle entry
+    n_upper: int = 0  # stored entries of that upper triangle
 
     def __getstate__(self):
         # SuperLU objects cannot be pickled (dask processes / distributed workers): ship N, refactorise there
@@ -88,9 +90,12 @@ def _design_pattern(S: sp.csr_matrix, B: np.ndarray):
 
 def _add_normal_pair_map(sys: FluxSystem, m: np.ndarray) -> None:
     """Set the pair map of ``sys`` for the direct solve: every product x_pa * x_pb of two entries in the
-    same pixel row of X mapped to its entry of the normal matrix N = X^T C^-1 X + prior (App. B), in the
-    csc pattern of the permuted N' = N[perm][:, perm] (``pair_a``/``pair_b``/``pair_n``, ``n_diag_pos``,
-    ``n_indices``/``n_indptr``). ``m``: the number of X entries per pixel row."""
+    same pixel row of X that lands on or above the diagonal of the permuted normal matrix
+    N' = N[perm][:, perm], N = X^T C^-1 X + prior (App. B), mapped to its entry of N's upper triangle
+    (``pair_a``/``pair_b``/``pair_n``; N is symmetric, so the products below the diagonal are the same
+    numbers and are not formed); ``n_full`` maps every stored entry of the csc pattern of N'
+    (``n_indices``/``n_indptr``) to its upper-triangle entry, ``n_diag_pos`` the diagonal's upper-triangle
+    entries. ``m``: the number of X entries per pixel row."""
     indptr, indices, rows, inv_perm, nvar = sys.x_indptr, sys.x_indices, sys.x_rows, sys.inv_perm, sys.nvar
     nnz = int(indptr[-1])
     # all products x_pa * x_pb of two entries in the same pixel row, mapped to N entries
@@ -99,17 +104,23 @@ def _add_normal_pair_map(sys: FluxSystem, m: np.ndarray) -> None:
     first = np.repeat(indptr[rows], reps)
     start_of_group = np.repeat(np.cumsum(reps) - reps, reps)
     pair_b = first + (np.arange(pair_a.size) - start_of_group)
-    ca = inv_perm[indices[pair_a]]
-    cb = inv_perm[indices[pair_b]]
-    diag_keys = np.arange(nvar, dtype=np.int64) * (nvar + 1)
-    keys = np.concatenate([cb.astype(np.int64) * nvar + ca, diag_keys])  # column-major (csc)
-    ukeys, inv = np.unique(keys, return_inverse=True)
+    ca = inv_perm[indices[pair_a]].astype(np.int64)
+    cb = inv_perm[indices[pair_b]].astype(np.int64)
+    upper = ca <= cb  # (row ca, column cb) of N' on or above its diagonal
+    pair_a, pair_b, ca, cb = pair_a[upper], pair_b[upper], ca[upper], cb[upper]
+    diag = np.arange(nvar, dtype=np.int64)
+    ukeys, inv = np.unique(np.concatenate([cb * nvar + ca, diag * (nvar + 1)]), return_inverse=True)
     sys.pair_a, sys.pair_b = pair_a, pair_b
     sys.pair_n = inv[: pair_a.size]
     sys.n_diag_pos = inv[pair_a.size :]
-    ncol = ukeys // nvar
-    sys.n_indices = (ukeys % nvar).astype(np.int32)
-    sys.n_indptr = np.searchsorted(ncol, np.arange(nvar + 1)).astype(np.int32)
+    sys.n_upper = int(ukeys.size)
+    # the full symmetric pattern (column-major keys), each entry read from its upper-triangle twin
+    ucol, urow = ukeys // nvar, ukeys % nvar
+    fkeys = np.unique(np.concatenate([ukeys, urow * nvar + ucol]))
+    fcol, frow = fkeys // nvar, fkeys % nvar
+    sys.n_full = np.searchsorted(ukeys, np.minimum(frow, fcol) + np.maximum(frow, fcol) * nvar)
+    sys.n_indices = frow.astype(np.int32)
+    sys.n_indptr = np.searchsorted(fcol, np.arange(nvar + 1)).astype(np.int32)
 
 
 def build_system(
@@ -222,16 +233,16 @@ def solve_direct(
         xd[sys.s_pos] *= factor
     wx = w[sys.x_rows] * xd  # per entry of X (the same products as w[row of a] * x_a, gathered once per entry)
     vals = wx[sys.pair_a] * xd[sys.pair_b]
-    ndata = np.bincount(sys.pair_n, weights=vals, minlength=sys.n_indices.size)
-    ndata[sys.n_diag_pos] += sys.prior_ivar[sys.perm]
-    N = sp.csc_matrix((ndata, sys.n_indices, sys.n_indptr), shape=(sys.nvar, sys.nvar))
+    nupper = np.bincount(sys.pair_n, weights=vals, minlength=sys.n_upper)  # upper triangle of N'
+    nupper[sys.n_diag_pos] += sys.prior_ivar[sys.perm]
+    N = sp.csc_matrix((nupper[sys.n_full], sys.n_indices, sys.n_indptr), shape=(sys.nvar, sys.nvar))
     X = sp.csr_matrix((xd, sys.x_indices, sys.x_indptr), shape=(sys.npixel, sys.nvar))
     rhs = X.T @ (w * y) + sys.prior_mu * sys.prior_ivar
     lu = spla.splu(N, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
     sol = lu.solve(rhs[sys.perm])[sys.inv_perm]
     if not errors:
         return sol, None
-    ndiag = ndata[sys.n_diag_pos][sys.inv_perm]
+    ndiag = nupper[sys.n_diag_pos][sys.inv_perm]
     if crowding is not None and not return_crowding:
         return sol, np.sqrt(crowding / ndiag)
     var = _diag_of_inverse(lu, sys.nvar)[sys.inv_perm]
