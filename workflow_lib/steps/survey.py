@@ -21,10 +21,8 @@ from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.data.cube import CubeError, open_cube, write_zarr_atomic
-from workflow_lib.data.ffi import ingest_ffis
 from workflow_lib.data.gaia import read_field_catalog
 from workflow_lib.data.lightcurves import write_lightcurve_fits
-from workflow_lib.data.synthetic_ffi import write_synthetic_ffis
 from workflow_lib.data.tiles import cut_tile, find_tile, grid_for_cube, split_catalog
 from workflow_lib.survey.merge import MergeError, combine_source_tables, merge_tile_sets, missing_tiles
 
@@ -67,6 +65,8 @@ def write_synthetic_ccd(out_dir_of_ffis, out_catalog, out_truth, params: dict | 
     p = merge_settings(schema_defaults("survey.synthetic"), params, "survey.synthetic")
     out_dir = Path(out_dir_of_ffis)
     with atomic_dir(out_dir) as work:  # the FFIs appear at out_dir all at once, or not at all
+        from workflow_lib.data.synthetic_ffi import write_synthetic_ffis  # here: the tile steps never need it
+
         res = write_synthetic_ffis(work, **p)
         with atomic_path(out_catalog) as tmp:
             shutil.move(str(res.catalog), tmp)
@@ -88,6 +88,8 @@ def ingest_ccd(ffi_dir_or_glob, out_cube, params: dict | None = None) -> dict:
         src = sorted(glob.glob(str(src)))
         if not src:
             raise CubeError(f"{ffi_dir_or_glob}: no FFI file matches")
+    from workflow_lib.data.ffi import ingest_ffis  # here: its FITS reader is not needed by the tile steps
+
     return ingest_ffis(
         src,
         out_cube,
