@@ -138,6 +138,33 @@ def n_pixels(ds: xr.Dataset) -> int:
     return int(ds.sizes["row"] * ds.sizes["column"])
 
 
+#: minimum sizes a cube needs before a scene model (LFD) or CPM can be fit to it
+MIN_PIXELS = 4
+MIN_CADENCES = 2
+
+
+def validate_for_modelling(
+    ds: xr.Dataset, name: str = "cube", *, min_pixels: int = MIN_PIXELS, min_cadences: int = MIN_CADENCES
+) -> None:
+    """Raise :class:`CubeError` naming ``name`` if ``ds`` is too small for a scene model (LFD) or CPM."""
+    npix = n_pixels(ds)
+    nt = int(ds.sizes["time"])
+    if npix < min_pixels:
+        plural = "pixel" if npix == 1 else "pixels"
+        raise CubeError(
+            f"{name}: {npix} {plural}: too small for a scene model or CPM (needs at least {min_pixels} pixels)"
+        )
+    if nt < min_cadences:
+        plural = "cadence" if nt == 1 else "cadences"
+        raise CubeError(
+            f"{name}: {nt} {plural}: a single image has no time series to model or de-trend "
+            f"(needs at least {min_cadences} cadences)"
+        )
+    flux = np.asarray(ds["flux"].values)
+    if not np.isfinite(flux).any():
+        raise CubeError(f"{name}: every flux value is NaN")
+
+
 def as_pixel_table(ds: xr.Dataset, drop_nan: bool = True) -> xr.Dataset:
     """(time, pixel) view of a cube; image cubes are stacked row-major.
 

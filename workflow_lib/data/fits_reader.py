@@ -31,21 +31,20 @@ from astropy.wcs import WCS
 
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import file_sha256, provenance_json
-from workflow_lib.data.cube import (
+from workflow_lib.data.cube import (  # noqa: F401  (validate_for_modelling and the minimum sizes: public here too)
+    MIN_CADENCES,
+    MIN_PIXELS,
     TIME_SYSTEMS,
     CubeError,
     concat_stamps,
     make_cube,
     n_pixels,
+    validate_for_modelling,
     wcs_to_header_string,
     write_zarr_atomic,
 )
 
 log = get_logger("fitsio")
-
-#: minimum sizes a cube needs before a scene model (LFD) or CPM can be fit to it
-MIN_PIXELS = 4
-MIN_CADENCES = 2
 
 #: log reading progress every this many files (a Kepler channel field has ~1000-2000 TPFs)
 PROGRESS_EVERY = 100
@@ -543,28 +542,6 @@ def _read_kepler_ffi(hdul, image: fits.ImageHDU, path: Path) -> xr.Dataset:
 
 
 # ------------------------------------------------------------------ checks and fields
-
-
-def validate_for_modelling(
-    ds: xr.Dataset, name: str = "cube", *, min_pixels: int = MIN_PIXELS, min_cadences: int = MIN_CADENCES
-) -> None:
-    """Raise :class:`CubeError` naming ``name`` if ``ds`` is too small for a scene model (LFD) or CPM."""
-    npix = n_pixels(ds)
-    nt = int(ds.sizes["time"])
-    if npix < min_pixels:
-        plural = "pixel" if npix == 1 else "pixels"
-        raise CubeError(
-            f"{name}: {npix} {plural}: too small for a scene model or CPM (needs at least {min_pixels} pixels)"
-        )
-    if nt < min_cadences:
-        plural = "cadence" if nt == 1 else "cadences"
-        raise CubeError(
-            f"{name}: {nt} {plural}: a single image has no time series to model or de-trend "
-            f"(needs at least {min_cadences} cadences)"
-        )
-    flux = np.asarray(ds["flux"].values)
-    if not np.isfinite(flux).any():
-        raise CubeError(f"{name}: every flux value is NaN")
 
 
 def _group_key(ds: xr.Dataset) -> tuple:

@@ -12,8 +12,7 @@ from workflow_lib.core.atomic import atomic_dir, atomic_path, save_npz_determini
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance, provenance_json
 from workflow_lib.core.quality import LFD_SOURCE_FLAGS
-from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
-from workflow_lib.data.fits_reader import validate_for_modelling
+from workflow_lib.data.cube import as_pixel_table, open_cube, validate_for_modelling, write_zarr_atomic
 from workflow_lib.data.gaia import read_field_catalog
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
 from workflow_lib.lfd.diagnostics import lfd_diagnostics, pack_diagnostics
