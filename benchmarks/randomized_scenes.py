@@ -170,6 +170,12 @@ def abs_flux_error(flux, true):
     return float(np.median(np.abs(flux[ok] / true[ok] - 1))) if ok.any() else np.nan
 
 
+def median_flux_ratio(flux, true):
+    """Median over cadences of F/T: the sign of an absolute-flux bias (1 = none), which |F/T - 1| hides."""
+    ok = np.isfinite(flux) & (true > 0)
+    return float(np.median(flux[ok] / true[ok])) if ok.any() else np.nan
+
+
 def relative(x):
     ok = np.isfinite(x)
     return x / np.median(x[ok]) - 1 if ok.any() and np.median(x[ok]) > 0 else np.full_like(x, np.nan)
@@ -510,12 +516,12 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
         if "lfd" in lcs:
             F, E = lcs["lfd"]
             row["lfd_abs_err"] = abs_flux_error(F[k, good_t], Tk[good_t])
+            row["lfd_flux_ratio"] = median_flux_ratio(F[k, good_t], Tk[good_t])
             row["lfd_white_cdpp"] = white_cdpp(est, t[good_t], E[k, good_t], tm, rng)
         if PSFM in lcs:  # psfmachine's own flux scale: |F/T - 1| and the median F/T
             F = lcs[PSFM][0][k, good_t]
             row["psfm_abs_err"] = abs_flux_error(F, Tk[good_t])
-            ok = np.isfinite(F)
-            row["psfm_flux_ratio"] = float(np.median(F[ok] / Tk[good_t][ok])) if ok.any() else np.nan
+            row["psfm_flux_ratio"] = median_flux_ratio(F, Tk[good_t])
         stars.append(row)
 
     # ---- variables
@@ -641,6 +647,7 @@ def summarize(scenes: list) -> dict:
     methods = scene_methods(scenes)
     baselines = tuple(m for m in methods if m != "lfd")
     keys = [f"{m}_{q}" for m in methods for q in ("cdpp_own", "cdpp_true", "p2p")] + ["lfd_abs_err", "lfd_white_cdpp"]
+    keys += ["lfd_flux_ratio"]
     if PSFM in methods:
         keys += ["psfm_abs_err", "psfm_flux_ratio"]
     summary = {"bins": {}, "methods": list(methods)}
@@ -847,6 +854,7 @@ def print_report(s: dict, head: str):
         ("CPM p2p / flux_err", "cpm_p2p"),
         ("deblended p2p / flux_err", "deb_p2p"),
         ("LFD abs. flux error [%]", "lfd_abs_err"),
+        ("LFD median F / true F (signed)", "lfd_flux_ratio"),
     ]
     methods = tuple(s.get("methods", METHODS))
     if PSFM in methods:

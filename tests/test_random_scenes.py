@@ -197,6 +197,7 @@ def test_summary_and_targets_on_constructed_scenes():
                 "lfd_white_cdpp": lfd,
                 "lfd_p2p": 1.0,
                 "lfd_abs_err": 0.005,
+                "lfd_flux_ratio": 0.97 + 0.02 * k,
                 "ap3_cdpp_own": ap3,
                 "ap3_cdpp_true": ap3,
                 "ap3_p2p": 1.0,
@@ -207,5 +208,8 @@ def test_summary_and_targets_on_constructed_scenes():
     b = s["bins"]["13-15"]
     assert b["n_stars"] == 2 and b["lfd_cdpp_true"][0] == pytest.approx(150.0)
     assert b["ap3_over_lfd_true"][0] == pytest.approx(0.5 * (1.5 + 1.1))
+    assert b["lfd_flux_ratio"][0] == pytest.approx(0.98)  # signed: 0.97 and 0.99 do not cancel to 1
+    f = np.array([0.9, 1.1, np.nan, 0.95])
+    assert bench.median_flux_ratio(f, np.array([1.0, 1.0, 1.0, 1.0])) == pytest.approx(0.95)
     res = {name[:3].strip(): ok for name, ok, _ in bench.targets(s)}
     assert res["T1"] == "PASS" and res["T3"] == "PASS" and res["T7"] == "PASS"
