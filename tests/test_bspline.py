@@ -111,3 +111,8 @@ def test_tensor_product_fast_path_equals_the_general_one():
     np.testing.assert_array_equal(fast.toarray(), general)
     dense = np.einsum("ia,ib->iab", A.toarray(), B.toarray()).reshape(300, -1)
     np.testing.assert_array_equal(fast.toarray(), dense)
+    # unequal counts per row whose total is still n x the first row's count (2, 0, 4): the general path
+    Bu = sp.csr_matrix(np.array([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 5.0, 6.0]]))
+    Au = sp.csr_matrix(np.array([[1.0, 0.0], [2.0, 3.0], [0.0, 4.0]]))
+    ref = np.einsum("ia,ib->iab", Au.toarray(), Bu.toarray()).reshape(3, -1)
+    np.testing.assert_array_equal(tensor_product(Au, Bu).toarray(), ref)
