@@ -51,7 +51,7 @@ RULES = (
     "cut_tile split_catalog edge_model prf_model scene_offsets motion_model flux_solve cpm_detrend report_field"
 ).split()
 #: a fixed CPU workload run before every chain (BLAS matrix products, as the CPM's solves, and interpreted
-#: Python, as the steps' start-up): the VM's speed drifts by up to ~1.5x between sessions (docs/SURVEY.md),
+#: Python, as the steps' start-up): the VM's speed drifts by up to ~1.9x between sessions (docs/SURVEY.md),
 #: and the chain's CPU over this one's is much steadier than the chain's CPU alone
 CALIBRATION = (
     "import numpy as np\n"
