@@ -67,9 +67,10 @@ def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_toleran
     """flux / trend, the trend a segment-wise Savitzky-Golay filter with iterative outlier masking."""
     finite = bool(np.isfinite(flux).all())  # the CDPP's case: the NaN-skipping reductions are not needed
     median, std = (np.median, np.std) if finite else (np.nanmedian, np.nanstd)
+    if niters < 1:
+        return flux / median(flux)
     mask = np.isfinite(flux)
     mask &= np.abs(np.nan_to_num(flux - median(flux))) <= std(flux) * sigma
-    trend = np.full(flux.size, median(flux))
     for _ in range(niters):
         tm, fm = time[mask], flux[mask]
         dt = np.diff(tm)
@@ -87,8 +88,6 @@ def _flatten(time, flux, window, polyorder=2, niters=3, sigma=3.0, break_toleran
         m = mask.copy()
         m[mask] = good
         mask = m
-    if niters < 1:
-        return flux / trend
     # the last pass's trend at its unmasked points, interpolated over the masked ones and extrapolated
     # linearly beyond the ends (a straight line through the last two points)
     tg, trg = tm[good], tr[good]
