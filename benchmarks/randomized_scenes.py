@@ -609,7 +609,19 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
         }
         for bit, name in LFD_SOURCE_FLAGS.items():
             counts[f"flag_{name}"] = int(((flag & bit) != 0).sum())
-    return {"stars": stars, "variables": var, "pairs": pairs, "counts": counts, "n_cadences": int(nt)}
+    # the flux solve's sky at the cutout centre (constant term of the centred polynomial) minus the truth's
+    sky_excess = np.nan
+    if "lfd" in lcs and "background" in lfd and "background" in truth:
+        b0 = np.asarray(lfd["background"].transpose(..., "time").values, float)[0]
+        sky_excess = float(np.nanmedian((b0 - np.asarray(truth["background"].values, float))[good_t]))
+    return {
+        "stars": stars,
+        "variables": var,
+        "pairs": pairs,
+        "counts": counts,
+        "n_cadences": int(nt),
+        "sky_excess": sky_excess,
+    }
 
 
 # ----------------------------------------------------------------------------- summary
@@ -729,6 +741,7 @@ def summarize(scenes: list) -> dict:
         if PSFM in cpu and PSFM in c and PSFM not in sc["errors"]:
             cpu[PSFM].append(c[PSFM] / n)
     summary["cpu_per_cadence"] = {m: spread(v) for m, v in cpu.items()}
+    summary["sky_excess"] = spread([sc.get("sky_excess", np.nan) for sc in scenes])
     summary["failed_scenes"] = {sc["seed"]: sc["errors"] for sc in scenes if sc.get("errors")}
     return summary
 
@@ -912,6 +925,10 @@ def print_report(s: dict, head: str):
         f"left out (lfd_flag != 0): {c.get('flagged', '?')} ({flags}); with >= 20 % of their flux on the cutout "
         f"{c.get('flagged_frac20', '?')}, of these with true flux > 5x pixel noise {c.get('flagged_frac20_bright', '?')}"
     )
+    if "sky_excess" in s:
+        print(
+            f"LFD sky at the cutout centre minus the true sky [e-/s/px], over scenes: {_ms(s['sky_excess'], '{:.2f}')}"
+        )
     cp = s["cpu_per_cadence"]
     print(
         "CPU per cadence [ms]: "

@@ -1,11 +1,13 @@
 """§4.3-4.4 PRF model: known analytic PRF (asymmetric, pixel-integrated) as truth."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from workflow_lib.lfd.geometry import background_design
 from workflow_lib.lfd.prf import (
     PRFModel,
     fit_prf_shape,
@@ -16,6 +18,7 @@ from workflow_lib.lfd.prf import (
     scene_matrix,
     shape_settings,
     source_flux,
+    wing_image,
 )
 
 #: the lfd.prf schema defaults as fit_prf_shape keyword arguments
@@ -250,3 +253,53 @@ def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
     print(out)
     assert out[0.9][0] > out[1.0][0]
     assert out[0.9][1] < 0.03 and abs(out[0.9][2] - 1) < 0.03
+
+
+def test_tail_value_continues_the_wing_and_wing_image_holds_its_light(fitted):
+    """tail_value = evaluate's power-law wing where both apply; the wing image of one source sums to the
+    analytic integral of that wing between r_max and the wing radius."""
+    m = fitted
+    assert m.tail_alpha is not None and m.r_support < m.r_max
+    r = np.linspace(m.r_support + 1e-3, m.r_max, 15)
+    ph = np.linspace(-3.1, 3.1, 15)
+    dx, dy = r * np.cos(ph), r * np.sin(ph)
+    assert np.allclose(m.tail_value(dx, dy), m.evaluate(dx, dy), rtol=2e-3)
+    assert np.all(m.tail_value(0.5 * dx, 0.5 * dy) == 0)  # within r_support: the spline, no wing
+    rows, cols = np.mgrid[0:61, 0:61]
+    pc, pr = cols.ravel().astype(float), rows.ravel().astype(float)
+    W = wing_image(m, [30.2], [29.7], [1e5], pc, pr, radius=20.0)
+    a = m.tail_alpha
+    expected = 1e5 * m.wing_fraction * (1 - (20.0 / m.r_max) ** (2 - a))  # wing light between r_max and 20 px
+    assert abs(W.sum() / expected - 1) < 0.02  # measured 0.3 %
+    assert W[np.hypot(pc - 30.2, pr - 29.7) <= m.r_max].max() == 0  # the scene holds the light within r_max
+    assert not wing_image(m, [30.2], [29.7], [1e5], pc, pr, radius=m.r_max).any()  # radius <= r_max: none
+    assert not wing_image(m, [30.2], [29.7], [-5.0], pc, pr, radius=20.0).any()  # no light of negative flux
+
+
+def test_wing_column_keeps_the_sky_and_the_faint_stars_unbiased(fitted):
+    """Known truth: a scene rendered with the fitted PRF's wing out to 20 px (bright and faint stars, a sky
+    plane). Solved with the r_max = 5 px scene, the sky plane absorbs the wings' light and the faint stars
+    lose flux; with the wing column (a-priori fluxes 10 % off, free scale) both come back."""
+    truth_prf = dataclasses.replace(fitted, r_max=20.0)  # the same normalised PRF, its wing to 20 px
+    rng = np.random.default_rng(5)
+    rows, cols = np.mgrid[0:60, 0:60]
+    pc, pr = cols.ravel().astype(float), rows.ravel().astype(float)
+    nb, nf = 6, 40
+    sc, sr = rng.uniform(2, 58, nb + nf), rng.uniform(2, 58, nb + nf)
+    F = np.r_[10 ** rng.uniform(5, 5.7, nb), np.full(nf, 60.0)]
+    sky = 20.0 + 0.05 * (pc - 30) - 0.03 * (pr - 30)
+    data = scene_matrix(truth_prf, sc, sr, pc, pr) @ F + sky
+    err = np.full(pc.size, 0.05)
+    S = scene_matrix(fitted, sc, sr, pc, pr)
+    Bk = background_design(pc, pr, 1)
+    W = wing_image(fitted, sc, sr, 1.1 * F, pc, pr, radius=20.0)
+    prior = dict(prior_width=1.0, background_prior_sigma=1e6)
+    f0, b0 = source_flux(S, data, err, F, background=Bk, **prior)
+    f1, b1 = source_flux(S, data, err, F, background=np.column_stack([Bk, W]), **prior)
+    sky0 = Bk @ b0 - sky
+    sky1 = Bk @ b1[:3] - sky
+    faint0, faint1 = np.median(f0[nb:] / F[nb:]), np.median(f1[nb:] / F[nb:])
+    assert np.median(sky0) > 0.05 and faint0 < 0.99  # without: sky too high, faint stars too faint
+    assert abs(np.median(sky1)) < 0.1 * np.median(sky0)
+    assert abs(faint1 - 1) < 0.2 * abs(faint0 - 1)
+    assert abs(b1[3] * 1.1 - 1) < 0.05  # the free scale undoes the a-priori fluxes' 10 % error

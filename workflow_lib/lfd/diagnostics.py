@@ -18,7 +18,7 @@ import xarray as xr
 from workflow_lib.data.cube import as_pixel_table, pixel_coordinates
 from workflow_lib.lfd.geometry import background_design, source_pixel_pairs
 from workflow_lib.lfd.motion import motion_factors
-from workflow_lib.lfd.prf import scene_matrix
+from workflow_lib.lfd.prf import scene_matrix, wing_image
 
 #: per-pixel arrays of the mean-frame residual
 RESIDUAL_ARRAYS = ("data", "model", "residual")
@@ -110,7 +110,8 @@ def mean_frame_residual(cube: xr.Dataset, catalog, prf, lfd: xr.Dataset, motion=
             )
     if model is None:
         model = S @ mean_f[use]
-    sky = _mean_background(lfd, prf, pc, pr, tidx[gi], notes)
+    cat_pos = (np.asarray(catalog["column"], float), np.asarray(catalog["row"], float))
+    sky = _mean_background(lfd, prf, pc, pr, tidx[gi], notes, cat_pos)
     if sky is not None:
         model = model + sky
     model = np.where(np.isfinite(data), model, np.nan)
@@ -155,7 +156,7 @@ def _mean_motion_scene(S, motion, prf, pc, pr, sc, sr, time_good, f_use, factors
     return np.bincount(rows, weights=S.data * np.einsum("pk,pk->p", basis, M[cols]), minlength=S.shape[0])
 
 
-def _mean_background(lfd: xr.Dataset, prf, pc, pr, tgood, notes: list):
+def _mean_background(lfd: xr.Dataset, prf, pc, pr, tgood, notes: list, catalog_position=None):
     """Mean sky of the good cadences ``tgood`` (indices into the LFD set) per pixel, or None (with a note)."""
     if "background" in lfd and lfd["background"].ndim == 2:
         b = lfd["background"]
@@ -168,7 +169,14 @@ def _mean_background(lfd: xr.Dataset, prf, pc, pr, tgood, notes: list):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mb = np.nanmean(coef, axis=1)
-        return background_design(pc, pr, order) @ np.nan_to_num(mb) if nb else None
+        sky = background_design(pc, pr, order) @ np.nan_to_num(mb) if nb else None
+        if (
+            "wing_scale" in lfd and sky is not None and catalog_position is not None
+        ):  # the PRF wings' light beyond r_max (lfd.prf.wing_radius)
+            cat_sc, cat_sr = catalog_position
+            ws = np.nanmean(np.asarray(lfd["wing_scale"].values, float)[tgood])
+            sky = sky + np.nan_to_num(ws) * wing_image(prf, cat_sc, cat_sr, prf.source_flux, pc, pr)
+        return sky
     if prf.background is not None and len(prf.background):
         notes.append(
             "mean-frame residual: LFD light curves carry no background; the PRF step's mean-frame background is used"

@@ -206,6 +206,8 @@ class PRFModel:
     background: np.ndarray | None = None
     background_order: int = 0
     tail_alpha: float | None = None
+    wing_radius: float = 0.0  # the wing term's outer radius [px] (:func:`wing_image`); <= r_max: no wing term
+    wing_scale: float = 1.0  # the mean-frame fit's scale of the wing term
     core_degree: int = 0  # regular azimuthal core terms (:func:`core_design_matrix`)
     core_radius: float = 1.0
     provenance: str = ""
@@ -307,6 +309,23 @@ class PRFModel:
         self.tail_alpha = float(np.clip(alpha if np.isfinite(alpha) else alpha_range[1], *alpha_range))
         return self
 
+    def tail_value(self, dx, dy, n_phi: int = 256) -> np.ndarray:
+        """The power-law wing of :meth:`evaluate` at any radius beyond ``r_support`` (not cut at ``r_max``):
+        ``PRF(r_support, phi) (r_support / r)^tail_alpha``, the ring ``PRF(r_support, phi)`` tabulated at
+        ``n_phi`` angles and interpolated (periodic). Zero within ``r_support`` or without a tail."""
+        dx = np.asarray(dx, float)
+        dy = np.asarray(dy, float)
+        out = np.zeros(np.broadcast(dx, dy).shape)
+        if self.tail_alpha is None or out.size == 0:
+            return out
+        rs = self.r_support
+        pp = np.linspace(-np.pi, np.pi, n_phi + 1)
+        ring = np.exp(self.log_value(rs * np.cos(pp), rs * np.sin(pp)) - self.log_norm)
+        r, phi = polar_coordinates(*np.broadcast_arrays(dx, dy))
+        far = r > rs
+        out[far] = np.interp(phi[far], pp, ring, period=2 * np.pi) * (rs / r[far]) ** self.tail_alpha
+        return out
+
     @property
     def wing_fraction(self) -> float:
         """Fraction of the total flux the model puts beyond ``r_max`` (in no scene pixel): the tail integral past r_max."""
@@ -331,6 +350,8 @@ class PRFModel:
             "r_data": np.float64(self.r_support),
             "background_order": np.int64(self.background_order),
             "tail_alpha": np.float64(np.nan if self.tail_alpha is None else self.tail_alpha),
+            "wing_radius": np.float64(self.wing_radius),
+            "wing_scale": np.float64(self.wing_scale),
             "core_degree": np.int64(self.core_degree),
             "core_radius": np.float64(self.core_radius),
             "provenance": np.array(self.provenance),
@@ -365,6 +386,8 @@ class PRFModel:
                 tail_alpha=(
                     float(z["tail_alpha"]) if "tail_alpha" in z.files and np.isfinite(z["tail_alpha"]) else None
                 ),
+                wing_radius=float(z["wing_radius"]) if "wing_radius" in z.files else 0.0,
+                wing_scale=float(z["wing_scale"]) if "wing_scale" in z.files else 1.0,
                 core_degree=int(z["core_degree"]) if "core_degree" in z.files else 0,
                 core_radius=float(z["core_radius"]) if "core_radius" in z.files else 1.0,
                 provenance=str(z["provenance"]) if "provenance" in z.files else "",
@@ -595,6 +618,30 @@ def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, 
     src, pix, dx, dy = source_pixel_pairs(source_col, source_row, pixel_col, pixel_row, rad)
     vals = model.evaluate(dx, dy)
     return sp.csr_matrix((vals, (pix, src)), shape=(npix, nsrc))
+
+
+def wing_image(model: PRFModel, source_col, source_row, flux, pixel_col, pixel_row, radius=None) -> np.ndarray:
+    """The sources' light beyond the scene radius: ``sum_s flux_s PRF_s(p)`` over the pixels p with
+    ``r_max < |p - s| <= radius`` (default ``model.wing_radius``), PRF the power-law wing of
+    :meth:`PRFModel.tail_value` (the part of eq. 15's normalised PRF that :func:`scene_matrix` leaves out).
+
+    Light that no source column holds falls on real pixels and a sky polynomial absorbs it, raising
+    the sky under faint stars (docs/VALIDATION.md, "Where the absolute-flux error (T4) comes from"). As
+    one background column with a free scale (``lfd.prf.wing_radius``) it no longer does. Sources with
+    non-positive ``flux`` contribute nothing. Returns the image [e-/s] over the pixels (npix,)."""
+    pc = np.asarray(pixel_col, float).ravel()
+    rad = float(model.wing_radius if radius is None else radius)
+    out = np.zeros(pc.size)
+    flux = np.asarray(flux, float).ravel()
+    use = np.isfinite(flux) & (flux > 0)
+    if model.tail_alpha is None or rad <= model.r_max or not use.any():
+        return out
+    src, pix, dx, dy = source_pixel_pairs(
+        np.asarray(source_col, float).ravel()[use], np.asarray(source_row, float).ravel()[use], pc, pixel_row, rad
+    )
+    far = np.hypot(dx, dy) > model.r_max
+    vals = model.tail_value(dx[far], dy[far]) * flux[use][src[far]]
+    return np.bincount(pix[far], weights=vals, minlength=pc.size)
 
 
 def fraction_on_pixels(model: PRFModel, source_col, source_row, pixel_col, pixel_row) -> np.ndarray:
@@ -908,19 +955,28 @@ def fit_prf_model(
     fit_pix = np.isfinite(mean_flux)
     history = []
     prev = None  # the scene of the previous pass (none before the first PRF fit)
+    wing_scale = 1.0
     for it in range(max(int(p["n_iter"]), 1)):
         model, keep, diag = _shape_pass(
             edge, F, active, sc, sr, pc, pr, mean_flux, mean_err, bkg_pix, fit_pix, prev, sky_err, r_knots, p
         )
-        # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
-        idx, S, flux, bkg, err = _refit_fluxes(
-            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p
+        # --- refit the source fluxes on the mean frame (all pixels, contaminated included), with the
+        # light of the PRF wings beyond r_max (fluxes of the previous pass) as one more sky column
+        wing = wing_image(model, sc, sr, np.where(active, F, 0.0), pc, pr, radius=p["wing_radius"])
+        with_wing = bool(wing.any())
+        Bw = np.column_stack([Bk, wing]) if with_wing else Bk
+        bw = np.append(bkg, wing_scale) if with_wing else bkg
+        idx, S, flux, bw, err = _refit_fluxes(
+            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bw, bw, fit_pix, p
         )
+        bkg = bw[:nb]
+        if with_wing:
+            wing_scale = float(bw[nb])
         F = np.zeros(nsrc)
         F[idx] = flux
         Ferr[:] = np.nan
         Ferr[idx] = err
-        bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
+        bkg_pix = (Bk @ bkg if nb else np.zeros(pc.size)) + (wing_scale * wing if with_wing else 0.0)
         prev = _MeanScene(model, S, flux, idx, S @ flux)
         n_signal = int((np.isfinite(mean_flux) & (prev.image >= p["noise_floor"])).sum())
         history.append(_pass_summary(it, keep, active, n_signal, bkg))
@@ -928,6 +984,8 @@ def fit_prf_model(
     model.source_flux_err = np.where(active, Ferr, np.nan)
     model.background = np.asarray(bkg, float)
     model.background_order = int(p["background_order"])
+    model.wing_radius = float(p["wing_radius"])
+    model.wing_scale = wing_scale
     if source_id is not None:
         model.source_id = np.asarray(source_id, dtype=np.int64)
     model.meta.update(history=history, n_removed_sources=int((~active & (F0 > 0)).sum()))

@@ -115,15 +115,20 @@ def background_order_of(n_terms: int) -> int:
     raise ValueError(f"a background of {n_terms} terms is not a polynomial of any order")
 
 
-def sky_pixel_model(pixel_col, pixel_row, coefficients) -> np.ndarray:
+def sky_pixel_model(pixel_col, pixel_row, coefficients, wing=None, wing_scale=None) -> np.ndarray:
     """The LFD sky of every pixel at every cadence, ``B b_t`` of eq. 25 (ntime, npixel) [e-/s].
 
     ``coefficients`` (nterm, ntime) are the per-cadence background weights of the flux solve (the
     ``background`` variable of the LFD light-curve set), ``B`` the polynomial design in (column, row) of
     :func:`workflow_lib.lfd.geometry.background_design` whose order follows from the number of terms.
-    Cadences without a solution (NaN) get no sky (0)."""
+    Cadences without a solution (NaN) get no sky (0). With ``wing`` (npixel,), the wing image of
+    :func:`workflow_lib.lfd.prf.wing_image`, and its per-cadence scale ``wing_scale`` (ntime,) (the LFD
+    set's ``wing_scale``), the PRF wings' light beyond ``r_max`` is added: the flux solve's sky column."""
     coef = np.nan_to_num(np.asarray(coefficients, dtype=np.float64))
     B = background_design(
         np.asarray(pixel_col, float), np.asarray(pixel_row, float), background_order_of(coef.shape[0])
     )
-    return (B @ coef).T
+    sky = (B @ coef).T
+    if wing is not None and wing_scale is not None:
+        sky = sky + np.outer(np.nan_to_num(np.asarray(wing_scale, np.float64)), np.asarray(wing, np.float64))
+    return sky

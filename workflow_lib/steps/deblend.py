@@ -107,7 +107,8 @@ def deblend_detrend_step(
     sky = None
     if p["subtract_background"] and "background" in lfd and lfd["background"].ndim == 2:
         bdim = [x for x in lfd["background"].dims if x != "time"][0]
-        sky_t = sky_pixel_model(f["pc"], f["pr"], lfd["background"].transpose(bdim, "time").values)
+        ws = lfd["wing_scale"].values if "wing_scale" in lfd and f["wing"] is not None else None
+        sky_t = sky_pixel_model(f["pc"], f["pr"], lfd["background"].transpose(bdim, "time").values, f["wing"], ws)
         sky = sky_level(sky_t, np.asarray(cube["quality"].values) == 0)
     basis = tb = None
     use_motion = bool(int(lfd.attrs.get("use_motion", 0)))

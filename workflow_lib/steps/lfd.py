@@ -21,7 +21,14 @@ from workflow_lib.lfd.geometry import background_design, scene_offsets
 from workflow_lib.lfd.io import load_edge_model, load_motion_model, save_motion_model
 from workflow_lib.lfd.motion import MotionModel, fit_field_motion, motion_factors, motion_params
 from workflow_lib.lfd.plots import plot_prf_model
-from workflow_lib.lfd.prf import PRFModel, fit_prf_model, fraction_on_pixels, prf_params, scene_matrix
+from workflow_lib.lfd.prf import (
+    PRFModel,
+    fit_prf_model,
+    fraction_on_pixels,
+    prf_params,
+    scene_matrix,
+    wing_image,
+)
 from workflow_lib.lfd.solve import (
     SolveError,
     blended_sources,
@@ -266,7 +273,10 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     S = scene_matrix(model, sc[idx], sr[idx], pc, pr).tocsr()
     S.sum_duplicates()
     S.sort_indices()
+    # the PRF wings' light beyond r_max (lfd.prf.wing_radius): one sky column, None without
+    wing = wing_image(model, sc, sr, mean_flux, pc, pr)
     return dict(
+        wing=wing if wing.any() else None,
         cube=cube,
         table=table,
         catalog=catalog,
@@ -288,9 +298,12 @@ def _flux_priors(f: dict, table, B, p: dict) -> tuple[np.ndarray, np.ndarray]:
     neighbour get a narrow prior (App. B)."""
     idx = f["idx"]
     mu_src = f["mean_flux"][idx]
-    bk0 = np.zeros(B.shape[1])
-    if f["model"].background is not None and len(f["model"].background) == B.shape[1]:
+    nbp = B.shape[1] - (f["wing"] is not None)  # polynomial terms; the last column is the wing's
+    bk0 = np.zeros(nbp)
+    if f["model"].background is not None and len(f["model"].background) == nbp:
         bk0 = np.asarray(f["model"].background, float)
+    if f["wing"] is not None:
+        bk0 = np.append(bk0, f["model"].wing_scale)
     prior_mu = np.concatenate([mu_src, bk0])
     # width: factor x |mean flux|, at least factor x the single-cadence error of that flux (faint
     # sources whose mean-frame flux is near zero keep a usable prior)
@@ -380,7 +393,15 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p
         method="LFD",
         attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
     )
-    lc["background"] = (("background_term", "time"), res["background"], {"units": "electron / s"})
+    bkg = np.asarray(res["background"])
+    if f["wing"] is not None:  # the last background column is the PRF wings' light (lfd.prf.wing_radius)
+        lc["wing_scale"] = (
+            ("time",),
+            bkg[-1],
+            {"units": "", "wing_radius": float(f["model"].wing_radius), "description": "scale of the wing column"},
+        )
+        bkg = bkg[:-1]
+    lc["background"] = (("background_term", "time"), bkg, {"units": "electron / s"})
     # CDPP proxy (1 h / 6 h and the report's hours), stored with the light curves (comparable with RAW and CPM)
     return add_cdpp(lc, hours=tuple(cdpp_hours))
 
@@ -412,6 +433,8 @@ def flux_solve_step(
     table, S, idx = f["table"], f["S"], f["idx"]
     border = f["model"].background_order if p["background_order"] is None else p["background_order"]
     B = background_design(f["pc"], f["pr"], border)
+    if f["wing"] is not None:
+        B = np.column_stack([B, f["wing"]])
     mu_src = f["mean_flux"][idx]
     prior_mu, prior_sigma = _flux_priors(f, table, B, p)
     time = np.asarray(table["time"].values, float)
