@@ -303,3 +303,17 @@ def test_wing_column_keeps_the_sky_and_the_faint_stars_unbiased(fitted):
     assert abs(np.median(sky1)) < 0.1 * np.median(sky0)
     assert abs(faint1 - 1) < 0.2 * abs(faint0 - 1)
     assert abs(b1[3] * 1.1 - 1) < 0.05  # the free scale undoes the a-priori fluxes' 10 % error
+
+
+def test_sky_pixel_model_adds_the_scaled_wing_column():
+    from workflow_lib.lfd.scene import sky_pixel_model
+
+    rows, cols = np.mgrid[0:5, 0:7]
+    pc, pr = cols.ravel().astype(float), rows.ravel().astype(float)
+    coef = np.array([[10.0, 12.0, np.nan], [0.5, -0.5, 1.0], [0.2, 0.0, 0.0]])  # (term, time); NaN: no sky
+    wing = np.linspace(0.0, 3.0, pc.size)
+    scale = np.array([1.0, 0.5, 2.0])
+    plain = sky_pixel_model(pc, pr, coef)
+    B = background_design(pc, pr, 1)
+    assert np.allclose(plain, (B @ np.nan_to_num(coef)).T)
+    assert np.allclose(sky_pixel_model(pc, pr, coef, wing, scale) - plain, scale[:, None] * wing[None, :])
