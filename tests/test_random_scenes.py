@@ -213,3 +213,52 @@ def test_summary_and_targets_on_constructed_scenes():
     assert bench.median_flux_ratio(f, np.array([1.0, 1.0, 1.0, 1.0])) == pytest.approx(0.95)
     res = {name[:3].strip(): ok for name, ok, _ in bench.targets(s)}
     assert res["T1"] == "PASS" and res["T3"] == "PASS" and res["T7"] == "PASS"
+
+
+# ----------------------------------------------------------------------------- targets pinned on a subset
+# The issue-12 targets on two cheap scenes of the 20-scene benchmark (seeds 1 and 2: 58x88 px at density 0.03,
+# 33x79 px at density 0.16; 300 cadences; ~75 s together), through the same step functions with the shipped
+# defaults. Measured (docs/VALIDATION.md, "the wing term"): T1, T2, T3, T5, T6, T7, T8 and D3 pass; T4 and D1
+# do not (on these two scenes: G<13 / 13-15 / 15-17 abs. flux error 1.23 / 2.58 / 12.3 %; deblended / CPM CDPP
+# 1.00 in every bin). For those two the test holds the measured level, so a change that makes them worse
+# fails here; with the wing term off (lfd.prf.wing_radius 0) the sky excess was 0.48 and 1.11 e-/s/px and
+# the G 17-19 abs. flux error 24 %, both caught below.
+PINNED_SEEDS = (1, 2)
+PINNED_CADENCES = 300
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pinned_scenes")
+    cfg = bench.scaling.full_config()
+    scenes = [bench.run_scene(s, base, cfg, PINNED_CADENCES, 1, log=print) for s in PINNED_SEEDS]
+    for sc in scenes:
+        assert not sc["errors"], sc["errors"]
+    s = bench.summarize(scenes)
+    return scenes, s, {name.split()[0]: (ok, measured) for name, ok, measured in bench.targets(s)}
+
+
+@pytest.mark.parametrize("target", ["T1", "T2", "T3", "T5", "T6", "T7", "T8", "D3"])
+def test_pinned_targets_pass(pinned, target):
+    ok, measured = pinned[2][target]
+    assert ok == "PASS", f"{target}: {measured}"
+
+
+def test_pinned_absolute_flux_error_and_sky(pinned):
+    """T4 is not met; hold the measured level (wing term on) with ~25 % room."""
+    scenes, s, _ = pinned
+    b = s["bins"]
+    err = {n: b[n]["lfd_abs_err"][0] for n in ("G<13", "13-15", "15-17", "17-19")}
+    assert err["G<13"] < 0.016 and err["13-15"] < 0.033 and err["15-17"] < 0.155 and err["17-19"] < 0.14, err
+    # the wing term keeps the flux solve's sky near the truth (0.19 and 0.54 e-/s/px; without it 0.48, 1.11)
+    sky = [sc["sky_excess"] for sc in scenes]
+    assert max(sky) < 0.7 and np.median(sky) < 0.45, sky
+    ratio = b["17-19"]["lfd_flux_ratio"][0]
+    assert 0.85 < ratio < 1.1, ratio  # 0.90 (without the wing term 0.80)
+
+
+def test_pinned_deblended_product_is_no_noisier_than_the_cpm_aperture(pinned):
+    """D1 (<= 1) misses only in the rounding here (1.000-1.002); fail at 1 % worse."""
+    b = pinned[1]["bins"]
+    for n in ("G<13", "13-15", "15-17", "17-19"):
+        assert b[n]["deb_over_cpm_true"][0] <= 1.01, (n, b[n]["deb_over_cpm_true"])
