@@ -255,6 +255,36 @@ def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
     assert out[0.9][1] < 0.03 and abs(out[0.9][2] - 1) < 0.03
 
 
+def test_wing_column_enters_the_last_mean_frame_refit_only():
+    """lfd.prf.wing_radius leaves the fitted PRF shape as without it (the shape passes keep the polynomial
+    sky) and refits the mean-frame fluxes and sky once with the wing column: on a synthetic TESS field
+    rendered through the SPOC PRF, the same shape, a lower polynomial sky, a fitted wing scale, and the
+    bright stars' fluxes within 1 % of the wing-free fit."""
+    from workflow_lib.data.cube import as_pixel_table
+    from workflow_lib.data.gaia import crossmatch
+    from workflow_lib.data.synthetic import simulate_sector
+    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
+    from workflow_lib.lfd.prf import fit_prf_model
+
+    cube, _, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
+    cat = crossmatch(cube, incat, margin_pixels=4.0)
+    table = as_pixel_table(cube, drop_nan=False)
+    mf, me = mean_frame(table)
+    pc, pr = table["column"].values, table["row"].values
+    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
+    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    m0, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"wing_radius": 0.0})
+    m1, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"wing_radius": 15.0})
+    g = np.linspace(-4.5, 4.5, 19)
+    dx, dy = (a.ravel() for a in np.meshgrid(g, g))
+    assert np.array_equal(m0.evaluate(dx, dy), m1.evaluate(dx, dy))
+    assert m0.wing_scale == 1.0 and m0.wing_radius == 0.0 and m1.wing_radius == 15.0
+    assert 0.0 < m1.wing_scale < 3.0 and m1.background[0] < m0.background[0]
+    bright = np.isfinite(m0.source_flux) & np.isfinite(m1.source_flux) & (m0.source_flux > 2000)
+    assert bright.sum() >= 3
+    assert np.max(np.abs(m1.source_flux[bright] / m0.source_flux[bright] - 1)) < 0.01
+
+
 def test_tail_value_continues_the_wing_and_wing_image_holds_its_light(fitted):
     """tail_value = evaluate's power-law wing where both apply; the wing image of one source sums to the
     analytic integral of that wing between r_max and the wing radius."""

@@ -849,6 +849,15 @@ def _refit_fluxes(model: PRFModel, active, F0, sc, sr, pc, pr, mean_flux, mean_e
     return idx, S, flux, b, err
 
 
+def _scatter(nsrc: int, idx, flux, err):
+    """Per-source arrays (nsrc,) of the active sources' ``flux`` (0 elsewhere) and ``err`` (NaN elsewhere)."""
+    F = np.zeros(nsrc)
+    F[idx] = flux
+    Ferr = np.full(nsrc, np.nan)
+    Ferr[idx] = err
+    return F, Ferr
+
+
 def _pass_summary(it: int, keep, active, n_signal: int, bkg) -> dict:
     """The counts of one §4.4 pass (kept in ``meta['history']``), logged."""
     log.info(
@@ -955,31 +964,43 @@ def fit_prf_model(
     fit_pix = np.isfinite(mean_flux)
     history = []
     prev = None  # the scene of the previous pass (none before the first PRF fit)
-    wing_scale = 1.0
     for it in range(max(int(p["n_iter"]), 1)):
         model, keep, diag = _shape_pass(
             edge, F, active, sc, sr, pc, pr, mean_flux, mean_err, bkg_pix, fit_pix, prev, sky_err, r_knots, p
         )
-        # --- refit the source fluxes on the mean frame (all pixels, contaminated included), with the
-        # light of the PRF wings beyond r_max (fluxes of the previous pass) as one more sky column
-        wing = wing_image(model, sc, sr, np.where(active, F, 0.0), pc, pr, radius=p["wing_radius"])
-        with_wing = bool(wing.any())
-        Bw = np.column_stack([Bk, wing]) if with_wing else Bk
-        bw = np.append(bkg, wing_scale) if with_wing else bkg
-        idx, S, flux, bw, err = _refit_fluxes(
-            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bw, bw, fit_pix, p
+        # --- refit the source fluxes on the mean frame (all pixels, contaminated included)
+        idx, S, flux, bkg, err = _refit_fluxes(
+            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p
         )
-        bkg = bw[:nb]
-        if with_wing:
-            wing_scale = float(bw[nb])
-        F = np.zeros(nsrc)
-        F[idx] = flux
-        Ferr[:] = np.nan
-        Ferr[idx] = err
-        bkg_pix = (Bk @ bkg if nb else np.zeros(pc.size)) + (wing_scale * wing if with_wing else 0.0)
+        F, Ferr = _scatter(nsrc, idx, flux, err)
+        bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
         prev = _MeanScene(model, S, flux, idx, S @ flux)
         n_signal = int((np.isfinite(mean_flux) & (prev.image >= p["noise_floor"])).sum())
         history.append(_pass_summary(it, keep, active, n_signal, bkg))
+    # --- the light of the PRF wings beyond r_max (lfd.prf.wing_radius) as one more sky column with a
+    # free scale, in a last refit of the fluxes and sky with the final shape. The shape passes above
+    # keep the polynomial sky alone: a wing column there moves the fitted shape's normalisation with
+    # the wing model's radial extent (+0.4-1 % on bright isolated stars of PRFs that end at 6-9 px)
+    wing = wing_image(model, sc, sr, F, pc, pr, radius=p["wing_radius"])
+    wing_scale = 1.0
+    if wing.any():
+        idx, _, flux, bw, err = _refit_fluxes(
+            model,
+            active,
+            F0,
+            sc,
+            sr,
+            pc,
+            pr,
+            mean_flux,
+            mean_err,
+            np.column_stack([Bk, wing]),
+            np.append(bkg, wing_scale),
+            fit_pix,
+            p,
+        )
+        bkg, wing_scale = bw[:nb], float(bw[nb])
+        F, Ferr = _scatter(nsrc, idx, flux, err)
     model.source_flux = np.where(active, F, np.nan)
     model.source_flux_err = np.where(active, Ferr, np.nan)
     model.background = np.asarray(bkg, float)
