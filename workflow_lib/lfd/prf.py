@@ -980,10 +980,13 @@ def fit_prf_model(
     # --- the light of the PRF wings beyond r_max (lfd.prf.wing_radius) as one more sky column with a
     # free scale, in a last refit of the fluxes and sky with the final shape. The shape passes above
     # keep the polynomial sky alone: a wing column there moves the fitted shape's normalisation with
-    # the wing model's radial extent (+0.4-1 % on bright isolated stars of PRFs that end at 6-9 px)
+    # the wing model's radial extent (+0.4-1 % on bright isolated stars of PRFs that end at 6-9 px).
+    # Every source of the a-priori list is tried again: the polynomial sky, raised by the wings' light,
+    # pushed faint stars near bright ones below zero in the passes (§4.4 drops)
     wing = wing_image(model, sc, sr, F, pc, pr, radius=p["wing_radius"])
     wing_scale = 1.0
     if wing.any():
+        active[:] = np.isfinite(F0) & (F0 > 0)
         idx, _, flux, bw, err = _refit_fluxes(
             model,
             active,
