@@ -63,3 +63,21 @@ def test_pairs_and_uncontaminated_pixels():
     assert not mask[p] and owner[p] == -1
     p = 15 * 20 + 15
     assert mask[p] and owner[p] == 2
+
+
+def test_edge_profile_never_rises_with_radius():
+    """eq. 7 is quadratic in r; where the fit turns it upwards (the recorded edge model of a randomized
+    scene with a 172 e-/s/px scattered-light sky: a 10 e-/s star rising from 1.35 to 3.1 e-/s between 3
+    and 5 px, which broke that scene's PRF fit) the profile is held at its minimum; elsewhere it is eq. 7."""
+    w = np.array([-0.2264569016488154, -0.32365949017451473, 0.08248004869006105, 0.9199638376606342,
+                  -0.08413257892950288, -0.0033319386221764124, 0.029388072614043925, -0.012574248210698268,
+                  -0.004408201718243494])  # fmt: skip
+    r = np.linspace(0.0, 5.0, 101)
+    raw = lambda F: 10.0 ** (edge_design_matrix(r, np.full(r.size, np.log10(F))) @ w)  # noqa: E731
+    for F in (3.0, 10.0, 30.0, 100.0, 1e3, 1.5e4):
+        f = edge_model_flux(w, r, np.full(r.size, F))
+        assert np.all(np.diff(f) <= 1e-12 * f[:-1]), F
+        turn = np.argmin(raw(F))  # up to the minimum of the quadratic: eq. 7 itself
+        assert np.allclose(f[:turn], raw(F)[:turn], rtol=1e-12)
+        assert np.allclose(f[turn:], raw(F)[turn], rtol=1e-2)  # beyond: its minimum (to the grid step)
+    assert raw(10.0)[-1] > 2 * raw(10.0).min()  # the recorded model does turn upwards

@@ -296,13 +296,23 @@ def edge_model_flux(coefficients, r, source_flux, *, log_flux_range=None) -> np.
     """Model pixel flux [e-/s] of the edge model (eq. 7) at radius ``r`` from a source of flux ``source_flux``.
 
     ``log_flux_range`` (lo, hi) in log10 e-/s: outside it the model is not extrapolated in flux;
-    the profile of the nearest end is scaled by the flux instead.
+    the profile of the nearest end is scaled by the flux instead. The profile never rises with r: beyond
+    the minimum of the quadratic in r (where eq. 7 would turn upwards) it stays at that minimum.
     """
     r, F = np.broadcast_arrays(np.asarray(r, float), np.asarray(source_flux, float))
     L = np.log10(np.clip(F.ravel(), 1e-30, None))
     Lc = L if log_flux_range is None else np.clip(L, *log_flux_range)
-    A = edge_design_matrix(r.ravel(), Lc)
-    return (10.0 ** np.clip(A @ np.asarray(coefficients, float) + (L - Lc), -30, 30)).reshape(r.shape)
+    w = np.asarray(coefficients, float)
+    # eq. 7 is quadratic in r at fixed L: log10 f = a + b r + c r^2. Where c > 0 it turns upwards at
+    # r* = -b / 2c, outside the pixels that constrained it (a faint star's light rising to 3 e-/s at 5 px
+    # on a bright sky); a PRF does not rise with r, so the profile is held at its minimum beyond r*
+    y0, y1, y2 = (edge_design_matrix(np.full(L.size, x), Lc) @ w for x in (0.0, 1.0, 2.0))
+    c = 0.5 * (y2 - 2.0 * y1 + y0)
+    b = y1 - y0 - c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_turn = np.where(c > 0, np.clip(-b / (2.0 * c), 0.0, None), np.inf)
+    A = edge_design_matrix(np.minimum(r.ravel(), r_turn), Lc)
+    return (10.0 ** np.clip(A @ w + (L - Lc), -30, 30)).reshape(r.shape)
 
 
 def edge_radius(
