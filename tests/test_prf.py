@@ -67,6 +67,31 @@ def fitted():
     return fit_prf_shape(dx, dy, f, e, F, r_knots=knots, **{**SHAPE, "log_error_floor": 0.01})
 
 
+def _mean_frame_field(cube, incat):
+    """The PRF step's inputs from a rendered cube and its input catalog: ``(mean flux, mean error, pixel
+    columns, pixel rows, source columns, source rows, a-priori fluxes, edge model)``."""
+    from workflow_lib.data.cube import as_pixel_table
+    from workflow_lib.data.gaia import crossmatch
+    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
+
+    cat = crossmatch(cube, incat, margin_pixels=4.0)
+    table = as_pixel_table(cube, drop_nan=False)
+    mf, me = mean_frame(table)
+    pc, pr = table["column"].values, table["row"].values
+    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
+    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    return mf, me, pc, pr, sc, sr, F0, edge, cat
+
+
+@pytest.fixture(scope="module")
+def small_sector():
+    """The mean-frame field of a 40 x 40 px, 96-cadence synthetic TESS sector (seed 4)."""
+    from workflow_lib.data.synthetic import simulate_sector
+
+    cube, _, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
+    return _mean_frame_field(cube, incat)
+
+
 def test_design_matrix_shape_sparsity_and_inner_radius():
     knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.5)
     assert 0.5 in knots.round(12) and knots[0] == 0.0
@@ -219,23 +244,13 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
     assert scatter[2] < 0.7 * scatter[0]
 
 
-def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
+def test_shape_purity_adds_dominated_pixels_to_the_shape_fit(small_sector):
     """On a crowded synthetic TESS field, shape_purity < 1 also fits pixels one source dominates
     (the rest subtracted): more shape pixels, and the PRF stays as close to the SPOC truth."""
     from workflow_lib.data import tess_prf
-    from workflow_lib.data.cube import as_pixel_table
-    from workflow_lib.data.gaia import crossmatch
-    from workflow_lib.data.synthetic import simulate_sector
-    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
     from workflow_lib.lfd.prf import fit_prf_model
 
-    cube, truth, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
-    cat = crossmatch(cube, incat, margin_pixels=4.0)
-    table = as_pixel_table(cube, drop_nan=False)
-    mf, me = mean_frame(table)
-    pc, pr = table["column"].values, table["row"].values
-    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
-    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    mf, me, pc, pr, sc, sr, F0, edge, _ = small_sector
     coeffs = tess_prf.prf_coefficients_at(float(np.median(sr)), float(np.median(sc)))
     g = np.arange(-3, 4).astype(float)
     R, C = np.meshgrid(g, g, indexing="ij")
@@ -255,24 +270,14 @@ def test_shape_purity_adds_dominated_pixels_to_the_shape_fit():
     assert out[0.9][1] < 0.03 and abs(out[0.9][2] - 1) < 0.03
 
 
-def test_wing_column_enters_the_last_mean_frame_refit_only():
+def test_wing_column_enters_the_last_mean_frame_refit_only(small_sector):
     """lfd.prf.wing_radius leaves the fitted PRF shape as without it (the shape passes keep the polynomial
     sky) and refits the mean-frame fluxes and sky once with the wing column: on a synthetic TESS field
     rendered through the SPOC PRF, the same shape, a lower polynomial sky, a fitted wing scale, the
     bright stars' fluxes within 1 % of the wing-free fit, and no fewer sources kept."""
-    from workflow_lib.data.cube import as_pixel_table
-    from workflow_lib.data.gaia import crossmatch
-    from workflow_lib.data.synthetic import simulate_sector
-    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
     from workflow_lib.lfd.prf import fit_prf_model
 
-    cube, _, incat = simulate_sector({"seed": 4, "n_rows": 40, "n_cols": 40, "n_cadences": 96}, field="t")
-    cat = crossmatch(cube, incat, margin_pixels=4.0)
-    table = as_pixel_table(cube, drop_nan=False)
-    mf, me = mean_frame(table)
-    pc, pr = table["column"].values, table["row"].values
-    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
-    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    mf, me, pc, pr, sc, sr, F0, edge, _ = small_sector
     m0, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"wing_radius": 0.0})
     m1, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"wing_radius": 15.0})
     g = np.linspace(-4.5, 4.5, 19)
@@ -358,19 +363,11 @@ def test_prf_fit_keeps_the_sky_under_strong_scattered_light():
     first pass, was subtracted from every shape pixel out to 5 px (docs/VALIDATION.md, "The edge profile that
     rose with r"). Measured before: sky 10 e-/s/px low, wing_fraction 0.15, bright stars' flux 1.25 x true;
     now -0.36 e-/s/px, 0.027 and 1.016."""
-    from workflow_lib.data.cube import as_pixel_table
-    from workflow_lib.data.gaia import crossmatch
     from workflow_lib.data.random_scenes import sample_scene, simulate_scene
-    from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame
     from workflow_lib.lfd.prf import fit_prf_model, prf_params
 
     cube, truth, incat = simulate_scene(sample_scene(36), n_cadences=200)
-    cat = crossmatch(cube, incat, margin_pixels=4.0)
-    table = as_pixel_table(cube, drop_nan=False)
-    mf, me = mean_frame(table)
-    pc, pr = table["column"].values, table["row"].values
-    sc, sr, F0 = np.asarray(cat["column"], float), np.asarray(cat["row"], float), a_priori_flux(cat)
-    edge, *_ = fit_edge_to_frame(mf, pc, pr, sc, sr, F0, {})
+    mf, me, pc, pr, sc, sr, F0, edge, cat = _mean_frame_field(cube, incat)
     m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, prf_params(None))
     good = np.asarray(cube["quality"].values) == 0
     true_sky = float(np.asarray(truth["background"].values)[good].mean())  # at the cutout centre
