@@ -69,7 +69,7 @@ def fitted():
 
 def _mean_frame_field(cube, incat):
     """The PRF step's inputs from a rendered cube and its input catalog: ``(mean flux, mean error, pixel
-    columns, pixel rows, source columns, source rows, a-priori fluxes, edge model)``."""
+    columns, pixel rows, source columns, source rows, a-priori fluxes, edge model, crossmatched catalog)``."""
     from workflow_lib.data.cube import as_pixel_table
     from workflow_lib.data.gaia import crossmatch
     from workflow_lib.lfd.edge import a_priori_flux, fit_edge_to_frame, mean_frame

@@ -306,9 +306,8 @@ def edge_model_flux(coefficients, r, source_flux, *, log_flux_range=None) -> np.
     # eq. 7 is quadratic in r at fixed L: log10 f = a + b r + c r^2. Where c > 0 it turns upwards at
     # r* = -b / 2c, outside the pixels that constrained it (a faint star's light rising to 3 e-/s at 5 px
     # on a bright sky); a PRF does not rise with r, so the profile is held at its minimum beyond r*
-    y0, y1, y2 = (edge_design_matrix(np.full(L.size, x), Lc) @ w for x in (0.0, 1.0, 2.0))
-    c = 0.5 * (y2 - 2.0 * y1 + y0)
-    b = y1 - y0 - c
+    # b and c at each L from the design's column order (1, r, r^2) x (1, L, L^2)
+    _, b, c = (np.vander(Lc, 3, increasing=True) @ w.reshape(3, 3)).T
     with np.errstate(divide="ignore", invalid="ignore"):
         r_turn = np.where(c > 0, np.clip(-b / (2.0 * c), 0.0, None), np.inf)
     A = edge_design_matrix(np.minimum(r.ravel(), r_turn), Lc)

@@ -958,9 +958,9 @@ def fit_prf_model(
     sky_err = p["sky_error"]
     if sky_err is None:
         sky_err = edge.background_rms if np.isfinite(edge.background_rms) else 0.0
-    active = np.isfinite(F0) & (F0 > 0)
+    candidates = np.isfinite(F0) & (F0 > 0)  # the a-priori sources a pass may keep
+    active = candidates.copy()
     F = np.where(active, F0, 0.0)
-    Ferr = np.full(nsrc, np.nan)
     fit_pix = np.isfinite(mean_flux)
     history = []
     prev = None  # the scene of the previous pass (none before the first PRF fit)
@@ -986,7 +986,7 @@ def fit_prf_model(
     wing = wing_image(model, sc, sr, F, pc, pr, radius=p["wing_radius"])
     wing_scale = 1.0
     if wing.any():
-        active[:] = np.isfinite(F0) & (F0 > 0)
+        active[:] = candidates
         idx, _, flux, bw, err = _refit_fluxes(
             model,
             active,
@@ -1012,7 +1012,7 @@ def fit_prf_model(
     model.wing_scale = wing_scale
     if source_id is not None:
         model.source_id = np.asarray(source_id, dtype=np.int64)
-    model.meta.update(history=history, n_removed_sources=int((~active & (F0 > 0)).sum()))
+    model.meta.update(history=history, n_removed_sources=int((candidates & ~active).sum()))
     diag["history"] = history
     diag["active"] = active
     return model, diag
