@@ -219,6 +219,17 @@ def aperture3x3(cube_flux, cube_err, rows, cols):
     return flux, err
 
 
+def inside_cutout(row, col, n_rows: int, n_cols: int) -> np.ndarray:
+    """True position >= 1.5 px inside an ``n_rows`` x ``n_cols`` cutout (offsets from its first pixel)."""
+    return (row >= 1.5) & (row <= n_rows - 2.5) & (col >= 1.5) & (col <= n_cols - 2.5)
+
+
+def isolated_constant(kind, pair, inside, row, col, flux) -> np.ndarray:
+    """The benchmark's isolated constant stars: constant, not in a pair, ``inside`` (:func:`inside_cutout`),
+    other sources' light in the 3x3 aperture < 5 % of their own (:func:`aperture_contamination`)."""
+    return (kind == "constant") & (pair < 0) & inside & (aperture_contamination(row, col, flux) < 0.05)
+
+
 def aperture_contamination(row, col, flux, sigma=0.9, radius=6.0):
     """Light of the other sources in each source's 3x3 aperture over its own (Gaussian PRF ``sigma``)."""
     from scipy.special import erf
@@ -499,9 +510,8 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
         lcs[m][0][:, ~good_t] = np.nan
 
     # ---- isolated constant stars
-    cont = aperture_contamination(trow, tcol, flux0)
-    inside = (trow >= 1.5) & (trow <= nr - 2.5) & (tcol >= 1.5) & (tcol <= nc - 2.5)
-    iso_t = (kind == "constant") & (pair < 0) & inside & (cont < 0.05)
+    inside = inside_cutout(trow, tcol, nr, nc)
+    iso_t = isolated_constant(kind, pair, inside, trow, tcol, flux0)
     iso = iso_t[ti]
     g_cat = g_true[ti]
     stars = []

@@ -33,7 +33,7 @@ from scipy.ndimage import uniform_filter1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from randomized_scenes import aperture_contamination  # noqa: E402
+from randomized_scenes import inside_cutout, isolated_constant  # noqa: E402
 
 from workflow_lib.core.quality import DEFAULT_CDPP_BITMASK  # noqa: E402
 
@@ -70,9 +70,9 @@ def scene_rows(d: Path, gmax: float, window: int) -> list[tuple]:
     tcol = np.asarray(truth["column"].values, float) - c0
     kind = np.array([str(k) for k in truth["kind"].values])
     gmag = np.asarray(truth["phot_g_mean_mag"].values, float)
-    inside = (trow >= 1.5) & (trow <= nr - 2.5) & (tcol >= 1.5) & (tcol <= nc - 2.5)
-    cont = aperture_contamination(trow, tcol, np.asarray(truth["flux0"].values, float))
-    iso = (kind == "constant") & (np.asarray(truth["pair"].values) < 0) & inside & (cont < 0.05) & (gmag < gmax)
+    inside = inside_cutout(trow, tcol, nr, nc)
+    flux0 = np.asarray(truth["flux0"].values, float)
+    iso = isolated_constant(kind, np.asarray(truth["pair"].values), inside, trow, tcol, flux0) & (gmag < gmax)
     with np.load(d / "motion.npz") as z:
         cx, cy = np.asarray(z["scene_offset_column"], float), np.asarray(z["scene_offset_row"], float)
     tx, ty = np.asarray(truth["drift_column"].values, float), np.asarray(truth["drift_row"].values, float)
