@@ -16,8 +16,9 @@ global normalisation can remove.
 Cases: all stars at one CCD position (the centre of camera 4 / CCD 2, then a corner), and stars spread
 over a 96-px box around the centre (the largest random-scene cutout: the PRF changes across it, the model
 is one shape per cutout); ``--grid packaged``: the same inside the 3x3 grid packaged with workflow_lib (the
-embedded synthetic sector's PRF). Variants: ``core_degree`` 0 (no core terms), 2, 3, 4, and a denser radial knot
-grid, more phi knots and a smaller ``inner_radius`` without core terms.
+embedded synthetic sector's PRF). Variants: ``core_degree`` 0 (no core terms, the paper), 2 (the schema), 3, 4,
+the flux normalised inside the SPOC PRF's 13 x 13 px (``flux_box`` 6.5), and a denser radial knot grid, more
+phi knots and a smaller ``inner_radius`` without core terms.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from workflow_lib.lfd import prf as P
 HALF = 6  # stamp half-width [px]: the SPOC PRF's 13 x 13 px support
 
 VARIANTS = (
-    ("core_degree 0 (schema)", {}),
-    ("core_degree 2", {"core_degree": 2}),
+    ("core_degree 0 (the paper)", {"core_degree": 0}),
+    ("core_degree 2 (schema)", {"core_degree": 2}),
     ("core_degree 3", {"core_degree": 3}),
     ("core_degree 4", {"core_degree": 4}),
     ("core_degree 2, core_radius 1.5", {"core_degree": 2, "core_radius": 1.5}),
-    ("n_r_knots 16", {"n_r_knots": 16}),
-    ("n_phi_knots 21", {"n_phi_knots": 21}),
-    ("inner_radius 0.1", {"inner_radius": 0.1, "r_min": 0.1}),
+    ("core_degree 2, flux_box 6.5", {"core_degree": 2, "flux_box": 6.5}),
+    ("n_r_knots 16, no core terms", {"n_r_knots": 16, "core_degree": 0}),
+    ("n_phi_knots 21, no core terms", {"n_phi_knots": 21, "core_degree": 0}),
+    ("inner_radius 0.1, no core terms", {"inner_radius": 0.1, "r_min": 0.1, "core_degree": 0}),
 )
 
 CASES = (
@@ -74,9 +76,7 @@ def render_stars(rng, grid, n: int, ccd_row: float, ccd_col: float, spread: floa
 def flux_ratios(stars: list[tuple], overrides: dict, rng) -> np.ndarray:
     """F_hat / F per star for the PRF shape fitted with the lfd.prf settings ``overrides``."""
     p = P.prf_params(overrides)
-    knots = P.radial_knots(
-        p["r_min"], p["r_max"], p["n_r_knots"], spacing=p["knot_spacing"], inner_radius=p["inner_radius"]
-    )
+    knots = P.radial_knots_of(p)
     dx, dy, f = (np.concatenate([s[k] for s in stars]) for k in range(3))
     index = np.concatenate([np.full(s[0].size, k) for k, s in enumerate(stars)])
     prior = np.array([s[3] for s in stars]) * np.exp(rng.normal(0.0, 0.1, len(stars)))

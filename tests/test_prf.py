@@ -293,6 +293,26 @@ def test_wing_column_enters_the_last_mean_frame_refit_only(small_sector):
     assert kept1.sum() >= kept0.sum() + 10  # measured 267 against 233 of 312
 
 
+def test_flux_box_sets_the_flux_scale(fitted):
+    """normalise(): the PRF (spline, then its power-law tail) integrates to one over the flux_box square,
+    or over the whole plane without one; checked by direct summation on a fine grid."""
+    # a TESS-like r^-4 wing (this Gaussian-cored fit's own is r^-8: little light beyond 6.5 px)
+    box = dataclasses.replace(fitted, tail_alpha=4.0, flux_box=6.5).normalise()
+    plane = dataclasses.replace(fitted, tail_alpha=4.0, flux_box=None).normalise()
+
+    def integral(m, half, step):
+        g = np.arange(-half + step / 2, half, step)
+        X, Y = np.meshgrid(g, g)
+        inside = np.hypot(X, Y) <= m.r_support
+        return float(np.sum(np.where(inside, m.evaluate(X, Y), m.tail_value(X, Y))) * step**2)
+
+    assert abs(integral(box, 6.5, 0.02) - 1) < 1e-3
+    assert abs(integral(plane, 60.0, 0.05) - 1) < 3e-3  # (the tail beyond 60 px: < 1e-3)
+    # the plane's normalisation counts the tail beyond the square as flux: fluxes on its scale are lower
+    inside = integral(plane, 6.5, 0.02)
+    assert abs(np.exp(box.log_norm - plane.log_norm) - inside) < 1e-3 and inside < 0.999
+
+
 def test_tail_value_continues_the_wing_and_wing_image_holds_its_light(fitted):
     """tail_value = evaluate's power-law wing where both apply; the wing image of one source sums to the
     analytic integral of that wing between r_max and the wing radius."""

@@ -210,6 +210,7 @@ class PRFModel:
     wing_scale: float = 1.0  # the mean-frame fit's scale of the wing term
     core_degree: int = 0  # regular azimuthal core terms (:func:`core_design_matrix`)
     core_radius: float = 1.0
+    flux_box: float | None = None  # half-width [px] of the square over which the PRF integrates to one; None: the plane
     provenance: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -246,7 +247,8 @@ class PRFModel:
         flux back into the background); zero beyond ``r_max`` (the scene support), or beyond
         ``r_support`` when ``tail_alpha`` is None. ``log_norm`` makes the integral over the whole
         plane - including the power-law tail beyond ``r_max``, analytically - equal to one, so
-        scene weights are total source fluxes.
+        scene weights are total source fluxes; or, with ``flux_box``, the integral over the square of
+        that half-width centred on the source (:meth:`normalise`), so weights are fluxes on that scale.
         """
         dx = np.asarray(dx, float)
         dy = np.asarray(dy, float)
@@ -277,18 +279,31 @@ class PRFModel:
         return core, ring
 
     def normalise(self, n_r: int = 400, n_phi: int = 256) -> "PRFModel":
-        """Set ``log_norm`` so that the PRF integrates to one over the plane (midpoint rule in polar coordinates).
+        """Set ``log_norm`` so that the PRF integrates to one (midpoint rule in polar coordinates).
 
         With a power-law tail (``tail_alpha`` > 2) its integral beyond ``r_support`` is added
-        analytically: ``ring * r_support^2 / (tail_alpha - 2)`` with ``ring`` the integral of the PRF
-        along the circle r = r_support over phi.
-        """
-        core, ring = self._core_integral_and_edge(n_r, n_phi)
+        analytically, along each direction phi ``P(r_support, phi) r_support^2 / (tail_alpha - 2) x
+        (1 - (r_support / R(phi))^(tail_alpha - 2))``: to ``R = inf`` over the whole plane, or to the
+        edge of the square ``|dx|, |dy| <= flux_box``, ``R(phi) = flux_box / max(|cos phi|, |sin phi|)``.
+
+        ``flux_box`` is the flux scale's convention. The SPOC TESS PRF models are tabulated on 13 x 13
+        pixels and sum to one there, so a star's TESS flux is the light inside that square (6.5 px): the
+        synthetic sectors render through it, and a model that counts its fitted tail to infinity
+        reads the extra (~1 % of the light) as flux (embedded field synth_b: every isolated bright
+        star +1.0-1.2 %). The core disc ``r <= r_support`` is counted in full."""
+        core, _ = self._core_integral_and_edge(n_r, n_phi)
         integral = core
         if self.tail_alpha is not None:
-            if self.tail_alpha <= 2:
-                raise ValueError(f"tail_alpha must exceed 2 for a finite PRF integral, got {self.tail_alpha}")
-            integral += ring * self.r_support**2 / (self.tail_alpha - 2)
+            a, rs = self.tail_alpha, self.r_support
+            if a <= 2:
+                raise ValueError(f"tail_alpha must exceed 2 for a finite PRF integral, got {a}")
+            pp = -np.pi + (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
+            ring = np.exp(self.log_value(rs * np.cos(pp), rs * np.sin(pp)))
+            kept = np.ones(n_phi)
+            if self.flux_box is not None:
+                edge = self.flux_box / np.maximum(np.abs(np.cos(pp)), np.abs(np.sin(pp)))
+                kept = np.clip(1 - (rs / edge) ** (a - 2), 0.0, 1.0)
+            integral += float(np.sum(ring * kept)) * 2 * np.pi / n_phi * rs**2 / (a - 2)
         if not np.isfinite(integral) or integral <= 0:
             raise ValueError("PRF model does not integrate to a positive finite value")
         self.log_norm = float(np.log(integral))
@@ -354,6 +369,7 @@ class PRFModel:
             "wing_scale": np.float64(self.wing_scale),
             "core_degree": np.int64(self.core_degree),
             "core_radius": np.float64(self.core_radius),
+            "flux_box": np.float64(np.nan if self.flux_box is None else self.flux_box),
             "provenance": np.array(self.provenance),
             "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
         }
@@ -390,6 +406,7 @@ class PRFModel:
                 wing_scale=float(z["wing_scale"]) if "wing_scale" in z.files else 1.0,
                 core_degree=int(z["core_degree"]) if "core_degree" in z.files else 0,
                 core_radius=float(z["core_radius"]) if "core_radius" in z.files else 1.0,
+                flux_box=(float(z["flux_box"]) if "flux_box" in z.files and np.isfinite(z["flux_box"]) else None),
                 provenance=str(z["provenance"]) if "provenance" in z.files else "",
                 meta=json.loads(str(z["meta"])) if "meta" in z.files else {},
             )
@@ -469,10 +486,11 @@ def _log_flux_ratio(dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max: floa
 
 
 def _normalised_prf(
-    w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail
+    w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
 ) -> PRFModel:
     """The :class:`PRFModel` of fitted eq. 14 weights ``w``: with ``tail`` a power-law wing beyond
-    ``r_data`` (:meth:`PRFModel.fit_tail`), then normalised to unit integral (:meth:`PRFModel.normalise`)."""
+    ``r_data`` (:meth:`PRFModel.fit_tail`), then normalised to unit integral over the plane or the
+    ``flux_box`` square (:meth:`PRFModel.normalise`)."""
     model = PRFModel(
         weights=w,
         r_knots=r_knots,
@@ -483,6 +501,7 @@ def _normalised_prf(
         r_data=r_data,
         core_degree=max(int(core_degree), 0),
         core_radius=float(core_radius),
+        flux_box=None if flux_box is None else float(flux_box),
     )
     if tail:
         model.fit_tail()
@@ -510,6 +529,7 @@ def fit_prf_shape(
     core_degree,
     core_radius,
     core_prior_sigma,
+    flux_box,
     r_max=None,
     n_clip=2,
     return_mask=False,
@@ -544,7 +564,8 @@ def fit_prf_shape(
 
     Wing (``tail``): beyond the data radius ``r_data`` (99th percentile of the fitted radii) the
     model continues as a power law fitted to the outer profile (:meth:`PRFModel.fit_tail`), and the
-    normalisation includes the flux under it, so fitted fluxes are total fluxes.
+    normalisation includes the flux under it out to the ``flux_box`` square (None: to infinity), so
+    fitted fluxes are fluxes on that scale.
 
     The keyword arguments that are ``lfd.prf`` settings have no defaults here: pass
     ``**shape_settings(prf_params(...))``.
@@ -590,7 +611,7 @@ def fit_prf_shape(
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
     model = _normalised_prf(
-        w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail
+        w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
     )
     model.meta.update(
         n_fit_pixels=int(keep.sum()),
@@ -722,7 +743,15 @@ _SHAPE_KEYS = (
     "core_degree",
     "core_radius",
     "core_prior_sigma",
+    "flux_box",
 )
+
+
+def radial_knots_of(p: dict) -> np.ndarray:
+    """The radial knots (:func:`radial_knots`) of ``lfd.prf`` settings ``p`` (see :func:`prf_params`)."""
+    return radial_knots(
+        p["r_min"], p["r_max"], p["n_r_knots"], spacing=p["knot_spacing"], inner_radius=p["inner_radius"]
+    )
 
 
 def shape_settings(p: dict) -> dict:
@@ -948,9 +977,7 @@ def fit_prf_model(
     sr = np.asarray(source_row, float)
     F0 = np.asarray(prior_flux, float)
     nsrc = sc.size
-    r_knots = radial_knots(
-        p["r_min"], p["r_max"], p["n_r_knots"], spacing=p["knot_spacing"], inner_radius=p["inner_radius"]
-    )
+    r_knots = radial_knots_of(p)
     Bk = background_design(pc, pr, int(p["background_order"]))
     nb = Bk.shape[1]
     bkg = _initial_background(edge, Bk, pc, pr)
