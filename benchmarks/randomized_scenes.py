@@ -429,8 +429,16 @@ def lfd_flags(d: Path, cat, cube) -> np.ndarray:
             pr.ravel(),
         )
         good = np.asarray(lfd["quality"].values) == 0
-        minf = schema_defaults("lfd.solve")["min_flux_fraction"]
-        flag = source_flags(lfd["in_model"].values, frac, lfd["flux"].values, good, minf).astype(np.int64)
+        sp_ = schema_defaults("lfd.solve")
+        flag = source_flags(
+            lfd["in_model"].values,
+            frac,
+            lfd["flux"].values,
+            good,
+            sp_["min_flux_fraction"],
+            flux_err=lfd["flux_err"].values,
+            min_median_snr=sp_["min_median_snr"],
+        ).astype(np.int64)
     pos = {int(s): i for i, s in enumerate(np.asarray(lfd["source_id"].values))}
     return np.array([flag[pos[int(s)]] if int(s) in pos else -1 for s in np.asarray(cat["source_id"], np.int64)])
 

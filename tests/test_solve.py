@@ -258,3 +258,23 @@ def test_source_flags_name_what_the_data_do_not_constrain():
     flag = solve.source_flags(in_model, frac, flux, good, 0.2)
     assert flag.tolist() == [0, int(F.NOT_IN_MODEL), int(F.OFF_PIXELS), int(F.NONPOSITIVE), 0]
     assert solve.source_flags(in_model, frac, flux, good, 0.0).tolist()[2] == 0
+
+
+def test_source_flags_leave_out_a_median_consistent_with_zero():
+    """NONPOSITIVE with min_median_snr: a median not above that many times its error (sqrt(pi/2) x median
+    error / sqrt(N)) is no measurable flux, e.g. a faint star in a bright one's wing fitted to ~0 e-/s."""
+    from workflow_lib.core.quality import LfdSourceFlag as F
+
+    rng = np.random.default_rng(2)
+    ntime = 300
+    good = np.ones(ntime, bool)
+    flux = np.vstack([0.02 + 3.0 * rng.standard_normal(ntime), 1.5 + 3.0 * rng.standard_normal(ntime)])
+    err = np.full_like(flux, 3.0)  # the median's error: 1.2533 x 3 / sqrt(300) = 0.22 e-/s
+    ones = np.ones(2, bool)
+    flag = solve.source_flags(ones, np.ones(2), flux, good, 0.2, flux_err=err, min_median_snr=1.0)
+    assert flag.tolist() == [int(F.NONPOSITIVE), 0]  # 0.02 +- 0.22: none; 1.5 +- 0.22: measured
+    # min_median_snr 0, or no errors given: only a median <= 0 counts
+    assert solve.source_flags(ones, np.ones(2), flux, good, 0.2, flux_err=err, min_median_snr=0.0)[1] == 0
+    assert solve.source_flags(ones, np.ones(2), flux, good, 0.2)[1] == 0
+    # 7 sigma needed: the 1.5 e-/s star is out too
+    assert solve.source_flags(ones, np.ones(2), flux, good, 0.2, flux_err=err, min_median_snr=7.0).tolist() == [4, 4]

@@ -169,7 +169,8 @@ class LfdSourceFlag(enum.IntFlag):
     negative (§4.4: the catalog or the model is wrong there); its light curve is all NaN.
     ``OFF_PIXELS``: less than ``lfd.solve.min_flux_fraction`` of its PRF falls on the pixels (a star
     centred beyond the edge): its total flux is an extrapolation from its wings.
-    ``NONPOSITIVE``: the median of its flux over good cadences is <= 0: no measurable flux.
+    ``NONPOSITIVE``: the median of its flux over good cadences is not above ``lfd.solve.min_median_snr``
+    times that median's error (default 1; 0: not above 0): no measurable flux.
     """
 
     NOT_IN_MODEL = 1 << 0

@@ -318,13 +318,18 @@ def decorrelate_offsets(
     return out, coef
 
 
-def source_flags(in_model, flux_fraction, flux, good, min_flux_fraction: float) -> np.ndarray:
+def source_flags(
+    in_model, flux_fraction, flux, good, min_flux_fraction: float, flux_err=None, min_median_snr: float = 0.0
+) -> np.ndarray:
     """Per source, why the data do not constrain its flux (:class:`workflow_lib.core.quality.LfdSourceFlag`).
 
     ``in_model`` (nsource,) bool: False where the PRF step removed the source (its mean-frame flux was
     significantly negative, §4.4); ``flux_fraction`` (nsource,): fraction of its PRF on the pixels
-    (:func:`workflow_lib.lfd.prf.fraction_on_pixels`); ``flux`` (nsource, ntime) its light curve and
-    ``good`` (ntime,) the cadences to judge it on. Returns the ``lfd_flag`` bitmask (nsource,) int32.
+    (:func:`workflow_lib.lfd.prf.fraction_on_pixels`); ``flux`` (nsource, ntime) its light curve,
+    ``flux_err`` its errors and ``good`` (ntime,) the cadences to judge it on. NONPOSITIVE: the median
+    flux is <= ``min_median_snr`` x its error, ``sqrt(pi / 2) x median(flux_err) / sqrt(N)`` over the N
+    finite good cadences (the error of the median of N Gaussian values); 0 or no ``flux_err``: a median
+    <= 0. Returns the ``lfd_flag`` bitmask (nsource,) int32.
     """
     in_model = np.asarray(in_model, bool)
     flux = np.asarray(flux, float)
@@ -335,9 +340,16 @@ def source_flags(in_model, flux_fraction, flux, good, min_flux_fraction: float) 
     sub = flux[:, good] if good.any() else flux
     fin = np.isfinite(sub).any(axis=1)
     med = np.full(in_model.size, np.nan)
+    limit = np.zeros(in_model.size)
     if fin.any():
         med[fin] = np.nanmedian(sub[fin], axis=1)
-    flag[fin & (med <= 0)] |= int(LfdSourceFlag.NONPOSITIVE)
+        if flux_err is not None and min_median_snr > 0:
+            esub = np.asarray(flux_err, float)[:, good] if good.any() else np.asarray(flux_err, float)
+            n = np.sum(np.isfinite(sub[fin]) & np.isfinite(esub[fin]), axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sigma = np.sqrt(np.pi / 2) * np.nanmedian(np.where(np.isfinite(sub[fin]), esub[fin], np.nan), axis=1)
+                limit[fin] = np.where(n > 0, min_median_snr * sigma / np.sqrt(np.maximum(n, 1)), 0.0)
+    flag[fin & ~(med > np.nan_to_num(limit))] |= int(LfdSourceFlag.NONPOSITIVE)
     return flag
 
 

@@ -384,7 +384,9 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p
         frac[out] = fraction_on_pixels(f["model"], f["sc"][out], f["sr"][out], f["pc"], f["pr"])
     good = np.asarray(f["table"]["quality"].values) == 0
     cols["flux_fraction"] = frac
-    cols["lfd_flag"] = source_flags(f["active"], frac, flux, good, p["min_flux_fraction"])
+    cols["lfd_flag"] = source_flags(
+        f["active"], frac, flux, good, p["min_flux_fraction"], flux_err=err, min_median_snr=p["min_median_snr"]
+    )
     lc = lightcurve_set(
         flux,
         err,
