@@ -11,7 +11,7 @@ gap, instead of a sector's 1,300, to keep the cost down) sets the length. Each s
 pipeline's step functions, called on files without snakemake exactly as ``benchmarks/scaling.py`` does
 (its ``run_stage``): download (the random scene) -> gaia crossmatch (the scene's local catalog) -> edge ->
 prf -> motion -> flux solve -> cpm, with ``config/config.yaml`` + the schema defaults (``--config``: a YAML
-whose ``lfd`` / ``cpm`` / ``gaia`` sections are merged over them, for sweeps).
+whose ``lfd`` / ``cpm`` / ``gaia`` / ``deblend`` sections are merged over them, for sweeps; any other section is an error).
 
 Metrics, per G bin (<13, 13-15, 15-17, 17-19, true G) for **isolated constant stars** (constant, not in a
 pair, true position >= 1.5 px inside the cutout, light of the other true sources -- catalogued or not --
@@ -88,6 +88,8 @@ G_BINS = ((-np.inf, 13.0, "G<13"), (13.0, 15.0, "13-15"), (15.0, 17.0, "15-17"),
 LFD_STAGES = ("edge", "prf", "motion", "flux_solve")
 #: stages added after the first runs: run on kept scenes (``--workdir``) that lack them, before scoring
 LATE_STAGES = ("deblend",)
+#: the config sections a ``--config`` sweep may override (what the scenes' steps read)
+SWEEP_SECTIONS = ("lfd", "cpm", "gaia", "deblend")
 #: lfd = LFD light curves, ap3 = sky-subtracted 3x3 aperture, cpm = CPM aperture light curves,
 #: deb = the deblended, de-trended product (LFD neighbours subtracted, CPM de-trended, summed; issue 12 item 3)
 METHODS = ("lfd", "ap3", "cpm", "deb")
@@ -964,7 +966,7 @@ def main(argv=None):
     ap.add_argument("--scenes", type=int, default=20, help="number of scenes (seeds seed .. seed+N-1)")
     ap.add_argument("--seed", type=int, default=0, help="first scene seed")
     ap.add_argument("--cadences", type=int, default=600, help="cadences per scene (a sector has 1,300)")
-    ap.add_argument("--config", help="YAML whose lfd / cpm / gaia sections override the defaults (sweeps)")
+    ap.add_argument("--config", help="YAML whose lfd / cpm / gaia / deblend sections override the defaults (sweeps)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write every scene's measurements and the summary here")
     ap.add_argument(
@@ -1002,7 +1004,10 @@ def main(argv=None):
         import yaml
 
         over = yaml.safe_load(Path(a.config).read_text()) or {}
-        cfg = _deep_merge(cfg, {k: v for k, v in over.items() if k in ("lfd", "cpm", "gaia")})
+        unknown = sorted(set(over) - set(SWEEP_SECTIONS))
+        if unknown:  # a sweep of a section the scenes do not read would silently measure the defaults
+            raise SystemExit(f"{a.config}: sections {unknown} are not used here; sweep one of {list(SWEEP_SECTIONS)}")
+        cfg = _deep_merge(cfg, over)
     _, est_name = cdpp_estimator()
     base = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="randomized-scenes-"))
     scenes = []
