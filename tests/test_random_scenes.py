@@ -265,3 +265,13 @@ def test_pinned_deblended_product_is_no_noisier_than_the_cpm_aperture(pinned):
     b = pinned[1]["bins"]
     for n in ("G<13", "13-15", "15-17", "17-19"):
         assert b[n]["deb_over_cpm_true"][0] <= 1.015, (n, b[n]["deb_over_cpm_true"])
+
+
+def test_config_sweep_refuses_a_section_the_scenes_do_not_read(tmp_path):
+    """A --config sweep of a section no scene step reads would silently measure the defaults."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("deblend: {faint_neighbour_snr: 60}\nreport: {enabled: false}\n")
+    with pytest.raises(SystemExit, match=r"\['report'\] are not used"):
+        bench.main(["--scenes", "1", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()  # refused before any scene ran
+    assert "deblend" in bench.SWEEP_SECTIONS
