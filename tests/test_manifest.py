@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers.manifest import array_digest, compare, dumps, page_digest
+from helpers.manifest import array_digest, compare, data_file_digest, dumps, page_digest
 
 RNG = np.random.default_rng(5)
 
@@ -53,6 +53,7 @@ def test_integers_and_text_are_exact():
 
 
 def _page(tmp_path, values, title="flux"):
+    """The manifest entries of a page embedding ``values`` as a Bokeh ndarray and of its float32 data file."""
     raw = gzip.compress(np.asarray(values, "<f8").tobytes(), mtime=0)
     blob = json.dumps(
         {
@@ -65,18 +66,19 @@ def _page(tmp_path, values, title="flux"):
         separators=(",", ":"),
     )
     chunk = base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
-    path = tmp_path / f"page{RNG.integers(1e9)}.html"
-    path.write_text(f'<h1>{title}</h1><script>x={blob}; y=0.5; RPT.chunk("lc_s0", "{chunk}");</script>')
-    return page_digest(path)
+    stem = tmp_path / f"page{RNG.integers(1e9)}"
+    stem.with_suffix(".html").write_text(f"<h1>{title}</h1><script>x={blob}; y=0.5;</script>")
+    stem.with_suffix(".js").write_text(f'RPT.chunk("lc_s0", "{chunk}");\n')
+    return {"p": page_digest(stem.with_suffix(".html")), "d": data_file_digest(stem.with_suffix(".js"))}
 
 
 def test_pages_round_off_and_changes(tmp_path):
     v = RNG.normal(500.0, 5.0, 300)
     ref = _page(tmp_path, v)
-    assert len([k for k in ref if k.startswith("array")]) == 2  # the Bokeh array and the float32 chunk
-    assert not compare({"p": _page(tmp_path, v * (1 + 1e-12))}, {"p": ref})
-    assert compare({"p": _page(tmp_path, v * 1.001)}, {"p": ref})
-    assert compare({"p": _page(tmp_path, v, title="Flux")}, {"p": ref})
+    assert len([k for e in ref.values() for k in e if k.startswith("array")]) == 2  # the Bokeh array, the chunk
+    assert not compare(_page(tmp_path, v * (1 + 1e-12)), ref)
+    assert compare(_page(tmp_path, v * 1.001), ref) == ["changed: d", "changed: p"]
+    assert compare(_page(tmp_path, v, title="Flux"), ref) == ["changed: p"]
 
 
 def test_dumps_is_json_one_product_per_line(field):

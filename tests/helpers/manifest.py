@@ -9,8 +9,9 @@ summarised here and compared with the committed ``tests/data/tiny_manifest.json`
   (:func:`fingerprints_agree`). Exact digests of floats broke on every new machine: OpenBLAS picks its
   kernels by CPU (AVX2 against AVX-512 moves the PRF fit and everything after it by ~1e-11 relative,
   the CPM systematics by ~2e-9 of their scale), while any change of method moves them by far more;
-* field pages and their data files by the digest of their text with every embedded array and number
-  taken out (the layout, labels and code: exact) plus the fingerprint of those arrays and numbers.
+* field pages by the digest of their text with every embedded array and number taken out (the layout,
+  labels and code: exact) plus the fingerprint of those arrays and numbers; their data files by key
+  (exact) and the fingerprint of their float32 block.
 
 Regenerate it only on purpose::
 
@@ -47,7 +48,6 @@ _NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+\.\d+(?:[eE][-+]?\d+)?|(?<![A-Za-z
 _BOKEH_ARRAY = re.compile(
     r'\{"type":"bytes","data":"([A-Za-z0-9+/=]+)"\},"shape":\[([0-9,]*)\],"dtype":"(\w+)","order":"(little|big)"'
 )
-_CHUNK = re.compile(r'RPT\.chunk\("([A-Za-z0-9_]+)", "([A-Za-z0-9+/=]*)"\);')
 
 
 def _round(x: float) -> float:
@@ -158,33 +158,32 @@ def fits_digests(path: Path, root: Path) -> dict:
     return out
 
 
-def page_digest(path: Path) -> str | dict:
-    """A field page or data file: its text with embedded arrays (Bokeh ndarrays, ``RPT.chunk`` float32
-    blocks) and numbers taken out, and their fingerprints (a page embeds no dates, paths or versions)."""
-    import base64
-    import gzip
+def page_digest(path: Path) -> dict:
+    """A field page: its text with the embedded Bokeh ndarrays (decoded by the report's own reader) and
+    numbers taken out, and their fingerprints (a page embeds no dates, paths or versions)."""
+    from workflow_lib.report.page import _decode
 
-    text = path.read_text()
     arrays = []
 
     def bokeh(m):
-        raw = base64.b64decode(m.group(1))
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        dt = np.dtype(m.group(3)).newbyteorder("<" if m.group(4) == "little" else ">")
-        arrays.append(np.frombuffer(raw, dtype=dt))
+        value = {"type": "ndarray", "array": {"type": "bytes", "data": m.group(1)}, "dtype": m.group(3)}
+        arrays.append(np.ravel(_decode({**value, "order": m.group(4)})))
         return f'{{"type":"bytes","data":"@{len(arrays) - 1}"}},"shape":[{m.group(2)}],"dtype":"{m.group(3)}"'
 
-    def chunk(m):
-        arrays.append(np.frombuffer(base64.b64decode(m.group(2)), dtype="<f4"))
-        return f'RPT.chunk("{m.group(1)}", "@{len(arrays) - 1}");'
-
-    skeleton = _CHUNK.sub(chunk, _BOKEH_ARRAY.sub(bokeh, text))
+    skeleton = _BOKEH_ARRAY.sub(bokeh, path.read_text())
     out = text_digest(skeleton)
     out = dict(out) if isinstance(out, dict) else {"text": out, "numbers": None}
     for i, a in enumerate(arrays):
         out[f"array{i}"] = array_digest(a)
     return out
+
+
+def data_file_digest(path: Path) -> dict:
+    """A page's data file (:mod:`workflow_lib.report.datafiles`): its key exactly, its float32 block by fingerprint."""
+    from workflow_lib.report.datafiles import read_chunk_file
+
+    key, values = read_chunk_file(path)
+    return {"text": _digest(key.encode()), "numbers": None, "array0": array_digest(values)}
 
 
 def _temporary(path: Path, root: Path) -> bool:
@@ -196,7 +195,7 @@ def _products(results: Path, pattern: str) -> list[Path]:
     return [p for p in sorted(results.rglob(pattern)) if not _temporary(p, results)]
 
 
-def manifest(results: Path) -> dict[str, str]:
+def manifest(results: Path) -> dict[str, str | dict]:
     results = Path(results)
     out: dict[str, str | dict] = {}
     for store in _products(results, "*.zarr"):
@@ -213,7 +212,7 @@ def manifest(results: Path) -> dict[str, str]:
         if path.name != "index.html":
             out[str(path.relative_to(results))] = page_digest(path)
     for path in _products(results / "report", "*_data/*.js"):  # the pages' data folders (report.datafiles)
-        out[str(path.relative_to(results))] = page_digest(path)
+        out[str(path.relative_to(results))] = data_file_digest(path)
     return out
 
 
