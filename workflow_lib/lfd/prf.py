@@ -266,17 +266,21 @@ class PRFModel:
                 out[wing] = np.exp(self.log_value(dx[wing] * k, dy[wing] * k) - self.log_norm) * k**self.tail_alpha
         return out
 
-    def _core_integral_and_edge(self, n_r: int = 400, n_phi: int = 256):
-        """Integral of ``exp(A @ w)`` over r <= r_support, and of ``exp(A @ w)`` along the circle r = r_support (d phi)."""
+    def _core_integral(self, n_r: int = 400, n_phi: int = 256) -> float:
+        """Integral of ``exp(A @ w)`` over r <= r_support (midpoint rule in polar coordinates)."""
         rs = self.r_support
         dr = rs / n_r
         rr = (np.arange(n_r) + 0.5) * dr
         pp = -np.pi + (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
         R, P = np.meshgrid(rr, pp, indexing="ij")
         vals = np.exp(self.log_value(R * np.cos(P), R * np.sin(P)))
-        core = float(np.sum(vals * R) * dr * 2 * np.pi / n_phi)
-        ring = float(np.sum(np.exp(self.log_value(rs * np.cos(pp), rs * np.sin(pp)))) * 2 * np.pi / n_phi)
-        return core, ring
+        return float(np.sum(vals * R) * dr * 2 * np.pi / n_phi)
+
+    def _edge_ring(self, n_phi: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """``exp(A @ w)`` along the circle r = r_support at ``n_phi`` midpoint angles: (angles, values)."""
+        rs = self.r_support
+        pp = -np.pi + (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
+        return pp, np.exp(self.log_value(rs * np.cos(pp), rs * np.sin(pp)))
 
     def normalise(self, n_r: int = 400, n_phi: int = 256) -> "PRFModel":
         """Set ``log_norm`` so that the PRF integrates to one (midpoint rule in polar coordinates).
@@ -291,14 +295,12 @@ class PRFModel:
         synthetic sectors render through it, and a model that counts its fitted tail to infinity
         reads the extra (~1 % of the light) as flux (embedded field synth_b: every isolated bright
         star +1.0-1.2 %). The core disc ``r <= r_support`` is counted in full."""
-        core, _ = self._core_integral_and_edge(n_r, n_phi)
-        integral = core
+        integral = self._core_integral(n_r, n_phi)
         if self.tail_alpha is not None:
             a, rs = self.tail_alpha, self.r_support
             if a <= 2:
                 raise ValueError(f"tail_alpha must exceed 2 for a finite PRF integral, got {a}")
-            pp = -np.pi + (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
-            ring = np.exp(self.log_value(rs * np.cos(pp), rs * np.sin(pp)))
+            pp, ring = self._edge_ring(n_phi)
             kept = np.ones(n_phi)
             if self.flux_box is not None:
                 edge = self.flux_box / np.maximum(np.abs(np.cos(pp)), np.abs(np.sin(pp)))
@@ -347,7 +349,8 @@ class PRFModel:
         if self.tail_alpha is None:
             return 0.0
         rs, a = self.r_support, self.tail_alpha
-        _, ring = self._core_integral_and_edge(50, 64)
+        n_phi = 64
+        ring = float(np.sum(self._edge_ring(n_phi)[1])) * 2 * np.pi / n_phi
         return float(np.exp(-self.log_norm) * ring * rs**a * self.r_max ** (2 - a) / (a - 2))
 
     # ---------------------------------------------------------------- I/O

@@ -337,18 +337,19 @@ def source_flags(
     flag = np.zeros(in_model.size, np.int32)
     flag[~in_model] |= int(LfdSourceFlag.NOT_IN_MODEL)
     flag[~(np.asarray(flux_fraction, float) >= float(min_flux_fraction))] |= int(LfdSourceFlag.OFF_PIXELS)
-    sub = flux[:, good] if good.any() else flux
+    on = good if good.any() else slice(None)
+    sub = flux[:, on]
     fin = np.isfinite(sub).any(axis=1)
     med = np.full(in_model.size, np.nan)
     limit = np.zeros(in_model.size)
     if fin.any():
         med[fin] = np.nanmedian(sub[fin], axis=1)
         if flux_err is not None and min_median_snr > 0:
-            esub = np.asarray(flux_err, float)[:, good] if good.any() else np.asarray(flux_err, float)
-            n = np.sum(np.isfinite(sub[fin]) & np.isfinite(esub[fin]), axis=1)
+            # the errors of the cadences with a flux; N of them; NaN limit (no error) -> 0
+            esub = np.where(np.isfinite(sub[fin]), np.asarray(flux_err, float)[:, on][fin], np.nan)
+            n = np.isfinite(esub).sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):
-                sigma = np.sqrt(np.pi / 2) * np.nanmedian(np.where(np.isfinite(sub[fin]), esub[fin], np.nan), axis=1)
-                limit[fin] = np.where(n > 0, min_median_snr * sigma / np.sqrt(np.maximum(n, 1)), 0.0)
+                limit[fin] = min_median_snr * np.sqrt(np.pi / 2) * np.nanmedian(esub, axis=1) / np.sqrt(n)
     flag[fin & ~(med > np.nan_to_num(limit))] |= int(LfdSourceFlag.NONPOSITIVE)
     return flag
 
