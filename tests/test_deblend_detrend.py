@@ -25,6 +25,7 @@ from workflow_lib.data.cube import as_pixel_table, make_cube
 from workflow_lib.deblend.lightcurves import (
     deblended_lightcurves,
     denoised_neighbour_flux,
+    short_variability,
     sky_level,
     with_reference_sets,
 )
@@ -188,6 +189,41 @@ def test_faint_neighbours_enter_with_their_running_median():
     assert np.isnan(out[1, 7]) and np.nanstd(out[1] - (5 + 0.5 * np.sin(t))) < 0.3 * np.nanstd(faint - 5)
     same, none = denoised_neighbour_flux(t, flux, err, min_snr=0.0, window_days=1.0)
     assert not none.any() and np.array_equal(same, flux, equal_nan=True)
+
+
+def test_short_variability_measures_excursions_in_sigma():
+    """White noise peaks near 4 sigma over a sector of boxes; a 3-h eclipse of box S/N 10 near 10; a slow
+    rotator (5 d) is left to the running median; a NaN-only row is NaN."""
+    rng = np.random.default_rng(1)
+    t = np.arange(1300) / 48.0
+    flux = 100.0 + rng.standard_normal((60, t.size))
+    flux[20:40, 600:606] -= 10 / np.sqrt(6)
+    flux[40:60] += 5 * np.sin(2 * np.pi * t / 5.0)
+    flux[59] = np.nan
+    z = short_variability(t, flux, window_days=1.0)
+    white, eclipse, rotator = z[:20], z[20:40], z[40:59]
+    assert 3.0 < np.median(white) < 5.0 and white.max() < 6.5
+    assert np.all(eclipse > 6.0) and abs(np.median(eclipse) - 10) < 1.0  # +-1 sigma of noise per box
+    assert 3.0 < np.median(rotator) < 5.0 and np.isnan(z[59])
+
+
+def test_constant_neighbours_enter_with_their_running_median():
+    """Above the S/N threshold, a constant neighbour is replaced (its noise is not subtracted into the
+    target), an eclipsing one stays per cadence (its eclipse is)."""
+    rng = np.random.default_rng(2)
+    t = np.arange(600) / 48.0
+    flux = 1000.0 + rng.normal(0, 2.0, (2, t.size))
+    flux[1, 300:306] *= 0.97  # a 3 % eclipse: ~36 sigma in a 3-h box
+    err = np.full(flux.shape, 2.0)
+    out, replaced = denoised_neighbour_flux(t, flux, err, min_snr=20.0, window_days=1.0, variability_sigma=5.0)
+    assert replaced.tolist() == [True, False]
+    np.testing.assert_array_equal(out[1], flux[1])
+    assert np.std(out[0] - 1000.0) < 0.3 * np.std(flux[0] - 1000.0)
+    off, none = denoised_neighbour_flux(t, flux, err, min_snr=20.0, window_days=1.0)
+    assert not none.any() and np.array_equal(off, flux)
+    # an LFD blend (App. B) enters with its running median whatever its S/N or variability
+    blend, which = denoised_neighbour_flux(t, flux, err, min_snr=20.0, window_days=1.0, blended=[False, True])
+    assert which.tolist() == [False, True] and np.array_equal(blend[0], flux[0])
 
 
 def test_multi_rhs_heldout_equals_single():

@@ -138,6 +138,12 @@ def test_flux_solve_step_files(tmp_path):
         warnings.simplefilter("ignore")
         med = np.nanmedian(back["flux"].values[:, good], axis=1)
     assert np.all((flag != 0) == (~back["in_model"].values | (frac < 0.2) | (med <= 0)))
+    # App. B blends: within lfd.solve.blend_radius (0.5 px) of a brighter modelled source
+    inm, blended, mf = back["in_model"].values, back["blended"].values, back["mean_flux"].values
+    d2 = np.hypot(col[:, None] - col[None, :], row[:, None] - row[None, :])
+    brighter_near = ((d2 < 0.5) & (mf[None, :] > mf[:, None]) & inm[None, :]).any(axis=1)
+    assert np.array_equal(blended, inm & brighter_near)
+    assert blended.sum() >= 5  # 13 on this field
     fits_files = sorted((d / "fits").glob("lfd_*.fits"))
     assert len(fits_files) == int((flag == 0).sum()) < lc.sizes["source"]
     assert {f.name for f in fits_files} == {f"lfd_{s}.fits" for s in back["source_id"].values[flag == 0]}

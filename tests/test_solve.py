@@ -184,15 +184,19 @@ def test_blended_sources_flags_the_fainter_of_close_pairs():
     assert not solve.blended_sources(col, row, flux, 0.0).any()
 
 
-def _jittered_lightcurves(seed=0, ntime=1300, nsrc=6):
-    """Light curves whose error is a quadratic function of a known scene offset (drift + jitter),
-    on top of a transit, a slow astrophysical trend and white noise."""
+def _jittered_lightcurves(seed=0, ntime=1300, nsrc=6, degree=2):
+    """Light curves whose error is a polynomial of total ``degree`` (2 or 3) in a known scene offset
+    (drift + jitter), on top of a transit, a slow astrophysical trend and white noise."""
     rng = np.random.default_rng(seed)
     t = np.arange(ntime) / 48.0  # 30-min cadences, days
     cx = 0.08 * (t / t[-1]) + 0.02 * rng.standard_normal(ntime)  # slow drift + jitter [px]
     cy = -0.05 * (t / t[-1]) ** 2 + 0.02 * rng.standard_normal(ntime)
-    g = rng.normal(0, 0.2, (nsrc, 5))  # fractional change per px^k
-    M = np.column_stack([cx, cy, cx**2, cx * cy, cy**2])
+    M = np.column_stack(
+        [cx, cy, cx**2, cx * cy, cy**2] + ([cx**3, cx**2 * cy, cx * cy**2, cy**3] if degree == 3 else [])
+    )
+    g = rng.normal(0, 0.2, (nsrc, M.shape[1]))  # fractional change per px^k
+    if degree == 3:
+        g[:, 5:] = rng.normal(0, 16.0, (nsrc, 4))  # per px^3: what a quadratic cannot absorb
     noise = 1e-3
     astro = np.ones((nsrc, ntime))
     transit = (t % 7.3 > 3.0) & (t % 7.3 < 3.12)
@@ -233,6 +237,49 @@ def test_decorrelate_offsets_removes_the_offset_term_and_keeps_astrophysics():
     cx2[200] = np.nan
     out2, _ = solve.decorrelate_offsets(t, flux, cx2, cy, good, degree=2, window_days=1.0)
     assert out2[0, 200] == flux[0, 200]
+
+
+def test_decorrelate_offsets_degree_three_removes_a_cubic_term_that_degree_two_leaves():
+    """A bright star's flux error is not quadratic in the offset over a drift of a few tenths of a pixel
+    (docs/VALIDATION.md): a cubic term is removed at degree 3, left at degree 2; the signals stay."""
+    t, cx, cy, flux, astro, transit, noise, clean = _jittered_lightcurves(seed=3, degree=3)
+    good = np.ones(t.size, bool)
+
+    def scatter(out):
+        resid = out - astro
+        return np.std(resid - resid.mean(axis=1, keepdims=True), axis=1)
+
+    out2, _ = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=2, window_days=1.0)
+    out3, coef3 = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=3, window_days=1.0)
+    assert coef3.shape == (6, 9)
+    s2, s3 = scatter(out2), scatter(out3)
+    print(s2 / noise, s3 / noise)
+    assert np.median(s2) > 1.3 * noise and np.all(s3 < 1.15 * noise)
+    depth = 1 - out3[0, transit].mean() / np.median(out3[0, ~transit])
+    clean_depth = 1 - clean[0, transit].mean() / np.median(clean[0, ~transit])
+    amp = np.polyfit(np.sin(2 * np.pi * t / 20.0), out3[1] / out3[1].mean(), 1)[0]
+    clean_amp = np.polyfit(np.sin(2 * np.pi * t / 20.0), clean[1] / clean[1].mean(), 1)[0]
+    assert abs(depth / clean_depth - 1) < 0.03 and abs(amp / clean_amp - 1) < 0.03
+
+
+def test_decorrelate_offsets_bic_gives_each_source_the_degree_it_needs():
+    """select='bic': the sources with a cubic offset term get degree 3 and are whitened as with a fixed
+    degree 3; pure photon-noise sources get no terms at all (fixed degree 3 fits nine terms to their noise)."""
+    t, cx, cy, flux, astro, transit, noise, clean = _jittered_lightcurves(seed=3, degree=3)
+    rng = np.random.default_rng(7)
+    flat = 1000.0 + noise * rng.standard_normal((4, t.size))
+    flux = np.vstack([flux, flat])
+    good = np.ones(t.size, bool)
+    out, coef = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=3, window_days=1.0, select="bic")
+    fixed, _ = solve.decorrelate_offsets(t, flux, cx, cy, good, degree=3, window_days=1.0)
+    assert np.all((coef[:6, 5:] != 0).any(axis=1))  # cubic terms where the error has them
+    assert not coef[6:].any() and np.array_equal(out[6:], flat)
+    resid = out[:6] - astro
+    resid -= resid.mean(axis=1, keepdims=True)
+    assert np.all(np.std(resid, axis=1) < 1.15 * noise)
+    np.testing.assert_allclose(np.std(out[:6] - fixed[:6], axis=1), 0, atol=0.1 * noise)
+    with pytest.raises(ValueError, match="select"):
+        solve.decorrelate_offsets(t, flux, cx, cy, good, degree=3, window_days=1.0, select="aic")
 
 
 def test_decorrelate_offsets_degree_zero_is_identity():

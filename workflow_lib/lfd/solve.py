@@ -260,7 +260,17 @@ def blended_sources(column, row, flux, radius: float):
 
 
 def decorrelate_offsets(
-    time, flux, cx, cy, good, *, degree: int, window_days: float, n_iter: int = 3, clip: float = 4.0
+    time,
+    flux,
+    cx,
+    cy,
+    good,
+    *,
+    degree: int,
+    window_days: float,
+    n_iter: int = 3,
+    clip: float = 4.0,
+    select: str = "fixed",
 ):
     """Remove from every light curve the part that follows the measured scene offset.
 
@@ -276,6 +286,12 @@ def decorrelate_offsets(
     ``clip``-sigma clipping (MAD) of each source's high-passed residuals. The fitted ``g`` is then
     subtracted with the *full* offsets (the error depends on the offset, not on its time scale),
     keeping each light curve's mean over ``good`` cadences.
+
+    ``select``: ``fixed`` fits every monomial up to ``degree`` to every source; ``bic`` gives each source
+    the total degree 0..``degree`` with the lowest Bayesian information criterion ``n ln(RSS / n) + k ln n``
+    on its clipped high-passed series (``k`` monomials, ``n`` cadences kept): a bright star whose error is
+    not quadratic in the offset gets the cubic terms, a faint one, whose series is photon noise, gets
+    none rather than terms that only fit noise (and the same fraction of any signal).
 
     ``flux`` (nsource, ntime); ``cx``, ``cy`` (ntime,) [px], NaN where not measured; ``good``
     (ntime,) bool. Returns ``(corrected flux, coefficients (nsource, nterm))``; cadences without
@@ -313,9 +329,32 @@ def decorrelate_offsets(
         r = Yh - coef @ X.T
         mad = robust_sigma(r, axis=1, keepdims=True)
         w = (fin & (np.abs(r) <= clip * np.maximum(mad, 1e-30))).astype(float)
+    if select == "bic":
+        coef = _bic_degree(X, Yh, w, N, rhs, degree)
+    elif select != "fixed":
+        raise ValueError(f"offset decorrelation: select must be 'fixed' or 'bic', not {select!r}")
     Mc = np.where(have[:, None], M - M[iu].mean(axis=0), 0.0)
     out = flux - coef @ Mc.T
     return out, coef
+
+
+def _bic_degree(X, Yh, w, N, rhs, degree: int) -> np.ndarray:
+    """Per source, the coefficients of the total degree (0..``degree``; the first ``n_terms(d) - 1``
+    columns of ``X``, ordered by degree) with the lowest BIC ``n ln(RSS / n) + k ln n`` on the weighted
+    high-passed series ``Yh`` (normal matrices ``N`` and right-hand sides ``rhs`` of the full degree)."""
+    n = np.maximum(w.sum(axis=1), 1.0)
+    best = n * np.log(np.maximum(np.einsum("st,st->s", w, Yh * Yh), 1e-300) / n)
+    out = np.zeros(rhs.shape)
+    for d in range(1, int(degree) + 1):
+        k = n_terms(d) - 1
+        c = np.linalg.solve(N[:, :k, :k], rhs[:, :k, None])[:, :, 0]
+        r = Yh - c @ X[:, :k].T
+        bic = n * np.log(np.maximum(np.einsum("st,st->s", w, r * r), 1e-300) / n) + k * np.log(n)
+        better = bic < best
+        best = np.where(better, bic, best)
+        out[better] = 0.0
+        out[better, :k] = c[better]
+    return out
 
 
 def source_flags(

@@ -101,9 +101,13 @@ def deblend_detrend_step(
         np.asarray(lfd["flux_err"].transpose("source", "time").values, float)[rows_],
         min_snr=float(p["faint_neighbour_snr"]),
         window_days=float(p["faint_neighbour_window_days"]),
+        variability_sigma=float(p["constant_neighbour_sigma"]),
+        blended=np.asarray(lfd["blended"].values, bool)[rows_] if "blended" in lfd.coords else None,
     )
-    log.info("%d of %d LFD sources enter the neighbour model with their running median (S/N below %g)",
-             int(faint.sum()), faint.size, p["faint_neighbour_snr"])  # fmt: skip
+    log.info("%d of %d LFD sources enter the neighbour model with their running median (blends, S/N below %g%s)",
+             int(faint.sum()), faint.size, p["faint_neighbour_snr"],
+             f" or no short-timescale variability above {p['constant_neighbour_sigma']:g} sigma"
+             if p["constant_neighbour_sigma"] > 0 else "")  # fmt: skip
     sky = None
     if p["subtract_background"] and "background" in lfd and lfd["background"].ndim == 2:
         bdim = [x for x in lfd["background"].dims if x != "time"][0]

@@ -333,11 +333,25 @@ def _decorrelate_scene_offset(time, sflux, table, mm: MotionModel, deg: int, p: 
     known = np.isin(time, mm.reg_time)
     cx[known], cy[known] = mm.offsets(time[known])
     good = np.asarray(table["quality"].values) == 0
-    sflux, _ = decorrelate_offsets(time, sflux, cx, cy, good, degree=deg, window_days=p["offset_decorrelation_window"])
+    sflux, coef = decorrelate_offsets(
+        time,
+        sflux,
+        cx,
+        cy,
+        good,
+        degree=deg,
+        window_days=p["offset_decorrelation_window"],
+        select=p["offset_decorrelation_select"],
+    )
+    used = (coef != 0).sum(axis=1)
     log.info(
-        "light curves decorrelated against the measured scene offset (degree %d, %.2f-d high-pass)",
+        "light curves decorrelated against the measured scene offset (degree <= %d, %s; %.2f-d high-pass): "
+        "%d sources with offset terms, median %d terms",
         deg,
+        p["offset_decorrelation_select"],
         p["offset_decorrelation_window"],
+        int((used > 0).sum()),
+        int(np.median(used)) if used.size else 0,
     )
     return sflux
 
@@ -384,6 +398,10 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p
         frac[out] = fraction_on_pixels(f["model"], f["sc"][out], f["sr"][out], f["pc"], f["pr"])
     good = np.asarray(f["table"]["quality"].values) == 0
     cols["flux_fraction"] = frac
+    # App. B blends: their per-cadence flux was held near the mean frame's, the variability given to the
+    # brighter member; the deblended product subtracts them with their running median
+    cols["blended"] = np.zeros(nsrc, bool)
+    cols["blended"][idx] = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
     cols["lfd_flag"] = source_flags(
         f["active"], frac, flux, good, p["min_flux_fraction"], flux_err=err, min_median_snr=p["min_median_snr"]
     )
