@@ -16,7 +16,10 @@ and the fraction of its variance explained (R^2, same high-pass on the predictor
 * ``drift``: the same of the true pointing offset (truth ``drift_column/row``);
 * ``missed``: true minus measured offset (pointing the motion model did not see);
 * ``sky``: the true sky level (scattered light);
-* ``wing``: the flux solve's per-cadence wing-term scale.
+* ``wing``: the flux solve's per-cadence wing-term scale;
+* ``slope(t)``: a linear response to the measured offset whose slope changes slowly along the run (offsets
+  times 1, t, t^2): the signature of a flux error that is a smooth but not quadratic function of where the
+  star sits on the pixel grid (docs/VALIDATION.md, "The bright stars' excess noise").
 
 Low R^2 everywhere with std(z) > 1 and lag-1 > 0 means a correlated error none of these carries.
 """
@@ -56,8 +59,14 @@ def quadratic(x, y) -> list[np.ndarray]:
     return [x, y, x * x, y * y, x * y]
 
 
+def drifting_slope(x, y) -> list[np.ndarray]:
+    """The offsets times 1, t and t^2 (t from -1 to 1 over the series): a slowly changing linear response."""
+    t = np.linspace(-1.0, 1.0, len(x))
+    return [x, y, x * t, y * t, x * t * t, y * t * t]
+
+
 def scene_rows(d: Path, gmax: float, window: int) -> list[tuple]:
-    """(scene, G, std z, lag-1, R^2 offsets, drift, missed, sky, wing) per isolated constant star of ``d``."""
+    """(scene, G, std z, lag-1, R^2 offsets, drift, missed, sky, wing, slope(t)) per isolated constant star of ``d``."""
     import xarray as xr
 
     truth = xr.open_zarr(d / "truth.zarr").load()
@@ -97,6 +106,7 @@ def scene_rows(d: Path, gmax: float, window: int) -> list[tuple]:
             explained_fraction(z, [tx[ok] - cx[ok], ty[ok] - cy[ok]], window),
             explained_fraction(z, [sky[ok]], window),
             explained_fraction(z, [wing[ok]], window),
+            explained_fraction(z, drifting_slope(cx[ok], cy[ok]), window),
         ]
         rows.append((d.name, gmag[k], float(np.std(zh)), float(np.corrcoef(zh[1:], zh[:-1])[0, 1]), *r2))
     return rows
@@ -110,7 +120,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     rows = [r for d in args.scenes for r in scene_rows(d, args.gmax, args.window)]
-    head = ("scene", "G", "std z", "lag-1", "R2 offsets", "R2 drift", "R2 missed", "R2 sky", "R2 wing")
+    head = ("scene", "G", "std z", "lag-1", "R2 offsets", "R2 drift", "R2 missed", "R2 sky", "R2 wing", "R2 slope(t)")
     print(" ".join(f"{h:>10}" for h in head))
     for r in rows:
         print(f"{r[0]:>10} " + " ".join(f"{x:10.3f}" for x in r[1:]))

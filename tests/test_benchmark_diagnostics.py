@@ -27,6 +27,18 @@ def test_explained_fraction_finds_a_linear_dependence_and_not_noise():
     assert residual_sources.explained_fraction(noise + slow, [slow], 51) < 0.05
 
 
+def test_drifting_slope_finds_a_response_whose_slope_changes_and_a_quadratic_does_not():
+    """A flux error = slope(t) x jitter with a slope that changes sign along the run (the bright stars of
+    docs/VALIDATION.md): the drifting-slope predictors explain it, the offsets' quadratic hardly does."""
+    rng = np.random.default_rng(1)
+    n = 600
+    t = np.linspace(-1, 1, n)
+    cx, cy = 0.2 * t + 0.02 * rng.normal(size=n), -0.1 * t + 0.02 * rng.normal(size=n)
+    z = (3 * t * t - 1) * 50.0 * (cx - 0.2 * t) + 0.3 * rng.normal(size=n)
+    assert residual_sources.explained_fraction(z, residual_sources.drifting_slope(cx, cy), 51) > 0.8
+    assert residual_sources.explained_fraction(z, residual_sources.quadratic(cx, cy), 51) < 0.3
+
+
 def test_core_terms_cut_the_noise_free_flux_scatter():
     """Noise-free stars rendered through the packaged SPOC PRF grid (in every checkout) at its corner: the
     least-squares fluxes of the fitted model scatter by ~1.1 % without core terms and ~0.65 % with
