@@ -55,6 +55,7 @@ from dataclasses import asdict
 import numpy as np
 import xarray as xr
 
+from workflow_lib.core.linalg import MAD_TO_SIGMA
 from workflow_lib.core.logs import get_logger
 from workflow_lib.cpm.apertures import ApertureParams, source_apertures
 from workflow_lib.cpm.model import CPMParams, cpm_detrend_subtracted
@@ -80,13 +81,18 @@ def aperture_pairs(apertures, target_column):
     return pixel, aperture, source
 
 
+def _cadences(time, days: float) -> int:
+    """Number of cadences (>= 1) spanning ``days`` at the median cadence of ``time`` [d]."""
+    dt = np.nanmedian(np.diff(time)) if time.size > 1 else 1.0
+    return max(1, int(round(days / dt))) if np.isfinite(dt) and dt > 0 else 1
+
+
 def _running_median(time, flux, window_days: float) -> np.ndarray:
     """Running median of each row of ``flux`` (nsource, ntime) over ``window_days`` (in cadence order,
     NaN-aware: gaps filled with the row's median for the filter, NaN kept where the input is NaN)."""
     from scipy.ndimage import median_filter
 
-    dt = np.nanmedian(np.diff(time)) if time.size > 1 else 1.0
-    win = max(1, int(round(window_days / dt)) if np.isfinite(dt) and dt > 0 else 1) | 1
+    win = _cadences(time, window_days) | 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(flux, axis=1, keepdims=True)
@@ -110,11 +116,10 @@ def short_variability(time, flux, *, window_days: float, box_hours=(1.0, 3.0, 9.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = np.where(fin, resid, np.nan)
-        scatter = 1.4826 * np.nanmedian(np.abs(r - np.nanmedian(r, axis=1, keepdims=True)), axis=1)
-    dt = np.nanmedian(np.diff(time)) if time.size > 1 else 1.0
+        scatter = MAD_TO_SIGMA * np.nanmedian(np.abs(r - np.nanmedian(r, axis=1, keepdims=True)), axis=1)
     best = np.zeros(flux.shape[0])
     for hours in box_hours:
-        w = max(1, int(round(hours / 24.0 / dt))) if np.isfinite(dt) and dt > 0 else 1
+        w = _cadences(time, hours / 24.0)
         m = uniform_filter1d(resid, w, axis=1, mode="constant")
         n = uniform_filter1d(fin.astype(float), w, axis=1, mode="constant")  # the box's finite fraction
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -292,10 +292,11 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     )
 
 
-def _flux_priors(f: dict, table, B, p: dict) -> tuple[np.ndarray, np.ndarray]:
+def _flux_priors(f: dict, table, B, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaussian priors (mean, sigma) of the LFD solve (§4.4): sources at their mean-frame PRF-step flux,
     background terms at the PRF step's polynomial with a flat (1e6) prior; sources blended with a brighter
-    neighbour get a narrow prior (App. B)."""
+    neighbour get a narrow prior (App. B). Returns ``(prior_mu, prior_sigma, blend)``, ``blend`` the
+    modelled sources given that narrow prior (:func:`workflow_lib.lfd.solve.blended_sources`)."""
     idx = f["idx"]
     mu_src = f["mean_flux"][idx]
     nbp = B.shape[1] - (f["wing"] is not None)  # polynomial terms; the last column is the wing's
@@ -323,7 +324,7 @@ def _flux_priors(f: dict, table, B, p: dict) -> tuple[np.ndarray, np.ndarray]:
             p["blend_prior_fraction"],
         )
     prior_sigma = np.concatenate([sigma_src, np.full(B.shape[1], 1e6)])
-    return prior_mu, prior_sigma
+    return prior_mu, prior_sigma, blend
 
 
 def _decorrelate_scene_offset(time, sflux, table, mm: MotionModel, deg: int, p: dict) -> np.ndarray:
@@ -379,7 +380,7 @@ def _source_columns(f: dict, S, mu_src) -> dict:
     return cols
 
 
-def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p: dict, cdpp_hours):
+def _lfd_lightcurve_set(f: dict, S, mu_src, blend, sflux, res: dict, time, prov: str, p: dict, cdpp_hours):
     """The LFD light-curve set of every catalog source (NaN for sources not in the model): the solved
     fluxes ``sflux`` and errors of :func:`workflow_lib.lfd.solve.source_flux`, the per-source columns
     (:func:`_source_columns`), the background terms and the CDPP proxy of every ``cdpp_hours``."""
@@ -401,7 +402,7 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, sflux, res: dict, time, prov: str, p
     # App. B blends: their per-cadence flux was held near the mean frame's, the variability given to the
     # brighter member; the deblended product subtracts them with their running median
     cols["blended"] = np.zeros(nsrc, bool)
-    cols["blended"][idx] = blended_sources(f["sc"][idx], f["sr"][idx], mu_src, p["blend_radius"])
+    cols["blended"][idx] = blend
     cols["lfd_flag"] = source_flags(
         f["active"], frac, flux, good, p["min_flux_fraction"], flux_err=err, min_median_snr=p["min_median_snr"]
     )
@@ -456,7 +457,7 @@ def flux_solve_step(
     if f["wing"] is not None:
         B = np.column_stack([B, f["wing"]])
     mu_src = f["mean_flux"][idx]
-    prior_mu, prior_sigma = _flux_priors(f, table, B, p)
+    prior_mu, prior_sigma, blend = _flux_priors(f, table, B, p)
     time = np.asarray(table["time"].values, float)
     basis = tb = None
     if p["use_motion"]:
@@ -495,7 +496,7 @@ def flux_solve_step(
         config=p,
         method=res["method"],
     )
-    lc = _lfd_lightcurve_set(f, S, mu_src, sflux, res, time, prov, p, cdpp_hours)
+    lc = _lfd_lightcurve_set(f, S, mu_src, blend, sflux, res, time, prov, p, cdpp_hours)
     write_zarr_atomic(lc, out_zarr)
     log.info("wrote %s (%d sources x %d cadences, %d in the model)", out_zarr, nsrc, time.size, idx.size)
     if diagnostics_npz is None:
