@@ -223,7 +223,8 @@ def shift_coefficients(prf, dx, dy, degree: int, half_width: float, cov=None) ->
     """Per (source, pixel) pair, the PRF value of the scene shifted by (cx, cy) as a polynomial in
     the shift: ``P(dx - cx, dy - cy) ~= shift_monomials(cx, cy) @ a`` (returns ``a``, (npair, n_terms)).
 
-    The source moves by (cx, cy), so the pixel's offset from it becomes (dx - cx, dy - cy). The
+    The source moves by (cx, cy), so the pixel's offset from it becomes (dx - cx, dy - cy) (times
+    ``L(phase) / L(phase + c)`` for a lattice-normalised model, :meth:`PRFModel.lattice_factor`). The
     polynomial is fitted by least squares to the PRF model (``prf.evaluate(dx, dy)``, e.g. a
     :class:`workflow_lib.lfd.prf.PRFModel`) on a (degree + 3)^2 grid of Chebyshev nodes over
     [-half_width, half_width]^2: it is the Taylor expansion ("PRF gradient x offset", plus
@@ -243,8 +244,17 @@ def shift_coefficients(prf, dx, dy, degree: int, half_width: float, cov=None) ->
     M = shift_monomials(gx, gy, degree)  # (n_nodes, n_terms)
     pinv = np.linalg.pinv(M)  # (n_terms, n_nodes)
     a = np.zeros((dx.size, M.shape[1]))
+    # a lattice-normalised scene (lfd.prf.lattice_norm) divides each source by its lattice sum at its
+    # sub-pixel phase (PRFModel.lattice_factor; the source's phase on the pixel lattice is that of -dx):
+    # shifted, the phase moves with it, so the shifted PRF carries L(phase) / L(phase + shift)
+    lattice = bool(getattr(prf, "lattice_norm", False))
+    if lattice:
+        L0 = prf.lattice_factor(-dx.ravel(), -dy.ravel())
     for j in range(gx.size):
-        a += np.outer(np.asarray(prf.evaluate(dx - gx[j], dy - gy[j]), float).ravel(), pinv[:, j])
+        vals = np.asarray(prf.evaluate(dx - gx[j], dy - gy[j]), float).ravel()
+        if lattice:
+            vals = vals * L0 / prf.lattice_factor(gx[j] - dx.ravel(), gy[j] - dy.ravel())
+        a += np.outer(vals, pinv[:, j])
     if cov is not None:
         C = np.asarray(cov, float)
         corr = (

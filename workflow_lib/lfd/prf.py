@@ -71,6 +71,9 @@ __all__ = [
     "fit_prf_model",
 ]
 
+#: phases per axis of the tabulated lattice sum (:meth:`PRFModel.lattice_factor`)
+LATTICE_PHASES = 24
+
 # ------------------------------------------------------------------------------ geometry & design
 
 
@@ -211,8 +214,10 @@ class PRFModel:
     core_degree: int = 0  # regular azimuthal core terms (:func:`core_design_matrix`)
     core_radius: float = 1.0
     flux_box: float | None = None  # half-width [px] of the square over which the PRF integrates to one; None: the plane
+    lattice_norm: bool = False  # scene columns divided by :meth:`lattice_factor` (:func:`scene_matrix`)
     provenance: str = ""
     meta: dict = field(default_factory=dict)
+    _lattice: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)  # lattice_factor's table
 
     def design(self, dx, dy) -> sp.csr_matrix:
         r, phi = polar_coordinates(dx, dy)
@@ -353,6 +358,55 @@ class PRFModel:
         ring = float(np.sum(self._edge_ring(n_phi)[1])) * 2 * np.pi / n_phi
         return float(np.exp(-self.log_norm) * ring * rs**a * self.r_max ** (2 - a) / (a - 2))
 
+    def lattice_factor(self, source_col, source_row, pixel_origin=(0.0, 0.0)) -> np.ndarray:
+        """Per source, the model's sum over the pixel lattice within ``r_max`` at that source's sub-pixel
+        phase, over the same sum averaged over phases: ``L(phase_s) / <L>`` (1 for a pixel-integrated PRF).
+
+        A pixel-integrated PRF sampled at pixel centres sums to the same total at every sub-pixel
+        position of its source (the pixels tile the plane); the fitted model (§4.3 eq. 13, a smooth
+        function of the offset) does not quite: its lattice sum swings with the phase by ~0.3-0.5 %
+        rms on noise-free SPOC PRFs (~1 % for the chain's fitted PRFs), and a least-squares flux inherits
+        that as a per-star error (``benchmarks/prf_flexibility.py``). Dividing a source's scene column by
+        this factor makes its lattice sum phase-independent. The average over phases of a lattice sum is
+        the integral over the disc (exactly, for uniform phases), so the flux scale of :meth:`normalise`
+        is kept. ``L`` is tabulated on a :data:`LATTICE_PHASES`-square midpoint grid of phases (periodic,
+        bilinear between nodes; :meth:`_lattice_table`). ``pixel_origin`` (column, row): any pixel centre."""
+        pc = np.asarray(source_col, float) - pixel_origin[0]
+        pr = np.asarray(source_row, float) - pixel_origin[1]
+        n = LATTICE_PHASES
+        table = self._lattice_table()
+        # node i sits at phase (i + 0.5) / n - 0.5; positions in node units, wrapped periodically
+        u = np.mod((pc - np.floor(pc)) * n - 0.5 + n / 2, n)
+        v = np.mod((pr - np.floor(pr)) * n - 0.5 + n / 2, n)
+        i0, j0 = np.floor(v).astype(int), np.floor(u).astype(int)
+        fv, fu = v - i0, u - j0
+        i1, j1 = (i0 + 1) % n, (j0 + 1) % n
+        i0, j0 = i0 % n, j0 % n
+        return (
+            table[i0, j0] * (1 - fv) * (1 - fu)
+            + table[i0, j1] * (1 - fv) * fu
+            + table[i1, j0] * fv * (1 - fu)
+            + table[i1, j1] * fv * fu
+        )
+
+    def _lattice_table(self) -> np.ndarray:
+        """``L(phase) / <L>`` on the phase grid of :meth:`lattice_factor`, (row phase, column phase); cached."""
+        if self._lattice is not None:
+            return self._lattice
+        n = LATTICE_PHASES
+        k = np.arange(-int(np.ceil(self.r_max)), int(np.ceil(self.r_max)) + 1, dtype=float)
+        KC, KR = (a.ravel() for a in np.meshgrid(k, k))
+        g = (np.arange(n) + 0.5) / n - 0.5
+        GR, GC = (a.ravel() for a in np.meshgrid(g, g, indexing="ij"))
+        dx = KC[None, :] - GC[:, None]
+        dy = KR[None, :] - GR[:, None]
+        near = np.hypot(dx, dy) <= self.r_max
+        vals = np.zeros(dx.shape)
+        vals[near] = self.evaluate(dx[near], dy[near])
+        L = vals.sum(axis=1).reshape(n, n)
+        self._lattice = L / L.mean()
+        return self._lattice
+
     # ---------------------------------------------------------------- I/O
     def save(self, path) -> None:
         """Write the model as .npz (atomically), with provenance (JSON string) and meta (JSON)."""
@@ -373,6 +427,7 @@ class PRFModel:
             "core_degree": np.int64(self.core_degree),
             "core_radius": np.float64(self.core_radius),
             "flux_box": np.float64(np.nan if self.flux_box is None else self.flux_box),
+            "lattice_norm": np.bool_(self.lattice_norm),
             "provenance": np.array(self.provenance),
             "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
         }
@@ -410,6 +465,7 @@ class PRFModel:
                 core_degree=int(z["core_degree"]) if "core_degree" in z.files else 0,
                 core_radius=float(z["core_radius"]) if "core_radius" in z.files else 1.0,
                 flux_box=(float(z["flux_box"]) if "flux_box" in z.files and np.isfinite(z["flux_box"]) else None),
+                lattice_norm=bool(z["lattice_norm"]) if "lattice_norm" in z.files else False,
                 provenance=str(z["provenance"]) if "provenance" in z.files else "",
                 meta=json.loads(str(z["meta"])) if "meta" in z.files else {},
             )
@@ -489,7 +545,18 @@ def _log_flux_ratio(dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max: floa
 
 
 def _normalised_prf(
-    w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
+    w,
+    r_knots,
+    n_phi_knots,
+    inner_radius,
+    degree,
+    r_max,
+    r_data,
+    core_degree,
+    core_radius,
+    tail,
+    flux_box,
+    lattice_norm=False,
 ) -> PRFModel:
     """The :class:`PRFModel` of fitted eq. 14 weights ``w``: with ``tail`` a power-law wing beyond
     ``r_data`` (:meth:`PRFModel.fit_tail`), then normalised to unit integral over the plane or the
@@ -505,6 +572,7 @@ def _normalised_prf(
         core_degree=max(int(core_degree), 0),
         core_radius=float(core_radius),
         flux_box=None if flux_box is None else float(flux_box),
+        lattice_norm=bool(lattice_norm),
     )
     if tail:
         model.fit_tail()
@@ -533,6 +601,7 @@ def fit_prf_shape(
     core_radius,
     core_prior_sigma,
     flux_box,
+    lattice_norm,
     r_max=None,
     n_clip=2,
     return_mask=False,
@@ -614,7 +683,18 @@ def fit_prf_shape(
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
     model = _normalised_prf(
-        w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
+        w,
+        r_knots,
+        n_phi_knots,
+        inner_radius,
+        degree,
+        r_max,
+        r_data,
+        core_degree,
+        core_radius,
+        tail,
+        flux_box,
+        lattice_norm,
     )
     model.meta.update(
         n_fit_pixels=int(keep.sum()),
@@ -641,6 +721,9 @@ def scene_matrix(model: PRFModel, source_col, source_row, pixel_col, pixel_row, 
     rad = model.r_max if radius is None else np.minimum(np.asarray(radius, float), model.r_max)
     src, pix, dx, dy = source_pixel_pairs(source_col, source_row, pixel_col, pixel_row, rad)
     vals = model.evaluate(dx, dy)
+    if model.lattice_norm and npix and nsrc:
+        origin = (float(np.ravel(pixel_col)[0]), float(np.ravel(pixel_row)[0]))
+        vals = vals / model.lattice_factor(source_col, source_row, origin)[src]
     return sp.csr_matrix((vals, (pix, src)), shape=(npix, nsrc))
 
 
@@ -747,6 +830,7 @@ _SHAPE_KEYS = (
     "core_radius",
     "core_prior_sigma",
     "flux_box",
+    "lattice_norm",
 )
 
 
@@ -947,6 +1031,88 @@ def _shape_pass(
     return model, keep, diag
 
 
+def aperture_correction(
+    model: PRFModel,
+    flux,
+    sc,
+    sr,
+    pc,
+    pr,
+    mean_flux,
+    sky,
+    wing,
+    *,
+    half_width: float,
+    max_contamination: float,
+    n_stars: int,
+) -> tuple[float, dict]:
+    """The flux scale of the mean-frame fit tied to the light in a square aperture: DAOPHOT's aperture
+    correction (Stetson 1987 §V, 1990), from the brightest isolated stars of the cutout.
+
+    The §4.3 model is normalised by its integral over the plane (:meth:`PRFModel.normalise`), and most of
+    that integral's uncertainty is in the faint outer profile (r ~ 3-5 px) and the power-law tail beyond
+    ``r_max`` that no pixel pins: over 15 randomized scenes the fitted PRF's least-squares gain against
+    the true PRF was off by -1.2 ... +1.4 % per scene, the same as the scene's common flux bias. Here the
+    data set the scale instead. For each candidate ``s`` (positive ``flux``, every pixel of the
+    ``(2 half_width)``-px square around it on the cutout and finite, the other sources' modelled light
+    in the square < ``max_contamination`` x its own flux; the ``n_stars`` brightest of them) the
+    light of the star in the square, measured as the data minus the sky polynomial ``sky`` and minus
+    the model of every other source (scene + ``wing`` image, both per pixel), over its fitted flux:
+
+        rho_s = sum_box(mean_flux - sky - model_all) / F_s + sum_box(own model) / F_s .
+
+    The correction is ``c = median(rho_s)`` (1 when fewer than 3 stars qualify): fluxes on the scale
+    of the light inside that square, as the SPOC TESS PRF models are normalised (13 x 13 px:
+    ``half_width`` 6.5). Returns ``(c, summary)``; ``summary`` holds the stars' ratios.
+    """
+    flux = np.asarray(flux, float)
+    use = np.flatnonzero(np.isfinite(flux) & (flux > 0))
+    summary = {"half_width": float(half_width), "n_stars": 0, "correction": 1.0, "ratios": [], "sources": []}
+    if use.size == 0 or pc.size == 0:
+        return 1.0, summary
+    S = scene_matrix(model, sc[use], sr[use], pc, pr).tocsc()
+    total = S @ flux[use] + np.asarray(wing, float)
+    resid = np.asarray(mean_flux, float) - np.asarray(sky, float) - total
+    c0, r0 = float(pc[0]), float(pr[0])  # any pixel centre: the lattice
+
+    def n_lattice(x, x0):  # lattice points within half_width of x
+        f = x - x0
+        return int(np.floor(f + half_width) - np.ceil(f - half_width) + 1)
+
+    rows = []
+    for k in np.argsort(-flux[use], kind="stable"):
+        s = use[k]
+        box = np.flatnonzero((np.abs(pc - sc[s]) <= half_width) & (np.abs(pr - sr[s]) <= half_width))
+        if box.size != n_lattice(sc[s], c0) * n_lattice(sr[s], r0) or not np.all(np.isfinite(resid[box])):
+            continue  # off the cutout's edge, or NaN pixels in the square
+        own_wing = wing_image(model, sc[s : s + 1], sr[s : s + 1], [1.0], pc[box], pr[box])
+        own = flux[s] * (S[box, k].sum() + model.wing_scale * own_wing.sum())
+        if total[box].sum() - own > max_contamination * flux[s]:
+            continue  # (the others' models are subtracted; their errors scale with their light)
+        rows.append((int(s), float((resid[box].sum() + own) / flux[s])))
+        if len(rows) >= n_stars:
+            break
+    summary.update(sources=[s for s, _ in rows], ratios=[r for _, r in rows], n_stars=len(rows))
+    if len(rows) < 3:
+        log.warning(
+            "aperture correction: %d isolated stars with a complete %.1f-px square (3 needed); none applied",
+            len(rows),
+            2 * half_width,
+        )
+        return 1.0, summary
+    c = float(np.median(summary["ratios"]))
+    summary["correction"] = c
+    log.info(
+        "aperture correction from %d stars (%.1f-px square): fluxes x %.4f (stars %.4f-%.4f)",
+        len(rows),
+        2 * half_width,
+        c,
+        min(summary["ratios"]),
+        max(summary["ratios"]),
+    )
+    return c, summary
+
+
 def fit_prf_model(
     mean_flux,
     mean_err,
@@ -1034,12 +1200,30 @@ def fit_prf_model(
         )
         bkg, wing_scale = bw[:nb], float(bw[nb])
         F, Ferr = _scatter(nsrc, idx, flux, err)
+    model.wing_radius = float(p["wing_radius"])
+    model.wing_scale = wing_scale
+    if p["aperture_box"] is not None:  # the flux scale from the light in a square (DAOPHOT aperture correction)
+        c, ap = aperture_correction(
+            model,
+            np.where(active, F, np.nan),
+            sc,
+            sr,
+            pc,
+            pr,
+            mean_flux,
+            Bk @ bkg if nb else np.zeros(pc.size),
+            wing_scale * wing,
+            half_width=float(p["aperture_box"]),
+            max_contamination=float(p["aperture_max_contamination"]),
+            n_stars=int(p["aperture_stars"]),
+        )
+        model.log_norm += float(np.log(c))  # the PRF per unit flux / c: fluxes x c, the model image unchanged
+        F, Ferr = F * c, Ferr * c
+        model.meta["aperture_correction"] = ap
     model.source_flux = np.where(active, F, np.nan)
     model.source_flux_err = np.where(active, Ferr, np.nan)
     model.background = np.asarray(bkg, float)
     model.background_order = int(p["background_order"])
-    model.wing_radius = float(p["wing_radius"])
-    model.wing_scale = wing_scale
     if source_id is not None:
         model.source_id = np.asarray(source_id, dtype=np.int64)
     model.meta.update(history=history, n_removed_sources=int((candidates & ~active).sum()))
