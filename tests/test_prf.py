@@ -353,6 +353,22 @@ def test_aperture_correction_recovers_a_mis_normalised_prf(fitted):
         n_stars=15,
     )
     assert c1 == 1.0 and s1["n_stars"] == 2
+    # a sky 40 e-/s/px too low (6,760 e-/s in a square, stars of 1e4-1e5 e-/s): a "correction" > 1.1 is refused
+    c2, s2 = aperture_correction(
+        m2,
+        F / a,
+        centres[:, 1],
+        centres[:, 0],
+        PC,
+        PR,
+        data + 40.0,
+        sky,
+        wing,
+        half_width=6.5,
+        max_contamination=1.0,
+        n_stars=15,
+    )
+    assert c2 == 1.0 and s2["rejected"] > 1.1
 
 
 def test_shape_purity_adds_dominated_pixels_to_the_shape_fit(small_sector):

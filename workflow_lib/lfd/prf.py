@@ -1061,7 +1061,8 @@ def aperture_correction(
 
         rho_s = sum_box(mean_flux - sky - model_all) / F_s + sum_box(own model) / F_s .
 
-    The correction is ``c = median(rho_s)`` (1 when fewer than 3 stars qualify): fluxes on the scale
+    The correction is ``c = median(rho_s)`` (1 when fewer than 3 stars qualify, or when ``c`` is outside
+    0.9-1.1, which says the sky or the neighbours are wrong rather than the PRF): fluxes on the scale
     of the light inside that square, as the SPOC TESS PRF models are normalised (13 x 13 px:
     ``half_width`` 6.5). Returns ``(c, summary)``; ``summary`` holds the stars' ratios.
     """
@@ -1101,6 +1102,14 @@ def aperture_correction(
         )
         return 1.0, summary
     c = float(np.median(summary["ratios"]))
+    if not 0.9 <= c <= 1.1:  # the model's normalisation is good to ~2 %: a larger "correction" is a bad sky
+        log.warning(
+            "aperture correction %.3f from %d stars is outside [0.9, 1.1] (sky or neighbours wrong?); none applied",
+            c,
+            len(rows),
+        )
+        summary["rejected"] = c
+        return 1.0, summary
     summary["correction"] = c
     log.info(
         "aperture correction from %d stars (%.1f-px square): fluxes x %.4f (stars %.4f-%.4f)",
