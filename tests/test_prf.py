@@ -195,6 +195,13 @@ def test_core_terms_are_regular_and_leave_the_radial_profile():
     assert core_design_matrix(r, r, 0, 1.0).shape == (400, 0)
 
 
+def _fit_noise_free(dx, dy, f, source_index, **settings):
+    """The shape fitted to noise-free stars of flux 1e4 (tiny errors), schema defaults but ``settings``."""
+    knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
+    err, flux = np.full(f.size, 1e-3), np.full(f.size, 1e4)
+    return fit_prf_shape(dx, dy, f, err, flux, r_knots=knots, source_index=source_index, **{**SHAPE, **settings})
+
+
 def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
     """Noise-free pixel values of the real SPOC TESS PRF at random sub-pixel phases: the LS flux
     gain of the fitted model (what biases a star's flux) scatters less with phase with the core terms."""
@@ -217,19 +224,9 @@ def test_core_terms_fit_the_spoc_prf_core_better(tmp_path):
         f.append(1e4 * v)
         s.append(np.full(v.size, k))
     dx, dy, f, s = map(np.concatenate, (dx, dy, f, s))
-    knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
     scatter = {}
     for deg in (0, 2):
-        m = fit_prf_shape(
-            dx,
-            dy,
-            f,
-            np.full(f.size, 1e-3),
-            np.full(f.size, 1e4),
-            r_knots=knots,
-            source_index=s,
-            **{**SHAPE, "core_degree": deg},
-        )
+        m = _fit_noise_free(dx, dy, f, s, core_degree=deg)
         assert m.core_degree == deg
         m.save(tmp_path / f"core{deg}.npz")
         back = PRFModel.load(tmp_path / f"core{deg}.npz")
@@ -260,19 +257,9 @@ def test_lattice_norm_removes_the_phase_swing_of_least_squares_fluxes(tmp_path):
     dy = np.concatenate([R.ravel() - pr for pr, pc in stars])
     f = np.concatenate([1e4 * tess_prf.evaluate_prf(coeffs, R.ravel() - pr, C.ravel() - pc) for pr, pc in stars])
     s = np.repeat(np.arange(len(stars)), R.size)
-    knots = radial_knots(0.25, 5.0, 12, spacing="sqrt", inner_radius=0.25)
     gains, lattice = {}, {}
     for norm in (False, True):
-        m = fit_prf_shape(
-            dx,
-            dy,
-            f,
-            np.full(f.size, 1e-3),
-            np.full(f.size, 1e4),
-            r_knots=knots,
-            source_index=s,
-            **{**SHAPE, "lattice_norm": norm},
-        )
+        m = _fit_noise_free(dx, dy, f, s, lattice_norm=norm)
         m.save(tmp_path / "m.npz")
         assert PRFModel.load(tmp_path / "m.npz").lattice_norm is norm
         gains[norm], lattice[norm] = [], []
@@ -322,52 +309,19 @@ def test_aperture_correction_recovers_a_mis_normalised_prf(fitted):
     a = 1.03
     m2 = dc.replace(fitted, log_norm=fitted.log_norm - np.log(a), wing_scale=1.0, wing_radius=15.0)
     wing = wing_image(m2, centres[:, 1], centres[:, 0], F / a, PC, PR)
-    c, summary = aperture_correction(
-        m2,
-        F / a,
-        centres[:, 1],
-        centres[:, 0],
-        PC,
-        PR,
-        data,
-        sky,
-        wing,
-        half_width=6.5,
-        max_contamination=1.0,
-        n_stars=15,
-    )
+
+    def correct(n, image):  # the first n stars, pixel data ``image``
+        cen = centres[:n]
+        kw = dict(half_width=6.5, max_contamination=1.0, n_stars=15)
+        return aperture_correction(m2, F[:n] / a, cen[:, 1], cen[:, 0], PC, PR, image, sky, wing, **kw)
+
+    c, summary = correct(9, data)
     assert summary["n_stars"] == 8 and 8 not in summary["sources"]
     assert c == pytest.approx(a, rel=3e-3)
-    c1, s1 = aperture_correction(
-        m2,
-        F[:2] / a,
-        centres[:2, 1],
-        centres[:2, 0],
-        PC,
-        PR,
-        data,
-        sky,
-        wing,
-        half_width=6.5,
-        max_contamination=1.0,
-        n_stars=15,
-    )
+    c1, s1 = correct(2, data)
     assert c1 == 1.0 and s1["n_stars"] == 2
     # a sky 40 e-/s/px too low (6,760 e-/s in a square, stars of 1e4-1e5 e-/s): a "correction" > 1.1 is refused
-    c2, s2 = aperture_correction(
-        m2,
-        F / a,
-        centres[:, 1],
-        centres[:, 0],
-        PC,
-        PR,
-        data + 40.0,
-        sky,
-        wing,
-        half_width=6.5,
-        max_contamination=1.0,
-        n_stars=15,
-    )
+    c2, s2 = correct(9, data + 40.0)
     assert c2 == 1.0 and s2["rejected"] > 1.1
 
 

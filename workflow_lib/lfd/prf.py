@@ -545,18 +545,7 @@ def _log_flux_ratio(dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max: floa
 
 
 def _normalised_prf(
-    w,
-    r_knots,
-    n_phi_knots,
-    inner_radius,
-    degree,
-    r_max,
-    r_data,
-    core_degree,
-    core_radius,
-    tail,
-    flux_box,
-    lattice_norm=False,
+    w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
 ) -> PRFModel:
     """The :class:`PRFModel` of fitted eq. 14 weights ``w``: with ``tail`` a power-law wing beyond
     ``r_data`` (:meth:`PRFModel.fit_tail`), then normalised to unit integral over the plane or the
@@ -572,7 +561,6 @@ def _normalised_prf(
         core_degree=max(int(core_degree), 0),
         core_radius=float(core_radius),
         flux_box=None if flux_box is None else float(flux_box),
-        lattice_norm=bool(lattice_norm),
     )
     if tail:
         model.fit_tail()
@@ -683,19 +671,9 @@ def fit_prf_shape(
     w = w_all[:nA]
     r_data = float(min(r_max, np.percentile(r[keep], 99.0)))
     model = _normalised_prf(
-        w,
-        r_knots,
-        n_phi_knots,
-        inner_radius,
-        degree,
-        r_max,
-        r_data,
-        core_degree,
-        core_radius,
-        tail,
-        flux_box,
-        lattice_norm,
+        w, r_knots, n_phi_knots, inner_radius, degree, r_max, r_data, core_degree, core_radius, tail, flux_box
     )
+    model.lattice_norm = bool(lattice_norm)
     model.meta.update(
         n_fit_pixels=int(keep.sum()),
         n_clipped=int(use.sum() - keep.sum()),
