@@ -1035,9 +1035,14 @@ def aperture_correction(
     ``(2 half_width)``-px square around it on the cutout and finite, the other sources' modelled light
     in the square < ``max_contamination`` x its own flux; the ``n_stars`` brightest of them) the
     light of the star in the square, measured as the data minus the sky polynomial ``sky`` and minus
-    the model of every other source (scene + ``wing`` image, both per pixel), over its fitted flux:
+    the model of every other source (scene + ``wing`` image, both per pixel), over its fitted flux,
 
-        rho_s = sum_box(mean_flux - sky - model_all) / F_s + sum_box(own model) / F_s .
+        rho_s = [sum_box(mean_flux - sky - model_all) - n_box x delta_s + sum_box(own model)] / F_s ,
+
+    with ``delta_s`` the median of ``mean_flux - sky - model_all`` over a 3-px frame around the square
+    (at least 20 pixels; else 0): the local sky's error, taken as the median so the light of stars the
+    catalog lacks, which lifts a least-squares sky ~0.2 e-/s/px above the sky of most pixels, does not
+    bias the sum (0.5 % on 5 scenes).
 
     The correction is ``c = median(rho_s)`` (1 when fewer than 3 stars qualify, or when ``c`` is outside
     0.9-1.1, which says the sky or the neighbours are wrong rather than the PRF): fluxes on the scale
@@ -1068,7 +1073,13 @@ def aperture_correction(
         own = flux[s] * (S[box, k].sum() + model.wing_scale * own_wing.sum())
         if total[box].sum() - own > max_contamination * flux[s]:
             continue  # (the others' models are subtracted; their errors scale with their light)
-        rows.append((int(s), float((resid[box].sum() + own) / flux[s])))
+        # the local sky's error: the median residual of a 3-px frame around the square (robust to the
+        # light of stars the catalog lacks, which raises a least-squares sky above the sky of most pixels)
+        dist = np.maximum(np.abs(pc - sc[s]), np.abs(pr - sr[s]))
+        ring = resid[(dist > half_width) & (dist <= half_width + 3.0)]
+        ring = ring[np.isfinite(ring)]
+        local = float(np.median(ring)) if ring.size >= 20 else 0.0
+        rows.append((int(s), float((resid[box].sum() - box.size * local + own) / flux[s])))
         if len(rows) >= n_stars:
             break
     summary.update(sources=[s for s, _ in rows], ratios=[r for _, r in rows], n_stars=len(rows))
