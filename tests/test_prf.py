@@ -511,3 +511,25 @@ def test_shift_polynomial_follows_the_lattice_factor_of_the_moved_source(fitted)
             factor = (a @ shift_monomials(np.array([cx]), np.array([cy]), 4).ravel()) / np.where(p0 > 0, p0, 1.0)
             err[norm] = (S0 * factor).sum() / moved.sum() - 1
         assert abs(err[True]) < 3e-4 and abs(err[True]) < 0.5 * abs(err[False])
+
+
+def test_unmodelled_pixels_finds_uncatalogued_stars_not_model_errors():
+    """Residual image: noise, two stars the catalog lacks (+6 e-/s peaks), and a bright modelled star whose
+    PRF is 3 % off in its core. The uncatalogued stars' pixels are found (grown by 1 px); the bright
+    star's core, within ``model_error`` x its light, is not."""
+    from workflow_lib.lfd.prf import unmodelled_pixels
+
+    rng = np.random.default_rng(4)
+    g = np.arange(40).astype(float)
+    PR, PC = (a.ravel() for a in np.meshgrid(g, g, indexing="ij"))
+    star = 2e4 * true_prf(PC - 20.2, PR - 19.8)
+    resid = rng.normal(0, 0.05, PC.size) + 0.03 * star
+    hidden = 10.0 * (true_prf(PC - 5.3, PR - 30.1) + true_prf(PC - 33.0, PR - 8.6))
+    resid += hidden
+    bad = unmodelled_pixels(PC, PR, resid, star, n_sigma=5.0, model_error=0.05)
+    assert not bad[star > 10].any()
+    assert bad[hidden > 1.0].all()
+    peak = np.argmax(hidden)
+    ring = np.maximum(np.abs(PC - PC[peak]), np.abs(PR - PR[peak])) == 1
+    assert bad[ring].all()  # grown by one pixel
+    assert bad.sum() < 60

@@ -215,6 +215,7 @@ class PRFModel:
     core_radius: float = 1.0
     flux_box: float | None = None  # half-width [px] of the square over which the PRF integrates to one; None: the plane
     lattice_norm: bool = False  # scene columns divided by :meth:`lattice_factor` (:func:`scene_matrix`)
+    unmodelled: np.ndarray | None = None  # (n, 2) column, row of the pixels left out (:func:`unmodelled_pixels`)
     provenance: str = ""
     meta: dict = field(default_factory=dict)
     _lattice: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)  # lattice_factor's table
@@ -431,7 +432,7 @@ class PRFModel:
             "provenance": np.array(self.provenance),
             "meta": np.array(json.dumps(self.meta, sort_keys=True, default=str)),
         }
-        for name in ("source_id", "source_flux", "source_flux_err", "background"):
+        for name in ("source_id", "source_flux", "source_flux_err", "background", "unmodelled"):
             v = getattr(self, name)
             if v is not None:
                 arrays[name] = np.asarray(v)
@@ -456,6 +457,7 @@ class PRFModel:
                 source_flux=get("source_flux"),
                 source_flux_err=get("source_flux_err"),
                 background=get("background"),
+                unmodelled=get("unmodelled"),
                 background_order=int(z["background_order"]) if "background_order" in z.files else 0,
                 tail_alpha=(
                     float(z["tail_alpha"]) if "tail_alpha" in z.files and np.isfinite(z["tail_alpha"]) else None
@@ -1009,6 +1011,33 @@ def _shape_pass(
     return model, keep, diag
 
 
+def unmodelled_pixels(pc, pr, resid, source_image, *, n_sigma: float, model_error: float, grow: int = 1):
+    """Pixels that hold light the model lacks: mean-frame residual ``resid`` (data - sky - all sources)
+    above ``n_sigma`` robust standard deviations of the residuals plus ``model_error`` x the modelled
+    source light ``source_image`` there (the PRF's own errors near bright stars), grown by ``grow`` px.
+
+    Stars the catalog lacks (and anything else bright the scene does not hold) lift a least-squares sky
+    above the sky of most pixels; left out of the solves, they no longer do, and the sources next to
+    them no longer take their light. Returns a boolean mask over the pixels."""
+    from scipy.ndimage import binary_dilation
+
+    resid = np.asarray(resid, float)
+    ok = np.isfinite(resid)
+    if not ok.any():
+        return np.zeros(resid.size, bool)
+    med = np.median(resid[ok])
+    scale = 1.4826 * np.median(np.abs(resid[ok] - med))
+    bad = ok & (resid - med > n_sigma * scale + model_error * np.abs(np.asarray(source_image, float)))
+    if grow > 0 and bad.any():
+        ic = np.round(pc - pc.min()).astype(int)
+        ir = np.round(pr - pr.min()).astype(int)
+        img = np.zeros((ir.max() + 1, ic.max() + 1), bool)
+        img[ir[bad], ic[bad]] = True
+        img = binary_dilation(img, np.ones((2 * grow + 1, 2 * grow + 1), bool))
+        bad = img[ir, ic]
+    return bad
+
+
 def aperture_correction(
     model: PRFModel,
     flux,
@@ -1200,6 +1229,36 @@ def fit_prf_model(
         F, Ferr = _scatter(nsrc, idx, flux, err)
     model.wing_radius = float(p["wing_radius"])
     model.wing_scale = wing_scale
+    model.unmodelled = np.zeros((0, 2))
+    if p["unmodelled_sigma"] is not None:  # leave out the pixels that hold light no source of the model has
+        cols = [Bk, wing] if wing.any() else [Bk]
+        image_src = scene_matrix(model, sc[idx], sr[idx], pc, pr) @ flux
+        sky_all = np.column_stack(cols) @ (np.append(bkg, wing_scale) if wing.any() else bkg)
+        bad = unmodelled_pixels(
+            pc,
+            pr,
+            mean_flux - sky_all - image_src,
+            image_src,
+            n_sigma=float(p["unmodelled_sigma"]),
+            model_error=float(p["unmodelled_model_error"]),
+        )
+        if bad.any():
+            fit_pix = fit_pix & ~bad
+            active[:] = candidates
+            idx, _, flux, bw, err = _refit_fluxes(
+                model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, np.column_stack(cols),
+                np.append(bkg, wing_scale) if wing.any() else bkg, fit_pix, p,
+            )  # fmt: skip
+            bkg = bw[:nb]
+            if wing.any():
+                wing_scale = model.wing_scale = float(bw[nb])
+            F, Ferr = _scatter(nsrc, idx, flux, err)
+        model.unmodelled = np.column_stack([pc[bad], pr[bad]])
+        log.info(
+            "%d pixels hold light the model lacks (> %s sigma): left out of the solves",
+            bad.sum(),
+            p["unmodelled_sigma"],
+        )
     if p["aperture_box"] is not None:  # the flux scale from the light in a square (DAOPHOT aperture correction)
         c, ap = aperture_correction(
             model,

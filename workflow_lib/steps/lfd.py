@@ -275,7 +275,13 @@ def load_field_scene(cube_path, catalog_path, prf_npz):
     S.sort_indices()
     # the PRF wings' light beyond r_max (lfd.prf.wing_radius): one sky column, None without
     wing = wing_image(model, sc, sr, mean_flux, pc, pr)
+    # pixels with light the model lacks (lfd.prf.unmodelled_sigma), by their coordinates
+    unmodelled = np.zeros(pc.size, bool)
+    if model.unmodelled is not None and len(model.unmodelled):
+        bad = {(float(c), float(r)) for c, r in np.asarray(model.unmodelled, float)}
+        unmodelled = np.array([(c, r) in bad for c, r in zip(pc.tolist(), pr.tolist())], bool)
     return dict(
+        unmodelled=unmodelled,
         wing=wing if wing.any() else None,
         cube=cube,
         table=table,
@@ -467,8 +473,15 @@ def flux_solve_step(
         dx, dy = scene_offsets(S, f["pc"], f["pr"], f["sc"][idx], f["sr"][idx])
         basis, tb = motion_factors(mm, dx, dy, time, prf=f["model"])
     # float32 in memory (64x64x1300: 21 MB); chunks are converted to float64 inside the solve
+    pix_flux = np.asarray(table["flux"].values)
+    if f["unmodelled"].any():  # NaN = no weight: pixels with light no source of the model has
+        pix_flux = pix_flux.copy()
+        pix_flux[:, f["unmodelled"]] = np.nan
+        log.info(
+            "%d pixels with unmodelled light left out of the solve (lfd.prf.unmodelled_sigma)", f["unmodelled"].sum()
+        )
     res = source_flux(
-        np.asarray(table["flux"].values),
+        pix_flux,
         np.asarray(table["flux_err"].values),
         S,
         B,
