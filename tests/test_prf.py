@@ -533,3 +533,7 @@ def test_unmodelled_pixels_finds_uncatalogued_stars_not_model_errors():
     ring = np.maximum(np.abs(PC - PC[peak]), np.abs(PR - PR[peak])) == 1
     assert bad[ring].all()  # grown by one pixel
     assert bad.sum() < 60
+    # a catalogued source at the first hidden star's place: its pixels are its own, never left out
+    protect = np.hypot(PC - 5.3, PR - 30.1) <= 1.0
+    kept = unmodelled_pixels(PC, PR, resid, star, n_sigma=5.0, model_error=0.05, protect=protect)
+    assert not kept[protect].any() and np.array_equal(kept[~protect], bad[~protect])

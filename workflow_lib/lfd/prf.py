@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.spatial import cKDTree
 
 from workflow_lib.core.atomic import atomic_path
 from workflow_lib.core.linalg import clipped_fit, wls
@@ -1011,10 +1012,11 @@ def _shape_pass(
     return model, keep, diag
 
 
-def unmodelled_pixels(pc, pr, resid, source_image, *, n_sigma: float, model_error: float, grow: int = 1):
+def unmodelled_pixels(pc, pr, resid, source_image, *, n_sigma: float, model_error: float, grow: int = 1, protect=None):
     """Pixels that hold light the model lacks: mean-frame residual ``resid`` (data - sky - all sources)
     above ``n_sigma`` robust standard deviations of the residuals plus ``model_error`` x the modelled
-    source light ``source_image`` there (the PRF's own errors near bright stars), grown by ``grow`` px.
+    source light ``source_image`` there (the PRF's own errors near bright stars), grown by ``grow`` px;
+    ``protect`` (boolean over the pixels): never (the pixels at catalogued sources, whose light is theirs).
 
     Stars the catalog lacks (and anything else bright the scene does not hold) lift a least-squares sky
     above the sky of most pixels; left out of the solves, they no longer do, and the sources next to
@@ -1035,6 +1037,8 @@ def unmodelled_pixels(pc, pr, resid, source_image, *, n_sigma: float, model_erro
         img[ir[bad], ic[bad]] = True
         img = binary_dilation(img, np.ones((2 * grow + 1, 2 * grow + 1), bool))
         bad = img[ir, ic]
+    if protect is not None:
+        bad &= ~np.asarray(protect, bool)
     return bad
 
 
@@ -1241,6 +1245,8 @@ def fit_prf_model(
             image_src,
             n_sigma=float(p["unmodelled_sigma"]),
             model_error=float(p["unmodelled_model_error"]),
+            protect=cKDTree(np.column_stack([sc[candidates], sr[candidates]])).query(np.column_stack([pc, pr]))[0]
+            <= float(p["unmodelled_protect_radius"]),
         )
         if bad.any():
             fit_pix = fit_pix & ~bad
