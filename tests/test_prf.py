@@ -375,6 +375,9 @@ def test_wing_column_enters_the_last_mean_frame_refit_only(small_sector):
     assert m0.wing_scale == 1.0 and m0.wing_radius == 0.0 and m1.wing_radius == 15.0
     assert 0.0 < m1.wing_scale < 3.0 and m1.background[0] < m0.background[0]
     bright = np.isfinite(m0.source_flux) & np.isfinite(m1.source_flux) & (m0.source_flux > 2000)
+    # on the pixels (a G ~ 17 star 3.6 px beyond the edge crosses 2,000 e-/s here with the unmodelled-light
+    # mask on, 2,008 and 2,384 e-/s: a source the cutout barely constrains)
+    bright &= (sc >= pc.min()) & (sc <= pc.max()) & (sr >= pr.min()) & (sr <= pr.max())
     assert bright.sum() >= 3
     assert np.max(np.abs(m1.source_flux[bright] / m0.source_flux[bright] - 1)) < 0.01
     # the last refit tries every a-priori source again: no source the wing-free fit keeps is lost
