@@ -1211,60 +1211,44 @@ def fit_prf_model(
     # Every source of the a-priori list is tried again: the polynomial sky, raised by the wings' light,
     # pushed faint stars near bright ones below zero in the passes (§4.4 drops)
     wing = wing_image(model, sc, sr, F, pc, pr, radius=p["wing_radius"])
-    wing_scale = 1.0
-    if wing.any():
+    has_wing = bool(wing.any())
+    sky_design = np.column_stack([Bk, wing]) if has_wing else Bk
+    sky_coef = np.append(bkg, 1.0) if has_wing else bkg
+    image = prev.image  # the active sources' light, S @ flux
+
+    def refit(pixels):  # every a-priori source tried again; the final shape, the sky (and the wing column)
         active[:] = candidates
-        idx, _, flux, bw, err = _refit_fluxes(
-            model,
-            active,
-            F0,
-            sc,
-            sr,
-            pc,
-            pr,
-            mean_flux,
-            mean_err,
-            np.column_stack([Bk, wing]),
-            np.append(bkg, wing_scale),
-            fit_pix,
-            p,
+        idx, S, flux, coef, err = _refit_fluxes(
+            model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, sky_design, sky_coef, pixels, p
         )
-        bkg, wing_scale = bw[:nb], float(bw[nb])
-        F, Ferr = _scatter(nsrc, idx, flux, err)
-    model.wing_radius = float(p["wing_radius"])
-    model.wing_scale = wing_scale
+        return coef, _scatter(nsrc, idx, flux, err), S @ flux
+
+    if has_wing:
+        sky_coef, (F, Ferr), image = refit(fit_pix)
     model.unmodelled = np.zeros((0, 2))
     if p["unmodelled_sigma"] is not None:  # leave out the pixels that hold light no source of the model has
-        cols = [Bk, wing] if wing.any() else [Bk]
-        image_src = scene_matrix(model, sc[idx], sr[idx], pc, pr) @ flux
-        sky_all = np.column_stack(cols) @ (np.append(bkg, wing_scale) if wing.any() else bkg)
+        protect = cKDTree(np.column_stack([sc[candidates], sr[candidates]])).query(np.column_stack([pc, pr]))[0]
         bad = unmodelled_pixels(
             pc,
             pr,
-            mean_flux - sky_all - image_src,
-            image_src,
+            mean_flux - sky_design @ sky_coef - image,
+            image,
             n_sigma=float(p["unmodelled_sigma"]),
             model_error=float(p["unmodelled_model_error"]),
-            protect=cKDTree(np.column_stack([sc[candidates], sr[candidates]])).query(np.column_stack([pc, pr]))[0]
-            <= float(p["unmodelled_protect_radius"]),
+            protect=protect <= float(p["unmodelled_protect_radius"]),
         )
         if bad.any():
-            fit_pix = fit_pix & ~bad
-            active[:] = candidates
-            idx, _, flux, bw, err = _refit_fluxes(
-                model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, np.column_stack(cols),
-                np.append(bkg, wing_scale) if wing.any() else bkg, fit_pix, p,
-            )  # fmt: skip
-            bkg = bw[:nb]
-            if wing.any():
-                wing_scale = model.wing_scale = float(bw[nb])
-            F, Ferr = _scatter(nsrc, idx, flux, err)
+            sky_coef, (F, Ferr), image = refit(fit_pix & ~bad)
         model.unmodelled = np.column_stack([pc[bad], pr[bad]])
         log.info(
             "%d pixels hold light the model lacks (> %s sigma): left out of the solves",
             bad.sum(),
             p["unmodelled_sigma"],
         )
+    bkg = sky_coef[:nb]
+    wing_scale = float(sky_coef[nb]) if has_wing else 1.0
+    model.wing_radius = float(p["wing_radius"])
+    model.wing_scale = wing_scale
     if p["aperture_box"] is not None:  # the flux scale from the light in a square (DAOPHOT aperture correction)
         c, ap = aperture_correction(
             model,
