@@ -31,7 +31,11 @@ position minus 9 x the per-cadence median of the square annulus 3-5 px out (flux
 errors in quadrature); ``cpm`` = the pipeline's CPM aperture light curves (``cpm/lightcurves.zarr``);
 ``deb`` = the deblended, de-trended product (issue 12 item 3, ``workflow_lib.deblend``: the LFD model of every
 other source subtracted from the target's CPM aperture pixels, CPM-de-trended, summed; stage ``deblend``,
-run on kept scenes that lack it), compared with the CPM aperture as ``deb / cpm``.
+run on kept scenes that lack it), compared with the CPM aperture as ``deb / cpm``. The deblended FLUX is
+the star's total flux (divided by phi_k, its modelled light fraction in the aperture, ``aperture_flux_fraction``)
+while the CPM aperture sum holds phi_k of it plus sky and neighbours: D1 compares both over the star's light
+in the aperture (``cpm_cdpp_star`` = the CPM's true-norm. CDPP / phi_k); the deblended absolute flux error and
+median F / T are reported like LFD's.
 Variables (every catalogued one on the cutout): rotator amplitude ratio and transit depth ratio (G < 14)
 = the amplitude ``c`` of the true relative signal in the relative light curve (window baselines,
 ``workflow_lib.metrics.template_amplitude``); pairs: the eclipsing member's eclipse S/N (c / sigma_c,
@@ -108,7 +112,7 @@ TARGETS = (
     "T6  pair eclipse >= 3 sigma wherever white-noise S/N >= 6; other member's |false dip| < 1 sigma (median)",
     "T7  no all-NaN LFD light curve in the products for a source with >= 20 % of its flux on the cutout",
     "T8  no negative median LFD flux in the products for a source with true flux > 5x the per-pixel noise",
-    "D1  deblended + de-trended CDPP <= the CPM aperture's in every G bin (true-flux norm.; own-median shown)",
+    "D1  deblended + de-trended CDPP <= the CPM aperture's in every G bin (both over the star's light in the aperture; own-median shown)",
     "D2  target with a neighbour 1-2 mag brighter within 1.5 px: < 5 % of the neighbour's variability leaks (median)",
     "D3  deblended + de-trended transit depth within 5 % for G<14",
 )
@@ -494,6 +498,9 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
     )
     out["cpu_s"]["ap3"] = time.process_time() - c_ap
     lcs["ap3"] = (F3, E3)
+    # the deblended product's flux-fraction correction (phi_k, NaN: none made): the CPM aperture is compared
+    # with it on the star's light in the same aperture (D1)
+    deb_phi = np.full(sid.size, np.nan)
     for m, name in (("cpm", "cpm_lc.zarr"), ("deb", "deb_lc.zarr")):
         if (d / name).exists():
             cl = xr.open_zarr(d / name).load()
@@ -504,6 +511,8 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
                 if int(s) in pos:
                     F[k] = cl["flux"].transpose("source", "time").values[pos[int(s)]]
                     E[k] = cl["flux_err"].transpose("source", "time").values[pos[int(s)]]
+                    if m == "deb" and "total_flux" in cl.coords and bool(cl["total_flux"].values[pos[int(s)]]):
+                        deb_phi[k] = float(cl["aperture_flux_fraction"].values[pos[int(s)]])
             lcs[m] = (F, E)
     if psfm and (d / "psfm.npz").exists():
         with np.load(d / "psfm.npz") as z:
@@ -538,6 +547,13 @@ def scene_metrics(d: Path, out: dict, psfm: bool = False) -> dict:
             row["lfd_abs_err"] = abs_flux_error(F[k, good_t], Tk[good_t])
             row["lfd_flux_ratio"] = median_flux_ratio(F[k, good_t], Tk[good_t])
             row["lfd_white_cdpp"] = white_cdpp(est, t[good_t], E[k, good_t], tm, rng)
+        if "deb" in lcs:  # the deblended FLUX against the truth (flux-fraction corrected by default)
+            F = lcs["deb"][0][k, good_t]
+            row["deb_abs_err"] = abs_flux_error(F, Tk[good_t])
+            row["deb_flux_ratio"] = median_flux_ratio(F, Tk[good_t])
+            if "cpm" in lcs:  # the CPM aperture's scatter over the star's light in that aperture
+                phi = deb_phi[k] if np.isfinite(deb_phi[k]) else 1.0
+                row["cpm_cdpp_star"] = row["cpm_cdpp_true"] / phi
         if PSFM in lcs:  # psfmachine's own flux scale: |F/T - 1| and the median F/T
             F = lcs[PSFM][0][k, good_t]
             row["psfm_abs_err"] = abs_flux_error(F, Tk[good_t])
@@ -680,6 +696,8 @@ def summarize(scenes: list) -> dict:
     baselines = tuple(m for m in methods if m != "lfd")
     keys = [f"{m}_{q}" for m in methods for q in ("cdpp_own", "cdpp_true", "p2p")] + ["lfd_abs_err", "lfd_white_cdpp"]
     keys += ["lfd_flux_ratio"]
+    if "deb" in methods:
+        keys += ["deb_abs_err", "deb_flux_ratio"] + (["cpm_cdpp_star"] if "cpm" in methods else [])
     if PSFM in methods:
         keys += ["psfm_abs_err", "psfm_flux_ratio"]
     summary = {"bins": {}, "methods": list(methods)}
@@ -713,8 +731,12 @@ def summarize(scenes: list) -> dict:
                         per[f"psfm_over_lfd_{n}"].append(ratio)
                     else:
                         per[f"{m}_over_lfd_{n}"].append(med[f"{m}_cdpp_{n}"] / med[f"lfd_cdpp_{n}"])
-            for n in ("own", "true"):
-                per[f"deb_over_cpm_{n}"].append(med[f"deb_cdpp_{n}"] / med[f"cpm_cdpp_{n}"])
+            # D1: true = both over the star's light in the aperture (the deblended FLUX is the star's total
+            # after its flux-fraction correction, the CPM aperture sum holds phi of it plus sky and neighbours)
+            cpm_true = med.get("cpm_cdpp_star", np.nan)
+            cpm_true = cpm_true if np.isfinite(cpm_true) else med.get("cpm_cdpp_true", np.nan)
+            per["deb_over_cpm_true"].append(med.get("deb_cdpp_true", np.nan) / cpm_true)
+            per["deb_over_cpm_own"].append(med.get("deb_cdpp_own", np.nan) / med.get("cpm_cdpp_own", np.nan))
             per["lfd_over_white"].append(med["lfd_cdpp_true"] / med["lfd_white_cdpp"])
         summary["bins"][b] = {k: spread(v) for k, v in per.items()} | {"n_stars": n_stars}
         if PSFM in methods:
@@ -879,7 +901,8 @@ def print_report(s: dict, head: str):
         ("ratio CPM / LFD (own norm.)", "cpm_over_lfd_own"),
         ("deblended+de-trended CDPP (true norm.)", "deb_cdpp_true"),
         ("deblended+de-trended CDPP (own norm.)", "deb_cdpp_own"),
-        ("ratio deblended / CPM (true norm.)", "deb_over_cpm_true"),
+        ("CPM aperture CDPP (its star light)", "cpm_cdpp_star"),
+        ("ratio deblended / CPM (star light, D1)", "deb_over_cpm_true"),
         ("ratio deblended / CPM (own norm.)", "deb_over_cpm_own"),
         ("ratio deblended / LFD (true norm.)", "deb_over_lfd_true"),
         ("LFD p2p / flux_err", "lfd_p2p"),
@@ -888,6 +911,8 @@ def print_report(s: dict, head: str):
         ("deblended p2p / flux_err", "deb_p2p"),
         ("LFD abs. flux error [%]", "lfd_abs_err"),
         ("LFD median F / true F (signed)", "lfd_flux_ratio"),
+        ("deblended abs. flux error [%]", "deb_abs_err"),
+        ("deblended median F / true F", "deb_flux_ratio"),
     ]
     methods = tuple(s.get("methods", METHODS))
     if PSFM in methods:
@@ -902,6 +927,7 @@ def print_report(s: dict, head: str):
             ("psfmachine median F / true F", "psfm_flux_ratio"),
         ]
     names = [x[2] for x in G_BINS]
+    rows = [r for r in rows if r[1] in (None, "n_stars_psfm") or r[1] in s["bins"][names[0]]]  # older runs lack some
     print(f"| {'metric':38s} | " + " | ".join(f"{n:>22s}" for n in names) + " |")
     print(f"|{'-' * 40}|" + "|".join("-" * 24 for _ in names) + "|")
     for label, k in rows:

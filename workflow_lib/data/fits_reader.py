@@ -425,6 +425,9 @@ def _tpf_attrs(primary, theader, table, mission: str, aperture, path: Path) -> d
     if procver is not None:
         attrs["procver"] = str(procver)
     attrs["aperture_npix"] = int(((aperture & 2) > 0).sum())
+    backapp = _kw([theader], "BACKAPP")
+    if backapp is not None:  # the mission pipeline subtracted its background (FLUX_BKG) from FLUX
+        attrs["background_subtracted"] = int(bool(backapp) and str(backapp).strip().upper() not in ("F", "0", "0.0"))
     return attrs
 
 

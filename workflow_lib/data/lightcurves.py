@@ -80,6 +80,10 @@ def lightcurve_set(
     return ds
 
 
+#: per-source coords written under a mission keyword instead of their name's first 8 letters
+FITS_KEYWORDS = {"aperture_flux_fraction": "FLFRCSAP"}
+
+
 def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     """The FITS light curve of source ``index`` of a light-curve set (lightkurve-readable)."""
     mission = lc.attrs.get("mission", "TESS")
@@ -106,7 +110,7 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
         c = lc.coords[name]
         if c.dims == ("source",) and name != "source_id":
             v = python_scalar(c.values[index])
-            key = name.upper()[:8]
+            key = FITS_KEYWORDS.get(name, name.upper()[:8])
             if isinstance(v, (int, float, bool, str)) and (not isinstance(v, float) or np.isfinite(v)):
                 h[key] = (v, name)
     prov = lc.attrs.get("provenance")

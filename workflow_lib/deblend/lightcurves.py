@@ -25,6 +25,20 @@ TGLC's calibrated aperture flux, Han & Brandt 2023, with the CPM as the de-trend
    The error is the pixels' (as for the CPM aperture); the noise of the subtracted LFD fluxes is
    not propagated.
 
+4. **The star's total flux** (the ``weighting`` setting):
+
+   * ``sum`` with ``flux_fraction_correction`` (the analogue of SPOC's FLFRCSAP): the sum holds only the part
+     of the target's light in its aperture, ``phi_k = sum_{p in A_k} S_pk`` of its LFD model (mean-frame scene
+     matrix, the same pixels as the sum), so ``F_k`` and ``sigma_k`` are divided by ``phi_k``. A constant:
+     relative signals and relative CDPP are unchanged;
+   * ``optimal``: the de-trended pixels are combined with Naylor's (1998) optimal weights instead of summed,
+     ``F_k = sum_p W_p CPM(f_p - n_pk)``, ``W_p = (S_pk / V_p) / sum_q (S_qk^2 / V_q)`` with ``V_p`` the
+     pixel's variance (:func:`optimal_weights`), ``sigma_k^2 = sum_p W_p^2 sigma_p^2``: unbiased for the
+     star's total flux and of minimum variance, as PSF photometry weights its pixels.
+
+   Apertures without an LFD model of their own, or with ``phi_k`` below ``MIN_FLUX_FRACTION``, stay plain
+   aperture sums (coord ``total_flux`` False); ``aperture_flux_fraction`` records ``phi_k``.
+
 Two choices beyond that, both switchable (``deblend`` config section):
 
 * **sky level** (``subtract_background``): the per-pixel median over the good cadences of the LFD sky
@@ -53,6 +67,7 @@ import warnings
 from dataclasses import asdict
 
 import numpy as np
+import scipy.sparse as sp
 import xarray as xr
 
 from workflow_lib.core.linalg import MAD_TO_SIGMA
@@ -67,6 +82,8 @@ log = get_logger("deblend")
 
 #: the ``method`` attribute (and FITS METHOD keyword) of the product
 METHOD = "LFD+CPM"
+#: smallest fraction of a target's modelled light in its aperture that the flux-fraction correction divides by
+MIN_FLUX_FRACTION = 0.05
 #: light-curve sets carried along as extra (source, time) variables ``<name>_flux``, ``<name>_flux_err``
 REFERENCE_SETS = ("lfd", "cpm", "raw")
 
@@ -184,6 +201,42 @@ def neighbour_models(S, lfd_flux, pixel, source, *, motion_basis=None, motion_ti
     return total[:, pixel] - own
 
 
+def pixel_variance(flux_err, keep) -> np.ndarray:
+    """Each pixel's variance for the optimal weights: the median over the kept cadences of ``flux_err**2``
+    (``flux_err`` (ntime, npixel); all cadences when none is kept)."""
+    e2 = np.asarray(flux_err, dtype=np.float64) ** 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: NaN variance, weight 0
+        return np.nanmedian(e2[keep] if np.any(keep) else e2, axis=0)
+
+
+def optimal_weights(profile, variance) -> np.ndarray | None:
+    """Optimal photometry weights (Naylor 1998, eq. 10): ``W_p = (P_p / V_p) / sum_q (P_q^2 / V_q)`` for a star
+    of profile ``P`` (its modelled light fraction per pixel) on pixels of variance ``V``: ``sum_p W_p D_p`` is
+    the unbiased, minimum-variance estimate of the star's total flux from the pixels ``D_p = F P_p + noise``.
+    Pixels with a non-positive or non-finite variance, or a negative profile, get weight 0; None when no
+    pixel is left."""
+    P = np.clip(np.asarray(profile, dtype=np.float64), 0.0, None)
+    V = np.asarray(variance, dtype=np.float64)
+    ok = np.isfinite(V) & (V > 0) & np.isfinite(P)
+    w = np.zeros(P.size)
+    w[ok] = P[ok] / V[ok]
+    norm = float(np.sum(w * P))
+    return w / norm if norm > 0 else None
+
+
+def aperture_model_fraction(S, pixel, source) -> np.ndarray:
+    """``S[pixel[j], source[j]]`` for every (pixel, target) pair (0 where ``source[j]`` is -1): summed over an
+    aperture's pixels, the fraction ``phi_k`` of the target's modelled light inside it (step 4 of the module doc)."""
+    pixel = np.asarray(pixel, np.int64)
+    source = np.asarray(source, np.int64)
+    out = np.zeros(pixel.size)
+    has = source >= 0
+    if has.any():
+        out[has] = np.asarray(sp.csr_matrix(S)[pixel[has], source[has]], dtype=np.float64).ravel()
+    return out
+
+
 def deblended_lightcurves(
     cube: xr.Dataset,
     catalog,
@@ -200,6 +253,8 @@ def deblended_lightcurves(
     threads: int = 1,
     name: str = "cube",
     attrs: dict | None = None,
+    flux_fraction_correction: bool = True,
+    weighting: str = "optimal",
 ) -> xr.Dataset:
     """The deblended, de-trended light-curve set (module doc) of every aperture of the CPM set.
 
@@ -209,7 +264,10 @@ def deblended_lightcurves(
     the LFD solve; ``sky`` an optional sky model subtracted too, (ntime, npixel) or a level per pixel
     (npixel,) (module doc: the step passes :func:`sky_level`). Per-source
     extra coords: ``neighbour_flux`` (median over the kept cadences of the subtracted neighbour light in
-    the aperture [e-/s]) and ``neighbour_fraction`` (that over the median of the deblended flux)."""
+    the aperture [e-/s]), ``neighbour_fraction`` (that over the median of the aperture sum),
+    ``aperture_flux_fraction`` (``phi_k``, step 4 of the module doc; NaN without an own model or below
+    ``MIN_FLUX_FRACTION``) and ``total_flux`` (True where ``flux`` is the star's total flux: ``weighting``
+    ``optimal``, or ``sum`` divided by ``phi_k`` when ``flux_fraction_correction``)."""
     tab = as_pixel_table(cube, drop_nan=False)
     flux = np.asarray(tab["flux"].transpose("time", "pixel").values, dtype=np.float64)
     ferr = np.asarray(tab["flux_err"].transpose("time", "pixel").values, dtype=np.float64)
@@ -232,26 +290,58 @@ def deblended_lightcurves(
         threads=threads,
         name=name,
     )
+    if weighting not in ("sum", "optimal"):
+        raise ValueError(f"{name}: deblend weighting must be 'sum' or 'optimal', not {weighting!r}")
     ntime = flux.shape[0]
     nap = len(apertures)
     out = np.full((nap, ntime), np.nan)
     err = np.full((nap, ntime), np.nan)
     nbf = np.full(nap, np.nan)
+    phi = np.full(nap, np.nan)
+    asum = np.full(nap, np.nan)
+    total = np.zeros(nap, bool)  # flux is the star's total (weighted or divided by phi), not the aperture sum
     valid = res["valid"][pixel]
     keep = res["keep"]
+    own = aperture_model_fraction(S, pixel, source)
+    var = pixel_variance(ferr, keep) if weighting == "optimal" else None
     for i in range(nap):
         j = np.flatnonzero((aperture == i) & valid)
         if j.size == 0:
             continue
-        out[i] = res["flux"][:, j].sum(axis=1)
-        err[i] = np.sqrt((ferr[:, pixel[j]] ** 2).sum(axis=1))
+        series = res["flux"][:, j]
+        plain = series.sum(axis=1)
+        asum[i] = float(np.median(plain[keep])) if keep.any() else np.nan
         nbf[i] = float(np.median(nb[keep][:, j].sum(axis=1))) if keep.any() else np.nan
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: apertures without a modelled pixel
-        frac = nbf / np.nanmedian(np.where(keep[None, :], out, np.nan), axis=1) if ntime else nbf
+        if source[j[0]] >= 0 and own[j].sum() >= MIN_FLUX_FRACTION:
+            phi[i] = float(own[j].sum())
+        w = None
+        if var is not None and np.isfinite(phi[i]):
+            w = optimal_weights(own[j], var[pixel[j]])
+        if w is None and flux_fraction_correction and np.isfinite(phi[i]):
+            w = np.full(j.size, 1.0 / phi[i])
+        if w is None:
+            out[i] = plain
+            err[i] = np.sqrt((ferr[:, pixel[j]] ** 2).sum(axis=1))
+        else:
+            out[i] = series @ w
+            err[i] = np.sqrt((ferr[:, pixel[j]] ** 2) @ (w**2))
+            total[i] = True
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = nbf / asum
+    if total.any():
+        log.info(
+            "%d of %d apertures on their star's total flux (%s; modelled light fraction in the aperture "
+            "median %.3f [%.3f, %.3f])",
+            int(total.sum()),
+            nap,
+            "optimal weights" if weighting == "optimal" else "flux-fraction correction (FLFRCSAP)",
+            *np.percentile(phi[total], [50, 16, 84]),
+        )
     meta = dict(meta)
     meta["neighbour_flux"] = nbf
     meta["neighbour_fraction"] = frac
+    meta["aperture_flux_fraction"] = phi
+    meta["total_flux"] = total
     a = {"aperture": json.dumps(asdict(ap)), "cpm_params": json.dumps(asdict(params), sort_keys=True)}
     a.update(attrs or {})
     log.info(

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workflow_lib.core.linalg import clip_mask, clipped_fit, wls
+from workflow_lib.core.linalg import clip_mask, clipped_fit, robust_sigma, wls
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.settings import merge_settings, schema_defaults
 from workflow_lib.lfd.geometry import polynomial_background_design, source_pixel_pairs
@@ -454,6 +454,9 @@ def fit_edge_to_frame(mean_flux, pixel_col, pixel_row, source_col, source_row, s
             bcoef, bsurf, rms, _used = fit_background_surface(
                 mean_flux, Bd, candidates=cand, sigma_clip=p["sigma_clip"]
             )
+        else:  # no sky terms (background-subtracted pixels): the noise floor from the same sky candidates
+            sky = mean_flux[cand][np.isfinite(mean_flux[cand])]
+            rms = float(robust_sigma(sky)) if sky.size >= 3 else float("nan")
         fsub = mean_flux - bsurf
         floor = p["noise_sigma"] * rms if np.isfinite(rms) else 0.0
         coeffs, lrange = fit_edge_model(

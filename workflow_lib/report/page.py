@@ -556,7 +556,7 @@ def _field_document(fp: FieldProducts, v: FieldView, p: dict) -> tuple[str, dict
         ),
         "lfd": "LFD: the source's PRF-fit flux (sky and neighbours modelled out)",
         "cpm": f"CPM{f' ({fp.cpm_paramset})' if fp.cpm_paramset else ''}: de-trended aperture flux (sky subtracted)",
-        "dbl": "LFD+CPM: neighbours' LFD model and sky subtracted, CPM de-trended",
+        "dbl": "LFD+CPM: neighbours' LFD model and sky subtracted, CPM de-trended, PRF-weighted to the star's total flux",
     }
     sfigs, _ = figures.source_lightcurve_figures(ds["srclc"], labels, set(v.sets), lcf.x_range, t_now, v.tsys)
     src_title = Div(

@@ -139,6 +139,8 @@ def deblend_detrend_step(
         user_apertures=target_aperture,
         threads=threads,
         name=str(cube_path),
+        flux_fraction_correction=bool(p["flux_fraction_correction"]),
+        weighting=str(p["weighting"]),
         attrs={
             "provenance": prov,
             "paramset": paramset,

@@ -43,6 +43,22 @@ from workflow_lib.metrics import add_cdpp
 log = get_logger("lfd")
 
 
+def sky_settings(p: dict, params: dict | None, cube, section: str) -> dict:
+    """``p`` with ``background_order`` -1 (no sky terms) for pixels from which the mission pipeline already
+    subtracted its sky (``cube.attrs['background_subtracted']``: a TPF pixel table with BACKAPP = T), unless
+    ``params`` sets the order: the LFD paper's assumption 1 (§4.5, Kepler's background is zero). A free sky
+    plane there has no far-from-star pixels to pin it on a small stamp and trades off against the PRF's
+    wings (a real K2 stamp: sky -13.5 e-/s/px, the target's flux 12x its stamp's light)."""
+    if int(cube.attrs.get("background_subtracted", 0)) and "background_order" not in (params or {}):
+        if p.get("background_order", -1) != -1:
+            log.info(
+                "background-subtracted pixels (BACKAPP = T): no sky terms in lfd.%s (set its background_order to fit one)",
+                section,
+            )
+        return dict(p, background_order=-1)
+    return p
+
+
 def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = None) -> dict:
     """Snakemake step: fit the §4.2 edge model of a field and write it as JSON (atomically).
 
@@ -52,8 +68,8 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
     uncontaminated pixels) and ``provenance``.
     """
 
-    p = edge_params(params)
     cube = open_cube(cube_path)
+    p = sky_settings(edge_params(params), params, cube, "edge")
     validate_for_modelling(cube, str(cube_path))
     table = as_pixel_table(cube.load())
     catalog = read_field_catalog(catalog_path)
@@ -114,8 +130,8 @@ def edge_model_step(cube_path, catalog_path, out_json, params: dict | None = Non
 def prf_model_step(cube_path, catalog_path, edge_json, out_npz, out_png, params: dict | None = None) -> PRFModel:
     """Snakemake step: fit the §4.3-4.4 PRF model of a field; write the model (.npz) and a picture (.png) atomically."""
 
-    p = prf_params(params)
     cube = open_cube(cube_path)
+    p = sky_settings(prf_params(params), params, cube, "prf")
     table = as_pixel_table(cube.load())
     catalog = read_field_catalog(catalog_path)
     if len(catalog) == 0:
