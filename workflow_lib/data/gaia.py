@@ -746,8 +746,10 @@ def crossmatch_field(cube_path, out_catalog, gaia_params: dict, local_catalog: s
         except GaiaArchiveUnreachable as exc:
             try:
                 catalog = header_catalog(cube)
-            except GaiaError:
-                raise GaiaArchiveUnreachable(str(exc).replace("<name>", field)) from exc
+            except GaiaError as hdr:
+                raise GaiaArchiveUnreachable(
+                    f"{str(exc).replace('<name>', field)} (the stamp headers cannot stand in for it: {hdr})"
+                ) from exc
             msg = (
                 f"{cube_path}: {str(exc).replace('<name>', field)} -- falling back to the stamp headers: "
                 f"only the {len(catalog)} target(s) are known, neighbours are missing"
