@@ -657,7 +657,8 @@ def _correction_pixels(field: ShiftField, use_pix, p: dict):
     owner, purity = dominant_source(field.S, field.F)  # F clipped at 0
     own_val = np.asarray(field.S.multiply(field.F[None, :]).max(axis=1).todense()).ravel()
     ferr = np.asarray(field.flux_err, float)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (dead) pixels: NaN error, left out below
         perr = np.sqrt(np.nanmean(ferr[field.good] ** 2, axis=0))
     snr = own_val / perr
     pix = np.flatnonzero(

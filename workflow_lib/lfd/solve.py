@@ -50,6 +50,7 @@ solve is the paper's):
 from __future__ import annotations
 
 import time as _time
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -155,7 +156,9 @@ def source_flux(
     ntime, npix = flux.shape
     S = sp.csr_matrix(scene)
     method = _solve_method(S, ntime, npix, method, direct_max_sources, motion_basis, motion_time)
-    mean_err = np.sqrt(np.nanmean(np.asarray(flux_err[: min(ntime, 256)], dtype=float) ** 2, axis=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (dead) pixels: NaN, masked by the solve
+        mean_err = np.sqrt(np.nanmean(np.asarray(flux_err[: min(ntime, 256)], dtype=float) ** 2, axis=0))
     sys = build_system(
         S, background, prior_mu, prior_sigma, mean_err, direct=(method == "direct"), pcg=(method == "pcg")
     )
