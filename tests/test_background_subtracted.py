@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from workflow_lib.data.cube import write_zarr_atomic
+from workflow_lib.data.cube import as_pixel_table, open_cube, write_zarr_atomic
 from workflow_lib.data.fits_reader import read_field
 from workflow_lib.data.gaia import crossmatch_field
 from workflow_lib.data.synthetic import simulate_sector
@@ -52,8 +52,6 @@ def _light_check(d, params):
     edge_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", params)
     m = prf_model_step(d / "cube.zarr", d / "catalog.ecsv", d / "edge.json", d / "prf.npz", d / "prf.png", params)
     cat = Table.read(d / "catalog.ecsv")
-    from workflow_lib.data.cube import as_pixel_table, open_cube
-
     tab = as_pixel_table(open_cube(d / "cube.zarr").load())
     pc, pr = tab["column"].values, tab["row"].values
     frac = fraction_on_pixels(m, np.asarray(cat["column"], float), np.asarray(cat["row"], float), pc, pr)

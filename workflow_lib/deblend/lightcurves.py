@@ -76,7 +76,7 @@ from workflow_lib.cpm.apertures import ApertureParams, source_apertures
 from workflow_lib.cpm.model import CPMParams, cpm_detrend_subtracted
 from workflow_lib.data.cube import as_pixel_table
 from workflow_lib.data.lightcurves import lightcurve_set
-from workflow_lib.lfd.scene import source_pixel_model
+from workflow_lib.lfd.scene import pair_entries, source_pixel_model
 
 log = get_logger("deblend")
 
@@ -228,13 +228,11 @@ def optimal_weights(profile, variance) -> np.ndarray | None:
 def aperture_model_fraction(S, pixel, source) -> np.ndarray:
     """``S[pixel[j], source[j]]`` for every (pixel, target) pair (0 where ``source[j]`` is -1): summed over an
     aperture's pixels, the fraction ``phi_k`` of the target's modelled light inside it (step 4 of the module doc)."""
-    pixel = np.asarray(pixel, np.int64)
-    source = np.asarray(source, np.int64)
-    out = np.zeros(pixel.size)
-    has = source >= 0
-    if has.any():
-        out[has] = np.asarray(sp.csr_matrix(S)[pixel[has], source[has]], dtype=np.float64).ravel()
-    return out
+    S = sp.csr_matrix(S, dtype=np.float64, copy=True)
+    S.sum_duplicates()
+    S.sort_indices()
+    e = pair_entries(S, pixel, source)
+    return np.where(e >= 0, S.data[np.maximum(e, 0)], 0.0)
 
 
 def deblended_lightcurves(
@@ -312,8 +310,9 @@ def deblended_lightcurves(
         plain = series.sum(axis=1)
         asum[i] = float(np.median(plain[keep])) if keep.any() else np.nan
         nbf[i] = float(np.median(nb[keep][:, j].sum(axis=1))) if keep.any() else np.nan
-        if source[j[0]] >= 0 and own[j].sum() >= MIN_FLUX_FRACTION:
-            phi[i] = float(own[j].sum())
+        phi_i = float(own[j].sum())
+        if source[j[0]] >= 0 and phi_i >= MIN_FLUX_FRACTION:
+            phi[i] = phi_i
         w = None
         if var is not None and np.isfinite(phi[i]):
             w = optimal_weights(own[j], var[pixel[j]])
