@@ -750,3 +750,94 @@ def test_write_fits_dir_switched_off_leaves_an_empty_directory(tmp_path):
     (out / "cpm_1.fits").write_bytes(b"stale")
     assert write_fits_dir([(None, "cpm")], out, enabled=False) == out
     assert out.is_dir() and not any(out.iterdir())
+
+
+def _run_small(small_sector, out, config):
+    d, _, _ = small_sector
+    return cpm_steps.run_cpm_detrend(
+        d / "cube.zarr",
+        d / "catalog.ecsv",
+        detrended_path=out / "detrended.zarr",
+        lightcurves_path=out / "lightcurves.zarr",
+        raw_lightcurves_path=out / "raw_lightcurves.zarr",
+        fits_dir=out / "fits",
+        config=config,
+        threads=1,
+        field="small",
+    )
+
+
+def test_cube_the_cpm_cannot_model_is_skipped_or_refused(small_sector, tmp_path):
+    """A 16x16 cube with a 31x31 exclusion square has no predictor pixels (a TPF stamp at the default 11x11):
+    ``on_unmodellable: skip`` (the default) writes NaN CPM light curves carrying the reason, the RAW set as
+    usual and no CPM FITS files; ``error`` refuses with that reason and writes nothing."""
+    import xarray as xr
+
+    from workflow_lib.core.settings import schema_defaults
+    from workflow_lib.data.cube import CubeError
+
+    d, cube, _ = small_sector
+    assert schema_defaults("cpm")["on_unmodellable"] == "skip"
+    assert issubclass(cpm.CPMNotApplicable, CubeError)
+    cfg = dict(SMALL_CFG, exclusion_size=31)
+    with pytest.raises(cpm.CPMNotApplicable, match=r"fewer than 10 candidate predictor pixels .*31x31 exclusion"):
+        _run_small(small_sector, tmp_path / "refused", dict(cfg, on_unmodellable="error"))
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    out = tmp_path / "skipped"
+    summary = _run_small(small_sector, out, dict(cfg, on_unmodellable="skip"))
+    det = xr.open_zarr(out / "detrended.zarr", consolidated=False)
+    lc = xr.open_zarr(out / "lightcurves.zarr", consolidated=False).load()
+    raw = xr.open_zarr(out / "raw_lightcurves.zarr", consolidated=False).load()
+    assert "31x31 exclusion" in det.attrs["cpm_not_applied"] == lc.attrs["cpm_not_applied"]
+    assert det.attrs["cpm_k"] == 0 and np.isnan(det["flux"].values).all()
+    assert np.isnan(lc["flux"].values).all() and np.isnan(summary["median_cdpp_1h_cpm"])
+    # the RAW set is the one a modellable cube gets: finite sums of the raw pixels
+    assert "cpm_not_applied" not in raw.attrs and np.isfinite(raw["flux"].values).any(axis=1).all()
+    ok = _run_small(small_sector, tmp_path / "ok", SMALL_CFG)
+    ref = xr.open_zarr(tmp_path / "ok" / "raw_lightcurves.zarr", consolidated=False).load()
+    np.testing.assert_array_equal(raw["flux"].values, ref["flux"].values)
+    assert ok["n_sources"] == summary["n_sources"]
+    assert (
+        not list((out / "fits").glob("cpm_*.fits"))
+        and len(list((out / "fits").glob("raw_*.fits"))) == lc.sizes["source"]
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kepler/test-tpf-kplr-tabby-100-cadences.fits",
+        "kepler/ktwo210994964-c04_lpd-targ.fits",
+        "tess_spoc/tess-s0015-2-3_tic273589987_tpf_100cad.fits",
+    ],
+)
+def test_real_tpf_stamps_run_with_default_settings(shared_data, tmp_path, name):
+    """Real Kepler / K2 / SPOC target pixel files (stamps of ~110 px, smaller than the 11x11 exclusion
+    square) at the schema's CPM defaults: the step no longer stops the run; it writes the RAW light curve of
+    the header target from the raw pixels, and NaN CPM fluxes that say why."""
+    import xarray as xr
+
+    from workflow_lib.core.settings import schema_defaults
+    from workflow_lib.data.cube import write_zarr_atomic
+    from workflow_lib.data.fits_reader import read_field
+    from workflow_lib.data.gaia import crossmatch_field
+
+    cube = read_field([shared_data / name])
+    write_zarr_atomic(cube, tmp_path / "cube.zarr")
+    crossmatch_field(tmp_path / "cube.zarr", tmp_path / "catalog.ecsv", {}, None)  # offline: header target
+    out = tmp_path / "cpm"
+    cpm_steps.run_cpm_detrend(
+        tmp_path / "cube.zarr",
+        tmp_path / "catalog.ecsv",
+        detrended_path=out / "detrended.zarr",
+        lightcurves_path=out / "lightcurves.zarr",
+        raw_lightcurves_path=out / "raw_lightcurves.zarr",
+        fits_dir=out / "fits",
+        config=schema_defaults("cpm"),
+    )
+    lc = xr.open_zarr(out / "lightcurves.zarr", consolidated=False).load()
+    raw = xr.open_zarr(out / "raw_lightcurves.zarr", consolidated=False).load()
+    assert "exclusion square" in lc.attrs["cpm_not_applied"] and np.isnan(lc["flux"].values).all()
+    good = cube["quality"].values == 0
+    assert raw.sizes["source"] >= 1 and np.isfinite(raw["flux"].values[0][good]).mean() > 0.9
+    assert np.nanmedian(raw["flux"].values[0]) > 0

@@ -745,6 +745,27 @@ def test_field_page_shows_the_deblended_set(tmp_path):
         np.testing.assert_array_equal(dbl[order.index(int(sid))], fp.deblended["flux"].values[k].astype(np.float32))
 
 
+def test_field_page_says_when_the_cpm_was_not_applied(tmp_path):
+    """A CPM set written for a cube the CPM could not model (attribute cpm_not_applied): the page shows no
+    CPM panels or de-trended pixels, notes the reason, and that the deblended set is not de-trended."""
+    from workflow_lib.data.cube import write_zarr_atomic
+    from workflow_lib.report import page as R
+    from workflow_lib.report import products as P
+
+    fdir, dbl = _field_with_deblended_set(tmp_path)
+    cdir = fdir / "cpm" / "default"
+    cpm_lc = xr.open_zarr(cdir / "lightcurves.zarr", consolidated=False).load()
+    reason = "cube.zarr: the CPM cannot model this cube: 98 of 110 pixels have fewer than 64 candidate predictor pixels"
+    write_zarr_atomic((cpm_lc * np.nan).assign_attrs(cpm_lc.attrs, cpm_not_applied=reason), cdir / "lightcurves.zarr")
+    write_zarr_atomic(dbl.assign_attrs(detrended=0, cpm_not_applied=reason), cdir / P.DEBLENDED)
+    fp = P.load_field_products(fdir)
+    assert fp.cpm is None and fp.detrended is None and fp.deblended is not None and fp.cpm_raw is not None
+    assert any(reason in n and n.startswith("CPM not applied") for n in fp.notes)
+    assert any("not de-trended" in n for n in fp.notes)
+    html, summary = R.build_field_page(fp, data_dir=tmp_path / "report" / "fieldA_data")
+    assert "CPM not applied" in html and "cpm" not in summary["cdpp_set"]["sets"]
+
+
 @pytest.mark.browser
 def test_field_page_deblended_panel_in_chromium(tmp_path):
     """In headless Chromium (offline, file://): selecting a source fills its LFD+CPM panel with the set's
@@ -774,3 +795,34 @@ def test_field_page_deblended_panel_in_chromium(tmp_path):
         browser.close()
     np.testing.assert_allclose(shown, dbl["flux"].values[1], rtol=1e-6)  # float32 embedding
     assert visible and errors == [] and rpt_errors == []
+
+
+def test_cube_the_cpm_cannot_model_gives_the_deblended_set_without_detrending():
+    """With no predictor pixels (exclusion square larger than the cube), ``on_unmodellable='skip'`` leaves
+    out only the CPM: each aperture's series is the raw pixels minus the dense reference neighbour model and
+    the sky, divided by phi_k, exactly; 'error' refuses."""
+    sc = small_scene()
+    cube = _cube_of(sc)
+    cat = _catalog_of(sc)
+    ap = ApertureParams(radius_min=1.0, radius_max=1.6, mag_bright=10.0, slope=0.2, mag_limit=None)
+    sky = 200.0 + np.random.default_rng(0).uniform(0, 30, sc["rows"].size)
+    params = cpm.CPMParams(**dict(PARAMS, exclusion_size=25), scale_k_with_cadence=False)
+    cols = {int(s): j for j, s in enumerate(cat["source_id"])}
+    kw = dict(motion_basis=sc["basis"], motion_time=sc["tb"], sky=sky, weighting="sum")
+    with pytest.raises(cpm.CPMNotApplicable, match="25x25 exclusion"):
+        deblended_lightcurves(cube, cat, sc["S"], sc["sflux"], cols, params, ap, **kw)
+    lc = deblended_lightcurves(cube, cat, sc["S"], sc["sflux"], cols, params, ap, on_unmodellable="skip", **kw)
+    assert lc.attrs["detrended"] == 0 and "25x25 exclusion" in lc.attrs["cpm_not_applied"]
+    tab = as_pixel_table(cube, drop_nan=False)
+    flux = np.asarray(tab["flux"].transpose("time", "pixel").values, np.float64)
+    apertures, _ = source_apertures(cat, tab["row"].values, tab["column"].values, ap)
+    S = sc["S"].toarray()
+    for i, pix in enumerate(apertures):
+        nb = reference_neighbour_model(sc["S"], sc["sflux"], sc["factor"], pix, np.full(pix.size, i)) + sky[pix]
+        ref = (flux[:, pix] - nb).sum(axis=1) / S[pix, i].sum()
+        np.testing.assert_allclose(lc["flux"].values[i], ref, rtol=1e-9)
+    # not de-trended, so the 1 % multiplicative systematics stay, but the level is each star's flux
+    med = np.nanmedian(lc["flux"].values, axis=1) / np.median(sc["sflux"], axis=1)
+    assert np.all(np.abs(med - 1) < 0.08), med
+    detrended = deblended_lightcurves(cube, cat, sc["S"], sc["sflux"], cols, _cpm_params(), ap, **kw)
+    assert detrended.attrs["detrended"] == 1 and "cpm_not_applied" not in detrended.attrs

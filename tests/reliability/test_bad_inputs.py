@@ -140,6 +140,10 @@ def _edge(cube=None, catalog=None, params=None):
     return argv
 
 
+#: CPM settings that refuse a cube the CPM cannot model instead of skipping it
+REFUSE = {"on_unmodellable": "error"}
+
+
 def _cpm(cube=None, catalog=None, params=None):
     def argv(t, g, s):
         c = cube(t, g) if cube else g["cube"]
@@ -315,12 +319,14 @@ CASES = {
     "cpm-cube-all-zero": (_cpm(cube=_cube("zero")), "cube_zero.zarr"),
     "cpm-cube-constant": (_cpm(cube=_cube("constant")), "cube_constant.zarr"),
     "cpm-cube-all-nan": (_cpm(cube=_cube("nan")), "cube_nan.zarr"),
-    "cpm-cube-one-pixel": (_cpm(cube=_cube("one_pixel")), "cube_one_pixel.zarr"),
-    "cpm-cube-one-cadence": (_cpm(cube=_cube("one_cadence")), "cube_one_cadence.zarr"),
-    "cpm-real-1x1-file": (_cpm(cube=_local_cube(ONE_BY_ONE)), "real.zarr"),
-    "cpm-real-6x6-file": (_cpm(cube=_local_cube(PIMEN)), "real.zarr"),
-    "cpm-k-exceeds-cadences": (_cpm(params={"k": 500, "scale_k_with_cadence": False}), "cpm.k"),
-    "cpm-exclusion-covers-cube": (_cpm(params={"exclusion_size": 47}), "exclusion"),
+    # cubes the CPM cannot model: refused when cpm.on_unmodellable is 'error' (the default 'skip' writes NaN
+    # CPM light curves with the reason instead: tests/test_cpm.py)
+    "cpm-cube-one-pixel": (_cpm(cube=_cube("one_pixel"), params=REFUSE), "cube_one_pixel.zarr"),
+    "cpm-cube-one-cadence": (_cpm(cube=_cube("one_cadence"), params=REFUSE), "cube_one_cadence.zarr"),
+    "cpm-real-1x1-file": (_cpm(cube=_local_cube(ONE_BY_ONE), params=REFUSE), "real.zarr"),
+    "cpm-real-6x6-file": (_cpm(cube=_local_cube(PIMEN), params=REFUSE), "real.zarr"),
+    "cpm-k-exceeds-cadences": (_cpm(params={**REFUSE, "k": 500, "scale_k_with_cadence": False}), "cpm.k"),
+    "cpm-exclusion-covers-cube": (_cpm(params={**REFUSE, "exclusion_size": 47}), "exclusion"),
     "cpm-params-unknown-key": (_cpm(params={"n_predictorz": 16}), "cpm.n_predictorz"),
     "cpm-params-wrong-type": (_cpm(params={"k": "many"}), "cpm.k"),
     "cpm-params-negative-lambda": (_cpm(params={"lambda_L": -1}), "cpm.lambda_L"),

@@ -1,4 +1,5 @@
-"""CPM refuses cubes it cannot model (one CubeError naming the cube and what to change)."""
+"""CPM refuses cubes it cannot model (one CubeError naming the cube and what to change; the steps skip such
+cubes instead unless cpm.on_unmodellable is 'error', tests/test_cpm.py)."""
 
 import warnings
 from pathlib import Path

@@ -129,14 +129,16 @@ def aperture_lightcurves(
     """CPM and RAW aperture light-curve sets (``method`` "CPM" / "RAW") with CDPP coords.
 
     CPM: sum of de-trended pixels (already rescaled to e-/s); RAW: sum of the input pixels.
-    Pixels that are not finite anywhere in the de-trended cube are left out of both.
+    Pixels that are not finite anywhere in the de-trended cube are left out of both; for a cube the CPM
+    could not model (attribute ``cpm_not_applied``, every de-trended value NaN) the RAW sums use the pixels
+    finite anywhere in the input cube.
     """
 
     tab = as_pixel_table(cube, drop_nan=False)
     dtab = as_pixel_table(detrended, drop_nan=False)
     rows, cols = tab["row"].values, tab["column"].values
     apertures, meta = source_apertures(catalog, rows, cols, ap, user_apertures=user_apertures, name=name)
-    valid = np.isfinite(dtab["flux"].values).any(axis=0)
+    valid = np.isfinite((tab if "cpm_not_applied" in detrended.attrs else dtab)["flux"].values).any(axis=0)
     raw_f, raw_e = aperture_sums(tab["flux"].values, tab["flux_err"].values, apertures, valid)
     cpm_f, cpm_e = aperture_sums(dtab["flux"].values, dtab["flux_err"].values, apertures, valid)
     attrs = {"provenance": provenance, "aperture": json.dumps(asdict(ap))}

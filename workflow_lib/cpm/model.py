@@ -86,6 +86,12 @@ class CPMWarning(UserWarning):
     """A recoverable problem with the input of a CPM step (fewer predictors, NaN pixels)."""
 
 
+class CPMNotApplicable(CubeError):
+    """The cube is valid but the CPM cannot model it: too few cadences for the train-and-test sections,
+    or pixels without enough distant predictor pixels (a target-pixel-file stamp is smaller than the
+    exclusion square). The steps skip the CPM for such a cube when ``cpm.on_unmodellable`` is ``skip``."""
+
+
 #: the fewest candidate predictor pixels any modelled pixel may have is min(L, max(this, ceil(L / 4)))
 MIN_PREDICTORS_FLOOR = 8
 
@@ -576,7 +582,7 @@ def cpm_detrend_subtracted(
     if pixel.size and (pixel.min() < 0 or pixel.max() >= npix):
         raise ValueError(f"{name}: series pixel indices must lie in [0, {npix})")
     if ntime < 2:
-        raise CubeError(f"{name}: has {ntime} cadence(s); CPM train-and-test needs at least 2")
+        raise CPMNotApplicable(f"{name}: has {ntime} cadence(s); CPM train-and-test needs at least 2")
     prep = preprocess(flux, quality, time, params, mission=mission, name=name)
     n = prep.ystar.shape[0]
     k = effective_k(params, prep.time, n)
@@ -643,6 +649,28 @@ def cpm_detrend_subtracted(
     return out
 
 
+def subtracted_without_cpm(
+    flux, quality, time, rows, cols, params: CPMParams, subtract, pixel, *, mission="TESS", name="cube"
+):
+    """What :func:`cpm_detrend_subtracted` returns (same arguments; ``rows``/``cols`` are not needed), for a
+    cube the CPM cannot model (:class:`CPMNotApplicable`): the model-subtracted pixels with the same
+    pre-processing (QUALITY mask, faint-pixel background ``b``) and no systematics model,
+    ``F_j = f_p - g_j - b``. ``systematics`` and ``polynomial`` are zero, ``k`` 0."""
+    flux = np.asarray(flux, dtype=np.float64)
+    subtract = np.asarray(subtract, dtype=np.float64)
+    pixel = np.asarray(pixel, dtype=np.int64)
+    ntime = flux.shape[0]
+    prep = preprocess(flux, quality, time, params, mission=mission, name=name)
+    det = flux[prep.keep][:, pixel] - np.nan_to_num(subtract[prep.keep]) - prep.background[:, None]
+    det[:, ~prep.valid[pixel]] = np.nan
+    out = {"keep": prep.keep, "valid": prep.valid, "k": 0}
+    for key, arr in (("flux", det), ("systematics", 0.0 * det), ("polynomial", 0.0 * det)):
+        full = np.full((ntime, pixel.size), np.nan)
+        full[prep.keep] = arr
+        out[key] = full
+    return out
+
+
 def _detrend_chunk(targets, preds, counts, ystarT, Tt, k, params, gram, gramT, TT):
     """CPM components for a chunk of target pixels, section-padded layout (see :func:`_heldout`).
 
@@ -674,7 +702,7 @@ def cpm_detrend_pixels(
     flux = np.asarray(flux, dtype=np.float64)
     ntime, npix = flux.shape
     if ntime < 2:
-        raise CubeError(f"{name}: has {ntime} cadence(s); CPM train-and-test needs at least 2")
+        raise CPMNotApplicable(f"{name}: has {ntime} cadence(s); CPM train-and-test needs at least 2")
     prep = preprocess(flux, quality, time, params, mission=mission, name=name)
     for m in prep.warnings:
         log.warning(m)
@@ -761,7 +789,7 @@ def _check_modelable(k_problem, counts, n_targets: int, npix: int, params: CPMPa
             f"L={params.n_predictors}: use a larger cutout or lower cpm.exclusion_size / cpm.n_predictors"
         )
     if problems:
-        raise CubeError(f"{name}: the CPM cannot model this cube: " + "; ".join(problems))
+        raise CPMNotApplicable(f"{name}: the CPM cannot model this cube: " + "; ".join(problems))
     short = counts < params.n_predictors
     if short.any():
         msg = (
@@ -817,8 +845,7 @@ def cpm_detrend_cube(
     """
     validate_cube(ds, name)
     if ds.sizes["time"] < 2:
-        raise CubeError(f"{name}: has {ds.sizes['time']} cadence(s); CPM train-and-test needs at least 2")
-    image = "pixel" not in ds.dims
+        raise CPMNotApplicable(f"{name}: has {ds.sizes['time']} cadence(s); CPM train-and-test needs at least 2")
     tab = as_pixel_table(ds, drop_nan=False)
     flux = np.asarray(tab["flux"].transpose("time", "pixel").values, dtype=np.float64)
     res = cpm_detrend_pixels(
@@ -832,6 +859,37 @@ def cpm_detrend_cube(
         threads=threads,
         name=name,
     )
+    return _detrended_dataset(ds, res, params, config, inputs)
+
+
+def cpm_not_applied(
+    ds: xr.Dataset, reason: str, params: CPMParams, *, config: dict | None = None, inputs=()
+) -> xr.Dataset:
+    """The :func:`cpm_detrend_cube` layout for a cube the CPM cannot model (:class:`CPMNotApplicable`):
+    every de-trended value NaN, ``cpm_k`` 0, and the attribute ``cpm_not_applied`` holding ``reason``
+    (the refusal's message), so that every later step and the report can say why there is no CPM."""
+    validate_cube(ds, "cube")
+    tab = as_pixel_table(ds, drop_nan=False)
+    ntime, npix = ds.sizes["time"], tab.sizes["pixel"]
+    nan2 = np.full((ntime, npix), np.nan)
+    res = {
+        "flux": nan2,
+        "systematics": nan2,
+        "polynomial": nan2,
+        "n_predictors": np.zeros(npix, np.int32),
+        "median": np.full(npix, np.nan),
+        "scale": np.full(npix, np.nan),
+        "background": np.full(ntime, np.nan),
+        "k": 0,
+    }
+    out = _detrended_dataset(ds, res, params, config, inputs)
+    out.attrs["cpm_not_applied"] = str(reason)
+    return out
+
+
+def _detrended_dataset(ds: xr.Dataset, res: dict, params: CPMParams, config, inputs) -> xr.Dataset:
+    """The de-trended cube of :func:`cpm_detrend_cube` from the per-pixel results ``res``."""
+    image = "pixel" not in ds.dims
     extra = {
         "flux": (
             res["flux"].astype(np.float32),

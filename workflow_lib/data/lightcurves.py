@@ -96,6 +96,8 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     h["OBJECT"] = (f"Gaia DR3 {sid}", "Gaia DR3 source_id of the target")
     h["GAIAID"] = (sid, "Gaia DR3 source_id")
     h["METHOD"] = (lc.attrs.get("method", ""), "photometry method (LFD, CPM, RAW)")
+    if "detrended" in lc.attrs:  # the deblended set: False where the CPM could not model the cube
+        h["DETREND"] = (bool(int(lc.attrs["detrended"])), "CPM de-trended (F: the CPM could not model the cube)")
     for key, fkey in (
         ("sector", "SECTOR"),
         ("camera", "CAMERA"),

@@ -58,6 +58,13 @@ Two choices beyond that, both switchable (``deblend`` config section):
 
 Apertures that are not catalog sources (user ``target_aperture``, source_id < 0) have no own LFD
 model: every source's model is subtracted from them.
+
+Cubes the CPM cannot model (:class:`workflow_lib.cpm.model.CPMNotApplicable`: a target-pixel-file stamp
+smaller than the CPM's exclusion square has no distant predictor pixels; a file shorter than the k
+train-and-test sections). With ``on_unmodellable='skip'`` (the step passes ``cpm.on_unmodellable``) step 2
+is left out: the set holds the deblended, *not* de-trended light curves (``F_j = f_p - n_pk - b``,
+:func:`workflow_lib.cpm.model.subtracted_without_cpm`), attribute ``detrended`` 0 and ``cpm_not_applied``
+the reason; steps 1, 3 and 4 are unchanged.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ import xarray as xr
 from workflow_lib.core.linalg import MAD_TO_SIGMA
 from workflow_lib.core.logs import get_logger
 from workflow_lib.cpm.apertures import ApertureParams, source_apertures
-from workflow_lib.cpm.model import CPMParams, cpm_detrend_subtracted
+from workflow_lib.cpm.model import CPMNotApplicable, CPMParams, cpm_detrend_subtracted, subtracted_without_cpm
 from workflow_lib.data.cube import as_pixel_table
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.lfd.scene import pair_entries, source_pixel_model
@@ -253,6 +260,7 @@ def deblended_lightcurves(
     attrs: dict | None = None,
     flux_fraction_correction: bool = True,
     weighting: str = "optimal",
+    on_unmodellable: str = "error",
 ) -> xr.Dataset:
     """The deblended, de-trended light-curve set (module doc) of every aperture of the CPM set.
 
@@ -275,19 +283,17 @@ def deblended_lightcurves(
     pixel, aperture, source = aperture_pairs(apertures, target_col)
     nb = neighbour_models(S, lfd_flux, pixel, source, motion_basis=motion_basis, motion_time=motion_time)
     subtract = nb if sky is None else nb + np.asarray(sky, dtype=np.float64)[..., pixel]
-    res = cpm_detrend_subtracted(
-        flux,
-        tab["quality"].values,
-        tab["time"].values,
-        rows,
-        cols,
-        params,
-        subtract,
-        pixel,
-        mission=cube.attrs.get("mission", "TESS"),
-        threads=threads,
-        name=name,
-    )
+    series_args = (flux, tab["quality"].values, tab["time"].values, rows, cols, params, subtract, pixel)
+    mission = cube.attrs.get("mission", "TESS")
+    not_applied = ""
+    try:
+        res = cpm_detrend_subtracted(*series_args, mission=mission, threads=threads, name=name)
+    except CPMNotApplicable as exc:
+        if on_unmodellable != "skip":
+            raise
+        not_applied = str(exc)
+        log.warning("%s; cpm.on_unmodellable is 'skip': deblended light curves without de-trending", exc)
+        res = subtracted_without_cpm(*series_args, mission=mission, name=name)
     if weighting not in ("sum", "optimal"):
         raise ValueError(f"{name}: deblend weighting must be 'sum' or 'optimal', not {weighting!r}")
     ntime = flux.shape[0]
@@ -342,6 +348,9 @@ def deblended_lightcurves(
     meta["aperture_flux_fraction"] = phi
     meta["total_flux"] = total
     a = {"aperture": json.dumps(asdict(ap)), "cpm_params": json.dumps(asdict(params), sort_keys=True)}
+    a["detrended"] = int(not not_applied)
+    if not_applied:
+        a["cpm_not_applied"] = not_applied
     a.update(attrs or {})
     log.info(
         "deblended, de-trended light curves: %d apertures, %d (pixel, target) series, median neighbour fraction %.3f",

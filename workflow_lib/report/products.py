@@ -156,6 +156,27 @@ def _load_cpm(fp: FieldProducts, field_dir: Path, cpm_paramset: str | None) -> N
         except Exception as exc:
             fp.detrended = None
             fp.notes.append(f"{det}: unreadable de-trended cube ({exc})")
+    _cpm_not_applied(fp)
+
+
+def _cpm_not_applied(fp: FieldProducts) -> None:
+    """A cube the CPM could not model (``cpm.on_unmodellable: skip``): no CPM panels (their values are
+    NaN), a note with the reason, and a note that the deblended set is not de-trended."""
+    reason = next(
+        (
+            ds.attrs["cpm_not_applied"]
+            for ds in (fp.detrended, fp.cpm)
+            if ds is not None and "cpm_not_applied" in ds.attrs
+        ),
+        None,
+    )
+    if reason is None:
+        return
+    fp.detrended = None
+    fp.cpm = None
+    fp.notes.append(f"CPM not applied, so no CPM light curves or de-trended pixels: {reason}")
+    if fp.deblended is not None and not int(fp.deblended.attrs.get("detrended", 1)):
+        fp.notes.append("the deblended light curves are neighbour- and sky-subtracted but not de-trended (no CPM)")
 
 
 def load_field_products(field_dir, *, field: str | None = None, cpm_paramset: str | None = None) -> FieldProducts:
