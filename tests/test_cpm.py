@@ -656,6 +656,20 @@ def test_fast_matches_reference_on_synthetic_sector(small_sector):
     assert np.max(np.abs(res["flux"][keep][:, vidx] - det[:, tg]) / np.abs(det[:, tg])) < 1e-8
 
 
+def _run_cpm_step(d, out, config, **kw):
+    """The cpm_detrend step on ``d``/cube.zarr and ``d``/catalog.ecsv, its products in ``out``."""
+    return cpm_steps.run_cpm_detrend(
+        d / "cube.zarr",
+        d / "catalog.ecsv",
+        detrended_path=out / "detrended.zarr",
+        lightcurves_path=out / "lightcurves.zarr",
+        raw_lightcurves_path=out / "raw_lightcurves.zarr",
+        fits_dir=out / "fits",
+        config=config,
+        **kw,
+    )
+
+
 def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     lk = pytest.importorskip("lightkurve")
     import xarray as xr
@@ -667,18 +681,7 @@ def test_run_cpm_detrend_outputs(small_sector, tmp_path):
     user = {"corner": [[int(cube.row[0]), int(cube.column[0])], [int(cube.row[1]), int(cube.column[0])]]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cpm.CPMWarning)
-        summary = cpm_steps.run_cpm_detrend(
-            d / "cube.zarr",
-            d / "catalog.ecsv",
-            detrended_path=out / "detrended.zarr",
-            lightcurves_path=out / "lightcurves.zarr",
-            raw_lightcurves_path=out / "raw_lightcurves.zarr",
-            fits_dir=out / "fits",
-            config=SMALL_CFG,
-            target_aperture=user,
-            threads=1,
-            field="small",
-        )
+        summary = _run_cpm_step(d, out, SMALL_CFG, target_aperture=user, threads=1, field="small")
     det = open_cube(out / "detrended.zarr")
     assert det["flux"].dims == ("time", "row", "column") and det.sizes == cube.sizes
     assert json.loads(det.attrs["provenance"])["step"] == "cpm_detrend"
@@ -753,18 +756,7 @@ def test_write_fits_dir_switched_off_leaves_an_empty_directory(tmp_path):
 
 
 def _run_small(small_sector, out, config):
-    d, _, _ = small_sector
-    return cpm_steps.run_cpm_detrend(
-        d / "cube.zarr",
-        d / "catalog.ecsv",
-        detrended_path=out / "detrended.zarr",
-        lightcurves_path=out / "lightcurves.zarr",
-        raw_lightcurves_path=out / "raw_lightcurves.zarr",
-        fits_dir=out / "fits",
-        config=config,
-        threads=1,
-        field="small",
-    )
+    return _run_cpm_step(small_sector[0], out, config, threads=1, field="small")
 
 
 def test_cube_the_cpm_cannot_model_is_skipped_or_refused(small_sector, tmp_path):
@@ -826,15 +818,7 @@ def test_real_tpf_stamps_run_with_default_settings(shared_data, tmp_path, name):
     write_zarr_atomic(cube, tmp_path / "cube.zarr")
     crossmatch_field(tmp_path / "cube.zarr", tmp_path / "catalog.ecsv", {}, None)  # offline: header target
     out = tmp_path / "cpm"
-    cpm_steps.run_cpm_detrend(
-        tmp_path / "cube.zarr",
-        tmp_path / "catalog.ecsv",
-        detrended_path=out / "detrended.zarr",
-        lightcurves_path=out / "lightcurves.zarr",
-        raw_lightcurves_path=out / "raw_lightcurves.zarr",
-        fits_dir=out / "fits",
-        config=schema_defaults("cpm"),
-    )
+    _run_cpm_step(tmp_path, out, schema_defaults("cpm"))
     lc = xr.open_zarr(out / "lightcurves.zarr", consolidated=False).load()
     raw = xr.open_zarr(out / "raw_lightcurves.zarr", consolidated=False).load()
     assert "exclusion square" in lc.attrs["cpm_not_applied"] and np.isnan(lc["flux"].values).all()
