@@ -525,6 +525,16 @@ def _with_source_offsets(source_index, Br, A, D2, Dfull):
     return Ar, Af, D2, Dfull, n_off
 
 
+def _tie_first_two(n: int) -> sp.csr_matrix:
+    """(n, n - 1) map from coefficients with the first two tied to the full vector: ``c_0 = c_1 = t_0``,
+    ``c_k = t_{k-1}`` for k >= 2. On a clamped radial B-spline with its first knot at r = 0 the slope at
+    r = 0 is proportional to ``c_1 - c_0``, so the tie makes the log PRF flat at the centre, as any PRF
+    smooth through its centre is (no cusp or crater the few pixel centres at r < 0.1 px cannot pin down)."""
+    rows = np.r_[0, np.arange(1, n)]
+    cols = np.r_[0, np.arange(n - 1)]
+    return sp.csr_matrix((np.ones(n), (rows, cols)), shape=(n, n - 1))
+
+
 def _log_flux_ratio(dx, dy, pixel_flux, pixel_flux_err, source_flux, r_max: float, n_radial: int, log_error_floor):
     """The data of the §4.3 eq. 14 shape fit: ``y = ln(pixel_flux / source_flux)`` with error
     ``sqrt((err/flux)^2 + log_error_floor^2)`` at polar offsets (r, phi), and ``use``: pixels with
@@ -593,6 +603,7 @@ def fit_prf_shape(
     core_prior_sigma,
     flux_box,
     lattice_norm,
+    regular_origin=True,
     r_max=None,
     n_clip=2,
     return_mask=False,
@@ -630,6 +641,12 @@ def fit_prf_shape(
     normalisation includes the flux under it out to the ``flux_box`` square (None: to infinity), so
     fitted fluxes are fluxes on that scale.
 
+    Regular origin (``regular_origin``): the first two radial coefficients are tied
+    (:func:`_tie_first_two`), so the log PRF has zero radial slope at r = 0; the core terms still give the
+    peak an offset. Without it the few pixel centres within ~0.1 px of a star let the fit leave a cusp or a
+    crater at the centre, which biases the flux of stars centred on a pixel and leaks a pair member's
+    variability into its neighbour.
+
     The keyword arguments that are ``lfd.prf`` settings have no defaults here: pass
     ``**shape_settings(prf_params(...))``.
     """
@@ -659,14 +676,26 @@ def fit_prf_shape(
     Ar, Af, D2, Dfull, n_off = _with_source_offsets(source_index, Br, A, D2, Dfull)
     sd_r = np.r_[np.full(Br.shape[1], 100.0), np.full(n_off, offset_prior_sigma)]
     sd = np.r_[np.full(nA - n_core, prior_sigma), np.full(n_core, core_prior_sigma), np.full(n_off, offset_prior_sigma)]
+    # regular origin: the first two radial coefficients tied (zero radial slope at r = 0), as the maps
+    # Tr (radial prefit) and Ta (full model) from the tied to the full coefficient vectors
+    tie = bool(regular_origin) and {0, 1} <= set(radial_only.tolist())
+    Tr = _tie_first_two(Br.shape[1] + n_off) if tie else None
+    Ta = _tie_first_two(nA + n_off) if tie else None
+    if tie:
+        Ar, D2, Af, Dfull = Ar @ Tr, D2 @ Tr, Af @ Ta, Dfull @ Ta
+        sd_r, sd = np.delete(sd_r, 1), np.delete(sd, 1)
 
     def fit(keep):
         # radial-only profile first; its coefficients are the prior means of the full model
-        mu_r = np.r_[np.full(Br.shape[1], np.median(y[keep])), np.zeros(n_off)]
+        mu_r = np.r_[np.full(Ar.shape[1] - n_off, np.median(y[keep])), np.zeros(n_off)]
         a = wls(Ar[keep], y[keep], sigma=sig[keep], prior_mu=mu_r, prior_sigma=sd_r, penalty=D2, method="sparse")
+        if tie:
+            a = Tr @ a
         mu = np.concatenate([a[radial_only], np.repeat(a[azim], n_phi_knots), np.zeros(n_core), a[Br.shape[1] :]])
+        if tie:
+            mu = np.delete(mu, 1)
         w_all = wls(Af[keep], y[keep], sigma=sig[keep], prior_mu=mu, prior_sigma=sd, penalty=Dfull, method="sparse")
-        return w_all, (y - Af @ w_all) / sig
+        return (Ta @ w_all if tie else w_all), (y - Af @ w_all) / sig
 
     w_all, keep, _ = clipped_fit(
         fit, use, n_sigma=sigma_clip, n_pass=n_clip + 1, min_keep=n_radial + 5, floor=1e-9, inclusive=False
@@ -812,6 +841,7 @@ _SHAPE_KEYS = (
     "core_prior_sigma",
     "flux_box",
     "lattice_norm",
+    "regular_origin",
 )
 
 
