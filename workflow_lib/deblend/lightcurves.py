@@ -290,7 +290,7 @@ def deblended_lightcurves(
         res = cpm_detrend_subtracted(*series_args, mission=mission, threads=threads, name=name)
     except CPMNotApplicable as exc:
         if on_unmodellable != "skip":
-            raise
+            raise CPMNotApplicable(f"{exc} (or cpm.on_unmodellable: skip, to go on without the CPM)") from exc
         not_applied = str(exc)
         log.warning("%s; cpm.on_unmodellable is 'skip': deblended light curves without de-trending", exc)
         res = subtracted_without_cpm(*series_args, mission=mission, name=name)

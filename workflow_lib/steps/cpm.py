@@ -77,7 +77,7 @@ def run_cpm_detrend(
         det = cpm_detrend_cube(cube, params, threads=threads, name=name, config=prov_cfg, inputs=inputs)
     except CPMNotApplicable as exc:
         if config.get("on_unmodellable", schema_defaults("cpm")["on_unmodellable"]) != "skip":
-            raise
+            raise CPMNotApplicable(f"{exc} (or cpm.on_unmodellable: skip, to go on without the CPM)") from exc
         log.warning("%s; cpm.on_unmodellable is 'skip': the CPM light curves of this cube are NaN", exc)
         det = cpm_not_applied(cube, str(exc), params, config=prov_cfg, inputs=inputs)
     write_zarr_atomic(det, detrended_path)
