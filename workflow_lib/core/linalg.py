@@ -29,7 +29,16 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-__all__ = ["MAD_TO_SIGMA", "WLS_METHODS", "wls", "robust_sigma", "nanmedian_columns", "clip_mask", "clipped_fit"]
+__all__ = [
+    "MAD_TO_SIGMA",
+    "WLS_METHODS",
+    "wls",
+    "robust_sigma",
+    "finite_median",
+    "nanmedian_columns",
+    "clip_mask",
+    "clipped_fit",
+]
 
 #: standard deviation of a normal distribution per median absolute deviation
 MAD_TO_SIGMA = 1.4826
@@ -148,6 +157,13 @@ def robust_sigma(x, axis=None, keepdims: bool = False):
     """Robust standard deviation: ``1.4826 * median(|x - median(x)|)`` (along ``axis``)."""
     x = np.asarray(x)
     return MAD_TO_SIGMA * np.median(np.abs(x - np.median(x, axis=axis, keepdims=True)), axis=axis, keepdims=keepdims)
+
+
+def finite_median(values, empty=float("nan")):
+    """Median of the finite entries of ``values`` (a float), or ``empty`` when there are none (no all-NaN warning)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else empty
 
 
 def nanmedian_columns(a) -> np.ndarray:

@@ -92,6 +92,16 @@ class CPMNotApplicable(CubeError):
     exclusion square). The steps skip the CPM for such a cube when ``cpm.on_unmodellable`` is ``skip``."""
 
 
+def skip_unmodellable(exc: CPMNotApplicable, setting: str | None, instead: str) -> str:
+    """The ``cpm.on_unmodellable`` policy for a cube the CPM cannot model: ``setting`` 'skip' (None: the
+    schema default) logs a warning saying what is done ``instead`` and returns the reason (the refusal's
+    message); anything else raises the refusal, naming the setting that would go on without the CPM."""
+    if (setting or _DEFAULTS["on_unmodellable"]) != "skip":
+        raise CPMNotApplicable(f"{exc} (or cpm.on_unmodellable: skip, to go on without the CPM)") from exc
+    log.warning("%s; cpm.on_unmodellable is 'skip': %s", exc, instead)
+    return str(exc)
+
+
 #: the fewest candidate predictor pixels any modelled pixel may have is min(L, max(this, ceil(L / 4)))
 MIN_PREDICTORS_FLOOR = 8
 

@@ -80,7 +80,13 @@ import xarray as xr
 from workflow_lib.core.linalg import MAD_TO_SIGMA
 from workflow_lib.core.logs import get_logger
 from workflow_lib.cpm.apertures import ApertureParams, source_apertures
-from workflow_lib.cpm.model import CPMNotApplicable, CPMParams, cpm_detrend_subtracted, subtracted_without_cpm
+from workflow_lib.cpm.model import (
+    CPMNotApplicable,
+    CPMParams,
+    cpm_detrend_subtracted,
+    skip_unmodellable,
+    subtracted_without_cpm,
+)
 from workflow_lib.data.cube import as_pixel_table
 from workflow_lib.data.lightcurves import lightcurve_set
 from workflow_lib.lfd.scene import pair_entries, source_pixel_model
@@ -289,10 +295,7 @@ def deblended_lightcurves(
     try:
         res = cpm_detrend_subtracted(*series_args, mission=mission, threads=threads, name=name)
     except CPMNotApplicable as exc:
-        if on_unmodellable != "skip":
-            raise CPMNotApplicable(f"{exc} (or cpm.on_unmodellable: skip, to go on without the CPM)") from exc
-        not_applied = str(exc)
-        log.warning("%s; cpm.on_unmodellable is 'skip': deblended light curves without de-trending", exc)
+        not_applied = skip_unmodellable(exc, on_unmodellable, "deblended light curves without de-trending")
         res = subtracted_without_cpm(*series_args, mission=mission, name=name)
     if weighting not in ("sum", "optimal"):
         raise ValueError(f"{name}: deblend weighting must be 'sum' or 'optimal', not {weighting!r}")

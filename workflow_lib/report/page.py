@@ -63,6 +63,7 @@ import yaml
 from workflow_lib import __version__
 from workflow_lib.core import provenance
 from workflow_lib.core.atomic import write_text_atomic
+from workflow_lib.core.linalg import finite_median
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.quality import TESS_QUALITY_FLAGS, quality_flags
 from workflow_lib.core.settings import schema_defaults
@@ -770,13 +771,12 @@ def field_summary(fp: FieldProducts, v: FieldView, p: dict) -> dict:
     n_src = int(len(cat)) if cat is not None else 0
     on = int(np.sum(np.asarray(cat["on_cutout"], bool))) if cat is not None and "on_cutout" in cat.colnames else n_src
 
-    def med(a):
-        a = np.asarray(a, float)
-        a = a[np.isfinite(a)]
-        return float(np.median(a)) if a.size else None
-
     cube = fp.cube
     common = np.asarray(metrics.get("cdpp_common", np.zeros(0)), float) > 0
+    # medians over one common source set (cdpp_common_set), so the three numbers are comparable
+    median_cdpp = {
+        k: finite_median(np.asarray(metrics[f"cdpp_{k}"], float)[common], empty=None) for k in figures.LC_SETS
+    }
     return {
         "field": fp.field,
         "page": f"{fp.field}.html",
@@ -790,12 +790,11 @@ def field_summary(fp: FieldProducts, v: FieldView, p: dict) -> dict:
         "n_cpm": int(fp.cpm.sizes["source"]) if fp.cpm is not None else None,
         "cpm_paramset": fp.cpm_paramset,
         "cdpp_hours": float(p["cdpp_hours"]),
-        # medians over one common source set (cdpp_common_set), so the three numbers are comparable
-        "median_cdpp": {k: med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) for k in figures.LC_SETS},
+        "median_cdpp": median_cdpp,
         "cdpp_set": {
             "n_sources": int(common.sum()),
             "mag_limit": float(p["cdpp_mag_limit"]),
-            "sets": [k for k in figures.LC_SETS if med(np.asarray(metrics[f"cdpp_{k}"], float)[common]) is not None],
+            "sets": [k for k in figures.LC_SETS if median_cdpp[k] is not None],
         },
         "target_source_id": str(int(cat["source_id"][target])) if target is not None else None,
         "display": {

@@ -8,12 +8,19 @@ import xarray as xr
 from astropy.table import Table
 
 from workflow_lib.core.atomic import atomic_dir, atomic_path, remove_stale_tmp
+from workflow_lib.core.linalg import finite_median
 from workflow_lib.core.logs import get_logger
 from workflow_lib.core.provenance import provenance_json
 from workflow_lib.core.quality import HARD_BITMASK
-from workflow_lib.core.settings import schema_defaults
 from workflow_lib.cpm.apertures import ApertureParams, aperture_lightcurves
-from workflow_lib.cpm.model import CPMNotApplicable, CPMWarning, cpm_detrend_cube, cpm_not_applied, paramset_params
+from workflow_lib.cpm.model import (
+    CPMNotApplicable,
+    CPMWarning,
+    cpm_detrend_cube,
+    cpm_not_applied,
+    paramset_params,
+    skip_unmodellable,
+)
 from workflow_lib.cpm.stitch import stitch_sectors
 from workflow_lib.data.cube import open_cube, write_zarr_atomic
 from workflow_lib.data.lightcurves import lightcurve_set, write_lightcurve_fits
@@ -76,10 +83,8 @@ def run_cpm_detrend(
     try:
         det = cpm_detrend_cube(cube, params, threads=threads, name=name, config=prov_cfg, inputs=inputs)
     except CPMNotApplicable as exc:
-        if config.get("on_unmodellable", schema_defaults("cpm")["on_unmodellable"]) != "skip":
-            raise CPMNotApplicable(f"{exc} (or cpm.on_unmodellable: skip, to go on without the CPM)") from exc
-        log.warning("%s; cpm.on_unmodellable is 'skip': the CPM light curves of this cube are NaN", exc)
-        det = cpm_not_applied(cube, str(exc), params, config=prov_cfg, inputs=inputs)
+        reason = skip_unmodellable(exc, config.get("on_unmodellable"), "the CPM light curves of this cube are NaN")
+        det = cpm_not_applied(cube, reason, params, config=prov_cfg, inputs=inputs)
     write_zarr_atomic(det, detrended_path)
     log.info("wrote %s", detrended_path)
     prov = provenance_json("cpm_lightcurves", inputs=[cube_path, catalog_path], config=prov_cfg)
@@ -104,8 +109,8 @@ def run_cpm_detrend(
     write_fits_dir(fits_sets, fits_dir, enabled=config.get("write_fits", True))
     summary = {
         "n_sources": int(cpm_lc.sizes["source"]),
-        "median_cdpp_1h_cpm": _finite_median(cpm_lc["cdpp_1h"].values),
-        "median_cdpp_1h_raw": _finite_median(raw_lc["cdpp_1h"].values),
+        "median_cdpp_1h_cpm": finite_median(cpm_lc["cdpp_1h"].values),
+        "median_cdpp_1h_raw": finite_median(raw_lc["cdpp_1h"].values),
     }
     log.info(
         "CPM %s: %d light curves, median 1-h CDPP %.0f ppm (raw %.0f ppm)",
@@ -144,8 +149,8 @@ def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, 
                 "method": method,
                 "lambda_L": float(lam),
                 "n_sources": int(sel.sum()),
-                "median_cdpp_1h": _finite_median(lc["cdpp_1h"].values[sel]),
-                "median_cdpp_6h": _finite_median(lc["cdpp_6h"].values[sel]),
+                "median_cdpp_1h": finite_median(lc["cdpp_1h"].values[sel]),
+                "median_cdpp_6h": finite_median(lc["cdpp_6h"].values[sel]),
             }
         )
 
@@ -160,13 +165,6 @@ def sweep_summary(lightcurve_paths: dict, raw_path, out_path, *, lfd_path=None, 
     with atomic_path(out_path) as tmp:
         table.write(tmp, format="ascii.ecsv", overwrite=True)
     return table
-
-
-def _finite_median(values) -> float:
-    """Median of the finite values, NaN when there are none (no all-NaN warning)."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else float("nan")
 
 
 def _with_cdpp(lc: xr.Dataset, hours, bitmask: int) -> xr.Dataset:

@@ -141,7 +141,7 @@ def deblend_detrend_step(
         name=str(cube_path),
         flux_fraction_correction=bool(p["flux_fraction_correction"]),
         weighting=str(p["weighting"]),
-        on_unmodellable=str(cpm_cfg.get("on_unmodellable", schema_defaults("cpm")["on_unmodellable"])),
+        on_unmodellable=cpm_cfg.get("on_unmodellable"),
         attrs={
             "provenance": prov,
             "paramset": paramset,
