@@ -27,7 +27,7 @@ fit without the time model); ``source_id``; ``cpu_s`` = ``time.process_time()`` 
 (background subtraction + coordinates + the psfmachine calls; the imports and file reading are not
 counted); ``wall_s``; and the adaptation's numbers (``pixel_scale_arcsec``, ``coord_scale``,
 ``count_scale``, ``mag_limit``, ``n_pixels``, ``n_sources`` given to psfmachine, ``n_nan_sources``,
-``n_dropped_negative``, ``sky_mask_fraction``, ``versions``).
+``n_dropped_negative``, ``sky_mask_fraction``, ``time_resolution``, ``versions``).
 
 How psfmachine (built for Kepler: 3.98 arcsec pixels, Kepler e-/s) is adapted to TESS:
 
@@ -48,9 +48,9 @@ How psfmachine (built for Kepler: 3.98 arcsec pixels, Kepler e-/s) is adapted to
    centroid pixels > 100 e-/s, re-estimated fluxes > 10 e-/s, the shape model cut at 1 e-/s) are for Kepler
    fluxes, which are close to Gaia G fluxes (Kepler's e-/s ~ 0.6 x Gaia's phot_g_mean_flux); TESS's e-/s
    are ~100x smaller. The cube's flux and flux_err are multiplied by ``count_scale`` = the median of
-   ``phot_g_mean_flux / expected_flux`` over the catalog (~125: Gaia G e-/s per TESS e-/s) before
+   ``phot_g_mean_flux / expected_flux`` over the catalog (~78: Gaia G e-/s per TESS e-/s) before
    psfmachine sees them, and its fluxes and errors are divided by it afterwards: a change of unit, the same
-   as dividing all of those thresholds by ~125. psfmachine's flux scale is not touched (no rescaling to
+   as dividing all of those thresholds by ~78. psfmachine's flux scale is not touched (no rescaling to
    the truth or to the catalog; psfmachine's PSF normalisation gives its own scale).
 3. **Flux prior.** ``Machine`` takes the source-flux estimate (prior mean, prior width 5 sqrt(F), source
    mask radius) from a catalog column, Gaia ``phot_g_mean_flux`` for Kepler; psfmachine's own TESS path
@@ -74,10 +74,13 @@ How psfmachine (built for Kepler: 3.98 arcsec pixels, Kepler e-/s) is adapted to
    pixels) are left out; all cadences are fitted; ``time_mask`` = quality 0 (the cadences the mean image
    of the shape model uses).
 6. **Workflow.** As ``TPFMachine.fit_lightcurves`` (its default path): ``build_shape_model()``,
-   ``build_time_model()`` (defaults: cubic polynomial in time, ``time_resolution`` 200 cadences -- Kepler's
-   and TESS's 30-min cadences are the same, so the time constants need no change), ``fit_model(fit_va=True)``,
+   ``build_time_model()`` (defaults: cubic polynomial in time), ``fit_model(fit_va=True)``,
    then up to two refits without the sources that go negative (> 2 % of the cadences, then all of them),
-   whose models are zeroed (NaN light curves). ``quiet`` progress bars.
+   whose models are zeroed (NaN light curves). ``quiet`` progress bars. ``time_resolution`` (cadences per
+   bin of the time model; default 200, i.e. ~22 bins in a 4,400-cadence Kepler quarter) is set to give the
+   same ~22 bins over the scene's length (:func:`time_resolution`): with 200, a 300-cadence scene had 1-2
+   bins for a cubic in time and psfmachine's light curves were broken (on one scene p2p / flux_err 104 at
+   G 13-15 and no G < 13 curve left; with 14-cadence bins 2.8, and 16 curves at G < 13).
 7. **Source list.** psfmachine's own TPF and FFI paths query Gaia to G = 18 (``magnitude_limit=18``), and
    that limit is kept (``--mag-limit``): the catalog's sources with G <= 18 are given to psfmachine, the
    fainter ones (the randomized catalogs go to G = 19) get NaN. Its shape model is an unweighted fit of
@@ -99,6 +102,17 @@ import numpy as np
 
 #: Kepler's pixel scale [arcsec / px], the scale psfmachine's angular constants are written for
 KEPLER_PIXEL_SCALE = 3.98
+
+
+#: bins of psfmachine's time model in a Kepler quarter: ~4,400 long cadences / its default 200 per bin
+KEPLER_TIME_BINS = 22
+
+
+def time_resolution(n_cadences: int) -> int:
+    """Cadences per bin of psfmachine's time model: as many bins as in a Kepler quarter (``KEPLER_TIME_BINS``),
+    at least 5 cadences each. psfmachine's default, 200 cadences, leaves a 300-cadence scene 1-2 bins for its
+    cubic in time, and its fits break (p2p / flux_err ~ 100-300 at G < 15)."""
+    return max(5, int(round(n_cadences / KEPLER_TIME_BINS)))
 
 
 def pixel_scale_arcsec(pix_ra, pix_dec):
@@ -231,6 +245,7 @@ def run(inp: dict, quiet: bool = True, mag_limit: float = 18.0) -> dict:
         row=rows2d.ravel()[sel],
         time_mask=quality == 0,
         sources_flux_column="flux_estimate",
+        time_resolution=time_resolution(nt),
     )
     m.quiet = quiet
 
@@ -274,6 +289,7 @@ def run(inp: dict, quiet: bool = True, mag_limit: float = 18.0) -> dict:
         "background_level": bkg_level,
         "mag_limit": mag_limit,
         "sky_mask_fraction": float(star_mask[good2d].mean()),
+        "time_resolution": time_resolution(nt),
         "n_pixels": int(sel.sum()),
         "n_sources": int(m.nsources),
         "n_nan_sources": int((~np.isfinite(f[:, keep])).all(axis=0).sum()),

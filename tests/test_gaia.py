@@ -303,8 +303,10 @@ def test_crossmatch_keeps_cutout_and_margin_sources():
         u.yr
     )
     assert by[8]["column"] - (COL0 - 4.6) == pytest.approx(9.0 * years / 21.0, abs=2e-3)
-    # TESS a-priori flux: 15000 e-/s at T=10
-    assert by[1]["expected_flux"] == pytest.approx(15000 * 10 ** (-0.4 * 0.5), rel=1e-12)
+    # TESS a-priori flux: 15000 e-/s at T=10, T from G and BP-RP (Stassun et al. 2019 eq. 1)
+    c = float(by[1]["bp_rp"])
+    t1 = float(by[1]["phot_g_mean_mag"]) + 0.0324473 - 0.633923 * c + 0.0891337 * c**2 - 0.00522555 * c**3
+    assert by[1]["expected_flux"] == pytest.approx(15000 * 10 ** (-0.4 * (t1 - 10)), rel=1e-12)
     assert np.all(cat["stamp"] == 0)
     assert cat.meta["mid_time_jd_tdb"] == pytest.approx(2457000.0 + BTJD_MID)
     # without proper motion the high-pm star would be 4.1 px off: dropped
@@ -316,6 +318,33 @@ def test_crossmatch_keeps_cutout_and_margin_sources():
     # a smaller margin drops the margin sources
     ids_small = set(int(i) - 1000000000000000000 for i in gaia.crossmatch(cube, design_table(), 1.0)["source_id"])
     assert ids_small == {1, 2, 7, 9, 10}
+
+
+def test_band_mag_tess_colour_relation_and_fallbacks():
+    g = np.array([12.0, 12.0, 12.0, 12.0, 12.0])
+    c = np.array([0.0, 1.0, np.nan, 5.0, -1.0])
+    t = gaia.band_mag(g, c, "TESS")
+    assert t[0] == pytest.approx(12.0324473, abs=1e-9)
+    assert t[1] == pytest.approx(12.0 + 0.0324473 - 0.633923 + 0.0891337 - 0.00522555, abs=1e-9)
+    assert t[2] == pytest.approx(12.0 - 0.430)  # no colour: TIC-8's T = G - 0.430
+    assert t[3] == pytest.approx(gaia.tess_mag_from_gaia(12.0, 3.0))  # clipped to the relation's range
+    assert t[4] == pytest.approx(gaia.tess_mag_from_gaia(12.0, -0.2))
+    np.testing.assert_array_equal(gaia.band_mag(g, c, "Kepler"), g)  # Kp = G
+
+
+def test_expected_flux_matches_true_tess_flux_of_synthetic_scene():
+    """The a-priori fluxes of a rendered scene's catalog against its true T-band fluxes: unbiased, with the
+    scatter of the scene's G-vs-T colour term only (with T = G they were ~40 % low)."""
+    from workflow_lib.data import random_scenes as rs
+
+    cube, truth, catalog = rs.simulate_scene(rs.sample_scene(3), n_cadences=20)
+    cat = gaia.crossmatch(cube, catalog, 4.0, None)
+    tr = {int(s): i for i, s in enumerate(truth["source_id"].values)}
+    idx = np.array([tr[int(s)] for s in cat["source_id"]])
+    ratio = np.asarray(cat["expected_flux"], float) / truth["flux0"].values[idx]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.02)
+    spread = np.percentile(np.log(ratio), [16, 84])
+    assert (spread[1] - spread[0]) / 2 < 0.12  # ~ the colour scatter (<= 0.1 mag), not the 0.3 mag colour range
 
 
 def test_crossmatch_kepler_defaults():
@@ -505,6 +534,22 @@ def test_header_fallback_when_offline(monkeypatch, tmp_path):
     assert cat.meta["catalog_source"] == "header_targets"
     assert np.all(cat["on_cutout"])
     assert cat["expected_flux"][0] == pytest.approx(1.74e5 * 10 ** (-0.2), rel=1e-12)
+
+
+def test_tess_header_target_magnitude_is_taken_as_t():
+    """A TESS stamp's header TESSMAG is already T: no G-to-T colour term on it (T = 11 -> 6,000 e-/s)."""
+    cube, _ = _stamp(
+        84.3, -80.5, 500, 300, 8, 8, {"target_id": 7, "ra_obj": 84.3, "dec_obj": -80.5, "target_mag": 11.0}
+    )
+    cube.attrs["mission"] = "TESS"
+    hdr = gaia.header_catalog(cube)
+    assert hdr.meta["magnitudes"] == "instrument"
+    cat = gaia.crossmatch(cube, hdr, margin_pixels=4.0)
+    assert cat["expected_flux"][0] == pytest.approx(15000 * 10 ** (-0.4), rel=1e-12)
+    # the same magnitude as a Gaia G without colour gets TIC-8's T = G - 0.430
+    plain = Table(hdr, copy=True)
+    plain.meta.clear()
+    assert gaia.crossmatch(cube, plain, 4.0)["expected_flux"][0] == pytest.approx(15000 * 10 ** (-0.4 * 0.57))
 
 
 def test_real_kepler_stamps_header_catalog(shared_data):

@@ -26,7 +26,9 @@ from helpers.manifest import compare, manifest
 from helpers.tally import TALLY
 
 REPO = Path(__file__).resolve().parents[2]
-FIELD = {"seed": 11, "n_rows": 16, "n_cols": 16, "n_cadences": 100, "stars_per_sq_pixel": 0.15}
+# 20 x 20 px: on 16 x 16 px at this density the PRF fit's 20-pixel minimum is a coin flip (1 of 6 seeds passed
+# before the colour-corrected a-priori fluxes of 2026-12-03, 3 of 6 after; seed 11 went from pass to fail)
+FIELD = {"seed": 11, "n_rows": 20, "n_cols": 20, "n_cadences": 100, "stars_per_sq_pixel": 0.15}
 CPM = {"k": 8, "n_predictors": 64, "sweep_lambda_L": []}
 SEED = 20261130
 

@@ -86,8 +86,12 @@ OUTPUT_COLUMNS = (
 )
 #: G limit used when ``gaia.mag_limit`` is null
 DEFAULT_MAG_LIMIT = {"TESS": 19.0, "Kepler": 18.0, "K2": 18.0}
-#: a-priori instrument-band flux: (reference magnitude, e-/s at that magnitude); T ~ Kp ~ G
+#: instrument-band flux zero points: (reference magnitude, e-/s at that magnitude)
 FLUX_ZERO_POINTS = {"TESS": (10.0, 15000.0), "Kepler": (12.0, 1.74e5), "K2": (12.0, 1.74e5)}
+#: BP-RP range of the Stassun et al. (2019) eq. 1 T(G, BP-RP) relation [mag]; colours outside are clipped to it
+TESS_COLOUR_RANGE = (-0.2, 3.0)
+#: T - G for stars without a BP-RP (Stassun et al. 2019, TIC-8: T = G - 0.430)
+TESS_G_OFFSET_NO_COLOUR = -0.430
 #: Gaia DR3 G-band photometric zero point (Riello et al. 2021): G = -2.5 log10(flux) + ZP
 GAIA_G_ZERO_POINT = 25.6874
 DEFAULT_REF_EPOCH = 2016.0
@@ -112,9 +116,33 @@ class GaiaArchiveUnreachable(GaiaError):
 
 
 def mag_to_flux(mag, mission: str):
-    """A-priori instrument-band flux [e-/s] of a star of magnitude ``mag`` (taken as T / Kp)."""
+    """Instrument-band flux [e-/s] of a star of instrument-band magnitude ``mag`` (T for TESS, Kp for Kepler/K2)."""
     m0, f0 = FLUX_ZERO_POINTS[_mission_key(mission)]
     return f0 * 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) - m0))
+
+
+def tess_mag_from_gaia(g, bp_rp):
+    """TESS magnitude from Gaia G and BP-RP: Stassun et al. (2019, AJ 158, 138), eq. 1 (TIC-8), the polynomial
+    as published (no range check)."""
+    c = np.asarray(bp_rp, float)
+    return np.asarray(g, float) + 0.0324473 - 0.633923 * c + 0.0891337 * c**2 - 0.00522555 * c**3
+
+
+def band_mag(g, bp_rp, mission: str):
+    """A-priori instrument-band magnitude of catalog stars (the ``expected_flux`` of :func:`crossmatch`).
+
+    TESS: T from G and BP-RP by Stassun et al. (2019) eq. 1, the colour clipped to the relation's range
+    (:data:`TESS_COLOUR_RANGE`); stars without a BP-RP get T = G + :data:`TESS_G_OFFSET_NO_COLOUR` (TIC-8's
+    relation for G only). Typical stars (BP-RP ~ 1) are ~0.55 mag brighter in T than in G, so taking T = G
+    puts the a-priori fluxes ~40 % low and scatters them by the stars' colours. Kepler / K2: Kp = G (the two
+    bands are close; no colour term)."""
+    g = np.asarray(g, float)
+    if _mission_key(mission) != "TESS":
+        return g.copy()
+    c = np.asarray(bp_rp, float) * np.ones_like(g)
+    with np.errstate(invalid="ignore"):
+        t = tess_mag_from_gaia(g, np.clip(c, *TESS_COLOUR_RANGE))
+    return np.where(np.isfinite(c), t, g + TESS_G_OFFSET_NO_COLOUR)
 
 
 def g_flux_to_mag(flux):
@@ -571,12 +599,15 @@ def crossmatch(
 
     Sources brighter than ``mag_limit`` in G (None: mission default) are propagated to the cube's
     mid-time, placed on pixels, and kept when on the cutout or within ``margin_pixels`` of it.
-    ``expected_flux`` is the a-priori instrument-band flux from G. Sorted by G (then source_id).
+    ``expected_flux`` is the a-priori instrument-band flux from G and BP-RP (:func:`band_mag`); a table whose
+    ``meta["magnitudes"]`` is ``"instrument"`` (:func:`header_catalog`: the stamp headers' TESSMAG / KEPMAG
+    in ``phot_g_mean_mag``) has it from that magnitude as it is. Sorted by G (then source_id).
     For pixel tables, sources within the margin of a stamp are assigned to it (``stamp``). Duplicate
     ``source_id`` values are refused (:class:`GaiaError` naming ``name``).
     """
     mission = cube.attrs.get("mission", "TESS")
     _mission_key(mission)
+    instrument_mags = catalog_table.meta.get("magnitudes") == "instrument"
     if mag_limit is None:
         mag_limit = DEFAULT_MAG_LIMIT[mission]
     if set(GAIA_COLUMNS) - set(catalog_table.colnames):
@@ -601,7 +632,9 @@ def crossmatch(
         )
     keep = _float_values(cat["edge_distance"]) <= margin_pixels
     cat = cat[keep]
-    cat["expected_flux"] = mag_to_flux(_float_values(cat["phot_g_mean_mag"]), mission) * u.electron / u.s
+    kept_g = _float_values(cat["phot_g_mean_mag"])
+    band = kept_g if instrument_mags else band_mag(kept_g, _float_values(cat["bp_rp"]), mission)
+    cat["expected_flux"] = mag_to_flux(band, mission) * u.electron / u.s
     order = np.lexsort((np.asarray(cat["source_id"]), _float_values(cat["phot_g_mean_mag"])))
     cat = cat[order]
     out = Table()
@@ -673,8 +706,8 @@ def _footprints(cube) -> list[tuple[SkyCoord, float, float]]:
 
 def header_catalog(cube) -> Table:
     """Catalog of the stamp targets only, from the cube attrs (``target_id, ra_obj, dec_obj,
-    target_mag``; for pixel tables per stamp in ``attrs['stamps']``). Magnitudes (Kp/T) are used as
-    G; positions have no proper motion (ref_epoch 2000.0)."""
+    target_mag``; for pixel tables per stamp in ``attrs['stamps']``). The magnitudes (Kp / T) go in
+    ``phot_g_mean_mag`` and ``meta["magnitudes"]`` says they are the instrument band's; positions have no proper motion (ref_epoch 2000.0)."""
     if _is_pixel_table(cube) and cube.attrs.get("stamps"):
         metas = json.loads(cube.attrs["stamps"])
     else:
@@ -695,7 +728,9 @@ def header_catalog(cube) -> Table:
     t["pmra"] = 0.0
     t["pmdec"] = 0.0
     t["ref_epoch"] = 2000.0
-    return normalize_catalog(t, "cube header targets")
+    out = normalize_catalog(t, "cube header targets")
+    out.meta["magnitudes"] = "instrument"  # TESSMAG / KEPMAG, not G: crossmatch takes them as they are
+    return out
 
 
 def _field_name(cube_path) -> str:

@@ -50,7 +50,7 @@ from workflow_lib.core.quality import TessQuality
 from workflow_lib.core.settings import schema_defaults
 from workflow_lib.data import tess_prf
 from workflow_lib.data.cube import make_cube, wcs_to_header_string, write_zarr_atomic
-from workflow_lib.data.gaia import GAIA_UNITS
+from workflow_lib.data.gaia import GAIA_UNITS, tess_mag_from_gaia
 
 log = get_logger("synthetic")
 
@@ -113,12 +113,6 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------ photometry relations
-
-
-def tess_mag_from_gaia(g, bp_rp):
-    """TESS magnitude from Gaia G and BP-RP: Stassun et al. (2019, AJ 158, 138), eq. 1 (TIC-8)."""
-    c = np.asarray(bp_rp, float)
-    return np.asarray(g, float) + 0.0324473 - 0.633923 * c + 0.0891337 * c**2 - 0.00522555 * c**3
 
 
 def tess_flux(tmag):
