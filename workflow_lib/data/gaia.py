@@ -635,7 +635,7 @@ def crossmatch(
     kept_g = _float_values(cat["phot_g_mean_mag"])
     band = kept_g if instrument_mags else band_mag(kept_g, _float_values(cat["bp_rp"]), mission)
     cat["expected_flux"] = mag_to_flux(band, mission) * u.electron / u.s
-    order = np.lexsort((np.asarray(cat["source_id"]), _float_values(cat["phot_g_mean_mag"])))
+    order = np.lexsort((np.asarray(cat["source_id"]), kept_g))
     cat = cat[order]
     out = Table()
     for c in OUTPUT_COLUMNS:
