@@ -118,6 +118,11 @@ def test_light_curves_open_in_lightkurve_and_are_finite(tiny_run):
         lc = lk.read(files[0])
         assert len(lc) == lfd.sizes["time"]
         assert str(lc.flux.unit) == "electron / s"
+    # the PRF step's iteration is in the LFD headers: the tiny field's passes never settle, so pass 3 is used
+    from astropy.io import fits
+
+    h = fits.getheader(sorted((out / "lfd/fits").glob("*.fits"))[0])
+    assert h["PRFCONV"] is False and h["PRFPASS"] == 3
 
 
 def test_changing_a_cpm_parameter_reruns_only_cpm_and_reports(tiny_run):

@@ -10,7 +10,9 @@ import scipy.sparse as sp
 from workflow_lib.lfd.geometry import background_design
 from workflow_lib.lfd.prf import (
     PRFModel,
+    fit_prf_model,
     fit_prf_shape,
+    flux_change,
     polar_coordinates,
     prf_design_matrix,
     prf_params,
@@ -469,31 +471,80 @@ def test_sky_pixel_model_adds_the_scaled_wing_column():
     assert np.allclose(sky_pixel_model(pc, pr, coef, wing, scale) - plain, scale[:, None] * wing[None, :])
 
 
-def test_prf_fit_keeps_the_sky_under_strong_scattered_light():
-    """A randomized scene the PRF fit used to break (seed 36: 35 x 38 px, sparse, a 238 e-/s/px scattered-light
-    peak, 200 cadences, so a 172 e-/s/px mean sky): the edge profile of faint stars rose with r and, in the
-    first pass, was subtracted from every shape pixel out to 5 px (docs/VALIDATION.md, "The edge profile that
-    rose with r"). Measured before: sky 10 e-/s/px low, wing_fraction 0.15, bright stars' flux 1.25 x true;
-    then -0.36 e-/s/px, 0.027 and 1.016; with the colour-corrected a-priori fluxes (expected_flux from G and
-    BP-RP, 2026-12-03: the PRF step's starting fluxes 0.61 -> 1.00 of the truth on this scene) -1.95 e-/s/px
-    (1.1 % of the sky), 0.035 and 1.048 -- worse on this scene, mechanism not found (the same code with the
-    old starting fluxes gives -0.2 to -0.5); the 30 randomized scenes' sky excess went 0.050 -> 0.034. The
-    bounds hold that level and catch the breakage."""
+def _seed36_fit(start_scale: float = 1.0, params: dict | None = None):
+    """Seed 36's PRF fit (35 x 38 px, sparse, a 238 e-/s/px scattered-light peak, 200 cadences, so a 172 e-/s/px
+    mean sky) from the a-priori fluxes times ``start_scale``: ``(sky - true sky, wing_fraction, the bright
+    stars' median flux / true, the number of bright stars, the model's meta)``."""
     from workflow_lib.data.random_scenes import sample_scene, simulate_scene
-    from workflow_lib.lfd.prf import fit_prf_model, prf_params
 
     cube, truth, incat = simulate_scene(sample_scene(36), n_cadences=200)
     mf, me, pc, pr, sc, sr, F0, edge, cat = _mean_frame_field(cube, incat)
-    m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, prf_params(None))
+    m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0 * start_scale, edge, prf_params(params))
     good = np.asarray(cube["quality"].values) == 0
     true_sky = float(np.asarray(truth["background"].values)[good].mean())  # at the cutout centre
     pos = {int(s): i for i, s in enumerate(np.asarray(truth["source_id"].values))}
     tflux = np.asarray(truth["flux"].values)[:, good].mean(axis=1)
     T = np.array([tflux[pos[int(s)]] if int(s) in pos else np.nan for s in np.asarray(cat["source_id"], np.int64)])
     bright = np.isfinite(m.source_flux) & (T > 1000)
-    ratio = np.median(m.source_flux[bright] / T[bright])
-    assert bright.sum() >= 5
-    assert abs(m.background[0] - true_sky) < 2.5 and m.wing_fraction < 0.045 and abs(ratio - 1) < 0.06
+    ratio = float(np.median(m.source_flux[bright] / T[bright]))
+    return m.background[0] - true_sky, m.wing_fraction, ratio, int(bright.sum()), m.meta
+
+
+def test_prf_fit_keeps_the_sky_under_strong_scattered_light():
+    """A randomized scene the PRF fit used to break (seed 36): the edge profile of faint stars rose with r and,
+    in the first pass, was subtracted from every shape pixel out to 5 px (docs/VALIDATION.md, "The edge profile
+    that rose with r"). Measured before: sky 10 e-/s/px low, wing_fraction 0.15, bright stars' flux 1.25 x
+    true; then -0.36 e-/s/px, 0.027 and 1.016; with the colour-corrected a-priori fluxes (2026-12-03) and a
+    fixed 3 shape/flux passes -1.95, 0.035 and 1.048, because the passes had not converged (the fluxes still
+    moved by 4 % after pass 3 and 13 % after pass 4); iterated to convergence (lfd.prf.tolerance, 7 passes
+    here) -0.20, and 1.001."""
+    sky, wing, ratio, n_bright, meta = _seed36_fit()
+    assert n_bright >= 5
+    assert meta["converged"] and meta["n_passes"] > 3, meta["history"]
+    assert abs(sky) < 1.0 and wing < 0.04 and abs(ratio - 1) < 0.03, (sky, wing, ratio)
+
+
+def test_prf_fit_does_not_depend_on_the_starting_flux_scale():
+    """The §4.4 shape/flux iteration has converged when its result does not depend on where it started.
+    Seed 36 from the a-priori fluxes x 0.6 and x 1.25: with a fixed 3 passes the sky came out -0.26 and -7.88
+    e-/s/px off and the bright stars 1.007 and 1.146 x true; iterated to convergence -0.21 / -0.41 and
+    1.003 / 1.029 (4 and 7 passes)."""
+    lo, hi = _seed36_fit(0.6), _seed36_fit(1.25)
+    assert lo[4]["converged"] and hi[4]["converged"]
+    assert abs(lo[0] - hi[0]) < 1.0, (lo[:4], hi[:4])
+    assert abs(lo[2] - hi[2]) < 0.06, (lo[:4], hi[:4])
+
+
+def test_prf_fit_passes_stop_at_n_iter_when_converged_and_at_max_iter_otherwise(small_sector):
+    """Typical fields stop at ``n_iter`` (the paper's 3): the fluxes have settled by then. ``max_iter`` caps
+    the passes, and a fit stopped by it says so (``converged`` False) and keeps pass ``n_iter``'s fit: on the
+    CI's tiny field (24 x 24 px, 0.12 stars per px^2) the passes wander (76 sources in pass 1, 34 in pass 10,
+    the sky plane's terms moving by 10-20 e-/s/px a pass), and pass 3's fit is what earlier releases used."""
+    mf, me, pc, pr, sc, sr, F0, edge, _ = small_sector
+    m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, prf_params(None))
+    changes = [h["flux_change"] for h in m.meta["history"]]
+    assert m.meta["n_passes"] == 3 and m.meta["converged"], changes
+    assert changes[-1] < 0.02 < changes[0]
+    m1, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, prf_params({"n_iter": 1, "max_iter": 1}))
+    assert m1.meta["n_passes"] == 1 and not m1.meta["converged"]
+    # passes that never settle (here: a tolerance no fit meets) fall back on pass n_iter's fit, the paper's
+    never = prf_params({"n_iter": 2, "max_iter": 5, "tolerance": 1e-12})
+    m5, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, never)
+    m2, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, prf_params({"n_iter": 2, "max_iter": 2}))
+    assert m5.meta["n_passes"] == 5 and m5.meta["used_pass"] == 2 and not m5.meta["converged"]
+    np.testing.assert_array_equal(m5.source_flux, m2.source_flux)
+    np.testing.assert_array_equal(m5.background, m2.background)
+
+
+def test_flux_change_uses_the_precisely_measured_sources():
+    before = np.array([100.0, 200.0, 300.0, 10.0, np.nan, 50.0])
+    after = np.array([101.0, 202.0, 297.0, 20.0, 5.0, 0.0])
+    err = np.array([0.1, 0.1, 0.1, 5.0, 1.0, 1.0])
+    # sources 0-2 are measured to 0.1 % or better: their changes 1 %, 1 %, 1 %; the faint one's 100 % is noise
+    assert flux_change(before, after, err) == pytest.approx(0.01)
+    # fewer than 3 precise sources: every source with a flux in both passes
+    assert flux_change(before, after, err, min_sources=4) == pytest.approx(np.median([0.01, 0.01, 0.01, 1.0]))
+    assert flux_change([np.nan], [1.0], [0.1]) == np.inf
 
 
 def test_shift_polynomial_follows_the_lattice_factor_of_the_moved_source(fitted):

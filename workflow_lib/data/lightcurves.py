@@ -98,6 +98,9 @@ def lightcurve_hdulist(lc: xr.Dataset, index: int) -> fits.HDUList:
     h["METHOD"] = (lc.attrs.get("method", ""), "photometry method (LFD, CPM, RAW)")
     if "detrended" in lc.attrs:  # the deblended set: False where the CPM could not model the cube
         h["DETREND"] = (bool(int(lc.attrs["detrended"])), "CPM de-trended (F: the CPM could not model the cube)")
+    if "prf_converged" in lc.attrs:  # the LFD set: the PRF step's §4.4 iteration (lfd.prf.tolerance)
+        h["PRFCONV"] = (bool(int(lc.attrs["prf_converged"])), "LFD PRF shape/flux passes converged")
+        h["PRFPASS"] = (int(lc.attrs["prf_passes"]), "LFD PRF shape/flux pass whose fit is used")
     for key, fkey in (
         ("sector", "SECTOR"),
         ("camera", "CAMERA"),

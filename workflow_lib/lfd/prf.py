@@ -12,9 +12,10 @@ errors propagated to log space, ``sigma_ln = sigma_f / f``) with a weak Gaussian
 
 Scene (§4.4). :func:`scene_matrix` evaluates the normalised PRF of every source at the pixels
 within its radius (sparse, npixel x nsource; eq. 15-16): dotted with the source fluxes [e-/s] it
-gives the model image. The shape and the fluxes are iterated (``n_iter``, default 3): fit the
-shape, refit all source fluxes on the mean frame (all pixels, contaminated ones included) with
-Gaussian priors around the a-priori flux (App. B), drop sources whose flux goes negative, drop
+gives the model image. The shape and the fluxes are iterated (at least ``n_iter`` passes, default 3 as
+in the paper, then until the fluxes change by less than ``tolerance`` from one pass to the next, at most
+``max_iter``, :func:`flux_change`; a fit that never settles keeps pass ``n_iter``'s result): fit the
+shape, refit all source fluxes on the mean frame (all pixels, contaminated ones included) with Gaussian priors around the a-priori flux (App. B), drop sources whose flux goes negative, drop
 pixels whose predicted source flux is below the noise floor, recompute the uncontaminated set
 with the new fluxes, sigma-clip outliers, refit the shape.
 
@@ -70,6 +71,8 @@ __all__ = [
     "scene_matrix",
     "source_flux",
     "fit_prf_model",
+    "flux_change",
+    "prf_convergence",
 ]
 
 #: phases per axis of the tabulated lattice sum (:meth:`PRFModel.lattice_factor`)
@@ -985,16 +988,44 @@ def _scatter(nsrc: int, idx, flux, err):
     return F, Ferr
 
 
-def _pass_summary(it: int, keep, active, n_signal: int, bkg) -> dict:
+def flux_change(before, after, after_err, *, max_rel_err: float = 0.01, min_sources: int = 3) -> float:
+    """The convergence measure of the §4.4 iteration: the median of ``|after / before - 1|`` over the
+    sources whose flux is measured to better than ``max_rel_err`` (``after_err / after``), the ones whose
+    change is not noise; over every source with a positive flux in both if fewer than ``min_sources``
+    are. ``inf`` when no source has a flux in both."""
+    before, after, after_err = (np.asarray(a, float) for a in (before, after, after_err))
+    both = np.isfinite(before) & np.isfinite(after) & (before > 0) & (after > 0)
+    precise = both & (after_err < max_rel_err * after)
+    use = precise if precise.sum() >= min_sources else both
+    if not use.any():
+        return float("inf")
+    return float(np.median(np.abs(after[use] / before[use] - 1.0)))
+
+
+def prf_convergence(model: PRFModel) -> dict:
+    """The §4.4 iteration's outcome for a product's attrs: ``prf_passes`` (the pass whose fit is used) and
+    ``prf_converged`` (1 when the fluxes settled within ``lfd.prf.tolerance``, 0 when the fit fell back on
+    pass ``n_iter``). A model written before the convergence test has only ``history`` in its ``meta``: its
+    fixed passes count as converged."""
+    history = model.meta.get("history", [])
+    return {
+        "prf_passes": int(model.meta.get("used_pass", len(history))),
+        "prf_converged": int(bool(model.meta.get("converged", True))),
+    }
+
+
+def _pass_summary(it: int, keep, active, n_signal: int, bkg, change: float) -> dict:
     """The counts of one §4.4 pass (kept in ``meta['history']``), logged."""
     log.info(
-        "PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s",
+        "PRF iteration %d: %d shape pixels (%d clipped), %d sources, %d pixels above noise floor, background %s, "
+        "fluxes changed by %.2g",
         it,
         keep.sum(),
         (~keep).sum(),
         active.sum(),
         n_signal,
         np.round(bkg, 3),
+        change,
     )
     return {
         "iteration": it,
@@ -1003,6 +1034,7 @@ def _pass_summary(it: int, keep, active, n_signal: int, bkg) -> dict:
         "n_active_sources": int(active.sum()),
         "n_pixels_above_noise_floor": n_signal,
         "background": [float(x) for x in bkg],
+        "flux_change": float(change),
     }
 
 
@@ -1221,7 +1253,8 @@ def fit_prf_model(
     fit_pix = np.isfinite(mean_flux)
     history = []
     prev = None  # the scene of the previous pass (none before the first PRF fit)
-    for it in range(max(int(p["n_iter"]), 1)):
+    n_min, n_max = int(p["n_iter"]), max(int(p["max_iter"]), int(p["n_iter"]))
+    for it in range(n_max):
         model, keep, diag = _shape_pass(
             edge, F, active, sc, sr, pc, pr, mean_flux, mean_err, bkg_pix, fit_pix, prev, sky_err, r_knots, p
         )
@@ -1229,11 +1262,31 @@ def fit_prf_model(
         idx, S, flux, bkg, err = _refit_fluxes(
             model, active, F0, sc, sr, pc, pr, mean_flux, mean_err, Bk, bkg, fit_pix, p
         )
+        F_before = F
         F, Ferr = _scatter(nsrc, idx, flux, err)
         bkg_pix = Bk @ bkg if nb else np.zeros(pc.size)
         prev = _MeanScene(model, S, flux, idx, S @ flux)
         n_signal = int((np.isfinite(mean_flux) & (prev.image >= p["noise_floor"])).sum())
-        history.append(_pass_summary(it, keep, active, n_signal, bkg))
+        change = flux_change(F_before, F, Ferr)
+        history.append(_pass_summary(it, keep, active, n_signal, bkg, change))
+        if it + 1 >= n_min and change <= float(p["tolerance"]):
+            break
+        if it + 1 == n_min:  # the paper's fixed passes: kept to fall back on if the passes never settle
+            paper = (model, keep, diag, F, Ferr, bkg, bkg_pix, prev, active.copy())
+    converged = bool(change <= float(p["tolerance"]))
+    used = len(history)
+    if not converged and n_max > n_min:
+        model, keep, diag, F, Ferr, bkg, bkg_pix, prev, active_n = paper
+        active[:] = active_n
+        used = n_min
+        log.warning(
+            "PRF shape/flux fit not converged in %d passes: the fluxes still change by %.2g per pass "
+            "(lfd.prf.tolerance %.2g); the fit after pass %d (lfd.prf.n_iter) is used",
+            n_max,
+            change,
+            p["tolerance"],
+            n_min,
+        )
     # --- the light of the PRF wings beyond r_max (lfd.prf.wing_radius) as one more sky column with a
     # free scale, in a last refit of the fluxes and sky with the final shape. The shape passes above
     # keep the polynomial sky alone: a wing column there moves the fitted shape's normalisation with
@@ -1303,7 +1356,13 @@ def fit_prf_model(
     model.background_order = int(p["background_order"])
     if source_id is not None:
         model.source_id = np.asarray(source_id, dtype=np.int64)
-    model.meta.update(history=history, n_removed_sources=int((candidates & ~active).sum()))
+    model.meta.update(
+        history=history,
+        n_removed_sources=int((candidates & ~active).sum()),
+        n_passes=len(history),
+        used_pass=used,
+        converged=converged,
+    )
     diag["history"] = history
     diag["active"] = active
     return model, diag

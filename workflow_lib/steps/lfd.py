@@ -25,6 +25,7 @@ from workflow_lib.lfd.prf import (
     PRFModel,
     fit_prf_model,
     fraction_on_pixels,
+    prf_convergence,
     prf_params,
     scene_matrix,
     wing_image,
@@ -434,7 +435,12 @@ def _lfd_lightcurve_set(f: dict, S, mu_src, blend, sflux, res: dict, time, prov:
         f["cube"],
         cols,
         method="LFD",
-        attrs={"provenance": prov, "use_motion": int(bool(p["use_motion"])), "solver": res["method"]},
+        attrs={
+            "provenance": prov,
+            "use_motion": int(bool(p["use_motion"])),
+            "solver": res["method"],
+            **prf_convergence(f["model"]),
+        },
     )
     bkg = np.asarray(res["background"])
     if f["wing"] is not None:  # the last background column is the PRF wings' light (lfd.prf.wing_radius)
