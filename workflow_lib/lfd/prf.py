@@ -15,9 +15,10 @@ within its radius (sparse, npixel x nsource; eq. 15-16): dotted with the source 
 gives the model image. The shape and the fluxes are iterated (at least ``n_iter`` passes, default 3 as
 in the paper, then until the fluxes change by less than ``tolerance`` from one pass to the next, at most
 ``max_iter``, :func:`flux_change`; a fit that never settles keeps pass ``n_iter``'s result): fit the
-shape, refit all source fluxes on the mean frame (all pixels, contaminated ones included) with Gaussian priors around the a-priori flux (App. B), drop sources whose flux goes negative, drop
-pixels whose predicted source flux is below the noise floor, recompute the uncontaminated set
-with the new fluxes, sigma-clip outliers, refit the shape.
+shape, refit all source fluxes on the mean frame (all pixels, contaminated ones included) with Gaussian
+priors around the a-priori flux (App. B), drop sources whose flux goes negative, drop pixels whose
+predicted source flux is below the noise floor, recompute the uncontaminated set with the new fluxes,
+sigma-clip outliers, refit the shape.
 
 Sky background (TESS). The paper assumes Kepler's negligible background; TESS frames keep a sky
 level with a gradient. We model it as a low-order polynomial in (column, row) (``background_order``:
