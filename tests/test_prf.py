@@ -339,7 +339,6 @@ def test_shape_purity_adds_dominated_pixels_to_the_shape_fit(small_sector):
     """On a crowded synthetic TESS field, shape_purity < 1 also fits pixels one source dominates
     (the rest subtracted): more shape pixels, and the PRF stays as close to the SPOC truth."""
     from workflow_lib.data import tess_prf
-    from workflow_lib.lfd.prf import fit_prf_model
 
     mf, me, pc, pr, sc, sr, F0, edge, _ = small_sector
     coeffs = tess_prf.prf_coefficients_at(float(np.median(sr)), float(np.median(sc)))
@@ -366,7 +365,6 @@ def test_wing_column_enters_the_last_mean_frame_refit_only(small_sector):
     sky) and refits the mean-frame fluxes and sky once with the wing column: on a synthetic TESS field
     rendered through the SPOC PRF, the same shape, a lower polynomial sky, a fitted wing scale, the
     bright stars' fluxes within 1 % of the wing-free fit, and no fewer sources kept."""
-    from workflow_lib.lfd.prf import fit_prf_model
 
     mf, me, pc, pr, sc, sr, F0, edge, _ = small_sector
     m0, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0, edge, {"wing_radius": 0.0})
@@ -471,7 +469,7 @@ def test_sky_pixel_model_adds_the_scaled_wing_column():
     assert np.allclose(sky_pixel_model(pc, pr, coef, wing, scale) - plain, scale[:, None] * wing[None, :])
 
 
-def _seed36_fit(start_scale: float = 1.0, params: dict | None = None):
+def _seed36_fit(start_scale: float = 1.0):
     """Seed 36's PRF fit (35 x 38 px, sparse, a 238 e-/s/px scattered-light peak, 200 cadences, so a 172 e-/s/px
     mean sky) from the a-priori fluxes times ``start_scale``: ``(sky - true sky, wing_fraction, the bright
     stars' median flux / true, the number of bright stars, the model's meta)``."""
@@ -479,7 +477,7 @@ def _seed36_fit(start_scale: float = 1.0, params: dict | None = None):
 
     cube, truth, incat = simulate_scene(sample_scene(36), n_cadences=200)
     mf, me, pc, pr, sc, sr, F0, edge, cat = _mean_frame_field(cube, incat)
-    m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0 * start_scale, edge, prf_params(params))
+    m, _ = fit_prf_model(mf, me, pc, pr, sc, sr, F0 * start_scale, edge, prf_params(None))
     good = np.asarray(cube["quality"].values) == 0
     true_sky = float(np.asarray(truth["background"].values)[good].mean())  # at the cutout centre
     pos = {int(s): i for i, s in enumerate(np.asarray(truth["source_id"].values))}

@@ -1273,11 +1273,11 @@ def fit_prf_model(
         if it + 1 >= n_min and change <= float(p["tolerance"]):
             break
         if it + 1 == n_min:  # the paper's fixed passes: kept to fall back on if the passes never settle
-            paper = (model, keep, diag, F, Ferr, bkg, bkg_pix, prev, active.copy())
+            paper = (model, diag, F, Ferr, bkg, prev, active.copy())
     converged = bool(change <= float(p["tolerance"]))
     used = len(history)
     if not converged and n_max > n_min:
-        model, keep, diag, F, Ferr, bkg, bkg_pix, prev, active_n = paper
+        model, diag, F, Ferr, bkg, prev, active_n = paper
         active[:] = active_n
         used = n_min
         log.warning(
